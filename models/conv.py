@@ -1,0 +1,93 @@
+"""Convolutional E, G and T for 28x28 images with n channels and for 32x32x3 images (method.md)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def energy_trunk(channels: int, size: int) -> tuple[nn.Sequential, int]:
+    """The convolutional feature extractor shared by E and T; returns (trunk, flat feature size)."""
+    if size == 28:
+        # Four 5x5 stride-2 convs, LeakyReLU(0.2), no normalization: 28 -> 14 -> 7 -> 4 -> 2.
+        widths = [channels, 64, 128, 256, 512]
+        layers: list[nn.Module] = []
+        for cin, cout in zip(widths[:-1], widths[1:]):
+            layers += [nn.Conv2d(cin, cout, 5, stride=2, padding=2), nn.LeakyReLU(0.2)]
+        return nn.Sequential(*layers, nn.Flatten()), 512 * 2 * 2
+    if size == 32:
+        # Seven convs alternating 3x3 stride 1 and 4x4 stride 2, LeakyReLU(0.1): 32 -> 4.
+        spec = [(64, 3, 1), (64, 4, 2), (128, 3, 1), (128, 4, 2), (256, 3, 1), (256, 4, 2), (512, 3, 1)]
+        layers = []
+        cin = channels
+        for cout, kernel, stride in spec:
+            layers += [nn.Conv2d(cin, cout, kernel, stride=stride, padding=1), nn.LeakyReLU(0.1)]
+            cin = cout
+        return nn.Sequential(*layers, nn.Flatten()), 512 * 4 * 4
+    raise ValueError(f"no conv architecture for {size}x{size} images; supported sizes: 28, 32")
+
+
+class ConvEnergy(nn.Module):
+    def __init__(self, channels: int, size: int):
+        super().__init__()
+        self.trunk, features = energy_trunk(channels, size)
+        self.head = nn.Linear(features, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(x)).squeeze(1)
+
+
+class ConvGenerator(nn.Module):
+    """DCGAN-style generator: Linear + BN + ReLU, stride-2 transposed convs, Tanh."""
+
+    def __init__(self, z_dim: int, channels: int, size: int):
+        super().__init__()
+        if size == 28:
+            # 2 -> 4 -> 7 -> 14 -> 28 with 5x5 kernels; output_padding picks the odd step to 7.
+            base, kernel, padding = 2, 5, 2
+            ups = [(512, 256, 1), (256, 128, 0), (128, 64, 1), (64, channels, 1)]
+        elif size == 32:
+            base, kernel, padding = 4, 4, 1
+            ups = [(512, 256, 0), (256, 128, 0), (128, 64, 0)]
+        else:
+            raise ValueError(f"no conv generator for {size}x{size} images; supported sizes: 28, 32")
+        self.base = base
+        self.project = nn.Sequential(nn.Linear(z_dim, base * base * 512), nn.BatchNorm1d(base * base * 512), nn.ReLU())
+        layers: list[nn.Module] = []
+        for i, (cin, cout, out_pad) in enumerate(ups):
+            layers.append(nn.ConvTranspose2d(cin, cout, kernel, stride=2, padding=padding, output_padding=out_pad))
+            if size == 28 and i == len(ups) - 1:
+                break
+            layers += [nn.BatchNorm2d(cout), nn.ReLU()]
+        if size == 32:
+            layers.append(nn.Conv2d(64, channels, 3, padding=1))
+        layers.append(nn.Tanh())
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.project(z).view(z.shape[0], 512, self.base, self.base)
+        return self.net(h)
+
+
+class ConvStatistics(nn.Module):
+    """T(x, z) = MLP([Linear(trunk(x)) -> 128, z]) with hidden widths 256, 512."""
+
+    def __init__(self, channels: int, size: int, z_dim: int):
+        super().__init__()
+        self.trunk, features = energy_trunk(channels, size)
+        self.embed = nn.Linear(features, 128)
+        self.head = nn.Sequential(
+            nn.Linear(128 + z_dim, 256), nn.LeakyReLU(0.2), nn.Linear(256, 512), nn.LeakyReLU(0.2), nn.Linear(512, 1)
+        )
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([self.embed(self.trunk(x)), z], dim=1)).squeeze(1)
+
+
+def init_normal(module: nn.Module, std: float = 0.02) -> None:
+    """N(0, std) weights and zero biases for conv and linear layers (the authors' image init)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.normal_(m.weight, 0.0, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)

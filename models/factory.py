@@ -1,0 +1,62 @@
+"""Builds E, G and T from a small typed config and the shape of one data sample."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from models.conv import ConvEnergy, ConvGenerator, ConvStatistics, init_normal
+from models.mlp import MLPEnergy, MLPGenerator, MLPStatistics
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "mlp"  # "mlp" (toy, tabular) or "conv" (28x28xC and 32x32x3 images)
+    z_dim: int = 2
+    hidden: list[int] = field(default_factory=lambda: [512, 512, 512])  # MLP widths of E and T
+    generator_hidden: list[int] = field(default_factory=lambda: [512, 512, 512])
+    generator_batch_norm: bool = False
+    energy_negative_slope: float = 0.2
+    init_std: float = 0.0  # > 0: N(0, init_std) weights, zero biases (the authors used 0.02 for images)
+
+    def __post_init__(self) -> None:
+        if self.arch not in ("mlp", "conv"):
+            raise ValueError(f"model.arch must be 'mlp' or 'conv', got {self.arch!r}")
+        if self.z_dim < 1:
+            raise ValueError(f"model.z_dim must be >= 1, got {self.z_dim}")
+
+
+@dataclass
+class MEGNetworks:
+    energy: nn.Module
+    generator: nn.Module
+    statistics: nn.Module
+
+
+def build_networks(cfg: ModelConfig, sample_shape: tuple[int, ...]) -> MEGNetworks:
+    """E, G, T for samples of ``sample_shape`` (e.g. (2,) for toy data, (3, 28, 28) for images)."""
+    if cfg.arch == "mlp":
+        dim = 1
+        for s in sample_shape:
+            dim *= s
+        if len(sample_shape) != 1:
+            raise ValueError(f"the mlp arch takes flat samples, got shape {sample_shape}; use model.arch=conv")
+        nets = MEGNetworks(
+            energy=MLPEnergy(dim, cfg.hidden, cfg.energy_negative_slope),
+            generator=MLPGenerator(cfg.z_dim, cfg.generator_hidden, dim, cfg.generator_batch_norm),
+            statistics=MLPStatistics(dim, cfg.z_dim, cfg.hidden, cfg.energy_negative_slope),
+        )
+    else:
+        if len(sample_shape) != 3 or sample_shape[1] != sample_shape[2]:
+            raise ValueError(f"the conv arch takes square (C, H, W) images, got shape {sample_shape}")
+        channels, size = sample_shape[0], sample_shape[1]
+        nets = MEGNetworks(
+            energy=ConvEnergy(channels, size),
+            generator=ConvGenerator(cfg.z_dim, channels, size),
+            statistics=ConvStatistics(channels, size, cfg.z_dim),
+        )
+    if cfg.init_std > 0:
+        for net in (nets.energy, nets.generator, nets.statistics):
+            init_normal(net, cfg.init_std)
+    return nets

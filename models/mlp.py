@@ -1,0 +1,58 @@
+"""MLP variants of E, G and T for toy 2D and tabular data (method.md, "Architectures")."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def mlp(in_dim: int, hidden: list[int], out_dim: int, activation: type[nn.Module], **act_kw) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    width = in_dim
+    for h in hidden:
+        layers += [nn.Linear(width, h), activation(**act_kw)]
+        width = h
+    layers.append(nn.Linear(width, out_dim))
+    return nn.Sequential(*layers)
+
+
+class MLPEnergy(nn.Module):
+    """E(x) -> one scalar energy per sample; low energy means data."""
+
+    def __init__(self, data_dim: int, hidden: list[int], negative_slope: float = 0.2):
+        super().__init__()
+        self.net = mlp(data_dim, hidden, 1, nn.LeakyReLU, negative_slope=negative_slope)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.flatten(1)).squeeze(1)
+
+
+class MLPGenerator(nn.Module):
+    """G(z) -> x, with optional batch norm between hidden layers."""
+
+    def __init__(self, z_dim: int, hidden: list[int], data_dim: int, batch_norm: bool = False):
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = z_dim
+        for h in hidden:
+            layers.append(nn.Linear(width, h))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(h))
+            layers.append(nn.ReLU())
+            width = h
+        layers.append(nn.Linear(width, data_dim))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+class MLPStatistics(nn.Module):
+    """T(x, z): an MLP on the concatenation [x, z], one score per pair."""
+
+    def __init__(self, data_dim: int, z_dim: int, hidden: list[int], negative_slope: float = 0.2):
+        super().__init__()
+        self.net = mlp(data_dim + z_dim, hidden, 1, nn.LeakyReLU, negative_slope=negative_slope)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([x.flatten(1), z], dim=1)).squeeze(1)

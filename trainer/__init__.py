@@ -1,0 +1,1 @@
+"""The MEG trainer: typed configuration, the training loop, the distributed runtime and tools."""

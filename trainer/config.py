@@ -1,0 +1,218 @@
+"""One typed configuration for a run: dataclasses, YAML presets and dotted command-line overrides.
+
+    cfg = load_config("configs/toy_25gaussians.yaml", ["train.steps=2000", "data.batch_size=512"])
+
+An unknown key or a value of the wrong type fails here, before anything runs, naming the key and
+what is valid. The resolved configuration is saved as ``config.yaml`` in the run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from models.factory import ModelConfig
+
+PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+class ConfigError(ValueError):
+    """A malformed preset or override; the message names the key and what is valid."""
+
+
+@dataclass
+class DataConfig:
+    url: str = "data/25gaussians"  # a folder holding manifest.json, or the manifest's URL (any fsspec URL)
+    batch_size: int = 256  # global: split evenly over the ranks
+    num_workers: int = 1
+    shuffle_buffer: int = 2000
+    # Toy data sets only: when there is no manifest at ``url``, write this data set there first.
+    toy: str = ""
+    toy_std: float = 0.0  # the toy modes' std; also the sigma of the 3-sigma quality rule
+    toy_num_samples: int = 102_400
+    toy_num_shards: int = 8
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    weight_decay: float = 0.0
+
+
+@dataclass
+class MALAConfig:
+    steps: int = 0
+    step_size: float = 0.01
+    temperature: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 5000  # generator steps
+    energy_steps: int = 1  # energy steps per generator step
+    penalty_weight: float = 0.1  # lambda of the zero-centred gradient penalty
+    entropy_weight: float = 1.0  # weight of the MI (entropy) term in the generator loss
+    energy_optim: OptimConfig = field(default_factory=OptimConfig)
+    generator_optim: OptimConfig = field(default_factory=OptimConfig)  # G and T together
+    lr_final_factor: float = 1.0  # linear decay of every lr to lr * factor by the last step
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    negatives: str = "generator"  # generator: E's negatives are G(z); mala: G(z) after latent MALA
+    negatives_mala: MALAConfig = field(default_factory=lambda: MALAConfig(steps=5))
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    every: int = 1000  # generator steps between evaluations (0: only at the end)
+    num_samples: int = 2500
+    mala: MALAConfig = field(default_factory=lambda: MALAConfig(steps=5))
+    plots: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500
+    keep: int = 3
+    resume: bool = True  # resume from the run folder's latest checkpoint when there is one
+
+
+@dataclass
+class LogConfig:
+    every: int = 25  # steps between metric reductions (each one is a device sync)
+    progress: bool = True
+    prometheus_port: int = 9400  # rank r serves on port + r; 0 picks free ports; -1 disables
+    prometheus_addr: str = "127.0.0.1"
+
+
+@dataclass
+class RunConfig:
+    name: str = "meg"
+    output_dir: str = ""  # default: runs/<name>
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        if not self.output_dir:
+            self.output_dir = os.path.join("runs", self.name)
+        _check_choice("train.mixed_precision", self.train.mixed_precision, ("no", "bf16", "fp16"))
+        _check_choice("train.negatives", self.train.negatives, ("generator", "mala"))
+        for key, value in [("train.steps", self.train.steps), ("train.energy_steps", self.train.energy_steps),
+                           ("data.batch_size", self.data.batch_size), ("checkpoint.keep", self.checkpoint.keep),
+                           ("log.every", self.log.every)]:
+            if value < 1:
+                raise ConfigError(f"{key} must be >= 1, got {value}")
+
+
+def _check_choice(key: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(valid)}")
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Checks ``value`` against a field's annotation; ints are accepted where floats are."""
+    origin = typing.get_origin(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping of {annotation.__name__} fields, got {value!r}")
+        return _build(annotation, value, key)
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list of {item.__name__}, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(annotation):
+            if option is type(None) and value is None:
+                return None
+            try:
+                return _coerce(key, value, option)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key} must be {annotation}, got {value!r}")
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if annotation in (int, float, str, bool) and not (isinstance(value, annotation) and not (annotation is int and isinstance(value, bool))):
+        raise ConfigError(f"{key} must be {annotation.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            raise ConfigError(f"unknown config key {full!r}; valid keys here: {', '.join(names)}")
+        kwargs[key] = _coerce(full, value, hints[key])
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{prefix or 'config'}: {e}") from None
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {dotted!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def resolve_preset(name_or_path: str) -> str:
+    """A preset's path: an existing file, or a name in configs/ (with or without .yaml)."""
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    for candidate in (os.path.join(PRESET_DIR, name_or_path), os.path.join(PRESET_DIR, name_or_path + ".yaml")):
+        if os.path.isfile(candidate):
+            return candidate
+    available = sorted(f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith(".yaml")) if os.path.isdir(PRESET_DIR) else []
+    raise ConfigError(f"no config file or preset {name_or_path!r}; presets: {', '.join(available)}")
+
+
+def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    tree: dict[str, Any] = {}
+    if preset:
+        path = resolve_preset(preset)
+        try:
+            with open(path) as f:
+                tree = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path} must hold a mapping of config sections, got {type(tree).__name__}")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.steps=1000)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    return _build(RunConfig, tree)
+
+
+def config_to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)

@@ -1,0 +1,131 @@
+"""Trains an energy-based model with a Maximum Entropy Generator (MEG).
+
+One process:                 python trainer/main.py --config toy_25gaussians train.steps=2000
+Through accelerate:          accelerate launch trainer/main.py --config toy_25gaussians
+Two CPU processes (one DDP group; plain --cpu starts only one process):
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 trainer/main.py --config toy_25gaussians
+Several nodes: see deploy/ (accelerate configs and SLURM scripts).
+
+Overrides are dotted ``section.key=value`` pairs; ``--print-config`` shows every key. A run folder
+holds config.yaml, metrics.jsonl, checkpoints/ and eval/; a restarted run resumes from its latest
+checkpoint unless ``checkpoint.resume=false``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from data_pipeline.convert import convert_toy
+from data_pipeline.shards import DataError, manifest_url, read_manifest
+from data_pipeline.stream import ShardStream
+from models import build_networks
+from models.factory import ModelConfig
+from trainer.config import ConfigError, RunConfig, config_to_yaml, load_config
+from trainer.distributed import LaunchError, Runtime
+from trainer.evaluate import Evaluator
+from trainer.meg_trainer import PREEMPTED_EXIT_CODE, MEGTrainer, NonFiniteLoss, Preempted
+from trainer.metrics import JsonlSink, MetricsLogger, ProgressSink, PrometheusSink
+
+log = logging.getLogger("meg")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trainer/main.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="a YAML preset: a path, or a name in configs/ (e.g. toy_25gaussians)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted overrides")
+    return parser
+
+
+def ensure_toy_data(cfg: RunConfig, runtime: Runtime) -> None:
+    """Toy presets write their shards on first use, so the default job needs no download."""
+    if cfg.data.toy and runtime.is_main:
+        try:
+            read_manifest(cfg.data.url)
+        except DataError:
+            log.info("writing %s shards to %s", cfg.data.toy, cfg.data.url)
+            convert_toy(cfg.data.toy, cfg.data.url, cfg.data.toy_num_samples, cfg.data.toy_num_shards,
+                        seed=cfg.train.seed, std=cfg.data.toy_std)
+    runtime.barrier()
+
+
+def build_logger(cfg: RunConfig, runtime: Runtime) -> tuple[MetricsLogger, PrometheusSink | None]:
+    sinks = []
+    if runtime.is_main:
+        sinks.append(JsonlSink(os.path.join(cfg.output_dir, "metrics.jsonl")))
+        if cfg.log.progress:
+            sinks.append(ProgressSink(cfg.train.steps))
+    prometheus = None
+    if cfg.log.prometheus_port >= 0:
+        port = cfg.log.prometheus_port + runtime.rank if cfg.log.prometheus_port else 0
+        prometheus = PrometheusSink(port, cfg.log.prometheus_addr, cfg.name, runtime.rank)
+        sinks.append(prometheus)
+    return MetricsLogger(sinks), prometheus
+
+
+def run(cfg: RunConfig) -> dict[str, float]:
+    runtime = Runtime(cfg.train.mixed_precision)
+    try:
+        if cfg.data.batch_size % runtime.world_size:
+            raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {runtime.world_size} ranks")
+        ensure_toy_data(cfg, runtime)
+        manifest = read_manifest(cfg.data.url)
+        if runtime.is_main:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
+                f.write(config_to_yaml(cfg))
+        runtime.barrier()
+
+        runtime.seed(cfg.train.seed, per_rank=False)  # identical initial networks on every rank
+        nets = build_networks(cfg.model, tuple(manifest.sample_shape))
+        runtime.seed(cfg.train.seed, per_rank=True)  # different noise on each rank
+        stream = ShardStream(manifest, runtime.rank, runtime.world_size, cfg.data.batch_size // runtime.world_size,
+                             cfg.data.num_workers, cfg.data.shuffle_buffer, cfg.train.seed)
+        logger, prometheus = build_logger(cfg, runtime)
+        trainer = MEGTrainer(cfg, runtime, nets, stream, logger, Evaluator(cfg, manifest))
+        resumed = trainer.resume_if_possible()
+        if runtime.is_main:
+            where = f"resumed from step {resumed}" if resumed is not None else "from scratch"
+            print(f"run {cfg.name}: {runtime.world_size} process(es) on {runtime.device}, {where}; "
+                  f"data {manifest_url(cfg.data.url)} ({manifest.num_samples} samples, {len(manifest.shards)} shards); "
+                  f"folder {cfg.output_dir}", flush=True)
+            if prometheus is not None:
+                print(f"prometheus metrics: http://{cfg.log.prometheus_addr}:{prometheus.port}/metrics", flush=True)
+        try:
+            final = trainer.train()
+        finally:
+            logger.close()
+        if runtime.is_main:
+            summary = {k: v for k, v in final.items() if k.startswith("eval_") or k.endswith("loss")}
+            print(f"\nfinished: {cfg.output_dir}\n{json.dumps(summary, indent=2)}", flush=True)
+        return final
+    finally:
+        runtime.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # it logs every file of every save
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(config_to_yaml(cfg), end="")
+            return 0
+        run(cfg)
+    except (ConfigError, DataError, LaunchError, NonFiniteLoss, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT_CODE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

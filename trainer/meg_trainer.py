@@ -1,0 +1,222 @@
+"""The MEG training loop: n energy steps, then one generator + statistics step, repeated.
+
+Metrics stay on the device as detached tensors and are reduced across ranks once per
+``log.every`` steps: each reduction is a sync point, so it is not done every step.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from data_pipeline.stream import ShardStream, StreamPosition
+from models import MEGNetworks, energy_loss, generator_loss, latent_mala
+from trainer.config import OptimConfig, RunConfig
+from trainer.distributed import Runtime, checkpoint_step, frozen, list_checkpoints
+from trainer.metrics import MetricsLogger
+
+Evaluator = Callable[[int, nn.Module, nn.Module], dict[str, float]]
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+# A job that stopped because it was asked to (e.g. Slurm's warning signal before the time limit)
+# exits with this code after checkpointing, so a wrapper script knows to requeue it.
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL
+
+
+class Preempted(RuntimeError):
+    pass
+
+
+class TrainState:
+    """What a checkpoint needs beyond networks, optimizers and RNGs: the step and the stream position."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.position = StreamPosition()
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "position": self.position.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.position.load_state_dict(state["position"])
+
+
+def _adam(params, cfg: OptimConfig) -> torch.optim.Adam:
+    return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+
+class MEGTrainer:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        runtime: Runtime,
+        nets: MEGNetworks,
+        stream: ShardStream,
+        logger: MetricsLogger,
+        evaluator: Evaluator | None = None,
+    ):
+        self.cfg, self.runtime, self.stream, self.logger, self.evaluator = cfg, runtime, stream, logger, evaluator
+        t = cfg.train
+        energy_opt = _adam(nets.energy.parameters(), t.energy_optim)
+        generator_opt = _adam([*nets.generator.parameters(), *nets.statistics.parameters()], t.generator_optim)
+        (self.energy, self.generator, self.statistics, self.energy_opt, self.generator_opt) = runtime.prepare(
+            nets.energy, nets.generator, nets.statistics, energy_opt, generator_opt
+        )
+        self.base_lrs = [(self.energy_opt, t.energy_optim.lr), (self.generator_opt, t.generator_optim.lr)]
+        self.batch_per_rank = cfg.data.batch_size // runtime.world_size
+        self.state = TrainState()
+        runtime.register_for_checkpointing(self.state)
+        self.checkpoint_dir = os.path.join(cfg.output_dir, "checkpoints")
+        self._pending: list[torch.Tensor] = []
+        self._metric_names: list[str] = []
+        self._stop_signal: int | None = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._on_stop_signal)
+
+    def _on_stop_signal(self, signum, frame) -> None:
+        # Only a flag: the ranks agree on it at the next metric reduction, then checkpoint together.
+        self._stop_signal = signum
+
+    # -- the two updates --------------------------------------------------------------------
+
+    def sample_z(self) -> torch.Tensor:
+        return torch.randn(self.batch_per_rank, self.cfg.model.z_dim, device=self.runtime.device)
+
+    def negatives(self, z: torch.Tensor) -> torch.Tensor:
+        generator = self.runtime.unwrap(self.generator)
+        if self.cfg.train.negatives == "mala":
+            m = self.cfg.train.negatives_mala
+            return latent_mala(self.runtime.unwrap(self.energy), generator, z, m.steps, m.step_size, m.temperature).x
+        with torch.no_grad():
+            return generator(z)
+
+    def energy_step(self, x_real: torch.Tensor, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        x_fake = self.negatives(z)
+        with self.runtime.autocast():
+            loss, metrics = energy_loss(self.energy, x_real, x_fake, self.cfg.train.penalty_weight)
+        self.energy_opt.zero_grad(set_to_none=True)
+        self.runtime.backward(loss)
+        self.energy_opt.step()
+        return metrics
+
+    def generator_step(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        # E is read through its bare module and frozen: it takes no gradient in this step.
+        energy = self.runtime.unwrap(self.energy)
+        with frozen(energy), self.runtime.autocast():
+            x_fake = self.generator(z)
+            loss, metrics = generator_loss(energy, self.statistics, x_fake, z, self.cfg.train.entropy_weight)
+        self.generator_opt.zero_grad(set_to_none=True)
+        self.runtime.backward(loss)
+        self.generator_opt.step()
+        return metrics
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def resume_if_possible(self) -> int | None:
+        checkpoints = list_checkpoints(self.checkpoint_dir)
+        if not (self.cfg.checkpoint.resume and checkpoints):
+            return None
+        self.runtime.load_checkpoint(checkpoints[-1])
+        return checkpoint_step(checkpoints[-1])
+
+    def _batches(self) -> Iterator[torch.Tensor]:
+        """Real batches forever, epoch after epoch, advancing the checkpointed position."""
+        position = self.state.position
+        while True:
+            for batch in self.stream.epoch_batches(position):
+                position.batches_done += 1
+                self.corrupt_shards += int(batch["corrupt_shards"])
+                yield batch["x"].to(self.runtime.device, non_blocking=True)
+            position.epoch += 1
+            position.batches_done = 0
+
+    def _set_lr(self, step: int) -> None:
+        t = self.cfg.train
+        factor = 1.0 + (t.lr_final_factor - 1.0) * step / max(t.steps - 1, 1)
+        for opt, base in self.base_lrs:
+            for group in opt.param_groups:
+                group["lr"] = base * factor
+
+    def _record(self, metrics: dict[str, torch.Tensor]) -> None:
+        if not self._metric_names:
+            self._metric_names = list(metrics)
+        self._pending.append(torch.stack([metrics[k].float() for k in self._metric_names]))
+
+    def _flush(self, step: int, elapsed: float, steps_done: int) -> dict[str, float]:
+        """Reduces the pending per-step metrics over ranks; stops on the first non-finite value."""
+        # The stop flag rides along in the same reduction: any rank signalled stops every rank.
+        stop = torch.full((1, len(self._metric_names)), float(self._stop_signal is not None), device=self.runtime.device)
+        table = self.runtime.mean_across_ranks(torch.cat([torch.stack(self._pending), stop])).cpu()
+        self.stop_requested = bool(table[-1, 0] > 0)
+        table = table[:-1]
+        first_step = step - len(self._pending) + 1
+        self._pending.clear()
+        bad = (~torch.isfinite(table)).nonzero()
+        if len(bad):
+            row, col = bad[0].tolist()
+            raise NonFiniteLoss(
+                f"non-finite {self._metric_names[col]} = {table[row, col].item()} at step {first_step + row}; "
+                f"stopping (last checkpoint: {self.checkpoint_dir}). Lower the learning rates or raise "
+                "train.penalty_weight."
+            )
+        out = dict(zip(self._metric_names, table.mean(0).tolist()))
+        samples = steps_done * self.cfg.train.energy_steps * self.cfg.data.batch_size
+        out["samples_per_s"] = samples / max(elapsed, 1e-9)
+        out["step_time_s"] = elapsed / max(steps_done, 1)
+        out["lr_energy"] = self.energy_opt.param_groups[0]["lr"]
+        corrupt = self.runtime.sum_across_ranks(torch.tensor([float(self.corrupt_shards)], device=self.runtime.device))
+        out["corrupt_shards"] = corrupt.item()
+        return out
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if self.evaluator is not None and self.runtime.is_main:
+            generator = self.runtime.unwrap(self.generator)
+            generator.eval()
+            # Evaluation draws from a forked RNG so that it never changes the training trajectory.
+            with torch.random.fork_rng(devices=[]):
+                metrics = self.evaluator(step, self.runtime.unwrap(self.energy), generator)
+            generator.train()
+            self.logger.log(step, {f"eval_{k}": v for k, v in metrics.items()})
+        self.runtime.barrier()
+        return metrics
+
+    def train(self) -> dict[str, float]:
+        cfg = self.cfg
+        self.corrupt_shards = 0
+        self.stop_requested = False
+        batches = self._batches()
+        last: dict[str, float] = {}
+        tick, steps_since = time.perf_counter(), 0
+        while self.state.step < cfg.train.steps:
+            self._set_lr(self.state.step)
+            for _ in range(cfg.train.energy_steps):
+                metrics = self.energy_step(next(batches), self.sample_z())
+            metrics.update(self.generator_step(self.sample_z()))
+            self._record(metrics)
+            self.state.step += 1
+            steps_since += 1
+            step = self.state.step
+            if step % cfg.log.every == 0 or step == cfg.train.steps:
+                last = self._flush(step, time.perf_counter() - tick, steps_since)
+                self.logger.log(step, last)
+                tick, steps_since = time.perf_counter(), 0
+            if step % cfg.checkpoint.every == 0 or step == cfg.train.steps or self.stop_requested:
+                self.runtime.save_checkpoint(self.checkpoint_dir, step, cfg.checkpoint.keep)
+            if self.stop_requested:
+                raise Preempted(f"stop signal received; checkpoint saved at step {step}, rerun to resume")
+            if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.steps:
+                last.update({f"eval_{k}": v for k, v in self.evaluate(step).items()})
+            if steps_since == 0:  # keep checkpoint and eval time out of the throughput figures
+                tick = time.perf_counter()
+        return last
