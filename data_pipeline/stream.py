@@ -139,7 +139,10 @@ class ShardStream:
         if done < len(order):
             round_start = next(i for i, (r, _) in enumerate(order) if r == order[done][0])
         skips = [sum(1 for _, w in order[:round_start] if w == worker) for worker in range(len(counts))]
-        loader = DataLoader(_EpochDataset(self, epoch, skips), batch_size=None, num_workers=self.num_workers)
+        # Its own generator: creating an iterator otherwise draws from the global torch RNG, which
+        # would shift the trainer's noise whenever an epoch starts or a run resumes.
+        loader = DataLoader(_EpochDataset(self, epoch, skips), batch_size=None, num_workers=self.num_workers,
+                            generator=torch.Generator().manual_seed(self.seed + epoch))
         for i, batch in enumerate(loader, start=round_start):
             if i >= total:
                 break

@@ -23,7 +23,7 @@ def squared_grad_norm(outputs: Tensor, inputs: Tensor, scale: float | Tensor = 1
     that small gradients do not underflow, and the gradient is divided back before the norm.
     """
     (grad,) = torch.autograd.grad((outputs.sum() * scale), inputs, create_graph=True)
-    grad = grad.float() / scale
+    grad = grad.to(torch.promote_types(grad.dtype, torch.float32)) / scale
     return grad.pow(2).flatten(1).sum(dim=1)
 
 

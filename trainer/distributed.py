@@ -67,6 +67,18 @@ class Runtime:
     def sum_across_ranks(self, values: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(values, reduction="sum") if self.world_size > 1 else values
 
+    def ranks_in_sync(self, *modules: nn.Module) -> bool:
+        """True when every rank holds bit-identical parameters and buffers (one small all-gather)."""
+        if self.world_size == 1:
+            return True
+        digest = torch.stack([
+            torch.stack([t.detach().double().sum(), t.detach().double().abs().sum(),
+                         (t.detach().double().flatten() * torch.arange(t.numel(), device=t.device)).sum()])
+            for m in modules for t in [*m.parameters(), *m.buffers()] if t.is_floating_point()
+        ])
+        gathered = self.accelerator.gather(digest.unsqueeze(0))
+        return bool((gathered == gathered[0:1]).all())
+
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
 

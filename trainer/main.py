@@ -101,7 +101,7 @@ def run(cfg: RunConfig) -> dict[str, float]:
         finally:
             logger.close()
         if runtime.is_main:
-            summary = {k: v for k, v in final.items() if k.startswith("eval_") or k.endswith("loss")}
+            summary = {k: v for k, v in final.items() if k.startswith("eval_") or k.endswith("loss") or k == "ranks_in_sync"}
             print(f"\nfinished: {cfg.output_dir}\n{json.dumps(summary, indent=2)}", flush=True)
         return final
     finally:

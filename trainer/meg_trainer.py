@@ -219,4 +219,7 @@ class MEGTrainer:
                 last.update({f"eval_{k}": v for k, v in self.evaluate(step).items()})
             if steps_since == 0:  # keep checkpoint and eval time out of the throughput figures
                 tick = time.perf_counter()
+        last["ranks_in_sync"] = float(self.runtime.ranks_in_sync(self.energy, self.generator, self.statistics))
+        if not last["ranks_in_sync"]:
+            raise RuntimeError("ranks finished with different parameters: the process group did not synchronise")
         return last

@@ -1,0 +1,56 @@
+"""Shared helpers: a tiny toy configuration and a way to run the real trainer as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_overrides(tmp_path: Path, steps: int = 20) -> list[str]:
+    """A toy run small enough for the default suite: 32-unit networks, 4k samples, no plots."""
+    return [
+        f"output_dir={tmp_path / 'run'}",
+        f"data.url={tmp_path / 'data'}",
+        "data.toy_num_samples=4096",
+        "data.toy_num_shards=4",
+        "data.batch_size=64",
+        "data.num_workers=1",
+        "model.hidden=[32,32]",
+        "model.generator_hidden=[32,32]",
+        f"train.steps={steps}",
+        "log.every=5",
+        "log.prometheus_port=-1",
+        "checkpoint.every=10",
+        "eval.every=0",
+        "eval.num_samples=500",
+        "eval.plots=false",
+    ]
+
+
+def subprocess_env(threads: int = 1) -> dict[str, str]:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = str(threads)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_trainer(args: list[str], launcher: list[str] | None = None, timeout: float = 300,
+                env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Runs trainer/main.py (or a launcher in front of it) from the repo root; returns the result."""
+    cmd = (launcher or [sys.executable]) + ["trainer/main.py", "--config", "toy_25gaussians", *args]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env or subprocess_env(), capture_output=True, text=True,
+                            timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> list[str]:
+    return tiny_overrides(tmp_path)

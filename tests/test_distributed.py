@@ -1,0 +1,59 @@
+"""Several CPU processes really form one DDP group, stay in sync, and match one process."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO_ROOT, run_trainer, subprocess_env
+
+
+def _accelerate(nproc: int, use_cpu: bool = True) -> tuple[list[str], dict[str, str]]:
+    env = subprocess_env()
+    if use_cpu:
+        env["ACCELERATE_USE_CPU"] = "1"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+                "--num_machines", "1", "--main_process_port", "0"]
+    return launcher, env
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_ddp_gradients_match_single_process_and_ranks_stay_in_sync(tmp_path, nproc):
+    out = tmp_path / "result.json"
+    launcher, env = _accelerate(nproc)
+    if nproc == 1:
+        launcher = [sys.executable]
+    subprocess.run([*launcher, "tests/scripts/ddp_check.py", str(out)], cwd=REPO_ROOT, env=env, check=True,
+                   timeout=300, capture_output=True)
+    result = json.loads(out.read_text())
+    assert result["world_size"] == nproc
+    assert result["grad_rel_error"] < 1e-5, result
+    assert result["in_sync"] is True
+
+
+def test_two_rank_training_through_accelerate_launch(tmp_path, tiny):
+    launcher, env = _accelerate(2)
+    result = run_trainer(tiny, launcher=[*launcher], env=env)
+    assert "2 process(es)" in result.stdout
+    assert '"ranks_in_sync": 1.0' in result.stdout
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len([json.loads(line) for line in lines if "energy_loss" in line]) == 4  # steps 5..20
+
+
+def test_unconnected_processes_are_refused(tiny):
+    # Without ACCELERATE_USE_CPU on a machine with no GPU, accelerate starts processes that do not
+    # form a group: each would train alone. The trainer must refuse loudly.
+    if os.environ.get("CUDA_VISIBLE_DEVICES") or _has_cuda():
+        pytest.skip("this trap only exists on machines without a GPU")
+    launcher, env = _accelerate(2, use_cpu=False)
+    result = run_trainer(tiny, launcher=launcher, env=env, check=False)
+    assert result.returncode != 0
+    assert "did not form one group" in result.stderr
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,104 @@
+"""The real trainer as a user runs it: outputs, resume equality, SIGKILL recovery, clear failures."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from safetensors.torch import load_file
+
+from tests.conftest import REPO_ROOT, run_trainer, subprocess_env, tiny_overrides
+
+
+def _final_weights(run_dir, step):
+    folder = run_dir / "checkpoints" / f"step_{step:08d}"
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
+    assert len(names) == 3, names  # energy, generator, statistics
+    return [load_file(folder / n) for n in names]
+
+
+def test_short_toy_run_writes_everything(tmp_path):
+    args = [o for o in tiny_overrides(tmp_path) if not o.startswith(("eval.", "log.prometheus"))]
+    args += ["eval.every=10", "eval.num_samples=500", "eval.mala.steps=3", "log.prometheus_port=0"]
+    result = run_trainer(args)
+    run = tmp_path / "run"
+    assert "from scratch" in result.stdout and "finished: " in result.stdout
+    assert "prometheus metrics: http://127.0.0.1:" in result.stdout
+    cfg_text = (run / "config.yaml").read_text()
+    assert "steps: 20" in cfg_text and "toy_std: 0.01768" in cfg_text
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "energy_loss" in r]
+    assert [r["step"] for r in train] == [5, 10, 15, 20]
+    for key in ("energy_loss", "generator_loss", "energy_gap", "penalty", "mi_estimate", "samples_per_s", "step_time_s"):
+        assert key in train[-1]
+    evals = json.loads((run / "eval" / "latest.json").read_text())
+    assert evals["step"] == 20 and evals["num_modes"] == 25
+    assert 0 <= evals["high_quality_share"] <= 1 and 0 <= evals["mala_acceptance_rate"] <= 1
+    for png in ("samples_step_00000010.png", "samples_mala_step_00000020.png", "energy_step_00000020.png"):
+        assert (run / "eval" / png).stat().st_size > 1000
+    assert sorted(os.listdir(run / "checkpoints")) == ["step_00000010", "step_00000020"]
+
+
+def test_resume_gives_the_same_parameters_as_a_straight_run(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_trainer(tiny_overrides(straight, steps=20))
+    run_trainer(tiny_overrides(split, steps=10))
+    resumed = run_trainer(tiny_overrides(split, steps=20))
+    assert "resumed from step 10" in resumed.stdout
+    for a, b in zip(_final_weights(straight / "run", 20), _final_weights(split / "run", 20)):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert (a[key] == b[key]).all(), key
+
+
+def test_sigkill_mid_run_resumes_from_last_checkpoint(tmp_path):
+    args = tiny_overrides(tmp_path, steps=400)
+    cmd = [sys.executable, "trainer/main.py", "--config", "toy_25gaussians", *args]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            done = [n for n in os.listdir(checkpoints) if not n.endswith(".partial")] if checkpoints.exists() else []
+            if len(done) >= 2:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("no checkpoint appeared")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    last = max(int(n[5:13]) for n in os.listdir(checkpoints) if not n.endswith(".partial"))
+    resumed = run_trainer(args)
+    resumed_from = int(resumed.stdout.split("resumed from step ")[1].split(";")[0])
+    assert resumed_from >= last and resumed_from % 10 == 0
+    assert (checkpoints / "step_00000400").is_dir()
+    assert not [n for n in os.listdir(checkpoints) if n.endswith(".partial")]
+
+
+def test_half_written_checkpoint_is_never_loaded(tmp_path):
+    args = tiny_overrides(tmp_path, steps=10)
+    run_trainer(args)
+    # A save that crashed leaves only a .partial folder: a later checkpoint that is incomplete.
+    partial = tmp_path / "run" / "checkpoints" / "step_00000015.partial"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"garbage")
+    result = run_trainer(tiny_overrides(tmp_path, steps=20))
+    assert "resumed from step 10" in result.stdout
+
+
+def test_non_finite_loss_stops_naming_step_and_term(tmp_path):
+    result = run_trainer(tiny_overrides(tmp_path) + ["train.penalty_weight=.nan"], check=False)
+    assert result.returncode == 2
+    assert "non-finite energy_loss = nan at step 1" in result.stderr
+
+
+def test_missing_data_fails_before_training(tmp_path):
+    args = tiny_overrides(tmp_path) + ["data.toy=", f"data.url={tmp_path / 'nowhere'}"]
+    result = run_trainer(args, check=False)
+    assert result.returncode == 2
+    assert "no manifest at" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
