@@ -28,6 +28,7 @@ from trainer.config import ConfigError, RunConfig, config_to_yaml, load_config
 from trainer.distributed import LaunchError, Runtime
 from trainer.evaluate import Evaluator
 from trainer.meg_trainer import PREEMPTED_EXIT_CODE, MEGTrainer, NonFiniteLoss, Preempted
+from trainer.run_folder import write_run_info
 from trainer.metrics import JsonlSink, MetricsLogger, ProgressSink, PrometheusSink
 
 log = logging.getLogger("meg")
@@ -79,6 +80,7 @@ def run(cfg: RunConfig) -> dict[str, float]:
             os.makedirs(cfg.output_dir, exist_ok=True)
             with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
                 f.write(config_to_yaml(cfg))
+            write_run_info(cfg.output_dir, manifest.sample_shape, manifest_url(cfg.data.url), manifest.name)
         runtime.barrier()
 
         runtime.seed(cfg.train.seed, per_rank=False)  # identical initial networks on every rank

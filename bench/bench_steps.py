@@ -1,0 +1,77 @@
+"""Times one energy step and one generator + statistics step of the real trainer code.
+
+    python bench/bench_steps.py                 # toy MLP, 28x28x1 and 32x32x3 convs
+    python bench/bench_steps.py --repeats 20 --only toy
+
+Prints a table (ms/step and samples/s) and appends one JSON line per row to bench/results/steps.jsonl.
+The energy step includes the gradient penalty's double backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import torch
+
+from models import build_networks
+from trainer.config import load_config
+from trainer.distributed import Runtime
+from trainer.meg_trainer import MEGTrainer
+from trainer.metrics import MetricsLogger
+
+CASES = {
+    "toy": ("toy_25gaussians", (2,), ["data.batch_size=256"]),
+    "conv28": ("toy_25gaussians", (1, 28, 28), ["model.arch=conv", "model.z_dim=128", "data.batch_size=64"]),
+    "conv32": ("toy_25gaussians", (3, 32, 32), ["model.arch=conv", "model.z_dim=128", "data.batch_size=64"]),
+}
+
+
+def _time(fn, repeats: int, device: torch.device) -> float:
+    fn()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--only", choices=sorted(CASES), action="append")
+    parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    args = parser.parse_args()
+    runtime = Runtime(args.mixed_precision)
+    rows = []
+    for name in args.only or list(CASES):
+        preset, shape, overrides = CASES[name]
+        cfg = load_config(preset, overrides)
+        trainer = MEGTrainer(cfg, runtime, build_networks(cfg.model, shape), stream=None, logger=MetricsLogger([]))
+        batch = cfg.data.batch_size
+        x = torch.randn(batch, *shape, device=runtime.device)
+        e = _time(lambda: trainer.energy_step(x, trainer.sample_z()), args.repeats, runtime.device)
+        g = _time(lambda: trainer.generator_step(trainer.sample_z()), args.repeats, runtime.device)
+        rows.append({"case": name, "batch": batch, "energy_ms": 1e3 * e, "generator_ms": 1e3 * g,
+                     "energy_samples_per_s": batch / e, "generator_samples_per_s": batch / g})
+    print(f"device={runtime.device} threads={torch.get_num_threads()} precision={args.mixed_precision}")
+    print(f"{'case':8} {'batch':>5} {'energy ms':>10} {'gen ms':>10} {'energy samp/s':>14} {'gen samp/s':>11} {'E/G':>5}")
+    for r in rows:
+        print(f"{r['case']:8} {r['batch']:>5} {r['energy_ms']:>10.1f} {r['generator_ms']:>10.1f} "
+              f"{r['energy_samples_per_s']:>14.0f} {r['generator_samples_per_s']:>11.0f} {r['energy_ms'] / r['generator_ms']:>5.2f}")
+    os.makedirs("bench/results", exist_ok=True)
+    with open("bench/results/steps.jsonl", "a") as f:
+        for r in rows:
+            f.write(json.dumps({**r, "device": str(runtime.device), "threads": torch.get_num_threads(),
+                                "precision": args.mixed_precision, "host": platform.node(), "time": time.time()}) + "\n")
+    runtime.shutdown()
+
+
+if __name__ == "__main__":
+    main()
