@@ -38,7 +38,8 @@ def test_short_toy_run_writes_everything(tmp_path):
     assert 0 <= evals["high_quality_share"] <= 1 and 0 <= evals["mala_acceptance_rate"] <= 1
     for png in ("samples_step_00000010.png", "samples_mala_step_00000020.png", "energy_step_00000020.png"):
         assert (run / "eval" / png).stat().st_size > 1000
-    assert sorted(os.listdir(run / "checkpoints")) == ["step_00000010", "step_00000020"]
+    # step 0: the divergence guard's fallback; then every checkpoint.every steps.
+    assert sorted(os.listdir(run / "checkpoints")) == ["step_00000000", "step_00000010", "step_00000020"]
 
 
 def test_resume_gives_the_same_parameters_as_a_straight_run(tmp_path):
@@ -102,3 +103,28 @@ def test_missing_data_fails_before_training(tmp_path):
     assert result.returncode == 2
     assert "no manifest at" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+DIVERGING = ["train.energy_optim.lr=3.0", "train.guard.max_abs_energy_gap=50"]
+
+
+def test_diverging_run_is_rolled_back_with_lower_lr_and_recovers(tmp_path):
+    result = run_trainer(tiny_overrides(tmp_path, steps=30) + DIVERGING + ["train.guard.lr_factor=0.001"])
+    assert "divergence: out-of-bound (|x| > 50) energy_gap" in result.stdout
+    assert "rolled back to step 0 with learning rates x0.001" in result.stdout
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rollbacks = [r for r in records if r.get("event") == "rollback"]
+    assert len(rollbacks) == 1 and rollbacks[0]["to_step"] == 0
+    train = [r for r in records if "energy_gap" in r]
+    assert train[-1]["step"] == 30 and abs(train[-1]["energy_gap"]) < 50
+    assert train[-1]["lr_energy"] == 3.0 * 0.001
+
+
+def test_diverging_run_stops_cleanly_after_k_rollbacks(tmp_path):
+    overrides = tiny_overrides(tmp_path, steps=30) + DIVERGING + ["train.guard.lr_factor=1.0", "train.guard.max_rollbacks=2"]
+    result = run_trainer(overrides, check=False)
+    assert result.returncode == 2
+    assert result.stdout.count("divergence:") == 2
+    assert "2 rollback(s) did not help. Stopping: checkpoints are intact" in result.stderr
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000000"
+    assert len([n for n in os.listdir(checkpoint) if n.endswith(".safetensors")]) == 3

@@ -54,6 +54,17 @@ class MALAConfig:
 
 
 @dataclass
+class GuardConfig:
+    """Divergence guard: on a non-finite metric or one past its bound, roll back to the last
+    checkpoint with every learning rate multiplied by ``lr_factor``, at most ``max_rollbacks`` times."""
+
+    max_rollbacks: int = 3  # 0 disables the guard: a diverging run stops at once
+    lr_factor: float = 0.5
+    max_abs_energy_gap: float = 1e4  # bounds on |E(fake) - E(real)| and the penalty; 0 disables
+    max_penalty: float = 1e6
+
+
+@dataclass
 class TrainConfig:
     steps: int = 5000  # generator steps
     energy_steps: int = 1  # energy steps per generator step
@@ -66,6 +77,7 @@ class TrainConfig:
     negatives: str = "generator"  # generator: E's negatives are G(z); mala: G(z) after latent MALA
     negatives_mala: MALAConfig = field(default_factory=lambda: MALAConfig(steps=5))
     seed: int = 0
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
 
 @dataclass

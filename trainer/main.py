@@ -27,7 +27,7 @@ from models.factory import ModelConfig
 from trainer.config import ConfigError, RunConfig, config_to_yaml, load_config
 from trainer.distributed import LaunchError, Runtime
 from trainer.evaluate import Evaluator
-from trainer.meg_trainer import PREEMPTED_EXIT_CODE, MEGTrainer, NonFiniteLoss, Preempted
+from trainer.meg_trainer import PREEMPTED_EXIT_CODE, Diverged, MEGTrainer, Preempted
 from trainer.run_folder import write_run_info
 from trainer.metrics import JsonlSink, MetricsLogger, ProgressSink, PrometheusSink
 
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             print(config_to_yaml(cfg), end="")
             return 0
         run(cfg)
-    except (ConfigError, DataError, LaunchError, NonFiniteLoss, ValueError) as e:
+    except (ConfigError, DataError, LaunchError, Diverged, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Preempted as e:

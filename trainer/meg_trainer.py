@@ -23,8 +23,9 @@ from trainer.metrics import MetricsLogger
 Evaluator = Callable[[int, nn.Module, nn.Module], dict[str, float]]
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+class Diverged(RuntimeError):
+    """A metric went non-finite or past its bound (train.guard)."""
+
 
 
 # A job that stopped because it was asked to (e.g. Slurm's warning signal before the time limit)
@@ -42,13 +43,15 @@ class TrainState:
     def __init__(self) -> None:
         self.step = 0
         self.position = StreamPosition()
+        self.lr_scale = 1.0  # lowered by each divergence rollback, and kept across resumes
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "position": self.position.state_dict()}
+        return {"step": self.step, "position": self.position.state_dict(), "lr_scale": self.lr_scale}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
         self.position.load_state_dict(state["position"])
+        self.lr_scale = float(state.get("lr_scale", 1.0))
 
 
 def _adam(params, cfg: OptimConfig) -> torch.optim.Adam:
@@ -142,7 +145,7 @@ class MEGTrainer:
 
     def _set_lr(self, step: int) -> None:
         t = self.cfg.train
-        factor = 1.0 + (t.lr_final_factor - 1.0) * step / max(t.steps - 1, 1)
+        factor = self.state.lr_scale * (1.0 + (t.lr_final_factor - 1.0) * step / max(t.steps - 1, 1))
         for opt, base in self.base_lrs:
             for group in opt.param_groups:
                 group["lr"] = base * factor
@@ -161,14 +164,7 @@ class MEGTrainer:
         table = table[:-1]
         first_step = step - len(self._pending) + 1
         self._pending.clear()
-        bad = (~torch.isfinite(table)).nonzero()
-        if len(bad):
-            row, col = bad[0].tolist()
-            raise NonFiniteLoss(
-                f"non-finite {self._metric_names[col]} = {table[row, col].item()} at step {first_step + row}; "
-                f"stopping (last checkpoint: {self.checkpoint_dir}). Lower the learning rates or raise "
-                "train.penalty_weight."
-            )
+        self._check_divergence(table, first_step)
         out = dict(zip(self._metric_names, table.mean(0).tolist()))
         samples = steps_done * self.cfg.train.energy_steps * self.cfg.data.batch_size
         out["samples_per_s"] = samples / max(elapsed, 1e-9)
@@ -177,6 +173,40 @@ class MEGTrainer:
         corrupt = self.runtime.sum_across_ranks(torch.tensor([float(self.corrupt_shards)], device=self.runtime.device))
         out["corrupt_shards"] = corrupt.item()
         return out
+
+    def _check_divergence(self, table: torch.Tensor, first_step: int) -> None:
+        """Raises Diverged naming the first step and term that is non-finite or past its bound."""
+        guard = self.cfg.train.guard
+        limits = torch.full((table.shape[1],), float("inf"))
+        for name, bound in (("energy_gap", guard.max_abs_energy_gap), ("penalty", guard.max_penalty)):
+            if bound > 0 and name in self._metric_names:
+                limits[self._metric_names.index(name)] = bound
+        bad = (~torch.isfinite(table) | (table.abs() > limits)).nonzero()
+        if len(bad):
+            row, col = bad[0].tolist()
+            value = table[row, col].item()
+            what = "non-finite" if not torch.isfinite(table[row, col]) else f"out-of-bound (|x| > {limits[col].item():g})"
+            raise Diverged(f"{what} {self._metric_names[col]} = {value:.6g} at step {first_step + row}")
+
+    def _roll_back(self, error: Diverged) -> None:
+        """Restores the last checkpoint with lowered learning rates, or gives up with a clear error."""
+        guard = self.cfg.train.guard
+        checkpoints = list_checkpoints(self.checkpoint_dir)
+        if self.rollbacks >= guard.max_rollbacks or not checkpoints:
+            reason = "no checkpoint to roll back to" if not checkpoints else f"{self.rollbacks} rollback(s) did not help"
+            raise Diverged(f"{error}; {reason}. Stopping: checkpoints are intact in {self.checkpoint_dir}. "
+                           "Lower the learning rates or raise train.penalty_weight.") from None
+        self.rollbacks += 1
+        lr_scale = self.state.lr_scale * guard.lr_factor
+        self._pending.clear()
+        self.runtime.load_checkpoint(checkpoints[-1])
+        self.state.lr_scale = lr_scale
+        event = {"event": "rollback", "reason": str(error), "to_step": self.state.step, "lr_scale": lr_scale,
+                 "rollback": self.rollbacks}
+        self.logger.log(self.state.step, event)
+        if self.runtime.is_main:
+            print(f"\ndivergence: {error}; rolled back to step {self.state.step} with learning rates x{lr_scale:g} "
+                  f"(rollback {self.rollbacks}/{guard.max_rollbacks})", flush=True)
 
     def evaluate(self, step: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
@@ -192,9 +222,25 @@ class MEGTrainer:
         return metrics
 
     def train(self) -> dict[str, float]:
-        cfg = self.cfg
         self.corrupt_shards = 0
+        self.rollbacks = 0
         self.stop_requested = False
+        if self.cfg.train.guard.max_rollbacks > 0 and not list_checkpoints(self.checkpoint_dir):
+            # The initial networks are a good state to roll back to if the run diverges early.
+            self.runtime.save_checkpoint(self.checkpoint_dir, self.state.step, self.cfg.checkpoint.keep)
+        while True:
+            try:
+                last = self._train_until_done()
+                break
+            except Diverged as error:
+                self._roll_back(error)
+        last["ranks_in_sync"] = float(self.runtime.ranks_in_sync(self.energy, self.generator, self.statistics))
+        if not last["ranks_in_sync"]:
+            raise RuntimeError("ranks finished with different parameters: the process group did not synchronise")
+        return last
+
+    def _train_until_done(self) -> dict[str, float]:
+        cfg = self.cfg
         batches = self._batches()
         last: dict[str, float] = {}
         tick, steps_since = time.perf_counter(), 0
@@ -207,11 +253,13 @@ class MEGTrainer:
             self.state.step += 1
             steps_since += 1
             step = self.state.step
-            if step % cfg.log.every == 0 or step == cfg.train.steps:
+            checkpoint_due = step % cfg.checkpoint.every == 0 or step == cfg.train.steps
+            # Metrics are checked before every checkpoint, so a checkpoint is always a good one.
+            if step % cfg.log.every == 0 or checkpoint_due:
                 last = self._flush(step, time.perf_counter() - tick, steps_since)
                 self.logger.log(step, last)
                 tick, steps_since = time.perf_counter(), 0
-            if step % cfg.checkpoint.every == 0 or step == cfg.train.steps or self.stop_requested:
+            if checkpoint_due or self.stop_requested:
                 self.runtime.save_checkpoint(self.checkpoint_dir, step, cfg.checkpoint.keep)
             if self.stop_requested:
                 raise Preempted(f"stop signal received; checkpoint saved at step {step}, rerun to resume")
@@ -219,7 +267,4 @@ class MEGTrainer:
                 last.update({f"eval_{k}": v for k, v in self.evaluate(step).items()})
             if steps_since == 0:  # keep checkpoint and eval time out of the throughput figures
                 tick = time.perf_counter()
-        last["ranks_in_sync"] = float(self.runtime.ranks_in_sync(self.energy, self.generator, self.statistics))
-        if not last["ranks_in_sync"]:
-            raise RuntimeError("ranks finished with different parameters: the process group did not synchronise")
         return last
