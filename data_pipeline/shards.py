@@ -131,6 +131,7 @@ def shard_sizes(urls: list[str]) -> dict[str, int | None]:
         listed: dict[str, int] = {}
         if "http" not in fs.protocol and "https" not in fs.protocol:
             try:
+                fs.invalidate_cache(fpath)  # a fresh look: object stores' listings are cached
                 listed = {fs._strip_protocol(e["name"]).rstrip("/"): e.get("size") for e in fs.ls(fpath, detail=True)}
             except (FileNotFoundError, NotADirectoryError):
                 listed = {}

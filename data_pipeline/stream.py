@@ -48,7 +48,10 @@ FSSPEC_SCHEMES = ("s3", "gs", "gcs", "memory", "http", "https", "az", "abfs", "h
 
 
 def _fsspec_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **_: object):
-    return fsspec.open(url, mode, block_size=max(bufsize, 1 << 20)).open()
+    # block_size is a file option: given to fsspec.open it would reach the filesystem's
+    # constructor, which s3fs rejects.
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.open(path, mode, block_size=max(bufsize, 1 << 20))
 
 
 def register_fsspec_opener() -> None:
