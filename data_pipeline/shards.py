@@ -15,8 +15,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import logging
+import os
 import posixpath
 import tarfile
 import tempfile
@@ -113,7 +113,9 @@ def read_manifest(url: str, check_shards: bool = True) -> Manifest:
     if not manifest.shards:
         raise DataError(f"manifest {murl} lists no shards")
     if stated_total is not None and stated_total != manifest.num_samples:
-        raise DataError(f"manifest {murl} says num_samples={stated_total} but its shards add up to {manifest.num_samples}")
+        raise DataError(
+            f"manifest {murl} says num_samples={stated_total} but its shards add up to {manifest.num_samples}"
+        )
     if check_shards:
         check_manifest_against_shards(manifest, murl)
     return manifest
@@ -132,7 +134,10 @@ def shard_sizes(urls: list[str]) -> dict[str, int | None]:
         if "http" not in fs.protocol and "https" not in fs.protocol:
             try:
                 fs.invalidate_cache(fpath)  # a fresh look: object stores' listings are cached
-                listed = {fs._strip_protocol(e["name"]).rstrip("/"): e.get("size") for e in fs.ls(fpath, detail=True)}
+                listed = {
+                    fs._strip_protocol(e["name"]).rstrip("/"): e.get("size")
+                    for e in fs.ls(fpath, detail=True)
+                }
             except (FileNotFoundError, NotADirectoryError):
                 listed = {}
         for u in members:
@@ -155,8 +160,14 @@ def check_manifest_against_shards(manifest: Manifest, murl: str = "") -> list[st
     sizes = shard_sizes(urls)
     missing = [u for u in urls if sizes[u] is None]
     if missing:
-        raise DataError(f"manifest {murl} lists {len(missing)} missing shard(s), first: {missing[0]}")
-    known = [(u, s.num_bytes) for u, s in zip(urls, manifest.shards) if s.num_bytes > 0 and sizes[u] is not None]
+        raise DataError(
+            f"manifest {murl} lists {len(missing)} missing shard(s), first: {missing[0]}"
+        )
+    known = [
+        (u, s.num_bytes)
+        for u, s in zip(urls, manifest.shards, strict=True)
+        if s.num_bytes > 0 and sizes[u] is not None
+    ]
     wrong = [u for u, nb in known if sizes[u] != nb]
     if known and len(wrong) == len(known):
         u, nb = known[0]
@@ -166,8 +177,13 @@ def check_manifest_against_shards(manifest: Manifest, murl: str = "") -> list[st
             "rewritten by another conversion, or the manifest belongs elsewhere: convert again."
         )
     for u in wrong:
-        nb = next(s.num_bytes for x, s in zip(urls, manifest.shards) if x == u)
-        log.warning("shard %s is %s bytes, the manifest says %d: truncated or corrupt, it will be skipped", u, sizes[u], nb)
+        nb = next(s.num_bytes for x, s in zip(urls, manifest.shards, strict=True) if x == u)
+        log.warning(
+            "shard %s is %s bytes, the manifest says %d: truncated or corrupt, it will be skipped",
+            u,
+            sizes[u],
+            nb,
+        )
     return wrong
 
 
@@ -218,7 +234,9 @@ class ShardWriter:
         self._index = 0
 
     def _open(self) -> None:
-        fd, self._tmp_path = tempfile.mkstemp(suffix=".tar.partial", dir=_local_dir_for(self._shard_url()))
+        fd, self._tmp_path = tempfile.mkstemp(
+            suffix=".tar.partial", dir=_local_dir_for(self._shard_url())
+        )
         self._stream = os.fdopen(fd, "wb")
         self._tar = wds.TarWriter(self._stream, mtime=SHARD_MTIME)
         # webdataset 1.0.2 accepts a ``format`` argument but never passes it on to tarfile.
@@ -244,19 +262,29 @@ class ShardWriter:
         if self.sample_shape is None:
             self.sample_shape, self.dtype = list(x.shape), str(x.dtype)
         elif list(x.shape) != self.sample_shape or str(x.dtype) != self.dtype:
-            raise ValueError(f"sample {self._index} has shape {x.shape} {x.dtype}, expected {self.sample_shape} {self.dtype}")
+            raise ValueError(
+                f"sample {self._index} has shape {x.shape} {x.dtype}, expected {self.sample_shape} {self.dtype}"
+            )
         if self._tar is None:
             self._open()
         buf = io.BytesIO()
         np.save(buf, x, allow_pickle=False)
-        self._tar.write({"__key__": f"{self._index:09d}", "x.npy": buf.getvalue(), "cls": str(int(label)).encode()})
+        self._tar.write(
+            {
+                "__key__": f"{self._index:09d}",
+                "x.npy": buf.getvalue(),
+                "cls": str(int(label)).encode(),
+            }
+        )
         self.class_counts[str(int(label))] = self.class_counts.get(str(int(label)), 0) + 1
         self._index += 1
         self._in_shard += 1
         if self._in_shard == self.samples_per_shard:
             self._close_shard()
 
-    def finish(self, source_checksum: str = "", preprocessing: dict[str, Any] | None = None) -> Manifest:
+    def finish(
+        self, source_checksum: str = "", preprocessing: dict[str, Any] | None = None
+    ) -> Manifest:
         """Closes the last shard and writes the manifest (last, so its presence means complete)."""
         if self._tar is not None:
             self._close_shard()
@@ -293,7 +321,13 @@ def _octal_field(values: np.ndarray, digits: int) -> np.ndarray:
 
 def _header_template(name: str, size: int) -> np.ndarray:
     info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode, info.uname, info.gname = size, SHARD_MTIME, 0o444, "bigdata", "bigdata"
+    info.size, info.mtime, info.mode, info.uname, info.gname = (
+        size,
+        SHARD_MTIME,
+        0o444,
+        "bigdata",
+        "bigdata",
+    )
     return np.frombuffer(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"), np.uint8)
 
 
@@ -310,7 +344,11 @@ def tar_records(first_index: int, x: np.ndarray, labels: np.ndarray) -> bytes:
     x_pad = -(-x_size // 512) * 512
     record = 512 + 512 + 512 + x_pad
     recs = np.zeros((n, record), np.uint8)
-    keys = np.char.zfill(np.arange(first_index, first_index + n).astype("S9"), 9).view(np.uint8).reshape(n, 9)
+    keys = (
+        np.char.zfill(np.arange(first_index, first_index + n).astype("S9"), 9)
+        .view(np.uint8)
+        .reshape(n, 9)
+    )
     for h, ext in ((0, ".cls"), (1024, ".x.npy")):
         recs[:, h : h + 512] = _header_template("000000000" + ext, x_size if ext == ".x.npy" else 0)
         recs[:, h : h + 9] = keys
@@ -318,7 +356,9 @@ def tar_records(first_index: int, x: np.ndarray, labels: np.ndarray) -> bytes:
     recs[:, 512:532] = np.frombuffer(cls_text.tobytes(), np.uint8).reshape(n, 20)
     d = 1024 + 512
     recs[:, d : d + len(npy_header)] = npy_header
-    recs[:, d + len(npy_header) : d + x_size] = np.ascontiguousarray(x).reshape(n, -1).view(np.uint8)
+    recs[:, d + len(npy_header) : d + x_size] = (
+        np.ascontiguousarray(x).reshape(n, -1).view(np.uint8)
+    )
     for h in (0, 1024):
         header = recs[:, h : h + 512]
         header[:, 148:156] = ord(" ")
@@ -358,12 +398,16 @@ def write_array_shards(
         fd, tmp = tempfile.mkstemp(suffix=".tar.partial", dir=_local_dir_for(writer._shard_url()))
         with os.fdopen(fd, "wb") as f:
             for block in range(0, len(x), 4096):  # bounded memory for big samples
-                f.write(tar_records(start + block, x[block : block + 4096], y[block : block + 4096]))
+                f.write(
+                    tar_records(start + block, x[block : block + 4096], y[block : block + 4096])
+                )
             f.write(_tar_end(f.tell()))
             size = f.tell()
         put_file_atomic(tmp, writer._shard_url())
         writer.shards.append(ShardInfo(writer._shard_name(), len(x), size))
-        for label, count in zip(*np.unique(y, return_counts=True)):
-            writer.class_counts[str(int(label))] = writer.class_counts.get(str(int(label)), 0) + int(count)
+        for label, count in zip(*np.unique(y, return_counts=True), strict=True):
+            writer.class_counts[str(int(label))] = writer.class_counts.get(
+                str(int(label)), 0
+            ) + int(count)
     writer._index = len(arrays)
     return writer.finish(source_checksum, preprocessing)

@@ -58,7 +58,8 @@ def test_ranks_get_equal_batch_counts_with_uneven_shards(tmp_path):
     make_images(str(tmp_path), n=500, shards=5)  # shards of 100: 3 go to rank 0, 2 to rank 1
     m = read_manifest(str(tmp_path))
     per_rank = [
-        sum(1 for _ in ShardStream(m, r, 2, 16, 1, seed=0).epoch_batches(StreamPosition())) for r in range(2)
+        sum(1 for _ in ShardStream(m, r, 2, 16, 1, seed=0).epoch_batches(StreamPosition()))
+        for r in range(2)
     ]
     assert per_rank[0] == per_rank[1] == ShardStream(m, 0, 2, 16, 1).batches_per_epoch(0)
 
@@ -89,7 +90,9 @@ def test_truncated_and_corrupt_shards_are_skipped_and_counted(tmp_path, caplog):
         assert truncated in caplog.text
         corrupt, keys = 0, []
         for rank in range(2):
-            for b in ShardStream(m, rank, 2, 16, 0, shuffle_buffer=64).epoch_batches(StreamPosition()):
+            for b in ShardStream(m, rank, 2, 16, 0, shuffle_buffer=64).epoch_batches(
+                StreamPosition()
+            ):
                 corrupt += b["corrupt_shards"]
                 keys += b["key"]
     assert corrupt == 2
@@ -135,7 +138,7 @@ def test_fast_parser_matches_tarfile_on_writer_output(tmp_path):
     x = np.random.default_rng(1).normal(size=(40, 5)).astype(np.float32)
     labels = np.array([-1, 7, 12345] * 13 + [0])
     w = ShardWriter(str(tmp_path / "slow"), "t", "train", 40)
-    for a, y in zip(x, labels):
+    for a, y in zip(x, labels, strict=True):
         w.write(a, int(y))
     w.finish()
     m = write_array_shards(str(tmp_path / "fast"), "t", "train", x, labels, 1)
@@ -188,7 +191,11 @@ def test_s3_store_via_moto_server(tmp_path, monkeypatch):
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:
-        for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        for k, v in {
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }.items():
             monkeypatch.setenv(k, v)
         monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": f"http://127.0.0.1:{port}"})
         fs = fsspec.filesystem("s3", skip_instance_cache=True)
