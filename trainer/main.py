@@ -89,7 +89,7 @@ def run(cfg: RunConfig) -> dict[str, float]:
         stream = ShardStream(manifest, runtime.rank, runtime.world_size, cfg.data.batch_size // runtime.world_size,
                              cfg.data.num_workers, cfg.data.shuffle_buffer, cfg.train.seed)
         logger, prometheus = build_logger(cfg, runtime)
-        trainer = MEGTrainer(cfg, runtime, nets, stream, logger, Evaluator(cfg, manifest))
+        trainer = MEGTrainer(cfg, runtime, nets, stream, logger, Evaluator(cfg, manifest.sample_shape, manifest.name))
         resumed = trainer.resume_if_possible()
         if runtime.is_main:
             where = f"resumed from step {resumed}" if resumed is not None else "from scratch"

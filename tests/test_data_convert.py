@@ -1,0 +1,276 @@
+"""Converters: every source format on small data the tests make, then the real files when present."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_pipeline import convert
+from data_pipeline.shards import read_manifest
+from data_pipeline.sources import FASHION_MNIST_DIR, KDD_COLUMNS
+from data_pipeline.stream import ShardStream, StreamPosition
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data"
+REAL = REAL if REAL.exists() else Path("/work/shared/data")
+
+
+def all_samples(url: str):
+    m = read_manifest(url)
+    s = ShardStream(m, 0, 1, 1, 0, shuffle_buffer=0)
+    batches = list(s.epoch_batches(StreamPosition()))
+    order = np.argsort([int(b["key"][0]) for b in batches])
+    x = np.concatenate([batches[i]["x"].numpy() for i in order])
+    y = np.array([int(batches[i]["label"][0]) for i in order])
+    return m, x, y
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool) -> str:
+    code = {np.dtype(np.uint8): 0x08}[array.dtype]
+    raw = bytes([0, 0, code, array.ndim]) + np.array(array.shape, ">u4").tobytes() + array.tobytes()
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+    return str(path)
+
+
+def digits(n: int = 200, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8), (np.arange(n) % 10).astype(
+        np.uint8
+    )
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_mnist_idx(tmp_path, gz):
+    x, y = digits()
+    images = write_idx(tmp_path / "t10k-images-idx3-ubyte", x, gz)
+    labels = write_idx(tmp_path / "t10k-labels-idx1-ubyte", y, gz)
+    assert (
+        convert.main(
+            [
+                "mnist",
+                "--images",
+                images,
+                "--labels",
+                labels,
+                "--out",
+                str(tmp_path / "o"),
+                "--num-shards",
+                "4",
+            ]
+        )
+        == 0
+    )
+    m, xs, ys = all_samples(str(tmp_path / "o"))
+    assert (m.name, m.split, m.sample_shape, m.dtype) == ("mnist", "test", [1, 28, 28], "uint8")
+    assert [s.num_samples for s in m.shards] == [50] * 4 and m.class_counts == {
+        str(d): 20 for d in range(10)
+    }
+    assert m.source_checksum.count("sha256:") == 2
+    np.testing.assert_allclose(xs[:, 0], x / 127.5 - 1, atol=1e-6)
+    assert (ys == y).all()
+
+
+def test_mnist_csv_and_bad_idx(tmp_path):
+    x, y = digits(30)
+    table = np.concatenate([x.reshape(30, -1), y[:, None]], axis=1)
+    csv = tmp_path / "mnist_5k.csv.gz"
+    csv.write_bytes(gzip.compress("\n".join(",".join(map(str, r)) for r in table).encode()))
+    convert.convert_mnist(str(tmp_path / "o"), csvs=(str(csv),), num_shards=3)
+    m, xs, ys = all_samples(str(tmp_path / "o"))
+    assert m.num_samples == 30 and (ys == y).all()
+    (tmp_path / "bad").write_bytes(b"\x00\x00\x08\x03" + bytes(20))
+    assert (
+        convert.main(
+            [
+                "mnist",
+                "--images",
+                str(tmp_path / "bad"),
+                "--labels",
+                str(tmp_path / "bad"),
+                "--out",
+                str(tmp_path / "p"),
+            ]
+        )
+        == 2
+    )
+
+
+def test_stacked_mnist_labels_are_mode_ids(tmp_path):
+    x, y = digits()
+    images, labels = write_idx(tmp_path / "i", x, True), write_idx(tmp_path / "l", y, True)
+    m = convert.convert_stacked_mnist(
+        str(tmp_path / "o"), images, labels, n_stack=3, num_samples=300, seed=5, num_shards=3
+    )
+    again = convert.stack_digits(x[:, None], y.astype(np.int64), 3, 300, seed=5)
+    _, xs, ys = all_samples(str(tmp_path / "o"))
+    assert m.sample_shape == [3, 28, 28] and (ys == again[1]).all() and ys.max() < 1000
+    for i in range(
+        5
+    ):  # each channel is a source digit whose label is that decimal digit of the mode
+        for c, digit in enumerate(f"{ys[i]:03d}"):
+            matches = np.flatnonzero((x == again[0][i, c]).all(axis=(1, 2)))
+            assert int(digit) in y[matches]
+    assert m.preprocessing["num_modes"] == 1000
+
+
+def test_cifar10_python_archive_layout(tmp_path):
+    rng = np.random.default_rng(0)
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, n in [("data_batch_1", 20), ("data_batch_2", 20), ("test_batch", 10)]:
+            batch = {
+                b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                b"labels": list(range(n)),
+            }
+            raw = pickle.dumps(batch)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+            if name == "data_batch_1":
+                first = batch[b"data"][0].reshape(3, 32, 32)
+    ms = convert.convert_cifar10(str(tmp_path / "o"), str(archive), num_shards=2)
+    assert (
+        ms["train"].num_samples == 40
+        and ms["test"].num_samples == 10
+        and ms["train"].sample_shape == [3, 32, 32]
+    )
+    _, xs, _ = all_samples(str(tmp_path / "o" / "train"))
+    np.testing.assert_allclose(xs[0], first / 127.5 - 1, atol=1e-6)
+
+
+def fake_kdd(n: int, seed: int = 0) -> str:
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(n):
+        row = [str(rng.integers(0, 100)) for _ in KDD_COLUMNS]
+        row[1], row[2], row[3] = (
+            rng.choice(["tcp", "udp", "icmp"]),
+            rng.choice(["http", "smtp"]),
+            "SF",
+        )
+        lines.append(
+            ",".join(row) + "," + ("normal." if i % 3 == 0 else rng.choice(["smurf.", "neptune."]))
+        )
+    return "\n".join(lines) + "\n"
+
+
+def test_kdd_protocol_and_min_max_on_train_only(tmp_path):
+    path = tmp_path / "kdd.gz"
+    path.write_bytes(gzip.compress(fake_kdd(1000).encode()))
+    ms = convert.convert_kdd(str(tmp_path / "o"), str(path), seed=1, num_shards=2)
+    train, test = ms["train"], ms["test"]
+    pre = train.preprocessing
+    assert pre["records_total"] == 1000 and pre["records_first_half"] == 500
+    assert train.class_counts == {"0": pre["train_records"]}  # attacks only
+    assert (
+        test.class_counts["1"] == pre["test_anomalies"]
+        and abs(pre["test_anomaly_share"] - 0.2) < 0.01
+    )
+    d = len(pre["features"])
+    assert d == 38 + 3 + 2 + 1 and train.sample_shape == [d]
+    _, xtr, _ = all_samples(str(tmp_path / "o" / "train"))
+    assert xtr.min() == 0.0 and xtr.max() == 1.0  # scaled on exactly these records
+    lo, hi = np.array(pre["minmax"]["min"]), np.array(pre["minmax"]["max"])
+    assert (lo <= hi).all() and len(lo) == d
+
+
+def test_mnist_anomaly_split(tmp_path):
+    x, y = digits(500)
+    images, labels = write_idx(tmp_path / "i", x, False), write_idx(tmp_path / "l", y, False)
+    ms = convert.convert_mnist_anomaly(str(tmp_path / "o"), 4, images, labels, num_shards=2)
+    assert "4" not in ms["train"].class_counts
+    assert (
+        ms["train"].num_samples == 360
+        and ms["test"].num_samples == 90 + 50
+        and ms["test"].class_counts["4"] == 50
+    )
+    _, _, ytr = all_samples(str(tmp_path / "o" / "train"))
+    assert (ytr != 4).all()
+
+
+def test_image_folder_and_arrays(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(
+                tmp_path / "imgs" / cls / f"{i}.png"
+            )
+    m = convert.convert_images(str(tmp_path / "o"), str(tmp_path / "imgs"), num_shards=2)
+    assert m.sample_shape == [3, 12, 12] and m.class_counts == {"0": 3, "1": 3}
+    assert m.preprocessing["classes"] == ["cat", "dog"]
+    np.savez(tmp_path / "a.npz", x=rng.normal(size=(10, 4)), y=np.arange(10))
+    m = convert.convert_arrays(str(tmp_path / "p"), str(tmp_path / "a.npz"), num_shards=2)
+    assert m.dtype == "float32" and m.num_samples == 10 and m.class_counts["9"] == 1
+
+
+# -- the real files (../shared/data, the Debian Fashion-MNIST package) -----------------------
+
+
+def need(*paths: Path | str) -> None:
+    for p in paths:
+        if not os.path.exists(p):
+            pytest.skip(f"real data file {p} is absent (see shared/data/README.md)")
+
+
+MNIST_I, MNIST_L = (
+    REAL / "mnist" / "t10k-images-idx3-ubyte.gz",
+    REAL / "mnist" / "t10k-labels-idx1-ubyte.gz",
+)
+
+
+def test_real_kdd(tmp_path):
+    src = REAL / "kddcup99" / "kddcup.data_10_percent.gz"
+    need(src)
+    ms = convert.convert_kdd(str(tmp_path / "kdd"), str(src), seed=0)
+    pre = ms["train"].preprocessing
+    assert pre["records_total"] == 494_021 and pre["source_label_counts"]["normal."] == 97_278
+    assert (
+        ms["train"].source_checksum
+        == "sha256:8045aca0d84e70e622d1148d7df782496f6333bf6eb979a1b0837c42a9fd9561"
+    )
+    assert ms["train"].class_counts == {"0": pre["train_records"]}
+    assert (
+        ms["test"].class_counts["1"] == pre["test_anomalies"]
+        and 0.19 < pre["test_anomaly_share"] <= 0.2
+    )
+    assert (
+        read_manifest(str(tmp_path / "kdd" / "test")).num_samples
+        == pre["test_inliers"] + pre["test_anomalies"]
+    )
+
+
+def test_real_mnist_and_stacked(tmp_path):
+    need(MNIST_I, MNIST_L)
+    m = convert.convert_mnist(str(tmp_path / "m"), str(MNIST_I), str(MNIST_L))
+    assert (
+        m.num_samples == 10_000
+        and sum(m.class_counts.values()) == 10_000
+        and m.class_counts["1"] == 1135
+    )
+    s = convert.convert_stacked_mnist(
+        str(tmp_path / "s"), str(MNIST_I), str(MNIST_L), num_samples=26_000
+    )
+    assert s.num_samples == 26_000 and len(s.class_counts) > 990 and s.sample_shape == [3, 28, 28]
+    a = convert.convert_mnist_anomaly(str(tmp_path / "a"), 1, str(MNIST_I), str(MNIST_L))
+    assert a["test"].class_counts["1"] == 1135 and a["train"].num_samples == round(
+        0.8 * (10_000 - 1135)
+    )
+
+
+def test_real_fashion_mnist(tmp_path):
+    need(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz"))
+    ms = convert.convert_fashion_mnist(str(tmp_path / "f"))
+    assert ms["train"].num_samples == 60_000 and ms["test"].num_samples == 10_000
+    assert set(ms["train"].class_counts.values()) == {6000}
+    manifest = json.loads((tmp_path / "f" / "train" / "manifest.json").read_text())
+    assert manifest["num_samples"] == 60_000 and all(s["num_bytes"] > 0 for s in manifest["shards"])

@@ -1,0 +1,213 @@
+"""The sharded stream: exactly once across ranks x workers, resume by keys, bad data, remote stores."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import logging
+import os
+import socket
+import threading
+
+import numpy as np
+import pytest
+
+from data_pipeline.shard_reader import parse_shard
+from data_pipeline.shards import DataError, ShardWriter, read_manifest, write_array_shards
+from data_pipeline.stream import ShardStream, StreamPosition, manifest_from_urls
+
+
+def make_images(out: str, n: int = 512, shards: int = 8, shape=(1, 8, 8)) -> np.ndarray:
+    x = np.random.default_rng(0).integers(0, 256, size=(n, *shape), dtype=np.uint8)
+    write_array_shards(out, "img", "train", x, np.arange(n) % 10, shards)
+    return x
+
+
+def epoch_keys(manifest, world=2, workers=2, batch=16, position=None, seed=0) -> list[list[str]]:
+    """Keys per batch, rank after rank."""
+    out = []
+    for rank in range(world):
+        stream = ShardStream(manifest, rank, world, batch, workers, shuffle_buffer=64, seed=seed)
+        out += [b["key"] for b in stream.epoch_batches(position or StreamPosition())]
+    return out
+
+
+def test_uint8_decodes_to_minus_one_one_and_keys_match_samples(tmp_path):
+    x = make_images(str(tmp_path), n=64, shards=2)
+    stream = ShardStream(read_manifest(str(tmp_path)), 0, 1, 8, 0, shuffle_buffer=32)
+    batch = next(stream.epoch_batches(StreamPosition()))
+    assert batch["x"].dtype.is_floating_point and batch["x"].shape == (8, 1, 8, 8)
+    idx = [int(k) for k in batch["key"]]
+    np.testing.assert_allclose(batch["x"].numpy(), x[idx].astype(np.float32) / 127.5 - 1, atol=1e-6)
+    assert batch["label"].tolist() == [i % 10 for i in idx]
+
+
+def test_exactly_once_two_ranks_two_workers(tmp_path):
+    make_images(str(tmp_path))  # 8 shards x 64 samples, batch 16: nothing dropped
+    m = read_manifest(str(tmp_path))
+    batches = epoch_keys(m)
+    keys = [k for b in batches for k in b]
+    assert len(keys) == 512 and len(set(keys)) == 512
+    assert len(batches) == 2 * ShardStream(m, 0, 2, 16, 2).batches_per_epoch(0)
+    # (seed, epoch) set the order: the same again, another epoch differs
+    assert epoch_keys(m) == batches
+    assert epoch_keys(m, position=StreamPosition(epoch=1)) != batches
+
+
+def test_ranks_get_equal_batch_counts_with_uneven_shards(tmp_path):
+    make_images(str(tmp_path), n=500, shards=5)  # shards of 100: 3 go to rank 0, 2 to rank 1
+    m = read_manifest(str(tmp_path))
+    per_rank = [
+        sum(1 for _ in ShardStream(m, r, 2, 16, 1, seed=0).epoch_batches(StreamPosition()))
+        for r in range(2)
+    ]
+    assert per_rank[0] == per_rank[1] == ShardStream(m, 0, 2, 16, 1).batches_per_epoch(0)
+
+
+@pytest.mark.parametrize("done", [0, 1, 5, 6, 13])
+def test_resume_neither_repeats_nor_skips(tmp_path, done):
+    make_images(str(tmp_path))
+    m = read_manifest(str(tmp_path))
+    stream = ShardStream(m, 1, 2, 16, 2, shuffle_buffer=64, seed=3)
+    full = [b["key"] for b in stream.epoch_batches(StreamPosition())]
+    position = StreamPosition()
+    position.load_state_dict(StreamPosition(0, done).state_dict())  # as through a checkpoint
+    rest = [b["key"] for b in stream.epoch_batches(position)]
+    assert full[:done] + rest == full
+
+
+def test_truncated_and_corrupt_shards_are_skipped_and_counted(tmp_path, caplog):
+    make_images(str(tmp_path))
+    m = read_manifest(str(tmp_path))
+    truncated, garbled = m.shard_urls()[2], m.shard_urls()[5]
+    with open(truncated, "r+b") as f:
+        f.truncate(os.path.getsize(truncated) // 2)
+    with open(garbled, "r+b") as f:  # same size, headers overwritten
+        f.seek(1500)
+        f.write(os.urandom(3000))
+    with caplog.at_level(logging.WARNING):
+        m = read_manifest(str(tmp_path))  # a few bad shards: start-up warns, does not fail
+        assert truncated in caplog.text
+        corrupt, keys = 0, []
+        for rank in range(2):
+            for b in ShardStream(m, rank, 2, 16, 0, shuffle_buffer=64).epoch_batches(
+                StreamPosition()
+            ):
+                corrupt += b["corrupt_shards"]
+                keys += b["key"]
+    assert corrupt == 2
+    assert garbled in caplog.text
+    assert len(keys) == len(set(keys)) == 6 * 64  # every other shard is read in full
+    bad = {int(k) // 64 for k in keys}
+    assert bad == {0, 1, 2, 3, 4, 5, 6, 7} - {2, 5}
+
+
+def test_missing_manifest_or_shard_fails_at_start_up(tmp_path):
+    with pytest.raises(DataError, match="no manifest"):
+        read_manifest(str(tmp_path / "nowhere"))
+    make_images(str(tmp_path))
+    os.remove(tmp_path / "img-train-000003.tar")
+    with pytest.raises(DataError, match="missing shard.*img-train-000003.tar"):
+        read_manifest(str(tmp_path))
+
+
+def test_manifest_of_other_shards_fails_clearly(tmp_path):
+    make_images(str(tmp_path / "a"), n=512)
+    make_images(str(tmp_path / "b"), n=256)
+    os.replace(tmp_path / "b" / "manifest.json", tmp_path / "a" / "manifest.json")
+    with pytest.raises(DataError, match="does not match its shards"):
+        read_manifest(str(tmp_path / "a"))
+    # 60 instead of 64 samples per shard: tar padding gives the same byte size, the count differs
+    make_images(str(tmp_path / "c"), n=480)
+    make_images(str(tmp_path / "d"), n=512)
+    os.replace(tmp_path / "c" / "manifest.json", tmp_path / "d" / "manifest.json")
+    m = read_manifest(str(tmp_path / "d"))
+    with pytest.raises(DataError, match="holds 64 samples, its manifest says 60"):
+        next(ShardStream(m, 0, 1, 16, 0).epoch_batches(StreamPosition()))
+
+
+def test_samples_of_another_shape_than_the_manifest_fail(tmp_path):
+    make_images(str(tmp_path))
+    m = read_manifest(str(tmp_path))
+    m.sample_shape = [3, 8, 8]
+    with pytest.raises(DataError, match="shape"):
+        next(ShardStream(m, 0, 1, 16, 0).epoch_batches(StreamPosition()))
+
+
+def test_fast_parser_matches_tarfile_on_writer_output(tmp_path):
+    x = np.random.default_rng(1).normal(size=(40, 5)).astype(np.float32)
+    labels = np.array([-1, 7, 12345] * 13 + [0])
+    w = ShardWriter(str(tmp_path / "slow"), "t", "train", 40)
+    for a, y in zip(x, labels, strict=True):
+        w.write(a, int(y))
+    w.finish()
+    m = write_array_shards(str(tmp_path / "fast"), "t", "train", x, labels, 1)
+    data = (tmp_path / "fast" / m.shards[0].url).read_bytes()
+    assert data == (tmp_path / "slow" / m.shards[0].url).read_bytes()
+    parsed = parse_shard(data)
+    assert parsed.keys[3] == "000000003" and parsed.labels.tolist() == labels.tolist()
+    np.testing.assert_array_equal(parsed.x, x)
+
+
+def test_brace_pattern(tmp_path):
+    make_images(str(tmp_path))
+    m = manifest_from_urls(str(tmp_path / "img-train-{000000..000007}.tar"))
+    assert m.num_samples == 512 and m.sample_shape == [1, 8, 8] and m.dtype == "uint8"
+    assert len({k for b in epoch_keys(m) for k in b}) == 512
+
+
+# -- real remote stores --------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_http_store(tmp_path):
+    make_images(str(tmp_path))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        m = read_manifest(url)
+        keys = [k for b in epoch_keys(m) for k in b]
+        assert len(keys) == len(set(keys)) == 512
+        with pytest.raises(DataError, match="no manifest"):
+            read_manifest(url + "/missing")
+    finally:
+        server.shutdown()
+
+
+def test_s3_store_via_moto_server(tmp_path, monkeypatch):
+    pytest.importorskip("s3fs", reason="s3:// needs s3fs (the dev extra)")
+    moto_server = pytest.importorskip("moto.server", reason="needs moto[server] (the dev extra)")
+    import fsspec
+
+    port = _free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        for k, v in {
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }.items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": f"http://127.0.0.1:{port}"})
+        fs = fsspec.filesystem("s3", skip_instance_cache=True)
+        fs.mkdir("meg-data")
+        make_images("s3://meg-data/img")  # the writer uploads each finished shard
+        assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("meg-data/img"))[-1] == "manifest.json"
+        m = read_manifest("s3://meg-data/img")
+        keys = [k for b in epoch_keys(m) for k in b]
+        assert len(keys) == len(set(keys)) == 512
+        fs.rm("meg-data/img/img-train-000004.tar")
+        fs.invalidate_cache()
+        with pytest.raises(DataError, match="missing shard"):
+            read_manifest("s3://meg-data/img")
+    finally:
+        server.stop()
