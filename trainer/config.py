@@ -29,6 +29,7 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     url: str = "data/25gaussians"  # a folder holding manifest.json, or the manifest's URL (any fsspec URL)
+    prepare: str = ""  # the command that writes this data (shown when the shards are missing)
     batch_size: int = 256  # global: split evenly over the ranks
     num_workers: int = 1
     shuffle_buffer: int = 2000

@@ -209,7 +209,7 @@ def format_table(results: dict[str, float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.config import _build, load_config
+    from trainer.config import load_config
     from trainer.run_folder import RUN_INFO, load_networks
 
     parser = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__,
@@ -220,15 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="eval.key=value", help="e.g. eval.mala.steps=100")
     args = parser.parse_args(argv)
     try:
-        cfg, nets, checkpoint = load_networks(args.run, args.checkpoint)
-        if args.overrides:
-            import dataclasses
-
-            base = dataclasses.asdict(cfg)
-            cfg = _build(RunConfig, base) if not args.overrides else load_config(None, [])
-            cfg = _build(RunConfig, base)
-            merged = load_config(None, args.overrides)
-            cfg.eval = merged.eval if any(o.startswith("eval.") for o in args.overrides) else cfg.eval
+        _, nets, checkpoint = load_networks(args.run, args.checkpoint)
+        # The run's own configuration is the preset; overrides adjust the evaluation.
+        cfg = load_config(os.path.join(args.run, "config.yaml"), args.overrides)
         with open(os.path.join(args.run, RUN_INFO)) as f:
             info = json.load(f)
         torch.manual_seed(args.seed)

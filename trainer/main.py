@@ -75,7 +75,10 @@ def run(cfg: RunConfig) -> dict[str, float]:
         if cfg.data.batch_size % runtime.world_size:
             raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {runtime.world_size} ranks")
         ensure_toy_data(cfg, runtime)
-        manifest = read_manifest(cfg.data.url)
+        try:
+            manifest = read_manifest(cfg.data.url)
+        except DataError as e:
+            raise DataError(f"{e}\nthis preset's data is written by: {cfg.data.prepare}" if cfg.data.prepare else str(e)) from None
         if runtime.is_main:
             os.makedirs(cfg.output_dir, exist_ok=True)
             with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
