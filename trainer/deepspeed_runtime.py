@@ -100,8 +100,8 @@ def deepspeed_config(cfg: DeepSpeedConfig, mixed_precision: str, batch_per_rank:
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # the trainer's own torch Adam
         "bf16": {**ds.get("bf16", {}), "enabled": mixed_precision == "bf16"},
-        # Dynamic loss scaling (loss_scale 0); a step whose gradients overflow is skipped.
-        "fp16": {"loss_scale": 0, "initial_scale_power": 16, **ds.get("fp16", {}), "enabled": mixed_precision == "fp16"},
+        # Dynamic loss scaling (loss_scale 0) from 2**15 (see FP16_INIT_SCALE); overflowing steps are skipped.
+        "fp16": {"loss_scale": 0, "initial_scale_power": 15, **ds.get("fp16", {}), "enabled": mixed_precision == "fp16"},
     })
     ds.setdefault("steps_per_print", 10**9)
     return ds

@@ -38,6 +38,9 @@ class LaunchError(RuntimeError):
 
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# The penalty's inner autograd.grad starts from d(scale * sum_i E_i)/dE_i = scale for every sample, in
+# E's fp16 output dtype: 2**16 (GradScaler's default) is inf in fp16 (max 65504), so start at 2**15.
+FP16_INIT_SCALE = 2.0**15
 
 
 @dataclass
@@ -119,7 +122,8 @@ class Runtime:
         e, g, t, e_opt, g_opt = wrapped
         updates = []
         for nets, opt in (({"energy": e}, e_opt), ({"generator": g, "statistics": t}, g_opt)):
-            scaler = torch.amp.GradScaler(self.device.type, enabled=self.mixed_precision == "fp16")
+            scaler = torch.amp.GradScaler(self.device.type, init_scale=FP16_INIT_SCALE,
+                                          enabled=self.mixed_precision == "fp16")
             if scaler.is_enabled():
                 self.register_for_checkpointing(scaler)
             updates.append(Update(nets, {k: self.accelerator.unwrap_model(v) for k, v in nets.items()}, opt, scaler))
