@@ -52,7 +52,7 @@ def test_zero_gives_the_ddp_losses_on_two_ranks(two_rank_runs, stage):
     ddp, zero = runs["ddp"], runs[f"zero{stage}"]
     assert [r["step"] for r in zero] == [r["step"] for r in ddp] == [1, 2, 3, 4, 5, 6]
     worst = 0.0
-    for a, b in zip(ddp, zero):
+    for a, b in zip(ddp, zero, strict=True):
         for key in LOSSES:
             worst = max(worst, abs(a[key] - b[key]) / max(abs(a[key]), 1e-3))
     print(f"ZeRO-{stage} vs DDP, worst relative loss difference over 6 steps: {worst:.2e}")
@@ -114,7 +114,7 @@ def test_zero2_bf16_trains_all_three_updates_close_to_fp32_ddp(two_rank_runs):
     tmp, runs = two_rank_runs
     bf16 = _launch(tmp, "zero2_bf16", ["train.engine=deepspeed", "deepspeed.zero_stage=2", "train.mixed_precision=bf16"])
     assert all(r["skipped_steps"] == 0 for r in bf16)
-    for a, b in zip(runs["ddp"], bf16):
+    for a, b in zip(runs["ddp"], bf16, strict=True):
         for key in ("energy_loss", "energy_gap"):
             assert abs(a[key] - b[key]) < 2e-3, (a["step"], key, a[key], b[key])
         for key in ("penalty", "generator_loss", "mi_estimate"):

@@ -89,7 +89,7 @@ def test_forced_fp16_overflow_is_skipped_then_training_goes_on(which):
     before, moments = _params(module), adam_steps()
     metrics = step()
     assert metrics["skipped_steps"].item() == 1.0
-    assert all(torch.equal(a, b) for a, b in zip(before, _params(module))), "a skipped step changed weights"
+    assert all(torch.equal(a, b) for a, b in zip(before, _params(module), strict=True)), "a skipped step changed weights"
     assert adam_steps() == moments, "Adam's state advanced on a skipped step"
     assert update.penalty_scale() == 2.0**99  # the scaler backed off
 
@@ -97,7 +97,7 @@ def test_forced_fp16_overflow_is_skipped_then_training_goes_on(which):
     metrics = step()
     assert metrics["skipped_steps"].item() == 0.0
     assert torch.isfinite(torch.stack([v.float() for v in metrics.values()])).all()
-    assert any(not torch.equal(a, b) for a, b in zip(before, _params(module)))
+    assert any(not torch.equal(a, b) for a, b in zip(before, _params(module), strict=True))
     assert adam_steps() == [m + 1 for m in moments]
 
 

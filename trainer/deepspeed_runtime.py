@@ -170,7 +170,7 @@ class DeepSpeedRuntime(Runtime):
             if loaded is None:
                 raise FileNotFoundError(f"{path}/{name}: no DeepSpeed checkpoint (was it saved by the ddp engine?)")
         states = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
-        for obj, state in zip(self._registered, states):
+        for obj, state in zip(self._registered, states, strict=True):
             obj.load_state_dict(state)
         rng = os.path.join(path, f"random_states_{self.rank}.pkl")
         if os.path.exists(rng):
