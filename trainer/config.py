@@ -74,7 +74,8 @@ class TrainConfig:
     energy_optim: OptimConfig = field(default_factory=OptimConfig)
     generator_optim: OptimConfig = field(default_factory=OptimConfig)  # G and T together
     lr_final_factor: float = 1.0  # linear decay of every lr to lr * factor by the last step
-    mixed_precision: str = "no"  # no | bf16 | fp16
+    mixed_precision: str = "no"  # no | bf16 | fp16 (fp16: dynamic loss scaling; overflowing steps are skipped)
+    engine: str = "ddp"  # ddp (accelerate) | deepspeed (one engine per update; see the deepspeed section)
     negatives: str = "generator"  # generator: E's negatives are G(z); mala: G(z) after latent MALA
     negatives_mala: MALAConfig = field(default_factory=lambda: MALAConfig(steps=5))
     seed: int = 0
@@ -82,6 +83,28 @@ class TrainConfig:
 
 
 EVAL_KINDS = ("auto", "toy", "samples", "stackedmnist", "kdd", "mnist_anomaly", "fid")
+
+# Why ZeRO-3 is refused: it partitions parameters and gathers them in forward hooks, and the
+# gradient penalty differentiates through E twice (autograd.grad with create_graph, then backward);
+# DeepSpeed's stage-3 hooks do not support that double backward (verified: it fails).
+ZERO3_REFUSAL = ("ZeRO stage 3 is not supported: the gradient penalty needs a double backward through E "
+                 "(autograd.grad with create_graph=True, then backward), and ZeRO-3's parameter "
+                 "partitioning hooks fail under double backward. Use deepspeed.zero_stage 0, 1 or 2.")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """Used when train.engine=deepspeed. Precision and batch sizes come from train/data; the JSON file
+    (optional, e.g. deploy/deepspeed/zero2.json) supplies DeepSpeed's other knobs."""
+
+    zero_stage: int = 1  # 0, 1 or 2; 3 is refused (ZERO3_REFUSAL)
+    config_file: str = ""  # a DeepSpeed JSON; its zero_optimization.stage, if set, must equal zero_stage
+
+    def __post_init__(self) -> None:
+        if self.zero_stage == 3:
+            raise ConfigError(f"deepspeed.zero_stage=3: {ZERO3_REFUSAL}")
+        if self.zero_stage not in (0, 1, 2):
+            raise ConfigError(f"deepspeed.zero_stage={self.zero_stage} is not valid; choose 0, 1 or 2")
 
 
 @dataclass
@@ -127,11 +150,13 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     def __post_init__(self) -> None:
         if not self.output_dir:
             self.output_dir = os.path.join("runs", self.name)
         _check_choice("train.mixed_precision", self.train.mixed_precision, ("no", "bf16", "fp16"))
+        _check_choice("train.engine", self.train.engine, ("ddp", "deepspeed"))
         _check_choice("train.negatives", self.train.negatives, ("generator", "mala"))
         _check_choice("eval.kind", self.eval.kind, EVAL_KINDS)
         for key, value in [("train.steps", self.train.steps), ("train.energy_steps", self.train.energy_steps),

@@ -1,5 +1,14 @@
-"""Every distributed concern of the trainer: process group, devices, seeds, wrapping, reductions,
-checkpoints. The rest of the trainer never names a backend or a rank.
+"""Every distributed concern of the trainer: process group, devices, seeds, wrapping, precision,
+reductions, checkpoints. The rest of the trainer never names a backend or a rank.
+
+The trainer drives two ``Update``s (E alone; G and T together on one loss) through a small
+interface: ``nets`` for the update's own forward, ``modules`` for bare networks, ``backward``,
+``step`` (which reports a skipped step) and ``penalty_scale``. ``Runtime`` implements it with
+accelerate + DDP; ``trainer/deepspeed_runtime.py`` with one DeepSpeed engine per update.
+
+Mixed precision is owned here, not by accelerate: accelerate silently turns fp16 off on CPU (no
+GradScaler, autocast left in fp32), so the runtime runs ``torch.autocast`` and, for fp16, a
+``torch.amp.GradScaler`` itself. fp16 is then real wherever torch supports it (CUDA, and CPU).
 
 Checkpoints are written by every rank into ``checkpoints/step_XXXXXXXX.partial`` and renamed to
 their final name by the main process only after all ranks finished, so a crash during a save never
@@ -13,6 +22,7 @@ import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -27,11 +37,67 @@ class LaunchError(RuntimeError):
     pass
 
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# The penalty's inner autograd.grad starts from d(scale * sum_i E_i)/dE_i = scale for every sample, in
+# E's fp16 output dtype: 2**16 (GradScaler's default) is inf in fp16 (max 65504), so start at 2**15.
+FP16_INIT_SCALE = 2.0**15
+
+
+@dataclass
+class Update:
+    """One MEG update as the trainer drives it (DDP flavour): its networks, one optimizer, one loss.
+
+    ``nets[name]`` is what the update's own forward calls (the DDP wrapper: it all-reduces the
+    gradients); ``modules[name]`` is the bare network, for the other update and for evaluation.
+    """
+
+    nets: dict[str, nn.Module]
+    modules: dict[str, nn.Module]
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # disabled unless fp16
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def penalty_scale(self) -> float:
+        """The loss scale, for the gradient penalty's inner autograd.grad (1.0 unless fp16)."""
+        return self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self) -> torch.Tensor:
+        """Applies the step; returns 1.0 when it was skipped (fp16: inf/NaN gradients), else 0.0."""
+        if not self.scaler.is_enabled():
+            self.optimizer.step()
+            return torch.zeros(())
+        # GradScaler.step skips the optimizer step when the unscaled gradients hold inf/NaN, and
+        # update() then lowers the scale: a lower scale is the public sign of a skipped step.
+        before = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return torch.tensor(float(self.scaler.get_scale() < before))
+
+
 class Runtime:
-    """Wraps an ``Accelerator``: one per process."""
+    """Wraps an ``Accelerator`` (DDP, or one process): one per process."""
 
     def __init__(self, mixed_precision: str = "no"):
-        self.accelerator = Accelerator(mixed_precision=mixed_precision)
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+            raise LaunchError(
+                "accelerate was launched with distributed_type DEEPSPEED; this trainer drives DeepSpeed itself "
+                "(one engine per update). Launch with a MULTI_GPU config (deploy/deepspeed/) and set "
+                "train.engine=deepspeed."
+            )
+        if mixed_precision not in ("no", *AUTOCAST_DTYPES):
+            raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {mixed_precision!r}")
+        self.mixed_precision = mixed_precision
+        # Precision is handled here (autocast, GradScaler), so accelerate is told "no".
+        self.accelerator = Accelerator(mixed_precision="no")
         expected = int(os.environ.get("WORLD_SIZE", "1"))
         if self.accelerator.num_processes != expected:
             # accelerate on a machine without a GPU starts unconnected processes unless told to use the CPU.
@@ -49,17 +115,31 @@ class Runtime:
         """The same seed everywhere (network init), or seed + rank (noise, negatives)."""
         set_seed(seed + (self.rank if per_rank else 0))
 
-    def prepare(self, *objects):
-        return self.accelerator.prepare(*objects)
+    def prepare_updates(self, energy: nn.Module, generator: nn.Module, statistics: nn.Module,
+                        energy_opt: torch.optim.Optimizer, generator_opt: torch.optim.Optimizer) -> tuple[Update, Update]:
+        """The energy update (E) and the generator update (G and T on one optimizer)."""
+        wrapped = self.accelerator.prepare(energy, generator, statistics, energy_opt, generator_opt)
+        e, g, t, e_opt, g_opt = wrapped
+        updates = []
+        for nets, opt in (({"energy": e}, e_opt), ({"generator": g, "statistics": t}, g_opt)):
+            scaler = torch.amp.GradScaler(self.device.type, init_scale=FP16_INIT_SCALE,
+                                          enabled=self.mixed_precision == "fp16")
+            if scaler.is_enabled():
+                self.register_for_checkpointing(scaler)
+            updates.append(Update(nets, {k: self.accelerator.unwrap_model(v) for k, v in nets.items()}, opt, scaler))
+        return updates[0], updates[1]
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return self.accelerator.unwrap_model(model)
 
     def autocast(self):
-        return self.accelerator.autocast()
+        """Mixed-precision region for every forward of the three updates (a no-op in fp32)."""
+        dtype = AUTOCAST_DTYPES.get(self.mixed_precision)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self.accelerator.backward(loss)
+    def for_evaluation(self, module: nn.Module) -> nn.Module:
+        """The network as evaluation and sampling should see it (fp32 weights)."""
+        return module
 
     def mean_across_ranks(self, values: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(values, reduction="mean") if self.world_size > 1 else values
@@ -93,7 +173,7 @@ class Runtime:
             shutil.rmtree(partial, ignore_errors=True)
             os.makedirs(partial)
         self.barrier()
-        self.accelerator.save_state(partial)
+        self._save_state(partial)
         self.barrier()
         if self.is_main:
             shutil.rmtree(final, ignore_errors=True)
@@ -102,6 +182,9 @@ class Runtime:
                 shutil.rmtree(old, ignore_errors=True)
         self.barrier()
         return final
+
+    def _save_state(self, folder: str) -> None:
+        self.accelerator.save_state(folder)
 
     def load_checkpoint(self, path: str) -> None:
         self.accelerator.load_state(path)
@@ -112,6 +195,15 @@ class Runtime:
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+
+
+def build_runtime(cfg) -> Runtime:
+    """The runtime that ``cfg.train.engine`` names (``cfg`` is a ``RunConfig``)."""
+    if cfg.train.engine == "deepspeed":
+        from trainer.deepspeed_runtime import DeepSpeedRuntime  # deepspeed is slow to import
+
+        return DeepSpeedRuntime(cfg.train.mixed_precision, cfg.deepspeed, cfg.data.batch_size)
+    return Runtime(cfg.train.mixed_precision)
 
 
 def list_checkpoints(checkpoint_dir: str) -> list[str]:

@@ -4,6 +4,10 @@ One process:                 python trainer/main.py --config toy_25gaussians tra
 Through accelerate:          accelerate launch trainer/main.py --config toy_25gaussians
 Two CPU processes (one DDP group; plain --cpu starts only one process):
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 trainer/main.py --config toy_25gaussians
+DeepSpeed ZeRO-2 on two processes (ZeRO 0/1/2; ZeRO-3 is refused: see trainer/deepspeed_runtime.py):
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 trainer/main.py --config toy_25gaussians \
+        train.engine=deepspeed deepspeed.zero_stage=2 deepspeed.config_file=deploy/deepspeed/zero2.json
+Mixed precision: train.mixed_precision=bf16 or fp16 (fp16: dynamic loss scaling, overflowing steps skipped).
 Several nodes: see deploy/ (accelerate configs and SLURM scripts).
 
 Overrides are dotted ``section.key=value`` pairs; ``--print-config`` shows every key. A run folder
@@ -25,7 +29,7 @@ from data_pipeline.stream import ShardStream
 from models import build_networks
 from models.factory import ModelConfig
 from trainer.config import ConfigError, RunConfig, config_to_yaml, load_config
-from trainer.distributed import LaunchError, Runtime
+from trainer.distributed import LaunchError, Runtime, build_runtime
 from trainer.evaluate import Evaluator
 from trainer.meg_trainer import PREEMPTED_EXIT_CODE, Diverged, MEGTrainer, Preempted
 from trainer.run_folder import write_run_info
@@ -70,7 +74,7 @@ def build_logger(cfg: RunConfig, runtime: Runtime) -> tuple[MetricsLogger, Prome
 
 
 def run(cfg: RunConfig) -> dict[str, float]:
-    runtime = Runtime(cfg.train.mixed_precision)
+    runtime = build_runtime(cfg)
     try:
         if cfg.data.batch_size % runtime.world_size:
             raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {runtime.world_size} ranks")
@@ -96,7 +100,9 @@ def run(cfg: RunConfig) -> dict[str, float]:
         resumed = trainer.resume_if_possible()
         if runtime.is_main:
             where = f"resumed from step {resumed}" if resumed is not None else "from scratch"
-            print(f"run {cfg.name}: {runtime.world_size} process(es) on {runtime.device}, {where}; "
+            engine = cfg.train.engine + (f" ZeRO-{cfg.deepspeed.zero_stage}" if cfg.train.engine == "deepspeed" else "")
+            print(f"run {cfg.name}: {runtime.world_size} process(es) on {runtime.device} ({engine}, "
+                  f"precision {cfg.train.mixed_precision}), {where}; "
                   f"data {manifest_url(cfg.data.url)} ({manifest.num_samples} samples, {len(manifest.shards)} shards); "
                   f"folder {cfg.output_dir}", flush=True)
             if prometheus is not None:

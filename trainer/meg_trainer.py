@@ -72,10 +72,14 @@ class MEGTrainer:
         t = cfg.train
         energy_opt = _adam(nets.energy.parameters(), t.energy_optim)
         generator_opt = _adam([*nets.generator.parameters(), *nets.statistics.parameters()], t.generator_optim)
-        (self.energy, self.generator, self.statistics, self.energy_opt, self.generator_opt) = runtime.prepare(
-            nets.energy, nets.generator, nets.statistics, energy_opt, generator_opt
-        )
-        self.base_lrs = [(self.energy_opt, t.energy_optim.lr), (self.generator_opt, t.generator_optim.lr)]
+        # Two updates: E alone, and G with T (they descend one loss with one optimizer).
+        self.energy_update, self.generator_update = runtime.prepare_updates(
+            nets.energy, nets.generator, nets.statistics, energy_opt, generator_opt)
+        # The bare networks: for cross-network use (frozen), evaluation, and the rank-sync check.
+        self.energy = self.energy_update.modules["energy"]
+        self.generator = self.generator_update.modules["generator"]
+        self.statistics = self.generator_update.modules["statistics"]
+        self.base_lrs = [(self.energy_update, t.energy_optim.lr), (self.generator_update, t.generator_optim.lr)]
         self.batch_per_rank = cfg.data.batch_size // runtime.world_size
         self.state = TrainState()
         runtime.register_for_checkpointing(self.state)
@@ -96,31 +100,37 @@ class MEGTrainer:
         return torch.randn(self.batch_per_rank, self.cfg.model.z_dim, device=self.runtime.device)
 
     def negatives(self, z: torch.Tensor) -> torch.Tensor:
-        generator = self.runtime.unwrap(self.generator)
         if self.cfg.train.negatives == "mala":
             m = self.cfg.train.negatives_mala
-            return latent_mala(self.runtime.unwrap(self.energy), generator, z, m.steps, m.step_size, m.temperature).x
+            with frozen(self.energy, self.generator):  # MALA differentiates w.r.t. z only
+                return latent_mala(self.energy, self.generator, z, m.steps, m.step_size, m.temperature).x
         with torch.no_grad():
-            return generator(z)
+            return self.generator(z)
 
     def energy_step(self, x_real: torch.Tensor, z: torch.Tensor) -> dict[str, torch.Tensor]:
-        x_fake = self.negatives(z)
-        with self.runtime.autocast():
-            loss, metrics = energy_loss(self.energy, x_real, x_fake, self.cfg.train.penalty_weight)
-        self.energy_opt.zero_grad(set_to_none=True)
-        self.runtime.backward(loss)
-        self.energy_opt.step()
+        # G and T are frozen (DeepSpeed's hooks must see no gradient for another update's networks);
+        # E's forward and its penalty go through ``nets``: the DDP wrapper, or the bare module under
+        # DeepSpeed. ``scale`` is the fp16 loss scale, applied and removed around the inner grad.
+        update = self.energy_update
+        with frozen(self.generator, self.statistics), self.runtime.autocast():
+            x_fake = self.negatives(z)
+            loss, metrics = energy_loss(update.nets["energy"], x_real, x_fake, self.cfg.train.penalty_weight,
+                                        scale=update.penalty_scale())
+        update.zero_grad()
+        update.backward(loss)
+        metrics["skipped_steps"] = update.step()  # fp16: a step with inf/NaN gradients is not applied
         return metrics
 
     def generator_step(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         # E is read through its bare module and frozen: it takes no gradient in this step.
-        energy = self.runtime.unwrap(self.energy)
-        with frozen(energy), self.runtime.autocast():
-            x_fake = self.generator(z)
-            loss, metrics = generator_loss(energy, self.statistics, x_fake, z, self.cfg.train.entropy_weight)
-        self.generator_opt.zero_grad(set_to_none=True)
-        self.runtime.backward(loss)
-        self.generator_opt.step()
+        update = self.generator_update
+        with frozen(self.energy), self.runtime.autocast():
+            x_fake = update.nets["generator"](z)
+            loss, metrics = generator_loss(self.energy, update.nets["statistics"], x_fake, z,
+                                           self.cfg.train.entropy_weight)
+        update.zero_grad()
+        update.backward(loss)
+        metrics["skipped_steps"] = update.step()
         return metrics
 
     # -- the loop ---------------------------------------------------------------------------
@@ -146,8 +156,8 @@ class MEGTrainer:
     def _set_lr(self, step: int) -> None:
         t = self.cfg.train
         factor = self.state.lr_scale * (1.0 + (t.lr_final_factor - 1.0) * step / max(t.steps - 1, 1))
-        for opt, base in self.base_lrs:
-            for group in opt.param_groups:
+        for update, base in self.base_lrs:
+            for group in update.param_groups:
                 group["lr"] = base * factor
 
     def _record(self, metrics: dict[str, torch.Tensor]) -> None:
@@ -164,17 +174,24 @@ class MEGTrainer:
         table = table[:-1]
         first_step = step - len(self._pending) + 1
         self._pending.clear()
-        self._check_divergence(table, first_step)
-        out = dict(zip(self._metric_names, table.mean(0).tolist()))
+        # A skipped fp16 step (overflow) is the loss scaler doing its job, not divergence: its
+        # metrics may be inf and are left out, unless every step of the window was skipped.
+        skipped = table[:, self._metric_names.index("skipped_steps")]
+        applied = table[skipped == 0]
+        if len(applied) == 0:
+            raise Diverged(f"every update of steps {first_step}..{step} overflowed and was skipped (fp16)")
+        self._check_divergence(applied, first_step, rows=(skipped == 0).nonzero().flatten().tolist())
+        out = dict(zip(self._metric_names, applied.mean(0).tolist()))
+        out["skipped_steps"] = skipped.sum().item()
         samples = steps_done * self.cfg.train.energy_steps * self.cfg.data.batch_size
         out["samples_per_s"] = samples / max(elapsed, 1e-9)
         out["step_time_s"] = elapsed / max(steps_done, 1)
-        out["lr_energy"] = self.energy_opt.param_groups[0]["lr"]
+        out["lr_energy"] = self.energy_update.param_groups[0]["lr"]
         corrupt = self.runtime.sum_across_ranks(torch.tensor([float(self.corrupt_shards)], device=self.runtime.device))
         out["corrupt_shards"] = corrupt.item()
         return out
 
-    def _check_divergence(self, table: torch.Tensor, first_step: int) -> None:
+    def _check_divergence(self, table: torch.Tensor, first_step: int, rows: list[int] | None = None) -> None:
         """Raises Diverged naming the first step and term that is non-finite or past its bound."""
         guard = self.cfg.train.guard
         limits = torch.full((table.shape[1],), float("inf"))
@@ -186,7 +203,8 @@ class MEGTrainer:
             row, col = bad[0].tolist()
             value = table[row, col].item()
             what = "non-finite" if not torch.isfinite(table[row, col]) else f"out-of-bound (|x| > {limits[col].item():g})"
-            raise Diverged(f"{what} {self._metric_names[col]} = {value:.6g} at step {first_step + row}")
+            at = first_step + (rows[row] if rows is not None else row)
+            raise Diverged(f"{what} {self._metric_names[col]} = {value:.6g} at step {at}")
 
     def _roll_back(self, error: Diverged) -> None:
         """Restores the last checkpoint with lowered learning rates, or gives up with a clear error."""
@@ -211,11 +229,11 @@ class MEGTrainer:
     def evaluate(self, step: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
         if self.evaluator is not None and self.runtime.is_main:
-            generator = self.runtime.unwrap(self.generator)
+            generator = self.runtime.for_evaluation(self.generator)
             generator.eval()
             # Evaluation draws from a forked RNG so that it never changes the training trajectory.
             with torch.random.fork_rng(devices=[]):
-                metrics = self.evaluator(step, self.runtime.unwrap(self.energy), generator)
+                metrics = self.evaluator(step, self.runtime.for_evaluation(self.energy), generator)
             generator.train()
             self.logger.log(step, {f"eval_{k}": v for k, v in metrics.items()})
         self.runtime.barrier()
@@ -246,9 +264,12 @@ class MEGTrainer:
         tick, steps_since = time.perf_counter(), 0
         while self.state.step < cfg.train.steps:
             self._set_lr(self.state.step)
+            skipped = torch.zeros(())
             for _ in range(cfg.train.energy_steps):
                 metrics = self.energy_step(next(batches), self.sample_z())
+                skipped = skipped + metrics["skipped_steps"]
             metrics.update(self.generator_step(self.sample_z()))
+            metrics["skipped_steps"] = skipped + metrics["skipped_steps"]
             self._record(metrics)
             self.state.step += 1
             steps_since += 1
