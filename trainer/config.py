@@ -73,7 +73,8 @@ class TrainConfig:
     entropy_weight: float = 1.0  # weight of the MI (entropy) term in the generator loss
     energy_optim: OptimConfig = field(default_factory=OptimConfig)
     generator_optim: OptimConfig = field(default_factory=OptimConfig)  # G and T together
-    lr_final_factor: float = 1.0  # linear decay of every lr to lr * factor by the last step
+    lr_final_factor: float = 1.0  # every lr decays linearly to lr * factor by the last step ...
+    lr_decay_fraction: float = 1.0  # ... over this last fraction of the steps (constant before)
     mixed_precision: str = "no"  # no | bf16 | fp16 (fp16: dynamic loss scaling; overflowing steps are skipped)
     engine: str = "ddp"  # ddp (accelerate) | deepspeed (one engine per update; see the deepspeed section)
     negatives: str = "generator"  # generator: E's negatives are G(z); mala: G(z) after latent MALA

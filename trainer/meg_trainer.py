@@ -155,7 +155,9 @@ class MEGTrainer:
 
     def _set_lr(self, step: int) -> None:
         t = self.cfg.train
-        factor = self.state.lr_scale * (1.0 + (t.lr_final_factor - 1.0) * step / max(t.steps - 1, 1))
+        decay_start = t.steps * (1.0 - t.lr_decay_fraction)
+        progress = min(max((step - decay_start) / max(t.steps - decay_start, 1.0), 0.0), 1.0)
+        factor = self.state.lr_scale * (1.0 + (t.lr_final_factor - 1.0) * progress)
         for update, base in self.base_lrs:
             for group in update.param_groups:
                 group["lr"] = base * factor
