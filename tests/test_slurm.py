@@ -131,7 +131,7 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP OverSubsc
 
     def run(self, *argv: str, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
         return subprocess.run([_which(argv[0]) or argv[0], *argv[1:]], env=self.env, cwd=cwd, text=True,
-                              capture_output=True, check=check, timeout=60)
+                              capture_output=True, check=check, timeout=120)
 
     def job(self, job_id: int) -> dict[str, str]:
         out = self.run("scontrol", "show", "job", "-o", str(job_id)).stdout
@@ -204,13 +204,21 @@ def _trainer_args(tmp: Path, steps: int) -> list[str]:
             "data.num_workers=0", f"output_dir={tmp / 'run'}", f"data.url={tmp / 'data'}"]
 
 
-def _submit(cluster: SlurmCluster, tmp: Path, steps: int, *sbatch_args: str) -> tuple[int, Path]:
+# Two tasks on the one node stand for two nodes (the script runs one task per node).
+TWO_TASKS = ["--parsable", "--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10"]
+
+
+def _submit(cluster: SlurmCluster, tmp: Path, steps: int, via_launch_sh: bool = False) -> tuple[int, Path]:
     out = tmp / "job.out"
-    env_overrides = {"MEG_ROOT": str(ROOT), "MEG_VENV": sys.prefix}
-    cluster.env.update(env_overrides)
-    res = cluster.run("sbatch", "--parsable", "--nodes=1", "--ntasks=2", "--ntasks-per-node=2",
-                      "--cpus-per-task=1", f"--output={out}", "--time=10", *sbatch_args,
-                      str(SBATCH_SCRIPT), *_trainer_args(tmp, steps), cwd=ROOT)
+    trainer = _trainer_args(tmp, steps)
+    # The job runs with this interpreter's venv. launch.sh's set-up step finds it set up already
+    # when the suite runs through ./launch.sh test (as .ci/run does).
+    cluster.env.update({"MEG_ROOT": str(ROOT), "MEG_VENV": sys.prefix})
+    if via_launch_sh:
+        argv = [str(ROOT / "launch.sh"), "--slurm", *(f"--sbatch={a}" for a in TWO_TASKS), f"--output={out}", *trainer]
+    else:
+        argv = ["sbatch", *TWO_TASKS, f"--output={out}", str(SBATCH_SCRIPT), *trainer]
+    res = cluster.run(*argv, cwd=tmp)
     return int(res.stdout.strip().split(";")[0]), out
 
 
@@ -223,7 +231,7 @@ def _checkpoints(tmp: Path) -> list[str]:
 
 
 def test_sbatch_two_ranks_train_and_checkpoint(slurm, tmp_path):
-    job_id, out = _submit(slurm, tmp_path, steps=40)
+    job_id, out = _submit(slurm, tmp_path, steps=40, via_launch_sh=True)
     info = slurm.wait_job(job_id, timeout=120)
     log = _tail(out, 80)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{log}\n{slurm.logs()}"
@@ -237,7 +245,7 @@ def test_sbatch_two_ranks_train_and_checkpoint(slurm, tmp_path):
 
 def test_preempted_job_requeues_and_resumes(slurm, tmp_path):
     """USR1 to the batch shell (what --signal=B:USR1@180 sends): checkpoint, exit 75, requeue, resume."""
-    steps = 400
+    steps = 200
     job_id, out = _submit(slurm, tmp_path, steps=steps)
     metrics = tmp_path / "run" / "metrics.jsonl"
 
