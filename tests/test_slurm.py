@@ -65,9 +65,19 @@ class SlurmCluster:
         key.write_bytes(os.urandom(1024))
         key.chmod(0o600)
         socket_path = r / "munge" / "munge.socket"
-        self._spawn("munged", [_which("munged"), "-F", "--force", f"--key-file={key}", f"--socket={socket_path}",
-                               f"--pid-file={r / 'munge' / 'munged.pid'}", f"--seed-file={r / 'munge' / 'seed'}",
-                               f"--log-file={r / 'log' / 'munged.log'}"])
+        self._spawn(
+            "munged",
+            [
+                _which("munged"),
+                "-F",
+                "--force",
+                f"--key-file={key}",
+                f"--socket={socket_path}",
+                f"--pid-file={r / 'munge' / 'munged.pid'}",
+                f"--seed-file={r / 'munge' / 'seed'}",
+                f"--log-file={r / 'log' / 'munged.log'}",
+            ],
+        )
         self._wait_for(lambda: socket_path.exists(), "munged's socket", r / "log" / "munged.log")
         self.conf.write_text(f"""\
 ClusterName=megtest
@@ -79,12 +89,12 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={socket_path},cred_expire=10
-StateSaveLocation={r / 'state'}
-SlurmdSpoolDir={r / 'spool'}
-SlurmctldPidFile={r / 'slurmctld.pid'}
-SlurmdPidFile={r / 'slurmd.pid'}
-SlurmctldLogFile={r / 'log' / 'slurmctld.log'}
-SlurmdLogFile={r / 'log' / 'slurmd.log'}
+StateSaveLocation={r / "state"}
+SlurmdSpoolDir={r / "spool"}
+SlurmctldPidFile={r / "slurmctld.pid"}
+SlurmdPidFile={r / "slurmd.pid"}
+SlurmctldLogFile={r / "log" / "slurmctld.log"}
+SlurmdLogFile={r / "log" / "slurmd.log"}
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -110,8 +120,9 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP OverSubsc
         # Own session: the daemon and whatever it forks (slurmstepd, job processes) share a process
         # group that stop() can signal by id.
         log = open(self.root / "log" / f"{name}.stdout", "w")
-        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                            start_new_session=True)
+        self.procs[name] = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
         log.close()
 
     def _wait_for(self, ready, what: str, log: Path, timeout: float = 15) -> None:
@@ -119,7 +130,9 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP OverSubsc
         while time.monotonic() < deadline:
             for name, p in self.procs.items():
                 if p.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {p.returncode} while waiting for {what}:\n{_tail(log)}")
+                    raise RuntimeError(
+                        f"{name} exited with {p.returncode} while waiting for {what}:\n{_tail(log)}"
+                    )
             if ready():
                 return
             time.sleep(0.2)
@@ -129,9 +142,18 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP OverSubsc
         out = self.run("sinfo", "-h", "-n", NODE, "-o", "%t", check=False).stdout.strip()
         return out in ("idle", "mix", "alloc")
 
-    def run(self, *argv: str, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run([_which(argv[0]) or argv[0], *argv[1:]], env=self.env, cwd=cwd, text=True,
-                              capture_output=True, check=check, timeout=120)
+    def run(
+        self, *argv: str, check: bool = True, cwd: Path | None = None
+    ) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [_which(argv[0]) or argv[0], *argv[1:]],
+            env=self.env,
+            cwd=cwd,
+            text=True,
+            capture_output=True,
+            check=check,
+            timeout=120,
+        )
 
     def job(self, job_id: int) -> dict[str, str]:
         out = self.run("scontrol", "show", "job", "-o", str(job_id)).stdout
@@ -142,8 +164,20 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP OverSubsc
         deadline = time.monotonic() + timeout
         while True:
             info = self.job(job_id)
-            if until(info) if until else info["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT",
-                                                               "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"):
+            if (
+                until(info)
+                if until
+                else info["JobState"]
+                in (
+                    "COMPLETED",
+                    "FAILED",
+                    "CANCELLED",
+                    "TIMEOUT",
+                    "NODE_FAIL",
+                    "OUT_OF_MEMORY",
+                    "BOOT_FAIL",
+                )
+            ):
                 return info
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {info['JobState']} after {timeout}s")
@@ -154,7 +188,9 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP OverSubsc
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
             self.run("scancel", "--full", "--partition=debug", check=False)
             deadline = time.monotonic() + 15
-            while time.monotonic() < deadline and self.run("squeue", "-h", check=False).stdout.strip():
+            while (
+                time.monotonic() < deadline and self.run("squeue", "-h", check=False).stdout.strip()
+            ):
                 time.sleep(0.5)
         for name in ("slurmd", "slurmctld", "munged"):
             p = self.procs.get(name)
@@ -176,14 +212,19 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP OverSubsc
                 pass
 
     def logs(self) -> str:
-        return "\n".join(f"--- {f.name}\n{_tail(f, 30)}" for f in sorted((self.root / "log").iterdir()))
+        return "\n".join(
+            f"--- {f.name}\n{_tail(f, 30)}" for f in sorted((self.root / "log").iterdir())
+        )
 
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
     missing = [b for b in BINARIES if _which(b) is None]
     if missing:
-        msg = f"Slurm/munge binaries missing: {', '.join(missing)} (deploy/ci/install-system-packages.sh installs them)"
+        msg = (
+            f"Slurm/munge binaries missing: {', '.join(missing)} "
+            "(deploy/ci/install-system-packages.sh installs them)"
+        )
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(msg + "; in CI they must be there", pytrace=False)
         pytest.skip(msg)
@@ -198,24 +239,53 @@ def slurm(tmp_path_factory):
 
 
 def _trainer_args(tmp: Path, steps: int) -> list[str]:
-    return ["--config", "toy_25gaussians", "model.hidden=[32,32]", "model.generator_hidden=[32,32]",
-            f"train.steps={steps}", "log.every=5", "checkpoint.every=20", "eval.every=0", "eval.mala.steps=0",
-            "eval.plots=false", "log.prometheus_port=-1", "log.progress=false", "data.toy_num_samples=4096",
-            "data.num_workers=0", f"output_dir={tmp / 'run'}", f"data.url={tmp / 'data'}"]
+    return [
+        "--config",
+        "toy_25gaussians",
+        "model.hidden=[32,32]",
+        "model.generator_hidden=[32,32]",
+        f"train.steps={steps}",
+        "log.every=5",
+        "checkpoint.every=20",
+        "eval.every=0",
+        "eval.mala.steps=0",
+        "eval.plots=false",
+        "log.prometheus_port=-1",
+        "log.progress=false",
+        "data.toy_num_samples=4096",
+        "data.num_workers=0",
+        f"output_dir={tmp / 'run'}",
+        f"data.url={tmp / 'data'}",
+    ]
 
 
 # Two tasks on the one node stand for two nodes (the script runs one task per node).
-TWO_TASKS = ["--parsable", "--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10"]
+TWO_TASKS = [
+    "--parsable",
+    "--nodes=1",
+    "--ntasks=2",
+    "--ntasks-per-node=2",
+    "--cpus-per-task=1",
+    "--time=10",
+]
 
 
-def _submit(cluster: SlurmCluster, tmp: Path, steps: int, via_launch_sh: bool = False) -> tuple[int, Path]:
+def _submit(
+    cluster: SlurmCluster, tmp: Path, steps: int, via_launch_sh: bool = False
+) -> tuple[int, Path]:
     out = tmp / "job.out"
     trainer = _trainer_args(tmp, steps)
     # The job runs with this interpreter's venv. launch.sh's set-up step finds it set up already
     # when the suite runs through ./launch.sh test (as .ci/run does).
     cluster.env.update({"MEG_ROOT": str(ROOT), "MEG_VENV": sys.prefix})
     if via_launch_sh:
-        argv = [str(ROOT / "launch.sh"), "--slurm", *(f"--sbatch={a}" for a in TWO_TASKS), f"--output={out}", *trainer]
+        argv = [
+            str(ROOT / "launch.sh"),
+            "--slurm",
+            *(f"--sbatch={a}" for a in TWO_TASKS),
+            f"--output={out}",
+            *trainer,
+        ]
     else:
         argv = ["sbatch", *TWO_TASKS, f"--output={out}", str(SBATCH_SCRIPT), *trainer]
     res = cluster.run(*argv, cwd=tmp)
@@ -234,7 +304,9 @@ def test_sbatch_two_ranks_train_and_checkpoint(slurm, tmp_path):
     job_id, out = _submit(slurm, tmp_path, steps=40, via_launch_sh=True)
     info = slurm.wait_job(job_id, timeout=120)
     log = _tail(out, 80)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{log}\n{slurm.logs()}"
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (
+        f"{info}\n{log}\n{slurm.logs()}"
+    )
     assert "2 process(es)" in log and "from scratch" in log, log
     assert re.search(r"machine_rank=0/2", log) and re.search(r"machine_rank=1/2", log), log
     assert _checkpoints(tmp_path) == ["step_00000020", "step_00000040"]
@@ -244,31 +316,40 @@ def test_sbatch_two_ranks_train_and_checkpoint(slurm, tmp_path):
 
 
 def test_preempted_job_requeues_and_resumes(slurm, tmp_path):
-    """USR1 to the batch shell (what --signal=B:USR1@180 sends): checkpoint, exit 75, requeue, resume."""
+    """USR1 to the batch shell, as --signal=B:USR1@180 sends it: checkpoint, requeue, resume."""
     steps = 200
     job_id, out = _submit(slurm, tmp_path, steps=steps)
     metrics = tmp_path / "run" / "metrics.jsonl"
 
     def training(_info) -> bool:
-        return metrics.exists() and any('"energy_loss"' in line for line in metrics.read_text().splitlines())
+        return metrics.exists() and any(
+            '"energy_loss"' in line for line in metrics.read_text().splitlines()
+        )
 
     slurm.wait_job(job_id, timeout=90, until=training)
     slurm.run("scancel", "--signal=USR1", "--batch", str(job_id))
     final = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
-    info = slurm.wait_job(job_id, timeout=60, until=lambda i: i["Restarts"] == "1" or i["JobState"] in final)
+    info = slurm.wait_job(
+        job_id, timeout=60, until=lambda i: i["Restarts"] == "1" or i["JobState"] in final
+    )
     assert info["Restarts"] == "1", f"{info}\n{_tail(out)}\n{slurm.logs()}"
     info = slurm.wait_job(job_id, timeout=120, until=lambda i: i["JobState"] in final)
     log = out.read_text(errors="replace")
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}\n{log}\n{slurm.logs()}"
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (
+        f"{info}\n{log}\n{slurm.logs()}"
+    )
     assert "preempted; requeueing" in log, log
     resumed = re.findall(r"resumed from step (\d+)", log)
     assert len(resumed) == 1, log
     resumed_step = int(resumed[0])
     assert 0 < resumed_step < steps, log
-    # The stop checkpoint is the step where preemption was agreed: a log boundary, not a periodic save.
+    # The stop checkpoint is where the ranks agreed to stop: a log boundary, not a periodic save.
     assert resumed_step % 5 == 0
     logged = [m["step"] for m in _metrics(tmp_path) if "energy_loss" in m]
-    first_run, second_run = logged[: logged.index(resumed_step) + 1], logged[logged.index(resumed_step) + 1:]
+    first_run, second_run = (
+        logged[: logged.index(resumed_step) + 1],
+        logged[logged.index(resumed_step) + 1 :],
+    )
     assert first_run == list(range(5, resumed_step + 1, 5)), logged
     assert second_run == list(range(resumed_step + 5, steps + 1, 5)), logged
     assert _checkpoints(tmp_path)[-1] == f"step_{steps:08d}"
