@@ -3,6 +3,7 @@
 #   ./launch.sh                          set up (first time) and train the default job: 25 Gaussians
 #   ./launch.sh test [pytest args]       set up and run the test suite (what .ci/run calls)
 #   ./launch.sh --nproc N [args]         N local processes forming one DDP group (gloo on CPU)
+#   ./launch.sh --slurm --nodes 2 [--time 4:00:00] [args]   submit to Slurm (deploy/slurm/README.md)
 #   ./launch.sh --config PRESET k=v ...  anything else passes through to trainer/main.py
 # Set-up is idempotent: a virtual environment in .venv (MEG_VENV overrides), rebuilt only when
 # pyproject.toml changes. torch is pinned to 2.13.0 and installed first, so pip never swaps it.
@@ -36,6 +37,32 @@ export PATH="$VENV/bin:$PATH"
 if [[ "${1:-}" == "test" ]]; then
     shift
     exec python -m pytest "$@"
+fi
+
+if [[ "${1:-}" == "--slurm" ]]; then
+    # ./launch.sh --slurm [--nodes N] [--time T] [--partition P] [--sbatch OPT]... [trainer args]
+    # submits deploy/slurm/meg.sbatch (one accelerate launch per node; checkpoint + requeue on the
+    # warning signal before the time limit). --sbatch passes any other sbatch option (--sbatch=--qos=low).
+    shift
+    sbatch_args=()
+    while [[ $# -gt 0 ]]; do
+        case "$1" in
+            --nodes|--time|--partition|--account|--qos|--gres|--cpus-per-task|--job-name|--output)
+                sbatch_args+=("$1=$2"); shift 2 ;;
+            --nodes=*|--time=*|--partition=*|--account=*|--qos=*|--gres=*|--cpus-per-task=*|--job-name=*|--output=*)
+                sbatch_args+=("$1"); shift ;;
+            --sbatch) sbatch_args+=("$2"); shift 2 ;;
+            --sbatch=*) sbatch_args+=("${1#*=}"); shift ;;
+            *) break ;;
+        esac
+    done
+    args=("$@")
+    if [[ ! " ${args[*]-} " =~ " --config" ]]; then
+        args=(--config toy_25gaussians "${args[@]}")
+    fi
+    command -v sbatch >/dev/null || { echo "launch.sh --slurm: sbatch not found" >&2; exit 1; }
+    export MEG_ROOT="$ROOT" MEG_VENV="$VENV"   # sbatch passes the environment to the job
+    exec sbatch "${sbatch_args[@]}" "$ROOT/deploy/slurm/meg.sbatch" "${args[@]}"
 fi
 
 nproc_local=1

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# One Slurm task per node: starts this node's share of the training processes with
+# `accelerate launch`. Run by deploy/slurm/meg.sbatch through srun; every value that differs
+# between nodes (machine rank, CPU count) is read HERE, on the node, not in the batch script.
+#
+# Inputs (exported by meg.sbatch): MEG_MAIN_ADDR, MEG_MAIN_PORT, MEG_NUM_MACHINES, and optionally
+# MEG_PROCS_PER_NODE (default: the node's GPUs, else 1). Arguments: trainer/main.py's arguments.
+# Exit code: the launcher's, except 75 (PREEMPTED_EXIT_CODE) when the warning signal (USR1)
+# arrived and training stopped early: accelerate launch reports any failing worker as 1, so the
+# trainer's own 75 does not survive it.
+set -uo pipefail
+
+machine_rank=${SLURM_PROCID:?run me through srun}   # one task per node: task id == node rank
+num_machines=${MEG_NUM_MACHINES:-${SLURM_NTASKS:-1}}
+
+gpus=0
+if command -v nvidia-smi >/dev/null 2>&1; then
+    gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+fi
+procs=${MEG_PROCS_PER_NODE:-$(( gpus > 0 ? gpus : 1 ))}
+if [[ $gpus -eq 0 ]]; then
+    # Without a GPU, accelerate forms one group only when told to use the CPU (stack-notes).
+    export ACCELERATE_USE_CPU=1
+fi
+# Threads per process: this task's CPUs shared among its processes (unset, 2 processes on 2 cores
+# ran 3x slower). SLURM_CPUS_PER_TASK is set only with --cpus-per-task; else split the node's CPUs
+# among the tasks on it.
+tasks_here=${SLURM_STEP_TASKS_PER_NODE:-1}
+tasks_here=${tasks_here%%[(,]*}
+cpus=${SLURM_CPUS_PER_TASK:-$(( ${SLURM_CPUS_ON_NODE:-$(nproc)} / (tasks_here > 0 ? tasks_here : 1) ))}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cpus / procs > 0 ? cpus / procs : 1 ))}
+
+preempted=0
+trap 'preempted=1' USR1
+# The launcher (torch's elastic agent) would die of USR1's default action and take the workers
+# with it before they checkpoint: it ignores USR1; the workers install their own handler.
+(
+    trap '' USR1
+    exec accelerate launch --config_file "${MEG_ACCELERATE_CONFIG:-deploy/accelerate/multinode.yaml}" \
+        --multi_gpu --num_machines "$num_machines" --machine_rank "$machine_rank" \
+        --num_processes $(( num_machines * procs )) \
+        --main_process_ip "$MEG_MAIN_ADDR" --main_process_port "$MEG_MAIN_PORT" \
+        trainer/main.py "$@"
+) &
+pid=$!
+echo "node $(hostname -s) machine_rank=$machine_rank/$num_machines: $procs process(es), OMP_NUM_THREADS=$OMP_NUM_THREADS, main $MEG_MAIN_ADDR:$MEG_MAIN_PORT" >&2
+
+while :; do
+    wait "$pid"; rc=$?
+    # > 128 is also what `wait` returns when a trapped signal interrupts it: wait again.
+    (( rc > 128 )) && kill -0 "$pid" 2>/dev/null && continue
+    break
+done
+if [[ $rc -ne 0 && $preempted -eq 1 ]]; then
+    exit 75
+fi
+exit "$rc"
