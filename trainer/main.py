@@ -113,6 +113,11 @@ def run(cfg: RunConfig) -> dict[str, float]:
             logger.close()
         if runtime.is_main:
             summary = {k: v for k, v in final.items() if k.startswith("eval_") or k.endswith("loss") or k == "ranks_in_sync"}
+            latest = os.path.join(cfg.output_dir, "eval", "latest.json")
+            if resumed == cfg.train.steps and os.path.isfile(latest):
+                # Nothing left to train: show the finished run's last evaluation.
+                with open(latest) as f:
+                    summary.update({f"eval_{k}": v for k, v in json.load(f).items()})
             print(f"\nfinished: {cfg.output_dir}\n{json.dumps(summary, indent=2)}", flush=True)
         return final
     finally:
