@@ -56,8 +56,8 @@ def main() -> None:
         trainer = MEGTrainer(cfg, runtime, build_networks(cfg.model, shape), stream=None, logger=MetricsLogger([]))
         batch = cfg.data.batch_size
         x = torch.randn(batch, *shape, device=runtime.device)
-        e = _time(lambda: trainer.energy_step(x, trainer.sample_z()), args.repeats, runtime.device)
-        g = _time(lambda: trainer.generator_step(trainer.sample_z()), args.repeats, runtime.device)
+        e = _time(lambda t=trainer, x=x: t.energy_step(x, t.sample_z()), args.repeats, runtime.device)
+        g = _time(lambda t=trainer: t.generator_step(t.sample_z()), args.repeats, runtime.device)
         rows.append({"case": name, "batch": batch, "energy_ms": 1e3 * e, "generator_ms": 1e3 * g,
                      "energy_samples_per_s": batch / e, "generator_samples_per_s": batch / g})
     print(f"device={runtime.device} threads={torch.get_num_threads()} precision={args.mixed_precision}")

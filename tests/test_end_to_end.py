@@ -33,6 +33,7 @@ def test_short_toy_run_writes_everything(tmp_path):
     assert [r["step"] for r in train] == [5, 10, 15, 20]
     for key in ("energy_loss", "generator_loss", "energy_gap", "penalty", "mi_estimate", "samples_per_s", "step_time_s"):
         assert key in train[-1]
+    assert all(0.0 <= r["data_wait_share"] <= 1.0 for r in train)
     evals = json.loads((run / "eval" / "latest.json").read_text())
     assert evals["step"] == 20 and evals["num_modes"] == 25
     assert 0 <= evals["high_quality_share"] <= 1 and 0 <= evals["mala_acceptance_rate"] <= 1

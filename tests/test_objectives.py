@@ -5,7 +5,12 @@ import math
 import torch
 from torch import nn
 
-from models.objectives import energy_loss, gradient_penalty, jsd_mutual_information, squared_grad_norm
+from models.objectives import (
+    energy_loss,
+    gradient_penalty,
+    jsd_mutual_information,
+    squared_grad_norm,
+)
 
 
 def test_penalty_matches_analytic_quadratic_energy():

@@ -27,13 +27,12 @@ from data_pipeline.convert import convert_toy
 from data_pipeline.shards import DataError, manifest_url, read_manifest
 from data_pipeline.stream import ShardStream
 from models import build_networks
-from models.factory import ModelConfig
 from trainer.config import ConfigError, RunConfig, config_to_yaml, load_config
 from trainer.distributed import LaunchError, Runtime, build_runtime
 from trainer.evaluate import Evaluator
 from trainer.meg_trainer import PREEMPTED_EXIT_CODE, Diverged, MEGTrainer, Preempted
-from trainer.run_folder import write_run_info
 from trainer.metrics import JsonlSink, MetricsLogger, ProgressSink, PrometheusSink
+from trainer.run_folder import write_run_info
 
 log = logging.getLogger("meg")
 

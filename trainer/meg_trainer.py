@@ -146,7 +146,14 @@ class MEGTrainer:
         """Real batches forever, epoch after epoch, advancing the checkpointed position."""
         position = self.state.position
         while True:
-            for batch in self.stream.epoch_batches(position):
+            batches = iter(self.stream.epoch_batches(position))
+            while True:
+                # Time blocked waiting for data: the data-wait share of a step in the metrics.
+                wait_start = time.perf_counter()
+                batch = next(batches, None)
+                self.data_wait_s += time.perf_counter() - wait_start
+                if batch is None:
+                    break
                 position.batches_done += 1
                 self.corrupt_shards += int(batch["corrupt_shards"])
                 yield batch["x"].to(self.runtime.device, non_blocking=True)
@@ -188,6 +195,8 @@ class MEGTrainer:
         samples = steps_done * self.cfg.train.energy_steps * self.cfg.data.batch_size
         out["samples_per_s"] = samples / max(elapsed, 1e-9)
         out["step_time_s"] = elapsed / max(steps_done, 1)
+        out["data_wait_share"] = min(self.data_wait_s / max(elapsed, 1e-9), 1.0)
+        self.data_wait_s = 0.0
         out["lr_energy"] = self.energy_update.param_groups[0]["lr"]
         corrupt = self.runtime.sum_across_ranks(torch.tensor([float(self.corrupt_shards)], device=self.runtime.device))
         out["corrupt_shards"] = corrupt.item()
@@ -243,6 +252,7 @@ class MEGTrainer:
 
     def train(self) -> dict[str, float]:
         self.corrupt_shards = 0
+        self.data_wait_s = 0.0
         self.rollbacks = 0
         self.stop_requested = False
         if self.cfg.train.guard.max_rollbacks > 0 and not list_checkpoints(self.checkpoint_dir):
