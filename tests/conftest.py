@@ -30,6 +30,9 @@ def tiny_overrides(tmp_path: Path, steps: int = 20) -> list[str]:
         "eval.every=0",
         "eval.num_samples=500",
         "eval.plots=false",
+        # A constant learning rate: the preset's decay depends on train.steps, so a run split in
+        # two with different train.steps would follow another schedule than one straight run.
+        "train.lr_final_factor=1.0",
     ]
 
 

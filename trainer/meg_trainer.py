@@ -87,6 +87,7 @@ class MEGTrainer:
         self._pending: list[torch.Tensor] = []
         self._metric_names: list[str] = []
         self._stop_signal: int | None = None
+        self.data_wait_s = 0.0  # time blocked on the next batch since the last metric flush
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._on_stop_signal)
 
@@ -252,7 +253,6 @@ class MEGTrainer:
 
     def train(self) -> dict[str, float]:
         self.corrupt_shards = 0
-        self.data_wait_s = 0.0
         self.rollbacks = 0
         self.stop_requested = False
         if self.cfg.train.guard.max_rollbacks > 0 and not list_checkpoints(self.checkpoint_dir):
