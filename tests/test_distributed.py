@@ -25,8 +25,9 @@ def test_ddp_gradients_match_single_process_and_ranks_stay_in_sync(tmp_path, npr
     launcher, env = _accelerate(nproc)
     if nproc == 1:
         launcher = [sys.executable]
-    subprocess.run([*launcher, "tests/scripts/ddp_check.py", str(out)], cwd=REPO_ROOT, env=env, check=True,
-                   timeout=300, capture_output=True)
+    done = subprocess.run([*launcher, "tests/scripts/ddp_check.py", str(out)], cwd=REPO_ROOT, env=env,
+                          timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     result = json.loads(out.read_text())
     assert result["world_size"] == nproc
     assert result["grad_rel_error"] < 1e-5, result

@@ -17,6 +17,7 @@ leaves a checkpoint that loads half; a ``.partial`` folder is ignored and cleane
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import shutil
@@ -190,8 +191,11 @@ class Runtime:
         self.accelerator.load_state(path)
 
     def shutdown(self) -> None:
-        # A barrier before destroying the group avoids gloo's "terminate called without an active
-        # exception" abort at exit (stack-notes).
+        # gloo aborts a process at exit ("terminate called without an active exception") when the
+        # group is torn down while something still holds it or another rank is still talking:
+        # drop accelerate's references to the wrapped models first, then meet, then destroy.
+        self.accelerator.free_memory()
+        gc.collect()
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()

@@ -75,52 +75,58 @@ def build_logger(cfg: RunConfig, runtime: Runtime) -> tuple[MetricsLogger, Prome
 def run(cfg: RunConfig) -> dict[str, float]:
     runtime = build_runtime(cfg)
     try:
-        if cfg.data.batch_size % runtime.world_size:
-            raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {runtime.world_size} ranks")
-        ensure_toy_data(cfg, runtime)
-        try:
-            manifest = read_manifest(cfg.data.url)
-        except DataError as e:
-            raise DataError(f"{e}\nthis preset's data is written by: {cfg.data.prepare}" if cfg.data.prepare else str(e)) from None
-        if runtime.is_main:
-            os.makedirs(cfg.output_dir, exist_ok=True)
-            with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
-                f.write(config_to_yaml(cfg))
-            write_run_info(cfg.output_dir, manifest.sample_shape, manifest_url(cfg.data.url), manifest.name)
-        runtime.barrier()
-
-        runtime.seed(cfg.train.seed, per_rank=False)  # identical initial networks on every rank
-        nets = build_networks(cfg.model, tuple(manifest.sample_shape))
-        runtime.seed(cfg.train.seed, per_rank=True)  # different noise on each rank
-        stream = ShardStream(manifest, runtime.rank, runtime.world_size, cfg.data.batch_size // runtime.world_size,
-                             cfg.data.num_workers, cfg.data.shuffle_buffer, cfg.train.seed)
-        logger, prometheus = build_logger(cfg, runtime)
-        trainer = MEGTrainer(cfg, runtime, nets, stream, logger, Evaluator(cfg, manifest.sample_shape, manifest.name))
-        resumed = trainer.resume_if_possible()
-        if runtime.is_main:
-            where = f"resumed from step {resumed}" if resumed is not None else "from scratch"
-            engine = cfg.train.engine + (f" ZeRO-{cfg.deepspeed.zero_stage}" if cfg.train.engine == "deepspeed" else "")
-            print(f"run {cfg.name}: {runtime.world_size} process(es) on {runtime.device} ({engine}, "
-                  f"precision {cfg.train.mixed_precision}), {where}; "
-                  f"data {manifest_url(cfg.data.url)} ({manifest.num_samples} samples, {len(manifest.shards)} shards); "
-                  f"folder {cfg.output_dir}", flush=True)
-            if prometheus is not None:
-                print(f"prometheus metrics: http://{cfg.log.prometheus_addr}:{prometheus.port}/metrics", flush=True)
-        try:
-            final = trainer.train()
-        finally:
-            logger.close()
-        if runtime.is_main:
-            summary = {k: v for k, v in final.items() if k.startswith("eval_") or k.endswith("loss") or k == "ranks_in_sync"}
-            latest = os.path.join(cfg.output_dir, "eval", "latest.json")
-            if resumed == cfg.train.steps and os.path.isfile(latest):
-                # Nothing left to train: show the finished run's last evaluation.
-                with open(latest) as f:
-                    summary.update({f"eval_{k}": v for k, v in json.load(f).items()})
-            print(f"\nfinished: {cfg.output_dir}\n{json.dumps(summary, indent=2)}", flush=True)
-        return final
+        # Everything that holds the process group (DDP wrappers, engines) lives in train() and is
+        # released when it returns, before the group is destroyed.
+        return train(cfg, runtime)
     finally:
         runtime.shutdown()
+
+
+def train(cfg: RunConfig, runtime) -> dict[str, float]:
+    if cfg.data.batch_size % runtime.world_size:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {runtime.world_size} ranks")
+    ensure_toy_data(cfg, runtime)
+    try:
+        manifest = read_manifest(cfg.data.url)
+    except DataError as e:
+        raise DataError(f"{e}\nthis preset's data is written by: {cfg.data.prepare}" if cfg.data.prepare else str(e)) from None
+    if runtime.is_main:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
+            f.write(config_to_yaml(cfg))
+        write_run_info(cfg.output_dir, manifest.sample_shape, manifest_url(cfg.data.url), manifest.name)
+    runtime.barrier()
+
+    runtime.seed(cfg.train.seed, per_rank=False)  # identical initial networks on every rank
+    nets = build_networks(cfg.model, tuple(manifest.sample_shape))
+    runtime.seed(cfg.train.seed, per_rank=True)  # different noise on each rank
+    stream = ShardStream(manifest, runtime.rank, runtime.world_size, cfg.data.batch_size // runtime.world_size,
+                         cfg.data.num_workers, cfg.data.shuffle_buffer, cfg.train.seed)
+    logger, prometheus = build_logger(cfg, runtime)
+    trainer = MEGTrainer(cfg, runtime, nets, stream, logger, Evaluator(cfg, manifest.sample_shape, manifest.name))
+    resumed = trainer.resume_if_possible()
+    if runtime.is_main:
+        where = f"resumed from step {resumed}" if resumed is not None else "from scratch"
+        engine = cfg.train.engine + (f" ZeRO-{cfg.deepspeed.zero_stage}" if cfg.train.engine == "deepspeed" else "")
+        print(f"run {cfg.name}: {runtime.world_size} process(es) on {runtime.device} ({engine}, "
+              f"precision {cfg.train.mixed_precision}), {where}; "
+              f"data {manifest_url(cfg.data.url)} ({manifest.num_samples} samples, {len(manifest.shards)} shards); "
+              f"folder {cfg.output_dir}", flush=True)
+        if prometheus is not None:
+            print(f"prometheus metrics: http://{cfg.log.prometheus_addr}:{prometheus.port}/metrics", flush=True)
+    try:
+        final = trainer.train()
+    finally:
+        logger.close()
+    if runtime.is_main:
+        summary = {k: v for k, v in final.items() if k.startswith("eval_") or k.endswith("loss") or k == "ranks_in_sync"}
+        latest = os.path.join(cfg.output_dir, "eval", "latest.json")
+        if resumed == cfg.train.steps and os.path.isfile(latest):
+            # Nothing left to train: show the finished run's last evaluation.
+            with open(latest) as f:
+                summary.update({f"eval_{k}": v for k, v in json.load(f).items()})
+        print(f"\nfinished: {cfg.output_dir}\n{json.dumps(summary, indent=2)}", flush=True)
+    return final
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,7 +43,7 @@ def main(out_path: str) -> None:
     ref_grads = [p.grad for p in reference.energy.parameters()]
     rel = max(((a - b).norm() / b.norm().clamp_min(1e-12)).item() for a, b in zip(ddp_grads, ref_grads))
 
-    for _ in range(5):
+    for _ in range(5):  # several real steps, then the parameters must agree on every rank
         for _ in range(cfg.train.energy_steps):
             trainer.energy_step(torch.randn(per_rank, 2), trainer.sample_z())
         trainer.generator_step(trainer.sample_z())
@@ -51,6 +51,7 @@ def main(out_path: str) -> None:
     if runtime.is_main:
         with open(out_path, "w") as f:
             json.dump({"world_size": runtime.world_size, "grad_rel_error": rel, "in_sync": in_sync}, f)
+    del trainer  # the DDP wrappers hold the process group: release them before it is destroyed
     runtime.shutdown()
 
 
