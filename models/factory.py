@@ -12,11 +12,12 @@ from models.mlp import MLPEnergy, MLPGenerator, MLPStatistics
 
 @dataclass
 class ModelConfig:
-    arch: str = "mlp"  # "mlp" (toy, tabular) or "conv" (28x28xC and 32x32x3 images)
+    arch: str = "mlp"  # "mlp" (any shape, flattened) or "conv" (28x28xC and 32x32x3 images)
     z_dim: int = 2
     hidden: list[int] = field(default_factory=lambda: [512, 512, 512])  # MLP widths of E and T
     generator_hidden: list[int] = field(default_factory=lambda: [512, 512, 512])
     generator_batch_norm: bool = False
+    generator_tanh: bool = False  # mlp only: squash G's output to [-1, 1] (images)
     energy_negative_slope: float = 0.2
     init_std: float = 0.0  # > 0: N(0, init_std) weights, zero biases (the authors used 0.02 for images)
 
@@ -37,14 +38,14 @@ class MEGNetworks:
 def build_networks(cfg: ModelConfig, sample_shape: tuple[int, ...]) -> MEGNetworks:
     """E, G, T for samples of ``sample_shape`` (e.g. (2,) for toy data, (3, 28, 28) for images)."""
     if cfg.arch == "mlp":
+        # Any sample shape: E and T flatten their input, G reshapes its output.
         dim = 1
         for s in sample_shape:
             dim *= s
-        if len(sample_shape) != 1:
-            raise ValueError(f"the mlp arch takes flat samples, got shape {sample_shape}; use model.arch=conv")
         nets = MEGNetworks(
             energy=MLPEnergy(dim, cfg.hidden, cfg.energy_negative_slope),
-            generator=MLPGenerator(cfg.z_dim, cfg.generator_hidden, dim, cfg.generator_batch_norm),
+            generator=MLPGenerator(cfg.z_dim, cfg.generator_hidden, sample_shape, cfg.generator_batch_norm,
+                                   cfg.generator_tanh),
             statistics=MLPStatistics(dim, cfg.z_dim, cfg.hidden, cfg.energy_negative_slope),
         )
     else:

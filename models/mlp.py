@@ -28,10 +28,16 @@ class MLPEnergy(nn.Module):
 
 
 class MLPGenerator(nn.Module):
-    """G(z) -> x, with optional batch norm between hidden layers."""
+    """G(z) -> x of ``sample_shape``, with optional batch norm between hidden layers and an
+    optional tanh output (for data scaled to [-1, 1], such as images)."""
 
-    def __init__(self, z_dim: int, hidden: list[int], data_dim: int, batch_norm: bool = False):
+    def __init__(self, z_dim: int, hidden: list[int], sample_shape: tuple[int, ...], batch_norm: bool = False,
+                 tanh: bool = False):
         super().__init__()
+        self.sample_shape = tuple(sample_shape)
+        data_dim = 1
+        for s in self.sample_shape:
+            data_dim *= s
         layers: list[nn.Module] = []
         width = z_dim
         for h in hidden:
@@ -41,10 +47,12 @@ class MLPGenerator(nn.Module):
             layers.append(nn.ReLU())
             width = h
         layers.append(nn.Linear(width, data_dim))
+        if tanh:
+            layers.append(nn.Tanh())
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z)
+        return self.net(z).view(z.shape[0], *self.sample_shape)
 
 
 class MLPStatistics(nn.Module):

@@ -1,0 +1,31 @@
+"""Every network variant builds for its data shapes and keeps the shapes the objective needs."""
+
+import pytest
+import torch
+
+from models.factory import ModelConfig, build_networks
+
+
+@pytest.mark.parametrize(
+    "arch, shape, z_dim",
+    [("mlp", (2,), 2), ("mlp", (118,), 32), ("mlp", (1, 28, 28), 16), ("conv", (1, 28, 28), 16),
+     ("conv", (3, 28, 28), 16), ("conv", (3, 32, 32), 16)],
+)
+def test_shapes(arch, shape, z_dim):
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch=arch, z_dim=z_dim, hidden=[16, 16], generator_hidden=[16, 16],
+                      generator_tanh=len(shape) > 1, init_std=0.02 if arch == "conv" else 0.0)
+    nets = build_networks(cfg, shape)
+    z = torch.randn(4, z_dim)
+    x = nets.generator(z)
+    assert x.shape == (4, *shape)
+    assert nets.energy(x).shape == (4,) and nets.statistics(x, z).shape == (4,)
+    if len(shape) > 1:  # images live in [-1, 1]
+        assert x.abs().max() <= 1.0
+
+
+def test_conv_rejects_sizes_it_has_no_architecture_for():
+    with pytest.raises(ValueError, match="supported sizes: 28, 32"):
+        build_networks(ModelConfig(arch="conv", z_dim=8), (3, 64, 64))
+    with pytest.raises(ValueError, match="square"):
+        build_networks(ModelConfig(arch="conv", z_dim=8), (784,))
