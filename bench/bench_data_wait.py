@@ -27,16 +27,35 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_case(name: str, overrides: list[str], steps: int, workers: int, tmp: str) -> dict:
     out = os.path.join(tmp, f"{name}-w{workers}")
-    cmd = [sys.executable, "trainer/main.py", "--config", "toy_25gaussians", *overrides,
-           f"output_dir={out}", f"train.steps={steps}", f"data.num_workers={workers}", f"log.every={steps // 3}",
-           "eval.every=0", "eval.mala.steps=0", "eval.plots=false", "eval.num_samples=100", "log.prometheus_port=-1",
-           "log.progress=false", "checkpoint.every=100000", "train.guard.max_rollbacks=0"]
+    cmd = [
+        sys.executable,
+        "trainer/main.py",
+        "--config",
+        "toy_25gaussians",
+        *overrides,
+        f"output_dir={out}",
+        f"train.steps={steps}",
+        f"data.num_workers={workers}",
+        f"log.every={steps // 3}",
+        "eval.every=0",
+        "eval.mala.steps=0",
+        "eval.plots=false",
+        "eval.num_samples=100",
+        "log.prometheus_port=-1",
+        "log.progress=false",
+        "checkpoint.every=100000",
+        "train.guard.max_rollbacks=0",
+    ]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"data_wait_share"' in line]
     steady = records[1:] or records  # the first interval includes starting the workers
-    return {"case": name, "workers": workers, "steps": steps,
-            "data_wait_share": float(np.mean([r["data_wait_share"] for r in steady])),
-            "step_time_ms": 1e3 * float(np.mean([r["step_time_s"] for r in steady]))}
+    return {
+        "case": name,
+        "workers": workers,
+        "steps": steps,
+        "data_wait_share": float(np.mean([r["data_wait_share"] for r in steady])),
+        "step_time_ms": 1e3 * float(np.mean([r["step_time_s"] for r in steady])),
+    }
 
 
 def main() -> None:
@@ -51,12 +70,20 @@ def main() -> None:
         write_array_shards(os.path.join(tmp, "digits"), "digits", "train", digits, np.zeros(4096, np.int64), 8)
         cases = {
             "toy": [f"data.url={os.path.join(tmp, 'toy')}", "data.toy_num_samples=65536"],
-            "conv28": [f"data.url={os.path.join(tmp, 'digits')}", "data.toy=", "model.arch=conv", "model.z_dim=128",
-                       "data.batch_size=64", "train.energy_steps=5"],
+            "conv28": [
+                f"data.url={os.path.join(tmp, 'digits')}",
+                "data.toy=",
+                "model.arch=conv",
+                "model.z_dim=128",
+                "data.batch_size=64",
+                "train.energy_steps=5",
+            ],
         }
         for name, overrides in cases.items():
             for workers in args.workers:
-                rows.append(run_case(name, overrides, args.steps if name == "toy" else max(args.steps // 6, 9), workers, tmp))
+                rows.append(
+                    run_case(name, overrides, args.steps if name == "toy" else max(args.steps // 6, 9), workers, tmp)
+                )
     print(f"{'case':8} {'workers':>7} {'step ms':>9} {'data wait':>10}")
     for r in rows:
         print(f"{r['case']:8} {r['workers']:>7} {r['step_time_ms']:>9.1f} {r['data_wait_share']:>9.1%}")

@@ -61,8 +61,15 @@ def worker(out: str, steps: int, overrides: list[str]) -> None:
     elapsed = time.perf_counter() - start
     if runtime.is_main:
         with open(out, "w") as f:
-            json.dump({"step_s": elapsed / steps, "samples_per_s": steps * cfg.data.batch_size / elapsed,
-                       "world_size": runtime.world_size, "threads": torch.get_num_threads()}, f)
+            json.dump(
+                {
+                    "step_s": elapsed / steps,
+                    "samples_per_s": steps * cfg.data.batch_size / elapsed,
+                    "world_size": runtime.world_size,
+                    "threads": torch.get_num_threads(),
+                },
+                f,
+            )
     runtime.shutdown()
 
 
@@ -73,8 +80,19 @@ def run_case(nproc: int, overrides: list[str], steps: int, threads: int) -> dict
         cmd = [sys.executable, __file__, "--worker", out, "--steps", str(steps), "--", *overrides]
         if nproc > 1:
             env["ACCELERATE_USE_CPU"] = env.get("ACCELERATE_USE_CPU", "1")
-            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
-                   "--num_machines", "1", "--main_process_port", "0", *cmd[1:]]
+            cmd = [
+                sys.executable,
+                "-m",
+                "accelerate.commands.launch",
+                "--multi_gpu",
+                "--num_processes",
+                str(nproc),
+                "--num_machines",
+                "1",
+                "--main_process_port",
+                "0",
+                *cmd[1:],
+            ]
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
@@ -97,28 +115,47 @@ def main() -> None:
     widths = f"[{args.hidden},{args.hidden},{args.hidden}]"
     rows = {}
     for name, nproc, extra in CASES:
-        base = [f"model.hidden={widths}", f"model.generator_hidden={widths}",
-                f"data.batch_size={args.batch_per_rank * nproc}"]
+        base = [
+            f"model.hidden={widths}",
+            f"model.generator_hidden={widths}",
+            f"data.batch_size={args.batch_per_rank * nproc}",
+        ]
         rows[name] = {"processes": nproc, **run_case(nproc, base + extra, args.steps, args.threads)}
         r = rows[name]
         print(f"{name:14} {nproc}p  {1e3 * r['step_s']:8.1f} ms/step  {r['samples_per_s']:9.0f} samples/s", flush=True)
 
     ratios = {
-        "samples/s, 2 processes / 1 (same per-rank batch; ideal 2.0)":
-            rows["ddp_2p_fp32"]["samples_per_s"] / rows["ddp_1p_fp32"]["samples_per_s"],
+        "samples/s, 2 processes / 1 (same per-rank batch; ideal 2.0)": rows["ddp_2p_fp32"]["samples_per_s"]
+        / rows["ddp_1p_fp32"]["samples_per_s"],
         "step time, ZeRO-1 / DDP (2 processes)": rows["zero1_2p_fp32"]["step_s"] / rows["ddp_2p_fp32"]["step_s"],
         "step time, ZeRO-2 / DDP (2 processes)": rows["zero2_2p_fp32"]["step_s"] / rows["ddp_2p_fp32"]["step_s"],
         "step time, bf16 / fp32 (DDP, 2 processes)": rows["ddp_2p_bf16"]["step_s"] / rows["ddp_2p_fp32"]["step_s"],
     }
-    print(f"\ncpu cores={os.cpu_count()} threads/process={args.threads} hidden={widths} batch/rank={args.batch_per_rank} steps={args.steps}")
+    print(
+        f"\ncpu cores={os.cpu_count()} threads/process={args.threads} hidden={widths} "
+        f"batch/rank={args.batch_per_rank} steps={args.steps}"
+    )
     print(f"{'ratio':62} {'value':>6}")
     for k, v in ratios.items():
         print(f"{k:62} {v:6.2f}")
     os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
     with open(os.path.join(ROOT, "bench", "results", "scaling.jsonl"), "a") as f:
-        f.write(json.dumps({"rows": rows, "ratios": ratios, "hidden": args.hidden, "batch_per_rank": args.batch_per_rank,
-                            "steps": args.steps, "threads": args.threads, "cores": os.cpu_count(), "host": platform.node(),
-                            "time": time.time()}) + "\n")
+        f.write(
+            json.dumps(
+                {
+                    "rows": rows,
+                    "ratios": ratios,
+                    "hidden": args.hidden,
+                    "batch_per_rank": args.batch_per_rank,
+                    "steps": args.steps,
+                    "threads": args.threads,
+                    "cores": os.cpu_count(),
+                    "host": platform.node(),
+                    "time": time.time(),
+                }
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

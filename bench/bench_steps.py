@@ -58,18 +58,42 @@ def main() -> None:
         x = torch.randn(batch, *shape, device=runtime.device)
         e = _time(lambda t=trainer, x=x: t.energy_step(x, t.sample_z()), args.repeats, runtime.device)
         g = _time(lambda t=trainer: t.generator_step(t.sample_z()), args.repeats, runtime.device)
-        rows.append({"case": name, "batch": batch, "energy_ms": 1e3 * e, "generator_ms": 1e3 * g,
-                     "energy_samples_per_s": batch / e, "generator_samples_per_s": batch / g})
+        rows.append(
+            {
+                "case": name,
+                "batch": batch,
+                "energy_ms": 1e3 * e,
+                "generator_ms": 1e3 * g,
+                "energy_samples_per_s": batch / e,
+                "generator_samples_per_s": batch / g,
+            }
+        )
     print(f"device={runtime.device} threads={torch.get_num_threads()} precision={args.mixed_precision}")
-    print(f"{'case':8} {'batch':>5} {'energy ms':>10} {'gen ms':>10} {'energy samp/s':>14} {'gen samp/s':>11} {'E/G':>5}")
+    print(
+        f"{'case':8} {'batch':>5} {'energy ms':>10} {'gen ms':>10} {'energy samp/s':>14} {'gen samp/s':>11} {'E/G':>5}"
+    )
     for r in rows:
-        print(f"{r['case']:8} {r['batch']:>5} {r['energy_ms']:>10.1f} {r['generator_ms']:>10.1f} "
-              f"{r['energy_samples_per_s']:>14.0f} {r['generator_samples_per_s']:>11.0f} {r['energy_ms'] / r['generator_ms']:>5.2f}")
+        print(
+            f"{r['case']:8} {r['batch']:>5} {r['energy_ms']:>10.1f} {r['generator_ms']:>10.1f} "
+            f"{r['energy_samples_per_s']:>14.0f} {r['generator_samples_per_s']:>11.0f} "
+            f"{r['energy_ms'] / r['generator_ms']:>5.2f}"
+        )
     os.makedirs("bench/results", exist_ok=True)
     with open("bench/results/steps.jsonl", "a") as f:
         for r in rows:
-            f.write(json.dumps({**r, "device": str(runtime.device), "threads": torch.get_num_threads(),
-                                "precision": args.mixed_precision, "host": platform.node(), "time": time.time()}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        **r,
+                        "device": str(runtime.device),
+                        "threads": torch.get_num_threads(),
+                        "precision": args.mixed_precision,
+                        "host": platform.node(),
+                        "time": time.time(),
+                    }
+                )
+                + "\n"
+            )
     runtime.shutdown()
 
 

@@ -76,9 +76,7 @@ def bench_shape(shape: tuple[int, ...], args, folder: str) -> list[dict]:
     t_tar, count = timed(lambda: tar_iterate(urls), 1)
     rows.append({"shape": list(shape), "mode": "tar iterate (wds)", "samples_per_s": count / t_tar})
     for workers in args.workers:
-        stream = ShardStream(
-            m, 0, 1, args.batch, workers, shuffle_buffer=args.shuffle_buffer, seed=0
-        )
+        stream = ShardStream(m, 0, 1, args.batch, workers, shuffle_buffer=args.shuffle_buffer, seed=0)
 
         def run() -> int:
             return sum(len(b["key"]) for b in stream.epoch_batches(StreamPosition()))  # noqa: B023 (called at once)
@@ -97,21 +95,15 @@ def bench_shape(shape: tuple[int, ...], args, folder: str) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=64_000)
     parser.add_argument("--shards", type=int, default=16)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--shuffle-buffer", type=int, default=2000)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--repeats", type=int, default=3, help="best of N timed passes")
-    parser.add_argument(
-        "--url", default="", help="where to write the shards (default: a temp folder)"
-    )
-    parser.add_argument(
-        "--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    )
+    parser.add_argument("--url", default="", help="where to write the shards (default: a temp folder)")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as folder:
@@ -119,7 +111,8 @@ def main() -> None:
     print(f"{'shape':<10} {'mode':<20} {'samples/s':>12} {'x raw':>8}")
     for r in rows:
         print(
-            f"{'x'.join(map(str, r['shape'])):<10} {r['mode']:<20} {r['samples_per_s']:>12,.0f} {r['ratio_to_raw']:>8.3f}"
+            f"{'x'.join(map(str, r['shape'])):<10} {r['mode']:<20} "
+            f"{r['samples_per_s']:>12,.0f} {r['ratio_to_raw']:>8.3f}"
         )
     os.makedirs(args.out, exist_ok=True)
     record = {

@@ -46,14 +46,10 @@ DEFAULT_SHARDS = 16  # a multiple of every usual ranks x workers count (1, 2, 4,
 
 def _write(out, name, split, x, y, num_shards, sums: Checksums | str, preprocessing) -> Manifest:
     checksum = sums if isinstance(sums, str) else sums.summary()
-    return write_array_shards(
-        out, name, split, x, y, max(1, min(num_shards, len(x))), checksum, preprocessing
-    )
+    return write_array_shards(out, name, split, x, y, max(1, min(num_shards, len(x))), checksum, preprocessing)
 
 
-def convert_toy(
-    dataset: str, out: str, num_samples: int, num_shards: int, seed: int, std: float = 0.0
-) -> Manifest:
+def convert_toy(dataset: str, out: str, num_samples: int, num_shards: int, seed: int, std: float = 0.0) -> Manifest:
     points, modes = sample_toy(dataset, num_samples, seed, std)
     return write_array_shards(
         out, dataset, "train", points, modes, num_shards,
@@ -83,9 +79,7 @@ def convert_mnist(
     )
 
 
-def convert_fashion_mnist(
-    out: str, folder: str = "", num_shards: int = DEFAULT_SHARDS
-) -> dict[str, Manifest]:
+def convert_fashion_mnist(out: str, folder: str = "", num_shards: int = DEFAULT_SHARDS) -> dict[str, Manifest]:
     """Fashion-MNIST's train and test IDX files (the Debian package's folder by default)."""
     folder = folder or FASHION_MNIST_DIR
     manifests = {}
@@ -134,9 +128,7 @@ def convert_stacked_mnist(
     })  # fmt: skip
 
 
-def convert_cifar10(
-    out: str, archive: str, num_shards: int = DEFAULT_SHARDS
-) -> dict[str, Manifest]:
+def convert_cifar10(out: str, archive: str, num_shards: int = DEFAULT_SHARDS) -> dict[str, Manifest]:
     sums = Checksums()
     splits = read_cifar10(archive, sums)
     return {
@@ -154,9 +146,7 @@ def convert_cifar10(
     }
 
 
-def kdd_features(
-    numeric: np.ndarray, categorical: np.ndarray
-) -> tuple[np.ndarray, list[str], dict[str, list[str]]]:
+def kdd_features(numeric: np.ndarray, categorical: np.ndarray) -> tuple[np.ndarray, list[str], dict[str, list[str]]]:
     """Numeric columns followed by the one-hot blocks of protocol_type, service, flag."""
     categories = {c: sorted(set(categorical[:, i].tolist())) for i, c in enumerate(KDD_CATEGORICAL)}
     blocks, names = [numeric], [c for c in KDD_COLUMNS if c not in KDD_CATEGORICAL]
@@ -215,9 +205,7 @@ def convert_kdd(
     manifests = {}
     for split, idx in (("train", train), ("test", test)):
         x = ((features[idx] - lo) / span).astype(np.float32)
-        manifests[split] = _write(
-            join_url(out, split), "kdd", split, x, anomaly[idx], num_shards, sums, preprocessing
-        )
+        manifests[split] = _write(join_url(out, split), "kdd", split, x, anomaly[idx], num_shards, sums, preprocessing)
     return manifests
 
 
@@ -295,15 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
         p.add_argument("--out", required=True, help="output folder: a path or any fsspec URL")
-        p.add_argument(
-            "--num-shards", type=int, default=DEFAULT_SHARDS, help="a multiple of ranks x workers"
-        )
+        p.add_argument("--num-shards", type=int, default=DEFAULT_SHARDS, help="a multiple of ranks x workers")
         return p
 
     def digits(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--images", default="", help="IDX images (gz or raw), e.g. t10k-images-idx3-ubyte.gz"
-        )
+        p.add_argument("--images", default="", help="IDX images (gz or raw), e.g. t10k-images-idx3-ubyte.gz")
         p.add_argument("--labels", default="", help="the matching IDX labels")
         p.add_argument(
             "--csv",
@@ -325,9 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     mnist.add_argument("--split", default="", help="default: test for t10k-* files, else train")
 
     fashion = add("fashion-mnist", "Fashion-MNIST train and test (IDX gz) into OUT/train, OUT/test")
-    fashion.add_argument(
-        "--dir", default="", help=f"folder of the four IDX files (default {FASHION_MNIST_DIR})"
-    )
+    fashion.add_argument("--dir", default="", help=f"folder of the four IDX files (default {FASHION_MNIST_DIR})")
 
     stacked = add("stackedmnist", "StackedMNIST: n digits stacked as channels, label = mode id")
     digits(stacked)
@@ -338,9 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     cifar = add("cifar10", "CIFAR-10 from cifar-10-python.tar.gz into OUT/train, OUT/test")
     cifar.add_argument("--archive", required=True)
 
-    kdd = add(
-        "kdd", "KDD Cup 99 anomaly protocol (one-hot, min-max on train) into OUT/train, OUT/test"
-    )
+    kdd = add("kdd", "KDD Cup 99 anomaly protocol (one-hot, min-max on train) into OUT/train, OUT/test")
     kdd.add_argument("--csv", required=True, help="kddcup.data_10_percent(.gz) or the full file")
     kdd.add_argument("--seed", type=int, default=0)
     kdd.add_argument("--anomaly-share", type=float, default=0.2)
@@ -354,9 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     images = add("images", "a folder of images, one sub-folder per class")
     images.add_argument("--folder", required=True)
     images.add_argument("--mode", default="RGB", choices=["RGB", "L"])
-    images.add_argument(
-        "--size", type=int, default=0, help="resize to SIZE x SIZE (needed if sizes differ)"
-    )
+    images.add_argument("--size", type=int, default=0, help="resize to SIZE x SIZE (needed if sizes differ)")
     images.add_argument("--name", default="images")
     images.add_argument("--split", default="train")
 
@@ -374,9 +352,7 @@ def run(args: argparse.Namespace) -> dict[str, Manifest]:
     n, out = args.num_shards, args.out
     if args.source == "toy":
         return {"train": convert_toy(args.dataset, out, args.num_samples, n, args.seed, args.std)}
-    if args.source in ("mnist", "stackedmnist", "mnist-anomaly") and bool(args.images) != bool(
-        args.labels
-    ):
+    if args.source in ("mnist", "stackedmnist", "mnist-anomaly") and bool(args.images) != bool(args.labels):
         raise DataError("--images and --labels go together")
     if args.source == "mnist":
         m = convert_mnist(out, args.images, args.labels, tuple(args.csv), args.name, args.split, n)
@@ -403,15 +379,9 @@ def run(args: argparse.Namespace) -> dict[str, Manifest]:
         return convert_mnist_anomaly(out, args.digit, args.images, args.labels, tuple(args.csv), args.seed,
                                      args.train_fraction, n)  # fmt: skip
     if args.source == "images":
-        return {
-            args.split: convert_images(
-                out, args.folder, args.mode, args.size, args.name, args.split, n
-            )
-        }
+        return {args.split: convert_images(out, args.folder, args.mode, args.size, args.name, args.split, n)}
     return {
-        args.split: convert_arrays(
-            out, args.x_url, args.labels_url, args.x_key, args.y_key, args.name, args.split, n
-        )
+        args.split: convert_arrays(out, args.x_url, args.labels_url, args.x_key, args.y_key, args.name, args.split, n)
     }
 
 

@@ -109,25 +109,16 @@ def _parse_uniform(data: bytes) -> ShardArrays:
     fields: dict[str, tuple[int, np.ndarray]] = {}
     for ext, h, size in members:
         hdr = recs[:, h : h + BLOCK]
-        if (
-            not (hdr[:, 257:262] == hdr[0, 257:262]).all()
-            or not np.isin(hdr[:, 156], (ord("0"), 0)).all()
-        ):
+        if not (hdr[:, 257:262] == hdr[0, 257:262]).all() or not np.isin(hdr[:, 156], (ord("0"), 0)).all():
             raise _NotUniform
         stored = _octal(hdr[:, 148:154])
-        actual = (
-            hdr.sum(axis=1, dtype=np.int64)
-            - hdr[:, 148:156].sum(axis=1, dtype=np.int64)
-            + 8 * ord(" ")
-        )
+        actual = hdr.sum(axis=1, dtype=np.int64) - hdr[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * ord(" ")
         if (stored != actual).any():
             raise _NotUniform
         name_tail = (b"." + ext.encode() + b"\0")[: 100 - klen]
         if (
             not (hdr[:, :klen] == first_key).all()
-            or not (
-                hdr[:, klen : klen + len(name_tail)] == np.frombuffer(name_tail, np.uint8)
-            ).all()
+            or not (hdr[:, klen : klen + len(name_tail)] == np.frombuffer(name_tail, np.uint8)).all()
         ):
             raise _NotUniform
         sizes = _octal(hdr[:, 124:135])
@@ -143,11 +134,7 @@ def _parse_uniform(data: bytes) -> ShardArrays:
     head = io.BytesIO(recs[0, x_off : x_off + int(x_sizes[0])].tobytes())
     try:
         version = np.lib.format.read_magic(head)
-        read_header = (
-            np.lib.format.read_array_header_1_0
-            if version == (1, 0)
-            else np.lib.format.read_array_header_2_0
-        )
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, fortran, dtype = read_header(head)
     except ValueError as e:
         raise CorruptShard(f"bad .npy header: {e}") from None
@@ -157,11 +144,7 @@ def _parse_uniform(data: bytes) -> ShardArrays:
         raise _NotUniform
     if not (recs[:, x_off : x_off + hlen] == recs[0, x_off : x_off + hlen]).all():
         raise _NotUniform
-    x = (
-        np.ascontiguousarray(recs[:, x_off + hlen : x_off + hlen + nbytes])
-        .view(dtype)
-        .reshape(n, *shape)
-    )
+    x = np.ascontiguousarray(recs[:, x_off + hlen : x_off + hlen + nbytes]).view(dtype).reshape(n, *shape)
 
     c_off, c_sizes = fields["cls"]
     width = int(c_sizes.max())

@@ -134,10 +134,7 @@ def shard_sizes(urls: list[str]) -> dict[str, int | None]:
         if "http" not in fs.protocol and "https" not in fs.protocol:
             try:
                 fs.invalidate_cache(fpath)  # a fresh look: object stores' listings are cached
-                listed = {
-                    fs._strip_protocol(e["name"]).rstrip("/"): e.get("size")
-                    for e in fs.ls(fpath, detail=True)
-                }
+                listed = {fs._strip_protocol(e["name"]).rstrip("/"): e.get("size") for e in fs.ls(fpath, detail=True)}
             except (FileNotFoundError, NotADirectoryError):
                 listed = {}
         for u in members:
@@ -160,13 +157,9 @@ def check_manifest_against_shards(manifest: Manifest, murl: str = "") -> list[st
     sizes = shard_sizes(urls)
     missing = [u for u in urls if sizes[u] is None]
     if missing:
-        raise DataError(
-            f"manifest {murl} lists {len(missing)} missing shard(s), first: {missing[0]}"
-        )
+        raise DataError(f"manifest {murl} lists {len(missing)} missing shard(s), first: {missing[0]}")
     known = [
-        (u, s.num_bytes)
-        for u, s in zip(urls, manifest.shards, strict=True)
-        if s.num_bytes > 0 and sizes[u] is not None
+        (u, s.num_bytes) for u, s in zip(urls, manifest.shards, strict=True) if s.num_bytes > 0 and sizes[u] is not None
     ]
     wrong = [u for u, nb in known if sizes[u] != nb]
     if known and len(wrong) == len(known):
@@ -234,9 +227,7 @@ class ShardWriter:
         self._index = 0
 
     def _open(self) -> None:
-        fd, self._tmp_path = tempfile.mkstemp(
-            suffix=".tar.partial", dir=_local_dir_for(self._shard_url())
-        )
+        fd, self._tmp_path = tempfile.mkstemp(suffix=".tar.partial", dir=_local_dir_for(self._shard_url()))
         self._stream = os.fdopen(fd, "wb")
         self._tar = wds.TarWriter(self._stream, mtime=SHARD_MTIME)
         # webdataset 1.0.2 accepts a ``format`` argument but never passes it on to tarfile.
@@ -282,9 +273,7 @@ class ShardWriter:
         if self._in_shard == self.samples_per_shard:
             self._close_shard()
 
-    def finish(
-        self, source_checksum: str = "", preprocessing: dict[str, Any] | None = None
-    ) -> Manifest:
+    def finish(self, source_checksum: str = "", preprocessing: dict[str, Any] | None = None) -> Manifest:
         """Closes the last shard and writes the manifest (last, so its presence means complete)."""
         if self._tar is not None:
             self._close_shard()
@@ -344,11 +333,7 @@ def tar_records(first_index: int, x: np.ndarray, labels: np.ndarray) -> bytes:
     x_pad = -(-x_size // 512) * 512
     record = 512 + 512 + 512 + x_pad
     recs = np.zeros((n, record), np.uint8)
-    keys = (
-        np.char.zfill(np.arange(first_index, first_index + n).astype("S9"), 9)
-        .view(np.uint8)
-        .reshape(n, 9)
-    )
+    keys = np.char.zfill(np.arange(first_index, first_index + n).astype("S9"), 9).view(np.uint8).reshape(n, 9)
     for h, ext in ((0, ".cls"), (1024, ".x.npy")):
         recs[:, h : h + 512] = _header_template("000000000" + ext, x_size if ext == ".x.npy" else 0)
         recs[:, h : h + 9] = keys
@@ -356,9 +341,7 @@ def tar_records(first_index: int, x: np.ndarray, labels: np.ndarray) -> bytes:
     recs[:, 512:532] = np.frombuffer(cls_text.tobytes(), np.uint8).reshape(n, 20)
     d = 1024 + 512
     recs[:, d : d + len(npy_header)] = npy_header
-    recs[:, d + len(npy_header) : d + x_size] = (
-        np.ascontiguousarray(x).reshape(n, -1).view(np.uint8)
-    )
+    recs[:, d + len(npy_header) : d + x_size] = np.ascontiguousarray(x).reshape(n, -1).view(np.uint8)
     for h in (0, 1024):
         header = recs[:, h : h + 512]
         header[:, 148:156] = ord(" ")
@@ -398,16 +381,12 @@ def write_array_shards(
         fd, tmp = tempfile.mkstemp(suffix=".tar.partial", dir=_local_dir_for(writer._shard_url()))
         with os.fdopen(fd, "wb") as f:
             for block in range(0, len(x), 4096):  # bounded memory for big samples
-                f.write(
-                    tar_records(start + block, x[block : block + 4096], y[block : block + 4096])
-                )
+                f.write(tar_records(start + block, x[block : block + 4096], y[block : block + 4096]))
             f.write(_tar_end(f.tell()))
             size = f.tell()
         put_file_atomic(tmp, writer._shard_url())
         writer.shards.append(ShardInfo(writer._shard_name(), len(x), size))
         for label, count in zip(*np.unique(y, return_counts=True), strict=True):
-            writer.class_counts[str(int(label))] = writer.class_counts.get(
-                str(int(label)), 0
-            ) + int(count)
+            writer.class_counts[str(int(label))] = writer.class_counts.get(str(int(label)), 0) + int(count)
     writer._index = len(arrays)
     return writer.finish(source_checksum, preprocessing)

@@ -84,9 +84,7 @@ def read_idx_pair(images: str, labels: str, sums: Checksums) -> tuple[np.ndarray
     x = parse_idx(sums.read(images), images)
     y = parse_idx(sums.read(labels), labels)
     if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
-        raise DataError(
-            f"{images} / {labels}: shapes {x.shape} and {y.shape} are not an image/label pair"
-        )
+        raise DataError(f"{images} / {labels}: shapes {x.shape} and {y.shape} are not an image/label pair")
     return x[:, None].astype(np.uint8), y.astype(np.int64)
 
 
@@ -98,12 +96,8 @@ def read_mnist_csv(url: str, sums: Checksums) -> tuple[np.ndarray, np.ndarray]:
     return table[:, :784].reshape(-1, 1, 28, 28).astype(np.uint8), table[:, 784]
 
 
-def read_digits(
-    idx_pairs: list[tuple[str, str]], csvs: list[str], sums: Checksums
-) -> tuple[np.ndarray, np.ndarray]:
-    parts = [read_idx_pair(i, lab, sums) for i, lab in idx_pairs] + [
-        read_mnist_csv(c, sums) for c in csvs
-    ]
+def read_digits(idx_pairs: list[tuple[str, str]], csvs: list[str], sums: Checksums) -> tuple[np.ndarray, np.ndarray]:
+    parts = [read_idx_pair(i, lab, sums) for i, lab in idx_pairs] + [read_mnist_csv(c, sums) for c in csvs]
     if not parts:
         raise DataError("no MNIST input: give --images/--labels and/or --csv")
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
@@ -119,9 +113,7 @@ def read_cifar10(url: str, sums: Checksums) -> dict[str, tuple[np.ndarray, np.nd
                 ["test_batch"] if "test_batch" in members else []
             )
             if not names:
-                raise DataError(
-                    f"{url}: no data_batch_* or test_batch inside (not the CIFAR-10 python layout)"
-                )
+                raise DataError(f"{url}: no data_batch_* or test_batch inside (not the CIFAR-10 python layout)")
             for name in names:
                 batch = pickle.load(tar.extractfile(members[name]), encoding="bytes")
                 data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
@@ -142,15 +134,11 @@ def read_kdd(url: str, sums: Checksums) -> tuple[np.ndarray, np.ndarray, np.ndar
     text = sums.read(url).decode()
     first = text[: text.find("\n")].strip().split(",")
     if len(first) != len(KDD_COLUMNS) + 1:
-        raise DataError(
-            f"{url}: the first line has {len(first)} fields, expected {len(KDD_COLUMNS) + 1}"
-        )
+        raise DataError(f"{url}: the first line has {len(first)} fields, expected {len(KDD_COLUMNS) + 1}")
     cat_idx = [KDD_COLUMNS.index(c) for c in KDD_CATEGORICAL]
     num_idx = [i for i in range(len(KDD_COLUMNS)) if i not in cat_idx]
     try:
-        numeric = np.loadtxt(
-            io.StringIO(text), delimiter=",", usecols=num_idx, dtype=np.float64, ndmin=2
-        )
+        numeric = np.loadtxt(io.StringIO(text), delimiter=",", usecols=num_idx, dtype=np.float64, ndmin=2)
         text_cols = np.loadtxt(
             io.StringIO(text),
             delimiter=",",
@@ -170,16 +158,12 @@ def read_image_folder(
     from PIL import Image
 
     fs, root = fsspec.core.url_to_fs(url)
-    classes = sorted(
-        os.path.basename(p.rstrip("/")) for p in fs.ls(root, detail=False) if fs.isdir(p)
-    )
+    classes = sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(root, detail=False) if fs.isdir(p))
     if not classes:
         raise DataError(f"{url}: no class sub-folders")
     xs, ys, digest = [], [], hashlib.sha256()
     for label, name in enumerate(classes):
-        files = sorted(
-            p for p in fs.find(f"{root.rstrip('/')}/{name}") if p.lower().endswith(IMAGE_EXTENSIONS)
-        )
+        files = sorted(p for p in fs.find(f"{root.rstrip('/')}/{name}") if p.lower().endswith(IMAGE_EXTENSIONS))
         for path in files:
             raw = fs.cat_file(path)
             digest.update(raw)
@@ -193,16 +177,12 @@ def read_image_folder(
         raise DataError(f"{url}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the class folders")
     shapes = {x.shape for x in xs}
     if len(shapes) > 1:
-        raise DataError(
-            f"{url}: images of different sizes {sorted(shapes)[:3]}...; pass --size to resize"
-        )
+        raise DataError(f"{url}: images of different sizes {sorted(shapes)[:3]}...; pass --size to resize")
     sums.files[os.path.basename(url.rstrip("/")) or url] = digest.hexdigest()
     return np.stack(xs), np.asarray(ys, dtype=np.int64), classes
 
 
-def read_arrays(
-    url: str, x_key: str, y_key: str, labels_url: str, sums: Checksums
-) -> tuple[np.ndarray, np.ndarray]:
+def read_arrays(url: str, x_key: str, y_key: str, labels_url: str, sums: Checksums) -> tuple[np.ndarray, np.ndarray]:
     """Samples (and labels) from a .npy file, or from the arrays ``x_key``/``y_key`` of a .npz."""
     loaded = np.load(io.BytesIO(sums.read(url)), allow_pickle=False)
     if isinstance(loaded, np.lib.npyio.NpzFile):
@@ -214,11 +194,7 @@ def read_arrays(
         x, y = loaded, None
     if labels_url:
         y = np.load(io.BytesIO(sums.read(labels_url)), allow_pickle=False)
-    y = (
-        np.zeros(len(x), dtype=np.int64)
-        if y is None
-        else np.asarray(y).astype(np.int64).reshape(-1)
-    )
+    y = np.zeros(len(x), dtype=np.int64) if y is None else np.asarray(y).astype(np.int64).reshape(-1)
     if len(y) != len(x):
         raise DataError(f"{url}: {len(x)} samples but {len(y)} labels")
     if x.dtype != np.uint8:

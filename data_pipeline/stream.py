@@ -89,20 +89,13 @@ def load_shard(url: str, info: ShardInfo, manifest: Manifest) -> ShardArrays:
     except FileNotFoundError:
         raise DataError(f"shard {url} has disappeared since start-up") from None
     if info.num_bytes and len(data) != info.num_bytes:
-        raise CorruptShard(
-            f"{len(data)} bytes, the manifest says {info.num_bytes} (truncated or rewritten)"
-        )
+        raise CorruptShard(f"{len(data)} bytes, the manifest says {info.num_bytes} (truncated or rewritten)")
     arrays = parse_shard(data)
     if len(arrays) != info.num_samples:
         if info.num_bytes:  # the right size with another count: the manifest is not this shard's
-            raise DataError(
-                f"shard {url} holds {len(arrays)} samples, its manifest says {info.num_samples}"
-            )
+            raise DataError(f"shard {url} holds {len(arrays)} samples, its manifest says {info.num_samples}")
         raise CorruptShard(f"{len(arrays)} samples, the manifest says {info.num_samples}")
-    if (
-        list(arrays.x.shape[1:]) != list(manifest.sample_shape)
-        or str(arrays.x.dtype) != manifest.dtype
-    ):
+    if list(arrays.x.shape[1:]) != list(manifest.sample_shape) or str(arrays.x.dtype) != manifest.dtype:
         raise DataError(
             f"shard {url} holds samples of shape {list(arrays.x.shape[1:])} {arrays.x.dtype}, its manifest "
             f"says {manifest.sample_shape} {manifest.dtype}"
@@ -235,10 +228,7 @@ class ShardStream:
         return [mine[w::workers] for w in range(workers)]
 
     def _worker_batch_counts(self, epoch: int, rank: int) -> list[int]:
-        return [
-            sum(self.counts[i] for i in shards) // self.batch_size
-            for shards in self._assignment(epoch, rank)
-        ]
+        return [sum(self.counts[i] for i in shards) // self.batch_size for shards in self._assignment(epoch, rank)]
 
     def batches_per_epoch(self, epoch: int) -> int:
         return min(sum(self._worker_batch_counts(epoch, r)) for r in range(self.world_size))
@@ -254,18 +244,11 @@ class ShardStream:
         # The DataLoader takes batches from its workers round-robin, skipping exhausted ones, and
         # always starts a new iterator at worker 0: workers skip the whole rounds already done,
         # and the few batches of a partly consumed round are dropped here.
-        order = [
-            (r, w)
-            for r in range(max(counts, default=0))
-            for w in range(len(counts))
-            if r < counts[w]
-        ]
+        order = [(r, w) for r in range(max(counts, default=0)) for w in range(len(counts)) if r < counts[w]]
         round_start = min(done, len(order))
         if done < len(order):
             round_start = next(i for i, (r, _) in enumerate(order) if r == order[done][0])
-        skips = [
-            sum(1 for _, w in order[:round_start] if w == worker) for worker in range(len(counts))
-        ]
+        skips = [sum(1 for _, w in order[:round_start] if w == worker) for worker in range(len(counts))]
         # Its own generator: creating an iterator otherwise draws from the global torch RNG, which
         # would shift the trainer's noise whenever an epoch starts or a run resumes.
         loader = DataLoader(

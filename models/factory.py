@@ -44,8 +44,9 @@ def build_networks(cfg: ModelConfig, sample_shape: tuple[int, ...]) -> MEGNetwor
             dim *= s
         nets = MEGNetworks(
             energy=MLPEnergy(dim, cfg.hidden, cfg.energy_negative_slope),
-            generator=MLPGenerator(cfg.z_dim, cfg.generator_hidden, sample_shape, cfg.generator_batch_norm,
-                                   cfg.generator_tanh),
+            generator=MLPGenerator(
+                cfg.z_dim, cfg.generator_hidden, sample_shape, cfg.generator_batch_norm, cfg.generator_tanh
+            ),
             statistics=MLPStatistics(dim, cfg.z_dim, cfg.hidden, cfg.energy_negative_slope),
         )
     else:

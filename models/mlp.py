@@ -31,8 +31,9 @@ class MLPGenerator(nn.Module):
     """G(z) -> x of ``sample_shape``, with optional batch norm between hidden layers and an
     optional tanh output (for data scaled to [-1, 1], such as images)."""
 
-    def __init__(self, z_dim: int, hidden: list[int], sample_shape: tuple[int, ...], batch_norm: bool = False,
-                 tanh: bool = False):
+    def __init__(
+        self, z_dim: int, hidden: list[int], sample_shape: tuple[int, ...], batch_norm: bool = False, tanh: bool = False
+    ):
         super().__init__()
         self.sample_shape = tuple(sample_shape)
         data_dim = 1

@@ -43,14 +43,22 @@ def subprocess_env(threads: int = 1) -> dict[str, str]:
     return env
 
 
-def run_trainer(args: list[str], launcher: list[str] | None = None, timeout: float = 300,
-                env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def run_trainer(
+    args: list[str],
+    launcher: list[str] | None = None,
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
     """Runs trainer/main.py (or a launcher in front of it) from the repo root; returns the result."""
     cmd = (launcher or [sys.executable]) + ["trainer/main.py", "--config", "toy_25gaussians", *args]
-    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env or subprocess_env(), capture_output=True, text=True,
-                            timeout=timeout)
+    result = subprocess.run(
+        cmd, cwd=REPO_ROOT, env=env or subprocess_env(), capture_output=True, text=True, timeout=timeout
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        )
     return result
 
 

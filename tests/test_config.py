@@ -53,16 +53,26 @@ def test_missing_and_malformed_presets(tmp_path):
 
 
 def test_cli_reports_config_errors_without_traceback():
-    result = subprocess.run([sys.executable, "trainer/main.py", "--config", "toy_25gaussians", "train.lr=1"],
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "trainer/main.py", "--config", "toy_25gaussians", "train.lr=1"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "unknown config key 'train.lr'" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_print_config_shows_every_section():
-    result = subprocess.run([sys.executable, "trainer/main.py", "--config", "toy_25gaussians", "--print-config"],
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "trainer/main.py", "--config", "toy_25gaussians", "--print-config"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0
     tree = yaml.safe_load(result.stdout)
     assert set(tree) >= {"model", "data", "train", "eval", "checkpoint", "log"}

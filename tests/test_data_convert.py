@@ -41,9 +41,7 @@ def write_idx(path: Path, array: np.ndarray, gz: bool) -> str:
 
 def digits(n: int = 200, seed: int = 0):
     rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8), (np.arange(n) % 10).astype(
-        np.uint8
-    )
+    return rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8), (np.arange(n) % 10).astype(np.uint8)
 
 
 @pytest.mark.parametrize("gz", [True, False])
@@ -69,9 +67,7 @@ def test_mnist_idx(tmp_path, gz):
     )
     m, xs, ys = all_samples(str(tmp_path / "o"))
     assert (m.name, m.split, m.sample_shape, m.dtype) == ("mnist", "test", [1, 28, 28], "uint8")
-    assert [s.num_samples for s in m.shards] == [50] * 4 and m.class_counts == {
-        str(d): 20 for d in range(10)
-    }
+    assert [s.num_samples for s in m.shards] == [50] * 4 and m.class_counts == {str(d): 20 for d in range(10)}
     assert m.source_checksum.count("sha256:") == 2
     np.testing.assert_allclose(xs[:, 0], x / 127.5 - 1, atol=1e-6)
     assert (ys == y).all()
@@ -111,9 +107,7 @@ def test_stacked_mnist_labels_are_mode_ids(tmp_path):
     again = convert.stack_digits(x[:, None], y.astype(np.int64), 3, 300, seed=5)
     _, xs, ys = all_samples(str(tmp_path / "o"))
     assert m.sample_shape == [3, 28, 28] and (ys == again[1]).all() and ys.max() < 1000
-    for i in range(
-        5
-    ):  # each channel is a source digit whose label is that decimal digit of the mode
+    for i in range(5):  # each channel is a source digit whose label is that decimal digit of the mode
         for c, digit in enumerate(f"{ys[i]:03d}"):
             matches = np.flatnonzero((x == again[0][i, c]).all(axis=(1, 2)))
             assert int(digit) in y[matches]
@@ -136,11 +130,7 @@ def test_cifar10_python_archive_layout(tmp_path):
             if name == "data_batch_1":
                 first = batch[b"data"][0].reshape(3, 32, 32)
     ms = convert.convert_cifar10(str(tmp_path / "o"), str(archive), num_shards=2)
-    assert (
-        ms["train"].num_samples == 40
-        and ms["test"].num_samples == 10
-        and ms["train"].sample_shape == [3, 32, 32]
-    )
+    assert ms["train"].num_samples == 40 and ms["test"].num_samples == 10 and ms["train"].sample_shape == [3, 32, 32]
     _, xs, _ = all_samples(str(tmp_path / "o" / "train"))
     np.testing.assert_allclose(xs[0], first / 127.5 - 1, atol=1e-6)
 
@@ -155,9 +145,7 @@ def fake_kdd(n: int, seed: int = 0) -> str:
             rng.choice(["http", "smtp"]),
             "SF",
         )
-        lines.append(
-            ",".join(row) + "," + ("normal." if i % 3 == 0 else rng.choice(["smurf.", "neptune."]))
-        )
+        lines.append(",".join(row) + "," + ("normal." if i % 3 == 0 else rng.choice(["smurf.", "neptune."])))
     return "\n".join(lines) + "\n"
 
 
@@ -169,10 +157,7 @@ def test_kdd_protocol_and_min_max_on_train_only(tmp_path):
     pre = train.preprocessing
     assert pre["records_total"] == 1000 and pre["records_first_half"] == 500
     assert train.class_counts == {"0": pre["train_records"]}  # attacks only
-    assert (
-        test.class_counts["1"] == pre["test_anomalies"]
-        and abs(pre["test_anomaly_share"] - 0.2) < 0.01
-    )
+    assert test.class_counts["1"] == pre["test_anomalies"] and abs(pre["test_anomaly_share"] - 0.2) < 0.01
     d = len(pre["features"])
     assert d == 38 + 3 + 2 + 1 and train.sample_shape == [d]
     _, xtr, _ = all_samples(str(tmp_path / "o" / "train"))
@@ -186,11 +171,7 @@ def test_mnist_anomaly_split(tmp_path):
     images, labels = write_idx(tmp_path / "i", x, False), write_idx(tmp_path / "l", y, False)
     ms = convert.convert_mnist_anomaly(str(tmp_path / "o"), 4, images, labels, num_shards=2)
     assert "4" not in ms["train"].class_counts
-    assert (
-        ms["train"].num_samples == 360
-        and ms["test"].num_samples == 90 + 50
-        and ms["test"].class_counts["4"] == 50
-    )
+    assert ms["train"].num_samples == 360 and ms["test"].num_samples == 90 + 50 and ms["test"].class_counts["4"] == 50
     _, _, ytr = all_samples(str(tmp_path / "o" / "train"))
     assert (ytr != 4).all()
 
@@ -234,37 +215,20 @@ def test_real_kdd(tmp_path):
     ms = convert.convert_kdd(str(tmp_path / "kdd"), str(src), seed=0)
     pre = ms["train"].preprocessing
     assert pre["records_total"] == 494_021 and pre["source_label_counts"]["normal."] == 97_278
-    assert (
-        ms["train"].source_checksum
-        == "sha256:8045aca0d84e70e622d1148d7df782496f6333bf6eb979a1b0837c42a9fd9561"
-    )
+    assert ms["train"].source_checksum == "sha256:8045aca0d84e70e622d1148d7df782496f6333bf6eb979a1b0837c42a9fd9561"
     assert ms["train"].class_counts == {"0": pre["train_records"]}
-    assert (
-        ms["test"].class_counts["1"] == pre["test_anomalies"]
-        and 0.19 < pre["test_anomaly_share"] <= 0.2
-    )
-    assert (
-        read_manifest(str(tmp_path / "kdd" / "test")).num_samples
-        == pre["test_inliers"] + pre["test_anomalies"]
-    )
+    assert ms["test"].class_counts["1"] == pre["test_anomalies"] and 0.19 < pre["test_anomaly_share"] <= 0.2
+    assert read_manifest(str(tmp_path / "kdd" / "test")).num_samples == pre["test_inliers"] + pre["test_anomalies"]
 
 
 def test_real_mnist_and_stacked(tmp_path):
     need(MNIST_I, MNIST_L)
     m = convert.convert_mnist(str(tmp_path / "m"), str(MNIST_I), str(MNIST_L))
-    assert (
-        m.num_samples == 10_000
-        and sum(m.class_counts.values()) == 10_000
-        and m.class_counts["1"] == 1135
-    )
-    s = convert.convert_stacked_mnist(
-        str(tmp_path / "s"), str(MNIST_I), str(MNIST_L), num_samples=26_000
-    )
+    assert m.num_samples == 10_000 and sum(m.class_counts.values()) == 10_000 and m.class_counts["1"] == 1135
+    s = convert.convert_stacked_mnist(str(tmp_path / "s"), str(MNIST_I), str(MNIST_L), num_samples=26_000)
     assert s.num_samples == 26_000 and len(s.class_counts) > 990 and s.sample_shape == [3, 28, 28]
     a = convert.convert_mnist_anomaly(str(tmp_path / "a"), 1, str(MNIST_I), str(MNIST_L))
-    assert a["test"].class_counts["1"] == 1135 and a["train"].num_samples == round(
-        0.8 * (10_000 - 1135)
-    )
+    assert a["test"].class_counts["1"] == 1135 and a["train"].num_samples == round(0.8 * (10_000 - 1135))
 
 
 def test_real_fashion_mnist(tmp_path):

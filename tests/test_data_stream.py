@@ -57,10 +57,7 @@ def test_exactly_once_two_ranks_two_workers(tmp_path):
 def test_ranks_get_equal_batch_counts_with_uneven_shards(tmp_path):
     make_images(str(tmp_path), n=500, shards=5)  # shards of 100: 3 go to rank 0, 2 to rank 1
     m = read_manifest(str(tmp_path))
-    per_rank = [
-        sum(1 for _ in ShardStream(m, r, 2, 16, 1, seed=0).epoch_batches(StreamPosition()))
-        for r in range(2)
-    ]
+    per_rank = [sum(1 for _ in ShardStream(m, r, 2, 16, 1, seed=0).epoch_batches(StreamPosition())) for r in range(2)]
     assert per_rank[0] == per_rank[1] == ShardStream(m, 0, 2, 16, 1).batches_per_epoch(0)
 
 
@@ -90,9 +87,7 @@ def test_truncated_and_corrupt_shards_are_skipped_and_counted(tmp_path, caplog):
         assert truncated in caplog.text
         corrupt, keys = 0, []
         for rank in range(2):
-            for b in ShardStream(m, rank, 2, 16, 0, shuffle_buffer=64).epoch_batches(
-                StreamPosition()
-            ):
+            for b in ShardStream(m, rank, 2, 16, 0, shuffle_buffer=64).epoch_batches(StreamPosition()):
                 corrupt += b["corrupt_shards"]
                 keys += b["key"]
     assert corrupt == 2

@@ -23,8 +23,18 @@ REL_TOL = 1e-5
 def _launch(tmp_path, name: str, extra: list[str], steps: int = 6) -> list[dict]:
     env = subprocess_env()
     env["ACCELERATE_USE_CPU"] = "1"
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--main_process_port", "0"]
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        "0",
+    ]
     args = [o for o in tiny_overrides(tmp_path / name, steps=steps) if not o.startswith(("log.every", "data.url"))]
     args += [f"data.url={tmp_path / 'data'}", "log.every=1", "checkpoint.every=3", *extra]
     result = run_trainer(args, launcher=launcher, env=env)
@@ -40,8 +50,15 @@ def two_rank_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("engines")
     runs = {"ddp": _launch(tmp, "ddp", [])}
     for stage in (1, 2):
-        runs[f"zero{stage}"] = _launch(tmp, f"zero{stage}", ["train.engine=deepspeed", f"deepspeed.zero_stage={stage}",
-                                                              f"deepspeed.config_file=deploy/deepspeed/zero{stage}.json"])
+        runs[f"zero{stage}"] = _launch(
+            tmp,
+            f"zero{stage}",
+            [
+                "train.engine=deepspeed",
+                f"deepspeed.zero_stage={stage}",
+                f"deepspeed.config_file=deploy/deepspeed/zero{stage}.json",
+            ],
+        )
     return tmp, runs
 
 
@@ -71,8 +88,11 @@ def test_zero2_resume_is_exact_and_every_rank_saves(two_rank_runs):
     resumed = tmp / "split" / "run" / "checkpoints" / "step_00000006"
     for net in ("energy", "generator"):
         shards = sorted(p.name for p in (resumed / net).iterdir())
-        assert shards == ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-                          "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+        assert shards == [
+            "mp_rank_00_model_states.pt",
+            "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+            "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        ]
         a = torch.load(straight / net / "mp_rank_00_model_states.pt", weights_only=False)["module"]
         b = torch.load(resumed / net / "mp_rank_00_model_states.pt", weights_only=False)["module"]
         assert a.keys() == b.keys()
@@ -100,7 +120,9 @@ def test_zero3_run_exits_with_a_clear_error(tmp_path):
 
 def test_deepspeed_json_templates_are_valid():
     for stage in (1, 2):
-        ds = deepspeed_config(DeepSpeedConfig(stage, str(REPO_ROOT / f"deploy/deepspeed/zero{stage}.json")), "bf16", 32, 2)
+        ds = deepspeed_config(
+            DeepSpeedConfig(stage, str(REPO_ROOT / f"deploy/deepspeed/zero{stage}.json")), "bf16", 32, 2
+        )
         assert ds["zero_optimization"]["stage"] == stage and ds["zero_allow_untested_optimizer"] is True
         assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"] and ds["train_batch_size"] == 64
 
@@ -112,7 +134,9 @@ def test_zero2_bf16_trains_all_three_updates_close_to_fp32_ddp(two_rank_runs):
     # (differences of energies of ~0.1) within 8e-4 absolute; penalty within 3.5% relative;
     # generator_loss and mi_estimate within 1e-3 relative. Bounds: 2e-3 absolute, 5e-2 relative.
     tmp, runs = two_rank_runs
-    bf16 = _launch(tmp, "zero2_bf16", ["train.engine=deepspeed", "deepspeed.zero_stage=2", "train.mixed_precision=bf16"])
+    bf16 = _launch(
+        tmp, "zero2_bf16", ["train.engine=deepspeed", "deepspeed.zero_stage=2", "train.mixed_precision=bf16"]
+    )
     assert all(r["skipped_steps"] == 0 for r in bf16)
     for a, b in zip(runs["ddp"], bf16, strict=True):
         for key in ("energy_loss", "energy_gap"):

@@ -26,7 +26,10 @@ def _dashboard_queries() -> list[str]:
 
 @needs_promtool
 def test_prometheus_config_and_alert_rules_are_valid():
-    for args in (["check", "config", "deploy/prometheus/prometheus.yml"], ["check", "rules", "deploy/prometheus/alerts.yml"]):
+    for args in (
+        ["check", "config", "deploy/prometheus/prometheus.yml"],
+        ["check", "rules", "deploy/prometheus/alerts.yml"],
+    ):
         result = subprocess.run([PROMTOOL or "promtool", *args], cwd=REPO_ROOT, capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
 
@@ -34,9 +37,17 @@ def test_prometheus_config_and_alert_rules_are_valid():
 @needs_promtool
 def test_every_dashboard_query_parses(tmp_path):
     # Grafana's $run variable becomes a concrete regex, as Grafana would substitute it.
-    rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"dashboard:query_{i}", "expr": q.replace("$run", ".*")} for i, q in enumerate(_dashboard_queries())
-    ]}]}
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {"record": f"dashboard:query_{i}", "expr": q.replace("$run", ".*")}
+                    for i, q in enumerate(_dashboard_queries())
+                ],
+            }
+        ]
+    }
     path = tmp_path / "dashboard_rules.yml"
     path.write_text(yaml.safe_dump(rules))
     result = subprocess.run([PROMTOOL or "promtool", "check", "rules", str(path)], capture_output=True, text=True)
@@ -46,8 +57,12 @@ def test_every_dashboard_query_parses(tmp_path):
 def test_dashboard_only_queries_metrics_the_trainer_exports():
     from tests.test_metrics import EXPECTED
 
-    exported = set(EXPECTED) | {"meg_steps_total", "meg_eval_high_quality_share", "meg_eval_mala_high_quality_share",
-                                "meg_corrupt_shards"}
+    exported = set(EXPECTED) | {
+        "meg_steps_total",
+        "meg_eval_high_quality_share",
+        "meg_eval_mala_high_quality_share",
+        "meg_corrupt_shards",
+    }
     for query in _dashboard_queries():
         names = {tok for tok in query.replace("(", " ").replace("{", " ").split() if tok.startswith("meg_")}
         assert names <= exported, (query, names - exported)

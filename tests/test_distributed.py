@@ -14,8 +14,18 @@ def _accelerate(nproc: int, use_cpu: bool = True) -> tuple[list[str], dict[str, 
     env = subprocess_env()
     if use_cpu:
         env["ACCELERATE_USE_CPU"] = "1"
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
-                "--num_machines", "1", "--main_process_port", "0"]
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(nproc),
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        "0",
+    ]
     return launcher, env
 
 
@@ -25,8 +35,14 @@ def test_ddp_gradients_match_single_process_and_ranks_stay_in_sync(tmp_path, npr
     launcher, env = _accelerate(nproc)
     if nproc == 1:
         launcher = [sys.executable]
-    done = subprocess.run([*launcher, "tests/scripts/ddp_check.py", str(out)], cwd=REPO_ROOT, env=env,
-                          timeout=300, capture_output=True, text=True)
+    done = subprocess.run(
+        [*launcher, "tests/scripts/ddp_check.py", str(out)],
+        cwd=REPO_ROOT,
+        env=env,
+        timeout=300,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     result = json.loads(out.read_text())
     assert result["world_size"] == nproc

@@ -31,7 +31,15 @@ def test_short_toy_run_writes_everything(tmp_path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "energy_loss" in r]
     assert [r["step"] for r in train] == [5, 10, 15, 20]
-    for key in ("energy_loss", "generator_loss", "energy_gap", "penalty", "mi_estimate", "samples_per_s", "step_time_s"):
+    for key in (
+        "energy_loss",
+        "generator_loss",
+        "energy_gap",
+        "penalty",
+        "mi_estimate",
+        "samples_per_s",
+        "step_time_s",
+    ):
         assert key in train[-1]
     assert all(0.0 <= r["data_wait_share"] <= 1.0 for r in train)
     evals = json.loads((run / "eval" / "latest.json").read_text())
@@ -58,7 +66,9 @@ def test_resume_gives_the_same_parameters_as_a_straight_run(tmp_path):
 def test_sigkill_mid_run_resumes_from_last_checkpoint(tmp_path):
     args = tiny_overrides(tmp_path, steps=400)
     cmd = [sys.executable, "trainer/main.py", "--config", "toy_25gaussians", *args]
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO_ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     checkpoints = tmp_path / "run" / "checkpoints"
     deadline = time.time() + 240
     try:
@@ -122,7 +132,9 @@ def test_diverging_run_is_rolled_back_with_lower_lr_and_recovers(tmp_path):
 
 
 def test_diverging_run_stops_cleanly_after_k_rollbacks(tmp_path):
-    overrides = tiny_overrides(tmp_path, steps=30) + DIVERGING + ["train.guard.lr_factor=1.0", "train.guard.max_rollbacks=2"]
+    overrides = (
+        tiny_overrides(tmp_path, steps=30) + DIVERGING + ["train.guard.lr_factor=1.0", "train.guard.max_rollbacks=2"]
+    )
     result = run_trainer(overrides, check=False)
     assert result.returncode == 2
     assert result.stdout.count("divergence:") == 2

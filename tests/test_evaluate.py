@@ -14,8 +14,14 @@ from trainer.evaluate import format_table
 
 
 def _evaluate(run_dir, *overrides):
-    return subprocess.run([sys.executable, "-m", "trainer.evaluate", "--run", str(run_dir), *overrides],
-                          cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "trainer.evaluate", "--run", str(run_dir), *overrides],
+        cwd=REPO_ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_kdd_style_anomaly_evaluation_end_to_end(tmp_path):
@@ -27,8 +33,15 @@ def test_kdd_style_anomaly_evaluation_end_to_end(tmp_path):
     write_array_shards(str(tmp_path / "tab" / "train"), "tab", "train", train, np.zeros(2048, np.int64), 4)
     write_array_shards(str(tmp_path / "tab" / "test"), "tab", "test", test, labels, 2)
     overrides = [o for o in tiny_overrides(tmp_path, steps=60) if not o.startswith(("data.url", "eval.every"))]
-    overrides += [f"data.url={tmp_path / 'tab' / 'train'}", "data.toy=", "model.z_dim=4", "eval.kind=kdd",
-                  f"eval.test_data={tmp_path / 'tab' / 'test'}", "eval.mala.steps=0", "train.penalty_weight=1.0"]
+    overrides += [
+        f"data.url={tmp_path / 'tab' / 'train'}",
+        "data.toy=",
+        "model.z_dim=4",
+        "eval.kind=kdd",
+        f"eval.test_data={tmp_path / 'tab' / 'test'}",
+        "eval.mala.steps=0",
+        "train.penalty_weight=1.0",
+    ]
     run_trainer(overrides)
     latest = json.loads((tmp_path / "run" / "eval" / "latest.json").read_text())
     assert latest["kind"] == "kdd" and latest["test_samples"] == 500 and latest["anomaly_share"] == 0.2

@@ -9,14 +9,32 @@ import urllib.request
 from tests.conftest import REPO_ROOT, subprocess_env, tiny_overrides
 from trainer.metrics import ProgressSink
 
-EXPECTED = ["meg_energy_loss", "meg_generator_loss", "meg_energy_gap", "meg_penalty", "meg_mi_estimate",
-            "meg_samples_per_s", "meg_step_time_s", "meg_steps_total"]
+EXPECTED = [
+    "meg_energy_loss",
+    "meg_generator_loss",
+    "meg_energy_gap",
+    "meg_penalty",
+    "meg_mi_estimate",
+    "meg_samples_per_s",
+    "meg_step_time_s",
+    "meg_steps_total",
+]
 
 
 def test_running_job_serves_prometheus_metrics(tmp_path):
     args = [o for o in tiny_overrides(tmp_path, steps=2000) if not o.startswith("log.prometheus")]
-    cmd = [sys.executable, "trainer/main.py", "--config", "toy_25gaussians", *args, "log.prometheus_port=0", "name=promtest"]
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    cmd = [
+        sys.executable,
+        "trainer/main.py",
+        "--config",
+        "toy_25gaussians",
+        *args,
+        "log.prometheus_port=0",
+        "name=promtest",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO_ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
     try:
         url = None
         for line in proc.stdout:

@@ -23,8 +23,16 @@ TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
 def _tiny_cfg(*extra):
-    return load_config("toy_25gaussians", ["model.hidden=[32,32]", "model.generator_hidden=[32,32]",
-                                           "data.batch_size=64", "train.penalty_weight=1.0", *extra])
+    return load_config(
+        "toy_25gaussians",
+        [
+            "model.hidden=[32,32]",
+            "model.generator_hidden=[32,32]",
+            "data.batch_size=64",
+            "train.penalty_weight=1.0",
+            *extra,
+        ],
+    )
 
 
 def _energy():
@@ -89,7 +97,9 @@ def test_forced_fp16_overflow_is_skipped_then_training_goes_on(which):
     before, moments = _params(module), adam_steps()
     metrics = step()
     assert metrics["skipped_steps"].item() == 1.0
-    assert all(torch.equal(a, b) for a, b in zip(before, _params(module), strict=True)), "a skipped step changed weights"
+    assert all(torch.equal(a, b) for a, b in zip(before, _params(module), strict=True)), (
+        "a skipped step changed weights"
+    )
     assert adam_steps() == moments, "Adam's state advanced on a skipped step"
     assert update.penalty_scale() == 2.0**99  # the scaler backed off
 
@@ -105,8 +115,11 @@ def test_flush_leaves_skipped_steps_out_of_the_divergence_guard():
     trainer = _fp16_trainer()
     trainer.corrupt_shards, trainer.stop_requested = 0, False
     ok = {"energy_gap": torch.tensor(1.0), "penalty": torch.tensor(0.5), "skipped_steps": torch.tensor(0.0)}
-    overflowed = {"energy_gap": torch.tensor(float("inf")), "penalty": torch.tensor(float("nan")),
-                  "skipped_steps": torch.tensor(1.0)}
+    overflowed = {
+        "energy_gap": torch.tensor(float("inf")),
+        "penalty": torch.tensor(float("nan")),
+        "skipped_steps": torch.tensor(1.0),
+    }
     for m in (ok, overflowed, ok):
         trainer._record(m)
     out = trainer._flush(step=3, elapsed=1.0, steps_done=3)

@@ -8,13 +8,25 @@ from models.factory import ModelConfig, build_networks
 
 @pytest.mark.parametrize(
     "arch, shape, z_dim",
-    [("mlp", (2,), 2), ("mlp", (118,), 32), ("mlp", (1, 28, 28), 16), ("conv", (1, 28, 28), 16),
-     ("conv", (3, 28, 28), 16), ("conv", (3, 32, 32), 16)],
+    [
+        ("mlp", (2,), 2),
+        ("mlp", (118,), 32),
+        ("mlp", (1, 28, 28), 16),
+        ("conv", (1, 28, 28), 16),
+        ("conv", (3, 28, 28), 16),
+        ("conv", (3, 32, 32), 16),
+    ],
 )
 def test_shapes(arch, shape, z_dim):
     torch.manual_seed(0)
-    cfg = ModelConfig(arch=arch, z_dim=z_dim, hidden=[16, 16], generator_hidden=[16, 16],
-                      generator_tanh=len(shape) > 1, init_std=0.02 if arch == "conv" else 0.0)
+    cfg = ModelConfig(
+        arch=arch,
+        z_dim=z_dim,
+        hidden=[16, 16],
+        generator_hidden=[16, 16],
+        generator_tanh=len(shape) > 1,
+        init_std=0.02 if arch == "conv" else 0.0,
+    )
     nets = build_networks(cfg, shape)
     z = torch.randn(4, z_dim)
     x = nets.generator(z)

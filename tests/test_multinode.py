@@ -50,9 +50,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(
-    script: Path, run: Path, data: Path, machine_rank: int | None, port: int
-) -> subprocess.Popen:
+def _launch(script: Path, run: Path, data: Path, machine_rank: int | None, port: int) -> subprocess.Popen:
     """machine_rank None: both ranks on one machine; else this machine's one rank of two."""
     if machine_rank is None:
         topology = ["--num_machines", "1", "--num_processes", "2"]
@@ -134,9 +132,6 @@ def test_two_machines_on_loopback_train_in_sync(tmp_path):
     metrics = [json.loads(x) for x in (two_nodes / "metrics.jsonl").read_text().splitlines()]
     losses = [m["energy_loss"] for m in metrics if "energy_loss" in m]
     assert [m["step"] for m in metrics if "energy_loss" in m] == list(range(5, STEPS + 1, 5))
-    ref_losses = [
-        json.loads(x).get("energy_loss")
-        for x in (one_node / "metrics.jsonl").read_text().splitlines()
-    ]
+    ref_losses = [json.loads(x).get("energy_loss") for x in (one_node / "metrics.jsonl").read_text().splitlines()]
     assert losses == pytest.approx([x for x in ref_losses if x is not None], rel=1e-5, abs=1e-6)
     assert (two_nodes / "checkpoints" / f"step_{STEPS:08d}").is_dir()

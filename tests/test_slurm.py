@@ -130,9 +130,7 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP OverSubsc
         while time.monotonic() < deadline:
             for name, p in self.procs.items():
                 if p.poll() is not None:
-                    raise RuntimeError(
-                        f"{name} exited with {p.returncode} while waiting for {what}:\n{_tail(log)}"
-                    )
+                    raise RuntimeError(f"{name} exited with {p.returncode} while waiting for {what}:\n{_tail(log)}")
             if ready():
                 return
             time.sleep(0.2)
@@ -142,9 +140,7 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP OverSubsc
         out = self.run("sinfo", "-h", "-n", NODE, "-o", "%t", check=False).stdout.strip()
         return out in ("idle", "mix", "alloc")
 
-    def run(
-        self, *argv: str, check: bool = True, cwd: Path | None = None
-    ) -> subprocess.CompletedProcess:
+    def run(self, *argv: str, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
         return subprocess.run(
             [_which(argv[0]) or argv[0], *argv[1:]],
             env=self.env,
@@ -188,9 +184,7 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP OverSubsc
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
             self.run("scancel", "--full", "--partition=debug", check=False)
             deadline = time.monotonic() + 15
-            while (
-                time.monotonic() < deadline and self.run("squeue", "-h", check=False).stdout.strip()
-            ):
+            while time.monotonic() < deadline and self.run("squeue", "-h", check=False).stdout.strip():
                 time.sleep(0.5)
         for name in ("slurmd", "slurmctld", "munged"):
             p = self.procs.get(name)
@@ -212,19 +206,14 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP OverSubsc
                 pass
 
     def logs(self) -> str:
-        return "\n".join(
-            f"--- {f.name}\n{_tail(f, 30)}" for f in sorted((self.root / "log").iterdir())
-        )
+        return "\n".join(f"--- {f.name}\n{_tail(f, 30)}" for f in sorted((self.root / "log").iterdir()))
 
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
     missing = [b for b in BINARIES if _which(b) is None]
     if missing:
-        msg = (
-            f"Slurm/munge binaries missing: {', '.join(missing)} "
-            "(deploy/ci/install-system-packages.sh installs them)"
-        )
+        msg = f"Slurm/munge binaries missing: {', '.join(missing)} (deploy/ci/install-system-packages.sh installs them)"
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(msg + "; in CI they must be there", pytrace=False)
         pytest.skip(msg)
@@ -270,9 +259,7 @@ TWO_TASKS = [
 ]
 
 
-def _submit(
-    cluster: SlurmCluster, tmp: Path, steps: int, via_launch_sh: bool = False
-) -> tuple[int, Path]:
+def _submit(cluster: SlurmCluster, tmp: Path, steps: int, via_launch_sh: bool = False) -> tuple[int, Path]:
     out = tmp / "job.out"
     trainer = _trainer_args(tmp, steps)
     # The job runs with this interpreter's venv. launch.sh's set-up step finds it set up already
@@ -304,9 +291,7 @@ def test_sbatch_two_ranks_train_and_checkpoint(slurm, tmp_path):
     job_id, out = _submit(slurm, tmp_path, steps=40, via_launch_sh=True)
     info = slurm.wait_job(job_id, timeout=120)
     log = _tail(out, 80)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (
-        f"{info}\n{log}\n{slurm.logs()}"
-    )
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{log}\n{slurm.logs()}"
     assert "2 process(es)" in log and "from scratch" in log, log
     assert re.search(r"machine_rank=0/2", log) and re.search(r"machine_rank=1/2", log), log
     # Periodic saves at 20 and 40 (the trainer may also keep a step-0 fallback).
@@ -324,22 +309,16 @@ def test_preempted_job_requeues_and_resumes(slurm, tmp_path):
     metrics = tmp_path / "run" / "metrics.jsonl"
 
     def training(_info) -> bool:
-        return metrics.exists() and any(
-            '"energy_loss"' in line for line in metrics.read_text().splitlines()
-        )
+        return metrics.exists() and any('"energy_loss"' in line for line in metrics.read_text().splitlines())
 
     slurm.wait_job(job_id, timeout=90, until=training)
     slurm.run("scancel", "--signal=USR1", "--batch", str(job_id))
     final = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
-    info = slurm.wait_job(
-        job_id, timeout=60, until=lambda i: i["Restarts"] == "1" or i["JobState"] in final
-    )
+    info = slurm.wait_job(job_id, timeout=60, until=lambda i: i["Restarts"] == "1" or i["JobState"] in final)
     assert info["Restarts"] == "1", f"{info}\n{_tail(out)}\n{slurm.logs()}"
     info = slurm.wait_job(job_id, timeout=120, until=lambda i: i["JobState"] in final)
     log = out.read_text(errors="replace")
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (
-        f"{info}\n{log}\n{slurm.logs()}"
-    )
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}\n{log}\n{slurm.logs()}"
     assert "preempted; requeueing" in log, log
     resumed = re.findall(r"resumed from step (\d+)", log)
     assert len(resumed) == 1, log

@@ -23,11 +23,18 @@ from models.classifier import DigitClassifier
 def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
     padded = F.pad(x, [max_shift] * 4, value=-1.0)
     dx, dy = torch.randint(0, 2 * max_shift + 1, (2,), generator=generator).tolist()
-    return padded[:, :, dy:dy + x.shape[2], dx:dx + x.shape[3]]
+    return padded[:, :, dy : dy + x.shape[2], dx : dx + x.shape[3]]
 
 
-def train_classifier(x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int = 0, batch_size: int = 128,
-                     holdout: float = 0.15, log=print) -> tuple[DigitClassifier, float]:
+def train_classifier(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    epochs: int,
+    seed: int = 0,
+    batch_size: int = 128,
+    holdout: float = 0.15,
+    log=print,
+) -> tuple[DigitClassifier, float]:
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(x), generator=g)
     n_test = int(len(x) * holdout)
@@ -42,14 +49,17 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int = 
         model.train()
         perm = train[torch.randperm(len(train), generator=g)]
         for i in range(len(perm) // batch_size):
-            idx = perm[i * batch_size:(i + 1) * batch_size]
+            idx = perm[i * batch_size : (i + 1) * batch_size]
             loss = F.cross_entropy(model(random_shift(x[idx], 2, g)), y[idx], label_smoothing=0.05)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
         accuracy = evaluate_accuracy(model, x[test], y[test])
-        log(f"epoch {epoch + 1}/{epochs}: loss {loss.item():.4f}, held-out accuracy {accuracy:.4f} ({time.time() - start:.0f} s)")
+        log(
+            f"epoch {epoch + 1}/{epochs}: loss {loss.item():.4f}, held-out accuracy {accuracy:.4f} "
+            f"({time.time() - start:.0f} s)"
+        )
     return model, accuracy
 
 
@@ -71,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     from data_pipeline.shards import DataError, read_manifest
     from data_pipeline.stream import read_split
 
-    parser = argparse.ArgumentParser(prog="python -m trainer.classifier", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.classifier", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", action="append", required=True, help="MNIST shards (repeatable)")
     parser.add_argument("--out", required=True, help="checkpoint path (.pt)")
     parser.add_argument("--epochs", type=int, default=8)

@@ -88,9 +88,11 @@ EVAL_KINDS = ("auto", "toy", "samples", "stackedmnist", "kdd", "mnist_anomaly", 
 # Why ZeRO-3 is refused: it partitions parameters and gathers them in forward hooks, and the
 # gradient penalty differentiates through E twice (autograd.grad with create_graph, then backward);
 # DeepSpeed's stage-3 hooks do not support that double backward (verified: it fails).
-ZERO3_REFUSAL = ("ZeRO stage 3 is not supported: the gradient penalty needs a double backward through E "
-                 "(autograd.grad with create_graph=True, then backward), and ZeRO-3's parameter "
-                 "partitioning hooks fail under double backward. Use deepspeed.zero_stage 0, 1 or 2.")
+ZERO3_REFUSAL = (
+    "ZeRO stage 3 is not supported: the gradient penalty needs a double backward through E "
+    "(autograd.grad with create_graph=True, then backward), and ZeRO-3's parameter "
+    "partitioning hooks fail under double backward. Use deepspeed.zero_stage 0, 1 or 2."
+)
 
 
 @dataclass
@@ -160,9 +162,13 @@ class RunConfig:
         _check_choice("train.engine", self.train.engine, ("ddp", "deepspeed"))
         _check_choice("train.negatives", self.train.negatives, ("generator", "mala"))
         _check_choice("eval.kind", self.eval.kind, EVAL_KINDS)
-        for key, value in [("train.steps", self.train.steps), ("train.energy_steps", self.train.energy_steps),
-                           ("data.batch_size", self.data.batch_size), ("checkpoint.keep", self.checkpoint.keep),
-                           ("log.every", self.log.every)]:
+        for key, value in [
+            ("train.steps", self.train.steps),
+            ("train.energy_steps", self.train.energy_steps),
+            ("data.batch_size", self.data.batch_size),
+            ("checkpoint.keep", self.checkpoint.keep),
+            ("log.every", self.log.every),
+        ]:
             if value < 1:
                 raise ConfigError(f"{key} must be >= 1, got {value}")
 
@@ -200,7 +206,9 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             return float(value)
         except ValueError:
             pass
-    if annotation in (int, float, str, bool) and not (isinstance(value, annotation) and not (annotation is int and isinstance(value, bool))):
+    if annotation in (int, float, str, bool) and not (
+        isinstance(value, annotation) and not (annotation is int and isinstance(value, bool))
+    ):
         raise ConfigError(f"{key} must be {annotation.__name__}, got {value!r} ({type(value).__name__})")
     return value
 
@@ -240,7 +248,9 @@ def resolve_preset(name_or_path: str) -> str:
     for candidate in (os.path.join(PRESET_DIR, name_or_path), os.path.join(PRESET_DIR, name_or_path + ".yaml")):
         if os.path.isfile(candidate):
             return candidate
-    available = sorted(f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith(".yaml")) if os.path.isdir(PRESET_DIR) else []
+    available = (
+        sorted(f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith(".yaml")) if os.path.isdir(PRESET_DIR) else []
+    )
     raise ConfigError(f"no config file or preset {name_or_path!r}; presets: {', '.join(available)}")
 
 

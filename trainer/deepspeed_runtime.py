@@ -86,23 +86,34 @@ def deepspeed_config(cfg: DeepSpeedConfig, mixed_precision: str, batch_per_rank:
     if zero.get("stage", cfg.zero_stage) == 3:
         raise ConfigError(f"{cfg.config_file} sets zero_optimization.stage=3: {ZERO3_REFUSAL}")
     if zero.get("stage", cfg.zero_stage) != cfg.zero_stage:
-        raise ConfigError(f"{cfg.config_file} sets zero_optimization.stage={zero['stage']} but "
-                          f"deepspeed.zero_stage={cfg.zero_stage}: make them agree")
+        raise ConfigError(
+            f"{cfg.config_file} sets zero_optimization.stage={zero['stage']} but "
+            f"deepspeed.zero_stage={cfg.zero_stage}: make them agree"
+        )
     for key in ("bf16", "fp16"):
         if ds.get(key, {}).get("enabled") and mixed_precision != key:
-            raise ConfigError(f"{cfg.config_file} enables {key}; set train.mixed_precision={key} instead "
-                              "(precision is one setting, owned by the trainer config)")
+            raise ConfigError(
+                f"{cfg.config_file} enables {key}; set train.mixed_precision={key} instead "
+                "(precision is one setting, owned by the trainer config)"
+            )
     zero["stage"] = cfg.zero_stage
-    ds.update({
-        "train_micro_batch_size_per_gpu": batch_per_rank,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": batch_per_rank * world_size,
-        "zero_optimization": zero,
-        "zero_allow_untested_optimizer": True,  # the trainer's own torch Adam
-        "bf16": {**ds.get("bf16", {}), "enabled": mixed_precision == "bf16"},
-        # Dynamic loss scaling (loss_scale 0) from 2**15 (see FP16_INIT_SCALE); overflowing steps are skipped.
-        "fp16": {"loss_scale": 0, "initial_scale_power": 15, **ds.get("fp16", {}), "enabled": mixed_precision == "fp16"},
-    })
+    ds.update(
+        {
+            "train_micro_batch_size_per_gpu": batch_per_rank,
+            "gradient_accumulation_steps": 1,
+            "train_batch_size": batch_per_rank * world_size,
+            "zero_optimization": zero,
+            "zero_allow_untested_optimizer": True,  # the trainer's own torch Adam
+            "bf16": {**ds.get("bf16", {}), "enabled": mixed_precision == "bf16"},
+            # Dynamic loss scaling (loss_scale 0) from 2**15 (see FP16_INIT_SCALE); overflowing steps are skipped.
+            "fp16": {
+                "loss_scale": 0,
+                "initial_scale_power": 15,
+                **ds.get("fp16", {}),
+                "enabled": mixed_precision == "fp16",
+            },
+        }
+    )
     ds.setdefault("steps_per_print", 10**9)
     return ds
 
@@ -129,14 +140,19 @@ class DeepSpeedRuntime(Runtime):
 
         def engine(model, optimizer):
             # A copy per engine: DeepSpeed writes into the config dict it is given.
-            eng, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=copy.deepcopy(self.ds_config),
-                                           dist_init_required=False)
+            eng, *_ = deepspeed.initialize(
+                model=model, optimizer=optimizer, config=copy.deepcopy(self.ds_config), dist_init_required=False
+            )
             return eng
 
-        self.engines = {"energy": engine(energy, energy_opt),
-                        "generator": engine(GeneratorAndStatistics(generator, statistics), generator_opt)}
-        return (EngineUpdate(self.engines["energy"], ["energy"]),
-                EngineUpdate(self.engines["generator"], ["generator", "statistics"]))
+        self.engines = {
+            "energy": engine(energy, energy_opt),
+            "generator": engine(GeneratorAndStatistics(generator, statistics), generator_opt),
+        }
+        return (
+            EngineUpdate(self.engines["energy"], ["energy"]),
+            EngineUpdate(self.engines["generator"], ["generator", "statistics"]),
+        )
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model

@@ -116,15 +116,22 @@ class Runtime:
         """The same seed everywhere (network init), or seed + rank (noise, negatives)."""
         set_seed(seed + (self.rank if per_rank else 0))
 
-    def prepare_updates(self, energy: nn.Module, generator: nn.Module, statistics: nn.Module,
-                        energy_opt: torch.optim.Optimizer, generator_opt: torch.optim.Optimizer) -> tuple[Update, Update]:
+    def prepare_updates(
+        self,
+        energy: nn.Module,
+        generator: nn.Module,
+        statistics: nn.Module,
+        energy_opt: torch.optim.Optimizer,
+        generator_opt: torch.optim.Optimizer,
+    ) -> tuple[Update, Update]:
         """The energy update (E) and the generator update (G and T on one optimizer)."""
         wrapped = self.accelerator.prepare(energy, generator, statistics, energy_opt, generator_opt)
         e, g, t, e_opt, g_opt = wrapped
         updates = []
         for nets, opt in (({"energy": e}, e_opt), ({"generator": g, "statistics": t}, g_opt)):
-            scaler = torch.amp.GradScaler(self.device.type, init_scale=FP16_INIT_SCALE,
-                                          enabled=self.mixed_precision == "fp16")
+            scaler = torch.amp.GradScaler(
+                self.device.type, init_scale=FP16_INIT_SCALE, enabled=self.mixed_precision == "fp16"
+            )
             if scaler.is_enabled():
                 self.register_for_checkpointing(scaler)
             updates.append(Update(nets, {k: self.accelerator.unwrap_model(v) for k, v in nets.items()}, opt, scaler))
@@ -152,11 +159,20 @@ class Runtime:
         """True when every rank holds bit-identical parameters and buffers (one small all-gather)."""
         if self.world_size == 1:
             return True
-        digest = torch.stack([
-            torch.stack([t.detach().double().sum(), t.detach().double().abs().sum(),
-                         (t.detach().double().flatten() * torch.arange(t.numel(), device=t.device)).sum()])
-            for m in modules for t in [*m.parameters(), *m.buffers()] if t.is_floating_point()
-        ])
+        digest = torch.stack(
+            [
+                torch.stack(
+                    [
+                        t.detach().double().sum(),
+                        t.detach().double().abs().sum(),
+                        (t.detach().double().flatten() * torch.arange(t.numel(), device=t.device)).sum(),
+                    ]
+                )
+                for m in modules
+                for t in [*m.parameters(), *m.buffers()]
+                if t.is_floating_point()
+            ]
+        )
         gathered = self.accelerator.gather(digest.unsqueeze(0))
         return bool((gathered == gathered[0:1]).all())
 

@@ -45,8 +45,9 @@ def _generate_plain(generator, z: torch.Tensor, batch_size: int = 1000) -> torch
     return torch.cat([generator(chunk).float() for chunk in z.split(batch_size)])
 
 
-def generate(energy, generator, num: int, z_dim: int, mala: MALAConfig,
-             batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+def generate(
+    energy, generator, num: int, z_dim: int, mala: MALAConfig, batch_size: int = 1000
+) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     """Plain samples G(z), MALA-refined samples (None when mala.steps == 0) and the acceptance rate."""
     device = next(generator.parameters()).device
     z = torch.randn(num, z_dim, device=device)
@@ -180,13 +181,19 @@ class Evaluator:
         if self.sample_shape == [2]:
             lim = float(np.abs(self.data).max() * 1.25) if self.data is not None else float(plain.abs().max() * 1.1)
             hq = results.get("high_quality_share")
-            title = f"step {step}" + (f": {hq:.1%} high quality, {results['modes_with_20']} modes with >= 20" if hq is not None else "")
+            title = f"step {step}" + (
+                f": {hq:.1%} high quality, {results['modes_with_20']} modes with >= 20" if hq is not None else ""
+            )
             scatter_2d(os.path.join(self.out_dir, f"samples_{tag}.png"), plain.cpu().numpy(), self.data, title, lim)
             if refined is not None:
                 hq = results.get("mala_high_quality_share")
                 title = f"step {step}, latent MALA" + (f": {hq:.1%} high quality" if hq is not None else "")
-                scatter_2d(os.path.join(self.out_dir, f"samples_mala_{tag}.png"), refined.cpu().numpy(), self.data, title, lim)
-            energy_landscape(os.path.join(self.out_dir, f"energy_{tag}.png"), energy, lim, f"learned energy, step {step}")
+                scatter_2d(
+                    os.path.join(self.out_dir, f"samples_mala_{tag}.png"), refined.cpu().numpy(), self.data, title, lim
+                )
+            energy_landscape(
+                os.path.join(self.out_dir, f"energy_{tag}.png"), energy, lim, f"learned energy, step {step}"
+            )
         elif plain.dim() == 4:
             image_grid(os.path.join(self.out_dir, f"samples_{tag}.png"), plain[:64])
             if refined is not None:
@@ -212,8 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.config import load_config
     from trainer.run_folder import RUN_INFO, load_networks
 
-    parser = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--run", required=True, help="the run folder")
     parser.add_argument("--checkpoint", help="a checkpoint folder (default: the run's latest)")
     parser.add_argument("--seed", type=int, default=0)

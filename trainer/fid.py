@@ -77,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     from data_pipeline.shards import DataError, read_manifest
     from data_pipeline.stream import read_split
 
-    parser = argparse.ArgumentParser(prog="python -m trainer.fid", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.fid", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", required=True, help="shards of the reference images (folder or manifest URL)")
     parser.add_argument("--out", required=True, help="where to cache the statistics (.npz)")
     parser.add_argument("--num", type=int, default=0, help="use the first N images (0: all)")

@@ -38,8 +38,9 @@ log = logging.getLogger("meg")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="trainer/main.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="trainer/main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", help="a YAML preset: a path, or a name in configs/ (e.g. toy_25gaussians)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted overrides")
@@ -53,8 +54,14 @@ def ensure_toy_data(cfg: RunConfig, runtime: Runtime) -> None:
             read_manifest(cfg.data.url)
         except DataError:
             log.info("writing %s shards to %s", cfg.data.toy, cfg.data.url)
-            convert_toy(cfg.data.toy, cfg.data.url, cfg.data.toy_num_samples, cfg.data.toy_num_shards,
-                        seed=cfg.train.seed, std=cfg.data.toy_std)
+            convert_toy(
+                cfg.data.toy,
+                cfg.data.url,
+                cfg.data.toy_num_samples,
+                cfg.data.toy_num_shards,
+                seed=cfg.train.seed,
+                std=cfg.data.toy_std,
+            )
     runtime.barrier()
 
 
@@ -89,7 +96,9 @@ def train(cfg: RunConfig, runtime) -> dict[str, float]:
     try:
         manifest = read_manifest(cfg.data.url)
     except DataError as e:
-        raise DataError(f"{e}\nthis preset's data is written by: {cfg.data.prepare}" if cfg.data.prepare else str(e)) from None
+        raise DataError(
+            f"{e}\nthis preset's data is written by: {cfg.data.prepare}" if cfg.data.prepare else str(e)
+        ) from None
     if runtime.is_main:
         os.makedirs(cfg.output_dir, exist_ok=True)
         with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
@@ -100,18 +109,28 @@ def train(cfg: RunConfig, runtime) -> dict[str, float]:
     runtime.seed(cfg.train.seed, per_rank=False)  # identical initial networks on every rank
     nets = build_networks(cfg.model, tuple(manifest.sample_shape))
     runtime.seed(cfg.train.seed, per_rank=True)  # different noise on each rank
-    stream = ShardStream(manifest, runtime.rank, runtime.world_size, cfg.data.batch_size // runtime.world_size,
-                         cfg.data.num_workers, cfg.data.shuffle_buffer, cfg.train.seed)
+    stream = ShardStream(
+        manifest,
+        runtime.rank,
+        runtime.world_size,
+        cfg.data.batch_size // runtime.world_size,
+        cfg.data.num_workers,
+        cfg.data.shuffle_buffer,
+        cfg.train.seed,
+    )
     logger, prometheus = build_logger(cfg, runtime)
     trainer = MEGTrainer(cfg, runtime, nets, stream, logger, Evaluator(cfg, manifest.sample_shape, manifest.name))
     resumed = trainer.resume_if_possible()
     if runtime.is_main:
         where = f"resumed from step {resumed}" if resumed is not None else "from scratch"
         engine = cfg.train.engine + (f" ZeRO-{cfg.deepspeed.zero_stage}" if cfg.train.engine == "deepspeed" else "")
-        print(f"run {cfg.name}: {runtime.world_size} process(es) on {runtime.device} ({engine}, "
-              f"precision {cfg.train.mixed_precision}), {where}; "
-              f"data {manifest_url(cfg.data.url)} ({manifest.num_samples} samples, {len(manifest.shards)} shards); "
-              f"folder {cfg.output_dir}", flush=True)
+        print(
+            f"run {cfg.name}: {runtime.world_size} process(es) on {runtime.device} ({engine}, "
+            f"precision {cfg.train.mixed_precision}), {where}; "
+            f"data {manifest_url(cfg.data.url)} ({manifest.num_samples} samples, {len(manifest.shards)} shards); "
+            f"folder {cfg.output_dir}",
+            flush=True,
+        )
         if prometheus is not None:
             print(f"prometheus metrics: http://{cfg.log.prometheus_addr}:{prometheus.port}/metrics", flush=True)
     try:
@@ -119,7 +138,9 @@ def train(cfg: RunConfig, runtime) -> dict[str, float]:
     finally:
         logger.close()
     if runtime.is_main:
-        summary = {k: v for k, v in final.items() if k.startswith("eval_") or k.endswith("loss") or k == "ranks_in_sync"}
+        summary = {
+            k: v for k, v in final.items() if k.startswith("eval_") or k.endswith("loss") or k == "ranks_in_sync"
+        }
         latest = os.path.join(cfg.output_dir, "eval", "latest.json")
         if resumed == cfg.train.steps and os.path.isfile(latest):
             # Nothing left to train: show the finished run's last evaluation.

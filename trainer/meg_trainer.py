@@ -27,7 +27,6 @@ class Diverged(RuntimeError):
     """A metric went non-finite or past its bound (train.guard)."""
 
 
-
 # A job that stopped because it was asked to (e.g. Slurm's warning signal before the time limit)
 # exits with this code after checkpointing, so a wrapper script knows to requeue it.
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL
@@ -74,7 +73,8 @@ class MEGTrainer:
         generator_opt = _adam([*nets.generator.parameters(), *nets.statistics.parameters()], t.generator_optim)
         # Two updates: E alone, and G with T (they descend one loss with one optimizer).
         self.energy_update, self.generator_update = runtime.prepare_updates(
-            nets.energy, nets.generator, nets.statistics, energy_opt, generator_opt)
+            nets.energy, nets.generator, nets.statistics, energy_opt, generator_opt
+        )
         # The bare networks: for cross-network use (frozen), evaluation, and the rank-sync check.
         self.energy = self.energy_update.modules["energy"]
         self.generator = self.generator_update.modules["generator"]
@@ -115,8 +115,9 @@ class MEGTrainer:
         update = self.energy_update
         with frozen(self.generator, self.statistics), self.runtime.autocast():
             x_fake = self.negatives(z)
-            loss, metrics = energy_loss(update.nets["energy"], x_real, x_fake, self.cfg.train.penalty_weight,
-                                        scale=update.penalty_scale())
+            loss, metrics = energy_loss(
+                update.nets["energy"], x_real, x_fake, self.cfg.train.penalty_weight, scale=update.penalty_scale()
+            )
         update.zero_grad()
         update.backward(loss)
         metrics["skipped_steps"] = update.step()  # fp16: a step with inf/NaN gradients is not applied
@@ -127,8 +128,9 @@ class MEGTrainer:
         update = self.generator_update
         with frozen(self.energy), self.runtime.autocast():
             x_fake = update.nets["generator"](z)
-            loss, metrics = generator_loss(self.energy, update.nets["statistics"], x_fake, z,
-                                           self.cfg.train.entropy_weight)
+            loss, metrics = generator_loss(
+                self.energy, update.nets["statistics"], x_fake, z, self.cfg.train.entropy_weight
+            )
         update.zero_grad()
         update.backward(loss)
         metrics["skipped_steps"] = update.step()
@@ -178,7 +180,9 @@ class MEGTrainer:
     def _flush(self, step: int, elapsed: float, steps_done: int) -> dict[str, float]:
         """Reduces the pending per-step metrics over ranks; stops on the first non-finite value."""
         # The stop flag rides along in the same reduction: any rank signalled stops every rank.
-        stop = torch.full((1, len(self._metric_names)), float(self._stop_signal is not None), device=self.runtime.device)
+        stop = torch.full(
+            (1, len(self._metric_names)), float(self._stop_signal is not None), device=self.runtime.device
+        )
         table = self.runtime.mean_across_ranks(torch.cat([torch.stack(self._pending), stop])).cpu()
         self.stop_requested = bool(table[-1, 0] > 0)
         table = table[:-1]
@@ -214,7 +218,9 @@ class MEGTrainer:
         if len(bad):
             row, col = bad[0].tolist()
             value = table[row, col].item()
-            what = "non-finite" if not torch.isfinite(table[row, col]) else f"out-of-bound (|x| > {limits[col].item():g})"
+            what = (
+                "non-finite" if not torch.isfinite(table[row, col]) else f"out-of-bound (|x| > {limits[col].item():g})"
+            )
             at = first_step + (rows[row] if rows is not None else row)
             raise Diverged(f"{what} {self._metric_names[col]} = {value:.6g} at step {at}")
 
@@ -223,20 +229,32 @@ class MEGTrainer:
         guard = self.cfg.train.guard
         checkpoints = list_checkpoints(self.checkpoint_dir)
         if self.rollbacks >= guard.max_rollbacks or not checkpoints:
-            reason = "no checkpoint to roll back to" if not checkpoints else f"{self.rollbacks} rollback(s) did not help"
-            raise Diverged(f"{error}; {reason}. Stopping: checkpoints are intact in {self.checkpoint_dir}. "
-                           "Lower the learning rates or raise train.penalty_weight.") from None
+            reason = (
+                "no checkpoint to roll back to" if not checkpoints else f"{self.rollbacks} rollback(s) did not help"
+            )
+            raise Diverged(
+                f"{error}; {reason}. Stopping: checkpoints are intact in {self.checkpoint_dir}. "
+                "Lower the learning rates or raise train.penalty_weight."
+            ) from None
         self.rollbacks += 1
         lr_scale = self.state.lr_scale * guard.lr_factor
         self._pending.clear()
         self.runtime.load_checkpoint(checkpoints[-1])
         self.state.lr_scale = lr_scale
-        event = {"event": "rollback", "reason": str(error), "to_step": self.state.step, "lr_scale": lr_scale,
-                 "rollback": self.rollbacks}
+        event = {
+            "event": "rollback",
+            "reason": str(error),
+            "to_step": self.state.step,
+            "lr_scale": lr_scale,
+            "rollback": self.rollbacks,
+        }
         self.logger.log(self.state.step, event)
         if self.runtime.is_main:
-            print(f"\ndivergence: {error}; rolled back to step {self.state.step} with learning rates x{lr_scale:g} "
-                  f"(rollback {self.rollbacks}/{guard.max_rollbacks})", flush=True)
+            print(
+                f"\ndivergence: {error}; rolled back to step {self.state.step} with learning rates x{lr_scale:g} "
+                f"(rollback {self.rollbacks}/{guard.max_rollbacks})",
+                flush=True,
+            )
 
     def evaluate(self, step: int) -> dict[str, float]:
         metrics: dict[str, float] = {}

@@ -88,8 +88,9 @@ class ProgressSink:
             return
         losses = " ".join(f"{k}={metrics[k]:.4g}" for k in self.SHOWN if k in metrics)
         eta = (self.total - step) * metrics.get("step_time_s", float("nan"))
-        line = (f"step {step}/{self.total} {losses} | {metrics['samples_per_s']:.0f} samples/s | "
-                f"ETA {_fmt_duration(eta)}")
+        line = (
+            f"step {step}/{self.total} {losses} | {metrics['samples_per_s']:.0f} samples/s | ETA {_fmt_duration(eta)}"
+        )
         self.stream.write(("\r\033[K" + line) if self.tty else line + "\n")
         self.stream.flush()
 

@@ -38,7 +38,9 @@ def energy_landscape(path: str, energy, lim: float, title: str, resolution: int 
     fig, axes = plt.subplots(1, 2, figsize=(9, 4.2), dpi=120)
     axes[0].imshow(density, extent=(-lim, lim, -lim, lim), origin="lower", cmap="viridis")
     axes[0].set_title("density exp(-E) / Z", fontsize=9)
-    im = axes[1].imshow(e.reshape(resolution, resolution).numpy(), extent=(-lim, lim, -lim, lim), origin="lower", cmap="magma")
+    im = axes[1].imshow(
+        e.reshape(resolution, resolution).numpy(), extent=(-lim, lim, -lim, lim), origin="lower", cmap="magma"
+    )
     axes[1].set_title("energy E(x)", fontsize=9)
     fig.colorbar(im, ax=axes[1], fraction=0.046)
     fig.suptitle(title, fontsize=10)
@@ -59,6 +61,6 @@ def image_grid(path: str, images: torch.Tensor, nrow: int = 8) -> None:
     grid = torch.zeros(c, rows * (h + 2) + 2, nrow * (w + 2) + 2, dtype=torch.uint8)
     for i in range(n):
         r, col = divmod(i, nrow)
-        grid[:, 2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + col * (w + 2): 2 + col * (w + 2) + w] = images[i]
+        grid[:, 2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + col * (w + 2) : 2 + col * (w + 2) + w] = images[i]
     array = grid.permute(1, 2, 0).numpy()
     Image.fromarray(array[:, :, 0] if c == 1 else array).save(path)

@@ -25,8 +25,9 @@ from trainer.run_folder import load_networks
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m trainer.sample", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m trainer.sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--run", required=True, help="the run folder (holds config.yaml and checkpoints/)")
     p.add_argument("--checkpoint", help="a checkpoint folder (default: the run's latest)")
     p.add_argument("--num", type=int, default=2500, help="number of samples")

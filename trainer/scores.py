@@ -27,7 +27,9 @@ def anomaly_scores(energy, x: torch.Tensor, kind: str = "energy", batch_size: in
     return torch.cat(out).numpy()
 
 
-def precision_recall_f1_at_percentile(scores: np.ndarray, is_anomaly: np.ndarray, percentile: float = 80.0) -> dict[str, float]:
+def precision_recall_f1_at_percentile(
+    scores: np.ndarray, is_anomaly: np.ndarray, percentile: float = 80.0
+) -> dict[str, float]:
     """Flags samples scoring above the ``percentile``-th percentile as anomalies (Zenati et al.)."""
     threshold = np.percentile(scores, percentile)
     flagged = scores > threshold
@@ -78,8 +80,9 @@ def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: n
     return float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * trace_sqrt)
 
 
-def kernel_inception_distance(f1: np.ndarray, f2: np.ndarray, subsets: int = 10, subset_size: int = 1000,
-                              seed: int = 0) -> float:
+def kernel_inception_distance(
+    f1: np.ndarray, f2: np.ndarray, subsets: int = 10, subset_size: int = 1000, seed: int = 0
+) -> float:
     """Unbiased MMD^2 with the cubic polynomial kernel, averaged over random subsets (Binkowski et al.)."""
     rng = np.random.default_rng(seed)
     d = f1.shape[1]

@@ -18,8 +18,10 @@ from trainer.metrics import MetricsLogger
 
 
 def main(out_path: str) -> None:
-    cfg = load_config("toy_25gaussians", ["model.hidden=[32,32]", "model.generator_hidden=[32,32]",
-                                           "data.batch_size=64", "train.penalty_weight=1.0"])
+    cfg = load_config(
+        "toy_25gaussians",
+        ["model.hidden=[32,32]", "model.generator_hidden=[32,32]", "data.batch_size=64", "train.penalty_weight=1.0"],
+    )
     runtime = Runtime()
     runtime.seed(0, per_rank=False)
     nets = build_networks(cfg.model, (2,))
