@@ -12,7 +12,6 @@ truncated or rewritten, and the reader skips it (or refuses the whole manifest, 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -292,14 +291,6 @@ class ShardWriter:
         write_text_atomic(manifest.to_json(), join_url(self.out_url, MANIFEST_NAME))
         manifest.base_url = self.out_url
         return manifest
-
-
-def sha256_of(url: str) -> str:
-    h = hashlib.sha256()
-    with fsspec.open(url, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _octal_field(values: np.ndarray, digits: int) -> np.ndarray:

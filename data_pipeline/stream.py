@@ -126,16 +126,6 @@ def read_split(manifest: Manifest, limit: int | None = None) -> dict:
     return {"x": to_float(arrays.x, manifest.dtype), "label": arrays.labels, "key": arrays.keys}
 
 
-def decode_sample(sample: dict, dtype: str) -> tuple[np.ndarray, int, str]:
-    """One webdataset sample dict (``x.npy``, ``cls``, ``__key__``) as (float32 array, label, key)."""
-    import io
-
-    x = np.load(io.BytesIO(sample["x.npy"]), allow_pickle=False)
-    if dtype == "uint8":
-        x = x.astype(np.float32) / 127.5 - 1.0
-    return x.astype(np.float32, copy=False), int(sample["cls"]), sample["__key__"]
-
-
 def manifest_from_urls(urls: str | list[str], name: str = "", split: str = "train") -> Manifest:
     """A manifest for shards named by a brace pattern (``data/mnist-train-{000000..000015}.tar``)
     or a list, built by reading every shard once (counts, sizes, sample shape)."""
