@@ -43,6 +43,27 @@ def subprocess_env(threads: int = 1) -> dict[str, str]:
     return env
 
 
+def accelerate_launcher(nproc: int, use_cpu: bool = True) -> tuple[list[str], dict[str, str]]:
+    """``accelerate launch`` for ``nproc`` local processes, and its environment. Without a GPU the
+    processes form one group only with ACCELERATE_USE_CPU=1 (stack-notes)."""
+    env = subprocess_env()
+    if use_cpu:
+        env["ACCELERATE_USE_CPU"] = "1"
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(nproc),
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        "0",
+    ]
+    return launcher, env
+
+
 def run_trainer(
     args: list[str],
     launcher: list[str] | None = None,

@@ -4,12 +4,11 @@ Each 2-rank run is a real `accelerate launch` of trainer/main.py (about 15 s eac
 """
 
 import json
-import sys
 
 import pytest
 import torch
 
-from tests.conftest import REPO_ROOT, run_trainer, subprocess_env, tiny_overrides
+from tests.conftest import REPO_ROOT, accelerate_launcher, run_trainer, tiny_overrides
 from trainer.config import ConfigError, DeepSpeedConfig, load_config
 from trainer.deepspeed_runtime import deepspeed_config
 
@@ -21,20 +20,7 @@ REL_TOL = 1e-5
 
 
 def _launch(tmp_path, name: str, extra: list[str], steps: int = 6) -> list[dict]:
-    env = subprocess_env()
-    env["ACCELERATE_USE_CPU"] = "1"
-    launcher = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--main_process_port",
-        "0",
-    ]
+    launcher, env = accelerate_launcher(2)
     args = [o for o in tiny_overrides(tmp_path / name, steps=steps) if not o.startswith(("log.every", "data.url"))]
     args += [f"data.url={tmp_path / 'data'}", "log.every=1", "checkpoint.every=3", *extra]
     result = run_trainer(args, launcher=launcher, env=env)

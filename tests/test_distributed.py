@@ -7,32 +7,13 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO_ROOT, run_trainer, subprocess_env
-
-
-def _accelerate(nproc: int, use_cpu: bool = True) -> tuple[list[str], dict[str, str]]:
-    env = subprocess_env()
-    if use_cpu:
-        env["ACCELERATE_USE_CPU"] = "1"
-    launcher = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(nproc),
-        "--num_machines",
-        "1",
-        "--main_process_port",
-        "0",
-    ]
-    return launcher, env
+from tests.conftest import REPO_ROOT, accelerate_launcher, run_trainer
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_ddp_gradients_match_single_process_and_ranks_stay_in_sync(tmp_path, nproc):
     out = tmp_path / "result.json"
-    launcher, env = _accelerate(nproc)
+    launcher, env = accelerate_launcher(nproc)
     if nproc == 1:
         launcher = [sys.executable]
     done = subprocess.run(
@@ -51,7 +32,7 @@ def test_ddp_gradients_match_single_process_and_ranks_stay_in_sync(tmp_path, npr
 
 
 def test_two_rank_training_through_accelerate_launch(tmp_path, tiny):
-    launcher, env = _accelerate(2)
+    launcher, env = accelerate_launcher(2)
     result = run_trainer(tiny, launcher=[*launcher], env=env)
     assert "2 process(es)" in result.stdout
     assert '"ranks_in_sync": 1.0' in result.stdout
@@ -64,7 +45,7 @@ def test_unconnected_processes_are_refused(tiny):
     # form a group: each would train alone. The trainer must refuse loudly.
     if os.environ.get("CUDA_VISIBLE_DEVICES") or _has_cuda():
         pytest.skip("this trap only exists on machines without a GPU")
-    launcher, env = _accelerate(2, use_cpu=False)
+    launcher, env = accelerate_launcher(2, use_cpu=False)
     result = run_trainer(tiny, launcher=launcher, env=env, check=False)
     assert result.returncode != 0
     assert "did not form one group" in result.stderr
