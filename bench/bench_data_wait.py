@@ -1,6 +1,6 @@
 """The share of a training step spent waiting for data, for the toy and 28x28 configs.
 
-    python bench/bench_data_wait.py [--steps 60] [--workers 0 1 2]
+    python bench/bench_data_wait.py [--steps 60] [--workers 0 1 2] [--worker-types thread process]
 
 Runs the real trainer (one process) for a few steps per case and reads ``data_wait_share`` (time
 blocked on the next batch / wall time of the steps) from its metrics.jsonl. The 28x28 case uses
@@ -25,8 +25,8 @@ from data_pipeline.shards import write_array_shards
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_case(name: str, overrides: list[str], steps: int, workers: int, tmp: str) -> dict:
-    out = os.path.join(tmp, f"{name}-w{workers}")
+def run_case(name: str, overrides: list[str], steps: int, workers: int, kind: str, tmp: str) -> dict:
+    out = os.path.join(tmp, f"{name}-w{workers}-{kind}")
     cmd = [
         sys.executable,
         "trainer/main.py",
@@ -36,6 +36,7 @@ def run_case(name: str, overrides: list[str], steps: int, workers: int, tmp: str
         f"output_dir={out}",
         f"train.steps={steps}",
         f"data.num_workers={workers}",
+        f"data.worker_type={kind}",
         f"log.every={steps // 3}",
         "eval.every=0",
         "eval.mala.steps=0",
@@ -52,6 +53,7 @@ def run_case(name: str, overrides: list[str], steps: int, workers: int, tmp: str
     return {
         "case": name,
         "workers": workers,
+        "worker_type": kind if workers else "-",
         "steps": steps,
         "data_wait_share": float(np.mean([r["data_wait_share"] for r in steady])),
         "step_time_ms": 1e3 * float(np.mean([r["step_time_s"] for r in steady])),
@@ -62,6 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--worker-types", nargs="+", default=["thread", "process"], choices=["thread", "process"])
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,13 +83,16 @@ def main() -> None:
             ],
         }
         for name, overrides in cases.items():
+            steps = args.steps if name == "toy" else max(args.steps // 6, 9)
             for workers in args.workers:
-                rows.append(
-                    run_case(name, overrides, args.steps if name == "toy" else max(args.steps // 6, 9), workers, tmp)
-                )
-    print(f"{'case':8} {'workers':>7} {'step ms':>9} {'data wait':>10}")
+                for kind in args.worker_types[: 1 if workers == 0 else None]:  # 0 workers: no kind
+                    rows.append(run_case(name, overrides, steps, workers, kind, tmp))
+    print(f"{'case':8} {'workers':>7} {'type':>8} {'step ms':>9} {'data wait':>10}")
     for r in rows:
-        print(f"{r['case']:8} {r['workers']:>7} {r['step_time_ms']:>9.1f} {r['data_wait_share']:>9.1%}")
+        print(
+            f"{r['case']:8} {r['workers']:>7} {r['worker_type']:>8} {r['step_time_ms']:>9.1f} "
+            f"{r['data_wait_share']:>9.1%}"
+        )
     os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
     with open(os.path.join(ROOT, "bench", "results", "data_wait.jsonl"), "a") as f:
         for r in rows:

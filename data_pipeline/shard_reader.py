@@ -27,7 +27,7 @@ class CorruptShard(Exception):
 @dataclass
 class ShardArrays:
     keys: np.ndarray  # str, one per sample, unique within a manifest
-    x: np.ndarray  # (n, *sample_shape), as stored
+    x: np.ndarray  # (n, *sample_shape), as stored; may be a read-only view into the shard's bytes
     labels: np.ndarray  # int64
 
     def __len__(self) -> int:
@@ -35,6 +35,10 @@ class ShardArrays:
 
     def take(self, index: np.ndarray | slice) -> ShardArrays:
         return ShardArrays(self.keys[index], self.x[index], self.labels[index])
+
+    def owned(self) -> ShardArrays:
+        """A copy whose samples no longer point into the shard's bytes."""
+        return ShardArrays(self.keys, np.array(self.x), self.labels)
 
     @staticmethod
     def concat(parts: list[ShardArrays]) -> ShardArrays:
@@ -69,7 +73,7 @@ def _first_sample_layout(data: bytes) -> tuple[list[tuple[str, int, int]], int, 
     members: list[tuple[str, int, int]] = []
     off, key = 0, None
     while off + BLOCK <= len(data):
-        header = data[off : off + BLOCK]
+        header = bytes(data[off : off + BLOCK])
         if header == _ZERO_BLOCK:
             break
         try:
@@ -90,38 +94,79 @@ def _first_sample_layout(data: bytes) -> tuple[list[tuple[str, int, int]], int, 
     return members, off, len(key.encode())
 
 
+# Bytes of a member's header that differ between the samples of a uniform shard, as whole 8-byte
+# words: the key at the start of the name, the size field (124-135) and the checksum (148-155).
+# Every other word must equal the first sample's, whose header tarfile has validated, so each
+# checksum can be verified from the varying bytes alone.
+_SIZE_WORDS = (15, 17)  # bytes 120-135
+_CHECKSUM_WORDS = (18, 20)  # bytes 144-159
+
+
+def _rows_equal_first(recs: np.ndarray, words: np.ndarray, start: int, stop: int) -> bool:
+    """Whether bytes [start, stop) of every record equal the first record's."""
+    lo, hi = -(-start // 8), stop // 8
+    if lo >= hi:
+        return bool((recs[:, start:stop] == recs[0, start:stop]).all())
+    return bool(
+        (recs[:, start : lo * 8] == recs[0, start : lo * 8]).all()
+        and (words[:, lo:hi] == words[0, lo:hi]).all()
+        and (recs[:, hi * 8 : stop] == recs[0, hi * 8 : stop]).all()
+    )
+
+
+def _check_member_headers(recs: np.ndarray, words: np.ndarray, h: int, klen: int) -> np.ndarray:
+    """Validates the headers at byte ``h`` of every record (same layout as the first record's,
+    checksums right) and returns the members' sizes."""
+    key_words = -(-klen // 8)
+    base = h // 8
+    (s0, s1), (c0, c1) = _SIZE_WORDS, _CHECKSUM_WORDS
+    fixed = [(key_words, s0), (s1, c0), (c1, BLOCK // 8)]
+    if not all((words[:, base + a : base + b] == words[0, base + a : base + b]).all() for a, b in fixed):
+        raise _NotUniform
+    hdr = recs[:, h : h + BLOCK]
+    # Inside the varying words, only the key, the size digits and the checksum digits may vary.
+    for a, b in ((klen, key_words * 8), (s0 * 8, 124), (c0 * 8, 148), (154, c1 * 8)):
+        if not (hdr[:, a:b] == hdr[0, a:b]).all():
+            raise _NotUniform
+    stored = _octal(hdr[:, 148:154])
+    varying = np.concatenate(
+        [hdr[:, : key_words * 8], hdr[:, s0 * 8 : s1 * 8], hdr[:, c0 * 8 : 148], hdr[:, 156 : c1 * 8]], axis=1
+    )
+    row_sums = varying.sum(axis=1, dtype=np.int64)
+    first = hdr[0].astype(np.int64)
+    first_checksum = first.sum() - first[148:156].sum() + 8 * ord(" ")
+    if (stored != first_checksum - row_sums[0] + row_sums).any():
+        raise _NotUniform
+    return _octal(hdr[:, 124:135])
+
+
 def _parse_uniform(data: bytes) -> ShardArrays:
     members, record, klen = _first_sample_layout(data)
     n = (len(data) - 2 * BLOCK) // record
     if n < 1:
         raise _NotUniform
     recs = np.frombuffer(data, np.uint8, count=n * record).reshape(n, record)
-    # Records after the last sample are the end-of-archive zeros: find where samples stop.
-    magic = (recs[:, 257:262] == np.frombuffer(b"ustar", np.uint8)).all(axis=1)
+    # The end-of-archive zeros (at most 2 blocks + tarfile's record padding) may fill the last
+    # few records: find where samples stop there. Earlier records' magic is checked with the rest
+    # of their headers.
+    tail = min(n, (2 * BLOCK + tarfile.RECORDSIZE) // record + 1)
+    magic = (recs[n - tail :, 257:262] == np.frombuffer(b"ustar", np.uint8)).all(axis=1)
     if not magic.all():
-        n = int(np.argmin(magic))
-        if n < 1 or magic[n:].any():
+        cut = int(np.argmin(magic))
+        if magic[cut:].any() or n - tail + cut < 1:
             raise _NotUniform
+        n = n - tail + cut
         recs = recs[:n]
     if data[n * record : n * record + BLOCK] != _ZERO_BLOCK:
         raise _NotUniform
+    # Comparisons run on 8-byte words where they can: the headers are most of a shard's bytes.
+    words = recs.view("<u8")
     first_key = recs[:, :klen]
     fields: dict[str, tuple[int, np.ndarray]] = {}
     for ext, h, size in members:
-        hdr = recs[:, h : h + BLOCK]
-        if not (hdr[:, 257:262] == hdr[0, 257:262]).all() or not np.isin(hdr[:, 156], (ord("0"), 0)).all():
+        sizes = _check_member_headers(recs, words, h, klen)
+        if not (recs[:, h : h + klen] == first_key).all():
             raise _NotUniform
-        stored = _octal(hdr[:, 148:154])
-        actual = hdr.sum(axis=1, dtype=np.int64) - hdr[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * ord(" ")
-        if (stored != actual).any():
-            raise _NotUniform
-        name_tail = (b"." + ext.encode() + b"\0")[: 100 - klen]
-        if (
-            not (hdr[:, :klen] == first_key).all()
-            or not (hdr[:, klen : klen + len(name_tail)] == np.frombuffer(name_tail, np.uint8)).all()
-        ):
-            raise _NotUniform
-        sizes = _octal(hdr[:, 124:135])
         if ((sizes + BLOCK - 1) // BLOCK != -(-size // BLOCK)).any():
             raise _NotUniform
         fields[ext] = (h + BLOCK, sizes)
@@ -142,9 +187,10 @@ def _parse_uniform(data: bytes) -> ShardArrays:
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if fortran or dtype.hasobject or hlen + nbytes != int(x_sizes[0]):
         raise _NotUniform
-    if not (recs[:, x_off : x_off + hlen] == recs[0, x_off : x_off + hlen]).all():
+    if not _rows_equal_first(recs, words, x_off, x_off + hlen):
         raise _NotUniform
-    x = np.ascontiguousarray(recs[:, x_off + hlen : x_off + hlen + nbytes]).view(dtype).reshape(n, *shape)
+    # A strided view into ``data``: whoever reorders the samples makes the one copy.
+    x = recs[:, x_off + hlen : x_off + hlen + nbytes].view(dtype).reshape(n, *shape)
 
     c_off, c_sizes = fields["cls"]
     width = int(c_sizes.max())
@@ -183,8 +229,8 @@ def _parse_generic(data: bytes) -> ShardArrays:
     return ShardArrays(np.array(keys, dtype=str), x, np.array(labels, dtype=np.int64))
 
 
-def parse_shard(data: bytes) -> ShardArrays:
-    """All samples of one shard, in their order in the file."""
+def parse_shard(data: bytes | memoryview) -> ShardArrays:
+    """All samples of one shard, in their order in the file. ``x`` may point into ``data``."""
     try:
         return _parse_uniform(data)
     except _NotUniform:

@@ -16,7 +16,7 @@ import pytest
 from data_pipeline import convert
 from data_pipeline.shards import read_manifest
 from data_pipeline.sources import FASHION_MNIST_DIR, KDD_COLUMNS
-from data_pipeline.stream import ShardStream, StreamPosition
+from data_pipeline.stream import ShardStream, StreamPosition, decode_samples
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data"
 REAL = REAL if REAL.exists() else Path("/work/shared/data")
@@ -27,7 +27,7 @@ def all_samples(url: str):
     s = ShardStream(m, 0, 1, 1, 0, shuffle_buffer=0)
     batches = list(s.epoch_batches(StreamPosition()))
     order = np.argsort([int(b["key"][0]) for b in batches])
-    x = np.concatenate([batches[i]["x"].numpy() for i in order])
+    x = np.concatenate([decode_samples(batches[i]["x"], m.dtype).numpy() for i in order])  # what a model sees
     y = np.array([int(batches[i]["label"][0]) for i in order])
     return m, x, y
 

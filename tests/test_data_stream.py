@@ -11,10 +11,11 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 from data_pipeline.shard_reader import parse_shard
 from data_pipeline.shards import DataError, ShardWriter, read_manifest, write_array_shards
-from data_pipeline.stream import ShardStream, StreamPosition, manifest_from_urls
+from data_pipeline.stream import ShardStream, StreamPosition, decode_samples, manifest_from_urls
 
 
 def make_images(out: str, n: int = 512, shards: int = 8, shape=(1, 8, 8)) -> np.ndarray:
@@ -23,12 +24,14 @@ def make_images(out: str, n: int = 512, shards: int = 8, shape=(1, 8, 8)) -> np.
     return x
 
 
-def epoch_keys(manifest, world=2, workers=2, batch=16, position=None, seed=0) -> list[list[str]]:
+def epoch_keys(manifest, world=2, workers=2, batch=16, position=None, seed=0, chunk=None, kind="thread"):
     """Keys per batch, rank after rank."""
     out = []
     for rank in range(world):
-        stream = ShardStream(manifest, rank, world, batch, workers, shuffle_buffer=64, seed=seed)
-        out += [b["key"] for b in stream.epoch_batches(position or StreamPosition())]
+        stream = ShardStream(
+            manifest, rank, world, batch, workers, shuffle_buffer=64, seed=seed, chunk_batches=chunk, worker_type=kind
+        )
+        out += [b["key"].tolist() for b in stream.epoch_batches(position or StreamPosition())]
     return out
 
 
@@ -36,22 +39,26 @@ def test_uint8_decodes_to_minus_one_one_and_keys_match_samples(tmp_path):
     x = make_images(str(tmp_path), n=64, shards=2)
     stream = ShardStream(read_manifest(str(tmp_path)), 0, 1, 8, 0, shuffle_buffer=32)
     batch = next(stream.epoch_batches(StreamPosition()))
-    assert batch["x"].dtype.is_floating_point and batch["x"].shape == (8, 1, 8, 8)
+    assert batch["x"].dtype == torch.uint8 and batch["x"].shape == (8, 1, 8, 8)  # as stored
     idx = [int(k) for k in batch["key"]]
-    np.testing.assert_allclose(batch["x"].numpy(), x[idx].astype(np.float32) / 127.5 - 1, atol=1e-6)
+    np.testing.assert_array_equal(batch["x"].numpy(), x[idx])
+    decoded = decode_samples(batch["x"], "uint8")
+    np.testing.assert_allclose(decoded.numpy(), x[idx].astype(np.float32) / 127.5 - 1, atol=1e-6)
     assert batch["label"].tolist() == [i % 10 for i in idx]
 
 
-def test_exactly_once_two_ranks_two_workers(tmp_path):
+@pytest.mark.parametrize("kind", ["thread", "process"])
+@pytest.mark.parametrize("chunk", [None, 3])  # one chunk per worker; chunks that straddle shards
+def test_exactly_once_two_ranks_two_workers(tmp_path, chunk, kind):
     make_images(str(tmp_path))  # 8 shards x 64 samples, batch 16: nothing dropped
     m = read_manifest(str(tmp_path))
-    batches = epoch_keys(m)
+    batches = epoch_keys(m, chunk=chunk, kind=kind)
     keys = [k for b in batches for k in b]
     assert len(keys) == 512 and len(set(keys)) == 512
     assert len(batches) == 2 * ShardStream(m, 0, 2, 16, 2).batches_per_epoch(0)
-    # (seed, epoch) set the order: the same again, another epoch differs
-    assert epoch_keys(m) == batches
-    assert epoch_keys(m, position=StreamPosition(epoch=1)) != batches
+    # (seed, epoch) set the order, whatever the kind of worker: the same again, another epoch differs
+    assert epoch_keys(m, chunk=chunk, kind="process" if kind == "thread" else "thread") == batches
+    assert epoch_keys(m, position=StreamPosition(epoch=1), chunk=chunk, kind=kind) != batches
 
 
 def test_ranks_get_equal_batch_counts_with_uneven_shards(tmp_path):
@@ -61,16 +68,17 @@ def test_ranks_get_equal_batch_counts_with_uneven_shards(tmp_path):
     assert per_rank[0] == per_rank[1] == ShardStream(m, 0, 2, 16, 1).batches_per_epoch(0)
 
 
-@pytest.mark.parametrize("done", [0, 1, 5, 6, 13])
-def test_resume_neither_repeats_nor_skips(tmp_path, done):
+@pytest.mark.parametrize(("chunk", "kind"), [(None, "thread"), (3, "thread"), (3, "process")])
+@pytest.mark.parametrize("done", [0, 1, 5, 6, 7, 13])
+def test_resume_neither_repeats_nor_skips(tmp_path, done, chunk, kind):
     make_images(str(tmp_path))
     m = read_manifest(str(tmp_path))
-    stream = ShardStream(m, 1, 2, 16, 2, shuffle_buffer=64, seed=3)
-    full = [b["key"] for b in stream.epoch_batches(StreamPosition())]
+    stream = ShardStream(m, 1, 2, 16, 2, shuffle_buffer=64, seed=3, chunk_batches=chunk, worker_type=kind)
+    full = [b["key"].tolist() for b in stream.epoch_batches(StreamPosition())]
     position = StreamPosition()
     position.load_state_dict(StreamPosition(0, done).state_dict())  # as through a checkpoint
-    rest = [b["key"] for b in stream.epoch_batches(position)]
-    assert full[:done] + rest == full
+    rest = [b["key"].tolist() for b in stream.epoch_batches(position)]
+    assert len(full) == 16 and full[:done] + rest == full
 
 
 def test_truncated_and_corrupt_shards_are_skipped_and_counted(tmp_path, caplog):
@@ -89,12 +97,27 @@ def test_truncated_and_corrupt_shards_are_skipped_and_counted(tmp_path, caplog):
         for rank in range(2):
             for b in ShardStream(m, rank, 2, 16, 0, shuffle_buffer=64).epoch_batches(StreamPosition()):
                 corrupt += b["corrupt_shards"]
-                keys += b["key"]
+                keys += b["key"].tolist()
     assert corrupt == 2
     assert garbled in caplog.text
     assert len(keys) == len(set(keys)) == 6 * 64  # every other shard is read in full
     bad = {int(k) // 64 for k in keys}
     assert bad == {0, 1, 2, 3, 4, 5, 6, 7} - {2, 5}
+
+
+def test_corrupt_last_shard_is_counted_and_loses_no_other_sample(tmp_path):
+    make_images(str(tmp_path))
+    m = read_manifest(str(tmp_path))
+    stream = ShardStream(m, 0, 1, 16, 1, shuffle_buffer=64)
+    last = stream._assignment(0, 0)[0][-1]  # the worker's last shard this epoch
+    with open(m.shard_urls()[last], "r+b") as f:
+        f.truncate(1000)
+    m = read_manifest(str(tmp_path))
+    batches = list(ShardStream(m, 0, 1, 16, 1, shuffle_buffer=64).epoch_batches(StreamPosition()))
+    keys = [k for b in batches for k in b["key"].tolist()]
+    assert sum(b["corrupt_shards"] for b in batches) == 1
+    # the shuffle pool still held samples when the corrupt shard came: they are not dropped
+    assert sorted({int(k) // 64 for k in keys}) == sorted(set(range(8)) - {last}) and len(keys) == 7 * 64
 
 
 def test_missing_manifest_or_shard_fails_at_start_up(tmp_path):
@@ -121,12 +144,24 @@ def test_manifest_of_other_shards_fails_clearly(tmp_path):
         next(ShardStream(m, 0, 1, 16, 0).epoch_batches(StreamPosition()))
 
 
-def test_samples_of_another_shape_than_the_manifest_fail(tmp_path):
+@pytest.mark.parametrize(("workers", "kind"), [(0, "thread"), (2, "thread"), (2, "process")])
+def test_samples_of_another_shape_than_the_manifest_fail(tmp_path, workers, kind):
     make_images(str(tmp_path))
     m = read_manifest(str(tmp_path))
     m.sample_shape = [3, 8, 8]
-    with pytest.raises(DataError, match="shape"):
-        next(ShardStream(m, 0, 1, 16, 0).epoch_batches(StreamPosition()))
+    with pytest.raises(DataError, match="shape"):  # raised in a worker, reaches the consumer
+        next(ShardStream(m, 0, 1, 16, workers, worker_type=kind).epoch_batches(StreamPosition()))
+
+
+def test_leaving_an_epoch_early_stops_the_reader_threads(tmp_path):
+    make_images(str(tmp_path))
+    stream = ShardStream(read_manifest(str(tmp_path)), 0, 1, 16, 2, chunk_batches=1)
+    before = threading.active_count()
+    batches = stream.epoch_batches(StreamPosition())
+    next(batches)
+    assert threading.active_count() == before + 2
+    batches.close()  # as when a run stops mid-epoch
+    assert threading.active_count() == before
 
 
 def test_fast_parser_matches_tarfile_on_writer_output(tmp_path):

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from data_pipeline.stream import WORKER_TYPES
 from models.factory import ModelConfig
 
 PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -32,6 +33,9 @@ class DataConfig:
     prepare: str = ""  # the command that writes this data (shown when the shards are missing)
     batch_size: int = 256  # global: split evenly over the ranks
     num_workers: int = 1
+    # thread: workers share the trainer's memory (no copies between processes; the parsing is numpy,
+    # which runs outside the GIL); process: DataLoader worker processes, isolated.
+    worker_type: str = "thread"
     shuffle_buffer: int = 2000
     # Toy data sets only: when there is no manifest at ``url``, write this data set there first.
     toy: str = ""
@@ -162,6 +166,7 @@ class RunConfig:
         _check_choice("train.engine", self.train.engine, ("ddp", "deepspeed"))
         _check_choice("train.negatives", self.train.negatives, ("generator", "mala"))
         _check_choice("eval.kind", self.eval.kind, EVAL_KINDS)
+        _check_choice("data.worker_type", self.data.worker_type, WORKER_TYPES)
         for key, value in [
             ("train.steps", self.train.steps),
             ("train.energy_steps", self.train.energy_steps),

@@ -117,6 +117,7 @@ def train(cfg: RunConfig, runtime) -> dict[str, float]:
         cfg.data.num_workers,
         cfg.data.shuffle_buffer,
         cfg.train.seed,
+        worker_type=cfg.data.worker_type,
     )
     logger, prometheus = build_logger(cfg, runtime)
     trainer = MEGTrainer(cfg, runtime, nets, stream, logger, Evaluator(cfg, manifest.sample_shape, manifest.name))

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from data_pipeline.stream import ShardStream, StreamPosition
+from data_pipeline.stream import ShardStream, StreamPosition, decode_samples
 from models import MEGNetworks, energy_loss, generator_loss, latent_mala
 from trainer.config import OptimConfig, RunConfig
 from trainer.distributed import Runtime, checkpoint_step, frozen, list_checkpoints
@@ -159,7 +159,7 @@ class MEGTrainer:
                     break
                 position.batches_done += 1
                 self.corrupt_shards += int(batch["corrupt_shards"])
-                yield batch["x"].to(self.runtime.device, non_blocking=True)
+                yield decode_samples(batch["x"].to(self.runtime.device, non_blocking=True), self.stream.manifest.dtype)
             position.epoch += 1
             position.batches_done = 0
 
