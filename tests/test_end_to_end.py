@@ -9,7 +9,9 @@ import time
 
 from safetensors.torch import load_file
 
+from data_pipeline.stream import StreamPosition
 from tests.conftest import REPO_ROOT, run_trainer, subprocess_env, tiny_overrides
+from trainer.meg_trainer import TrainState
 
 
 def _final_weights(run_dir, step):
@@ -141,3 +143,19 @@ def test_diverging_run_stops_cleanly_after_k_rollbacks(tmp_path):
     assert "2 rollback(s) did not help. Stopping: checkpoints are intact" in result.stderr
     checkpoint = tmp_path / "run" / "checkpoints" / "step_00000000"
     assert len([n for n in os.listdir(checkpoint) if n.endswith(".safetensors")]) == 3
+
+
+def test_each_rank_resumes_from_its_own_stream_position():
+    # Rank 1 ended an epoch early (a corrupt shard): its position differs from rank 0's.
+    saved = TrainState(rank=0, world_size=2)
+    saved.step, saved.position = 40, StreamPosition(3, 10)
+    saved.rank_positions = [{"epoch": 3, "batches_done": 10}, {"epoch": 4, "batches_done": 1}]
+    state = saved.state_dict()  # what the main process writes
+    for rank, expected in [(0, StreamPosition(3, 10)), (1, StreamPosition(4, 1))]:
+        resumed = TrainState(rank=rank, world_size=2)
+        resumed.load_state_dict(state)
+        assert (resumed.step, resumed.position) == (40, expected)
+    # another world size reassigns the shards: every rank takes rank 0's position
+    resumed = TrainState(rank=2, world_size=4)
+    resumed.load_state_dict(state)
+    assert resumed.position == StreamPosition(3, 10)

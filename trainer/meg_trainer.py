@@ -37,19 +37,31 @@ class Preempted(RuntimeError):
 
 
 class TrainState:
-    """What a checkpoint needs beyond networks, optimizers and RNGs: the step and the stream position."""
+    """What a checkpoint needs beyond networks, optimizers and RNGs: the step and the stream
+    positions. Only the main process writes it, so it carries every rank's position (gathered just
+    before saving): ranks' positions differ when a corrupt shard ended one rank's epoch early."""
 
-    def __init__(self) -> None:
+    def __init__(self, rank: int = 0, world_size: int = 1) -> None:
+        self.rank, self.world_size = rank, world_size
         self.step = 0
         self.position = StreamPosition()
+        self.rank_positions: list[dict[str, int]] = []  # filled by the trainer before each save
         self.lr_scale = 1.0  # lowered by each divergence rollback, and kept across resumes
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "position": self.position.state_dict(), "lr_scale": self.lr_scale}
+        return {
+            "step": self.step,
+            "position": self.position.state_dict(),
+            "rank_positions": self.rank_positions or [self.position.state_dict()],
+            "lr_scale": self.lr_scale,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
-        self.position.load_state_dict(state["position"])
+        positions = state.get("rank_positions", [])
+        # Another world size reshuffles the shards among ranks: every rank then takes rank 0's place.
+        own = positions[self.rank] if len(positions) == self.world_size else state["position"]
+        self.position.load_state_dict(own)
         self.lr_scale = float(state.get("lr_scale", 1.0))
 
 
@@ -81,7 +93,7 @@ class MEGTrainer:
         self.statistics = self.generator_update.modules["statistics"]
         self.base_lrs = [(self.energy_update, t.energy_optim.lr), (self.generator_update, t.generator_optim.lr)]
         self.batch_per_rank = cfg.data.batch_size // runtime.world_size
-        self.state = TrainState()
+        self.state = TrainState(runtime.rank, runtime.world_size)
         runtime.register_for_checkpointing(self.state)
         self.checkpoint_dir = os.path.join(cfg.output_dir, "checkpoints")
         self._pending: list[torch.Tensor] = []
@@ -269,13 +281,21 @@ class MEGTrainer:
         self.runtime.barrier()
         return metrics
 
+    def _save_checkpoint(self) -> None:
+        """Saves at the current step; every rank must call it (the positions are gathered)."""
+        mine = torch.zeros(self.runtime.world_size, 2, dtype=torch.int64, device=self.runtime.device)
+        mine[self.runtime.rank] = torch.tensor([self.state.position.epoch, self.state.position.batches_done])
+        every = self.runtime.sum_across_ranks(mine).tolist()
+        self.state.rank_positions = [{"epoch": e, "batches_done": b} for e, b in every]
+        self.runtime.save_checkpoint(self.checkpoint_dir, self.state.step, self.cfg.checkpoint.keep)
+
     def train(self) -> dict[str, float]:
         self.corrupt_shards = 0
         self.rollbacks = 0
         self.stop_requested = False
         if self.cfg.train.guard.max_rollbacks > 0 and not list_checkpoints(self.checkpoint_dir):
             # The initial networks are a good state to roll back to if the run diverges early.
-            self.runtime.save_checkpoint(self.checkpoint_dir, self.state.step, self.cfg.checkpoint.keep)
+            self._save_checkpoint()
         while True:
             try:
                 last = self._train_until_done()
@@ -311,7 +331,7 @@ class MEGTrainer:
                 self.logger.log(step, last)
                 tick, steps_since = time.perf_counter(), 0
             if checkpoint_due or self.stop_requested:
-                self.runtime.save_checkpoint(self.checkpoint_dir, step, cfg.checkpoint.keep)
+                self._save_checkpoint()
             if self.stop_requested:
                 raise Preempted(f"stop signal received; checkpoint saved at step {step}, rerun to resume")
             if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.steps:
