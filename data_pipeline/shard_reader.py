@@ -124,8 +124,9 @@ def _check_member_headers(recs: np.ndarray, words: np.ndarray, h: int, klen: int
     if not all((words[:, base + a : base + b] == words[0, base + a : base + b]).all() for a, b in fixed):
         raise _NotUniform
     hdr = recs[:, h : h + BLOCK]
-    # Inside the varying words, only the key, the size digits and the checksum digits may vary.
-    for a, b in ((klen, key_words * 8), (s0 * 8, 124), (c0 * 8, 148), (154, c1 * 8)):
+    # Inside the varying words, only the key, the size digits (not their terminator, byte 135) and the
+    # checksum digits may vary.
+    for a, b in ((klen, key_words * 8), (s0 * 8, 124), (135, 136), (c0 * 8, 148), (154, c1 * 8)):
         if not (hdr[:, a:b] == hdr[0, a:b]).all():
             raise _NotUniform
     stored = _octal(hdr[:, 148:154])

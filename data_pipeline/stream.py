@@ -1,4 +1,4 @@
-"""Streams a manifest's shards through webdataset: split by rank and worker, seeded, resumable.
+"""Streams a manifest's shards: split by rank and worker, seeded, resumable.
 
 How every rank gets the same number of batches: the shard list is shuffled with (seed, epoch),
 identically on every rank; rank r takes shards r, r + world, ...; its worker w takes every W-th of
@@ -8,17 +8,24 @@ of an epoch for a batch another rank does not have. With equal shards whose size
 the per-rank batch size (the converters' default), nothing is dropped and every sample of an epoch
 is seen exactly once across ranks x workers.
 
-Resuming: within an epoch the order of batches is a pure function of (seed, epoch, rank), and the
-DataLoader hands out worker batches round-robin, so a position is just (epoch, batches consumed).
+Inside a worker each shard is read whole (local files into reused buffers, anything else through
+webdataset's opener table, which sends every remote scheme to fsspec), parsed into arrays
+(shard_reader.py), mixed into a shuffle pool with a generator seeded by (seed, epoch, rank,
+worker), and cut into batches. Workers hand over chunks of ``chunk_batches`` consecutive batches
+(about 8 MiB); batches hold samples as stored, and the consumer decodes them on its device
+(decode_samples). Workers are threads (the default: numpy runs outside the GIL and nothing is
+copied between processes) or DataLoader processes (chunks travel in shared memory).
 
-Inside a worker each shard is read whole (one request through webdataset's opener table, which
-sends every remote scheme to fsspec), parsed into arrays (shard_reader.py), mixed into a shuffle pool
-with a generator seeded by (seed, epoch, rank, worker), and cut into batches that are decoded
-(uint8 -> [-1, 1] float32) in the worker. A shard that is truncated, corrupt or of another size than
-the manifest records is skipped with a warning naming it and counted in the next batch's
-``corrupt_shards``; that worker then yields fewer batches, and that rank ends its epoch early (the
-trainer's loop goes straight on to the next epoch, so no rank waits on another). Samples whose
-shape or dtype differ from the manifest raise DataError: the manifest does not describe the data.
+Resuming: chunks are taken from the workers round-robin, skipping exhausted ones, and the order of
+each worker's batches is a pure function of (seed, epoch, rank), so a position is just (epoch,
+batches consumed); exact as long as batch size, workers and sample size stay the same.
+
+A shard that is truncated, corrupt or of another size than the manifest records is skipped with a
+warning naming it and counted in the next batch's ``corrupt_shards``; that worker then yields
+fewer batches, and that rank ends its epoch early (the trainer's loop goes straight on to the next
+epoch, so no rank waits on another). Within such an epoch a resumed position is approximate: the
+batch order assumed the lost shard. Samples whose shape or dtype differ from the manifest raise
+DataError: the manifest does not describe the data.
 """
 
 from __future__ import annotations
@@ -97,7 +104,12 @@ class ReadBuffer:
             if len(self._data) < size:
                 self._data = bytearray(size)  # replaced, not resized: old views may still exist
             view = memoryview(self._data)[:size]
-            got = f.readinto(view)
+            got = 0
+            while got < size:  # one read(2) returns at most about 2 GiB, network filesystems less
+                n = f.readinto(view[got:])
+                if not n:
+                    break
+                got += n
         return view[:got]
 
 
@@ -156,7 +168,8 @@ def decode_samples(x: torch.Tensor, dtype: str) -> torch.Tensor:
 
 
 def to_float(x: np.ndarray, dtype: str) -> torch.Tensor:
-    return decode_samples(torch.from_numpy(np.ascontiguousarray(x)), dtype)
+    # A copy: ``x`` may be a read-only view into a shard's bytes, and float32 data is not converted.
+    return decode_samples(torch.from_numpy(np.array(x)), dtype)
 
 
 def read_split(manifest: Manifest, limit: int | None = None) -> dict:
@@ -289,7 +302,8 @@ def _threaded_chunks(dataset: _EpochDataset, workers: int, prefetch: int = 2) ->
     finally:
         stop.set()
         for t in threads:
-            t.join()
+            if t is not threading.current_thread():  # the generator may be collected on a reader thread
+                t.join()
 
 
 class ShardStream:

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.shard_reader import parse_shard
+from data_pipeline import stream as stream_module
+from data_pipeline.shard_reader import CorruptShard, parse_shard
 from data_pipeline.shards import DataError, ShardWriter, read_manifest, write_array_shards
 from data_pipeline.stream import ShardStream, StreamPosition, decode_samples, manifest_from_urls
 
@@ -177,6 +178,45 @@ def test_fast_parser_matches_tarfile_on_writer_output(tmp_path):
     parsed = parse_shard(data)
     assert parsed.keys[3] == "000000003" and parsed.labels.tolist() == labels.tolist()
     np.testing.assert_array_equal(parsed.x, x)
+
+
+def test_fast_parser_rejects_a_header_tarfile_rejects(tmp_path):
+    m = write_array_shards(str(tmp_path), "t", "train", np.zeros((4, 3), np.uint8), np.arange(4), 1)
+    data = bytearray((tmp_path / m.shards[0].url).read_bytes())
+    header = 2 * 4 * 512  # the third sample's .cls header: a sample is 4 blocks (2 headers, 2 data)
+    data[header + 135] = ord("1")  # the size field's terminator becomes a 12th digit
+    data[header + 148 : header + 156] = b"        "
+    data[header + 148 : header + 155] = b"%06o\0" % sum(data[header : header + 512])
+    with pytest.raises(CorruptShard):
+        parse_shard(bytes(data))
+
+
+def test_local_shards_are_read_whole_despite_short_reads(tmp_path, monkeypatch):
+    x = make_images(str(tmp_path), n=64, shards=2)
+    real_open = open
+
+    class ShortReads:  # as a network filesystem, or read(2) of a file over 2 GiB
+        def __init__(self, *args, **kwargs):
+            self.f = real_open(*args, **kwargs)
+
+        def readinto(self, view):
+            return self.f.readinto(view[:1000])
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(stream_module, "open", ShortReads, raising=False)
+    batches = list(ShardStream(read_manifest(str(tmp_path)), 0, 1, 8, 0).epoch_batches(StreamPosition()))
+    assert sum(b["corrupt_shards"] for b in batches) == 0
+    keys = [int(k) for b in batches for k in b["key"]]
+    assert sorted(keys) == list(range(64))
+    np.testing.assert_array_equal(np.concatenate([b["x"].numpy() for b in batches]), x[keys])
 
 
 def test_brace_pattern(tmp_path):

@@ -39,7 +39,8 @@ class Preempted(RuntimeError):
 class TrainState:
     """What a checkpoint needs beyond networks, optimizers and RNGs: the step and the stream
     positions. Only the main process writes it, so it carries every rank's position (gathered just
-    before saving): ranks' positions differ when a corrupt shard ended one rank's epoch early."""
+    before saving): ranks' positions differ once a corrupt shard has ended one rank's epoch early,
+    and each rank resumes from its own."""
 
     def __init__(self, rank: int = 0, world_size: int = 1) -> None:
         self.rank, self.world_size = rank, world_size
