@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import tiny_overrides
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 30
 
@@ -69,20 +71,11 @@ def _launch(script: Path, run: Path, data: Path, machine_rank: int | None, port:
         str(script),
         "--config",
         "toy_25gaussians",
-        "model.hidden=[32,32]",
-        "model.generator_hidden=[32,32]",
-        f"train.steps={STEPS}",
-        "log.every=5",
-        "checkpoint.every=1000",
-        "eval.every=0",
-        "eval.mala.steps=0",
-        "eval.plots=false",
-        "log.prometheus_port=-1",
-        "log.progress=false",
-        "data.toy_num_samples=4096",
-        "data.num_workers=0",
-        f"output_dir={run}",
+        *tiny_overrides(data.parent, STEPS),
+        f"output_dir={run}",  # after the shared overrides: the later value wins
         f"data.url={data}",
+        "checkpoint.every=1000",
+        "log.progress=false",
     ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import tiny_overrides
+
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH_SCRIPT = ROOT / "deploy" / "slurm" / "meg.sbatch"
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "scancel")
@@ -228,24 +230,8 @@ def slurm(tmp_path_factory):
 
 
 def _trainer_args(tmp: Path, steps: int) -> list[str]:
-    return [
-        "--config",
-        "toy_25gaussians",
-        "model.hidden=[32,32]",
-        "model.generator_hidden=[32,32]",
-        f"train.steps={steps}",
-        "log.every=5",
-        "checkpoint.every=20",
-        "eval.every=0",
-        "eval.mala.steps=0",
-        "eval.plots=false",
-        "log.prometheus_port=-1",
-        "log.progress=false",
-        "data.toy_num_samples=4096",
-        "data.num_workers=0",
-        f"output_dir={tmp / 'run'}",
-        f"data.url={tmp / 'data'}",
-    ]
+    # Checkpoints every 20 steps, so that a preempted job has one to resume from.
+    return ["--config", "toy_25gaussians", *tiny_overrides(tmp, steps), "checkpoint.every=20", "log.progress=false"]
 
 
 # Two tasks on the one node stand for two nodes (the script runs one task per node).
