@@ -167,11 +167,6 @@ def decode_samples(x: torch.Tensor, dtype: str) -> torch.Tensor:
     return x.to(torch.float32)
 
 
-def to_float(x: np.ndarray, dtype: str) -> torch.Tensor:
-    # A copy: ``x`` may be a read-only view into a shard's bytes, and float32 data is not converted.
-    return decode_samples(torch.from_numpy(np.array(x)), dtype)
-
-
 def read_split(manifest: Manifest, limit: int | None = None) -> dict:
     """A whole split in memory, in manifest order: ``x`` (float32 tensor, images in [-1, 1]),
     ``label`` and ``key`` (numpy arrays). For evaluation sets and tools, not for training."""
@@ -185,7 +180,9 @@ def read_split(manifest: Manifest, limit: int | None = None) -> dict:
             raise DataError(f"shard {url} of an evaluation split is unreadable: {e}") from None
         total += len(parts[-1])
     arrays = ShardArrays.concat(parts).take(slice(0, limit))
-    return {"x": to_float(arrays.x, manifest.dtype), "label": arrays.labels, "key": arrays.keys}
+    # np.array copies: x may be a read-only view into a shard's bytes, and float32 is not converted.
+    x = decode_samples(torch.from_numpy(np.array(arrays.x)), manifest.dtype)
+    return {"x": x, "label": arrays.labels, "key": arrays.keys}
 
 
 def manifest_from_urls(urls: str | list[str], name: str = "", split: str = "train") -> Manifest:
@@ -216,10 +213,10 @@ def manifest_from_urls(urls: str | list[str], name: str = "", split: str = "trai
     return Manifest(name or "shards", split, shape or [], dtype or "", shards, class_counts=counts)
 
 
-# What a worker sends is a chunk of several consecutive batches: one message per batch cost more in
-# inter-process overhead than all the parsing. The samples go as a torch tensor, which travels
-# through shared memory (its fixed cost per message is amortised over the chunk), the small
-# labels and keys are pickled.
+# What a worker hands over is a chunk of several consecutive batches: one message per batch cost
+# more than all the parsing. From a worker process the samples travel as a torch tensor in shared
+# memory (its fixed cost per message is amortised over the chunk) and the small labels and keys
+# are pickled; from a worker thread nothing is copied.
 CHUNK_BYTES = 8 << 20
 MAX_CHUNK_BATCHES = 64
 
@@ -370,14 +367,12 @@ class ShardStream:
         # The DataLoader takes chunks from its workers round-robin, skipping exhausted ones, and
         # always starts a new iterator at worker 0: workers skip the whole rounds of chunks already
         # done, and the batches of a partly consumed round are dropped here.
-        rounds = [
-            r
-            for r in range(-(-max(counts, default=0) // per_chunk))
-            for w in range(len(counts))
-            for _ in range(min(per_chunk, max(counts[w] - r * per_chunk, 0)))
-        ]  # the round of chunks that each batch of the epoch comes in
-        resume_round = rounds[done] if done < len(rounds) else len(rounds)
-        round_start = rounds.index(resume_round) if done < len(rounds) else len(rounds)
+        resume_round, round_start = 0, 0  # the round holding batch ``done``, and its first batch
+        for r in range(-(-max(counts, default=0) // per_chunk)):
+            in_round = sum(min(per_chunk, max(c - r * per_chunk, 0)) for c in counts)
+            if round_start + in_round > done:
+                break
+            resume_round, round_start = r + 1, round_start + in_round
         skips = [min(resume_round * per_chunk, c) for c in counts]
         dataset = _EpochDataset(self, epoch, skips)
         if self.num_workers > 0 and self.worker_type == "thread":
