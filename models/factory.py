@@ -20,12 +20,15 @@ class ModelConfig:
     generator_tanh: bool = False  # mlp only: squash G's output to [-1, 1] (images)
     energy_negative_slope: float = 0.2
     init_std: float = 0.0  # > 0: N(0, init_std) weights, zero biases (the authors used 0.02 for images)
+    conv_width: int = 64  # conv only: first layer's channels, doubled per layer (the paper's 64; 16 for CPU runs)
 
     def __post_init__(self) -> None:
         if self.arch not in ("mlp", "conv"):
             raise ValueError(f"model.arch must be 'mlp' or 'conv', got {self.arch!r}")
         if self.z_dim < 1:
             raise ValueError(f"model.z_dim must be >= 1, got {self.z_dim}")
+        if self.conv_width < 1:
+            raise ValueError(f"model.conv_width must be >= 1, got {self.conv_width}")
 
 
 @dataclass
@@ -54,9 +57,9 @@ def build_networks(cfg: ModelConfig, sample_shape: tuple[int, ...]) -> MEGNetwor
             raise ValueError(f"the conv arch takes square (C, H, W) images, got shape {sample_shape}")
         channels, size = sample_shape[0], sample_shape[1]
         nets = MEGNetworks(
-            energy=ConvEnergy(channels, size),
-            generator=ConvGenerator(cfg.z_dim, channels, size),
-            statistics=ConvStatistics(channels, size, cfg.z_dim),
+            energy=ConvEnergy(channels, size, cfg.conv_width),
+            generator=ConvGenerator(cfg.z_dim, channels, size, cfg.conv_width),
+            statistics=ConvStatistics(channels, size, cfg.z_dim, cfg.conv_width),
         )
     if cfg.init_std > 0:
         for net in (nets.energy, nets.generator, nets.statistics):
