@@ -83,4 +83,12 @@ def generator_loss(
     e_fake = energy(x_fake).float().mean()
     mi = jsd_mutual_information(statistics, x_fake, z)
     loss = e_fake - entropy_weight * mi
-    return loss, {"generator_loss": loss.detach(), "generator_energy": e_fake.detach(), "mi_estimate": mi.detach()}
+    # Per-dimension std of the samples across the batch, averaged: near 0 once G has collapsed to
+    # one output, which the losses alone do not show (the MI estimate then sits at -2 ln 2).
+    spread = x_fake.detach().float().flatten(1).std(dim=0).mean()
+    return loss, {
+        "generator_loss": loss.detach(),
+        "generator_energy": e_fake.detach(),
+        "mi_estimate": mi.detach(),
+        "sample_spread": spread,
+    }

@@ -39,6 +39,7 @@ def test_short_toy_run_writes_everything(tmp_path):
         "energy_gap",
         "penalty",
         "mi_estimate",
+        "sample_spread",
         "samples_per_s",
         "step_time_s",
     ):

@@ -15,6 +15,7 @@ EXPECTED = [
     "meg_energy_gap",
     "meg_penalty",
     "meg_mi_estimate",
+    "meg_sample_spread",
     "meg_samples_per_s",
     "meg_step_time_s",
     "meg_steps_total",

@@ -7,6 +7,7 @@ from torch import nn
 
 from models.objectives import (
     energy_loss,
+    generator_loss,
     gradient_penalty,
     jsd_mutual_information,
     squared_grad_norm,
@@ -95,3 +96,16 @@ def test_mi_bound_rises_with_dependence():
     assert abs(estimates[0] + 2 * math.log(2)) < 0.05
     assert all(a < b for a, b in zip(estimates, estimates[1:])), estimates
     assert estimates[-1] > -0.6
+
+
+def test_sample_spread_is_zero_for_a_collapsed_generator():
+    torch.manual_seed(0)
+    z = torch.randn(64, 4)
+    statistics = lambda x, z: x.flatten(1).sum(1) * 0 + z.sum(1)  # noqa: E731
+    energy = lambda x: x.flatten(1).sum(1)  # noqa: E731
+    collapsed = torch.full((64, 3, 8, 8), 0.7)
+    diverse = 0.5 * torch.randn(64, 3, 8, 8)
+    _, collapsed_metrics = generator_loss(energy, statistics, collapsed, z)
+    _, diverse_metrics = generator_loss(energy, statistics, diverse, z)
+    assert collapsed_metrics["sample_spread"].item() == 0.0
+    assert abs(diverse_metrics["sample_spread"].item() - 0.5) < 0.05

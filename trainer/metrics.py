@@ -77,7 +77,7 @@ def _fmt_duration(seconds: float) -> str:
 class ProgressSink:
     """One line per log interval; rewritten in place when the output is a terminal."""
 
-    SHOWN = ("energy_loss", "generator_loss", "energy_gap", "penalty", "mi_estimate")
+    SHOWN = ("energy_loss", "generator_loss", "energy_gap", "penalty", "mi_estimate", "sample_spread")
 
     def __init__(self, total_steps: int, stream=sys.stdout):
         self.total, self.stream = total_steps, stream
