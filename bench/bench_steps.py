@@ -23,17 +23,14 @@ from trainer.distributed import Runtime
 from trainer.meg_trainer import MEGTrainer
 from trainer.metrics import MetricsLogger
 
+CONV = ["model.arch=conv", "model.z_dim=128", "data.batch_size=64"]
 CASES = {
     "toy": ("toy_25gaussians", (2,), ["data.batch_size=256"]),
-    "conv28": ("toy_25gaussians", (1, 28, 28), ["model.arch=conv", "model.z_dim=128", "data.batch_size=64"]),
-    "conv32": ("toy_25gaussians", (3, 32, 32), ["model.arch=conv", "model.z_dim=128", "data.batch_size=64"]),
+    "conv28": ("toy_25gaussians", (1, 28, 28), CONV),
+    "conv32": ("toy_25gaussians", (3, 32, 32), CONV),
     # StackedMNIST's conv nets at the paper's width and at a quarter of it (model.conv_width=16).
-    "conv28x3": ("toy_25gaussians", (3, 28, 28), ["model.arch=conv", "model.z_dim=128", "data.batch_size=64"]),
-    "conv28x3_w16": (
-        "toy_25gaussians",
-        (3, 28, 28),
-        ["model.arch=conv", "model.z_dim=128", "model.conv_width=16", "data.batch_size=64"],
-    ),
+    "conv28x3": ("toy_25gaussians", (3, 28, 28), CONV),
+    "conv28x3_w16": ("toy_25gaussians", (3, 28, 28), [*CONV, "model.conv_width=16"]),
 }
 
 

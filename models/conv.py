@@ -10,7 +10,7 @@ def energy_trunk(channels: int, size: int, width: int = 64) -> tuple[nn.Sequenti
     """The convolutional feature extractor shared by E and T; returns (trunk, flat feature size).
 
     ``width`` is the first layer's channel count (the paper's 64); later layers double it, so the
-    compute grows with its square: 16 runs about 16 times faster, for CPU-sized runs.
+    conv compute grows with its square (16: about 10x less per energy step on a CPU, bench_steps).
     """
     w = width
     if size == 28:
