@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.ops import EAGER, FusedOps, conv_leaky_relu, linear_leaky_relu
 
-def energy_trunk(channels: int, size: int, width: int = 64) -> tuple[nn.Sequential, int]:
+
+def energy_trunk(channels: int, size: int, width: int = 64, ops: FusedOps = EAGER) -> tuple[nn.Sequential, int]:
     """The convolutional feature extractor shared by E and T; returns (trunk, flat feature size).
 
     ``width`` is the first layer's channel count (the paper's 64); later layers double it, so the
@@ -18,7 +20,7 @@ def energy_trunk(channels: int, size: int, width: int = 64) -> tuple[nn.Sequenti
         widths = [channels, w, 2 * w, 4 * w, 8 * w]
         layers: list[nn.Module] = []
         for cin, cout in zip(widths[:-1], widths[1:]):
-            layers += [nn.Conv2d(cin, cout, 5, stride=2, padding=2), nn.LeakyReLU(0.2)]
+            layers += conv_leaky_relu(cin, cout, 5, 2, 2, 0.2, ops)
         return nn.Sequential(*layers, nn.Flatten()), 8 * w * 2 * 2
     if size == 32:
         # Seven convs alternating 3x3 stride 1 and 4x4 stride 2, LeakyReLU(0.1): 32 -> 4.
@@ -26,16 +28,16 @@ def energy_trunk(channels: int, size: int, width: int = 64) -> tuple[nn.Sequenti
         layers = []
         cin = channels
         for cout, kernel, stride in spec:
-            layers += [nn.Conv2d(cin, cout, kernel, stride=stride, padding=1), nn.LeakyReLU(0.1)]
+            layers += conv_leaky_relu(cin, cout, kernel, stride, 1, 0.1, ops)
             cin = cout
         return nn.Sequential(*layers, nn.Flatten()), 8 * w * 4 * 4
     raise ValueError(f"no conv architecture for {size}x{size} images; supported sizes: 28, 32")
 
 
 class ConvEnergy(nn.Module):
-    def __init__(self, channels: int, size: int, width: int = 64):
+    def __init__(self, channels: int, size: int, width: int = 64, ops: FusedOps = EAGER):
         super().__init__()
-        self.trunk, features = energy_trunk(channels, size, width)
+        self.trunk, features = energy_trunk(channels, size, width, ops)
         self.head = nn.Linear(features, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,12 +82,12 @@ class ConvGenerator(nn.Module):
 class ConvStatistics(nn.Module):
     """T(x, z) = MLP([Linear(trunk(x)) -> 128, z]) with hidden widths 256, 512."""
 
-    def __init__(self, channels: int, size: int, z_dim: int, width: int = 64):
+    def __init__(self, channels: int, size: int, z_dim: int, width: int = 64, ops: FusedOps = EAGER):
         super().__init__()
-        self.trunk, features = energy_trunk(channels, size, width)
+        self.trunk, features = energy_trunk(channels, size, width, ops)
         self.embed = nn.Linear(features, 128)
         self.head = nn.Sequential(
-            nn.Linear(128 + z_dim, 256), nn.LeakyReLU(0.2), nn.Linear(256, 512), nn.LeakyReLU(0.2), nn.Linear(512, 1)
+            *linear_leaky_relu(128 + z_dim, 256, 0.2, ops), *linear_leaky_relu(256, 512, 0.2, ops), nn.Linear(512, 1)
         )
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

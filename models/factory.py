@@ -8,6 +8,9 @@ from torch import nn
 
 from models.conv import ConvEnergy, ConvGenerator, ConvStatistics, init_normal
 from models.mlp import MLPEnergy, MLPGenerator, MLPStatistics
+from models.ops import EAGER, FusedOps
+
+KERNEL_CHOICES = ("auto", "eager", "fused")
 
 
 @dataclass
@@ -21,6 +24,9 @@ class ModelConfig:
     energy_negative_slope: float = 0.2
     init_std: float = 0.0  # > 0: N(0, init_std) weights, zero biases (the authors used 0.02 for images)
     conv_width: int = 64  # conv only: first layer's channels, doubled per layer (the paper's 64; 16 for CPU runs)
+    # E's and T's layers and the penalty: fused (Triton bias+LeakyReLU, gradfix convs, one-kernel penalty
+    # reduction), eager (plain PyTorch), or auto (fused on CUDA, eager elsewhere). Same numbers, same weights.
+    kernels: str = "auto"
 
     def __post_init__(self) -> None:
         if self.arch not in ("mlp", "conv"):
@@ -29,6 +35,8 @@ class ModelConfig:
             raise ValueError(f"model.z_dim must be >= 1, got {self.z_dim}")
         if self.conv_width < 1:
             raise ValueError(f"model.conv_width must be >= 1, got {self.conv_width}")
+        if self.kernels not in KERNEL_CHOICES:
+            raise ValueError(f"model.kernels must be one of {', '.join(KERNEL_CHOICES)}, got {self.kernels!r}")
 
 
 @dataclass
@@ -38,28 +46,31 @@ class MEGNetworks:
     statistics: nn.Module
 
 
-def build_networks(cfg: ModelConfig, sample_shape: tuple[int, ...]) -> MEGNetworks:
-    """E, G, T for samples of ``sample_shape`` (e.g. (2,) for toy data, (3, 28, 28) for images)."""
+def build_networks(cfg: ModelConfig, sample_shape: tuple[int, ...], ops: FusedOps = EAGER) -> MEGNetworks:
+    """E, G, T for samples of ``sample_shape`` (e.g. (2,) for toy data, (3, 28, 28) for images).
+
+    ``ops``: the fused ops E's and T's layers use (the trainer resolves ``cfg.kernels`` for its
+    device); the parameters and their names are the same whatever it is."""
     if cfg.arch == "mlp":
         # Any sample shape: E and T flatten their input, G reshapes its output.
         dim = 1
         for s in sample_shape:
             dim *= s
         nets = MEGNetworks(
-            energy=MLPEnergy(dim, cfg.hidden, cfg.energy_negative_slope),
+            energy=MLPEnergy(dim, cfg.hidden, cfg.energy_negative_slope, ops),
             generator=MLPGenerator(
                 cfg.z_dim, cfg.generator_hidden, sample_shape, cfg.generator_batch_norm, cfg.generator_tanh
             ),
-            statistics=MLPStatistics(dim, cfg.z_dim, cfg.hidden, cfg.energy_negative_slope),
+            statistics=MLPStatistics(dim, cfg.z_dim, cfg.hidden, cfg.energy_negative_slope, ops),
         )
     else:
         if len(sample_shape) != 3 or sample_shape[1] != sample_shape[2]:
             raise ValueError(f"the conv arch takes square (C, H, W) images, got shape {sample_shape}")
         channels, size = sample_shape[0], sample_shape[1]
         nets = MEGNetworks(
-            energy=ConvEnergy(channels, size, cfg.conv_width),
+            energy=ConvEnergy(channels, size, cfg.conv_width, ops),
             generator=ConvGenerator(cfg.z_dim, channels, size, cfg.conv_width),
-            statistics=ConvStatistics(channels, size, cfg.z_dim, cfg.conv_width),
+            statistics=ConvStatistics(channels, size, cfg.z_dim, cfg.conv_width, ops),
         )
     if cfg.init_std > 0:
         for net in (nets.energy, nets.generator, nets.statistics):

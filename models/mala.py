@@ -17,7 +17,7 @@ from torch import Tensor
 class MALAResult:
     z: Tensor
     x: Tensor
-    acceptance_rate: float
+    acceptance_rate: Tensor  # 0-dim, on z's device: float() reads it (a host sync, so only when needed)
 
 
 def latent_mala(
@@ -58,5 +58,5 @@ def latent_mala(
         x = torch.where(accept.view(-1, *([1] * (x.dim() - 1))), x_new, x)
         u = torch.where(accept, u_new, u)
         grad = torch.where(keep, grad_new, grad)
-    rate = (accepted / max(steps * z.shape[0], 1)).item() if steps else 1.0
+    rate = accepted / (steps * z.shape[0]) if steps else torch.ones((), device=z.device)
     return MALAResult(z=z, x=x, acceptance_rate=rate)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.ops import EAGER, FusedOps, linear_leaky_relu
 
-def mlp(in_dim: int, hidden: list[int], out_dim: int, activation: type[nn.Module], **act_kw) -> nn.Sequential:
+
+def leaky_mlp(in_dim: int, hidden: list[int], out_dim: int, negative_slope: float, ops: FusedOps) -> nn.Sequential:
+    """Linear + LeakyReLU layers and a linear output (E and T): eager or fused, same state-dict keys."""
     layers: list[nn.Module] = []
     width = in_dim
     for h in hidden:
-        layers += [nn.Linear(width, h), activation(**act_kw)]
+        layers += linear_leaky_relu(width, h, negative_slope, ops)
         width = h
     layers.append(nn.Linear(width, out_dim))
     return nn.Sequential(*layers)
@@ -19,9 +22,9 @@ def mlp(in_dim: int, hidden: list[int], out_dim: int, activation: type[nn.Module
 class MLPEnergy(nn.Module):
     """E(x) -> one scalar energy per sample; low energy means data."""
 
-    def __init__(self, data_dim: int, hidden: list[int], negative_slope: float = 0.2):
+    def __init__(self, data_dim: int, hidden: list[int], negative_slope: float = 0.2, ops: FusedOps = EAGER):
         super().__init__()
-        self.net = mlp(data_dim, hidden, 1, nn.LeakyReLU, negative_slope=negative_slope)
+        self.net = leaky_mlp(data_dim, hidden, 1, negative_slope, ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.flatten(1)).squeeze(1)
@@ -59,9 +62,11 @@ class MLPGenerator(nn.Module):
 class MLPStatistics(nn.Module):
     """T(x, z): an MLP on the concatenation [x, z], one score per pair."""
 
-    def __init__(self, data_dim: int, z_dim: int, hidden: list[int], negative_slope: float = 0.2):
+    def __init__(
+        self, data_dim: int, z_dim: int, hidden: list[int], negative_slope: float = 0.2, ops: FusedOps = EAGER
+    ):
         super().__init__()
-        self.net = mlp(data_dim + z_dim, hidden, 1, nn.LeakyReLU, negative_slope=negative_slope)
+        self.net = leaky_mlp(data_dim + z_dim, hidden, 1, negative_slope, ops)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([x.flatten(1), z], dim=1)).squeeze(1)

@@ -1,6 +1,7 @@
 """The MEG objective as small functions (method.md, "The three updates").
 
 Energy step:    L_E = mean E(x_data) - mean E(G(z)) + lambda * mean_i ||grad_x E(x_data_i)||^2
+                (with train.penalty_every = k, the penalty on every k-th energy step, weighted k * lambda)
 Generator step: L_G = mean E(G(z)) - I_JSD(G(z); z), minimised by G and T together.
 """
 
@@ -12,25 +13,46 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from models.ops import no_weight_gradients, squared_norm_mean
+
 EnergyFn = Callable[[Tensor], Tensor]
 StatisticsFn = Callable[[Tensor, Tensor], Tensor]
 
 
-def squared_grad_norm(outputs: Tensor, inputs: Tensor, scale: float | Tensor = 1.0) -> Tensor:
-    """Per-sample ||d outputs_i / d inputs_i||^2 over ALL input dimensions, differentiable.
+def at_least_fp32(t: Tensor) -> Tensor:
+    """bf16/fp16 (autocast) outputs to fp32 for the loss arithmetic; fp32 and fp64 unchanged."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def input_gradient(outputs: Tensor, inputs: Tensor, scale: float | Tensor = 1.0) -> Tensor:
+    """d(scale * sum_i outputs_i) / d inputs, itself differentiable (the penalty's inner gradient).
 
     ``scale`` is the fp16 loss-scaling recipe: the output is multiplied before autograd.grad so
-    that small gradients do not underflow, and the gradient is divided back before the norm.
+    that small gradients do not underflow; the caller divides it back out before the norm. Gradfix
+    convolutions compute no weight gradient here: this gradient is taken w.r.t. the inputs only.
     """
-    (grad,) = torch.autograd.grad((outputs.sum() * scale), inputs, create_graph=True)
-    grad = grad.to(torch.promote_types(grad.dtype, torch.float32)) / scale
-    return grad.pow(2).flatten(1).sum(dim=1)
+    with no_weight_gradients():
+        (grad,) = torch.autograd.grad(outputs.sum() * scale, inputs, create_graph=True)
+    return grad
 
 
-def gradient_penalty(energy: EnergyFn, x: Tensor, scale: float | Tensor = 1.0) -> tuple[Tensor, Tensor]:
-    """Energies of ``x`` and the zero-centred penalty mean_i ||grad_x E(x_i)||^2."""
+def squared_grad_norm(outputs: Tensor, inputs: Tensor, scale: float | Tensor = 1.0) -> Tensor:
+    """Per-sample ||d outputs_i / d inputs_i||^2 over ALL input dimensions, differentiable."""
+    grad = input_gradient(outputs, inputs, scale)
+    return (at_least_fp32(grad) / scale).pow(2).flatten(1).sum(dim=1)
+
+
+def gradient_penalty(
+    energy: EnergyFn, x: Tensor, scale: float | Tensor = 1.0, fused: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Energies of ``x`` and the zero-centred penalty mean_i ||grad_x E(x_i)||^2.
+
+    ``fused``: the squared norm and the mean run as one kernel each way (models/ops/penalty.py).
+    """
     x = x.detach().requires_grad_(True)
-    energies = energy(x)
+    energies = at_least_fp32(energy(x))
+    if fused:
+        return energies, squared_norm_mean(input_gradient(energies, x, scale), scale)
     return energies, squared_grad_norm(energies, x, scale).mean()
 
 
@@ -40,22 +62,41 @@ def energy_loss(
     x_fake: Tensor,
     penalty_weight: float,
     scale: float | Tensor = 1.0,
+    penalty: bool = True,
+    fused_penalty: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """L_E with the penalty on the data only. Real and fake go through E in one forward pass."""
-    n = x_real.shape[0]
-    x_real = x_real.detach().requires_grad_(True)
-    energies = energy(torch.cat([x_real, x_fake.detach()])).float()
-    e_real, e_fake = energies[:n], energies[n:]
-    penalty = squared_grad_norm(e_real, x_real, scale).mean()
-    loss = e_real.mean() - e_fake.mean() + penalty_weight * penalty
+    """L_E with the penalty on the data only; without it when ``penalty`` is False (lazy penalty).
+
+    Real and fake go through E separately: in one forward on cat(real, fake), the penalty's inner
+    gradient and its double backward would run over twice the rows, half of them carrying zero
+    gradient (bench/bench_penalty.py measures the difference). Same numbers either way: E has no
+    batch statistics.
+    """
+    if penalty:
+        e_real, penalty_value = gradient_penalty(energy, x_real, scale, fused_penalty)
+    else:
+        e_real = at_least_fp32(energy(x_real.detach()))
+        penalty_value = e_real.new_zeros(())
+    e_fake = at_least_fp32(energy(x_fake.detach()))
+    loss = e_real.mean() - e_fake.mean()
+    if penalty:
+        loss = loss + penalty_weight * penalty_value
     metrics = {
         "energy_loss": loss.detach(),
         "energy_real": e_real.mean().detach(),
         "energy_fake": e_fake.mean().detach(),
         "energy_gap": (e_fake.mean() - e_real.mean()).detach(),
-        "penalty": penalty.detach(),
+        # On a step without the penalty (train.penalty_every > 1) its value is 0 and penalty_steps 0:
+        # the metric window averages the penalty over the steps that computed it.
+        "penalty": penalty_value.detach(),
+        "penalty_steps": e_real.new_full((), float(penalty)),
     }
     return loss, metrics
+
+
+def random_permutation(n: int, device: torch.device) -> Tensor:
+    """A random permutation drawn on ``device`` (argsort of uniform keys: no host round trip)."""
+    return torch.rand(n, device=device).argsort()
 
 
 def jsd_mutual_information(statistics: StatisticsFn, x: Tensor, z: Tensor, perm: Tensor | None = None) -> Tensor:
@@ -66,7 +107,7 @@ def jsd_mutual_information(statistics: StatisticsFn, x: Tensor, z: Tensor, perm:
     """
     n = x.shape[0]
     if perm is None:
-        perm = torch.randperm(n, device=z.device)
+        perm = random_permutation(n, z.device)
     scores = statistics(torch.cat([x, x]), torch.cat([z, z[perm]])).float()
     positive, negative = scores[:n], scores[n:]
     return (-F.softplus(-positive)).mean() - F.softplus(negative).mean()
@@ -78,10 +119,13 @@ def generator_loss(
     x_fake: Tensor,
     z: Tensor,
     entropy_weight: float = 1.0,
+    perm: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """L_G = mean E(G(z)) - entropy_weight * I_JSD(G(z); z); G and T both descend it."""
+    """L_G = mean E(G(z)) - entropy_weight * I_JSD(G(z); z); G and T both descend it.
+
+    ``perm`` pairs the MI bound's negatives (drawn here when None)."""
     e_fake = energy(x_fake).float().mean()
-    mi = jsd_mutual_information(statistics, x_fake, z)
+    mi = jsd_mutual_information(statistics, x_fake, z, perm)
     loss = e_fake - entropy_weight * mi
     # Per-dimension std of the samples across the batch, averaged: near 0 once G has collapsed to
     # one output, which the losses alone do not show (the MI estimate then sits at -2 ln 2).
