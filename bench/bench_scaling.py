@@ -38,18 +38,17 @@ def worker(out: str, steps: int, overrides: list[str]) -> None:
     from models import build_networks
     from trainer.config import load_config
     from trainer.distributed import build_runtime
-    from trainer.meg_trainer import MEGTrainer
-    from trainer.metrics import MetricsLogger
+    from trainer.steps import build_steps
 
     cfg = load_config("toy_25gaussians", overrides)
     runtime = build_runtime(cfg)
     runtime.seed(0, per_rank=False)
-    trainer = MEGTrainer(cfg, runtime, build_networks(cfg.model, (2,)), stream=None, logger=MetricsLogger([]))
-    x = torch.randn(trainer.batch_per_rank, 2, device=runtime.device)
+    steps = build_steps(cfg, runtime, build_networks(cfg.model, (2,)))
+    x = torch.randn(steps.batch_per_rank, 2, device=runtime.device)
 
     def step():
-        trainer.energy_step(x, trainer.sample_z())
-        trainer.generator_step(trainer.sample_z())
+        steps.energy_step(x, steps.sample_z())
+        steps.generator_step(steps.sample_z())
 
     for _ in range(3):
         step()

@@ -20,8 +20,7 @@ import torch
 from models import build_networks
 from trainer.config import load_config
 from trainer.distributed import Runtime
-from trainer.meg_trainer import MEGTrainer
-from trainer.metrics import MetricsLogger
+from trainer.steps import build_steps, resolve_kernels
 
 CONV = ["model.arch=conv", "model.z_dim=128", "data.batch_size=64"]
 CASES = {
@@ -57,11 +56,12 @@ def main() -> None:
     for name in args.only or list(CASES):
         preset, shape, overrides = CASES[name]
         cfg = load_config(preset, overrides)
-        trainer = MEGTrainer(cfg, runtime, build_networks(cfg.model, shape), stream=None, logger=MetricsLogger([]))
+        nets = build_networks(cfg.model, shape, resolve_kernels(cfg.model.kernels, runtime.device))
+        steps = build_steps(cfg, runtime, nets)
         batch = cfg.data.batch_size
         x = torch.randn(batch, *shape, device=runtime.device)
-        e = _time(lambda t=trainer, x=x: t.energy_step(x, t.sample_z()), args.repeats, runtime.device)
-        g = _time(lambda t=trainer: t.generator_step(t.sample_z()), args.repeats, runtime.device)
+        e = _time(lambda s=steps, x=x: s.energy_step(x, s.sample_z()), args.repeats, runtime.device)
+        g = _time(lambda s=steps: s.generator_step(s.sample_z()), args.repeats, runtime.device)
         rows.append(
             {
                 "case": name,

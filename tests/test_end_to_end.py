@@ -27,6 +27,8 @@ def test_short_toy_run_writes_everything(tmp_path):
     result = run_trainer(args)
     run = tmp_path / "run"
     assert "from scratch" in result.stdout and "finished: " in result.stdout
+    # auto kernels and capture on a CPU: eager, and the run says why it does not capture
+    assert "kernels eager, capture off: CUDA graphs need a CUDA device, this run is on cpu" in result.stdout
     assert "prometheus metrics: http://127.0.0.1:" in result.stdout
     cfg_text = (run / "config.yaml").read_text()
     assert "steps: 20" in cfg_text and "toy_std: 0.01768" in cfg_text

@@ -17,6 +17,7 @@ from trainer.config import load_config
 from trainer.distributed import FP16_INIT_SCALE, Runtime
 from trainer.meg_trainer import MEGTrainer
 from trainer.metrics import MetricsLogger
+from trainer.steps import build_steps
 
 # Measured on the tiny E (32x32 MLP, 256 points): bf16 4.7e-3, fp16 1.8e-4 relative to fp32.
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 2e-3}
@@ -64,11 +65,10 @@ def test_fp16_penalty_needs_the_scale_and_the_unscale():
     assert abs(scaled - reference) / reference < TOLERANCE[torch.float16]
 
 
-def _fp16_trainer() -> MEGTrainer:
+def _fp16_steps():
     cfg = _tiny_cfg("train.mixed_precision=fp16")
-    runtime = Runtime("fp16")
     torch.manual_seed(0)
-    return MEGTrainer(cfg, runtime, build_networks(cfg.model, (2,)), stream=None, logger=MetricsLogger([]))
+    return build_steps(cfg, Runtime("fp16"), build_networks(cfg.model, (2,)))
 
 
 def _params(module):
@@ -77,15 +77,15 @@ def _params(module):
 
 @pytest.mark.parametrize("which", ["energy", "generator"])
 def test_forced_fp16_overflow_is_skipped_then_training_goes_on(which):
-    trainer = _fp16_trainer()
-    update = trainer.energy_update if which == "energy" else trainer.generator_update
-    module = trainer.energy if which == "energy" else trainer.generator
+    steps = _fp16_steps()
+    update = steps.energy_update if which == "energy" else steps.generator_update
+    module = steps.energy if which == "energy" else steps.generator
     x = torch.randn(64, 2)
 
     def step():
         if which == "energy":
-            return trainer.energy_step(x, trainer.sample_z())
-        return trainer.generator_step(trainer.sample_z())
+            return steps.energy_step(x, steps.sample_z())
+        return steps.generator_step(steps.sample_z())
 
     assert update.scaler.is_enabled() and update.penalty_scale() == FP16_INIT_SCALE
     assert step()["skipped_steps"].item() == 0.0  # an ordinary fp16 step is applied
@@ -112,13 +112,16 @@ def test_forced_fp16_overflow_is_skipped_then_training_goes_on(which):
 
 
 def test_flush_leaves_skipped_steps_out_of_the_divergence_guard():
-    trainer = _fp16_trainer()
+    cfg = _tiny_cfg("train.mixed_precision=fp16")
+    trainer = MEGTrainer(cfg, Runtime("fp16"), build_networks(cfg.model, (2,)), stream=None, logger=MetricsLogger([]))
     trainer.corrupt_shards, trainer.stop_requested = 0, False
-    ok = {"energy_gap": torch.tensor(1.0), "penalty": torch.tensor(0.5), "skipped_steps": torch.tensor(0.0)}
+    one = torch.tensor(1.0)
+    ok = {"energy_gap": one, "penalty": torch.tensor(0.5), "penalty_steps": one, "skipped_steps": torch.tensor(0.0)}
     overflowed = {
         "energy_gap": torch.tensor(float("inf")),
         "penalty": torch.tensor(float("nan")),
-        "skipped_steps": torch.tensor(1.0),
+        "penalty_steps": one,
+        "skipped_steps": one,
     }
     for m in (ok, overflowed, ok):
         trainer._record(m)

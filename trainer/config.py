@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,25 @@ PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 
 class ConfigError(ValueError):
     """A malformed preset or override; the message names the key and what is valid."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML with YAML 1.2's booleans: only true/false. PyYAML's 1.1 also reads no/off/yes/on as
+    booleans, which turned ``train.mixed_precision=no`` and ``train.capture=off`` into False."""
+
+
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def parse_yaml(text) -> Any:
+    """A preset, a saved config.yaml or an override value (a string or an open file)."""
+    return yaml.load(text, Loader=_ConfigLoader)
 
 
 @dataclass
@@ -74,6 +94,9 @@ class TrainConfig:
     steps: int = 5000  # generator steps
     energy_steps: int = 1  # energy steps per generator step
     penalty_weight: float = 0.1  # lambda of the zero-centred gradient penalty
+    # Lazy penalty (StyleGAN2's lazy regularisation): the penalty on every k-th energy step only, with
+    # weight k * lambda. 1 is exact MEG; larger k saves the double backward on the other steps.
+    penalty_every: int = 1
     entropy_weight: float = 1.0  # weight of the MI (entropy) term in the generator loss
     energy_optim: OptimConfig = field(default_factory=OptimConfig)
     generator_optim: OptimConfig = field(default_factory=OptimConfig)  # G and T together
@@ -81,6 +104,9 @@ class TrainConfig:
     lr_decay_fraction: float = 1.0  # ... over this last fraction of the steps (constant before)
     mixed_precision: str = "no"  # no | bf16 | fp16 (fp16: dynamic loss scaling; overflowing steps are skipped)
     engine: str = "ddp"  # ddp (accelerate) | deepspeed (one engine per update; see the deepspeed section)
+    # auto: each step is captured as a CUDA graph after a 3-step warm-up and replayed (one process on a
+    # CUDA device with the ddp engine; otherwise the run says why not and runs eagerly); off: always eager.
+    capture: str = "auto"
     negatives: str = "generator"  # generator: E's negatives are G(z); mala: G(z) after latent MALA
     negatives_mala: MALAConfig = field(default_factory=lambda: MALAConfig(steps=5))
     seed: int = 0
@@ -165,11 +191,13 @@ class RunConfig:
         _check_choice("train.mixed_precision", self.train.mixed_precision, ("no", "bf16", "fp16"))
         _check_choice("train.engine", self.train.engine, ("ddp", "deepspeed"))
         _check_choice("train.negatives", self.train.negatives, ("generator", "mala"))
+        _check_choice("train.capture", self.train.capture, ("auto", "off"))
         _check_choice("eval.kind", self.eval.kind, EVAL_KINDS)
         _check_choice("data.worker_type", self.data.worker_type, WORKER_TYPES)
         for key, value in [
             ("train.steps", self.train.steps),
             ("train.energy_steps", self.train.energy_steps),
+            ("train.penalty_every", self.train.penalty_every),
             ("data.batch_size", self.data.batch_size),
             ("checkpoint.keep", self.checkpoint.keep),
             ("log.every", self.log.every),
@@ -265,7 +293,7 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
         path = resolve_preset(preset)
         try:
             with open(path) as f:
-                tree = yaml.safe_load(f) or {}
+                tree = parse_yaml(f) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from None
         if not isinstance(tree, dict):
@@ -275,7 +303,7 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
             raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.steps=1000)")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = parse_yaml(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         _set_dotted(tree, key.strip(), value)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from trainer.config import ZERO3_REFUSAL, ConfigError, DeepSpeedConfig
-from trainer.distributed import AUTOCAST_DTYPES, Runtime
+from trainer.distributed import Runtime
 
 
 class GeneratorAndStatistics(nn.Module):
@@ -45,6 +45,9 @@ class EngineUpdate:
         # The update's own forward uses the bare modules too: see the module docstring.
         self.modules = {n: getattr(engine.module, n) for n in names} if len(names) > 1 else {names[0]: engine.module}
         self.nets = self.modules
+        # The skip flag as a device tensor, like every metric (made once: a new one per step would
+        # be a host-to-device copy).
+        self._skipped = {flag: torch.tensor(float(flag), device=engine.device) for flag in (False, True)}
 
     @property
     def param_groups(self) -> list[dict]:
@@ -64,7 +67,7 @@ class EngineUpdate:
     def step(self) -> torch.Tensor:
         self.engine.step()
         _broadcast_buffers(self.engine.module)  # DDP's behaviour (e.g. BatchNorm statistics of rank 0)
-        return torch.tensor(0.0 if self.engine.was_step_applied() else 1.0)
+        return self._skipped[not self.engine.was_step_applied()]
 
 
 def _broadcast_buffers(module: nn.Module) -> None:
@@ -162,12 +165,6 @@ class DeepSpeedRuntime(Runtime):
         # the optimizer): evaluation and sampling run on an fp32 copy.
         low = next(module.parameters()).dtype != torch.float32
         return copy.deepcopy(module).float() if low else module
-
-    def autocast(self):
-        # Under DeepSpeed bf16/fp16 the weights themselves are low precision; autocast casts the
-        # fp32 inputs (data, z) to match and keeps reductions in fp32.
-        dtype = AUTOCAST_DTYPES.get(self.mixed_precision)
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
     def register_for_checkpointing(self, *objects) -> None:
         self._registered.extend(objects)

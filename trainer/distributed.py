@@ -23,7 +23,6 @@ import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -44,44 +43,59 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 FP16_INIT_SCALE = 2.0**15
 
 
-@dataclass
 class Update:
     """One MEG update as the trainer drives it (DDP flavour): its networks, one optimizer, one loss.
 
     ``nets[name]`` is what the update's own forward calls (the DDP wrapper: it all-reduces the
     gradients); ``modules[name]`` is the bare network, for the other update and for evaluation.
+    Nothing here reads a value back to the host: the loss scale and the skip flag stay on the device.
     """
 
-    nets: dict[str, nn.Module]
-    modules: dict[str, nn.Module]
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler  # disabled unless fp16
+    def __init__(
+        self,
+        nets: dict[str, nn.Module],
+        modules: dict[str, nn.Module],
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,  # disabled unless fp16
+        device: torch.device,
+    ):
+        self.nets, self.modules, self.optimizer, self.scaler = nets, modules, optimizer, scaler
+        self._not_skipped = torch.zeros((), device=device)
+        if scaler.is_enabled():
+            scaler.scale(torch.zeros((), device=device))  # creates the scale tensor on the device now
 
     @property
     def param_groups(self) -> list[dict]:
         return self.optimizer.param_groups
 
-    def penalty_scale(self) -> float:
+    def _scale(self) -> torch.Tensor:
+        # The scaler's own device tensor: its public get_scale() reads it with .item(), a host sync.
+        return self.scaler._get_scale_async()
+
+    def penalty_scale(self) -> float | torch.Tensor:
         """The loss scale, for the gradient penalty's inner autograd.grad (1.0 unless fp16)."""
-        return self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+        return self._scale() if self.scaler.is_enabled() else 1.0
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.scaler.scale(loss).backward()
+        # inputs=: the loss reaches the data batch too (it required grad for the penalty); only the
+        # parameters' gradients are wanted.
+        params = [p for net in self.nets.values() for p in net.parameters() if p.requires_grad]
+        self.scaler.scale(loss).backward(inputs=params)
 
     def step(self) -> torch.Tensor:
         """Applies the step; returns 1.0 when it was skipped (fp16: inf/NaN gradients), else 0.0."""
         if not self.scaler.is_enabled():
             self.optimizer.step()
-            return torch.zeros(())
-        # GradScaler.step skips the optimizer step when the unscaled gradients hold inf/NaN, and
-        # update() then lowers the scale: a lower scale is the public sign of a skipped step.
-        before = self.scaler.get_scale()
+            return self._not_skipped
+        # With a fused optimizer GradScaler skips an overflowing step on the device, and update()
+        # then lowers the scale: a lower scale is the sign of a skipped step.
+        before = self._scale().clone()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return torch.tensor(float(self.scaler.get_scale() < before))
+        return (self._scale() < before).float()
 
 
 class Runtime:
@@ -134,16 +148,20 @@ class Runtime:
             )
             if scaler.is_enabled():
                 self.register_for_checkpointing(scaler)
-            updates.append(Update(nets, {k: self.accelerator.unwrap_model(v) for k, v in nets.items()}, opt, scaler))
+            # GradScaler gets the torch optimizer itself: accelerate's wrapper hides that the fused
+            # Adam can skip an overflowing step on the device, and GradScaler would then sync.
+            bare = {k: self.accelerator.unwrap_model(v) for k, v in nets.items()}
+            updates.append(Update(nets, bare, getattr(opt, "optimizer", opt), scaler, self.device))
         return updates[0], updates[1]
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return self.accelerator.unwrap_model(model)
 
-    def autocast(self):
-        """Mixed-precision region for every forward of the three updates (a no-op in fp32)."""
+    def autocast(self, cache: bool = True):
+        """Mixed-precision region for every forward of the three updates (a no-op in fp32). ``cache``
+        False: no weight-cast cache (required inside a CUDA graph capture)."""
         dtype = AUTOCAST_DTYPES.get(self.mixed_precision)
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None, cache_enabled=cache)
 
     def for_evaluation(self, module: nn.Module) -> nn.Module:
         """The network as evaluation and sampling should see it (fp32 weights)."""

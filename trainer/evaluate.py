@@ -58,7 +58,7 @@ def generate(
     for chunk in z.split(batch_size):
         result = latent_mala(energy, generator, chunk, mala.steps, mala.step_size, mala.temperature)
         refined.append(result.x.float())
-        accepted += result.acceptance_rate * len(chunk)
+        accepted += float(result.acceptance_rate) * len(chunk)
     return plain, torch.cat(refined), accepted / num
 
 

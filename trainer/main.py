@@ -33,6 +33,7 @@ from trainer.evaluate import Evaluator
 from trainer.meg_trainer import PREEMPTED_EXIT_CODE, Diverged, MEGTrainer, Preempted
 from trainer.metrics import JsonlSink, MetricsLogger, ProgressSink, PrometheusSink
 from trainer.run_folder import write_run_info
+from trainer.steps import resolve_kernels
 
 log = logging.getLogger("meg")
 
@@ -107,7 +108,7 @@ def train(cfg: RunConfig, runtime) -> dict[str, float]:
     runtime.barrier()
 
     runtime.seed(cfg.train.seed, per_rank=False)  # identical initial networks on every rank
-    nets = build_networks(cfg.model, tuple(manifest.sample_shape))
+    nets = build_networks(cfg.model, tuple(manifest.sample_shape), resolve_kernels(cfg.model.kernels, runtime.device))
     runtime.seed(cfg.train.seed, per_rank=True)  # different noise on each rank
     stream = ShardStream(
         manifest,
@@ -127,7 +128,8 @@ def train(cfg: RunConfig, runtime) -> dict[str, float]:
         engine = cfg.train.engine + (f" ZeRO-{cfg.deepspeed.zero_stage}" if cfg.train.engine == "deepspeed" else "")
         print(
             f"run {cfg.name}: {runtime.world_size} process(es) on {runtime.device} ({engine}, "
-            f"precision {cfg.train.mixed_precision}), {where}; "
+            f"precision {cfg.train.mixed_precision}, kernels {trainer.steps.ops.describe()}, "
+            f"capture {trainer.steps.capture_status}), {where}; "
             f"data {manifest_url(cfg.data.url)} ({manifest.num_samples} samples, {len(manifest.shards)} shards); "
             f"folder {cfg.output_dir}",
             flush=True,

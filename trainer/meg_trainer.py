@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 from data_pipeline.stream import ShardStream, StreamPosition, decode_samples
-from models import MEGNetworks, energy_loss, generator_loss, latent_mala
-from trainer.config import OptimConfig, RunConfig
-from trainer.distributed import Runtime, checkpoint_step, frozen, list_checkpoints
+from models import MEGNetworks
+from trainer.config import RunConfig
+from trainer.distributed import Runtime, checkpoint_step, list_checkpoints
 from trainer.metrics import MetricsLogger
+from trainer.steps import build_steps
 
 Evaluator = Callable[[int, nn.Module, nn.Module], dict[str, float]]
 
@@ -66,10 +67,6 @@ class TrainState:
         self.lr_scale = float(state.get("lr_scale", 1.0))
 
 
-def _adam(params, cfg: OptimConfig) -> torch.optim.Adam:
-    return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-
-
 class MEGTrainer:
     def __init__(
         self,
@@ -81,19 +78,9 @@ class MEGTrainer:
         evaluator: Evaluator | None = None,
     ):
         self.cfg, self.runtime, self.stream, self.logger, self.evaluator = cfg, runtime, stream, logger, evaluator
-        t = cfg.train
-        energy_opt = _adam(nets.energy.parameters(), t.energy_optim)
-        generator_opt = _adam([*nets.generator.parameters(), *nets.statistics.parameters()], t.generator_optim)
         # Two updates: E alone, and G with T (they descend one loss with one optimizer).
-        self.energy_update, self.generator_update = runtime.prepare_updates(
-            nets.energy, nets.generator, nets.statistics, energy_opt, generator_opt
-        )
-        # The bare networks: for cross-network use (frozen), evaluation, and the rank-sync check.
-        self.energy = self.energy_update.modules["energy"]
-        self.generator = self.generator_update.modules["generator"]
-        self.statistics = self.generator_update.modules["statistics"]
-        self.base_lrs = [(self.energy_update, t.energy_optim.lr), (self.generator_update, t.generator_optim.lr)]
-        self.batch_per_rank = cfg.data.batch_size // runtime.world_size
+        self.steps = build_steps(cfg, runtime, nets)
+        self.energy, self.generator, self.statistics = self.steps.modules()
         self.state = TrainState(runtime.rank, runtime.world_size)
         runtime.register_for_checkpointing(self.state)
         self.checkpoint_dir = os.path.join(cfg.output_dir, "checkpoints")
@@ -108,55 +95,18 @@ class MEGTrainer:
         # Only a flag: the ranks agree on it at the next metric reduction, then checkpoint together.
         self._stop_signal = signum
 
-    # -- the two updates --------------------------------------------------------------------
-
-    def sample_z(self) -> torch.Tensor:
-        return torch.randn(self.batch_per_rank, self.cfg.model.z_dim, device=self.runtime.device)
-
-    def negatives(self, z: torch.Tensor) -> torch.Tensor:
-        if self.cfg.train.negatives == "mala":
-            m = self.cfg.train.negatives_mala
-            with frozen(self.energy, self.generator):  # MALA differentiates w.r.t. z only
-                return latent_mala(self.energy, self.generator, z, m.steps, m.step_size, m.temperature).x
-        with torch.no_grad():
-            return self.generator(z)
-
-    def energy_step(self, x_real: torch.Tensor, z: torch.Tensor) -> dict[str, torch.Tensor]:
-        # G and T are frozen (DeepSpeed's hooks must see no gradient for another update's networks);
-        # E's forward and its penalty go through ``nets``: the DDP wrapper, or the bare module under
-        # DeepSpeed. ``scale`` is the fp16 loss scale, applied and removed around the inner grad.
-        update = self.energy_update
-        with frozen(self.generator, self.statistics), self.runtime.autocast():
-            x_fake = self.negatives(z)
-            loss, metrics = energy_loss(
-                update.nets["energy"], x_real, x_fake, self.cfg.train.penalty_weight, scale=update.penalty_scale()
-            )
-        update.zero_grad()
-        update.backward(loss)
-        metrics["skipped_steps"] = update.step()  # fp16: a step with inf/NaN gradients is not applied
-        return metrics
-
-    def generator_step(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
-        # E is read through its bare module and frozen: it takes no gradient in this step.
-        update = self.generator_update
-        with frozen(self.energy), self.runtime.autocast():
-            x_fake = update.nets["generator"](z)
-            loss, metrics = generator_loss(
-                self.energy, update.nets["statistics"], x_fake, z, self.cfg.train.entropy_weight
-            )
-        update.zero_grad()
-        update.backward(loss)
-        metrics["skipped_steps"] = update.step()
-        return metrics
-
     # -- the loop ---------------------------------------------------------------------------
 
     def resume_if_possible(self) -> int | None:
         checkpoints = list_checkpoints(self.checkpoint_dir)
         if not (self.cfg.checkpoint.resume and checkpoints):
             return None
-        self.runtime.load_checkpoint(checkpoints[-1])
+        self._load_checkpoint(checkpoints[-1])
         return checkpoint_step(checkpoints[-1])
+
+    def _load_checkpoint(self, path: str) -> None:
+        self.runtime.load_checkpoint(path)
+        self.steps.after_checkpoint_load()
 
     def _batches(self) -> Iterator[torch.Tensor]:
         """Real batches forever, epoch after epoch, advancing the checkpointed position."""
@@ -180,10 +130,7 @@ class MEGTrainer:
         t = self.cfg.train
         decay_start = t.steps * (1.0 - t.lr_decay_fraction)
         progress = min(max((step - decay_start) / max(t.steps - decay_start, 1.0), 0.0), 1.0)
-        factor = self.state.lr_scale * (1.0 + (t.lr_final_factor - 1.0) * progress)
-        for update, base in self.base_lrs:
-            for group in update.param_groups:
-                group["lr"] = base * factor
+        self.steps.set_lr_factor(self.state.lr_scale * (1.0 + (t.lr_final_factor - 1.0) * progress))
 
     def _record(self, metrics: dict[str, torch.Tensor]) -> None:
         if not self._metric_names:
@@ -209,13 +156,22 @@ class MEGTrainer:
             raise Diverged(f"every update of steps {first_step}..{step} overflowed and was skipped (fp16)")
         self._check_divergence(applied, first_step, rows=(skipped == 0).nonzero().flatten().tolist())
         out = dict(zip(self._metric_names, applied.mean(0).tolist()))
+        # The penalty over the energy steps that computed it (all of them unless train.penalty_every > 1).
+        penalty_steps = applied[:, self._metric_names.index("penalty_steps")]
+        del out["penalty_steps"]
+        if penalty_steps.sum() > 0:
+            out["penalty"] = (applied[:, self._metric_names.index("penalty")] * penalty_steps).sum().item() / (
+                penalty_steps.sum().item()
+            )
+        else:
+            del out["penalty"]
         out["skipped_steps"] = skipped.sum().item()
         samples = steps_done * self.cfg.train.energy_steps * self.cfg.data.batch_size
         out["samples_per_s"] = samples / max(elapsed, 1e-9)
         out["step_time_s"] = elapsed / max(steps_done, 1)
         out["data_wait_share"] = min(self.data_wait_s / max(elapsed, 1e-9), 1.0)
         self.data_wait_s = 0.0
-        out["lr_energy"] = self.energy_update.param_groups[0]["lr"]
+        out["lr_energy"] = float(self.steps.energy_update.param_groups[0]["lr"])
         corrupt = self.runtime.sum_across_ranks(torch.tensor([float(self.corrupt_shards)], device=self.runtime.device))
         out["corrupt_shards"] = corrupt.item()
         return out
@@ -223,7 +179,7 @@ class MEGTrainer:
     def _check_divergence(self, table: torch.Tensor, first_step: int, rows: list[int] | None = None) -> None:
         """Raises Diverged naming the first step and term that is non-finite or past its bound."""
         guard = self.cfg.train.guard
-        limits = torch.full((table.shape[1],), float("inf"))
+        limits = torch.full((table.shape[1],), float("inf"), device=table.device)
         for name, bound in (("energy_gap", guard.max_abs_energy_gap), ("penalty", guard.max_penalty)):
             if bound > 0 and name in self._metric_names:
                 limits[self._metric_names.index(name)] = bound
@@ -252,7 +208,7 @@ class MEGTrainer:
         self.rollbacks += 1
         lr_scale = self.state.lr_scale * guard.lr_factor
         self._pending.clear()
-        self.runtime.load_checkpoint(checkpoints[-1])
+        self._load_checkpoint(checkpoints[-1])
         self.state.lr_scale = lr_scale
         event = {
             "event": "rollback",
@@ -285,7 +241,8 @@ class MEGTrainer:
     def _save_checkpoint(self) -> None:
         """Saves at the current step; every rank must call it (the positions are gathered)."""
         mine = torch.zeros(self.runtime.world_size, 2, dtype=torch.int64, device=self.runtime.device)
-        mine[self.runtime.rank] = torch.tensor([self.state.position.epoch, self.state.position.batches_done])
+        mine[self.runtime.rank, 0] = self.state.position.epoch
+        mine[self.runtime.rank, 1] = self.state.position.batches_done
         every = self.runtime.sum_across_ranks(mine).tolist()
         self.state.rank_positions = [{"epoch": e, "batches_done": b} for e, b in every]
         self.runtime.save_checkpoint(self.checkpoint_dir, self.state.step, self.cfg.checkpoint.keep)
@@ -315,13 +272,7 @@ class MEGTrainer:
         tick, steps_since = time.perf_counter(), 0
         while self.state.step < cfg.train.steps:
             self._set_lr(self.state.step)
-            skipped = torch.zeros(())
-            for _ in range(cfg.train.energy_steps):
-                metrics = self.energy_step(next(batches), self.sample_z())
-                skipped = skipped + metrics["skipped_steps"]
-            metrics.update(self.generator_step(self.sample_z()))
-            metrics["skipped_steps"] = skipped + metrics["skipped_steps"]
-            self._record(metrics)
+            self._record(self.steps.iteration(self.state.step, lambda: next(batches)))
             self.state.step += 1
             steps_since += 1
             step = self.state.step

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import os
 
-import yaml
 from safetensors.torch import load_file
 
 from models import MEGNetworks, build_networks
-from trainer.config import RunConfig, _build
+from trainer.config import RunConfig, _build, parse_yaml
 from trainer.distributed import list_checkpoints
 
 RUN_INFO = "run_info.json"
@@ -27,7 +26,7 @@ def load_run_config(run_dir: str) -> RunConfig:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{run_dir} is not a run folder: it has no config.yaml")
     with open(path) as f:
-        return _build(RunConfig, yaml.safe_load(f))
+        return _build(RunConfig, parse_yaml(f))
 
 
 def load_networks(run_dir: str, checkpoint: str | None = None) -> tuple[RunConfig, MEGNetworks, str]:

@@ -13,8 +13,7 @@ import torch
 from models import build_networks, energy_loss
 from trainer.config import load_config
 from trainer.distributed import Runtime
-from trainer.meg_trainer import MEGTrainer
-from trainer.metrics import MetricsLogger
+from trainer.steps import build_steps
 
 
 def main(out_path: str) -> None:
@@ -29,14 +28,14 @@ def main(out_path: str) -> None:
     reference = build_networks(cfg.model, (2,))
     reference.energy.load_state_dict(nets.energy.state_dict())
     reference.generator.load_state_dict(nets.generator.state_dict())
-    trainer = MEGTrainer(cfg, runtime, nets, stream=None, logger=MetricsLogger([]))
+    steps = build_steps(cfg, runtime, nets)
 
     g = torch.Generator().manual_seed(123)
     x, z = torch.randn(64, 2, generator=g), torch.randn(64, 2, generator=g)
     per_rank = 64 // runtime.world_size
     mine = slice(runtime.rank * per_rank, (runtime.rank + 1) * per_rank)
-    trainer.energy_step(x[mine], z[mine])
-    ddp_grads = [p.grad.clone() for p in runtime.unwrap(trainer.energy).parameters()]
+    steps.energy_step(x[mine], z[mine])
+    ddp_grads = [p.grad.clone() for p in steps.energy.parameters()]
 
     with torch.no_grad():
         fake = reference.generator(z)
@@ -47,13 +46,13 @@ def main(out_path: str) -> None:
 
     for _ in range(5):  # several real steps, then the parameters must agree on every rank
         for _ in range(cfg.train.energy_steps):
-            trainer.energy_step(torch.randn(per_rank, 2), trainer.sample_z())
-        trainer.generator_step(trainer.sample_z())
-    in_sync = runtime.ranks_in_sync(trainer.energy, trainer.generator, trainer.statistics)
+            steps.energy_step(torch.randn(per_rank, 2), steps.sample_z())
+        steps.generator_step(steps.sample_z())
+    in_sync = runtime.ranks_in_sync(*steps.modules())
     if runtime.is_main:
         with open(out_path, "w") as f:
             json.dump({"world_size": runtime.world_size, "grad_rel_error": rel, "in_sync": in_sync}, f)
-    del trainer  # the DDP wrappers hold the process group: release them before it is destroyed
+    del steps  # the DDP wrappers hold the process group: release them before it is destroyed
     runtime.shutdown()
 
 

@@ -1,0 +1,124 @@
+"""The training step object (trainer/steps.py) as benches and tests build it: no stream, no logger."""
+
+import pytest
+import torch
+
+from models import build_networks
+from trainer.capture import capture_blocker
+from trainer.config import load_config
+from trainer.distributed import Runtime
+from trainer.meg_trainer import MEGTrainer
+from trainer.metrics import MetricsLogger
+from trainer.steps import build_steps
+
+
+def _cfg(*extra):
+    return load_config(
+        "toy_25gaussians",
+        ["model.hidden=[16,16]", "model.generator_hidden=[16,16]", "data.batch_size=32", "train.penalty_weight=1.0",
+         *extra],
+    )  # fmt: skip
+
+
+def _steps(*extra, precision="no"):
+    cfg = _cfg(f"train.mixed_precision={precision}", *extra)
+    torch.manual_seed(0)
+    return build_steps(cfg, Runtime(precision), build_networks(cfg.model, (2,)))
+
+
+@pytest.mark.parametrize("precision", ["no", "fp16"])
+@pytest.mark.parametrize("negatives", ["generator", "mala"])
+def test_every_tensor_of_a_step_and_the_metric_window_is_on_the_runtime_device(precision, negatives):
+    # The runtime is on the CPU while new tensors default to the "meta" device: a tensor made without
+    # the runtime's device (a skip flag, a loss scale, a guard bound) lands on meta and the step, the
+    # metric window or the guard fails. On a GPU that bug was CUDA losses stacked with CPU skip flags.
+    cfg = _cfg(f"train.mixed_precision={precision}", f"train.negatives={negatives}", "train.energy_steps=2")
+    torch.manual_seed(0)
+    trainer = MEGTrainer(
+        cfg, Runtime(precision), build_networks(cfg.model, (2,)), stream=None, logger=MetricsLogger([])
+    )
+    trainer.corrupt_shards, trainer.stop_requested = 0, False
+    x = torch.randn(32, 2)
+    torch.set_default_device("meta")
+    try:
+        for step in range(3):
+            metrics = trainer.steps.iteration(step, lambda: x)
+            assert {v.device.type for v in metrics.values()} == {"cpu"}
+            trainer._record(metrics)
+        out = trainer._flush(step=3, elapsed=1.0, steps_done=3)
+    finally:
+        torch.set_default_device(None)
+    assert out["skipped_steps"] == 0 and out["penalty"] > 0
+
+
+def test_outer_backward_gives_the_parameters_gradients_and_the_data_none():
+    steps = _steps()
+    x = torch.randn(8, 2, requires_grad=True)
+    loss = steps.energy(x).mean() + steps.energy(x).pow(2).mean()
+    steps.energy_update.backward(loss)
+    assert x.grad is None
+    assert all(p.grad is not None for p in steps.energy.parameters())
+
+
+def test_energy_steps_metrics_are_averaged_over_the_iteration():
+    x = torch.randn(32, 2)
+    a, b = _steps("train.energy_steps=3"), _steps("train.energy_steps=3")
+    torch.manual_seed(1)
+    averaged = a.iteration(0, lambda: x)
+    torch.manual_seed(1)  # the same draws in the same order: z per energy step, then z and perm for G
+    energy = [b.energy_step(x, b.sample_z()) for _ in range(3)]
+    generator = b.generator_step(b.sample_z())
+    for key in ("energy_loss", "energy_gap", "penalty"):
+        expected = torch.stack([m[key] for m in energy]).mean()
+        torch.testing.assert_close(averaged[key], expected)
+    torch.testing.assert_close(averaged["generator_loss"], generator["generator_loss"])
+    assert averaged["penalty_steps"] == 3
+
+
+def test_lazy_penalty_runs_every_kth_energy_step_with_k_times_the_weight():
+    steps = _steps("train.penalty_every=4", "train.energy_steps=2")
+    x = torch.randn(32, 2)
+    seen = []
+    for step in range(4):  # energy steps 0..7: the penalty at 0 and 4, i.e. in iterations 0 and 2
+        for i in range(2):
+            penalty = steps.penalty_due(step * 2 + i)
+            m = steps.energy_step(x, steps.sample_z(), penalty)
+            seen.append(int(m["penalty_steps"]))
+            gap = m["energy_real"] - m["energy_fake"]
+            if penalty:
+                assert m["penalty"] > 0
+                torch.testing.assert_close(m["energy_loss"], gap + 4 * 1.0 * m["penalty"])
+            else:
+                assert m["penalty"] == 0
+                torch.testing.assert_close(m["energy_loss"], gap)
+    assert seen == [1, 0, 0, 0, 1, 0, 0, 0]
+
+
+def test_metric_window_averages_the_penalty_over_the_steps_that_computed_it():
+    cfg = _cfg("train.penalty_every=2")
+    trainer = MEGTrainer(cfg, Runtime(), build_networks(cfg.model, (2,)), stream=None, logger=MetricsLogger([]))
+    trainer.corrupt_shards, trainer.stop_requested = 0, False
+
+    def row(penalty, count):
+        t = torch.tensor
+        return {"energy_gap": t(1.0), "penalty": t(penalty), "penalty_steps": t(count), "skipped_steps": t(0.0)}
+
+    for penalty, count in ((3.0, 1.0), (0.0, 0.0), (5.0, 1.0), (0.0, 0.0)):
+        trainer._record(row(penalty, count))
+    assert trainer._flush(step=4, elapsed=1.0, steps_done=4)["penalty"] == 4.0
+    for _ in range(2):
+        trainer._record(row(0.0, 0.0))
+    out = trainer._flush(step=6, elapsed=1.0, steps_done=2)
+    assert "penalty" not in out and "penalty_steps" not in out
+
+
+def test_capture_is_off_on_a_cpu_and_says_why():
+    cfg = _cfg()
+    runtime = Runtime()
+    assert capture_blocker(cfg, runtime) == "CUDA graphs need a CUDA device, this run is on cpu"
+    assert capture_blocker(_cfg("train.capture=off"), runtime) == "train.capture=off"
+    steps = build_steps(cfg, runtime, build_networks(cfg.model, (2,)))
+    assert not steps.capture and steps.capture_status.startswith("off: CUDA graphs need a CUDA device")
+    # Without capture the learning rates are plain floats that the schedule assigns.
+    steps.set_lr_factor(0.5)
+    assert steps.energy_update.param_groups[0]["lr"] == cfg.train.energy_optim.lr * 0.5

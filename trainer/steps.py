@@ -1,0 +1,206 @@
+"""The MEG training step as a standalone object: n energy steps, then one generator + statistics step.
+
+Built from a config, a runtime and the networks, with no stream, logger or signal handlers, so the
+trainer, benches and tests drive the same code:
+
+    steps = build_steps(cfg, runtime, nets)
+    metrics = steps.iteration(step, next_batch)   # 0-dim tensors on runtime.device, no host sync
+
+What makes it fast (bench/bench_penalty.py measures each piece):
+- E runs on the real and the fake batch separately (models/objectives.py, energy_loss);
+- the outer backward takes E's parameters only (no gradient into the data batch);
+- fused Adam: one kernel for all parameters, and no host sync under fp16 loss scaling;
+- ``model.kernels``: fused bias+LeakyReLU, gradfix convolutions and a one-kernel penalty reduction;
+- ``train.penalty_every``: the penalty on every k-th energy step only, weighted k (lazy penalty);
+- ``train.capture``: each step captured once as a CUDA graph and replayed (trainer/capture.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from models import MEGNetworks, energy_loss, generator_loss, latent_mala
+from models.objectives import random_permutation
+from models.ops import EAGER, FUSED, FusedOps
+from trainer.capture import GraphedStep, capture_blocker
+from trainer.config import OptimConfig, RunConfig
+from trainer.distributed import frozen
+
+
+def resolve_kernels(choice: str, device: torch.device) -> FusedOps:
+    """model.kernels for a device: auto is fused on CUDA (where launches dominate the step) and eager
+    elsewhere (on a CPU the reference kernels of the fused ops are slower than PyTorch's own)."""
+    if choice == "fused" or (choice == "auto" and device.type == "cuda"):
+        return FUSED
+    return EAGER
+
+
+def make_optimizer(params, cfg: OptimConfig, device: torch.device, capturable: bool) -> torch.optim.Adam:
+    """Adam with the fused kernel (one launch for every parameter; under fp16 it skips an overflowing
+    step on the device, where the unfused path reads the overflow flag on the host). For a captured
+    step the learning rate is a device tensor, so that a schedule can change it between replays."""
+    lr = torch.tensor(cfg.lr, device=device) if capturable else cfg.lr
+    return torch.optim.Adam(
+        params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, fused=True, capturable=capturable
+    )
+
+
+class MEGSteps:
+    """The energy update (E) and the generator update (G and T on one optimizer) as step functions."""
+
+    def __init__(
+        self, cfg: RunConfig, runtime, energy_update, generator_update, ops: FusedOps, capture_blocked: str | None
+    ):
+        self.cfg, self.train_cfg, self.runtime, self.ops = cfg, cfg.train, runtime, ops
+        self.energy_update, self.generator_update = energy_update, generator_update
+        # The bare networks: for cross-network use (frozen), evaluation, and the rank-sync check.
+        self.energy = energy_update.modules["energy"]
+        self.generator = generator_update.modules["generator"]
+        self.statistics = generator_update.modules["statistics"]
+        self.batch_per_rank = cfg.data.batch_size // runtime.world_size
+        self.device = runtime.device
+        self.capture = capture_blocked is None
+        self.capture_status = "on (CUDA graphs)" if self.capture else f"off: {capture_blocked}"
+        # autocast's weight-cast cache must be off in a CUDA graph (its casts would be captured once).
+        self.autocast_cache = not self.capture
+        wrap: Callable = GraphedStep if self.capture else (lambda fn: fn)
+        self._energy_fns = {True: wrap(self._energy_with_penalty), False: wrap(self._energy_without_penalty)}
+        self._generator_fn = wrap(self._generator_step)
+
+    # -- inputs -------------------------------------------------------------------------------
+
+    def sample_z(self) -> Tensor:
+        return torch.randn(self.batch_per_rank, self.cfg.model.z_dim, device=self.device)
+
+    def sample_perm(self) -> Tensor:
+        return random_permutation(self.batch_per_rank, self.device)
+
+    def penalty_due(self, energy_step_index: int) -> bool:
+        return energy_step_index % self.train_cfg.penalty_every == 0
+
+    # -- the two updates ------------------------------------------------------------------------
+
+    def negatives(self, z: Tensor) -> Tensor:
+        if self.train_cfg.negatives == "mala":
+            m = self.train_cfg.negatives_mala
+            with frozen(self.energy, self.generator):  # MALA differentiates w.r.t. z only
+                return latent_mala(self.energy, self.generator, z, m.steps, m.step_size, m.temperature).x
+        with torch.no_grad():
+            return self.generator(z)
+
+    def energy_step(self, x_real: Tensor, z: Tensor, penalty: bool = True) -> dict[str, Tensor]:
+        return self._energy_fns[penalty](x_real, z)
+
+    def _energy_with_penalty(self, x_real: Tensor, z: Tensor) -> dict[str, Tensor]:
+        return self._energy_step(x_real, z, True)
+
+    def _energy_without_penalty(self, x_real: Tensor, z: Tensor) -> dict[str, Tensor]:
+        return self._energy_step(x_real, z, False)
+
+    def _energy_step(self, x_real: Tensor, z: Tensor, penalty: bool) -> dict[str, Tensor]:
+        # G and T are frozen (DeepSpeed's hooks must see no gradient for another update's networks);
+        # E's forward and its penalty go through ``nets``: the DDP wrapper, or the bare module under
+        # DeepSpeed. ``scale`` is the fp16 loss scale, applied and removed around the inner grad.
+        update, t = self.energy_update, self.train_cfg
+        with frozen(self.generator, self.statistics), self.runtime.autocast(cache=self.autocast_cache):
+            x_fake = self.negatives(z)
+            loss, metrics = energy_loss(
+                update.nets["energy"],
+                x_real,
+                x_fake,
+                t.penalty_weight * t.penalty_every,
+                scale=update.penalty_scale(),
+                penalty=penalty,
+                fused_penalty=self.ops.penalty,
+            )
+        update.zero_grad()
+        update.backward(loss)
+        metrics["skipped_steps"] = update.step()  # fp16: a step with inf/NaN gradients is not applied
+        return metrics
+
+    def generator_step(self, z: Tensor, perm: Tensor | None = None) -> dict[str, Tensor]:
+        """``perm`` pairs the MI bound's negatives (drawn here when None)."""
+        return self._generator_fn(z, self.sample_perm() if perm is None else perm)
+
+    def _generator_step(self, z: Tensor, perm: Tensor) -> dict[str, Tensor]:
+        # E is read through its bare module and frozen: it takes no gradient in this step.
+        update = self.generator_update
+        with frozen(self.energy), self.runtime.autocast(cache=self.autocast_cache):
+            x_fake = update.nets["generator"](z)
+            loss, metrics = generator_loss(
+                self.energy, update.nets["statistics"], x_fake, z, self.train_cfg.entropy_weight, perm
+            )
+        update.zero_grad()
+        update.backward(loss)
+        metrics["skipped_steps"] = update.step()
+        return metrics
+
+    def iteration(self, step: int, next_batch: Callable[[], Tensor]) -> dict[str, Tensor]:
+        """Generator step ``step`` + 1: its energy steps, then its generator step. Returns their
+        metrics: the energy steps' averaged (the penalty over the steps that computed it), skipped
+        steps summed, as 0-dim tensors on the device."""
+        n = self.train_cfg.energy_steps
+        total: dict[str, Tensor] = {}
+        for i in range(n):
+            metrics = self.energy_step(next_batch(), self.sample_z(), self.penalty_due(step * n + i))
+            # A captured step's outputs are overwritten by its next replay: the first is copied.
+            if not total:
+                total = {k: v.clone() for k, v in metrics.items()}
+            else:
+                total = {k: total[k] + v for k, v in metrics.items()}
+        out = {k: v / n for k, v in total.items() if k not in ("penalty", "penalty_steps", "skipped_steps")}
+        out["penalty"] = total["penalty"] / total["penalty_steps"].clamp(min=1)
+        out["penalty_steps"] = total["penalty_steps"]
+        generator = self.generator_step(self.sample_z())
+        out.update({k: v for k, v in generator.items() if k != "skipped_steps"})
+        out["skipped_steps"] = total["skipped_steps"] + generator["skipped_steps"]
+        return out
+
+    # -- schedule and state ---------------------------------------------------------------------
+
+    def set_lr_factor(self, factor: float) -> None:
+        """Every learning rate to its base value times ``factor`` (in place for a captured step)."""
+        t = self.train_cfg
+        for update, optim_cfg in ((self.energy_update, t.energy_optim), (self.generator_update, t.generator_optim)):
+            for group in update.param_groups:
+                lr = optim_cfg.lr * factor
+                if isinstance(group["lr"], Tensor):
+                    group["lr"].fill_(lr)
+                else:
+                    group["lr"] = lr
+
+    def after_checkpoint_load(self) -> None:
+        """A loaded checkpoint replaced the optimizers' state tensors: captured graphs that point at
+        the old ones are dropped (and captured again after a warm-up); the lr goes back to a tensor."""
+        if not self.capture:
+            return
+        for fn in (*self._energy_fns.values(), self._generator_fn):
+            fn.reset()
+        for update in (self.energy_update, self.generator_update):
+            for group in update.param_groups:
+                if not isinstance(group["lr"], Tensor):
+                    group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
+                elif group["lr"].device != self.device:
+                    group["lr"] = group["lr"].to(self.device)
+
+    def modules(self) -> tuple[nn.Module, nn.Module, nn.Module]:
+        return self.energy, self.generator, self.statistics
+
+
+def build_steps(cfg: RunConfig, runtime, nets: MEGNetworks) -> MEGSteps:
+    """Optimizers, the runtime's two updates, and the steps over them. ``nets`` must have been built
+    with ``resolve_kernels(cfg.model.kernels, runtime.device)`` (the trainer does this)."""
+    blocked = capture_blocker(cfg, runtime)
+    capturable = blocked is None
+    t = cfg.train
+    energy_opt = make_optimizer(nets.energy.parameters(), t.energy_optim, runtime.device, capturable)
+    generator_params = [*nets.generator.parameters(), *nets.statistics.parameters()]
+    generator_opt = make_optimizer(generator_params, t.generator_optim, runtime.device, capturable)
+    energy_update, generator_update = runtime.prepare_updates(
+        nets.energy, nets.generator, nets.statistics, energy_opt, generator_opt
+    )
+    ops = resolve_kernels(cfg.model.kernels, runtime.device)
+    return MEGSteps(cfg, runtime, energy_update, generator_update, ops, blocked)
