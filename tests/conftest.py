@@ -17,6 +17,29 @@ if not torch.cuda.is_available():
     # kernel tests use it at tiny shapes.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# bench/gpu_check.sh --dry-run sets this: the `gpu` tests then run on the CPU at tiny sizes, so that
+# the GPU check cannot rot on machines without a GPU.
+GPU_DRY_RUN = os.environ.get("MEG_GPU_DRY_RUN") == "1"
+TEST_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def no_tf32():
+    """fp32 comparisons on a GPU: TF32 matmuls and convolutions (cuDNN's default) round to 10 bits."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available() or GPU_DRY_RUN:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (bench/gpu_check.sh --dry-run runs it on the CPU)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
 
 def tiny_overrides(tmp_path: Path, steps: int = 20) -> list[str]:
     """A toy run small enough for the default suite: 32-unit networks, 4k samples, no plots."""

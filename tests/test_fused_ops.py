@@ -7,6 +7,8 @@
 - the penalty's parameter gradients, fused vs eager, on small copies of the four energy networks;
 - an op trace: the fused double backward makes no zeros_like and no dilated weight-gradient conv;
 - a third derivative through the fused penalty raises a clear error.
+
+On a GPU machine the same tests run on CUDA with the compiled Triton kernels (bench/gpu_check.sh).
 """
 
 from collections import Counter
@@ -21,13 +23,16 @@ from models.factory import ModelConfig, build_networks
 from models.objectives import energy_loss, gradient_penalty
 from models.ops import EAGER, FUSED, TORCH_KERNELS, bias_leaky_relu, conv2d_gradfix, squared_norm_mean, use_kernels
 from models.ops.penalty import THIRD_DERIVATIVE_ERROR
+from tests.conftest import TEST_DEVICE
+
+pytestmark = pytest.mark.usefixtures("no_tf32")
 
 
 def _triton_kernels():
     pytest.importorskip("triton", reason="triton is not installed (pip install triton; the dev extra has it)")
     from models.ops.kernels import kernels_for
 
-    kernels = kernels_for(torch.device("cpu"))
+    kernels = kernels_for(TEST_DEVICE)
     if kernels.name != "triton":
         pytest.skip("no CUDA device and TRITON_INTERPRET is not 1: Triton cannot run here")
     return kernels
@@ -49,8 +54,8 @@ def _kernels(name: str):
 def test_triton_bias_leaky_relu_matches_reference(shape, dtype, with_bias):
     triton = _triton_kernels()
     torch.manual_seed(0)
-    x = torch.randn(shape).to(dtype)
-    bias = torch.randn(shape[1]).to(dtype) if with_bias else None
+    x = torch.randn(shape).to(TEST_DEVICE, dtype)
+    bias = torch.randn(shape[1]).to(TEST_DEVICE, dtype) if with_bias else None
     expected = TORCH_KERNELS.bias_leaky_relu(x, bias, 0.2)
     got = triton.bias_leaky_relu(x, bias, 0.2)
     assert got.dtype == dtype and got.shape == x.shape
@@ -65,7 +70,7 @@ def test_triton_bias_leaky_relu_matches_reference(shape, dtype, with_bias):
 def test_triton_leaky_relu_grad_matches_reference(dtype):
     triton = _triton_kernels()
     torch.manual_seed(0)
-    dy, y = torch.randn(3, 4, 5, 5).to(dtype), torch.randn(3, 4, 5, 5).to(dtype)
+    dy, y = torch.randn(3, 4, 5, 5).to(TEST_DEVICE, dtype), torch.randn(3, 4, 5, 5).to(TEST_DEVICE, dtype)
     torch.testing.assert_close(triton.leaky_relu_grad(dy, y, 0.1), TORCH_KERNELS.leaky_relu_grad(dy, y, 0.1))
 
 
@@ -75,9 +80,9 @@ def test_triton_squared_norm_mean_and_its_gradient_match_reference(dtype, scale)
     triton = _triton_kernels()
     torch.manual_seed(0)
     # More elements than one reduction block, so the kernel's loop runs several times.
-    g = torch.randn(6, 3, 30, 30).to(dtype)
-    s = torch.tensor(32.0) if scale == "tensor" else scale
-    up = torch.tensor(0.7, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    g = torch.randn(6, 3, 30, 30).to(TEST_DEVICE, dtype)
+    s = torch.tensor(32.0, device=TEST_DEVICE) if scale == "tensor" else scale
+    up = torch.tensor(0.7, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=TEST_DEVICE)
     rtol = 1e-12 if dtype == torch.float64 else 1e-5
     got, expected = triton.squared_norm_mean(g, s), TORCH_KERNELS.squared_norm_mean(g, s)
     assert got.dtype == expected.dtype and got.dim() == 0
@@ -92,7 +97,7 @@ def test_triton_squared_norm_mean_and_its_gradient_match_reference(dtype, scale)
 
 
 def _double(*shape):
-    return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    return torch.randn(*shape, dtype=torch.float64, device=TEST_DEVICE, requires_grad=True)
 
 
 @pytest.mark.parametrize("kernels", KERNEL_SETS)
@@ -163,8 +168,9 @@ NETWORKS = {
 def _penalty_step_gradients(name: str, ops, dtype: torch.dtype, batch: int = 3):
     cfg, shape = NETWORKS[name]
     torch.manual_seed(0)
-    energy = build_networks(cfg, shape, ops).energy.to(dtype)
-    x_real, x_fake = torch.randn(batch, *shape, dtype=dtype), torch.randn(batch, *shape, dtype=dtype)
+    energy = build_networks(cfg, shape, ops).energy.to(TEST_DEVICE, dtype)
+    x_real = torch.randn(batch, *shape, dtype=dtype, device=TEST_DEVICE)
+    x_fake = torch.randn(batch, *shape, dtype=dtype, device=TEST_DEVICE)
     loss, metrics = energy_loss(energy, x_real, x_fake, 10.0, fused_penalty=ops.penalty)
     grads = torch.autograd.grad(loss, list(energy.parameters()))
     return loss, metrics["penalty"], grads
@@ -204,8 +210,8 @@ class OpLog(TorchDispatchMode):
 def _trace_penalty_step(ops) -> Counter:
     cfg, shape = NETWORKS["conv28x3"]
     torch.manual_seed(0)
-    energy = build_networks(cfg, shape, ops).energy
-    x_real, x_fake = torch.randn(2, *shape), torch.randn(2, *shape)
+    energy = build_networks(cfg, shape, ops).energy.to(TEST_DEVICE)
+    x_real, x_fake = torch.randn(2, *shape, device=TEST_DEVICE), torch.randn(2, *shape, device=TEST_DEVICE)
     with use_kernels(TORCH_KERNELS), OpLog() as log:
         loss, _ = energy_loss(energy, x_real, x_fake, 1.0, fused_penalty=ops.penalty)
         loss.backward(inputs=list(energy.parameters()))
@@ -224,8 +230,8 @@ def test_fused_double_backward_makes_no_zeros_and_no_generic_weight_gradient_con
 
 def test_gradfix_inner_gradient_computes_no_weight_gradient():
     cfg, shape = NETWORKS["conv28x3"]
-    energy = build_networks(cfg, shape, FUSED).energy
-    x = torch.randn(2, *shape)
+    energy = build_networks(cfg, shape, FUSED).energy.to(TEST_DEVICE)
+    x = torch.randn(2, *shape, device=TEST_DEVICE)
     with use_kernels(TORCH_KERNELS), OpLog() as log:
         gradient_penalty(energy, x, fused=True)
     # 4 conv layers: 4 forward convs and 4 data gradients, and no weight gradient at all.

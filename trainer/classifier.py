@@ -35,19 +35,19 @@ def train_classifier(
     holdout: float = 0.15,
     log=print,
 ) -> tuple[DigitClassifier, float]:
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(x), generator=g)
+    g = torch.Generator().manual_seed(seed)  # on the CPU: it draws indices and shifts, wherever x is
+    order = torch.randperm(len(x), generator=g).to(x.device)
     n_test = int(len(x) * holdout)
     test, train = order[:n_test], order[n_test:]
     torch.manual_seed(seed)
-    model = DigitClassifier()
+    model = DigitClassifier().to(x.device)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     steps = epochs * (len(train) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(steps, 1))
     start = time.time()
     for epoch in range(epochs):
         model.train()
-        perm = train[torch.randperm(len(train), generator=g)]
+        perm = train[torch.randperm(len(train), generator=g).to(x.device)]
         for i in range(len(perm) // batch_size):
             idx = perm[i * batch_size : (i + 1) * batch_size]
             loss = F.cross_entropy(model(random_shift(x[idx], 2, g)), y[idx], label_smoothing=0.05)
@@ -99,8 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     if x.shape[1:] != (1, 28, 28):
         print(f"error: the classifier takes (1, 28, 28) digits, got {tuple(x.shape[1:])}", file=sys.stderr)
         return 2
-    model, accuracy = train_classifier(x, y, args.epochs, args.seed)
-    torch.save({"weights": model.state_dict(), "heldout_accuracy": accuracy, "num_digits": len(x)}, args.out)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, accuracy = train_classifier(x.to(device), y.to(device), args.epochs, args.seed)
+    weights = {k: v.cpu() for k, v in model.state_dict().items()}
+    torch.save({"weights": weights, "heldout_accuracy": accuracy, "num_digits": len(x)}, args.out)
     print(f"held-out accuracy {accuracy:.4f} on {int(len(x) * 0.15)} digits; wrote {args.out}")
     return 0
 

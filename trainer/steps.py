@@ -190,9 +190,10 @@ class MEGSteps:
         return self.energy, self.generator, self.statistics
 
 
-def build_steps(cfg: RunConfig, runtime, nets: MEGNetworks) -> MEGSteps:
-    """Optimizers, the runtime's two updates, and the steps over them. ``nets`` must have been built
-    with ``resolve_kernels(cfg.model.kernels, runtime.device)`` (the trainer does this)."""
+def build_steps(cfg: RunConfig, runtime, nets: MEGNetworks, ops: FusedOps | None = None) -> MEGSteps:
+    """Optimizers, the runtime's two updates, and the steps over them. ``ops``: the fused ops the
+    networks were built with (default: ``resolve_kernels(cfg.model.kernels, runtime.device)``,
+    which is what the trainer builds them with); the penalty uses its reduction kernel if they do."""
     blocked = capture_blocker(cfg, runtime)
     capturable = blocked is None
     t = cfg.train
@@ -202,5 +203,5 @@ def build_steps(cfg: RunConfig, runtime, nets: MEGNetworks) -> MEGSteps:
     energy_update, generator_update = runtime.prepare_updates(
         nets.energy, nets.generator, nets.statistics, energy_opt, generator_opt
     )
-    ops = resolve_kernels(cfg.model.kernels, runtime.device)
+    ops = ops if ops is not None else resolve_kernels(cfg.model.kernels, runtime.device)
     return MEGSteps(cfg, runtime, energy_update, generator_update, ops, blocked)
