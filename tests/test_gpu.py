@@ -5,6 +5,7 @@ same tests on the CPU at tiny sizes so that the GPU check cannot rot. On a CPU t
 compare eager with eager (capture needs CUDA) and the sync check is off: they only prove the code runs.
 """
 
+import copy
 import json
 import subprocess
 import sys
@@ -35,8 +36,10 @@ COMBINATIONS = {
 
 def _run(tmp_path, steps: int, extra: list[str]) -> subprocess.CompletedProcess:
     # 3 warm-up calls, then capture: 6 generator steps replay each captured step at least twice.
+    # model.kernels: auto on CUDA (fused); fused on a CPU too (the dry run), where Triton's interpreter runs them.
     overrides = [o for o in tiny_overrides(tmp_path, steps) if not o.startswith(("log.every", "checkpoint.every"))]
-    return run_trainer([*overrides, "log.every=3", "checkpoint.every=3", "model.kernels=auto", *extra], timeout=600)
+    kernels = "model.kernels=" + ("auto" if ON_CUDA else "fused")
+    return run_trainer([*overrides, "log.every=3", "checkpoint.every=3", kernels, *extra], timeout=600)
 
 
 def _records(run_dir) -> list[dict]:
@@ -50,8 +53,8 @@ def test_trainer_runs_every_combination_on_the_device(tmp_path, combination):
     result = _run(tmp_path, 6, extra)
     assert f"on {TEST_DEVICE.type}" in result.stdout
     deepspeed = "train.engine=deepspeed" in extra
+    assert "kernels bias_act+gradfix_conv+penalty" in result.stdout
     if ON_CUDA:
-        assert "kernels bias_act+gradfix_conv+penalty" in result.stdout
         expected = "capture off: DeepSpeed" if deepspeed else "capture on (CUDA graphs)"
         assert expected in result.stdout, result.stdout
     assert "capture off for" not in result.stderr, result.stderr  # a capture that failed and fell back
@@ -141,15 +144,20 @@ def test_captured_steps_match_eager_steps(precision, rtol, penalty_every):
 
 
 def test_capture_is_redone_after_a_checkpoint_load():
-    # Loading optimizer state replaces its tensors: a graph still pointing at the old ones would
-    # silently train nothing (or something else). The reload must re-capture.
+    # Loading an older checkpoint (a resume, a divergence rollback) puts new state tensors into the
+    # optimizers. A graph still pointing at the old ones would go on with the newer moments.
     captured, eager = _steps("auto", "no"), _steps("off", "no")
     for steps in (captured, eager):
-        _train(steps, 5)
-        for update in (steps.energy_update, steps.generator_update):
-            update.optimizer.load_state_dict(update.optimizer.state_dict())
+        _train(steps, 2)
+        networks = [copy.deepcopy(m.state_dict()) for m in steps.modules()]
+        optimizers = [copy.deepcopy(u.optimizer.state_dict()) for u in (steps.energy_update, steps.generator_update)]
+        _train(steps, 4, first=2)  # captured by now
+        for module, state in zip(steps.modules(), networks):
+            module.load_state_dict(state)
+        for update, state in zip((steps.energy_update, steps.generator_update), optimizers):
+            update.optimizer.load_state_dict(copy.deepcopy(state))
         steps.after_checkpoint_load()
-        _train(steps, 5, first=5)
+        _train(steps, 5, first=2)
     _assert_same_parameters(captured, eager, 1e-5)
 
 

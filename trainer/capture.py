@@ -20,6 +20,7 @@ next calls warm up and capture again. A capture that fails falls back to eager w
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 
@@ -95,4 +96,7 @@ class GraphedStep:
 
 
 def _name(fn: Callable) -> str:
+    """The step's name for messages: a bound method's, or a partial's function and arguments."""
+    if isinstance(fn, functools.partial):
+        return f"{_name(fn.func)}({', '.join(f'{k}={v}' for k, v in fn.keywords.items())})"
     return getattr(fn, "__name__", repr(fn)).lstrip("_")

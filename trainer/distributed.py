@@ -60,6 +60,7 @@ class Update:
         device: torch.device,
     ):
         self.nets, self.modules, self.optimizer, self.scaler = nets, modules, optimizer, scaler
+        self._params = [p for net in nets.values() for p in net.parameters() if p.requires_grad]
         self._not_skipped = torch.zeros((), device=device)
         if scaler.is_enabled():
             scaler.scale(torch.zeros((), device=device))  # creates the scale tensor on the device now
@@ -82,8 +83,7 @@ class Update:
     def backward(self, loss: torch.Tensor) -> None:
         # inputs=: the loss reaches the data batch too (it required grad for the penalty); only the
         # parameters' gradients are wanted.
-        params = [p for net in self.nets.values() for p in net.parameters() if p.requires_grad]
-        self.scaler.scale(loss).backward(inputs=params)
+        self.scaler.scale(loss).backward(inputs=self._params)
 
     def step(self) -> torch.Tensor:
         """Applies the step; returns 1.0 when it was skipped (fp16: inf/NaN gradients), else 0.0."""

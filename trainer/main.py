@@ -128,7 +128,7 @@ def train(cfg: RunConfig, runtime) -> dict[str, float]:
         engine = cfg.train.engine + (f" ZeRO-{cfg.deepspeed.zero_stage}" if cfg.train.engine == "deepspeed" else "")
         print(
             f"run {cfg.name}: {runtime.world_size} process(es) on {runtime.device} ({engine}, "
-            f"precision {cfg.train.mixed_precision}, kernels {trainer.steps.ops.describe()}, "
+            f"precision {cfg.train.mixed_precision}, kernels {trainer.steps.kernel_status}, "
             f"capture {trainer.steps.capture_status}), {where}; "
             f"data {manifest_url(cfg.data.url)} ({manifest.num_samples} samples, {len(manifest.shards)} shards); "
             f"folder {cfg.output_dir}",

@@ -157,12 +157,10 @@ class MEGTrainer:
         self._check_divergence(applied, first_step, rows=(skipped == 0).nonzero().flatten().tolist())
         out = dict(zip(self._metric_names, applied.mean(0).tolist()))
         # The penalty over the energy steps that computed it (all of them unless train.penalty_every > 1).
-        penalty_steps = applied[:, self._metric_names.index("penalty_steps")]
+        counts = applied[:, self._metric_names.index("penalty_steps")]
         del out["penalty_steps"]
-        if penalty_steps.sum() > 0:
-            out["penalty"] = (applied[:, self._metric_names.index("penalty")] * penalty_steps).sum().item() / (
-                penalty_steps.sum().item()
-            )
+        if counts.sum() > 0:
+            out["penalty"] = float((applied[:, self._metric_names.index("penalty")] * counts).sum() / counts.sum())
         else:
             del out["penalty"]
         out["skipped_steps"] = skipped.sum().item()

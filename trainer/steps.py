@@ -17,6 +17,7 @@ What makes it fast (bench/bench_penalty.py measures each piece):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -24,18 +25,22 @@ from torch import Tensor, nn
 
 from models import MEGNetworks, energy_loss, generator_loss, latent_mala
 from models.objectives import random_permutation
-from models.ops import EAGER, FUSED, FusedOps
+from models.ops import EAGER, FUSED, FusedOps, kernels_for
+from models.ops.kernels import triton_available
 from trainer.capture import GraphedStep, capture_blocker
-from trainer.config import OptimConfig, RunConfig
+from trainer.config import ConfigError, OptimConfig, RunConfig
 from trainer.distributed import frozen
 
 
 def resolve_kernels(choice: str, device: torch.device) -> FusedOps:
     """model.kernels for a device: auto is fused on CUDA (where launches dominate the step) and eager
-    elsewhere (on a CPU the reference kernels of the fused ops are slower than PyTorch's own)."""
-    if choice == "fused" or (choice == "auto" and device.type == "cuda"):
-        return FUSED
-    return EAGER
+    elsewhere (on a CPU the reference kernels of the fused ops are slower than PyTorch's own), or
+    where Triton is missing. fused on a CPU runs the reference kernels (Triton's under TRITON_INTERPRET=1)."""
+    if choice == "eager" or (choice == "auto" and (device.type != "cuda" or not triton_available())):
+        return EAGER
+    if device.type == "cuda" and not triton_available():
+        raise ConfigError("model.kernels=fused needs Triton on CUDA (pip install triton), or use model.kernels=auto")
+    return FUSED
 
 
 def make_optimizer(params, cfg: OptimConfig, device: torch.device, capturable: bool) -> torch.optim.Adam:
@@ -62,12 +67,14 @@ class MEGSteps:
         self.statistics = generator_update.modules["statistics"]
         self.batch_per_rank = cfg.data.batch_size // runtime.world_size
         self.device = runtime.device
+        # What the start-up line says: the fused ops in use and which kernels run them.
+        self.kernel_status = ops.describe() + (f" ({kernels_for(runtime.device).name})" if ops != EAGER else "")
         self.capture = capture_blocked is None
         self.capture_status = "on (CUDA graphs)" if self.capture else f"off: {capture_blocked}"
         # autocast's weight-cast cache must be off in a CUDA graph (its casts would be captured once).
         self.autocast_cache = not self.capture
         wrap: Callable = GraphedStep if self.capture else (lambda fn: fn)
-        self._energy_fns = {True: wrap(self._energy_with_penalty), False: wrap(self._energy_without_penalty)}
+        self._energy_fns = {flag: wrap(functools.partial(self._energy_step, penalty=flag)) for flag in (True, False)}
         self._generator_fn = wrap(self._generator_step)
 
     # -- inputs -------------------------------------------------------------------------------
@@ -93,12 +100,6 @@ class MEGSteps:
 
     def energy_step(self, x_real: Tensor, z: Tensor, penalty: bool = True) -> dict[str, Tensor]:
         return self._energy_fns[penalty](x_real, z)
-
-    def _energy_with_penalty(self, x_real: Tensor, z: Tensor) -> dict[str, Tensor]:
-        return self._energy_step(x_real, z, True)
-
-    def _energy_without_penalty(self, x_real: Tensor, z: Tensor) -> dict[str, Tensor]:
-        return self._energy_step(x_real, z, False)
 
     def _energy_step(self, x_real: Tensor, z: Tensor, penalty: bool) -> dict[str, Tensor]:
         # G and T are frozen (DeepSpeed's hooks must see no gradient for another update's networks);
@@ -174,17 +175,15 @@ class MEGSteps:
 
     def after_checkpoint_load(self) -> None:
         """A loaded checkpoint replaced the optimizers' state tensors: captured graphs that point at
-        the old ones are dropped (and captured again after a warm-up); the lr goes back to a tensor."""
-        if not self.capture:
-            return
+        the old ones are dropped (captured again after a warm-up). The learning rates come back as
+        they were saved; a captured step needs them as device tensors, an eager one as floats."""
         for fn in (*self._energy_fns.values(), self._generator_fn):
-            fn.reset()
+            if isinstance(fn, GraphedStep):
+                fn.reset()
         for update in (self.energy_update, self.generator_update):
             for group in update.param_groups:
-                if not isinstance(group["lr"], Tensor):
-                    group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
-                elif group["lr"].device != self.device:
-                    group["lr"] = group["lr"].to(self.device)
+                lr = float(group["lr"])
+                group["lr"] = torch.tensor(lr, device=self.device) if self.capture else lr
 
     def modules(self) -> tuple[nn.Module, nn.Module, nn.Module]:
         return self.energy, self.generator, self.statistics

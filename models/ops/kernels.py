@@ -12,6 +12,7 @@ Every kernel computes in fp32 (or fp64 for fp64 inputs) and stores in its output
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -73,6 +74,10 @@ _override: Kernels | None = None
 
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def kernels_for(device: torch.device) -> Kernels:
