@@ -32,8 +32,8 @@ case "${1:-}" in
 esac
 
 if [[ $mode == fetch ]]; then
-    # Python 3.12 wheels for the GPU machine; deepspeed has no wheel on PyPI, so one is built here
-    # (pure Python: its ops compile at first use).
+    # Python 3.12 wheels for the GPU machine, at the versions of this project's environment;
+    # deepspeed has no wheel on PyPI, so one is built here (pure Python: its ops compile at first use).
     set -e
     mkdir -p "$GPU_DIR/wheels" "$GPU_DIR/mnist"
     grep -qxF '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >>.git/info/exclude
@@ -42,8 +42,9 @@ if [[ $mode == fetch ]]; then
         platforms+=(--platform "$p")
     done
     "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        "${platforms[@]}" -d "$GPU_DIR/wheels" webdataset==1.0.2 braceexpand hjson pydantic \
-        pydantic-core annotated-types typing-inspection
+        "${platforms[@]}" -d "$GPU_DIR/wheels" webdataset==1.0.2 braceexpand==0.1.7 hjson==3.1.0 \
+        pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+        typing-extensions==4.16.0
     "$PYTHON" -m pip wheel -q --no-deps -w "$GPU_DIR/wheels" deepspeed==0.19.8
     cp ../shared/data/mnist/t10k-images-idx3-ubyte.gz ../shared/data/mnist/t10k-labels-idx1-ubyte.gz "$GPU_DIR/mnist/"
     du -sh "$GPU_DIR"
