@@ -44,7 +44,7 @@ from models import build_networks
 from models.objectives import energy_loss
 from models.ops import EAGER, FUSED, TORCH_KERNELS, FusedOps, use_kernels
 from trainer.config import load_config
-from trainer.distributed import Runtime, frozen
+from trainer.runtime import DDPRuntime, frozen
 from trainer.steps import build_steps, resolve_kernels
 
 # name: (preset, sample shape, overrides) — the paper's networks at the paper's widths, batch sizes
@@ -138,7 +138,7 @@ def row_ops(row: Row, device: torch.device) -> FusedOps:
     return resolve_kernels("auto", device) if row.ops is None else row.ops
 
 
-def build_row(network: str, row: Row, runtime: Runtime, precision: str):
+def build_row(network: str, row: Row, runtime: DDPRuntime, precision: str):
     cfg, shape = row_config(network, row, precision)
     torch.manual_seed(0)
     ops = row_ops(row, runtime.device)
@@ -203,7 +203,7 @@ def time_calls(fn, calls: int, device: torch.device) -> list[float]:
     return times
 
 
-def gradient_error(network: str, row: Row, runtime: Runtime, precision: str) -> tuple[float, float]:
+def gradient_error(network: str, row: Row, runtime: DDPRuntime, precision: str) -> tuple[float, float]:
     """Largest relative error of the row's energy-loss gradients against fp64 eager ones, per tensor
     (|g - g64|max / |g64|max), with the same weights and batch (lazy rows: the weight k * lambda),
     and the row's loss on that batch."""
@@ -234,7 +234,7 @@ def gradient_error(network: str, row: Row, runtime: Runtime, precision: str) -> 
     return error, loss.item()
 
 
-def measure(network: str, row: Row, runtime: Runtime, precision: str, repeats: int, iterations: int) -> dict:
+def measure(network: str, row: Row, runtime: DDPRuntime, precision: str, repeats: int, iterations: int) -> dict:
     device = runtime.device
     if row.capture == "auto" and row.ops is not None and device.type != "cuda":
         return {"skipped": "needs CUDA"}
@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         tiny = ["model.hidden=[8,8]", "model.generator_hidden=[8,8]", "model.conv_width=2", "data.batch_size=4"]
         for name, (preset, shape, overrides) in list(NETWORKS.items()):
             NETWORKS[name] = (preset, shape, [*overrides, *tiny])
-    runtime = Runtime(args.precision)
+    runtime = DDPRuntime(args.precision)
     rows = ROWS + ([COMPILE_ROW] if args.compile else [])
     if args.rows:
         wanted = {r.strip() for r in args.rows.split(",")}

@@ -37,7 +37,7 @@ def worker(out: str, steps: int, overrides: list[str]) -> None:
 
     from models import build_networks
     from trainer.config import load_config
-    from trainer.distributed import build_runtime
+    from trainer.runtime import build_runtime
     from trainer.steps import build_steps
 
     cfg = load_config("toy_25gaussians", overrides)

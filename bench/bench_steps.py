@@ -21,7 +21,7 @@ import torch
 from models import build_networks
 from trainer.capture import WARMUP_CALLS
 from trainer.config import load_config
-from trainer.distributed import Runtime
+from trainer.runtime import DDPRuntime
 from trainer.steps import build_steps, resolve_kernels
 
 CONV = ["model.arch=conv", "model.z_dim=128", "data.batch_size=64"]
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--only", choices=sorted(CASES), action="append")
     parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
     args = parser.parse_args()
-    runtime = Runtime(args.mixed_precision)
+    runtime = DDPRuntime(args.mixed_precision)
     rows = []
     for name in args.only or list(CASES):
         preset, shape, overrides = CASES[name]

@@ -37,7 +37,6 @@ import queue
 import random
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import braceexpand
 import fsspec
@@ -45,6 +44,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_pipeline.config import WORKER_TYPES, StreamPosition
 from data_pipeline.shard_reader import CorruptShard, ShardArrays, parse_shard
 from data_pipeline.shards import DataError, Manifest, ShardInfo
 
@@ -71,18 +71,6 @@ def register_fsspec_opener() -> None:
 
 
 register_fsspec_opener()
-
-
-@dataclass
-class StreamPosition:
-    epoch: int = 0
-    batches_done: int = 0  # batches of this epoch already consumed by the trainer
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches_done": self.batches_done}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
 
 
 def read_shard_bytes(url: str) -> bytes:
@@ -253,7 +241,6 @@ def _no_collate(batch: dict) -> dict:
 # Thread workers share the consumer's memory, so a chunk costs nothing to hand over; the work in a
 # worker is numpy on whole shards and file reads, which release the GIL, so threads run in
 # parallel. Process workers (a DataLoader) isolate the reading but pay for every byte they send.
-WORKER_TYPES = ("thread", "process")
 _DONE = object()
 
 

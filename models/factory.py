@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from torch import nn
 
@@ -10,12 +11,10 @@ from models.conv import ConvEnergy, ConvGenerator, ConvStatistics, init_normal
 from models.mlp import MLPEnergy, MLPGenerator, MLPStatistics
 from models.ops import EAGER, FusedOps
 
-KERNEL_CHOICES = ("auto", "eager", "fused")
-
 
 @dataclass
 class ModelConfig:
-    arch: str = "mlp"  # "mlp" (any shape, flattened) or "conv" (28x28xC and 32x32x3 images)
+    arch: Literal["mlp", "conv"] = "mlp"  # mlp: any shape, flattened; conv: 28x28xC and 32x32x3 images
     z_dim: int = 2
     hidden: list[int] = field(default_factory=lambda: [512, 512, 512])  # MLP widths of E and T
     generator_hidden: list[int] = field(default_factory=lambda: [512, 512, 512])
@@ -26,17 +25,13 @@ class ModelConfig:
     conv_width: int = 64  # conv only: first layer's channels, doubled per layer (the paper's 64; 16 for CPU runs)
     # E's and T's layers and the penalty: fused (Triton bias+LeakyReLU, gradfix convs, one-kernel penalty
     # reduction), eager (plain PyTorch), or auto (fused on CUDA, eager elsewhere). Same numbers, same weights.
-    kernels: str = "auto"
+    kernels: Literal["auto", "eager", "fused"] = "auto"
 
     def __post_init__(self) -> None:
-        if self.arch not in ("mlp", "conv"):
-            raise ValueError(f"model.arch must be 'mlp' or 'conv', got {self.arch!r}")
         if self.z_dim < 1:
             raise ValueError(f"model.z_dim must be >= 1, got {self.z_dim}")
         if self.conv_width < 1:
             raise ValueError(f"model.conv_width must be >= 1, got {self.conv_width}")
-        if self.kernels not in KERNEL_CHOICES:
-            raise ValueError(f"model.kernels must be one of {', '.join(KERNEL_CHOICES)}, got {self.kernels!r}")
 
 
 @dataclass

@@ -14,6 +14,13 @@ from torch import Tensor
 
 
 @dataclass
+class MALAConfig:
+    steps: int = 0
+    step_size: float = 0.01
+    temperature: float = 1.0
+
+
+@dataclass
 class MALAResult:
     z: Tensor
     x: Tensor

@@ -28,7 +28,7 @@ def test_preset_and_overrides_resolve_with_types():
         ("train.steps=many", "train.steps must be int"),
         ("train.steps=0", "train.steps must be >= 1"),
         ("train.mixed_precision=fp8", "choose one of no, bf16, fp16"),
-        ("model.arch=transformer", "model.arch must be 'mlp' or 'conv'"),
+        ("model.arch=transformer", "model.arch='transformer' is not valid; choose one of mlp, conv"),
         ("model.hidden=[8, x]", "model.hidden[1] must be int"),
         ("nokey", "must look like section.key=value"),
         ("data=3", "data must be a mapping"),

@@ -7,10 +7,11 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tests.conftest import REPO_ROOT, accelerate_launcher, run_trainer, tiny_overrides
-from trainer.config import ConfigError, DeepSpeedConfig, load_config
-from trainer.deepspeed_runtime import deepspeed_config
+from trainer.config import ConfigError, load_config
+from trainer.runtime.deepspeed_engine import DeepSpeedConfig, DeepSpeedConfigError, deepspeed_config
 
 LOSSES = ("energy_loss", "generator_loss", "penalty", "energy_gap", "mi_estimate")
 # ZeRO reduce-scatters and averages gradients in its own flat buckets, DDP all-reduces per bucket: the
@@ -73,17 +74,16 @@ def test_zero2_resume_is_exact_and_every_rank_saves(two_rank_runs):
     _launch(tmp, "split", extra, steps=6)
     resumed = tmp / "split" / "run" / "checkpoints" / "step_00000006"
     for net in ("energy", "generator"):
-        shards = sorted(p.name for p in (resumed / net).iterdir())
+        shards = sorted(p.name for p in (resumed / "engine" / net).iterdir())
         assert shards == [
             "mp_rank_00_model_states.pt",
             "zero_pp_rank_0_mp_rank_00_optim_states.pt",
             "zero_pp_rank_1_mp_rank_00_optim_states.pt",
         ]
-        a = torch.load(straight / net / "mp_rank_00_model_states.pt", weights_only=False)["module"]
-        b = torch.load(resumed / net / "mp_rank_00_model_states.pt", weights_only=False)["module"]
-        assert a.keys() == b.keys()
-        for key in a:
-            assert torch.equal(a[key], b[key]), (net, key)
+    a, b = load_file(straight / "weights.safetensors"), load_file(resumed / "weights.safetensors")
+    assert a.keys() == b.keys() and any(k.startswith("statistics.") for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
 
 
 def test_zero3_is_refused_in_the_config():
@@ -94,7 +94,7 @@ def test_zero3_is_refused_in_the_config():
 def test_zero3_in_a_deepspeed_json_is_refused(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
-    with pytest.raises(ConfigError, match="ZeRO stage 3 is not supported"):
+    with pytest.raises(DeepSpeedConfigError, match="ZeRO stage 3 is not supported"):
         deepspeed_config(DeepSpeedConfig(zero_stage=2, config_file=str(path)), "no", 32, 2)
 
 

@@ -11,14 +11,13 @@ from safetensors.torch import load_file
 
 from data_pipeline.stream import StreamPosition
 from tests.conftest import REPO_ROOT, run_trainer, subprocess_env, tiny_overrides
-from trainer.meg_trainer import TrainState
+from trainer.checkpoint import TrainState
 
 
 def _final_weights(run_dir, step):
-    folder = run_dir / "checkpoints" / f"step_{step:08d}"
-    names = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
-    assert len(names) == 3, names  # energy, generator, statistics
-    return [load_file(folder / n) for n in names]
+    weights = load_file(run_dir / "checkpoints" / f"step_{step:08d}" / "weights.safetensors")
+    assert {k.split(".")[0] for k in weights} == {"energy", "generator", "statistics"}
+    return [weights]
 
 
 def test_short_toy_run_writes_everything(tmp_path):
@@ -102,7 +101,7 @@ def test_half_written_checkpoint_is_never_loaded(tmp_path):
     # A save that crashed leaves only a .partial folder: a later checkpoint that is incomplete.
     partial = tmp_path / "run" / "checkpoints" / "step_00000015.partial"
     partial.mkdir()
-    (partial / "model.safetensors").write_bytes(b"garbage")
+    (partial / "weights.safetensors").write_bytes(b"garbage")
     result = run_trainer(tiny_overrides(tmp_path, steps=20))
     assert "resumed from step 10" in result.stdout
 
@@ -145,7 +144,7 @@ def test_diverging_run_stops_cleanly_after_k_rollbacks(tmp_path):
     assert result.stdout.count("divergence:") == 2
     assert "2 rollback(s) did not help. Stopping: checkpoints are intact" in result.stderr
     checkpoint = tmp_path / "run" / "checkpoints" / "step_00000000"
-    assert len([n for n in os.listdir(checkpoint) if n.endswith(".safetensors")]) == 3
+    assert (checkpoint / "weights.safetensors").is_file() and (checkpoint / "trainer_state.json").is_file()
 
 
 def test_each_rank_resumes_from_its_own_stream_position():
@@ -153,12 +152,12 @@ def test_each_rank_resumes_from_its_own_stream_position():
     saved = TrainState(rank=0, world_size=2)
     saved.step, saved.position = 40, StreamPosition(3, 10)
     saved.rank_positions = [{"epoch": 3, "batches_done": 10}, {"epoch": 4, "batches_done": 1}]
-    state = saved.state_dict()  # what the main process writes
+    state = saved.to_json()  # what the main process writes
     for rank, expected in [(0, StreamPosition(3, 10)), (1, StreamPosition(4, 1))]:
         resumed = TrainState(rank=rank, world_size=2)
-        resumed.load_state_dict(state)
+        resumed.load_json(state)
         assert (resumed.step, resumed.position) == (40, expected)
     # another world size reassigns the shards: every rank takes rank 0's position
     resumed = TrainState(rank=2, world_size=4)
-    resumed.load_state_dict(state)
+    resumed.load_json(state)
     assert resumed.position == StreamPosition(3, 10)

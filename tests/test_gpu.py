@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from models import build_networks
 from tests.conftest import REPO_ROOT, TEST_DEVICE, run_trainer, subprocess_env, tiny_overrides
 from trainer.config import load_config
-from trainer.distributed import Runtime
+from trainer.runtime import DDPRuntime
 from trainer.steps import build_steps, resolve_kernels
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("no_tf32")]
@@ -74,11 +74,10 @@ def test_resume_on_the_device_continues_where_a_straight_run_goes(tmp_path):
     _run(split, 6, [])
     resumed = _run(split, 9, [])
     assert "resumed from step 6" in resumed.stdout
-    folder = "checkpoints/step_00000009"
-    for name in ("model.safetensors", "model_1.safetensors", "model_2.safetensors"):
-        a, b = load_file(straight / "run" / folder / name), load_file(split / "run" / folder / name)
-        for key in a:
-            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=f"{name}:{key}")
+    weights = "checkpoints/step_00000009/weights.safetensors"
+    a, b = load_file(straight / "run" / weights), load_file(split / "run" / weights)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_sample_and_evaluate_tools_on_a_device_run(tmp_path):
@@ -109,7 +108,7 @@ def _steps(capture: str, precision: str, *extra: str):
         "toy_25gaussians",
         [*CONV, "train.energy_steps=2", f"train.capture={capture}", f"train.mixed_precision={precision}", *extra],
     )
-    runtime = Runtime(precision)
+    runtime = DDPRuntime(precision)
     torch.manual_seed(0)
     nets = build_networks(cfg.model, (3, 28, 28), resolve_kernels(cfg.model.kernels, runtime.device))
     return build_steps(cfg, runtime, nets)

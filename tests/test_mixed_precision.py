@@ -14,9 +14,9 @@ from models import build_networks
 from models.objectives import gradient_penalty
 from tests.conftest import run_trainer, tiny_overrides
 from trainer.config import load_config
-from trainer.distributed import FP16_INIT_SCALE, Runtime
-from trainer.meg_trainer import MEGTrainer
-from trainer.metrics import MetricsLogger
+from trainer.guard import DivergenceGuard, GuardConfig
+from trainer.metrics import MetricWindow
+from trainer.runtime import FP16_INIT_SCALE, DDPRuntime
 from trainer.steps import build_steps
 
 # Measured on the tiny E (32x32 MLP, 256 points): bf16 4.7e-3, fp16 1.8e-4 relative to fp32.
@@ -68,7 +68,7 @@ def test_fp16_penalty_needs_the_scale_and_the_unscale():
 def _fp16_steps():
     cfg = _tiny_cfg("train.mixed_precision=fp16")
     torch.manual_seed(0)
-    return build_steps(cfg, Runtime("fp16"), build_networks(cfg.model, (2,)))
+    return build_steps(cfg, DDPRuntime("fp16"), build_networks(cfg.model, (2,)))
 
 
 def _params(module):
@@ -111,10 +111,8 @@ def test_forced_fp16_overflow_is_skipped_then_training_goes_on(which):
     assert adam_steps() == [m + 1 for m in moments]
 
 
-def test_flush_leaves_skipped_steps_out_of_the_divergence_guard():
-    cfg = _tiny_cfg("train.mixed_precision=fp16")
-    trainer = MEGTrainer(cfg, Runtime("fp16"), build_networks(cfg.model, (2,)), stream=None, logger=MetricsLogger([]))
-    trainer.corrupt_shards, trainer.stop_requested = 0, False
+def test_metric_window_leaves_skipped_steps_out_of_the_divergence_guard():
+    window = MetricWindow(DDPRuntime("fp16"), DivergenceGuard(GuardConfig()), samples_per_step=64)
     one = torch.tensor(1.0)
     ok = {"energy_gap": one, "penalty": torch.tensor(0.5), "penalty_steps": one, "skipped_steps": torch.tensor(0.0)}
     overflowed = {
@@ -124,9 +122,9 @@ def test_flush_leaves_skipped_steps_out_of_the_divergence_guard():
         "skipped_steps": one,
     }
     for m in (ok, overflowed, ok):
-        trainer._record(m)
-    out = trainer._flush(step=3, elapsed=1.0, steps_done=3)
-    assert out["skipped_steps"] == 1 and out["energy_gap"] == 1.0 and out["penalty"] == 0.5
+        window.record(m)
+    out, stop = window.reduce(step=3, elapsed=1.0, stop=False)
+    assert out["skipped_steps"] == 1 and out["energy_gap"] == 1.0 and out["penalty"] == 0.5 and not stop
 
 
 @pytest.mark.slow

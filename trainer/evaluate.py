@@ -27,7 +27,8 @@ import torch
 
 from data_pipeline.toy import TOY_SPECS, ToySpec, mode_metrics, sample_toy
 from models import latent_mala
-from trainer.config import ConfigError, MALAConfig, RunConfig
+from models.mala import MALAConfig
+from trainer.config import ConfigError, RunConfig
 from trainer.plots import energy_landscape, image_grid, scatter_2d
 from trainer.scores import (
     anomaly_scores,
@@ -217,7 +218,7 @@ def format_table(results: dict[str, float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from trainer.config import load_config
-    from trainer.run_folder import RUN_INFO, load_networks
+    from trainer.run_folder import load_networks
 
     parser = argparse.ArgumentParser(
         prog="python -m trainer.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -228,11 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="eval.key=value", help="e.g. eval.mala.steps=100")
     args = parser.parse_args(argv)
     try:
-        _, nets, checkpoint = load_networks(args.run, args.checkpoint)
-        # The run's own configuration is the preset; overrides adjust the evaluation.
-        cfg = load_config(os.path.join(args.run, "config.yaml"), args.overrides)
-        with open(os.path.join(args.run, RUN_INFO)) as f:
-            info = json.load(f)
+        _, nets, checkpoint, info = load_networks(args.run, args.checkpoint)
+        # The checkpoint's own configuration is the preset; overrides adjust the evaluation.
+        cfg = load_config(os.path.join(checkpoint, "config.yaml"), args.overrides)
         torch.manual_seed(args.seed)
         evaluator = Evaluator(cfg, info["sample_shape"], info.get("dataset", ""))
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -240,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             net.to(device)
         step = int(os.path.basename(checkpoint.rstrip("/"))[5:])
         results = evaluator(step, nets.energy, nets.generator, tag=f"eval_{os.path.basename(checkpoint)}")
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{args.run} at {os.path.basename(checkpoint)} ({evaluator.kind}):")

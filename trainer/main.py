@@ -4,7 +4,7 @@ One process:                 python trainer/main.py --config toy_25gaussians tra
 Through accelerate:          accelerate launch trainer/main.py --config toy_25gaussians
 Two CPU processes (one DDP group; plain --cpu starts only one process):
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 trainer/main.py --config toy_25gaussians
-DeepSpeed ZeRO-2 on two processes (ZeRO 0/1/2; ZeRO-3 is refused: see trainer/deepspeed_runtime.py):
+DeepSpeed ZeRO-2 on two processes (ZeRO 0/1/2; ZeRO-3 is refused: see trainer/runtime/deepspeed_engine.py):
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 trainer/main.py --config toy_25gaussians \
         train.engine=deepspeed deepspeed.zero_stage=2 deepspeed.config_file=deploy/deepspeed/zero2.json
 Mixed precision: train.mixed_precision=bf16 or fp16 (fp16: dynamic loss scaling, overflowing steps skipped).
@@ -21,19 +21,24 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from data_pipeline.convert import convert_toy
 from data_pipeline.shards import DataError, manifest_url, read_manifest
 from data_pipeline.stream import ShardStream
 from models import build_networks
+from trainer.checkpoint import Checkpoints
 from trainer.config import ConfigError, RunConfig, config_to_yaml, load_config
-from trainer.distributed import LaunchError, Runtime, build_runtime
 from trainer.evaluate import Evaluator
-from trainer.meg_trainer import PREEMPTED_EXIT_CODE, Diverged, MEGTrainer, Preempted
+from trainer.guard import Diverged
+from trainer.meg_trainer import PREEMPTED_EXIT_CODE, MEGTrainer, Preempted
 from trainer.metrics import JsonlSink, MetricsLogger, ProgressSink, PrometheusSink
-from trainer.run_folder import write_run_info
-from trainer.steps import resolve_kernels
+from trainer.runtime import LaunchError, Runtime, build_runtime
+from trainer.steps import build_steps, resolve_kernels
 
 log = logging.getLogger("meg")
 
@@ -80,17 +85,32 @@ def build_logger(cfg: RunConfig, runtime: Runtime) -> tuple[MetricsLogger, Prome
     return MetricsLogger(sinks), prometheus
 
 
+@contextmanager
+def stop_signals() -> Iterator[threading.Event]:
+    """SIGUSR1 and SIGTERM (Slurm's warning before the time limit, a scheduler's preemption) set the
+    event; the trainer checkpoints at its next metric reduction and the process exits with code 75.
+    The previous handlers come back when the block ends."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop.set()) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run(cfg: RunConfig) -> dict[str, float]:
     runtime = build_runtime(cfg)
     try:
         # Everything that holds the process group (DDP wrappers, engines) lives in train() and is
         # released when it returns, before the group is destroyed.
-        return train(cfg, runtime)
+        with stop_signals() as stop:
+            return train(cfg, runtime, stop)
     finally:
         runtime.shutdown()
 
 
-def train(cfg: RunConfig, runtime) -> dict[str, float]:
+def train(cfg: RunConfig, runtime: Runtime, stop: threading.Event) -> dict[str, float]:
     if cfg.data.batch_size % runtime.world_size:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {runtime.world_size} ranks")
     ensure_toy_data(cfg, runtime)
@@ -100,16 +120,17 @@ def train(cfg: RunConfig, runtime) -> dict[str, float]:
         raise DataError(
             f"{e}\nthis preset's data is written by: {cfg.data.prepare}" if cfg.data.prepare else str(e)
         ) from None
+    config_yaml = config_to_yaml(cfg)
     if runtime.is_main:
         os.makedirs(cfg.output_dir, exist_ok=True)
         with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
-            f.write(config_to_yaml(cfg))
-        write_run_info(cfg.output_dir, manifest.sample_shape, manifest_url(cfg.data.url), manifest.name)
+            f.write(config_yaml)
     runtime.barrier()
 
     runtime.seed(cfg.train.seed, per_rank=False)  # identical initial networks on every rank
     nets = build_networks(cfg.model, tuple(manifest.sample_shape), resolve_kernels(cfg.model.kernels, runtime.device))
     runtime.seed(cfg.train.seed, per_rank=True)  # different noise on each rank
+    steps = build_steps(cfg, runtime, nets)
     stream = ShardStream(
         manifest,
         runtime.rank,
@@ -121,19 +142,32 @@ def train(cfg: RunConfig, runtime) -> dict[str, float]:
         worker_type=cfg.data.worker_type,
     )
     logger, prometheus = build_logger(cfg, runtime)
-    trainer = MEGTrainer(cfg, runtime, nets, stream, logger, Evaluator(cfg, manifest.sample_shape, manifest.name))
+    info = {
+        "sample_shape": list(manifest.sample_shape),
+        "dataset": manifest.name,
+        "data_url": manifest_url(cfg.data.url),
+    }
+    checkpoints = Checkpoints(os.path.join(cfg.output_dir, "checkpoints"), cfg.checkpoint.keep, config_yaml, info)
+    evaluator = Evaluator(cfg, manifest.sample_shape, manifest.name)
+    trainer = MEGTrainer(cfg, runtime, steps, stream, logger, checkpoints, evaluator, stop)
     resumed = trainer.resume_if_possible()
     if runtime.is_main:
         where = f"resumed from step {resumed}" if resumed is not None else "from scratch"
         engine = cfg.train.engine + (f" ZeRO-{cfg.deepspeed.zero_stage}" if cfg.train.engine == "deepspeed" else "")
         print(
             f"run {cfg.name}: {runtime.world_size} process(es) on {runtime.device} ({engine}, "
-            f"precision {cfg.train.mixed_precision}, kernels {trainer.steps.kernel_status}, "
-            f"capture {trainer.steps.capture_status}), {where}; "
+            f"precision {cfg.train.mixed_precision}, kernels {steps.kernel_status}, "
+            f"capture {steps.capture_status}), {where}; "
             f"data {manifest_url(cfg.data.url)} ({manifest.num_samples} samples, {len(manifest.shards)} shards); "
             f"folder {cfg.output_dir}",
             flush=True,
         )
+        if trainer.state.lr_horizon != cfg.train.steps and cfg.train.lr_final_factor != 1.0:
+            print(
+                f"the learning-rate schedule keeps this run's horizon of {trainer.state.lr_horizon} steps "
+                f"(train.steps is now {cfg.train.steps}); past it the rates stay at their final value",
+                flush=True,
+            )
         if prometheus is not None:
             print(f"prometheus metrics: http://{cfg.log.prometheus_addr}:{prometheus.port}/metrics", flush=True)
     try:

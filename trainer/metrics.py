@@ -1,5 +1,8 @@
-"""Metric sinks: computation (the trainer) is separate from where numbers go.
+"""Metrics: the window that reduces them over ranks, and the sinks where the numbers go.
 
+- ``MetricWindow``: the per-step metrics of one log interval, kept on the device and reduced over
+  ranks in one collective (each reduction is a host sync, so it is not done every step), with the
+  stop flag, throughput, data wait, fp16 skips and corrupt shards; the divergence guard checks it.
 - JSONL file in the run folder (main process): one object per log interval, eval and event.
 - Prometheus endpoint per rank (prometheus-client, 127.0.0.1 by default) for Grafana.
 - A live progress line (main process): step, losses, samples/s, ETA.
@@ -11,9 +14,79 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Protocol
 
+import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+from trainer.guard import Diverged, DivergenceGuard
+
+
+@dataclass
+class LogConfig:
+    every: int = 25  # steps between metric reductions (each one is a device sync)
+    progress: bool = True
+    prometheus_port: int = 9400  # rank r serves on port + r; 0 picks free ports; -1 disables
+    prometheus_addr: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ValueError(f"log.every must be >= 1, got {self.every}")
+
+
+class MetricWindow:
+    """One log interval's metrics: ``record`` a dict of 0-dim device tensors per step, then ``reduce``."""
+
+    def __init__(self, runtime, guard: DivergenceGuard, samples_per_step: int):
+        self.runtime, self.guard, self.samples_per_step = runtime, guard, samples_per_step
+        self.rows: list[torch.Tensor] = []
+        self.names: list[str] = []
+        self.data_wait_s = 0.0  # time blocked on the next batch since the last reduction
+        self.corrupt_shards = 0  # on this rank, since the start of the process
+
+    def record(self, metrics: dict[str, torch.Tensor]) -> None:
+        if not self.names:
+            self.names = list(metrics)
+        self.rows.append(torch.stack([metrics[k].float() for k in self.names]))
+
+    def clear(self) -> None:
+        self.rows.clear()
+        self.data_wait_s = 0.0
+
+    def reduce(self, step: int, elapsed: float, stop: bool) -> tuple[dict[str, float], bool]:
+        """The window's means over steps and ranks (raises Diverged through the guard), and whether
+        any rank asked to stop: the flag rides along in the same reduction."""
+        runtime, names = self.runtime, self.names
+        flag = torch.full((1, len(names)), float(stop), device=runtime.device)
+        table = runtime.mean_across_ranks(torch.cat([torch.stack(self.rows), flag])).cpu()
+        stop_requested = bool(table[-1, 0] > 0)
+        table, steps_done = table[:-1], len(self.rows)
+        steps = list(range(step - steps_done + 1, step + 1))
+        data_wait_s = self.data_wait_s
+        self.clear()
+        # A skipped fp16 step (overflow) is the loss scaler doing its job, not divergence: its
+        # metrics may be inf and are left out, unless every step of the window was skipped.
+        skipped = table[:, names.index("skipped_steps")]
+        applied = table[skipped == 0]
+        if len(applied) == 0:
+            raise Diverged(f"every update of steps {steps[0]}..{step} overflowed and was skipped (fp16)")
+        self.guard.check(applied, names, [s for s, keep in zip(steps, (skipped == 0).tolist()) if keep])
+        out = dict(zip(names, applied.mean(0).tolist()))
+        # The penalty over the energy steps that computed it (all of them unless train.penalty_every > 1).
+        counts = applied[:, names.index("penalty_steps")]
+        del out["penalty_steps"]
+        if counts.sum() > 0:
+            out["penalty"] = float((applied[:, names.index("penalty")] * counts).sum() / counts.sum())
+        else:
+            del out["penalty"]
+        out["skipped_steps"] = skipped.sum().item()
+        out["samples_per_s"] = steps_done * self.samples_per_step / max(elapsed, 1e-9)
+        out["step_time_s"] = elapsed / max(steps_done, 1)
+        out["data_wait_share"] = min(data_wait_s / max(elapsed, 1e-9), 1.0)
+        corrupt = torch.tensor([float(self.corrupt_shards)], device=runtime.device)
+        out["corrupt_shards"] = runtime.sum_across_ranks(corrupt).item()
+        return out, stop_requested
 
 
 class MetricSink(Protocol):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from data_pipeline.toy import TOY_SPECS, ToySpec, mode_metrics, sample_toy
-from trainer.config import MALAConfig
+from models.mala import MALAConfig
 from trainer.evaluate import generate
 from trainer.plots import image_grid, scatter_2d
 from trainer.run_folder import load_networks
@@ -43,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg, nets, checkpoint = load_networks(args.run, args.checkpoint)
-    except (FileNotFoundError, KeyError, RuntimeError) as e:
+        cfg, nets, checkpoint, _ = load_networks(args.run, args.checkpoint)
+    except (FileNotFoundError, KeyError, RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)

@@ -29,7 +29,7 @@ from models.ops import EAGER, FUSED, FusedOps, kernels_for
 from models.ops.kernels import triton_available
 from trainer.capture import GraphedStep, capture_blocker
 from trainer.config import ConfigError, OptimConfig, RunConfig
-from trainer.distributed import frozen
+from trainer.runtime import frozen
 
 
 def resolve_kernels(choice: str, device: torch.device) -> FusedOps:

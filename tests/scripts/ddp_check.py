@@ -12,7 +12,7 @@ import torch
 
 from models import build_networks, energy_loss
 from trainer.config import load_config
-from trainer.distributed import Runtime
+from trainer.runtime import DDPRuntime
 from trainer.steps import build_steps
 
 
@@ -21,7 +21,7 @@ def main(out_path: str) -> None:
         "toy_25gaussians",
         ["model.hidden=[32,32]", "model.generator_hidden=[32,32]", "data.batch_size=64", "train.penalty_weight=1.0"],
     )
-    runtime = Runtime()
+    runtime = DDPRuntime()
     runtime.seed(0, per_rank=False)
     nets = build_networks(cfg.model, (2,))
     runtime.seed(0, per_rank=True)

@@ -1,11 +1,10 @@
-"""The DeepSpeed engine (ZeRO stages 0, 1, 2) behind the same small interface as ``Runtime``:
-one ``deepspeed.initialize`` per update (E; G and T in one container), driven directly.
+"""The DeepSpeed runtime (ZeRO stages 0, 1, 2): one ``deepspeed.initialize`` per update (E; G and T in
+one container), driven directly, on the shared process-group services (no accelerate).
 
 What stack-notes verified and this module follows: the gradient penalty fails when it runs through
 ``engine(x)`` (DeepSpeed's hooks fire inside the inner autograd.grad), so every forward goes through
-``engine.module``, and the networks not being updated are frozen (the trainer does that). ZeRO-3
-fails under the penalty's double backward and is refused. accelerate still forms the process group
-and does the reductions; DeepSpeed reuses that group. Every rank saves (each owns optimizer shards).
+``engine.module``, and the networks not being updated are frozen (the steps do that). ZeRO-3 fails
+under the penalty's double backward and is refused. Every rank saves (each owns optimizer shards).
 """
 
 from __future__ import annotations
@@ -13,17 +12,43 @@ from __future__ import annotations
 import copy
 import json
 import os
-import pickle
-import random
 import socket
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.config import ZERO3_REFUSAL, ConfigError, DeepSpeedConfig
-from trainer.distributed import Runtime
+from trainer.runtime.group import ProcessGroup, check_world_size, refuse_accelerate_deepspeed
+
+
+class DeepSpeedConfigError(ValueError):
+    """A DeepSpeed setting that cannot work; the message names it and the fix."""
+
+
+# Why ZeRO-3 is refused: it partitions parameters and gathers them in forward hooks, and the
+# gradient penalty differentiates through E twice (autograd.grad with create_graph, then backward);
+# DeepSpeed's stage-3 hooks do not support that double backward (verified: it fails).
+ZERO3_REFUSAL = (
+    "ZeRO stage 3 is not supported: the gradient penalty needs a double backward through E "
+    "(autograd.grad with create_graph=True, then backward), and ZeRO-3's parameter "
+    "partitioning hooks fail under double backward. Use deepspeed.zero_stage 0, 1 or 2."
+)
+
+
+@dataclass
+class DeepSpeedConfig:
+    """Used when train.engine=deepspeed. Precision and batch sizes come from train/data; the JSON file
+    (optional, e.g. deploy/deepspeed/zero2.json) supplies DeepSpeed's other knobs."""
+
+    zero_stage: int = 1  # 0, 1 or 2; 3 is refused (ZERO3_REFUSAL)
+    config_file: str = ""  # a DeepSpeed JSON; its zero_optimization.stage, if set, must equal zero_stage
+
+    def __post_init__(self) -> None:
+        if self.zero_stage == 3:
+            raise DeepSpeedConfigError(f"deepspeed.zero_stage=3: {ZERO3_REFUSAL}")
+        if self.zero_stage not in (0, 1, 2):
+            raise DeepSpeedConfigError(f"deepspeed.zero_stage={self.zero_stage} is not valid; choose 0, 1 or 2")
 
 
 class GeneratorAndStatistics(nn.Module):
@@ -84,18 +109,18 @@ def deepspeed_config(cfg: DeepSpeedConfig, mixed_precision: str, batch_per_rank:
             with open(cfg.config_file) as f:
                 ds = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"deepspeed.config_file={cfg.config_file!r}: {e}") from None
+            raise DeepSpeedConfigError(f"deepspeed.config_file={cfg.config_file!r}: {e}") from None
     zero = dict(ds.get("zero_optimization", {}))
     if zero.get("stage", cfg.zero_stage) == 3:
-        raise ConfigError(f"{cfg.config_file} sets zero_optimization.stage=3: {ZERO3_REFUSAL}")
+        raise DeepSpeedConfigError(f"{cfg.config_file} sets zero_optimization.stage=3: {ZERO3_REFUSAL}")
     if zero.get("stage", cfg.zero_stage) != cfg.zero_stage:
-        raise ConfigError(
+        raise DeepSpeedConfigError(
             f"{cfg.config_file} sets zero_optimization.stage={zero['stage']} but "
             f"deepspeed.zero_stage={cfg.zero_stage}: make them agree"
         )
     for key in ("bf16", "fp16"):
         if ds.get(key, {}).get("enabled") and mixed_precision != key:
-            raise ConfigError(
+            raise DeepSpeedConfigError(
                 f"{cfg.config_file} enables {key}; set train.mixed_precision={key} instead "
                 "(precision is one setting, owned by the trainer config)"
             )
@@ -121,22 +146,27 @@ def deepspeed_config(cfg: DeepSpeedConfig, mixed_precision: str, batch_per_rank:
     return ds
 
 
-class DeepSpeedRuntime(Runtime):
-    """``Runtime`` with DeepSpeed engines for the two updates."""
+class DeepSpeedRuntime(ProcessGroup):
+    """DeepSpeed engines for the two updates, on a process group of torch.distributed's own."""
 
     def __init__(self, mixed_precision: str, cfg: DeepSpeedConfig, batch_size: int):
-        super().__init__(mixed_precision)
-        if batch_size % self.world_size:
-            raise ConfigError(f"data.batch_size={batch_size} must be divisible by the {self.world_size} ranks")
+        refuse_accelerate_deepspeed()
         if not dist.is_initialized():
-            # One process (no launcher): DeepSpeed still wants a process group; a group of one.
+            # Launched (accelerate launch, torchrun, srun): the launcher's environment; else a group of one.
             for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
                 os.environ.setdefault(key, value)
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        check_world_size(dist.get_world_size())
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        super().__init__(device, dist.get_rank(), dist.get_world_size(), mixed_precision)
+        if batch_size % self.world_size:
+            raise DeepSpeedConfigError(f"data.batch_size={batch_size} must be divisible by the {self.world_size} ranks")
         self.ds_config = deepspeed_config(cfg, mixed_precision, batch_size // self.world_size, self.world_size)
         self.engines: dict[str, object] = {}
-        self._registered: list = []
 
     def prepare_updates(self, energy, generator, statistics, energy_opt, generator_opt):
         import deepspeed  # imported here: it is slow to import and only this engine needs it
@@ -157,56 +187,48 @@ class DeepSpeedRuntime(Runtime):
             EngineUpdate(self.engines["generator"], ["generator", "statistics"]),
         )
 
-    def unwrap(self, model: nn.Module) -> nn.Module:
-        return model
-
     def for_evaluation(self, module: nn.Module) -> nn.Module:
         # DeepSpeed's bf16/fp16 modes keep the module's weights in low precision (fp32 masters live in
         # the optimizer): evaluation and sampling run on an fp32 copy.
         low = next(module.parameters()).dtype != torch.float32
         return copy.deepcopy(module).float() if low else module
 
-    def register_for_checkpointing(self, *objects) -> None:
-        self._registered.extend(objects)
+    def fp32_state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
+        """E's, G's and T's weights in fp32 on the CPU: under bf16/fp16 the fp32 masters, gathered from
+        the ZeRO partitions (a collective: every rank calls it)."""
+        from deepspeed.utils import safe_get_full_fp32_param
 
-    def _save_state(self, folder: str) -> None:
+        out = {}
+        for engine in self.engines.values():
+            module = engine.module
+            names = ["generator", "statistics"] if isinstance(module, GeneratorAndStatistics) else ["energy"]
+            for name in names:
+                net = getattr(module, name) if len(names) > 1 else module
+                masters = {n: safe_get_full_fp32_param(p) for n, p in net.named_parameters()}
+                state = {}
+                for key, value in net.state_dict().items():
+                    master = masters.get(key)
+                    state[key] = (master if master is not None else value).detach().float().cpu()
+                out[name] = state
+        return out
+
+    def save_engine_state(self, folder: str) -> None:
         for name, eng in self.engines.items():
             eng.save_checkpoint(folder, tag=name, save_latest=False)  # collective: every rank writes its shards
-        with open(os.path.join(folder, f"random_states_{self.rank}.pkl"), "wb") as f:
-            pickle.dump(_rng_states(), f)
-        if self.is_main:
-            torch.save([o.state_dict() for o in self._registered], os.path.join(folder, "trainer_state.pt"))
 
-    def load_checkpoint(self, path: str) -> None:
+    def restore(self, folder: str, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+        """The engines (weights, fp32 masters, optimizer shards) from DeepSpeed's own files."""
         for name, eng in self.engines.items():
-            loaded, _ = eng.load_checkpoint(path, tag=name)
+            loaded, _ = eng.load_checkpoint(folder, tag=name)
             if loaded is None:
-                raise FileNotFoundError(f"{path}/{name}: no DeepSpeed checkpoint (was it saved by the ddp engine?)")
-        states = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
-        for obj, state in zip(self._registered, states, strict=True):
-            obj.load_state_dict(state)
-        rng = os.path.join(path, f"random_states_{self.rank}.pkl")
-        if os.path.exists(rng):
-            with open(rng, "rb") as f:
-                _set_rng_states(pickle.load(f))
+                raise FileNotFoundError(f"{folder}/{name}: no DeepSpeed checkpoint (was it saved by the ddp engine?)")
+
+    def shutdown(self) -> None:
+        self.engines.clear()  # the engines hold the process group
+        super().shutdown()
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _rng_states() -> dict:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state()
-    return states
-
-
-def _set_rng_states(states: dict) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"])

@@ -1,0 +1,217 @@
+"""Checkpoints: one layout for every engine, written atomically, with an engine-free weights export.
+
+    checkpoints/step_00001000/
+        weights.safetensors    E, G and T in fp32 ("energy.", "generator.", "statistics." keys); its
+                               metadata holds the sample shape, the data set and the package version
+        config.yaml            the run's resolved configuration when this checkpoint was written
+        trainer_state.json     step, every rank's stream position, learning-rate scale and horizon
+        rng_rank<R>.pt         each rank's random generators (tensors and numbers only)
+        engine/                what the engine needs to go on: optimizers and loss scalers (ddp), or
+                               DeepSpeed's own files (one tag per engine)
+
+Every rank writes into ``step_XXXXXXXX.partial``; the main process renames it when all ranks are done,
+so a crash during a save never leaves a checkpoint that loads half (a ``.partial`` is ignored and
+cleaned up later), then keeps the last ``checkpoint.keep``. The sample, evaluate and FID tools read
+only ``weights.safetensors`` and ``config.yaml`` (``load_export``), so they work on any engine's run.
+Nothing here unpickles: JSON, safetensors, and ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass, field
+from importlib import metadata
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from data_pipeline.config import StreamPosition
+
+CHECKPOINT_RE = re.compile(r"^step_(\d{8})$")
+WEIGHTS_FILE = "weights.safetensors"
+CONFIG_FILE = "config.yaml"
+STATE_FILE = "trainer_state.json"
+ENGINE_DIR = "engine"
+NETWORKS = ("energy", "generator", "statistics")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500
+    keep: int = 3
+    resume: bool = True  # resume from the run folder's latest checkpoint when there is one
+
+    def __post_init__(self) -> None:
+        for key, value in (("checkpoint.every", self.every), ("checkpoint.keep", self.keep)):
+            if value < 1:
+                raise ValueError(f"{key} must be >= 1, got {value}")
+
+
+def package_version() -> str:
+    try:
+        return metadata.version("meg-ebm")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds beyond networks, optimizers and generators. ``position`` is this rank's
+    live stream position; ``rank_positions`` every rank's, gathered when a checkpoint is written (they
+    differ once a corrupt shard has ended one rank's epoch early, and each rank resumes from its own)."""
+
+    rank: int = 0
+    world_size: int = 1
+    step: int = 0
+    position: StreamPosition = field(default_factory=StreamPosition)
+    rank_positions: list[dict[str, int]] = field(default_factory=list)
+    lr_scale: float = 1.0  # lowered by each divergence rollback, and kept across resumes
+    lr_horizon: int = 0  # the learning-rate schedule's length, fixed when the run starts
+
+    def to_json(self) -> dict:
+        return {
+            "step": self.step,
+            "rank_positions": self.rank_positions or [self.position.state_dict()],
+            "lr_scale": self.lr_scale,
+            "lr_horizon": self.lr_horizon,
+            "version": package_version(),
+        }
+
+    def load_json(self, state: dict) -> None:
+        self.step = int(state["step"])
+        positions = state["rank_positions"]
+        # Another world size reshuffles the shards among ranks: every rank then takes rank 0's place.
+        self.position.load_state_dict(positions[self.rank] if len(positions) == self.world_size else positions[0])
+        self.lr_scale = float(state.get("lr_scale", 1.0))
+        self.lr_horizon = int(state.get("lr_horizon", 0))
+
+
+def checkpoint_step(path: str) -> int:
+    m = CHECKPOINT_RE.match(os.path.basename(path.rstrip("/")))
+    if not m:
+        raise ValueError(f"{path} is not a checkpoint folder (step_XXXXXXXX)")
+    return int(m.group(1))
+
+
+def list_checkpoints(folder: str) -> list[str]:
+    """Complete checkpoints, oldest first."""
+    if not os.path.isdir(folder):
+        return []
+    return [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if CHECKPOINT_RE.match(n)]
+
+
+# -- random generators ---------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    """Python's, numpy's and torch's generators as tensors and numbers (loadable with weights_only)."""
+    version, python, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": {"version": version, "state": torch.tensor(python, dtype=torch.int64), "gauss": gauss},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },  # fmt: skip
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    p, n = state["python"], state["numpy"]
+    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss"]))
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- the weights export ----------------------------------------------------------------------------
+
+
+def write_export(folder: str, weights: dict[str, dict[str, torch.Tensor]], config_yaml: str, info: dict) -> None:
+    """weights.safetensors (E, G, T; ``info`` in its metadata, as JSON strings) and config.yaml."""
+    flat = {f"{net}.{key}": tensor.contiguous() for net in NETWORKS for key, tensor in weights[net].items()}
+    meta = {"format": "meg-weights-1", "version": package_version(), **{k: json.dumps(v) for k, v in info.items()}}
+    save_file(flat, os.path.join(folder, WEIGHTS_FILE), metadata=meta)
+    with open(os.path.join(folder, CONFIG_FILE), "w") as f:
+        f.write(config_yaml)
+
+
+def load_export(checkpoint: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict, str]:
+    """(E's, G's and T's state dicts, the export's metadata, the config.yaml text) of a checkpoint."""
+    path = os.path.join(checkpoint, WEIGHTS_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{checkpoint} has no {WEIGHTS_FILE}: not a checkpoint, or written by a version before the weights "
+            "export (retrain, or sample it with that version)"
+        )
+    weights: dict[str, dict[str, torch.Tensor]] = {net: {} for net in NETWORKS}
+    with safe_open(path, framework="pt") as f:
+        raw = f.metadata() or {}
+        for name in f.keys():
+            net, key = name.split(".", 1)
+            weights[net][key] = f.get_tensor(name)
+    info = {k: (v if k in ("format", "version") else json.loads(v)) for k, v in raw.items()}
+    with open(os.path.join(checkpoint, CONFIG_FILE)) as f:
+        return weights, info, f.read()
+
+
+# -- saving and loading ----------------------------------------------------------------------------
+
+
+class Checkpoints:
+    """The run's checkpoint folder. ``save`` and ``load`` are collective: every rank calls them."""
+
+    def __init__(self, folder: str, keep: int, config_yaml: str, info: dict):
+        self.folder, self.keep, self.config_yaml, self.info = folder, keep, config_yaml, info
+
+    def list(self) -> list[str]:
+        return list_checkpoints(self.folder)
+
+    def save(self, runtime, state: TrainState) -> str:
+        final = os.path.join(self.folder, f"step_{state.step:08d}")
+        partial = final + ".partial"
+        # Every rank's stream position, in rank order.
+        mine = torch.tensor([state.position.epoch, state.position.batches_done], device=runtime.device)
+        state.rank_positions = [{"epoch": e, "batches_done": b} for e, b in runtime.all_gather(mine).tolist()]
+        weights = runtime.fp32_state_dicts()  # a collective under DeepSpeed
+        if runtime.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+            os.makedirs(partial)
+        runtime.barrier()
+        torch.save(rng_state(), os.path.join(partial, f"rng_rank{runtime.rank}.pt"))
+        runtime.save_engine_state(os.path.join(partial, ENGINE_DIR))
+        if runtime.is_main:
+            write_export(partial, weights, self.config_yaml, {**self.info, "step": state.step})
+            with open(os.path.join(partial, STATE_FILE), "w") as f:
+                json.dump(state.to_json(), f, indent=2)
+        runtime.barrier()
+        if runtime.is_main:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)
+            for old in self.list()[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        runtime.barrier()
+        return final
+
+    def load(self, path: str, runtime, state: TrainState) -> None:
+        weights, _, _ = load_export(path)
+        runtime.restore(os.path.join(path, ENGINE_DIR), weights)
+        rng = os.path.join(path, f"rng_rank{runtime.rank}.pt")
+        if os.path.isfile(rng):  # absent when the run grew: the new ranks keep their fresh seeds
+            set_rng_state(torch.load(rng, weights_only=True))
+        with open(os.path.join(path, STATE_FILE)) as f:
+            state.load_json(json.load(f))

@@ -1,0 +1,131 @@
+"""The process-group services both runtimes share: who this process is, where it computes, seeds,
+mixed precision, and the collectives. Plain torch.distributed; one process needs no group."""
+
+from __future__ import annotations
+
+import gc
+import os
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# The penalty's inner autograd.grad starts from d(scale * sum_i E_i)/dE_i = scale for every sample, in
+# E's fp16 output dtype: 2**16 (GradScaler's default) is inf in fp16 (max 65504), so start at 2**15.
+FP16_INIT_SCALE = 2.0**15
+
+
+class LaunchError(RuntimeError):
+    """The processes were started in a way this trainer cannot run (the message says how to launch)."""
+
+
+class ProcessGroup:
+    def __init__(self, device: torch.device, rank: int, world_size: int, mixed_precision: str):
+        if mixed_precision not in ("no", *AUTOCAST_DTYPES):
+            raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {mixed_precision!r}")
+        self.device, self.rank, self.world_size = device, rank, world_size
+        self.is_main = rank == 0
+        self.mixed_precision = mixed_precision
+
+    def seed(self, seed: int, per_rank: bool) -> None:
+        """The same seed everywhere (network init), or seed + rank (noise, negatives)."""
+        seed = seed + (self.rank if per_rank else 0)
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)  # every device's generator too
+
+    def autocast(self, cache: bool = True):
+        """Mixed-precision region for every forward of the three updates (a no-op in fp32). ``cache``
+        False: no weight-cast cache (required inside a CUDA graph capture)."""
+        dtype = AUTOCAST_DTYPES.get(self.mixed_precision)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None, cache_enabled=cache)
+
+    def sum_across_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            values = values.clone()
+            dist.all_reduce(values)
+        return values
+
+    def mean_across_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        return self.sum_across_ranks(values) / self.world_size if self.world_size > 1 else values
+
+    def all_gather(self, values: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``values``, stacked in rank order: shape (world_size, *values.shape)."""
+        if self.world_size == 1:
+            return values.unsqueeze(0)
+        parts = [torch.empty_like(values) for _ in range(self.world_size)]
+        dist.all_gather(parts, values.contiguous())
+        return torch.stack(parts)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def ranks_in_sync(self, *modules: nn.Module) -> bool:
+        """True when every rank holds bit-identical parameters and buffers (one small all-gather)."""
+        if self.world_size == 1:
+            return True
+        digest = torch.stack(
+            [
+                torch.stack(
+                    [
+                        t.detach().double().sum(),
+                        t.detach().double().abs().sum(),
+                        (t.detach().double().flatten() * torch.arange(t.numel(), device=t.device)).sum(),
+                    ]
+                )
+                for m in modules
+                for t in [*m.parameters(), *m.buffers()]
+                if t.is_floating_point()
+            ]
+        )
+        gathered = self.all_gather(digest)
+        return bool((gathered == gathered[0:1]).all())
+
+    def shutdown(self) -> None:
+        # gloo aborts a process at exit ("terminate called without an active exception") when the
+        # group is torn down while something still holds it or another rank is still talking:
+        # collect what holds it first, then meet, then destroy.
+        gc.collect()
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def refuse_accelerate_deepspeed() -> None:
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        raise LaunchError(
+            "accelerate was launched with distributed_type DEEPSPEED; this trainer drives DeepSpeed itself "
+            "(one engine per update). Launch with a MULTI_GPU config (deploy/deepspeed/) and set "
+            "train.engine=deepspeed."
+        )
+
+
+def check_world_size(joined: int) -> None:
+    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    if joined != expected:
+        # accelerate on a machine without a GPU starts unconnected processes unless told to use the CPU.
+        raise LaunchError(
+            f"WORLD_SIZE={expected} but this process joined a group of {joined}: "
+            "the processes did not form one group. On CPU launch with "
+            "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ...` (or torchrun)."
+        )
+
+
+@contextmanager
+def frozen(*modules: nn.Module) -> Iterator[None]:
+    """Parameters of ``modules`` take no gradient inside the block (the networks not being updated)."""
+    params = [p for m in modules for p in m.parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
