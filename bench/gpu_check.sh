@@ -140,7 +140,8 @@ if [[ -n $mnist ]]; then
     # SIGTERM after the time limit: the trainer checkpoints and exits 75 (preempted), as under Slurm.
     start=$(date +%s)
     timeout --preserve-status -k 60 -s TERM "$smnist_seconds" "$PYTHON" trainer/main.py --config stackedmnist name=gpu_check \
-        output_dir="$WORK/run" data.url="$WORK/smnist" train.mixed_precision=bf16 eval.every=0 \
+        output_dir="$WORK/run" data.url="$WORK/smnist" eval.stackedmnist.classifier="$WORK/classifier.pt" \
+        train.mixed_precision=bf16 eval.every=0 \
         checkpoint.every=100000 log.prometheus_port=-1 "${smnist[@]}" >>"$log" 2>&1
     rc=$?
     took=$(( $(date +%s) - start ))
@@ -151,7 +152,7 @@ if [[ -n $mnist ]]; then
         failed=1
     fi
     phase "stackedmnist evaluation" 120 "$log" "$PYTHON" -m trainer.evaluate --run "$WORK/run" \
-        eval.classifier="$WORK/classifier.pt" eval.num_samples=$smnist_samples eval.mala.steps=0
+        eval.stackedmnist.classifier="$WORK/classifier.pt" eval.num_samples=$smnist_samples eval.mala.steps=0
     "$PYTHON" - "$WORK/run" >>"$summary" 2>&1 <<'EOF'
 import glob, json, os, sys
 run = sys.argv[1]

@@ -30,7 +30,7 @@ def test_short_toy_run_writes_everything(tmp_path):
     assert "kernels eager, capture off: CUDA graphs need a CUDA device, this run is on cpu" in result.stdout
     assert "prometheus metrics: http://127.0.0.1:" in result.stdout
     cfg_text = (run / "config.yaml").read_text()
-    assert "steps: 20" in cfg_text and "toy_std: 0.01768" in cfg_text
+    assert "steps: 20" in cfg_text and "toy_std: 0.01768" in cfg_text and "kind: toy" in cfg_text
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "energy_loss" in r]
     assert [r["step"] for r in train] == [5, 10, 15, 20]

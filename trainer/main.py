@@ -33,7 +33,7 @@ from data_pipeline.stream import ShardStream
 from models import build_networks
 from trainer.checkpoint import Checkpoints
 from trainer.config import ConfigError, RunConfig, config_to_yaml, load_config
-from trainer.evaluate import Evaluator
+from trainer.evaluation import build_evaluator, check_requirements
 from trainer.guard import Diverged
 from trainer.meg_trainer import PREEMPTED_EXIT_CODE, MEGTrainer, Preempted
 from trainer.metrics import JsonlSink, MetricsLogger, ProgressSink, PrometheusSink
@@ -148,7 +148,7 @@ def train(cfg: RunConfig, runtime: Runtime, stop: threading.Event) -> dict[str, 
         "data_url": manifest_url(cfg.data.url),
     }
     checkpoints = Checkpoints(os.path.join(cfg.output_dir, "checkpoints"), cfg.checkpoint.keep, config_yaml, info)
-    evaluator = Evaluator(cfg, manifest.sample_shape, manifest.name)
+    evaluator = build_evaluator(cfg, manifest.sample_shape, manifest.name)
     trainer = MEGTrainer(cfg, runtime, steps, stream, logger, checkpoints, evaluator, stop)
     resumed = trainer.resume_if_possible()
     if runtime.is_main:
@@ -196,8 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(config_to_yaml(cfg), end="")
             return 0
+        check_requirements(cfg)  # every file the evaluation reads, before any work
         run(cfg)
-    except (ConfigError, DataError, LaunchError, Diverged, ValueError) as e:
+    except (ConfigError, DataError, LaunchError, Diverged, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Preempted as e:

@@ -27,17 +27,21 @@ def scatter_2d(path: str, samples: np.ndarray, data: np.ndarray | None, title: s
 
 
 @torch.no_grad()
-def energy_landscape(path: str, energy, lim: float, title: str, resolution: int = 200) -> None:
-    """exp(-E) on a grid, normalised over the grid: the model's density."""
+def energy_landscape(
+    path: str, energy, lim: float, title: str, temperature: float = 1.0, resolution: int = 200
+) -> None:
+    """exp(-E / temperature) on a grid, normalised over the grid: the density the generator targets
+    (MEG's generator minimises E(G(z)) - w * H, so its target is p ∝ exp(-E / w))."""
     axis = torch.linspace(-lim, lim, resolution)
     xx, yy = torch.meshgrid(axis, axis, indexing="xy")
     grid = torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1)
     device = next(energy.parameters()).device
     e = torch.cat([energy(chunk.to(device)).float().cpu() for chunk in grid.split(8192)])
-    density = torch.softmax(-e, dim=0).reshape(resolution, resolution).numpy()
+    density = torch.softmax(-e / temperature, dim=0).reshape(resolution, resolution).numpy()
     fig, axes = plt.subplots(1, 2, figsize=(9, 4.2), dpi=120)
     axes[0].imshow(density, extent=(-lim, lim, -lim, lim), origin="lower", cmap="viridis")
-    axes[0].set_title("density exp(-E) / Z", fontsize=9)
+    label = "exp(-E) / Z" if temperature == 1.0 else f"exp(-E / {temperature:g}) / Z (entropy weight {temperature:g})"
+    axes[0].set_title(f"density {label}", fontsize=9)
     im = axes[1].imshow(
         e.reshape(resolution, resolution).numpy(), extent=(-lim, lim, -lim, lim), origin="lower", cmap="magma"
     )

@@ -17,9 +17,9 @@ import sys
 import numpy as np
 import torch
 
-from data_pipeline.toy import TOY_SPECS, ToySpec, mode_metrics, sample_toy
+from data_pipeline.toy import mode_metrics
 from models.mala import MALAConfig
-from trainer.evaluate import generate
+from trainer.evaluation import generate, toy_reference
 from trainer.plots import image_grid, scatter_2d
 from trainer.run_folder import load_networks
 
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg, nets, checkpoint, _ = load_networks(args.run, args.checkpoint)
+        cfg, nets, checkpoint, info = load_networks(args.run, args.checkpoint)
     except (FileNotFoundError, KeyError, RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -57,13 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.mala_steps:
         report["mala_acceptance_rate"] = acceptance
     if samples.dim() == 2 and samples.shape[1] == 2:
-        data = None
-        if cfg.data.toy in TOY_SPECS:
-            base = TOY_SPECS[cfg.data.toy]
-            spec = ToySpec(base.name, base.centres, cfg.data.toy_std or base.std)
-            data, _ = sample_toy(cfg.data.toy, 2000, seed=12345, std=spec.std)
-            if spec.centres is not None:
-                report.update(mode_metrics(samples.numpy(), spec))
+        spec, data = toy_reference(info.get("dataset", ""), cfg.eval.toy.std)
+        if spec is not None:
+            report.update(mode_metrics(samples.numpy(), spec))
         lim = float(np.abs(data).max() * 1.25) if data is not None else float(samples.abs().max() * 1.1)
         scatter_2d(out, samples.numpy(), data, f"{os.path.basename(checkpoint)}, MALA steps {args.mala_steps}", lim)
     elif samples.dim() == 4:

