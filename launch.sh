@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # MEG: set up and run.
 #   ./launch.sh                          set up (first time) and train the default job: 25 Gaussians
-#   ./launch.sh test [pytest args]       set up and run the test suite (what .ci/run calls)
+#   ./launch.sh test [pytest args]       set up and run the whole test suite (what .ci/run calls;
+#                                        a plain `pytest` in the venv is the fast tier)
 #   ./launch.sh --nproc N [args]         N local processes forming one DDP group (gloo on CPU)
 #   ./launch.sh --slurm --nodes 2 [--time 4:00:00] [args]   submit to Slurm (deploy/slurm/README.md)
 #   ./launch.sh --config PRESET k=v ...  anything else passes through to trainer/main.py
@@ -36,7 +37,8 @@ export PATH="$VENV/bin:$PATH"
 
 if [[ "${1:-}" == "test" ]]; then
     shift
-    exec python -m pytest "$@"
+    # -m "": every tier (pyproject's default filter keeps a plain `pytest` to the fast one).
+    exec python -m pytest -m "" "$@"
 fi
 
 if [[ "${1:-}" == "--slurm" ]]; then

@@ -99,9 +99,10 @@ def run_trainer(
     timeout: float = 300,
     env: dict[str, str] | None = None,
     check: bool = True,
+    preset: str = "toy_25gaussians",
 ) -> subprocess.CompletedProcess:
     """Runs trainer/main.py (or a launcher in front of it) from the repo root; returns the result."""
-    cmd = (launcher or [sys.executable]) + ["trainer/main.py", "--config", "toy_25gaussians", *args]
+    cmd = (launcher or [sys.executable]) + ["trainer/main.py", "--config", preset, *args]
     result = subprocess.run(
         cmd, cwd=REPO_ROOT, env=env or subprocess_env(), capture_output=True, text=True, timeout=timeout
     )

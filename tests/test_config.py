@@ -2,12 +2,12 @@
 
 import subprocess
 import sys
+import time
 
 import pytest
-import yaml
 
 from tests.conftest import REPO_ROOT
-from trainer.config import ConfigError, config_to_yaml, load_config, resolve_preset
+from trainer.config import ConfigError, RunConfig, _build, config_to_yaml, load_config, parse_yaml, resolve_preset
 
 
 def test_preset_and_overrides_resolve_with_types():
@@ -15,10 +15,8 @@ def test_preset_and_overrides_resolve_with_types():
     assert cfg.train.steps == 7 and cfg.train.energy_optim.lr == pytest.approx(1e-3)
     assert cfg.model.hidden == [8, 8] and cfg.data.toy == "25gaussians"
     assert cfg.output_dir == "runs/toy_25gaussians"
-    # The saved YAML loads back to the same configuration.
-    assert load_config(None, []).__class__(**{}) is not None
-    tree = yaml.safe_load(config_to_yaml(cfg))
-    assert tree["train"]["steps"] == 7 and tree["model"]["hidden"] == [8, 8]
+    # The saved YAML (config.yaml of every run and checkpoint) loads back to the same configuration.
+    assert _build(RunConfig, parse_yaml(config_to_yaml(cfg))) == cfg
 
 
 @pytest.mark.parametrize(
@@ -65,17 +63,53 @@ def test_cli_reports_config_errors_without_traceback():
     assert "Traceback" not in result.stderr
 
 
-def test_print_config_shows_every_section():
+def test_printed_config_loads_back_to_the_same_configuration(tmp_path):
+    # What --print-config shows (and every run saves as config.yaml) must load back to the same run:
+    # YAML 1.1 would read the printed mixed_precision "no" or capture "off" back as a boolean.
+    overrides = ["train.steps=7", "train.mixed_precision=no", "train.capture=off", "eval.toy.std=0.02"]
     result = subprocess.run(
-        [sys.executable, "trainer/main.py", "--config", "toy_25gaussians", "--print-config"],
+        [sys.executable, "trainer/main.py", "--config", "toy_25gaussians", "--print-config", *overrides],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert result.returncode == 0
-    tree = yaml.safe_load(result.stdout)
-    assert set(tree) >= {"model", "data", "train", "eval", "checkpoint", "log"}
+    assert result.returncode == 0, result.stderr
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(result.stdout)
+    assert load_config(str(printed)) == load_config("toy_25gaussians", overrides)
+
+
+def test_a_preset_inherits_its_base_and_overrides_it_section_by_section(tmp_path):
+    child = tmp_path / "child.yaml"
+    child.write_text("base: kdd99\nname: child\ntrain: {steps: 7}\neval: {kdd: {percentile: 90.0}}\n")
+    cfg, base = load_config(str(child)), load_config("kdd99")
+    assert (cfg.name, cfg.train.steps, cfg.eval.kdd.percentile) == ("child", 7, 90.0)
+    # everything else comes from the base, including the other keys of the sections it touched
+    assert cfg.train.penalty_weight == base.train.penalty_weight and cfg.eval.kdd.test_data == base.eval.kdd.test_data
+    assert cfg.model == base.model and cfg.data == base.data
+
+
+def test_presets_that_inherit_in_a_circle_are_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text(f"base: {tmp_path / 'b.yaml'}\n")
+    (tmp_path / "b.yaml").write_text(f"base: {tmp_path / 'a.yaml'}\n")
+    with pytest.raises(ConfigError, match="inherit in a circle"):
+        load_config(str(tmp_path / "a.yaml"))
+
+
+def test_a_missing_evaluation_file_stops_the_run_before_any_work(tmp_path):
+    start = time.time()
+    result = subprocess.run(
+        [sys.executable, "trainer/main.py", "--config", "fashion_mnist_mlp", f"output_dir={tmp_path / 'run'}"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and time.time() - start < 10
+    assert "eval.fid.reference=stats/fashion_train.npz does not exist" in result.stderr
+    assert "python -m trainer.fid --data data/fashion-mnist/train --out stats/fashion_train.npz" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.yaml")))

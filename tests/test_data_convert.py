@@ -209,6 +209,7 @@ MNIST_I, MNIST_L = (
 )
 
 
+@pytest.mark.slow
 def test_real_kdd(tmp_path):
     src = REAL / "kddcup99" / "kddcup.data_10_percent.gz"
     need(src)
@@ -231,6 +232,7 @@ def test_real_mnist_and_stacked(tmp_path):
     assert a["test"].class_counts["1"] == 1135 and a["train"].num_samples == round(0.8 * (10_000 - 1135))
 
 
+@pytest.mark.slow
 def test_real_fashion_mnist(tmp_path):
     need(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz"))
     ms = convert.convert_fashion_mnist(str(tmp_path / "f"))

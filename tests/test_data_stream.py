@@ -154,6 +154,7 @@ def test_samples_of_another_shape_than_the_manifest_fail(tmp_path, workers, kind
         next(ShardStream(m, 0, 1, 16, workers, worker_type=kind).epoch_batches(StreamPosition()))
 
 
+@pytest.mark.slow
 def test_leaving_an_epoch_early_stops_the_reader_threads(tmp_path):
     make_images(str(tmp_path))
     stream = ShardStream(read_manifest(str(tmp_path)), 0, 1, 16, 2, chunk_batches=1)
@@ -238,6 +239,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_http_store(tmp_path):
     make_images(str(tmp_path))
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
@@ -255,6 +257,7 @@ def test_http_store(tmp_path):
         server.shutdown()
 
 
+@pytest.mark.slow
 def test_s3_store_via_moto_server(tmp_path, monkeypatch):
     pytest.importorskip("s3fs", reason="s3:// needs s3fs (the dev extra)")
     moto_server = pytest.importorskip("moto.server", reason="needs moto[server] (the dev extra)")

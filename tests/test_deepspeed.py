@@ -4,12 +4,15 @@ Each 2-rank run is a real `accelerate launch` of trainer/main.py (about 15 s eac
 """
 
 import json
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO_ROOT, accelerate_launcher, run_trainer, tiny_overrides
+from tests.conftest import REPO_ROOT, accelerate_launcher, run_trainer, subprocess_env, tiny_overrides
 from trainer.config import ConfigError, load_config
 from trainer.runtime.deepspeed_engine import DeepSpeedConfig, DeepSpeedConfigError, deepspeed_config
 
@@ -98,6 +101,7 @@ def test_zero3_in_a_deepspeed_json_is_refused(tmp_path):
         deepspeed_config(DeepSpeedConfig(zero_stage=2, config_file=str(path)), "no", 32, 2)
 
 
+@pytest.mark.slow
 def test_zero3_run_exits_with_a_clear_error(tmp_path):
     result = run_trainer([*tiny_overrides(tmp_path), "train.engine=deepspeed", "deepspeed.zero_stage=3"], check=False)
     assert result.returncode == 2
@@ -129,3 +133,28 @@ def test_zero2_bf16_trains_all_three_updates_close_to_fp32_ddp(two_rank_runs):
             assert abs(a[key] - b[key]) < 2e-3, (a["step"], key, a[key], b[key])
         for key in ("penalty", "generator_loss", "mi_estimate"):
             assert abs(a[key] - b[key]) / abs(a[key]) < 5e-2, (a["step"], key, a[key], b[key])
+
+
+@pytest.mark.slow
+def test_sample_and_evaluate_give_a_zero2_run_the_numbers_of_its_ddp_twin(two_rank_runs):
+    # Both runs: the same seed, 2 ranks, fp32, 6 steps; their losses agree (test above). The tools read
+    # only each checkpoint's weights export, so they must work on either and agree too.
+    tmp, _ = two_rank_runs
+    samples, evaluations = {}, {}
+    for name in ("ddp", "zero2"):
+        run = tmp / name / "run"
+        npy = tmp / f"{name}_samples.npy"
+        for tool in (
+            ["trainer.sample", "--run", str(run), "--num", "500", "--mala-steps", "3", "--npy", str(npy)],
+            ["trainer.evaluate", "--run", str(run), "eval.num_samples=500", "eval.mala.steps=3", "eval.plots=false"],
+        ):
+            result = subprocess.run([sys.executable, "-m", *tool], cwd=REPO_ROOT, env=subprocess_env(),
+                                    capture_output=True, text=True, timeout=300)  # fmt: skip
+            assert result.returncode == 0, result.stderr[-2000:]
+        samples[name] = np.load(npy)
+        evaluations[name] = json.loads((run / "eval" / "eval_step_00000006.json").read_text())
+    assert np.abs(samples["ddp"] - samples["zero2"]).max() < 1e-4
+    assert evaluations["ddp"].keys() == evaluations["zero2"].keys()
+    for key, value in evaluations["ddp"].items():
+        expected = pytest.approx(value, rel=1e-3, abs=1e-4) if isinstance(value, float) else value
+        assert evaluations["zero2"][key] == expected, key

@@ -10,6 +10,7 @@ import pytest
 from tests.conftest import REPO_ROOT, accelerate_launcher, run_trainer
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_ddp_gradients_match_single_process_and_ranks_stay_in_sync(tmp_path, nproc):
     out = tmp_path / "result.json"
@@ -31,6 +32,7 @@ def test_ddp_gradients_match_single_process_and_ranks_stay_in_sync(tmp_path, npr
     assert result["in_sync"] is True
 
 
+@pytest.mark.slow
 def test_two_rank_training_through_accelerate_launch(tmp_path, tiny):
     launcher, env = accelerate_launcher(2)
     result = run_trainer(tiny, launcher=[*launcher], env=env)
@@ -40,6 +42,7 @@ def test_two_rank_training_through_accelerate_launch(tmp_path, tiny):
     assert len([json.loads(line) for line in lines if "energy_loss" in line]) == 4  # steps 5..20
 
 
+@pytest.mark.slow
 def test_unconnected_processes_are_refused(tiny):
     # Without ACCELERATE_USE_CPU on a machine with no GPU, accelerate starts processes that do not
     # form a group: each would train alone. The trainer must refuse loudly.

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from safetensors.torch import load_file
 
 from data_pipeline.stream import StreamPosition
@@ -20,6 +21,7 @@ def _final_weights(run_dir, step):
     return [weights]
 
 
+@pytest.mark.slow
 def test_short_toy_run_writes_everything(tmp_path):
     args = [o for o in tiny_overrides(tmp_path) if not o.startswith(("eval.", "log.prometheus"))]
     args += ["eval.every=10", "eval.num_samples=500", "eval.mala.steps=3", "log.prometheus_port=0"]
@@ -55,6 +57,7 @@ def test_short_toy_run_writes_everything(tmp_path):
     assert sorted(os.listdir(run / "checkpoints")) == ["step_00000000", "step_00000010", "step_00000020"]
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_parameters_as_a_straight_run(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     run_trainer(tiny_overrides(straight, steps=20))
@@ -67,6 +70,7 @@ def test_resume_gives_the_same_parameters_as_a_straight_run(tmp_path):
             assert (a[key] == b[key]).all(), key
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_resumes_from_last_checkpoint(tmp_path):
     args = tiny_overrides(tmp_path, steps=400)
     cmd = [sys.executable, "trainer/main.py", "--config", "toy_25gaussians", *args]
@@ -95,6 +99,7 @@ def test_sigkill_mid_run_resumes_from_last_checkpoint(tmp_path):
     assert not [n for n in os.listdir(checkpoints) if n.endswith(".partial")]
 
 
+@pytest.mark.slow
 def test_half_written_checkpoint_is_never_loaded(tmp_path):
     args = tiny_overrides(tmp_path, steps=10)
     run_trainer(args)
@@ -106,12 +111,14 @@ def test_half_written_checkpoint_is_never_loaded(tmp_path):
     assert "resumed from step 10" in result.stdout
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_naming_step_and_term(tmp_path):
     result = run_trainer(tiny_overrides(tmp_path) + ["train.penalty_weight=.nan"], check=False)
     assert result.returncode == 2
     assert "non-finite energy_loss = nan at step 1" in result.stderr
 
 
+@pytest.mark.slow
 def test_missing_data_fails_before_training(tmp_path):
     args = tiny_overrides(tmp_path) + ["data.toy=", f"data.url={tmp_path / 'nowhere'}"]
     result = run_trainer(args, check=False)
@@ -123,6 +130,7 @@ def test_missing_data_fails_before_training(tmp_path):
 DIVERGING = ["train.energy_optim.lr=3.0", "train.guard.max_abs_energy_gap=50"]
 
 
+@pytest.mark.slow
 def test_diverging_run_is_rolled_back_with_lower_lr_and_recovers(tmp_path):
     result = run_trainer(tiny_overrides(tmp_path, steps=30) + DIVERGING + ["train.guard.lr_factor=0.001"])
     assert "divergence: out-of-bound (|x| > 50) energy_gap" in result.stdout
@@ -135,6 +143,7 @@ def test_diverging_run_is_rolled_back_with_lower_lr_and_recovers(tmp_path):
     assert train[-1]["lr_energy"] == 3.0 * 0.001
 
 
+@pytest.mark.slow
 def test_diverging_run_stops_cleanly_after_k_rollbacks(tmp_path):
     overrides = (
         tiny_overrides(tmp_path, steps=30) + DIVERGING + ["train.guard.lr_factor=1.0", "train.guard.max_rollbacks=2"]

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from data_pipeline.shards import write_array_shards
@@ -24,6 +25,7 @@ def _evaluate(run_dir, *overrides):
     )
 
 
+@pytest.mark.slow
 def test_kdd_style_anomaly_evaluation_end_to_end(tmp_path):
     # Tabular data: normal records near 0 for training; the test set has 20% anomalies far away.
     rng = np.random.default_rng(0)
@@ -55,6 +57,7 @@ def test_kdd_style_anomaly_evaluation_end_to_end(tmp_path):
     assert record["energy_recall"] <= 0.5 + 1e-9  # top 10% flagged: at most half the 20% anomalies
 
 
+@pytest.mark.slow
 def test_toy_evaluation_reports_plain_and_mala(tmp_path):
     run_trainer(tiny_overrides(tmp_path, steps=10))
     result = _evaluate(tmp_path / "run", "eval.mala.steps=3", "eval.num_samples=300")
@@ -65,6 +68,7 @@ def test_toy_evaluation_reports_plain_and_mala(tmp_path):
     assert "MALA acceptance rate" in result.stdout
 
 
+@pytest.mark.slow
 def test_evaluate_reports_missing_run_clearly(tmp_path):
     result = _evaluate(tmp_path / "nothing")
     assert result.returncode == 2 and "not a run folder" in result.stderr

@@ -32,6 +32,7 @@ def _images(n: int, seed: int = 0) -> torch.Tensor:
     return (2 * torch.exp(-d2 / widths) - 1).clamp(-1, 1)
 
 
+@pytest.mark.slow
 @needs_inception
 def test_fid_zero_on_itself_and_grows_with_noise():
     inception = InceptionFeatures(batch_size=24)
@@ -46,6 +47,7 @@ def test_fid_zero_on_itself_and_grows_with_noise():
     assert fids[2] > 10
 
 
+@pytest.mark.slow
 @needs_inception
 def test_grayscale_images_are_repeated_to_rgb():
     inception = InceptionFeatures()

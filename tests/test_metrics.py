@@ -6,6 +6,8 @@ import sys
 import time
 import urllib.request
 
+import pytest
+
 from tests.conftest import REPO_ROOT, subprocess_env, tiny_overrides
 from trainer.metrics import ProgressSink
 
@@ -22,6 +24,7 @@ EXPECTED = [
 ]
 
 
+@pytest.mark.slow
 def test_running_job_serves_prometheus_metrics(tmp_path):
     args = [o for o in tiny_overrides(tmp_path, steps=2000) if not o.startswith("log.prometheus")]
     cmd = [

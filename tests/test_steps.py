@@ -5,9 +5,11 @@ import torch
 
 from models import build_networks
 from trainer.capture import capture_blocker
+from trainer.checkpoint import Checkpoints
 from trainer.config import load_config
 from trainer.guard import DivergenceGuard, GuardConfig
-from trainer.metrics import MetricWindow
+from trainer.meg_trainer import MEGTrainer
+from trainer.metrics import MetricsLogger, MetricWindow
 from trainer.runtime import DDPRuntime
 from trainer.steps import build_steps
 
@@ -119,3 +121,72 @@ def test_capture_is_off_on_a_cpu_and_says_why():
     # Without capture the learning rates are plain floats that the schedule assigns.
     steps.set_lr_factor(0.5)
     assert steps.energy_update.param_groups[0]["lr"] == cfg.train.energy_optim.lr * 0.5
+
+
+def _snapshot(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def _changed(before, module) -> bool:
+    return any(not torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("negatives", ["generator", "mala"])
+def test_each_step_changes_its_own_networks_only(negatives):
+    steps = _steps(f"train.negatives={negatives}")
+    x = torch.randn(32, 2)
+    e, g, t = (_snapshot(m) for m in steps.modules())
+    steps.energy_step(x, steps.sample_z())
+    assert _changed(e, steps.energy) and not _changed(g, steps.generator) and not _changed(t, steps.statistics)
+    e = _snapshot(steps.energy)
+    steps.generator_step(steps.sample_z())
+    assert not _changed(e, steps.energy) and _changed(g, steps.generator) and _changed(t, steps.statistics)
+
+
+def test_mala_negatives_have_lower_energy_than_plain_samples():
+    # Latent MALA samples exp(-E(G(z)) / T - |z|^2 / 2): at a low temperature its negatives sit lower
+    # in E than G(z) itself. Were train.negatives=mala ignored, both would be equal.
+    steps = _steps("train.negatives=mala", "train.negatives_mala.steps=20", "train.negatives_mala.temperature=0.05")
+    torch.manual_seed(3)
+    z = steps.sample_z()
+    negatives = steps.negatives(z)  # MALA takes gradients with respect to z
+    with torch.no_grad():
+        plain = steps.energy(steps.generator(z)).mean()
+        mala = steps.energy(negatives).mean()
+    assert mala < plain
+
+
+def test_lr_schedule_decays_over_its_horizon_and_extending_the_run_leaves_it_alone(tmp_path):
+    cfg = _cfg("train.steps=100", "train.lr_final_factor=0.1", "train.lr_decay_fraction=0.3")
+    runtime = DDPRuntime()
+    steps = build_steps(cfg, runtime, build_networks(cfg.model, (2,)))
+    checkpoints = Checkpoints(str(tmp_path / "ckpt"), 3, "", {})
+    trainer = MEGTrainer(cfg, runtime, steps, None, MetricsLogger([]), checkpoints)
+    assert trainer.resume_if_possible() is None and trainer.state.lr_horizon == 100
+    base = cfg.train.energy_optim.lr
+
+    def lr_at(step):
+        trainer._set_lr(step)
+        return steps.energy_update.param_groups[0]["lr"]
+
+    assert lr_at(0) == lr_at(70) == base  # constant until the last 30%
+    assert lr_at(85) == pytest.approx(base * 0.55)  # halfway down to 0.1
+    assert lr_at(100) == pytest.approx(base * 0.1)
+    # train.steps raised to 200 on a resumed run: the horizon stays 100, the past keeps its rates.
+    trainer.cfg.train.steps = 200
+    assert lr_at(85) == pytest.approx(base * 0.55) and lr_at(150) == pytest.approx(base * 0.1)
+    trainer.state.lr_scale = 0.5  # a divergence rollback halves every rate
+    assert lr_at(0) == pytest.approx(base * 0.5)
+
+
+def test_stop_signals_set_the_event_and_give_the_handlers_back():
+    import signal
+
+    from trainer.main import stop_signals
+
+    before = signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)
+    with stop_signals() as stop:
+        assert not stop.is_set()
+        signal.raise_signal(signal.SIGUSR1)
+        assert stop.is_set()
+    assert (signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)) == before

@@ -1,0 +1,78 @@
+"""The layout keeps its promises: no import cycle, models and data code free of trainer concerns, a
+configuration loader that reads no data code, a training loop and steps that each fit on a screen."""
+
+import ast
+import inspect
+import subprocess
+import sys
+
+from tests.conftest import REPO_ROOT
+from trainer.meg_trainer import MEGTrainer
+from trainer.steps import MEGSteps
+
+PACKAGES = ("trainer", "models", "data_pipeline")
+
+
+def _module_name(path) -> str:
+    parts = path.relative_to(REPO_ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _module_imports() -> dict[str, set[str]]:
+    """Each project module's project imports at module level (imports inside functions are lazy on
+    purpose and cannot form an import-time cycle)."""
+    graph = {}
+    for package in PACKAGES:
+        for path in (REPO_ROOT / package).rglob("*.py"):
+            name, found = _module_name(path), set()
+            for node in ast.parse(path.read_text()).body:
+                targets = []
+                if isinstance(node, ast.Import):
+                    targets = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                found |= {t for t in targets if t.split(".")[0] in PACKAGES}
+            graph[name] = found
+    return {m: {t for t in targets if t in graph and t != m} for m, targets in graph.items()}
+
+
+def test_no_import_cycle_between_project_modules():
+    graph = _module_imports()
+    state: dict[str, int] = {}
+
+    def visit(module, path):
+        state[module] = 1
+        for target in sorted(graph[module]):
+            if state.get(target) == 1:
+                cycle = path[path.index(target) :] + [target]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if target not in state:
+                visit(target, [*path, target])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+
+
+def test_models_and_data_code_know_nothing_of_the_trainer():
+    graph = _module_imports()
+    for module, targets in graph.items():
+        if module.startswith(("models", "data_pipeline")):
+            assert not any(t.startswith("trainer") for t in targets), (module, targets)
+        if module.startswith("models"):
+            assert not any(t.startswith("data_pipeline") for t in targets), (module, targets)
+
+
+def test_loading_a_configuration_reads_no_data_stream_code():
+    code = "import sys, trainer.config; print(' '.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    loaded = set(out.stdout.split())
+    assert "data_pipeline.config" in loaded
+    assert not loaded & {"data_pipeline.stream", "data_pipeline.shards", "webdataset", "deepspeed", "matplotlib"}
+
+
+def test_the_loop_and_the_steps_each_fit_on_a_screen():
+    assert len(inspect.getsource(MEGTrainer).splitlines()) <= 150
+    for step in (MEGSteps._energy_step, MEGSteps._generator_step):
+        assert len(inspect.getsource(step).splitlines()) <= 30, step.__name__

