@@ -94,5 +94,6 @@ if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 
     export ACCELERATE_USE_CPU=1
 fi
 port=$(python -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
-exec accelerate launch --multi_gpu --num_processes "$nproc_local" --num_machines 1 \
+# trainer.launch: accelerate launch, with the processes' rendezvous store on 127.0.0.1 only.
+exec python -m trainer.launch --multi_gpu --num_processes "$nproc_local" --num_machines 1 \
     --main_process_port "$port" trainer/main.py "${args[@]}"

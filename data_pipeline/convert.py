@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from data_pipeline.cli import add_debug_flag, run_tool
 from data_pipeline.shards import DataError, Manifest, join_url, write_array_shards
 from data_pipeline.sources import (
     FASHION_MNIST_DIR,
@@ -284,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
         p.add_argument("--out", required=True, help="output folder: a path or any fsspec URL")
         p.add_argument("--num-shards", type=int, default=DEFAULT_SHARDS, help="a multiple of ranks x workers")
+        add_debug_flag(p)
         return p
 
     def digits(p: argparse.ArgumentParser) -> None:
@@ -387,12 +389,11 @@ def run(args: argparse.Namespace) -> dict[str, Manifest]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        manifests = run(args)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for split, m in manifests.items():
+    return run_tool(lambda: _convert(args), args.debug)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    for split, m in run(args).items():
         print(f"{m.name} {split}: {m.num_samples} samples {m.sample_shape} {m.dtype} in {len(m.shards)} shards "
               f"at {m.base_url}; classes {len(m.class_counts)}")  # fmt: skip
     return 0

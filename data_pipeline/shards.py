@@ -184,6 +184,10 @@ def put_file_atomic(local_path: str, url: str) -> None:
     fs, path = fsspec.core.url_to_fs(url)
     if fs.protocol in ("file", "local") or "file" in getattr(fs, "protocol", ()):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        # mkstemp made the file 0600: give it the mode any new file gets under the user's umask.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(local_path, 0o666 & ~umask)
         os.replace(local_path, path)
     else:
         # Object stores publish an object only once its upload completes.

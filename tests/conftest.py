@@ -81,7 +81,7 @@ def accelerate_launcher(nproc: int, use_cpu: bool = True) -> tuple[list[str], di
     launcher = [
         sys.executable,
         "-m",
-        "accelerate.commands.launch",
+        "trainer.launch",  # accelerate launch, the rendezvous store on 127.0.0.1
         "--multi_gpu",
         "--num_processes",
         str(nproc),

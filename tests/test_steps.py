@@ -162,7 +162,7 @@ def test_lr_schedule_decays_over_its_horizon_and_extending_the_run_leaves_it_alo
     steps = build_steps(cfg, runtime, build_networks(cfg.model, (2,)))
     checkpoints = Checkpoints(str(tmp_path / "ckpt"), 3, "", {})
     trainer = MEGTrainer(cfg, runtime, steps, None, MetricsLogger([]), checkpoints)
-    assert trainer.resume_if_possible() is None and trainer.state.lr_horizon == 100
+    assert trainer.resume_if_possible(None) is None and trainer.state.lr_horizon == 100
     base = cfg.train.energy_optim.lr
 
     def lr_at(step):

@@ -8,17 +8,22 @@
         rng_rank<R>.pt         each rank's random generators (tensors and numbers only)
         engine/                what the engine needs to go on: optimizers and loss scalers (ddp), or
                                DeepSpeed's own files (one tag per engine)
+        files.json             every other file's size and sha256, written last: a load checks them
 
 Every rank writes into ``step_XXXXXXXX.partial``; the main process renames it when all ranks are done,
 so a crash during a save never leaves a checkpoint that loads half (a ``.partial`` is ignored and
-cleaned up later), then keeps the last ``checkpoint.keep``. The sample, evaluate and FID tools read
-only ``weights.safetensors`` and ``config.yaml`` (``load_export``), so they work on any engine's run.
+cleaned up later), then keeps the last ``checkpoint.keep``. A checkpoint whose files do not match
+its files.json (truncated, missing, a flipped byte) is damaged: ``newest_intact`` says which file and
+what is wrong, and picks the newest intact one. The sample, evaluate and FID tools read only
+``weights.safetensors`` and ``config.yaml`` (``load_export``), so they work on any engine's run.
 Nothing here unpickles: JSON, safetensors, and ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -33,11 +38,13 @@ from safetensors.torch import save_file
 
 from data_pipeline.config import StreamPosition
 
+log = logging.getLogger(__name__)
 CHECKPOINT_RE = re.compile(r"^step_(\d{8})$")
 WEIGHTS_FILE = "weights.safetensors"
 CONFIG_FILE = "config.yaml"
 STATE_FILE = "trainer_state.json"
 ENGINE_DIR = "engine"
+FILES_FILE = "files.json"
 NETWORKS = ("energy", "generator", "statistics")
 
 
@@ -169,6 +176,51 @@ def load_export(checkpoint: str) -> tuple[dict[str, dict[str, torch.Tensor]], di
         return weights, info, f.read()
 
 
+# -- what a checkpoint holds, and whether it still does ------------------------------------------
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_file_list(folder: str) -> None:
+    """files.json: the size and sha256 of every file in ``folder`` (written last, by the main process)."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, folder)
+            if rel != FILES_FILE:
+                files[rel] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
+    with open(os.path.join(folder, FILES_FILE), "w") as f:
+        json.dump({"version": package_version(), "files": dict(sorted(files.items()))}, f, indent=1)
+
+
+def damage(folder: str) -> str | None:
+    """What is wrong with a checkpoint folder (naming the file), or None when it is intact."""
+    try:
+        with open(os.path.join(folder, FILES_FILE)) as f:
+            files = json.load(f)["files"]
+    except FileNotFoundError:
+        return f"{FILES_FILE} is missing (an incomplete copy, or a checkpoint of an older version)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{FILES_FILE} is unreadable: {e}"
+    for rel, expected in files.items():
+        path = os.path.join(folder, rel)
+        if not os.path.isfile(path):
+            return f"{rel} is missing"
+        size = os.path.getsize(path)
+        if size != expected["size"]:
+            return f"{rel} has {size} bytes, {expected['size']} were written"
+        if _sha256(path) != expected["sha256"]:
+            return f"{rel} has changed since it was written (its sha256 differs)"
+    return None
+
+
 # -- saving and loading ----------------------------------------------------------------------------
 
 
@@ -180,6 +232,21 @@ class Checkpoints:
 
     def list(self) -> list[str]:
         return list_checkpoints(self.folder)
+
+    def newest_intact(self, runtime) -> str | None:
+        """The newest checkpoint whose files are as written, or None; the main process checks (newest
+        first, naming what is wrong with each damaged one) and every rank gets its answer."""
+        found, chosen = self.list(), -1
+        if runtime.is_main:
+            for i in range(len(found) - 1, -1, -1):
+                problem = damage(found[i])
+                if problem is None:
+                    chosen = i
+                    break
+                log.warning("checkpoint %s is damaged: %s; trying the one before it", found[i], problem)
+        if runtime.world_size > 1:
+            chosen = int(runtime.sum_across_ranks(torch.tensor([chosen + 1], device=runtime.device)).item()) - 1
+        return found[chosen] if chosen >= 0 else None
 
     def save(self, runtime, state: TrainState) -> str:
         final = os.path.join(self.folder, f"step_{state.step:08d}")
@@ -200,6 +267,7 @@ class Checkpoints:
                 json.dump(state.to_json(), f, indent=2)
         runtime.barrier()
         if runtime.is_main:
+            write_file_list(partial)  # after every rank's files
             shutil.rmtree(final, ignore_errors=True)
             os.replace(partial, final)
             for old in self.list()[: -self.keep]:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data_pipeline.cli import add_debug_flag, run_tool
 from models.classifier import DigitClassifier
 
 
@@ -78,9 +79,6 @@ def load_classifier(path: str) -> DigitClassifier:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from data_pipeline.shards import DataError, read_manifest
-    from data_pipeline.stream import read_split
-
     parser = argparse.ArgumentParser(
         prog="python -m trainer.classifier", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -88,17 +86,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="checkpoint path (.pt)")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
-    try:
-        splits = [read_split(read_manifest(url)) for url in args.data]
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_tool(lambda: _train(args), args.debug)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from data_pipeline.shards import DataError, read_manifest
+    from data_pipeline.stream import read_split
+
+    splits = [read_split(read_manifest(url)) for url in args.data]
     x = torch.cat([s["x"] for s in splits])
     y = torch.from_numpy(np.concatenate([s["label"] for s in splits]))
     if x.shape[1:] != (1, 28, 28):
-        print(f"error: the classifier takes (1, 28, 28) digits, got {tuple(x.shape[1:])}", file=sys.stderr)
-        return 2
+        raise DataError(f"the classifier takes (1, 28, 28) digits, got {tuple(x.shape[1:])} in {args.data}")
+    if not len(x) or y.min() < 0 or y.max() > 9:
+        raise DataError(f"the classifier needs digits labelled 0..9, got labels {y.unique().tolist()[:12]}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, accuracy = train_classifier(x.to(device), y.to(device), args.epochs, args.seed)
     weights = {k: v.cpu() for k, v in model.state_dict().items()}

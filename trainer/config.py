@@ -13,6 +13,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -227,6 +228,43 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
             value = raw
         _set_dotted(tree, key.strip(), value)
     return _build(RunConfig, tree)
+
+
+TRUST_INCEPTION_ENV = "MEG_TRUST_INCEPTION"
+
+
+def _strings(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, str]]:
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _strings(value, f"{prefix}{key}.")
+        elif isinstance(value, str):
+            yield f"{prefix}{key}", value
+
+
+def check_commands(cfg: RunConfig, allow_pipe: bool = False, trust_inception: bool = False) -> None:
+    """Nothing a configuration says runs a program or loads code unless the command line allowed it:
+    a URL whose scheme runs a program (pipe:, ...) needs --allow-pipe, a TorchScript eval.fid.inception
+    --trust-inception. Sets the process-wide permissions the openers check (and child processes inherit)."""
+    from data_pipeline.stream import ALLOW_COMMANDS_ENV, is_command_url  # the loader itself reads no stream code
+
+    if not allow_pipe:
+        for key, value in _strings(dataclasses.asdict(cfg)):
+            if is_command_url(value):
+                raise ConfigError(
+                    f"{key}={value!r} runs a program when it is opened: refused. Pass --allow-pipe on the command "
+                    "line to allow it."
+                )
+    if cfg.eval.fid.inception and not trust_inception:
+        raise ConfigError(
+            f"eval.fid.inception={cfg.eval.fid.inception!r} is TorchScript, which runs code when it is loaded: "
+            "refused. Pass --trust-inception on the command line to load it, or leave it empty for the packaged "
+            "Inception."
+        )
+    for env, allowed in ((ALLOW_COMMANDS_ENV, allow_pipe), (TRUST_INCEPTION_ENV, trust_inception)):
+        if allowed:
+            os.environ[env] = "1"
+        else:
+            os.environ.pop(env, None)
 
 
 def config_to_yaml(cfg: RunConfig) -> str:

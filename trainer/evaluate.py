@@ -15,7 +15,8 @@ import sys
 
 import torch
 
-from trainer.config import ConfigError, load_config
+from data_pipeline.cli import add_debug_flag, run_tool
+from trainer.config import check_commands, load_config
 from trainer.evaluation import build_evaluator, check_requirements, format_table
 from trainer.run_folder import load_networks, resolve_checkpoint
 
@@ -25,26 +26,32 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m trainer.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--run", required=True, help="the run folder")
-    parser.add_argument("--checkpoint", help="a checkpoint folder (default: the run's latest)")
+    parser.add_argument("--checkpoint", help="a checkpoint folder (default: the run's newest intact one)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--allow-pipe", action="store_true", help="allow pipe: URLs (they run a shell command)")
+    parser.add_argument(
+        "--trust-inception", action="store_true", help="load eval.fid.inception (TorchScript runs code when loaded)"
+    )
+    add_debug_flag(parser)
     parser.add_argument("overrides", nargs="*", metavar="eval.key=value", help="e.g. eval.mala.steps=100")
     args = parser.parse_args(argv)
-    try:
-        checkpoint = resolve_checkpoint(args.run, args.checkpoint)
-        # The checkpoint's own configuration is the preset; overrides adjust the evaluation.
-        cfg = load_config(os.path.join(checkpoint, "config.yaml"), [f"output_dir={args.run}", *args.overrides])
-        check_requirements(cfg)
-        _, nets, _, info = load_networks(args.run, checkpoint)
-        torch.manual_seed(args.seed)
-        evaluator = build_evaluator(cfg, info["sample_shape"], info.get("dataset", ""))
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        for net in (nets.energy, nets.generator):
-            net.to(device)
-        tag = f"eval_{os.path.basename(checkpoint.rstrip('/'))}"
-        results = evaluator(int(info["step"]), nets.energy, nets.generator, tag=tag)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_tool(lambda: _evaluate(args), args.debug)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    checkpoint = resolve_checkpoint(args.run, args.checkpoint)
+    # The checkpoint's own configuration is the preset; overrides adjust the evaluation.
+    cfg = load_config(os.path.join(checkpoint, "config.yaml"), [f"output_dir={args.run}", *args.overrides])
+    check_commands(cfg, allow_pipe=args.allow_pipe, trust_inception=args.trust_inception)
+    check_requirements(cfg)
+    _, nets, _, info = load_networks(args.run, checkpoint)
+    torch.manual_seed(args.seed)
+    evaluator = build_evaluator(cfg, info["sample_shape"], info.get("dataset", ""))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for net in (nets.energy, nets.generator):
+        net.to(device)
+    tag = f"eval_{os.path.basename(checkpoint.rstrip('/'))}"
+    results = evaluator(int(info["step"]), nets.energy, nets.generator, tag=tag)
     print(f"{args.run} at {os.path.basename(checkpoint.rstrip('/'))} ({evaluator.kind}):")
     print(format_table(results))
     print(f"wrote {os.path.join(evaluator.ctx.out_dir, tag + '.json')}")

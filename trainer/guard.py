@@ -3,6 +3,7 @@ trainer rolls back to its last checkpoint with lower learning rates, a bounded n
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,9 @@ class GuardConfig:
     lr_factor: float = 0.5
     max_abs_energy_gap: float = 1e4  # bounds on |E(fake) - E(real)| and the penalty; 0 disables
     max_penalty: float = 1e6
+    # Checked before every checkpoint, so that no checkpoint holds weights a rollback would flee:
+    # every parameter finite and each network's parameter norm at most this (0: finiteness only).
+    max_param_norm: float = 1e5
 
 
 class DivergenceGuard:
@@ -44,15 +48,28 @@ class DivergenceGuard:
             )
             raise Diverged(f"{what} {names[col]} = {value:.6g} at step {steps[row]}")
 
-    def next_rollback(self, error: Diverged, checkpoint_folder: str, have_checkpoint: bool) -> float:
-        """The learning-rate factor for the next rollback, or Diverged when the guard gives up."""
-        if self.rollbacks >= self.cfg.max_rollbacks or not have_checkpoint:
-            reason = (
-                "no checkpoint to roll back to" if not have_checkpoint else f"{self.rollbacks} rollback(s) did not help"
-            )
+    def check_parameters(self, networks: dict[str, torch.nn.Module], step: int) -> None:
+        """Raises Diverged when a network holds a non-finite parameter or its norm passes the bound."""
+        norms = torch.stack(
+            [torch.stack([p.detach().float().norm() for p in net.parameters()]).norm() for net in networks.values()]
+        ).tolist()  # one host sync per checkpoint
+        for name, norm in zip(networks, norms):
+            if not math.isfinite(norm):
+                raise Diverged(f"non-finite parameters in {name} at step {step}")
+            if self.cfg.max_param_norm > 0 and norm > self.cfg.max_param_norm:
+                raise Diverged(
+                    f"out-of-bound parameters in {name} at step {step}: norm {norm:.4g} > {self.cfg.max_param_norm:g} "
+                    "(train.guard.max_param_norm)"
+                )
+
+    def next_rollback(self, error: Diverged, newest: str | None) -> float:
+        """The learning-rate factor for the next rollback to ``newest`` (the newest intact checkpoint),
+        or Diverged when the guard gives up."""
+        if self.rollbacks >= self.cfg.max_rollbacks or newest is None:
+            reason = "no checkpoint to roll back to" if newest is None else f"{self.rollbacks} rollback(s) did not help"
+            where = f" A restart resumes from the newest intact checkpoint, {newest}." if newest else ""
             raise Diverged(
-                f"{error}; {reason}. Stopping: checkpoints are intact in {checkpoint_folder}. "
-                "Lower the learning rates or raise train.penalty_weight."
+                f"{error}; {reason}. Stopping.{where} Lower the learning rates or raise train.penalty_weight first."
             ) from None
         self.rollbacks += 1
         return self.cfg.lr_factor

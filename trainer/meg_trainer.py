@@ -54,14 +54,13 @@ class MEGTrainer:
         self.guard = DivergenceGuard(cfg.train.guard)
         self.window = MetricWindow(runtime, self.guard, cfg.train.energy_steps * cfg.data.batch_size)
 
-    def resume_if_possible(self) -> int | None:
-        """Loads the latest checkpoint (unless checkpoint.resume is off); returns its step, or None."""
-        found = self.checkpoints.list() if self.cfg.checkpoint.resume else []
-        if found:
-            self._load(found[-1])
+    def resume_if_possible(self, checkpoint: str | None) -> int | None:
+        """Loads ``checkpoint`` (main.py picks the newest intact one); returns its step, or None."""
+        if checkpoint is not None:
+            self._load(checkpoint)
         if self.state.lr_horizon == 0:  # a new run (or one from before the horizon was kept)
             self.state.lr_horizon = self.cfg.train.steps
-        return checkpoint_step(found[-1]) if found else None
+        return checkpoint_step(checkpoint) if checkpoint is not None else None
 
     def _load(self, path: str) -> None:
         self.checkpoints.load(path, self.runtime, self.state)
@@ -92,11 +91,11 @@ class MEGTrainer:
         self.steps.set_lr_factor(self.state.lr_scale * (1.0 + (t.lr_final_factor - 1.0) * progress))
 
     def _roll_back(self, error: Diverged) -> None:
-        """Restores the last checkpoint with lowered learning rates, or gives up with a clear error."""
-        found = self.checkpoints.list()
-        lr_scale = self.state.lr_scale * self.guard.next_rollback(error, self.checkpoints.folder, bool(found))
+        """Restores the newest intact checkpoint with lowered learning rates, or gives up clearly."""
+        newest = self.checkpoints.newest_intact(self.runtime)
+        lr_scale = self.state.lr_scale * self.guard.next_rollback(error, newest)
         self.window.clear()
-        self._load(found[-1])
+        self._load(newest)
         self.state.lr_scale = lr_scale
         n, limit = self.guard.rollbacks, self.cfg.train.guard.max_rollbacks
         event = {"event": "rollback", "reason": str(error), "to_step": self.state.step, "lr_scale": lr_scale}
@@ -121,10 +120,22 @@ class MEGTrainer:
         self.runtime.barrier()
         return metrics
 
+    def _save(self) -> None:
+        """A checkpoint of the current state, once the guard has seen sane weights (collective)."""
+        self.guard.check_parameters(
+            dict(zip(("energy", "generator", "statistics"), self.steps.modules())), self.state.step
+        )
+        self.checkpoints.save(self.runtime, self.state)
+
     def train(self) -> dict[str, float]:
         if self.cfg.train.guard.max_rollbacks > 0 and not self.checkpoints.list():
             # The initial networks are a good state to roll back to if the run diverges early.
-            self.checkpoints.save(self.runtime, self.state)
+            self._save()
+        # A stop requested while the run was being set up (before any metric reduction): every rank
+        # agrees on it here, and the run ends with the requeue code at once.
+        if self.runtime.sum_across_ranks(torch.tensor([float(self.stop.is_set())], device=self.runtime.device)).item():
+            self._save()
+            raise Preempted(f"stop signal received before training; checkpoint saved at step {self.state.step}")
         while True:
             try:
                 last = self._train_until_done()
@@ -141,6 +152,9 @@ class MEGTrainer:
         batches = self._batches()
         last: dict[str, float] = {}
         tick, steps_since = time.perf_counter(), 0
+        if state.step >= cfg.train.steps and self.evaluator is not None and not self.evaluator.has_result(state.step):
+            # A finished run whose final evaluation never completed (killed during it): run it now.
+            last.update({f"eval_{k}": v for k, v in self.evaluate(state.step).items()})
         while state.step < cfg.train.steps:
             self._set_lr(state.step)
             self.window.record(self.steps.iteration(state.step, lambda: next(batches)))
@@ -155,7 +169,7 @@ class MEGTrainer:
                 self.logger.log(state.step, last)
                 tick, steps_since = time.perf_counter(), 0
             if checkpoint_due or stop_requested:
-                self.checkpoints.save(self.runtime, state)
+                self._save()
             if stop_requested:
                 raise Preempted(f"stop signal received; checkpoint saved at step {state.step}, rerun to resume")
             if (cfg.eval.every and state.step % cfg.eval.every == 0) or state.step == cfg.train.steps:

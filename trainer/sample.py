@@ -17,6 +17,7 @@ import sys
 import numpy as np
 import torch
 
+from data_pipeline.cli import add_debug_flag, run_tool
 from data_pipeline.toy import mode_metrics
 from models.mala import MALAConfig
 from trainer.evaluation import generate, toy_reference
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m trainer.sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--run", required=True, help="the run folder (holds config.yaml and checkpoints/)")
-    p.add_argument("--checkpoint", help="a checkpoint folder (default: the run's latest)")
+    p.add_argument("--checkpoint", help="a checkpoint folder (default: the run's newest intact one)")
     p.add_argument("--num", type=int, default=2500, help="number of samples")
     p.add_argument("--mala-steps", type=int, default=0, help="latent MALA steps (0: plain G(z))")
     p.add_argument("--step-size", type=float, default=0.01)
@@ -37,16 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="PNG path (default: <run>/samples[_mala<N>].png)")
     p.add_argument("--npy", help="also save the samples as a .npy array")
+    add_debug_flag(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        cfg, nets, checkpoint, info = load_networks(args.run, args.checkpoint)
-    except (FileNotFoundError, KeyError, RuntimeError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_tool(lambda: _sample(args), args.debug)
+
+
+def _sample(args: argparse.Namespace) -> int:
+    cfg, nets, checkpoint, info = load_networks(args.run, args.checkpoint)
     torch.manual_seed(args.seed)
     mala = MALAConfig(steps=args.mala_steps, step_size=args.step_size, temperature=args.temperature)
     plain, refined, acceptance = generate(nets.energy, nets.generator, args.num, cfg.model.z_dim, mala)

@@ -36,7 +36,8 @@ trap 'preempted=1' USR1
 # with it before they checkpoint: it ignores USR1; the workers install their own handler.
 (
     trap '' USR1
-    exec accelerate launch --config_file "${MEG_ACCELERATE_CONFIG:-deploy/accelerate/multinode.yaml}" \
+    # trainer.launch is accelerate launch with the rendezvous store on the head node's address only.
+    exec python -m trainer.launch --config_file "${MEG_ACCELERATE_CONFIG:-deploy/accelerate/multinode.yaml}" \
         --multi_gpu --num_machines "$num_machines" --machine_rank "$machine_rank" \
         --num_processes $(( num_machines * procs )) \
         --main_process_ip "$MEG_MAIN_ADDR" --main_process_port "$MEG_MAIN_PORT" \

@@ -68,6 +68,10 @@ class Evaluator:
             if refined is not None:
                 image_grid(os.path.join(self.ctx.out_dir, f"samples_mala_{tag}.png"), refined[:64])
 
+    def has_result(self, step: int) -> bool:
+        """Whether the evaluation at ``step`` finished (its JSON was written)."""
+        return os.path.exists(os.path.join(self.ctx.out_dir, f"step_{step:08d}.json"))
+
     def __call__(self, step: int, energy, generator, tag: str | None = None) -> dict[str, float]:
         os.makedirs(self.ctx.out_dir, exist_ok=True)
         results = dict(self.score_energy(energy))

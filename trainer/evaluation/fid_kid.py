@@ -3,6 +3,7 @@ reference statistics cached by ``python -m trainer.fid``."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from trainer.evaluation.base import Evaluator
@@ -23,8 +24,11 @@ class FIDEvaluator(Evaluator):
         self._inception = self._reference = None
 
     def score_samples(self, samples) -> dict[str, float]:
+        from trainer.config import TRUST_INCEPTION_ENV
         from trainer.fid import InceptionFeatures, load_statistics
 
+        if self.section.inception and os.environ.get(TRUST_INCEPTION_ENV) != "1":
+            raise ValueError(f"eval.fid.inception={self.section.inception!r} loads only with --trust-inception")
         if self._inception is None:
             self._inception = InceptionFeatures(self.section.inception or None, samples.device)
             self._reference = load_statistics(self.section.reference)

@@ -176,6 +176,7 @@ class DeepSpeedRuntime(ProcessGroup):
             eng, *_ = deepspeed.initialize(
                 model=model, optimizer=optimizer, config=copy.deepcopy(self.ds_config), dist_init_required=False
             )
+            eng.checkpoint_engine = _weights_only_checkpoint_engine()
             return eng
 
         self.engines = {
@@ -226,6 +227,25 @@ class DeepSpeedRuntime(ProcessGroup):
     def shutdown(self) -> None:
         self.engines.clear()  # the engines hold the process group
         super().shutdown()
+
+
+def _weights_only_checkpoint_engine():
+    """DeepSpeed's torch checkpoint engine, loading with ``weights_only=True``: its files hold tensors,
+    numbers and containers, plus three small DeepSpeed types allowed by name. Its own loader unpickles
+    anything (``weights_only=False``), so a tampered checkpoint could run code on resume."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return WeightsOnlyCheckpointEngine()
 
 
 def _free_port() -> int:

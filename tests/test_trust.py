@@ -1,0 +1,345 @@
+"""Nothing a run reads back runs code, damage is found and survived, one trainer per run folder.
+
+A "payload" is a pickle whose unpickling runs ``touch <marker>``: a loader that unpickles anything
+creates the marker. Every file a resume, a tool or a converter reads is tried with one.
+"""
+
+import contextlib
+import io
+import json
+import os
+import pickle
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from data_pipeline import convert
+from data_pipeline.shards import DataError
+from data_pipeline.stream import read_shard_bytes
+from tests.conftest import REPO_ROOT, run_trainer, subprocess_env, tiny_overrides
+from trainer.checkpoint import Checkpoints, damage, set_rng_state
+from trainer.classifier import load_classifier
+from trainer.config import ConfigError, check_commands, load_config
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture
+def marker(tmp_path):
+    path = tmp_path / "payload-ran"
+    yield path
+    assert not path.exists(), "a payload ran"
+
+
+def _torch_payload(path, marker):
+    torch.save({"weights": {"w": torch.zeros(1)}, "state": Payload(marker)}, path)
+
+
+# -- loaders, one by one ---------------------------------------------------------------------------
+
+
+def test_rng_state_file_with_a_payload_is_refused(tmp_path, marker):
+    _torch_payload(tmp_path / "rng_rank0.pt", marker)
+    with pytest.raises(pickle.UnpicklingError):
+        set_rng_state(torch.load(tmp_path / "rng_rank0.pt", weights_only=True))
+
+
+def test_ddp_engine_state_with_a_payload_is_refused(tmp_path, marker):
+    from trainer.runtime import DDPRuntime
+
+    (tmp_path / "engine").mkdir()
+    _torch_payload(tmp_path / "engine" / "ddp_state.pt", marker)
+    with pytest.raises(pickle.UnpicklingError):
+        DDPRuntime().restore(str(tmp_path / "engine"), {})
+
+
+def test_deepspeed_checkpoint_file_with_a_payload_is_refused(tmp_path, marker):
+    pytest.importorskip("deepspeed")
+    from trainer.runtime.deepspeed_engine import _weights_only_checkpoint_engine
+
+    _torch_payload(tmp_path / "mp_rank_00_model_states.pt", marker)
+    with pytest.raises(pickle.UnpicklingError):
+        _weights_only_checkpoint_engine().load(str(tmp_path / "mp_rank_00_model_states.pt"))
+
+
+def test_classifier_checkpoint_with_a_payload_is_refused(tmp_path, marker):
+    _torch_payload(tmp_path / "classifier.pt", marker)
+    with pytest.raises(pickle.UnpicklingError):
+        load_classifier(str(tmp_path / "classifier.pt"))
+
+
+def test_fid_statistics_holding_pickled_objects_are_refused(tmp_path, marker):
+    from trainer.fid import load_statistics
+
+    np.save(tmp_path / "stats.npy", np.array([Payload(marker)], dtype=object), allow_pickle=True)
+    os.replace(tmp_path / "stats.npy", tmp_path / "stats.npz")  # what np.load sees is the .npy pickle
+    with pytest.raises(ValueError):
+        load_statistics(str(tmp_path / "stats.npz"))
+
+
+def test_a_yaml_config_with_a_python_tag_is_refused(tmp_path, marker):
+    preset = tmp_path / "evil.yaml"
+    preset.write_text(f"name: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ConfigError):
+        load_config(str(preset))
+
+
+def test_a_cifar_archive_with_a_payload_is_refused(tmp_path, marker):
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz") as tar:
+        data = pickle.dumps({b"data": Payload(marker), b"labels": [0]}, protocol=2)
+        info = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "c.tar.gz").write_bytes(out.getvalue())
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = convert.main(["cifar10", "--archive", str(tmp_path / "c.tar.gz"), "--out", str(tmp_path / "out")])
+    assert code == 2 and "refused to load" in err.getvalue() and "system" in err.getvalue(), err.getvalue()
+
+
+# -- commands only from the command line -------------------------------------------------------------
+
+
+def test_pipe_urls_in_a_config_are_refused_unless_the_command_line_allows_them(marker):
+    cfg = load_config("toy_25gaussians", [f"data.url=pipe:touch {marker}"])
+    with pytest.raises(ConfigError, match="runs a program when it is opened.*--allow-pipe"):
+        check_commands(cfg)
+    check_commands(cfg, allow_pipe=True)  # the user said so on the command line
+    check_commands(load_config("toy_25gaussians"))  # and the permission does not outlive that call
+    with pytest.raises(DataError, match="--allow-pipe"):
+        read_shard_bytes(f"pipe:touch {marker}")
+
+
+def test_a_failing_pipe_is_one_clear_error(tmp_path):
+    cfg = load_config("toy_25gaussians")
+    check_commands(cfg, allow_pipe=True)
+    try:
+        with pytest.raises(DataError, match="failed"):
+            read_shard_bytes("pipe:exit 3")
+    finally:
+        check_commands(cfg)
+
+
+def test_a_torchscript_inception_loads_only_when_trusted_on_the_command_line():
+    cfg = load_config("fashion_mnist_mlp", ["eval.fid.inception=/somewhere/net.pt"])
+    with pytest.raises(ConfigError, match="--trust-inception"):
+        check_commands(cfg)
+    check_commands(cfg, trust_inception=True)
+    check_commands(load_config("fashion_mnist_mlp"))
+
+
+@pytest.mark.slow
+def test_the_trainer_refuses_a_pipe_url_before_any_work(tmp_path, marker):
+    result = run_trainer([*tiny_overrides(tmp_path), f"data.url=pipe:touch {marker}", "data.toy="], check=False)
+    assert result.returncode == 2 and "--allow-pipe" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+# -- checkpoints: verified, and damage survived ----------------------------------------------------
+
+
+def _damage_truncate(folder):
+    path = folder / "weights.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    return "weights.safetensors has 100 bytes"
+
+
+def _damage_flip(folder):
+    path = folder / "weights.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 1
+    path.write_bytes(bytes(data))
+    return "weights.safetensors has changed since it was written"
+
+
+def _damage_delete_engine(folder):
+    (folder / "engine" / "ddp_state.pt").unlink()
+    return "engine/ddp_state.pt is missing"
+
+
+def _damage_empty(folder):
+    for item in folder.iterdir():
+        shutil.rmtree(item) if item.is_dir() else item.unlink()
+    return "files.json is missing"
+
+
+def _damage_state(folder):
+    (folder / "trainer_state.json").write_text("{")
+    return "trainer_state.json has 1 bytes"
+
+
+DAMAGE = [_damage_truncate, _damage_flip, _damage_delete_engine, _damage_empty, _damage_state]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("finished")
+    run_trainer(tiny_overrides(tmp, steps=20))
+    return tmp
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", DAMAGE, ids=lambda f: f.__name__.removeprefix("_damage_"))
+def test_a_damaged_latest_checkpoint_is_named_and_the_previous_one_resumes(finished_run, tmp_path, how):
+    shutil.copytree(finished_run, tmp_path / "copy")
+    args = tiny_overrides(tmp_path / "copy", steps=30)
+    latest = tmp_path / "copy" / "run" / "checkpoints" / "step_00000020"
+    message = how(latest)
+    assert message in damage(str(latest))
+    result = run_trainer(args)
+    assert f"checkpoint {latest} is damaged: {message}" in result.stderr, result.stderr
+    assert "resumed from step 10" in result.stdout and "finished:" in result.stdout
+
+
+@pytest.mark.slow
+def test_sample_tool_skips_a_damaged_latest_checkpoint(finished_run, tmp_path):
+    shutil.copytree(finished_run, tmp_path / "copy")
+    _damage_flip(tmp_path / "copy" / "run" / "checkpoints" / "step_00000020")
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer.sample", "--run", str(tmp_path / "copy" / "run"), "--num", "50"],
+        cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "step_00000020 is damaged" in result.stderr and "step_00000010" in result.stdout
+
+
+def test_checkpoints_record_and_verify_every_file(finished_run):
+    folder = finished_run / "run" / "checkpoints" / "step_00000020"
+    listed = json.loads((folder / "files.json").read_text())["files"]
+    assert {"weights.safetensors", "config.yaml", "trainer_state.json", "rng_rank0.pt", "engine/ddp_state.pt"} <= set(
+        listed
+    )
+    assert damage(str(folder)) is None
+    assert Checkpoints(str(folder.parent), 3, "", {}).list()[-1] == str(folder)
+
+
+@pytest.mark.slow
+def test_resuming_with_another_model_fails_before_the_run_folder_changes(finished_run, tmp_path):
+    shutil.copytree(finished_run, tmp_path / "copy")
+    config = tmp_path / "copy" / "run" / "config.yaml"
+    before = config.read_text()
+    result = run_trainer([*tiny_overrides(tmp_path / "copy", steps=30), "model.hidden=[16,16]"], check=False)
+    assert result.returncode == 2 and "cannot resume" in result.stderr and "model.hidden" in result.stderr
+    assert config.read_text() == before
+
+
+# -- one writer, nothing skipped -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_second_trainer_on_the_same_run_folder_stops_at_once(tmp_path):
+    args = tiny_overrides(tmp_path, steps=100_000)
+    cmd = [sys.executable, "trainer/main.py", "--config", "toy_25gaussians", *args]
+    first = subprocess.Popen(cmd, cwd=REPO_ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        deadline = time.time() + 120
+        while time.time() < deadline and not (metrics.exists() and metrics.read_text()):
+            time.sleep(0.2)
+        start = time.time()
+        second = run_trainer(args, check=False)
+        assert second.returncode == 2 and time.time() - start < 30
+        assert "is in use by another trainer" in second.stderr and f"pid {first.pid}" in second.stderr
+        assert first.poll() is None  # the first one trains on
+    finally:
+        first.kill()
+        first.wait()
+
+
+@pytest.mark.slow
+def test_a_restart_runs_a_final_evaluation_that_never_finished(finished_run, tmp_path):
+    shutil.copytree(finished_run, tmp_path / "copy")
+    final = tmp_path / "copy" / "run" / "eval" / "step_00000020.json"
+    final.unlink()  # as if the process was killed during the final evaluation
+    result = run_trainer(tiny_overrides(tmp_path / "copy", steps=20))
+    assert "resumed from step 20" in result.stdout and final.is_file()
+    assert json.loads(final.read_text())["step"] == 20
+
+
+@pytest.mark.slow
+def test_a_stop_request_during_start_up_ends_with_a_checkpoint_and_the_requeue_code(tmp_path):
+    cmd = [sys.executable, "trainer/main.py", "--config", "toy_25gaussians", *tiny_overrides(tmp_path, steps=1000)]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(0.5)  # the handlers are in; the heavy imports and the set-up are still going on
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err.decode()[-2000:]
+    assert (tmp_path / "run" / "checkpoints" / "step_00000000" / "weights.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_toy_preset_leaves_a_damaged_data_folder_unchanged(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.json").write_text('{"shards": [')  # a user's manifest, damaged
+    (data / "mine-000000.tar").write_bytes(b"user data")
+    before = {p.name: p.read_bytes() for p in data.iterdir()}
+    result = run_trainer(tiny_overrides(tmp_path), check=False)
+    assert result.returncode == 2 and "is not valid JSON" in result.stderr and "Traceback" not in result.stderr
+    assert {p.name: p.read_bytes() for p in data.iterdir()} == before
+
+
+@pytest.mark.slow
+def test_the_rendezvous_store_listens_on_loopback_only(tmp_path):
+    from tests.conftest import accelerate_launcher
+
+    launcher, env = accelerate_launcher(2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher[launcher.index("--main_process_port") + 1] = str(port)
+    args = [*tiny_overrides(tmp_path, steps=100_000)]
+    cmd = [*launcher, "trainer/main.py", "--config", "toy_25gaussians", *args]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, found = time.time() + 120, set()
+        while time.time() < deadline and not found:
+            for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+                for line in open(table).read().splitlines()[1:]:
+                    local, state = line.split()[1], line.split()[3]
+                    if state == "0A" and int(local.split(":")[1], 16) == port:  # 0A: LISTEN
+                        found.add(local.split(":")[0])
+            time.sleep(0.2)
+        assert found == {"0100007F"}, found  # 127.0.0.1, and not 0.0.0.0 or ::
+    finally:
+        proc.kill()
+        proc.wait()
+        subprocess.run(["pkill", "-f", str(tmp_path)], check=False)
+
+
+@pytest.mark.slow
+def test_an_unwritable_output_folder_is_one_clear_error(tmp_path):
+    # /proc refuses new files even to root: what a read-only or full filesystem looks like to a tool.
+    result = run_trainer([*tiny_overrides(tmp_path), "output_dir=/proc/meg-run"], check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: " in result.stderr and "/proc/meg-run" in result.stderr
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = convert.main(["toy", "--num-samples", "64", "--out", "/proc/meg-data"])
+    assert code == 2 and err.getvalue().startswith("error: ") and "/proc/meg-data" in err.getvalue()
+
+
+def test_converted_files_get_the_mode_the_umask_gives(tmp_path):
+    old = os.umask(0o022)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert convert.main(["toy", "--num-samples", "64", "--num-shards", "2", "--out", str(tmp_path / "d")]) == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "d").iterdir()}
+    assert set(modes.values()) == {0o644}, modes

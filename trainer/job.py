@@ -1,0 +1,189 @@
+"""The training job: every component built from the configuration (runtime, data, networks, steps,
+stream, sinks, checkpoints, evaluator), the run folder locked, then the loop run. trainer/main.py is
+the command line in front of it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import threading
+
+import fsspec
+import torch
+
+from data_pipeline.convert import convert_toy
+from data_pipeline.shards import DataError, manifest_url, read_manifest
+from data_pipeline.stream import ShardStream
+from models import build_networks
+from trainer.checkpoint import Checkpoints, load_export
+from trainer.config import ConfigError, RunConfig, _build, config_to_yaml, parse_yaml
+from trainer.evaluation import build_evaluator
+from trainer.meg_trainer import MEGTrainer
+from trainer.metrics import JsonlSink, MetricsLogger, ProgressSink, PrometheusSink
+from trainer.run_folder import RunFolderBusy, RunFolderLock
+from trainer.runtime import Runtime, build_runtime
+from trainer.steps import build_steps, resolve_kernels
+
+log = logging.getLogger("meg")
+
+
+def ensure_toy_data(cfg: RunConfig, runtime: Runtime) -> None:
+    """Toy presets write their shards on first use, so the default job needs no download: only into
+    a folder that does not exist yet or is empty. Anything else (a manifest that is there but wrong,
+    a missing shard, other files) is the user's data and is reported by read_manifest, not overwritten."""
+    if cfg.data.toy and runtime.is_main:
+        fs, manifest = fsspec.core.url_to_fs(manifest_url(cfg.data.url))
+        if not fs.exists(manifest):
+            folder = posixpath.dirname(manifest)
+            if fs.exists(folder) and fs.ls(folder):
+                raise DataError(
+                    f"data.url={cfg.data.url} holds files but no manifest.json: not writing {cfg.data.toy} shards "
+                    "over them. Point data.url at an empty or new folder (or at the data's manifest)."
+                )
+            log.info("writing %s shards to %s", cfg.data.toy, cfg.data.url)
+            convert_toy(
+                cfg.data.toy,
+                cfg.data.url,
+                cfg.data.toy_num_samples,
+                cfg.data.toy_num_shards,
+                seed=cfg.train.seed,
+                std=cfg.data.toy_std,
+            )
+    runtime.barrier()
+
+
+def build_logger(cfg: RunConfig, runtime: Runtime) -> tuple[MetricsLogger, PrometheusSink | None]:
+    sinks = []
+    if runtime.is_main:
+        sinks.append(JsonlSink(os.path.join(cfg.output_dir, "metrics.jsonl")))
+        if cfg.log.progress:
+            sinks.append(ProgressSink(cfg.train.steps))
+    prometheus = None
+    if cfg.log.prometheus_port >= 0:
+        port = cfg.log.prometheus_port + runtime.rank if cfg.log.prometheus_port else 0
+        prometheus = PrometheusSink(port, cfg.log.prometheus_addr, cfg.name, runtime.rank)
+        sinks.append(prometheus)
+    return MetricsLogger(sinks), prometheus
+
+
+def run(cfg: RunConfig, stop: threading.Event) -> dict[str, float]:
+    runtime = build_runtime(cfg)
+    try:
+        # Everything that holds the process group (DDP wrappers, engines) lives in train() and is
+        # released when it returns, before the group is destroyed.
+        return train(cfg, runtime, stop)
+    finally:
+        runtime.shutdown()
+
+
+def check_resumable(cfg: RunConfig, checkpoint: str, sample_shape: list[int]) -> None:
+    """Raises ConfigError when the run asks for another model, engine or data shape than the
+    checkpoint it would resume holds: before anything of the run folder is overwritten."""
+    _, info, saved_yaml = load_export(checkpoint)
+    saved = _build(RunConfig, parse_yaml(saved_yaml))
+    differences = [
+        f"model.{key}: {getattr(saved.model, key)!r} in the checkpoint, {getattr(cfg.model, key)!r} now"
+        for key in vars(cfg.model)
+        if key != "kernels" and getattr(saved.model, key) != getattr(cfg.model, key)
+    ]
+    if saved.train.engine != cfg.train.engine:
+        differences.append(f"train.engine: {saved.train.engine!r} in the checkpoint, {cfg.train.engine!r} now")
+    if list(info["sample_shape"]) != list(sample_shape):
+        differences.append(f"sample shape: {info['sample_shape']} in the checkpoint, {sample_shape} in data.url now")
+    if differences:
+        raise ConfigError(
+            f"cannot resume {checkpoint}: " + "; ".join(differences) + ". Resume with the run's own settings, "
+            "or train into another output_dir (or set checkpoint.resume=false to start over in this one)."
+        )
+
+
+def train(cfg: RunConfig, runtime: Runtime, stop: threading.Event) -> dict[str, float]:
+    if cfg.data.batch_size % runtime.world_size:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {runtime.world_size} ranks")
+    ensure_toy_data(cfg, runtime)
+    try:
+        manifest = read_manifest(cfg.data.url)
+    except DataError as e:
+        raise DataError(
+            f"{e}\nthis preset's data is written by: {cfg.data.prepare}" if cfg.data.prepare else str(e)
+        ) from None
+    config_yaml = config_to_yaml(cfg)
+    info = {
+        "sample_shape": list(manifest.sample_shape),
+        "dataset": manifest.name,
+        "data_url": manifest_url(cfg.data.url),
+    }
+    checkpoints = Checkpoints(os.path.join(cfg.output_dir, "checkpoints"), cfg.checkpoint.keep, config_yaml, info)
+    # One trainer per run folder, locked before anything in it is written; every rank learns the outcome.
+    lock = RunFolderLock(cfg.output_dir)
+    busy = lock.try_acquire() if runtime.is_main else None
+    if runtime.sum_across_ranks(torch.tensor([float(busy is not None)], device=runtime.device)).item():
+        raise RunFolderBusy(busy or f"{cfg.output_dir} is in use by another trainer (rank 0 says which)")
+    resume_from = checkpoints.newest_intact(runtime) if cfg.checkpoint.resume else None
+    if resume_from is not None:
+        check_resumable(cfg, resume_from, info["sample_shape"])
+    if runtime.is_main:
+        with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
+            f.write(config_yaml)
+    runtime.barrier()
+    try:
+        return _train(cfg, runtime, stop, manifest, checkpoints, resume_from)
+    finally:
+        lock.release()
+
+
+def _train(cfg, runtime, stop, manifest, checkpoints: Checkpoints, resume_from: str | None) -> dict[str, float]:
+    runtime.seed(cfg.train.seed, per_rank=False)  # identical initial networks on every rank
+    nets = build_networks(cfg.model, tuple(manifest.sample_shape), resolve_kernels(cfg.model.kernels, runtime.device))
+    runtime.seed(cfg.train.seed, per_rank=True)  # different noise on each rank
+    steps = build_steps(cfg, runtime, nets)
+    stream = ShardStream(
+        manifest,
+        runtime.rank,
+        runtime.world_size,
+        cfg.data.batch_size // runtime.world_size,
+        cfg.data.num_workers,
+        cfg.data.shuffle_buffer,
+        cfg.train.seed,
+        worker_type=cfg.data.worker_type,
+    )
+    logger, prometheus = build_logger(cfg, runtime)
+    evaluator = build_evaluator(cfg, manifest.sample_shape, manifest.name)
+    trainer = MEGTrainer(cfg, runtime, steps, stream, logger, checkpoints, evaluator, stop)
+    resumed = trainer.resume_if_possible(resume_from)
+    if runtime.is_main:
+        where = f"resumed from step {resumed}" if resumed is not None else "from scratch"
+        engine = cfg.train.engine + (f" ZeRO-{cfg.deepspeed.zero_stage}" if cfg.train.engine == "deepspeed" else "")
+        print(
+            f"run {cfg.name}: {runtime.world_size} process(es) on {runtime.device} ({engine}, "
+            f"precision {cfg.train.mixed_precision}, kernels {steps.kernel_status}, "
+            f"capture {steps.capture_status}), {where}; "
+            f"data {manifest_url(cfg.data.url)} ({manifest.num_samples} samples, {len(manifest.shards)} shards); "
+            f"folder {cfg.output_dir}",
+            flush=True,
+        )
+        if trainer.state.lr_horizon != cfg.train.steps and cfg.train.lr_final_factor != 1.0:
+            print(
+                f"the learning-rate schedule keeps this run's horizon of {trainer.state.lr_horizon} steps "
+                f"(train.steps is now {cfg.train.steps}); past it the rates stay at their final value",
+                flush=True,
+            )
+        if prometheus is not None:
+            print(f"prometheus metrics: http://{cfg.log.prometheus_addr}:{prometheus.port}/metrics", flush=True)
+    try:
+        final = trainer.train()
+    finally:
+        logger.close()
+    if runtime.is_main:
+        summary = {
+            k: v for k, v in final.items() if k.startswith("eval_") or k.endswith("loss") or k == "ranks_in_sync"
+        }
+        latest = os.path.join(cfg.output_dir, "eval", "latest.json")
+        if resumed == cfg.train.steps and os.path.isfile(latest):
+            # Nothing left to train: show the finished run's last evaluation.
+            with open(latest) as f:
+                summary.update({f"eval_{k}": v for k, v in json.load(f).items()})
+        print(f"\nfinished: {cfg.output_dir}\n{json.dumps(summary, indent=2)}", flush=True)
+    return final
