@@ -75,6 +75,10 @@ def _run(argv: list[str]) -> tuple[int, str]:
 
 def _fuzz(tmp_path: Path, name: str, write_input, argv, mutate) -> None:
     """write_input(path_for, rng) writes the inputs (mutated by ``mutate``); argv(out) the arguments."""
+    clean = tmp_path / f"{name}-clean"
+    clean.mkdir()
+    write_input(clean, lambda data, text=False: data)
+    assert _run(argv(clean)) == (0, ""), f"{name}: the unmutated input must convert"
     rng = np.random.default_rng(0)
     outcomes = {0: 0, 2: 0}
     for i in range(MUTATIONS):
