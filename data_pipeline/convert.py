@@ -27,7 +27,16 @@ from typing import Any
 import numpy as np
 
 from data_pipeline.cli import add_debug_flag, run_tool
-from data_pipeline.shards import DataError, Manifest, join_url, write_array_shards
+from data_pipeline.decode import DecodeSpec
+from data_pipeline.shards import (
+    DataError,
+    Manifest,
+    is_command_url,
+    join_url,
+    manifest_url,
+    write_array_shards,
+    write_text_atomic,
+)
 from data_pipeline.sources import (
     FASHION_MNIST_DIR,
     KDD_CATEGORICAL,
@@ -40,6 +49,7 @@ from data_pipeline.sources import (
     read_image_folder,
     read_kdd,
 )
+from data_pipeline.stream import ALLOW_COMMANDS_ENV, load_shard, manifest_from_urls, split_urls
 from data_pipeline.toy import TOY_SPECS, sample_toy, toy_spec
 
 DEFAULT_SHARDS = 16  # a multiple of every usual ranks x workers count (1, 2, 4, 8, 16)
@@ -276,6 +286,35 @@ def convert_arrays(
     return _write(out, name, split, x, y, num_shards, sums, pre)
 
 
+def _absolute(url: str) -> str:
+    """A local path made absolute (a manifest elsewhere must still find it); URLs unchanged."""
+    return url if "://" in url or is_command_url(url) else os.path.abspath(url)
+
+
+def index_shards(out: str, shards: str, spec: DecodeSpec, name: str, split: str) -> Manifest:
+    """A manifest for existing WebDataset shards (read once, not rewritten), written to ``out``: the
+    trainer then reads them with exactly-once epochs and exact resume, like converted data. Shards
+    under ``out`` are recorded relative to it (the folder can move); others by absolute path or URL."""
+    manifest = manifest_from_urls([_absolute(u) for u in split_urls(shards)], name or "shards", split, spec)
+    folder = _absolute(out).rstrip("/") + "/"
+    for shard in manifest.shards:
+        if shard.url.startswith(folder):
+            shard.url = shard.url[len(folder) :]
+    write_text_atomic(manifest.to_json(), manifest_url(out))
+    manifest.base_url = out
+    return manifest
+
+
+def convert_webdataset(out: str, shards: str, spec: DecodeSpec, name: str, split: str, num_shards: int) -> Manifest:
+    """Existing WebDataset shards decoded once into this project's layout (the stream's fast path)."""
+    manifest = manifest_from_urls(split_urls(shards), name or "shards", split, spec)
+    parts = [load_shard(url, info, manifest) for url, info in zip(manifest.shard_urls(), manifest.shards)]
+    x = np.concatenate([p.x for p in parts])
+    labels = np.concatenate([p.labels for p in parts])
+    pre = {"source": "webdataset shards", "shards": shards, "decode": spec.to_json()}
+    return write_array_shards(out, manifest.name, split, x, labels, num_shards, "", pre)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m data_pipeline.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -340,6 +379,20 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument("--name", default="images")
     images.add_argument("--split", default="train")
 
+    for source, help in (
+        ("index", "existing WebDataset shards: write a manifest for them (they are read once, not rewritten)"),
+        ("webdataset", "existing WebDataset shards: decode them once into this project's fast layout"),
+    ):
+        p = add(source, help)
+        p.add_argument("--shards", required=True, help="a brace pattern, several joined by ::, or one .tar(.gz)")
+        p.add_argument("--image-key", default="png;jpg;jpeg;webp", help="the sample's field (first found; or npy)")
+        p.add_argument("--label-key", default="cls", help="the label's field ('' for unlabelled data)")
+        p.add_argument("--image-mode", default="rgb", choices=["rgb", "l"])
+        p.add_argument("--image-size", type=int, default=0, help="centre-crop and resize to SIZE x SIZE (0: as stored)")
+        p.add_argument("--name", default="")
+        p.add_argument("--split", default="train")
+        p.add_argument("--allow-pipe", action="store_true", help="allow pipe: shard URLs (they run a shell command)")
+
     arrays = add("arrays", "samples from a .npy, or arrays x/y of a .npz")
     arrays.add_argument("--x", required=True, dest="x_url")
     arrays.add_argument("--y", default="", dest="labels_url", help="labels .npy (or y in the .npz)")
@@ -382,6 +435,13 @@ def run(args: argparse.Namespace) -> dict[str, Manifest]:
                                      args.train_fraction, n)  # fmt: skip
     if args.source == "images":
         return {args.split: convert_images(out, args.folder, args.mode, args.size, args.name, args.split, n)}
+    if args.source in ("index", "webdataset"):
+        if args.allow_pipe:
+            os.environ[ALLOW_COMMANDS_ENV] = "1"
+        spec = DecodeSpec(args.image_key, args.label_key, args.image_mode, args.image_size)
+        if args.source == "index":
+            return {args.split: index_shards(out, args.shards, spec, args.name, args.split)}
+        return {args.split: convert_webdataset(out, args.shards, spec, args.name, args.split, n)}
     return {
         args.split: convert_arrays(out, args.x_url, args.labels_url, args.x_key, args.y_key, args.name, args.split, n)
     }

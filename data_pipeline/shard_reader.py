@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import io
 import re
+import struct
 import tarfile
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +20,32 @@ import numpy as np
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
 _KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's key/extension split
+
+
+# numpy parses a .npy header with ast.literal_eval, and CPython 3.11 keeps the AST constructor's
+# recursion depth in shared state: two threads parsing at once can fail with a spurious "SystemError:
+# AST constructor recursion depth mismatch" (python/cpython#106905; seen here with 2 thread workers).
+# Headers as numpy writes them are read below without ast; any other numpy load runs under this lock.
+NUMPY_AST_LOCK = threading.Lock()
+_NPY_HEADER_RE = re.compile(
+    r"\{'descr': '([<>|=][a-zA-Z]\d*)', 'fortran_order': (True|False), 'shape': \(((?:\d+, )*\d*,?)\), \} *\n$"
+)
+
+
+def read_npy_header(head: io.BytesIO) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of the .npy array at ``head``, which is left at its data."""
+    version = np.lib.format.read_magic(head)
+    start = head.tell()
+    size_format = "<H" if version == (1, 0) else "<I"
+    (length,) = struct.unpack(size_format, head.read(struct.calcsize(size_format)))
+    match = _NPY_HEADER_RE.match(head.read(length).decode("latin1"))
+    if match is not None:
+        shape = tuple(int(d) for d in match.group(3).replace(",", " ").split())
+        return shape, match.group(2) == "True", np.dtype(match.group(1))
+    head.seek(start)
+    with NUMPY_AST_LOCK:
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        return read(head)
 
 
 class CorruptShard(Exception):
@@ -179,10 +207,8 @@ def _parse_uniform(data: bytes) -> ShardArrays:
         raise _NotUniform
     head = io.BytesIO(recs[0, x_off : x_off + int(x_sizes[0])].tobytes())
     try:
-        version = np.lib.format.read_magic(head)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read_header(head)
-    except ValueError as e:
+        shape, fortran, dtype = read_npy_header(head)
+    except Exception as e:  # noqa: BLE001 (see DAMAGE_NOTE)
         raise CorruptShard(f"bad .npy header: {e}") from None
     hlen = head.tell()
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
@@ -204,6 +230,12 @@ def _parse_uniform(data: bytes) -> ShardArrays:
     return ShardArrays(keys, x, labels)
 
 
+# DAMAGE_NOTE: parsers of bytes from storage catch every Exception and report the shard as corrupt:
+# damaged bytes surface as any type (numpy's .npy header parser raises SyntaxError or TokenError, PIL
+# SyntaxError for a broken PNG, DecompressionBombError, MemoryError for a size field gone wild). The
+# type and message travel with the report, so a bug of ours still shows, once per shard, by name.
+
+
 def _parse_generic(data: bytes) -> ShardArrays:
     samples: dict[str, dict[str, bytes]] = {}
     try:
@@ -217,9 +249,10 @@ def _parse_generic(data: bytes) -> ShardArrays:
         keys, xs, labels = [], [], []
         for key, sample in samples.items():
             keys.append(key)
-            xs.append(np.load(io.BytesIO(sample["x.npy"]), allow_pickle=False))
+            with NUMPY_AST_LOCK:
+                xs.append(np.load(io.BytesIO(sample["x.npy"]), allow_pickle=False))
             labels.append(int(sample["cls"]))
-    except (tarfile.TarError, EOFError, OSError, KeyError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 (see DAMAGE_NOTE)
         raise CorruptShard(f"{type(e).__name__}: {e}") from None
     if not keys:
         raise CorruptShard("no samples")

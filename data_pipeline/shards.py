@@ -51,6 +51,10 @@ class Manifest:
     source_checksum: str = ""
     preprocessing: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    # meg: this project's shards ({key}.x.npy + {key}.cls, the fast parser); webdataset: any
+    # WebDataset shards, decoded as ``decode`` says (data_pipeline/decode.py: a DecodeSpec).
+    layout: str = "meg"
+    decode: dict[str, Any] = field(default_factory=dict)
     base_url: str = ""  # where the manifest was read from; not stored
 
     @property
@@ -67,8 +71,16 @@ class Manifest:
         return json.dumps(d, indent=2, sort_keys=True)
 
 
+# Schemes whose webdataset opener runs a program (pipe: a shell command; the others curl or ais).
+COMMAND_SCHEMES = ("pipe", "ais", "htgs", "scp", "ftps")
+
+
+def is_command_url(url: str) -> bool:
+    return ":" in url and url.split(":", 1)[0] in COMMAND_SCHEMES
+
+
 def join_url(base: str, name: str) -> str:
-    if "://" in name or name.startswith("/"):
+    if "://" in name or name.startswith("/") or is_command_url(name):
         return name
     return posixpath.join(base, name) if "://" in base else os.path.join(base, name)
 
@@ -153,13 +165,13 @@ def check_manifest_against_shards(manifest: Manifest, murl: str = "") -> list[st
     about) the shards whose size differs from the manifest's record."""
     murl = murl or manifest_url(manifest.base_url)
     urls = manifest.shard_urls()
-    sizes = shard_sizes(urls)
-    missing = [u for u in urls if sizes[u] is None]
+    # A command's output has no size to look up without running it: such shards are checked as read.
+    sizes = shard_sizes([u for u in urls if not is_command_url(u)])
+    missing = [u for u in sizes if sizes[u] is None]
     if missing:
         raise DataError(f"manifest {murl} lists {len(missing)} missing shard(s), first: {missing[0]}")
-    known = [
-        (u, s.num_bytes) for u, s in zip(urls, manifest.shards, strict=True) if s.num_bytes > 0 and sizes[u] is not None
-    ]
+    recorded = zip(urls, manifest.shards, strict=True)
+    known = [(u, s.num_bytes) for u, s in recorded if s.num_bytes > 0 and sizes.get(u) is not None]
     wrong = [u for u, nb in known if sizes[u] != nb]
     if known and len(wrong) == len(known):
         u, nb = known[0]

@@ -36,7 +36,9 @@ import os
 import queue
 import random
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
 
 import braceexpand
 import fsspec
@@ -45,8 +47,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.config import WORKER_TYPES, StreamPosition
+from data_pipeline.decode import DecodeSpec, gunzip_shard, is_meg_layout, parse_webdataset_shard
 from data_pipeline.shard_reader import CorruptShard, ShardArrays, parse_shard
-from data_pipeline.shards import DataError, Manifest, ShardInfo
+from data_pipeline.shards import COMMAND_SCHEMES, DataError, Manifest, ShardInfo, is_command_url, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +67,9 @@ def _fsspec_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **_: object):
     return fs.open(path, mode, block_size=max(bufsize, 1 << 20))
 
 
-# Schemes whose webdataset opener runs a program (pipe: a shell command; the others curl or ais).
-# A preset, a saved config or a manifest must not run anything: they open only when the user allowed
-# it on the command line (--allow-pipe sets this variable, which worker processes inherit).
-COMMAND_SCHEMES = ("pipe", "ais", "htgs", "scp", "ftps")
+# A preset, a saved config or a manifest must not run anything: URLs of the COMMAND_SCHEMES open only
+# when the user allowed it on the command line (--allow-pipe sets this variable, which worker
+# processes inherit).
 ALLOW_COMMANDS_ENV = "MEG_ALLOW_PIPE"
 
 
@@ -95,10 +97,6 @@ def register_fsspec_opener() -> None:
 
 
 register_fsspec_opener()
-
-
-def is_command_url(url: str) -> bool:
-    return url.split(":", 1)[0] in COMMAND_SCHEMES and ":" in url
 
 
 def read_shard_bytes(url: str) -> bytes:
@@ -167,17 +165,32 @@ def load_shard(url: str, info: ShardInfo, manifest: Manifest, buffer: ReadBuffer
         raise DataError(f"shard {url} has disappeared since start-up") from None
     if info.num_bytes and len(data) != info.num_bytes:
         raise CorruptShard(f"{len(data)} bytes, the manifest says {info.num_bytes} (truncated or rewritten)")
-    arrays = parse_shard(data)
+    arrays = parse_any_shard(data, manifest.layout, DecodeSpec(**manifest.decode))
     if len(arrays) != info.num_samples:
-        if info.num_bytes:  # the right size with another count: the manifest is not this shard's
-            raise DataError(f"shard {url} holds {len(arrays)} samples, its manifest says {info.num_samples}")
-        raise CorruptShard(f"{len(arrays)} samples, the manifest says {info.num_samples}")
+        # Damage in place (a renamed member) or a manifest of other shards: skipped and counted like
+        # any corrupt shard, and an epoch of them stops the run with this message.
+        raise CorruptShard(
+            f"{len(arrays)} samples, the manifest says {info.num_samples} (damaged, or the manifest is "
+            "not this shard's: convert again)"
+        )
     if list(arrays.x.shape[1:]) != list(manifest.sample_shape) or str(arrays.x.dtype) != manifest.dtype:
         raise DataError(
             f"shard {url} holds samples of shape {list(arrays.x.shape[1:])} {arrays.x.dtype}, its manifest "
             f"says {manifest.sample_shape} {manifest.dtype}"
         )
     return arrays
+
+
+def parse_any_shard(data: bytes | memoryview, layout: str, spec: DecodeSpec) -> ShardArrays:
+    """A shard's samples: the fast parser for this project's layout, webdataset's decoders otherwise."""
+    if layout == "webdataset":
+        return parse_webdataset_shard(data, spec)
+    return parse_shard(gunzip_shard(data))
+
+
+def expected_samples(layout: str, spec: DecodeSpec) -> str:
+    """What the reader of ``layout`` expects in a shard, for error messages."""
+    return spec.describe() if layout == "webdataset" else "this project's {key}.x.npy + {key}.cls samples"
 
 
 def decode_samples(x: torch.Tensor, dtype: str) -> torch.Tensor:
@@ -207,32 +220,69 @@ def read_split(manifest: Manifest, limit: int | None = None) -> dict:
     return {"x": x, "label": arrays.labels, "key": arrays.keys}
 
 
-def manifest_from_urls(urls: str | list[str], name: str = "", split: str = "train") -> Manifest:
-    """A manifest for shards named by a brace pattern (``data/mnist-train-{000000..000015}.tar``)
-    or a list, built by reading every shard once (counts, sizes, sample shape)."""
-    urls = list(braceexpand.braceexpand(urls)) if isinstance(urls, str) else list(urls)
+def split_urls(urls: str | list[str]) -> list[str]:
+    """Shard URLs from a brace pattern (``data/x-{000000..000015}.tar``), several joined by ``::``
+    (webdataset's convention), or a list."""
+    if isinstance(urls, str):
+        urls = [u for part in urls.split("::") for u in braceexpand.braceexpand(part.strip()) if part.strip()]
+    return list(urls)
+
+
+def looks_like_shards(url: str) -> bool:
+    """Whether ``data.url`` names shards (a pattern, a list, a tar file, a command) rather than a data
+    set folder or its manifest.json."""
+    name = url.split("?")[0]
+    return "::" in url or "{" in url or is_command_url(url) or name.endswith((".tar", ".tar.gz", ".tgz"))
+
+
+def manifest_from_urls(
+    urls: str | list[str], name: str = "", split: str = "train", spec: DecodeSpec | None = None
+) -> Manifest:
+    """A manifest for shards named by a pattern or a list, built by reading every shard once (sample
+    counts, sizes, sample shape). The first shard's layout picks the parser: this project's own, or
+    webdataset's decoders with ``spec`` (default: DecodeSpec()). Damaged shards stop it, naming them."""
+    urls = split_urls(urls)
     if not urls:
         raise DataError("no shard URLs")
-    shards, shape, dtype, counts = [], None, None, {}
+    spec = spec or DecodeSpec()
+    shards, shape, dtype, counts, layout = [], None, None, {}, None
     for url in urls:
         try:
             data = read_shard_bytes(url)
         except FileNotFoundError:
             raise DataError(f"shard {url} does not exist") from None
+        if layout is None:
+            layout = "meg" if is_meg_layout(data) else "webdataset"
         try:
-            arrays = parse_shard(data)
+            arrays = parse_any_shard(data, layout, spec)
         except CorruptShard as e:
-            raise DataError(f"shard {url} is unreadable: {e}") from None
+            raise DataError(
+                f"shard {url} is unreadable: {e} (the reader expects {expected_samples(layout, spec)})"
+            ) from None
         if shape is None:
             shape, dtype = list(arrays.x.shape[1:]), str(arrays.x.dtype)
         elif shape != list(arrays.x.shape[1:]) or dtype != str(arrays.x.dtype):
             raise DataError(
                 f"shard {url} holds {list(arrays.x.shape[1:])} {arrays.x.dtype}, the first held {shape} {dtype}"
+                + ("; set data.image_size to give every image one size" if layout == "webdataset" else "")
             )
         for label, c in zip(*np.unique(arrays.labels, return_counts=True), strict=True):
             counts[str(label)] = counts.get(str(label), 0) + int(c)
         shards.append(ShardInfo(url, len(arrays), len(data)))
-    return Manifest(name or "shards", split, shape or [], dtype or "", shards, class_counts=counts)
+    decode = spec.to_json() if layout == "webdataset" else {}
+    layout = layout or "meg"
+    return Manifest(name or "shards", split, shape or [], dtype or "", shards, counts, layout=layout, decode=decode)
+
+
+def open_data(url: str, spec: DecodeSpec) -> Manifest:
+    """The data set ``data.url`` names: a folder with manifest.json or the manifest itself (read and
+    checked), or shards (a pattern, a list, a tar file, a command; indexed here by reading each once)."""
+    if not looks_like_shards(url):
+        return read_manifest(url)
+    urls = split_urls(url)
+    log.info("indexing %d shard(s) of %s: every shard is read once before training "
+             "(python -m data_pipeline.convert index writes a manifest to skip this)", len(urls), url)  # fmt: skip
+    return manifest_from_urls(urls, spec=spec)
 
 
 # What a worker hands over is a chunk of several consecutive batches: one message per batch cost
@@ -240,15 +290,19 @@ def manifest_from_urls(urls: str | list[str], name: str = "", split: str = "trai
 # memory (its fixed cost per message is amortised over the chunk) and the small labels and keys
 # are pickled; from a worker thread nothing is copied.
 CHUNK_BYTES = 8 << 20
+WARN_FIRST = 3  # corrupt shards named one by one per worker and epoch, before the rest are only counted
 MAX_CHUNK_BATCHES = 64
 
 
-def _chunk(parts: list[tuple[ShardArrays, np.ndarray]], corrupt: int, batch_size: int, shared: bool) -> dict:
-    """The chunk made of ``rows`` of each ``(pool, rows)`` part, in order."""
+def _chunk(
+    parts: list[tuple[ShardArrays, np.ndarray]], corrupt: int, batch_size: int, shared: bool, first_error: str = ""
+) -> dict:
+    """The chunk made of ``rows`` of each ``(pool, rows)`` part, in order; ``corrupt`` shards were
+    skipped before it, the first of them for ``first_error``."""
     n = sum(len(rows) for _, rows in parts)
     if not parts:  # only corrupt shards to report
         return {"x": torch.empty(0), "label": np.zeros(0, np.int64), "key": np.zeros(0, str), "batches": 0,
-                "corrupt_shards": corrupt}  # fmt: skip
+                "corrupt_shards": corrupt, "first_error": first_error}  # fmt: skip
     first = parts[0][0].x
     if shared:  # for another process: gathered straight into shared memory, sending it copies nothing more
         x = torch.empty((n, *first.shape[1:]), dtype=torch.from_numpy(np.empty(0, first.dtype)).dtype)
@@ -265,6 +319,7 @@ def _chunk(parts: list[tuple[ShardArrays, np.ndarray]], corrupt: int, batch_size
         "key": np.concatenate([pool.keys[rows] for pool, rows in parts]),
         "batches": n // batch_size,
         "corrupt_shards": corrupt,
+        "first_error": first_error,
     }
 
 
@@ -276,12 +331,21 @@ def _no_collate(batch: dict) -> dict:
 # worker is numpy on whole shards and file reads, which release the GIL, so threads run in
 # parallel. Process workers (a DataLoader) isolate the reading but pay for every byte they send.
 _DONE = object()
+READER_JOIN_SECONDS = 5.0
 
 
-def _threaded_chunks(dataset: _EpochDataset, workers: int, prefetch: int = 2) -> Iterator[dict]:
-    """The workers' chunks in the order a DataLoader would give them: round-robin over the
-    workers, skipping exhausted ones. A worker's error is raised here."""
-    queues = [queue.Queue(maxsize=prefetch) for _ in range(workers)]
+class StopRequested(Exception):
+    """The trainer was asked to stop while it waited for data."""
+
+
+def _polled_chunks(
+    sources: list[Callable[[], Iterator[dict]]], should_stop: Callable[[], bool], prefetch: int = 2
+) -> Iterator[dict]:
+    """The chunks of ``sources`` (each run on its own reader thread) in the order a DataLoader gives
+    its workers' chunks: round-robin, skipping exhausted ones. A source's error is raised here; so is
+    StopRequested when ``should_stop()`` turns true while a chunk is awaited (slow storage, a hanging
+    command): the trainer's thread only ever waits on a queue, so a stop signal is always heard."""
+    queues = [queue.Queue(maxsize=prefetch) for _ in sources]
     stop = threading.Event()
 
     def put(worker: int, item: object) -> bool:
@@ -295,7 +359,7 @@ def _threaded_chunks(dataset: _EpochDataset, workers: int, prefetch: int = 2) ->
 
     def run(worker: int) -> None:
         try:
-            for chunk in dataset.worker_chunks(worker):
+            for chunk in sources[worker]():
                 if not put(worker, chunk):
                     return
         except BaseException as e:  # noqa: BLE001 (handed to the consumer, which raises it)
@@ -303,25 +367,38 @@ def _threaded_chunks(dataset: _EpochDataset, workers: int, prefetch: int = 2) ->
             return
         put(worker, _DONE)
 
-    threads = [threading.Thread(target=run, args=(w,), name=f"shard-reader-{w}", daemon=True) for w in range(workers)]
+    threads = [
+        threading.Thread(target=run, args=(w,), name=f"shard-reader-{w}", daemon=True) for w in range(len(sources))
+    ]
     for t in threads:
         t.start()
     try:
-        active = list(range(workers))
+        active = list(range(len(sources)))
         while active:
             for worker in list(active):
-                item = queues[worker].get()
+                while True:
+                    try:
+                        item = queues[worker].get(timeout=0.2)
+                        break
+                    except queue.Empty:
+                        if should_stop():
+                            raise StopRequested from None
                 if item is _DONE:
                     active.remove(worker)
                 elif isinstance(item, BaseException):
+                    if should_stop():  # e.g. Slurm's SIGTERM to the whole job step also ended a pipe: command
+                        raise StopRequested from item
                     raise item
                 else:
                     yield item
     finally:
         stop.set()
+        # A reader blocked in a read (a hanging command, a stalled store) must not hold up a stop:
+        # the threads are daemons, so one still blocked at exit is simply dropped.
+        deadline = time.monotonic() + READER_JOIN_SECONDS
         for t in threads:
             if t is not threading.current_thread():  # the generator may be collected on a reader thread
-                t.join()
+                t.join(max(deadline - time.monotonic(), 0))
 
 
 class ShardStream:
@@ -337,7 +414,8 @@ class ShardStream:
         shuffle_buffer: int = 1000,
         seed: int = 0,
         chunk_batches: int | None = None,
-        worker_type: str = "thread",
+        worker_type: str = "auto",
+        max_corrupt_share: float = 1.0,
     ):
         if len(manifest.shards) < world_size * max(num_workers, 1):
             raise ValueError(
@@ -346,11 +424,16 @@ class ShardStream:
             )
         if worker_type not in WORKER_TYPES:
             raise ValueError(f"worker type {worker_type!r}: choose one of {', '.join(WORKER_TYPES)}")
+        if worker_type == "auto":
+            # This project's shards parse as numpy on whole shards, outside the GIL: threads. Other
+            # tools' shards go through webdataset's tar iterator and per-image decoders, Python
+            # that holds the GIL: processes (2 threads read them slower than 1; 2 processes ~1.9x).
+            worker_type = "process" if manifest.layout == "webdataset" else "thread"
         if not 0 <= rank < world_size or batch_size < 1:
             raise ValueError(f"rank {rank} of {world_size}, batch size {batch_size}")
         self.manifest, self.rank, self.world_size = manifest, rank, world_size
         self.batch_size, self.num_workers, self.worker_type = batch_size, num_workers, worker_type
-        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        self.shuffle_buffer, self.seed, self.max_corrupt_share = shuffle_buffer, seed, max_corrupt_share
         sample_bytes = int(np.prod(manifest.sample_shape, dtype=np.int64)) * np.dtype(manifest.dtype).itemsize
         self.chunk_batches = chunk_batches or max(1, min(MAX_CHUNK_BATCHES, CHUNK_BYTES // (batch_size * sample_bytes)))
         self._unreported_corrupt = 0  # counted in a chunk without batches; goes with the next batch
@@ -376,11 +459,18 @@ class ShardStream:
     def batches_per_epoch(self, epoch: int) -> int:
         return min(sum(self._worker_batch_counts(epoch, r)) for r in range(self.world_size))
 
-    def epoch_batches(self, position: StreamPosition) -> Iterator[dict]:
+    def epoch_batches(
+        self, position: StreamPosition, should_stop: Callable[[], bool] = lambda: False
+    ) -> Iterator[dict]:
         """Yields the rest of ``position.epoch`` from ``position.batches_done`` on (it does not
         advance ``position``: the trainer does, once a batch is consumed). Each batch holds ``x``
         (as stored, e.g. uint8: see decode_samples), ``label`` (int64), ``key`` (a numpy array of
-        the samples' keys) and ``corrupt_shards`` (shards skipped since the previous batch)."""
+        the samples' keys) and ``corrupt_shards`` (shards skipped since the previous batch).
+
+        Raises DataError when a whole epoch gives no batch, or more than ``max_corrupt_share`` of the
+        rank's shards of the epoch were corrupt (naming the first and what the reader expected), so
+        a data set that cannot be read is never looped over; StopRequested when ``should_stop()``
+        turns true while workers are awaited."""
         epoch, done = position.epoch, position.batches_done
         total = self.batches_per_epoch(epoch)
         per_chunk = self.chunk_batches
@@ -396,21 +486,26 @@ class ShardStream:
             resume_round, round_start = r + 1, round_start + in_round
         skips = [min(resume_round * per_chunk, c) for c in counts]
         dataset = _EpochDataset(self, epoch, skips)
-        if self.num_workers > 0 and self.worker_type == "thread":
-            chunks = _threaded_chunks(dataset, self.num_workers)
+        if self.num_workers == 0:
+            chunks = dataset.worker_chunks(0)  # read in the trainer's thread, between its steps
+        elif self.worker_type == "thread":
+            chunks = _polled_chunks([partial(dataset.worker_chunks, w) for w in range(self.num_workers)], should_stop)
         else:
             # Its own generator: creating an iterator otherwise draws from the global torch RNG,
             # which would shift the trainer's noise whenever an epoch starts or a run resumes.
-            chunks = DataLoader(
+            loader = DataLoader(
                 dataset,
                 batch_size=None,
                 num_workers=self.num_workers,
                 collate_fn=_no_collate,
                 generator=torch.Generator().manual_seed(self.seed + epoch),
             )
-        i = round_start
+            chunks = _polled_chunks([loader.__iter__], should_stop)
+        i, yielded, corrupt, first_error = round_start, 0, 0, ""
         for chunk in chunks:
             self._unreported_corrupt += chunk["corrupt_shards"]
+            corrupt += chunk["corrupt_shards"]
+            first_error = first_error or chunk["first_error"]
             labels, b = torch.from_numpy(chunk["label"]), self.batch_size
             for j in range(chunk["batches"]):
                 if i >= total:
@@ -424,7 +519,16 @@ class ShardStream:
                         "corrupt_shards": self._unreported_corrupt,
                     }
                     self._unreported_corrupt = 0
+                    yielded += 1
                 i += 1
+        shards = sum(len(w) for w in self._assignment(epoch, self.rank))
+        if (yielded == 0 and done == 0) or corrupt > self.max_corrupt_share * shards:
+            expected = expected_samples(self.manifest.layout, DecodeSpec(**self.manifest.decode))
+            raise DataError(
+                f"{self.manifest.name}: epoch {epoch} gave rank {self.rank} {yielded} batch(es); {corrupt} of its "
+                f"{shards} shard(s) were unreadable (data.max_corrupt_share={self.max_corrupt_share:g}). The first: "
+                f"{first_error or '(none: too few samples for a batch)'}. The reader expects {expected}."
+            )
 
 
 class _EpochDataset(IterableDataset):
@@ -441,7 +545,7 @@ class _EpochDataset(IterableDataset):
         rng = np.random.default_rng([s.seed, self.epoch, s.rank, worker])
         keep = s.shuffle_buffer if s.shuffle_buffer > 1 else 0
         b, chunk_rows = s.batch_size, s.chunk_batches * s.batch_size
-        skip_rows, corrupt = self.skips[worker] * b, 0
+        skip_rows, corrupt, first_error, warned = self.skips[worker] * b, 0, "", 0
         parts: list[tuple[ShardArrays, np.ndarray]] = []  # (pool, rows of it) of the chunk being built
         filled = 0
         mine = s._assignment(self.epoch, s.rank)[worker]
@@ -450,7 +554,7 @@ class _EpochDataset(IterableDataset):
         buffers = (ReadBuffer(), ReadBuffer())
 
         def next_good_shard(buffer: ReadBuffer) -> ShardArrays | None:
-            nonlocal corrupt
+            nonlocal corrupt, first_error, warned
             for k in remaining:
                 i = mine[k]
                 if k + 1 < len(mine):  # the storage reads the next shard while this one is parsed
@@ -458,8 +562,15 @@ class _EpochDataset(IterableDataset):
                 try:
                     return load_shard(s.urls[i], s.manifest.shards[i], s.manifest, buffer)
                 except CorruptShard as e:
-                    log.warning("skipping corrupt shard %s: %s", s.urls[i], e)
                     corrupt += 1
+                    first_error = first_error or f"{s.urls[i]}: {e}"
+                    warned += 1
+                    # The first few are named; after that one line per hundred, not one per shard.
+                    if warned <= WARN_FIRST or warned % 100 == 0:
+                        more = (
+                            "" if warned < WARN_FIRST else f" ({warned} skipped by this worker; the rest are counted)"
+                        )
+                        log.warning("skipping corrupt shard %s: %s%s", s.urls[i], e, more)
             return None
 
         pool: ShardArrays | None = None
@@ -481,9 +592,9 @@ class _EpochDataset(IterableDataset):
                 parts.append((pool, rows[:take]))
                 rows, filled = rows[take:], filled + take
                 if filled == chunk_rows:
-                    yield _chunk(parts, corrupt, b, in_process_worker)
-                    parts, filled, corrupt = [], 0, 0
+                    yield _chunk(parts, corrupt, b, in_process_worker, first_error)
+                    parts, filled, corrupt, first_error = [], 0, 0, ""
             pool = pool.take(rest)
             current, turn = upcoming, 1 - turn
         if parts or corrupt:
-            yield _chunk(parts, corrupt, b, in_process_worker)
+            yield _chunk(parts, corrupt, b, in_process_worker, first_error)

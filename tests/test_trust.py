@@ -319,7 +319,8 @@ def test_the_rendezvous_store_listens_on_loopback_only(tmp_path):
     finally:
         proc.kill()
         proc.wait()
-        subprocess.run(["pkill", "-f", str(tmp_path)], check=False)
+        # Workers still in the rendezvous sit in C++ and run no Python signal handler: SIGTERM would not end them.
+        subprocess.run(["pkill", "-KILL", "-f", str(tmp_path)], check=False)
 
 
 @pytest.mark.slow

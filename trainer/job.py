@@ -14,13 +14,13 @@ import fsspec
 import torch
 
 from data_pipeline.convert import convert_toy
-from data_pipeline.shards import DataError, manifest_url, read_manifest
-from data_pipeline.stream import ShardStream
+from data_pipeline.shards import DataError, manifest_url
+from data_pipeline.stream import ShardStream, looks_like_shards, open_data
 from models import build_networks
 from trainer.checkpoint import Checkpoints, load_export
 from trainer.config import ConfigError, RunConfig, _build, config_to_yaml, parse_yaml
 from trainer.evaluation import build_evaluator
-from trainer.meg_trainer import MEGTrainer
+from trainer.meg_trainer import MEGTrainer, Preempted
 from trainer.metrics import JsonlSink, MetricsLogger, ProgressSink, PrometheusSink
 from trainer.run_folder import RunFolderBusy, RunFolderLock
 from trainer.runtime import Runtime, build_runtime
@@ -29,11 +29,16 @@ from trainer.steps import build_steps, resolve_kernels
 log = logging.getLogger("meg")
 
 
+def data_location(url: str) -> str:
+    """What to call the data in messages: the shards as given, or the manifest a folder holds."""
+    return url if looks_like_shards(url) else manifest_url(url)
+
+
 def ensure_toy_data(cfg: RunConfig, runtime: Runtime) -> None:
     """Toy presets write their shards on first use, so the default job needs no download: only into
     a folder that does not exist yet or is empty. Anything else (a manifest that is there but wrong,
     a missing shard, other files) is the user's data and is reported by read_manifest, not overwritten."""
-    if cfg.data.toy and runtime.is_main:
+    if cfg.data.toy and runtime.is_main and not looks_like_shards(cfg.data.url):
         fs, manifest = fsspec.core.url_to_fs(manifest_url(cfg.data.url))
         if not fs.exists(manifest):
             folder = posixpath.dirname(manifest)
@@ -70,12 +75,16 @@ def build_logger(cfg: RunConfig, runtime: Runtime) -> tuple[MetricsLogger, Prome
 
 def run(cfg: RunConfig, stop: threading.Event) -> dict[str, float]:
     runtime = build_runtime(cfg)
+    meet = True
     try:
         # Everything that holds the process group (DDP wrappers, engines) lives in train() and is
         # released when it returns, before the group is destroyed.
         return train(cfg, runtime, stop)
+    except Preempted as e:
+        meet = e.checkpointed
+        raise
     finally:
-        runtime.shutdown()
+        runtime.shutdown(meet)
 
 
 def check_resumable(cfg: RunConfig, checkpoint: str, sample_shape: list[int]) -> None:
@@ -104,7 +113,7 @@ def train(cfg: RunConfig, runtime: Runtime, stop: threading.Event) -> dict[str, 
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {runtime.world_size} ranks")
     ensure_toy_data(cfg, runtime)
     try:
-        manifest = read_manifest(cfg.data.url)
+        manifest = open_data(cfg.data.url, cfg.data.decode_spec())
     except DataError as e:
         raise DataError(
             f"{e}\nthis preset's data is written by: {cfg.data.prepare}" if cfg.data.prepare else str(e)
@@ -113,7 +122,7 @@ def train(cfg: RunConfig, runtime: Runtime, stop: threading.Event) -> dict[str, 
     info = {
         "sample_shape": list(manifest.sample_shape),
         "dataset": manifest.name,
-        "data_url": manifest_url(cfg.data.url),
+        "data_url": data_location(cfg.data.url),
     }
     checkpoints = Checkpoints(os.path.join(cfg.output_dir, "checkpoints"), cfg.checkpoint.keep, config_yaml, info)
     # One trainer per run folder, locked before anything in it is written; every rank learns the outcome.
@@ -148,6 +157,7 @@ def _train(cfg, runtime, stop, manifest, checkpoints: Checkpoints, resume_from: 
         cfg.data.shuffle_buffer,
         cfg.train.seed,
         worker_type=cfg.data.worker_type,
+        max_corrupt_share=cfg.data.max_corrupt_share,
     )
     logger, prometheus = build_logger(cfg, runtime)
     evaluator = build_evaluator(cfg, manifest.sample_shape, manifest.name)
@@ -160,7 +170,8 @@ def _train(cfg, runtime, stop, manifest, checkpoints: Checkpoints, resume_from: 
             f"run {cfg.name}: {runtime.world_size} process(es) on {runtime.device} ({engine}, "
             f"precision {cfg.train.mixed_precision}, kernels {steps.kernel_status}, "
             f"capture {steps.capture_status}), {where}; "
-            f"data {manifest_url(cfg.data.url)} ({manifest.num_samples} samples, {len(manifest.shards)} shards); "
+            f"data {data_location(cfg.data.url)} ({manifest.num_samples} samples, {len(manifest.shards)} shards"
+            f"{', indexed now' if looks_like_shards(cfg.data.url) else ''}); "
             f"folder {cfg.output_dir}",
             flush=True,
         )

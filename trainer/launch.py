@@ -14,6 +14,7 @@ import socket
 import sys
 
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.rendezvous import c10d_rendezvous_backend, static_tcp_rendezvous
 
 _TCPStore = dist.TCPStore
@@ -40,7 +41,11 @@ def main() -> None:
     # uses the latter when the port is taken), and the elastic utilities (through torch.distributed).
     for module in (static_tcp_rendezvous, c10d_rendezvous_backend, dist):
         module.TCPStore = _store_on_its_own_address
-    sys.exit(accelerate_launch())
+    try:
+        sys.exit(accelerate_launch())
+    except SignalException as e:  # the agent ended its workers on SIGTERM; not a crash to trace back
+        print(f"launcher: stopped by signal {int(e.sigval)}; its processes were ended", file=sys.stderr)
+        sys.exit(128 + int(e.sigval))
 
 
 if __name__ == "__main__":

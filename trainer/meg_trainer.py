@@ -16,13 +16,14 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from data_pipeline.stream import ShardStream, decode_samples
+from data_pipeline.config import StreamPosition
+from data_pipeline.stream import ShardStream, StopRequested, decode_samples
 from trainer.checkpoint import Checkpoints, TrainState, checkpoint_step
 from trainer.config import RunConfig
 from trainer.guard import Diverged, DivergenceGuard
 from trainer.metrics import MetricsLogger, MetricWindow
 from trainer.runtime import Runtime
-from trainer.steps import MEGSteps
+from trainer.steps import MEGSteps, lr_schedule
 
 Evaluator = Callable[[int, nn.Module, nn.Module], dict[str, float]]
 
@@ -32,7 +33,29 @@ PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL
 
 
 class Preempted(RuntimeError):
-    pass
+    def __init__(self, message: str, checkpointed: bool = True):
+        super().__init__(message)
+        self.checkpointed = checkpointed  # False: the ranks did not stop together (see Runtime.shutdown)
+
+
+def real_batches(
+    stream: ShardStream, position: StreamPosition, window: MetricWindow, device: torch.device, stop: threading.Event
+) -> Iterator[tuple[torch.Tensor, int, int]]:
+    """Real batches forever, each with the stream position after it (epoch, batches done): the loop
+    keeps a position once the batch's iteration is done, so a stop while waiting loses nothing."""
+    epoch, done = position.epoch, position.batches_done
+    while True:
+        batches = iter(stream.epoch_batches(StreamPosition(epoch, done), stop.is_set))
+        while True:
+            wait_start = time.perf_counter()  # the data-wait share of a step, in the metrics
+            batch = next(batches, None)
+            window.data_wait_s += time.perf_counter() - wait_start
+            if batch is None:
+                break
+            done += 1
+            window.corrupt_shards += int(batch["corrupt_shards"])
+            yield decode_samples(batch["x"].to(device, non_blocking=True), stream.manifest.dtype), epoch, done
+        epoch, done = epoch + 1, 0
 
 
 class MEGTrainer:
@@ -66,29 +89,31 @@ class MEGTrainer:
         self.checkpoints.load(path, self.runtime, self.state)
         self.steps.after_checkpoint_load()
 
-    def _batches(self) -> Iterator[torch.Tensor]:
-        """Real batches forever, epoch after epoch, advancing the checkpointed position."""
-        position = self.state.position
-        while True:
-            batches = iter(self.stream.epoch_batches(position))
-            while True:
-                wait_start = time.perf_counter()  # the data-wait share of a step, in the metrics
-                batch = next(batches, None)
-                self.window.data_wait_s += time.perf_counter() - wait_start
-                if batch is None:
-                    break
-                position.batches_done += 1
-                self.window.corrupt_shards += int(batch["corrupt_shards"])
-                yield decode_samples(batch["x"].to(self.runtime.device, non_blocking=True), self.stream.manifest.dtype)
-            position.epoch += 1
-            position.batches_done = 0
+    def _iteration_data(self, batches: Iterator[tuple[torch.Tensor, int, int]]) -> list:
+        """The iteration's batches, fetched before it runs: a stop while waiting for them loses no update."""
+        try:
+            return [next(batches) for _ in range(self.cfg.train.energy_steps)]
+        except StopRequested:
+            pass
+        if self.runtime.world_size > 1:
+            # A checkpoint is collective, and the other ranks may be inside this step's gradient
+            # reduction, waiting for this rank: the newest checkpoint stands.
+            raise Preempted("stop signal received while waiting for data; the newest checkpoint stands", False)
+        self._save()
+        raise Preempted(f"stop signal received while waiting for data; checkpoint saved at step {self.state.step}")
+
+    def _iteration(self, data: list) -> None:
+        try:
+            self.window.record(self.steps.iteration(self.state.step, iter([x for x, _, _ in data]).__next__))
+        except RuntimeError as e:  # a collective failed: did a rank waiting for data stop (see above)?
+            if isinstance(e, Diverged) or not (self.stop.is_set() and self.runtime.world_size > 1):
+                raise
+            message = "stop signal received; another rank stopped while waiting for data, the newest checkpoint stands"
+            raise Preempted(message, checkpointed=False) from None
 
     def _set_lr(self, step: int) -> None:
         # The schedule's horizon is the run's first train.steps: extending a run leaves its past alone.
-        t, horizon = self.cfg.train, self.state.lr_horizon
-        decay_start = horizon * (1.0 - t.lr_decay_fraction)
-        progress = min(max((step - decay_start) / max(horizon - decay_start, 1.0), 0.0), 1.0)
-        self.steps.set_lr_factor(self.state.lr_scale * (1.0 + (t.lr_final_factor - 1.0) * progress))
+        self.steps.set_lr_factor(self.state.lr_scale * lr_schedule(step, self.state.lr_horizon, self.cfg.train))
 
     def _roll_back(self, error: Diverged) -> None:
         """Restores the newest intact checkpoint with lowered learning rates, or gives up clearly."""
@@ -149,7 +174,7 @@ class MEGTrainer:
 
     def _train_until_done(self) -> dict[str, float]:
         cfg, state = self.cfg, self.state
-        batches = self._batches()
+        batches = real_batches(self.stream, state.position, self.window, self.runtime.device, self.stop)
         last: dict[str, float] = {}
         tick, steps_since = time.perf_counter(), 0
         if state.step >= cfg.train.steps and self.evaluator is not None and not self.evaluator.has_result(state.step):
@@ -157,7 +182,9 @@ class MEGTrainer:
             last.update({f"eval_{k}": v for k, v in self.evaluate(state.step).items()})
         while state.step < cfg.train.steps:
             self._set_lr(state.step)
-            self.window.record(self.steps.iteration(state.step, lambda: next(batches)))
+            data = self._iteration_data(batches)
+            self._iteration(data)
+            state.position.epoch, state.position.batches_done = data[-1][1:]
             state.step += 1
             steps_since += 1
             checkpoint_due = state.step % cfg.checkpoint.every == 0 or state.step == cfg.train.steps

@@ -53,6 +53,14 @@ def make_optimizer(params, cfg: OptimConfig, device: torch.device, capturable: b
     )
 
 
+def lr_schedule(step: int, horizon: int, t) -> float:
+    """The learning rates' factor at ``step``: 1, then linearly down to ``t.lr_final_factor`` over the
+    last ``t.lr_decay_fraction`` of ``horizon`` steps, and that after it (``t``: the train config)."""
+    decay_start = horizon * (1.0 - t.lr_decay_fraction)
+    progress = min(max((step - decay_start) / max(horizon - decay_start, 1.0), 0.0), 1.0)
+    return 1.0 + (t.lr_final_factor - 1.0) * progress
+
+
 class MEGSteps:
     """The energy update (E) and the generator update (G and T on one optimizer) as step functions."""
 

@@ -145,8 +145,8 @@ class DDPRuntime(ProcessGroup):
             if update.scaler.is_enabled():
                 update.scaler.load_state_dict(state[name]["scaler"])
 
-    def shutdown(self) -> None:
+    def shutdown(self, meet: bool = True) -> None:
         # Drop accelerate's references to the wrapped models before the group is destroyed.
         self.updates.clear()
         self.accelerator.free_memory()
-        super().shutdown()
+        super().shutdown(meet)

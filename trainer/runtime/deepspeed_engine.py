@@ -224,9 +224,9 @@ class DeepSpeedRuntime(ProcessGroup):
             if loaded is None:
                 raise FileNotFoundError(f"{folder}/{name}: no DeepSpeed checkpoint (was it saved by the ddp engine?)")
 
-    def shutdown(self) -> None:
+    def shutdown(self, meet: bool = True) -> None:
         self.engines.clear()  # the engines hold the process group
-        super().shutdown()
+        super().shutdown(meet)
 
 
 def _weights_only_checkpoint_engine():

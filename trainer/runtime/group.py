@@ -87,12 +87,14 @@ class ProcessGroup:
         gathered = self.all_gather(digest)
         return bool((gathered == gathered[0:1]).all())
 
-    def shutdown(self) -> None:
+    def shutdown(self, meet: bool = True) -> None:
+        """``meet=False``: the other ranks may be inside a collective this rank will never join (it
+        stopped while they waited for it), so it leaves without meeting them; they fail on its exit."""
         # gloo aborts a process at exit ("terminate called without an active exception") when the
         # group is torn down while something still holds it or another rank is still talking:
         # collect what holds it first, then meet, then destroy.
         gc.collect()
-        if dist.is_available() and dist.is_initialized():
+        if meet and dist.is_available() and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
 
