@@ -38,6 +38,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from functools import partial
 
 import braceexpand
@@ -502,25 +503,28 @@ class ShardStream:
             )
             chunks = _polled_chunks([loader.__iter__], should_stop)
         i, yielded, corrupt, first_error = round_start, 0, 0, ""
-        for chunk in chunks:
-            self._unreported_corrupt += chunk["corrupt_shards"]
-            corrupt += chunk["corrupt_shards"]
-            first_error = first_error or chunk["first_error"]
-            labels, b = torch.from_numpy(chunk["label"]), self.batch_size
-            for j in range(chunk["batches"]):
-                if i >= total:
-                    return
-                if i >= done:
-                    part = slice(j * b, (j + 1) * b)
-                    yield {
-                        "x": chunk["x"][part],
-                        "label": labels[part],
-                        "key": chunk["key"][part],
-                        "corrupt_shards": self._unreported_corrupt,
-                    }
-                    self._unreported_corrupt = 0
-                    yielded += 1
-                i += 1
+        # Closed here, so that the readers stop when the epoch is left (a stop, a return), not
+        # whenever the collector gets to the generator.
+        with closing(chunks):
+            for chunk in chunks:
+                self._unreported_corrupt += chunk["corrupt_shards"]
+                corrupt += chunk["corrupt_shards"]
+                first_error = first_error or chunk["first_error"]
+                labels, b = torch.from_numpy(chunk["label"]), self.batch_size
+                for j in range(chunk["batches"]):
+                    if i >= total:
+                        return
+                    if i >= done:
+                        part = slice(j * b, (j + 1) * b)
+                        yield {
+                            "x": chunk["x"][part],
+                            "label": labels[part],
+                            "key": chunk["key"][part],
+                            "corrupt_shards": self._unreported_corrupt,
+                        }
+                        self._unreported_corrupt = 0
+                        yielded += 1
+                    i += 1
         shards = sum(len(w) for w in self._assignment(epoch, self.rank))
         if (yielded == 0 and done == 0) or corrupt > self.max_corrupt_share * shards:
             expected = expected_samples(self.manifest.layout, DecodeSpec(**self.manifest.decode))
