@@ -1,14 +1,23 @@
-"""Monitoring files in deploy/: Prometheus config and alerts valid, every Grafana query parses."""
+"""Monitoring files in deploy/: the Prometheus config and alerts valid and their unit tests passing,
+every Grafana query parsing, naming only metrics the trainer exports, and following the conventions
+(the run in every legend, per-rank panels by rank, $__rate_interval), the provisioning files."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 
 import pytest
+import torch
 import yaml
+from prometheus_client import generate_latest
 
 from tests.conftest import REPO_ROOT
+from trainer.metrics import LogConfig
+from trainer.prometheus import GPU_MEMORY, PrometheusExporter
+
+DASHBOARD = REPO_ROOT / "deploy/grafana/dashboards/meg-training.json"
 
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(
@@ -18,10 +27,15 @@ needs_promtool = pytest.mark.skipif(
 
 
 def _dashboard_queries() -> list[str]:
-    dash = json.loads((REPO_ROOT / "deploy/grafana/meg-training.json").read_text())
+    dash = json.loads(DASHBOARD.read_text())
     queries = [t["expr"] for p in dash["panels"] for t in p["targets"]]
     assert len(queries) >= 8 and dash["uid"] == "meg-training"
     return queries
+
+
+def as_grafana_runs_it(query: str, rate_interval: str = "1m") -> str:
+    """A panel query with Grafana's variables substituted, as Grafana would send it."""
+    return query.replace("$run", ".*").replace("$__rate_interval", rate_interval)
 
 
 @needs_promtool
@@ -29,6 +43,7 @@ def test_prometheus_config_and_alert_rules_are_valid():
     for args in (
         ["check", "config", "deploy/prometheus/prometheus.yml"],
         ["check", "rules", "deploy/prometheus/alerts.yml"],
+        ["test", "rules", "deploy/prometheus/alerts_test.yml"],  # each alert fires when it should, and only then
     ):
         result = subprocess.run([PROMTOOL or "promtool", *args], cwd=REPO_ROOT, capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
@@ -42,7 +57,7 @@ def test_every_dashboard_query_parses(tmp_path):
             {
                 "name": "dashboard",
                 "rules": [
-                    {"record": f"dashboard:query_{i}", "expr": q.replace("$run", ".*")}
+                    {"record": f"dashboard:query_{i}", "expr": as_grafana_runs_it(q)}
                     for i, q in enumerate(_dashboard_queries())
                 ],
             }
@@ -54,15 +69,60 @@ def test_every_dashboard_query_parses(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_dashboard_only_queries_metrics_the_trainer_exports():
-    from tests.test_metrics import EXPECTED
+def exported_names(tmp_path) -> set[str]:
+    """Every series name a scrape of ranks 0 and 1 can hold (GPU memory only where CUDA is used)."""
+    names = {f"meg_gpu_memory_{name}_bytes" for name in GPU_MEMORY}
+    for rank in (0, 1):
+        cfg = LogConfig(prometheus_port=0)
+        exp = PrometheusExporter(cfg, "r", rank, rank, torch.device("cpu"), 10, 1, {"preset": "p"})
+        exp.log(5, {"energy_loss": 1.0, "samples_per_s": 1.0, "eval_fid": 3.0, "lr_energy": 0.1})
+        for name in ("energy_gap", "penalty", "mi_estimate", "sample_spread", "generator_loss"):
+            exp.log(5, {name: 1.0})
+        for line in generate_latest(exp.registry).decode().splitlines():
+            if line.startswith("# TYPE"):
+                _, _, name, kind = line.split()
+                names.add(name)
+                if kind == "histogram":
+                    names |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+        exp.close()
+    return names
 
-    exported = set(EXPECTED) | {
-        "meg_steps_total",
-        "meg_eval_high_quality_share",
-        "meg_eval_mala_high_quality_share",
-        "meg_corrupt_shards",
-    }
-    for query in _dashboard_queries():
-        names = {tok for tok in query.replace("(", " ").replace("{", " ").split() if tok.startswith("meg_")}
+
+def test_dashboard_and_alerts_only_query_metrics_the_trainer_exports(tmp_path):
+    exported = exported_names(tmp_path) | {"up"}
+    rules = yaml.safe_load((REPO_ROOT / "deploy/prometheus/alerts.yml").read_text())["groups"][0]["rules"]
+    for query in _dashboard_queries() + [r["expr"] for r in rules]:
+        names = set(re.findall(r"\b(meg_[a-z_]+|up)\b(?=\s*[{\[)]|\s*$)", query))
+        assert names, query
         assert names <= exported, (query, names - exported)
+
+
+def test_dashboard_follows_the_conventions():
+    dash = json.loads(DASHBOARD.read_text())
+    stats = {p["title"] for p in dash["panels"] if p["type"] == "stat"}
+    assert {"Step / target", "Samples/s", "Checkpoint age", "Last evaluation"} <= stats
+    for panel in dash["panels"]:
+        for target in panel["targets"]:
+            expr, legend = target["expr"], target["legendFormat"]
+            assert "{{run}}" in legend, (panel["title"], legend)  # several runs stay apart
+            assert 'rank="' not in expr, (panel["title"], expr)  # run-wide series exist once
+            for window in re.findall(r"\[([^\]]+)\]", expr):
+                assert window == "$__rate_interval", (panel["title"], expr)  # not empty at any scrape interval
+            if "per rank" in panel["title"]:
+                assert "{{rank}}" in legend, (panel["title"], legend)
+            else:
+                # Run-wide panels aggregate away the target's labels (instance, node, the
+                # Pushgateway's copy): one line per run.
+                assert re.match(r"^(max|sum|time\(\) - max|histogram_quantile)", expr), (panel["title"], expr)
+    run_variable = next(v for v in dash["templating"]["list"] if v["name"] == "run")
+    assert run_variable["query"] == "label_values(meg_run_info, run)" and run_variable["multi"]
+
+
+def test_grafana_provisioning_loads_the_dashboard_from_prometheus():
+    source = yaml.safe_load((REPO_ROOT / "deploy/grafana/provisioning/datasources/meg-prometheus.yml").read_text())
+    (datasource,) = source["datasources"]
+    assert datasource["type"] == "prometheus" and datasource["url"].endswith(":9090")
+    scrape = yaml.safe_load((REPO_ROOT / "deploy/prometheus/prometheus.yml").read_text())["global"]["scrape_interval"]
+    assert datasource["jsonData"]["timeInterval"] == scrape  # $__rate_interval is derived from it
+    provider = yaml.safe_load((REPO_ROOT / "deploy/grafana/provisioning/dashboards/meg.yml").read_text())
+    assert provider["providers"][0]["type"] == "file" and provider["providers"][0]["options"]["path"]

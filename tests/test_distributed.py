@@ -58,3 +58,13 @@ def _has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+@pytest.mark.slow
+def test_accelerate_mixed_precision_flag_is_refused_not_ignored(tmp_path, tiny):
+    launcher, env = accelerate_launcher(1)
+    launcher = [*launcher[:2], "accelerate.commands.launch", "--mixed_precision", "bf16", "--num_processes", "1"]
+    result = run_trainer(tiny, launcher=launcher, env=env, check=False)
+    assert result.returncode != 0
+    assert "pass train.mixed_precision=bf16 to trainer/main.py" in result.stdout + result.stderr
+    assert not (tmp_path / "run").exists()  # refused before anything was written

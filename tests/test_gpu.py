@@ -176,3 +176,23 @@ def test_an_eager_iteration_never_syncs_with_the_host(precision, extra):
     finally:
         if ON_CUDA:
             torch.cuda.set_sync_debug_mode("default")
+
+
+def test_prometheus_exports_the_devices_memory_per_rank(tmp_path):
+    from prometheus_client import generate_latest
+
+    from trainer.metrics import LogConfig
+    from trainer.prometheus import GPU_MEMORY, PrometheusExporter
+
+    held = torch.ones(1 << 20, device=TEST_DEVICE)  # 4 MiB the allocator must report
+    exp = PrometheusExporter(LogConfig(prometheus_port=0), "gpu", 0, 0, TEST_DEVICE, 10, 1, {})
+    try:
+        body = generate_latest(exp.registry).decode()
+    finally:
+        exp.close()
+    series = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line[:1] != "#"}
+    if not ON_CUDA:  # the dry run: no CUDA allocator to read, and no series claiming one
+        assert not any(k.startswith("meg_gpu_memory") for k in series)
+        return
+    for name in GPU_MEMORY:
+        assert series[f'meg_gpu_memory_{name}_bytes{{rank="0",run="gpu"}}'] >= held.numel() * 4, name

@@ -1,27 +1,193 @@
-"""Observability: the live Prometheus endpoint of a real run, and the progress line."""
+"""Observability: the Prometheus exporter (names, labels, counters across a resume, target files,
+a taken port, promtool's lint), the live endpoint of a real run, and the progress line."""
 
 import io
+import json
+import os
+import shutil
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
 import pytest
+import torch
+from prometheus_client import generate_latest
 
 from tests.conftest import REPO_ROOT, subprocess_env, tiny_overrides
-from trainer.metrics import ProgressSink
+from trainer.config import ConfigError, load_config
+from trainer.metrics import LogConfig, ProgressSink, RankStats
+from trainer.prometheus import PrometheusExporter
 
 EXPECTED = [
     "meg_energy_loss",
     "meg_generator_loss",
     "meg_energy_gap",
-    "meg_penalty",
+    "meg_gradient_penalty",
     "meg_mi_estimate",
     "meg_sample_spread",
-    "meg_samples_per_s",
-    "meg_step_time_s",
+    "meg_samples_total",
+    "meg_step_duration_seconds_bucket",
     "meg_steps_total",
+    "meg_step",
+    "meg_target_steps",
+    "meg_run_info",
+    "meg_data_wait_seconds_total",
+    "meg_process_resident_memory_bytes",
 ]
+WINDOW = {
+    "energy_loss": -0.5,
+    "generator_loss": 1.0,
+    "energy_gap": 0.1,
+    "penalty": 0.3,
+    "mi_estimate": 0.2,
+    "sample_spread": 0.9,
+    "lr_energy": 1e-3,
+    "skipped_steps": 1.0,
+    "samples_per_s": 100.0,
+    "step_time_s": 0.01,
+}
+
+
+def exporter(tmp_path, rank=0, **log) -> PrometheusExporter:
+    cfg = LogConfig(prometheus_port=0, prometheus_targets=str(tmp_path / "targets"), **log)
+    info = {"preset": "toy", "engine": "ddp", "precision": "no", "world_size": "2", "version": "0"}
+    return PrometheusExporter(cfg, "r1", rank, rank, torch.device("cpu"), 1000, 64, info)
+
+
+def samples(exp: PrometheusExporter) -> dict[str, float]:
+    """Series (name{labels}) -> value, from what a scrape returns."""
+    out = {}
+    for line in generate_latest(exp.registry).decode().splitlines():
+        if line and not line.startswith("#"):
+            series, value = line.rsplit(" ", 1)
+            out[series] = float(value)
+    return out
+
+
+def test_counters_count_from_the_resumed_step_so_a_restart_shows_no_spike(tmp_path):
+    exp = exporter(tmp_path)
+    try:
+        exp.resumed_at(600)  # the checkpoint this process resumed from
+        exp.log(625, WINDOW)
+        exp.rank_stats(RankStats(data_wait_s=0.5, corrupt_shards=2, step_durations=[0.01] * 25))
+        got = samples(exp)
+        assert got['meg_steps_total{run="r1"}'] == 25  # not 625: Prometheus sees a reset, not a jump
+        assert got['meg_step{run="r1"}'] == 625 and got['meg_target_steps{run="r1"}'] == 1000
+        assert got['meg_samples_total{run="r1"}'] == 25 * 64
+        assert got['meg_skipped_steps_total{run="r1"}'] == 1
+        assert got['meg_gradient_penalty{run="r1"}'] == 0.3
+        assert got['meg_step_duration_seconds_count{run="r1"}'] == 25
+        assert got['meg_data_wait_seconds_total{rank="0",run="r1"}'] == 0.5
+        assert got['meg_corrupt_shards_total{rank="0",run="r1"}'] == 2
+        exp.rank_stats(RankStats(data_wait_s=0.25, corrupt_shards=3))  # the shard count is cumulative
+        exp.log(700, {"event": "rollback", "nonfinite": True, "to_step": 600})
+        exp.log(600, {"event": "rollback", "nonfinite": False, "to_step": 600})
+        got = samples(exp)
+        assert got['meg_corrupt_shards_total{rank="0",run="r1"}'] == 3
+        assert got['meg_rollbacks_total{run="r1"}'] == 2 and got['meg_nonfinite_events_total{run="r1"}'] == 1
+        assert got['meg_step{run="r1"}'] == 600
+        assert not any(k.startswith("meg_eval") or k.startswith("meg_last_eval") for k in got)  # none yet
+        exp.log(1000, {"eval_high_quality_share": 0.9, "eval_modes": 25.0})
+        got = samples(exp)
+        assert got['meg_eval_result{metric="high_quality_share",run="r1"}'] == 0.9
+        assert got['meg_eval_step{run="r1"}'] == 1000
+    finally:
+        exp.close()
+
+
+def test_run_wide_values_come_from_rank_zero_only_and_per_rank_ones_carry_the_rank(tmp_path):
+    main, other = exporter(tmp_path, rank=0), exporter(tmp_path, rank=1)
+    try:
+        for exp in (main, other):
+            exp.log(25, WINDOW)
+            exp.rank_stats(RankStats(data_wait_s=1.0))
+        on_main, on_other = samples(main), samples(other)
+        run_wide = [k for k in on_main if k.startswith(("meg_energy_loss", "meg_steps_total", "meg_run_info"))]
+        assert len(run_wide) == 3 and all('rank="' not in k for k in run_wide)
+        assert not any(k.startswith(("meg_energy_loss", "meg_steps_total", "meg_step{")) for k in on_other)
+        assert on_other['meg_data_wait_seconds_total{rank="1",run="r1"}'] == 1.0
+        assert 'meg_process_resident_memory_bytes{rank="1",run="r1"}' in on_other
+        assert on_main['meg_process_cpu_seconds_total{rank="0",run="r1"}'] > 0
+        info = next(k for k in on_main if k.startswith("meg_run_info"))
+        for label in ('preset="toy"', 'engine="ddp"', 'precision="no"', 'world_size="2"', 'version="0"'):
+            assert label in info
+    finally:
+        main.close()
+        other.close()
+
+
+@pytest.mark.skipif(
+    shutil.which("promtool") is None and os.environ.get("CI") != "true", reason="promtool not installed"
+)
+def test_a_scrape_passes_promtool_check_metrics(tmp_path):
+    exp = exporter(tmp_path)
+    try:
+        exp.log(25, WINDOW)
+        exp.log(25, {"eval_fid": 12.5})
+        exp.rank_stats(RankStats(data_wait_s=1.0, step_durations=[0.02]))
+        body = urllib.request.urlopen(f"http://127.0.0.1:{exp.port}/metrics", timeout=5).read()
+    finally:
+        exp.close()
+    result = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True)
+    assert result.returncode == 0, (result.stdout + result.stderr).decode()
+    assert b"meg_eval_result" in body and b"meg_step_duration_seconds_bucket" in body
+
+
+def test_target_file_registers_each_rank_and_goes_with_a_clean_exit_but_stays_after_a_crash(tmp_path):
+    first, second = exporter(tmp_path, rank=0), exporter(tmp_path, rank=1)
+    files = sorted((tmp_path / "targets").iterdir())
+    assert [f.name for f in files] == ["r1-rank0.json", "r1-rank1.json"]
+    entry = json.loads(files[1].read_text())
+    assert entry[0]["targets"] == [f"127.0.0.1:{second.port}"]
+    assert entry[0]["labels"] == {"run": "r1", "rank": "1", "node": socket.gethostname(), "job": "meg"}
+    assert oct(files[1].stat().st_mode & 0o777) == "0o644"  # Prometheus may run as another user
+    first.close(clean=True)
+    second.close(clean=False)  # crashed: Prometheus must see the target go down, not vanish
+    assert [f.name for f in (tmp_path / "targets").iterdir()] == ["r1-rank1.json"]
+
+
+def test_a_taken_port_moves_and_the_target_file_says_where(tmp_path):
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    taken = holder.getsockname()[1]
+    cfg = LogConfig(prometheus_port=taken, prometheus_targets=str(tmp_path / "targets"))
+    exp = PrometheusExporter(cfg, "r1", 0, 0, torch.device("cpu"), 10, 1, {})
+    try:
+        assert exp.moved_from == taken and exp.port != taken
+        entry = json.loads((tmp_path / "targets" / "r1-rank0.json").read_text())
+        assert entry[0]["targets"] == [f"127.0.0.1:{exp.port}"]
+        urllib.request.urlopen(exp.url, timeout=5).read()
+    finally:
+        exp.close()
+        holder.close()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("log.pushgateway=ftp://gw:9091", r"is not an http\(s\) address"),
+        ("log.prometheus_port=70000", "log.prometheus_port must be"),
+    ],
+)
+def test_bad_monitoring_settings_are_refused_up_front(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("toy_25gaussians", [override])
+
+
+def test_accelerate_launch_mixed_precision_is_refused_unless_it_matches_the_trainers():
+    from trainer.config import check_launcher_precision
+
+    cfg = load_config("toy_25gaussians", [])
+    check_launcher_precision(cfg, {})  # not launched through accelerate
+    check_launcher_precision(cfg, {"ACCELERATE_MIXED_PRECISION": "no"})
+    with pytest.raises(ConfigError, match="pass train.mixed_precision=bf16 to trainer/main.py"):
+        check_launcher_precision(cfg, {"ACCELERATE_MIXED_PRECISION": "bf16"})
+    check_launcher_precision(
+        load_config("toy_25gaussians", ["train.mixed_precision=bf16"]), {"ACCELERATE_MIXED_PRECISION": "bf16"}
+    )
 
 
 @pytest.mark.slow
@@ -49,12 +215,12 @@ def test_running_job_serves_prometheus_metrics(tmp_path):
         deadline, body = time.time() + 120, ""
         while time.time() < deadline:
             body = urllib.request.urlopen(url, timeout=5).read().decode()
-            if all(name in body for name in EXPECTED):
+            if all(f"\n{name}{{" in body for name in EXPECTED):
                 break
             time.sleep(0.5)
         for name in EXPECTED:
-            assert name in body, f"{name} missing from:\n{body[:2000]}"
-        assert 'meg_energy_loss{rank="0",run="promtest"}' in body
+            assert f"\n{name}{{" in body, f"no {name} series in:\n{body[:2000]}"
+        assert 'meg_energy_loss{run="promtest"}' in body
         steps = float(next(line.split()[-1] for line in body.splitlines() if line.startswith("meg_steps_total{")))
         assert steps >= 5
     finally:

@@ -241,6 +241,19 @@ def _strings(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, str]
             yield f"{prefix}{key}", value
 
 
+def check_launcher_precision(cfg: RunConfig, environ: dict[str, str] | None = None) -> None:
+    """``accelerate launch --mixed_precision X`` (or an accelerate config file's mixed_precision)
+    reaches the trainer as ACCELERATE_MIXED_PRECISION, but the trainer's precision is
+    train.mixed_precision: a launcher setting that differs is refused rather than ignored."""
+    launched = (environ if environ is not None else os.environ).get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if launched not in ("no", cfg.train.mixed_precision):
+        raise ConfigError(
+            f"accelerate launch asks for mixed precision {launched!r} (--mixed_precision or its config file), but "
+            f"this trainer takes its precision from train.mixed_precision (now {cfg.train.mixed_precision!r}): "
+            f"pass train.mixed_precision={launched} to trainer/main.py and leave accelerate's at no."
+        )
+
+
 def check_commands(cfg: RunConfig, allow_pipe: bool = False, trust_inception: bool = False) -> None:
     """Nothing a configuration says runs a program or loads code unless the command line allowed it:
     a URL whose scheme runs a program (pipe:, ...) needs --allow-pipe, a TorchScript eval.fid.inception

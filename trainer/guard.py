@@ -10,7 +10,11 @@ import torch
 
 
 class Diverged(RuntimeError):
-    """A metric went non-finite or past its bound (train.guard)."""
+    """A metric went non-finite or past its bound (train.guard); ``nonfinite`` tells which."""
+
+    def __init__(self, message: str, nonfinite: bool = False):
+        super().__init__(message)
+        self.nonfinite = nonfinite
 
 
 @dataclass
@@ -46,7 +50,8 @@ class DivergenceGuard:
             what = (
                 "non-finite" if not torch.isfinite(table[row, col]) else f"out-of-bound (|x| > {limits[col].item():g})"
             )
-            raise Diverged(f"{what} {names[col]} = {value:.6g} at step {steps[row]}")
+            nonfinite = not math.isfinite(value)
+            raise Diverged(f"{what} {names[col]} = {value:.6g} at step {steps[row]}", nonfinite)
 
     def check_parameters(self, networks: dict[str, torch.nn.Module], step: int) -> None:
         """Raises Diverged when a network holds a non-finite parameter or its norm passes the bound."""
@@ -55,7 +60,7 @@ class DivergenceGuard:
         ).tolist()  # one host sync per checkpoint
         for name, norm in zip(networks, norms):
             if not math.isfinite(norm):
-                raise Diverged(f"non-finite parameters in {name} at step {step}")
+                raise Diverged(f"non-finite parameters in {name} at step {step}", nonfinite=True)
             if self.cfg.max_param_norm > 0 and norm > self.cfg.max_param_norm:
                 raise Diverged(
                     f"out-of-bound parameters in {name} at step {step}: norm {norm:.4g} > {self.cfg.max_param_norm:g} "

@@ -17,11 +17,12 @@ from data_pipeline.convert import convert_toy
 from data_pipeline.shards import DataError, manifest_url
 from data_pipeline.stream import ShardStream, looks_like_shards, open_data
 from models import build_networks
-from trainer.checkpoint import Checkpoints, load_export
+from trainer.checkpoint import Checkpoints, load_export, package_version
 from trainer.config import ConfigError, RunConfig, _build, config_to_yaml, parse_yaml
 from trainer.evaluation import build_evaluator
 from trainer.meg_trainer import MEGTrainer, Preempted
-from trainer.metrics import JsonlSink, MetricsLogger, ProgressSink, PrometheusSink
+from trainer.metrics import JsonlSink, MetricsLogger, ProgressSink
+from trainer.prometheus import PrometheusExporter
 from trainer.run_folder import RunFolderBusy, RunFolderLock
 from trainer.runtime import Runtime, build_runtime
 from trainer.steps import build_steps, resolve_kernels
@@ -59,7 +60,7 @@ def ensure_toy_data(cfg: RunConfig, runtime: Runtime) -> None:
     runtime.barrier()
 
 
-def build_logger(cfg: RunConfig, runtime: Runtime) -> tuple[MetricsLogger, PrometheusSink | None]:
+def build_logger(cfg: RunConfig, runtime: Runtime, preset: str) -> tuple[MetricsLogger, PrometheusExporter | None]:
     sinks = []
     if runtime.is_main:
         sinks.append(JsonlSink(os.path.join(cfg.output_dir, "metrics.jsonl")))
@@ -67,19 +68,36 @@ def build_logger(cfg: RunConfig, runtime: Runtime) -> tuple[MetricsLogger, Prome
             sinks.append(ProgressSink(cfg.train.steps))
     prometheus = None
     if cfg.log.prometheus_port >= 0:
-        port = cfg.log.prometheus_port + runtime.rank if cfg.log.prometheus_port else 0
-        prometheus = PrometheusSink(port, cfg.log.prometheus_addr, cfg.name, runtime.rank)
+        engine = cfg.train.engine + (f"-zero{cfg.deepspeed.zero_stage}" if cfg.train.engine == "deepspeed" else "")
+        info = {
+            "preset": os.path.basename(preset).removesuffix(".yaml") if preset else "",
+            "engine": engine,
+            "precision": cfg.train.mixed_precision,
+            "world_size": str(runtime.world_size),
+            "version": package_version(),
+        }
+        prometheus = PrometheusExporter(
+            cfg.log,
+            cfg.name,
+            runtime.rank,
+            int(os.environ.get("LOCAL_RANK", runtime.rank)),
+            runtime.device,
+            cfg.train.steps,
+            cfg.train.energy_steps * cfg.data.batch_size,
+            info,
+        )
         sinks.append(prometheus)
     return MetricsLogger(sinks), prometheus
 
 
-def run(cfg: RunConfig, stop: threading.Event) -> dict[str, float]:
+def run(cfg: RunConfig, stop: threading.Event, preset: str = "") -> dict[str, float]:
+    """``preset``: the --config it came from, for the metrics' run info."""
     runtime = build_runtime(cfg)
     meet = True
     try:
         # Everything that holds the process group (DDP wrappers, engines) lives in train() and is
         # released when it returns, before the group is destroyed.
-        return train(cfg, runtime, stop)
+        return train(cfg, runtime, stop, preset)
     except Preempted as e:
         meet = e.checkpointed
         raise
@@ -108,7 +126,7 @@ def check_resumable(cfg: RunConfig, checkpoint: str, sample_shape: list[int]) ->
         )
 
 
-def train(cfg: RunConfig, runtime: Runtime, stop: threading.Event) -> dict[str, float]:
+def train(cfg: RunConfig, runtime: Runtime, stop: threading.Event, preset: str) -> dict[str, float]:
     if cfg.data.batch_size % runtime.world_size:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {runtime.world_size} ranks")
     ensure_toy_data(cfg, runtime)
@@ -138,12 +156,14 @@ def train(cfg: RunConfig, runtime: Runtime, stop: threading.Event) -> dict[str, 
             f.write(config_yaml)
     runtime.barrier()
     try:
-        return _train(cfg, runtime, stop, manifest, checkpoints, resume_from)
+        return _train(cfg, runtime, stop, manifest, checkpoints, resume_from, preset)
     finally:
         lock.release()
 
 
-def _train(cfg, runtime, stop, manifest, checkpoints: Checkpoints, resume_from: str | None) -> dict[str, float]:
+def _train(
+    cfg, runtime, stop, manifest, checkpoints: Checkpoints, resume_from: str | None, preset: str
+) -> dict[str, float]:
     runtime.seed(cfg.train.seed, per_rank=False)  # identical initial networks on every rank
     nets = build_networks(cfg.model, tuple(manifest.sample_shape), resolve_kernels(cfg.model.kernels, runtime.device))
     runtime.seed(cfg.train.seed, per_rank=True)  # different noise on each rank
@@ -159,7 +179,7 @@ def _train(cfg, runtime, stop, manifest, checkpoints: Checkpoints, resume_from: 
         worker_type=cfg.data.worker_type,
         max_corrupt_share=cfg.data.max_corrupt_share,
     )
-    logger, prometheus = build_logger(cfg, runtime)
+    logger, prometheus = build_logger(cfg, runtime, preset)
     evaluator = build_evaluator(cfg, manifest.sample_shape, manifest.name)
     trainer = MEGTrainer(cfg, runtime, steps, stream, logger, checkpoints, evaluator, stop)
     resumed = trainer.resume_if_possible(resume_from)
@@ -181,12 +201,19 @@ def _train(cfg, runtime, stop, manifest, checkpoints: Checkpoints, resume_from: 
                 f"(train.steps is now {cfg.train.steps}); past it the rates stay at their final value",
                 flush=True,
             )
-        if prometheus is not None:
-            print(f"prometheus metrics: http://{cfg.log.prometheus_addr}:{prometheus.port}/metrics", flush=True)
+    if prometheus is not None and (runtime.is_main or prometheus.moved_from is not None):
+        moved = f" (port {prometheus.moved_from} was taken)" if prometheus.moved_from is not None else ""
+        target = f"; target file {prometheus.target_file}" if prometheus.target_file else ""
+        print(f"prometheus metrics: {prometheus.url}{moved}{target}", flush=True)
+    clean = False
     try:
         final = trainer.train()
+        clean = True
+    except (Preempted, KeyboardInterrupt):
+        clean = True  # stopped on request (to be requeued): not a crash for the alerts
+        raise
     finally:
-        logger.close()
+        logger.close(clean)
     if runtime.is_main:
         summary = {
             k: v for k, v in final.items() if k.startswith("eval_") or k.endswith("loss") or k == "ranks_in_sync"

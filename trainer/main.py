@@ -69,7 +69,7 @@ def stop_signals() -> Iterator[threading.Event]:
 
 def main(argv: list[str] | None = None) -> int:
     with stop_signals() as stop:  # first: from here on a stop request ends with the requeue code
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_intermixed_args(argv)  # overrides may come before and after flags
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         logging.getLogger("accelerate").setLevel(logging.WARNING)  # it logs every file of every save
         return run_tool(lambda: _main(args, stop), args.debug, extra=_job_errors())
@@ -84,7 +84,7 @@ def _job_errors() -> tuple[type[BaseException], ...]:
 
 
 def _main(args: argparse.Namespace, stop: threading.Event) -> int:
-    from trainer.config import check_commands, config_to_yaml, load_config
+    from trainer.config import check_commands, check_launcher_precision, config_to_yaml, load_config
     from trainer.evaluation import check_requirements
     from trainer.meg_trainer import PREEMPTED_EXIT_CODE, Preempted
 
@@ -93,11 +93,12 @@ def _main(args: argparse.Namespace, stop: threading.Event) -> int:
         print(config_to_yaml(cfg), end="")
         return 0
     check_commands(cfg, allow_pipe=args.allow_pipe, trust_inception=args.trust_inception)
+    check_launcher_precision(cfg)
     check_requirements(cfg)  # every file the evaluation reads, before any work
     from trainer.job import run
 
     try:
-        run(cfg, stop)
+        run(cfg, stop, preset=args.config or "")
     except Preempted as e:
         print(f"preempted: {e}", file=sys.stderr, flush=True)
         return PREEMPTED_EXIT_CODE

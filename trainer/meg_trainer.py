@@ -30,6 +30,7 @@ Evaluator = Callable[[int, nn.Module, nn.Module], dict[str, float]]
 # A job that stopped because it was asked to (e.g. Slurm's warning signal before the time limit)
 # exits with this code after checkpointing, so a wrapper script knows to requeue it.
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL
+NETWORK_NAMES = ("energy", "generator", "statistics")  # the order of MEGSteps.modules()
 
 
 class Preempted(RuntimeError):
@@ -83,6 +84,7 @@ class MEGTrainer:
             self._load(checkpoint)
         if self.state.lr_horizon == 0:  # a new run (or one from before the horizon was kept)
             self.state.lr_horizon = self.cfg.train.steps
+        self.logger.resumed_at(self.state.step)
         return checkpoint_step(checkpoint) if checkpoint is not None else None
 
     def _load(self, path: str) -> None:
@@ -123,8 +125,8 @@ class MEGTrainer:
         self._load(newest)
         self.state.lr_scale = lr_scale
         n, limit = self.guard.rollbacks, self.cfg.train.guard.max_rollbacks
-        event = {"event": "rollback", "reason": str(error), "to_step": self.state.step, "lr_scale": lr_scale}
-        self.logger.log(self.state.step, {**event, "rollback": n})
+        event = {"event": "rollback", "reason": str(error), "nonfinite": error.nonfinite, "lr_scale": lr_scale}
+        self.logger.log(self.state.step, {**event, "to_step": self.state.step, "rollback": n})
         if self.runtime.is_main:
             print(
                 f"\ndivergence: {error}; rolled back to step {self.state.step} with learning rates x{lr_scale:g} "
@@ -147,10 +149,9 @@ class MEGTrainer:
 
     def _save(self) -> None:
         """A checkpoint of the current state, once the guard has seen sane weights (collective)."""
-        self.guard.check_parameters(
-            dict(zip(("energy", "generator", "statistics"), self.steps.modules())), self.state.step
-        )
+        self.guard.check_parameters(dict(zip(NETWORK_NAMES, self.steps.modules())), self.state.step)
         self.checkpoints.save(self.runtime, self.state)
+        self.logger.checkpointed(self.state.step)
 
     def train(self) -> dict[str, float]:
         if self.cfg.train.guard.max_rollbacks > 0 and not self.checkpoints.list():
@@ -182,8 +183,10 @@ class MEGTrainer:
             last.update({f"eval_{k}": v for k, v in self.evaluate(state.step).items()})
         while state.step < cfg.train.steps:
             self._set_lr(state.step)
+            started = time.perf_counter()
             data = self._iteration_data(batches)
             self._iteration(data)
+            self.window.step_durations.append(time.perf_counter() - started)
             state.position.epoch, state.position.batches_done = data[-1][1:]
             state.step += 1
             steps_since += 1
@@ -194,6 +197,7 @@ class MEGTrainer:
                 last, stop_requested = self.window.reduce(state.step, time.perf_counter() - tick, self.stop.is_set())
                 last["lr_energy"] = float(self.steps.energy_update.param_groups[0]["lr"])
                 self.logger.log(state.step, last)
+                self.logger.rank_stats(self.window.rank_stats)
                 tick, steps_since = time.perf_counter(), 0
             if checkpoint_due or stop_requested:
                 self._save()

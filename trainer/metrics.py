@@ -4,7 +4,7 @@
   ranks in one collective (each reduction is a host sync, so it is not done every step), with the
   stop flag, throughput, data wait, fp16 skips and corrupt shards; the divergence guard checks it.
 - JSONL file in the run folder (main process): one object per log interval, eval and event.
-- Prometheus endpoint per rank (prometheus-client, 127.0.0.1 by default) for Grafana.
+- Prometheus endpoint per rank, target files and Pushgateway (trainer/prometheus.py) for Grafana.
 - A live progress line (main process): step, losses, samples/s, ETA.
 """
 
@@ -14,25 +14,53 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
-from typing import Any, Protocol
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from trainer.guard import Diverged, DivergenceGuard
+
+
+def normalise_gateway(url: str) -> str:
+    """``host:port`` or an http(s) URL; anything else is a configuration error (ValueError)."""
+    parsed = urllib.parse.urlparse(url if "://" in url else f"http://{url}")
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ValueError(f"log.pushgateway={url!r} is not an http(s) address; use e.g. http://pushgateway:9091")
+    return parsed.geturl()
 
 
 @dataclass
 class LogConfig:
     every: int = 25  # steps between metric reductions (each one is a device sync)
     progress: bool = True
-    prometheus_port: int = 9400  # rank r serves on port + r; 0 picks free ports; -1 disables
-    prometheus_addr: str = "127.0.0.1"
+    prometheus_port: int = 9400  # local rank r serves on port + r; 0 picks free ports; -1 disables
+    prometheus_addr: str = "127.0.0.1"  # 0.0.0.0 to be scraped from another host (multi-node)
+    # A folder for Prometheus file_sd target files, one per rank (deploy/prometheus/prometheus.yml
+    # reads deploy/prometheus/targets); empty: none written.
+    prometheus_targets: str = ""
+    # A Pushgateway (http://host:9091) that receives the evaluation results and the final step at
+    # each evaluation and at exit, so that they outlive the process; empty: no push.
+    pushgateway: str = ""
 
     def __post_init__(self) -> None:
         if self.every < 1:
             raise ValueError(f"log.every must be >= 1, got {self.every}")
+        if not -1 <= self.prometheus_port <= 65535:
+            port = self.prometheus_port
+            raise ValueError(f"log.prometheus_port must be -1 (off), 0 (a free port) or a port, got {port}")
+        if self.pushgateway:
+            normalise_gateway(self.pushgateway)
+
+
+@dataclass
+class RankStats:
+    """What one log window measured on this process alone (not reduced over ranks)."""
+
+    data_wait_s: float = 0.0  # blocked on the next batch
+    corrupt_shards: int = 0  # skipped since the process started
+    step_durations: list[float] = field(default_factory=list)  # wall time of each iteration
 
 
 class MetricWindow:
@@ -44,6 +72,8 @@ class MetricWindow:
         self.names: list[str] = []
         self.data_wait_s = 0.0  # time blocked on the next batch since the last reduction
         self.corrupt_shards = 0  # on this rank, since the start of the process
+        self.step_durations: list[float] = []  # wall time of each iteration since the last reduction
+        self.rank_stats = RankStats()  # what the last reduction measured on this rank alone
 
     def record(self, metrics: dict[str, torch.Tensor]) -> None:
         if not self.names:
@@ -53,6 +83,7 @@ class MetricWindow:
     def clear(self) -> None:
         self.rows.clear()
         self.data_wait_s = 0.0
+        self.step_durations = []
 
     def reduce(self, step: int, elapsed: float, stop: bool) -> tuple[dict[str, float], bool]:
         """The window's means over steps and ranks (raises Diverged through the guard), and whether
@@ -64,6 +95,7 @@ class MetricWindow:
         table, steps_done = table[:-1], len(self.rows)
         steps = list(range(step - steps_done + 1, step + 1))
         data_wait_s = self.data_wait_s
+        self.rank_stats = RankStats(data_wait_s, self.corrupt_shards, self.step_durations)
         self.clear()
         # A skipped fp16 step (overflow) is the loss scaler doing its job, not divergence: its
         # metrics may be inf and are left out, unless every step of the window was skipped.
@@ -89,55 +121,35 @@ class MetricWindow:
         return out, stop_requested
 
 
-class MetricSink(Protocol):
-    def log(self, step: int, metrics: dict[str, float]) -> None: ...
-    def close(self) -> None: ...
+class MetricSink:
+    """Where metrics go. ``log`` gets the window means, evaluations and events; the other calls are
+    for sinks that need them (Prometheus) and do nothing by default."""
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def resumed_at(self, step: int) -> None:
+        """The run starts at ``step`` (0, or the checkpoint it resumed from)."""
+
+    def rank_stats(self, stats: RankStats) -> None:
+        """This rank's own measurements of the window just reduced."""
+
+    def checkpointed(self, step: int) -> None:
+        """A checkpoint of ``step`` was saved."""
+
+    def close(self, clean: bool = True) -> None:
+        """The process ends; ``clean`` is False after a crash."""
 
 
-class JsonlSink:
+class JsonlSink(MetricSink):
     def __init__(self, path: str):
         self.file = open(path, "a", buffering=1)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         self.file.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
         self.file.close()
-
-
-class PrometheusSink:
-    """Serves ``meg_<metric>`` gauges labelled with the run and rank, plus a step counter."""
-
-    def __init__(self, port: int, addr: str, run: str, rank: int):
-        self.registry = CollectorRegistry()
-        self.labels = {"run": run, "rank": str(rank)}
-        self.gauges: dict[str, Gauge] = {}
-        self.steps = Counter("meg_steps", "Generator steps completed", ["run", "rank"], registry=self.registry)
-        self.steps_child = self.steps.labels(**self.labels)
-        self._last_step = 0
-        try:
-            self.server, _ = start_http_server(port, addr=addr, registry=self.registry)
-        except OSError:
-            # Another run holds the port: serve on a free one rather than fail the job.
-            self.server, _ = start_http_server(0, addr=addr, registry=self.registry)
-        self.port = self.server.server_port
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        for name, value in metrics.items():
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                continue
-            gauge = self.gauges.get(name)
-            if gauge is None:
-                gauge = Gauge(f"meg_{name}", f"MEG metric {name}", ["run", "rank"], registry=self.registry)
-                self.gauges[name] = gauge
-            gauge.labels(**self.labels).set(value)
-        if step > self._last_step:
-            self.steps_child.inc(step - self._last_step)
-            self._last_step = step
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -147,7 +159,7 @@ def _fmt_duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-class ProgressSink:
+class ProgressSink(MetricSink):
     """One line per log interval; rewritten in place when the output is a terminal."""
 
     SHOWN = ("energy_loss", "generator_loss", "energy_gap", "penalty", "mi_estimate", "sample_spread")
@@ -167,13 +179,13 @@ class ProgressSink:
         self.stream.write(("\r\033[K" + line) if self.tty else line + "\n")
         self.stream.flush()
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
         if self.tty:
             self.stream.write("\n")
 
 
-class MetricsLogger:
-    """Fans one call out to every sink."""
+class MetricsLogger(MetricSink):
+    """Fans each call out to every sink."""
 
     def __init__(self, sinks: list[MetricSink]):
         self.sinks = sinks
@@ -182,6 +194,18 @@ class MetricsLogger:
         for sink in self.sinks:
             sink.log(step, metrics)
 
-    def close(self) -> None:
+    def resumed_at(self, step: int) -> None:
         for sink in self.sinks:
-            sink.close()
+            sink.resumed_at(step)
+
+    def rank_stats(self, stats: RankStats) -> None:
+        for sink in self.sinks:
+            sink.rank_stats(stats)
+
+    def checkpointed(self, step: int) -> None:
+        for sink in self.sinks:
+            sink.checkpointed(step)
+
+    def close(self, clean: bool = True) -> None:
+        for sink in self.sinks:
+            sink.close(clean)

@@ -4,7 +4,8 @@
 # between nodes (machine rank, CPU count) is read HERE, on the node, not in the batch script.
 #
 # Inputs (exported by meg.sbatch): MEG_MAIN_ADDR, MEG_MAIN_PORT, MEG_NUM_MACHINES, and optionally
-# MEG_PROCS_PER_NODE (default: the node's GPUs, else 1). Arguments: trainer/main.py's arguments.
+# MEG_PROCS_PER_NODE (default: the node's GPUs, else 1), MEG_PROMETHEUS_TARGETS and
+# MEG_PROMETHEUS_ADDR (monitoring, unless the arguments set them). Arguments: trainer/main.py's.
 # Exit code: the launcher's, except 75 (PREEMPTED_EXIT_CODE) when the warning signal (USR1)
 # arrived and training stopped early: accelerate launch reports any failing worker as 1, so the
 # trainer's own 75 does not survive it.
@@ -30,6 +31,16 @@ tasks_here=${tasks_here%%[(,]*}
 cpus=${SLURM_CPUS_PER_TASK:-$(( ${SLURM_CPUS_ON_NODE:-$(nproc)} / (tasks_here > 0 ? tasks_here : 1) ))}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cpus / procs > 0 ? cpus / procs : 1 ))}
 
+# Monitoring: each rank's endpoint on an address Prometheus can reach, registered in the shared
+# target folder (file_sd). The user's own log.prometheus_* arguments win.
+monitoring=()
+if [[ -n ${MEG_PROMETHEUS_TARGETS:-} && " $* " != *" log.prometheus_targets="* ]]; then
+    monitoring+=("log.prometheus_targets=$MEG_PROMETHEUS_TARGETS")
+fi
+if [[ -n ${MEG_PROMETHEUS_ADDR:-} && " $* " != *" log.prometheus_addr="* ]]; then
+    monitoring+=("log.prometheus_addr=$MEG_PROMETHEUS_ADDR")
+fi
+
 preempted=0
 trap 'preempted=1' USR1
 # The launcher (torch's elastic agent) would die of USR1's default action and take the workers
@@ -41,7 +52,7 @@ trap 'preempted=1' USR1
         --multi_gpu --num_machines "$num_machines" --machine_rank "$machine_rank" \
         --num_processes $(( num_machines * procs )) \
         --main_process_ip "$MEG_MAIN_ADDR" --main_process_port "$MEG_MAIN_PORT" \
-        trainer/main.py "$@"
+        trainer/main.py "$@" "${monitoring[@]}"
 ) &
 pid=$!
 echo "node $(hostname -s) machine_rank=$machine_rank/$num_machines: $procs process(es), OMP_NUM_THREADS=$OMP_NUM_THREADS, main $MEG_MAIN_ADDR:$MEG_MAIN_PORT" >&2
