@@ -38,7 +38,6 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import closing
 from functools import partial
 
 import braceexpand
@@ -339,47 +338,79 @@ class StopRequested(Exception):
     """The trainer was asked to stop while it waited for data."""
 
 
-def _polled_chunks(
-    sources: list[Callable[[], Iterator[dict]]], should_stop: Callable[[], bool], prefetch: int = 2
-) -> Iterator[dict]:
-    """The chunks of ``sources`` (each run on its own reader thread) in the order a DataLoader gives
-    its workers' chunks: round-robin, skipping exhausted ones. A source's error is raised here; so is
-    StopRequested when ``should_stop()`` turns true while a chunk is awaited (slow storage, a hanging
-    command): the trainer's thread only ever waits on a queue, so a stop signal is always heard."""
-    queues = [queue.Queue(maxsize=prefetch) for _ in sources]
-    stop = threading.Event()
+def _read_into(source: Callable[[], Iterator[dict]], out: queue.Queue, stop: threading.Event, finished) -> None:
+    """A reader thread: ``source``'s chunks into ``out`` until it ends (then _DONE) or fails (then its
+    error); gives up when ``stop`` is set. A module function, so that no thread holds the readers."""
 
-    def put(worker: int, item: object) -> bool:
+    def put(item: object) -> bool:
         while not stop.is_set():
             try:
-                queues[worker].put(item, timeout=0.1)
+                out.put(item, timeout=0.1)
                 return True
             except queue.Full:
                 continue
         return False
 
-    def run(worker: int) -> None:
-        try:
-            for chunk in sources[worker]():
-                if not put(worker, chunk):
-                    return
-        except BaseException as e:  # noqa: BLE001 (handed to the consumer, which raises it)
-            put(worker, e)
-            return
-        put(worker, _DONE)
-
-    threads = [
-        threading.Thread(target=run, args=(w,), name=f"shard-reader-{w}", daemon=True) for w in range(len(sources))
-    ]
-    for t in threads:
-        t.start()
+    chunks = source()
     try:
-        active = list(range(len(sources)))
+        for chunk in chunks:
+            if not put(chunk):
+                return
+    except BaseException as e:  # noqa: BLE001 (handed to the consumer, which raises it)
+        finished.set()
+        put(e)
+        return
+    finally:
+        chunks.close()  # now, on this thread: see _loader_chunks
+    finished.set()
+    put(_DONE)
+
+
+def _loader_chunks(loader: DataLoader) -> Iterator[dict]:
+    """A DataLoader's chunks; its worker processes are shut down when this ends (exhausted, failed
+    or stopped). Left to the garbage collector (an error's traceback keeps the iterator in a
+    cycle), the shutdown, up to 5 s of joins, ran on whichever thread collected it: another
+    epoch's reader, which then missed its own stop deadline."""
+    iterator = iter(loader)
+    try:
+        yield from iterator
+    finally:
+        iterator._shutdown_workers()  # what its __del__ does; torch offers no public close
+
+
+class _ChunkReaders:
+    """The chunks of ``sources``, each read on its own thread from the moment this is made, in the
+    order a DataLoader gives its workers' chunks: round-robin, skipping exhausted ones.
+    ``finished`` turns true once every source has handed over its last chunk: the next epoch may
+    start reading then, while the consumer still works through the chunks it was handed."""
+
+    def __init__(self, sources: list[Callable[[], Iterator[dict]]], prefetch: int = 2):
+        self.queues = [queue.Queue(maxsize=prefetch) for _ in sources]
+        self.stop = threading.Event()
+        self.finished_sources = [threading.Event() for _ in sources]
+        self.threads = [
+            threading.Thread(
+                target=_read_into, args=(source, q, self.stop, done), name=f"shard-reader-{w}", daemon=True
+            )
+            for w, (source, q, done) in enumerate(zip(sources, self.queues, self.finished_sources))
+        ]
+        for t in self.threads:
+            t.start()
+
+    @property
+    def finished(self) -> bool:
+        return all(done.is_set() for done in self.finished_sources)
+
+    def chunks(self, should_stop: Callable[[], bool]) -> Iterator[dict]:
+        """The chunks in order. A source's error is raised here; so is StopRequested when
+        ``should_stop()`` turns true while a chunk is awaited (slow storage, a hanging command): the
+        trainer's thread only ever waits on a queue, so a stop signal is always heard."""
+        active = list(range(len(self.queues)))
         while active:
             for worker in list(active):
                 while True:
                     try:
-                        item = queues[worker].get(timeout=0.2)
+                        item = self.queues[worker].get(timeout=0.2)
                         break
                     except queue.Empty:
                         if should_stop():
@@ -392,14 +423,18 @@ def _polled_chunks(
                     raise item
                 else:
                     yield item
-    finally:
-        stop.set()
+
+    def close(self) -> None:
+        self.stop.set()
         # A reader blocked in a read (a hanging command, a stalled store) must not hold up a stop:
         # the threads are daemons, so one still blocked at exit is simply dropped.
         deadline = time.monotonic() + READER_JOIN_SECONDS
-        for t in threads:
-            if t is not threading.current_thread():  # the generator may be collected on a reader thread
+        for t in self.threads:
+            if t is not threading.current_thread():  # the readers may be collected on a reader thread
                 t.join(max(deadline - time.monotonic(), 0))
+
+    def __del__(self) -> None:
+        self.stop.set()  # readers nobody closed (a stream dropped with an epoch opened ahead) end too
 
 
 class ShardStream:
@@ -417,6 +452,7 @@ class ShardStream:
         chunk_batches: int | None = None,
         worker_type: str = "auto",
         max_corrupt_share: float = 1.0,
+        read_ahead: bool = False,
     ):
         if len(manifest.shards) < world_size * max(num_workers, 1):
             raise ValueError(
@@ -438,6 +474,11 @@ class ShardStream:
         sample_bytes = int(np.prod(manifest.sample_shape, dtype=np.int64)) * np.dtype(manifest.dtype).itemsize
         self.chunk_batches = chunk_batches or max(1, min(MAX_CHUNK_BATCHES, CHUNK_BYTES // (batch_size * sample_bytes)))
         self._unreported_corrupt = 0  # counted in a chunk without batches; goes with the next batch
+        # read_ahead: the next epoch's readers start once this one's have handed over their last
+        # chunk (no stall at each epoch start). They hold this stream, so whoever asks for it
+        # calls close() when done. (epoch, readers) until that epoch is read.
+        self.read_ahead = read_ahead
+        self._opened: tuple[int, _ChunkReaders | None] | None = None
         self.urls = manifest.shard_urls()
         self.counts = [s.num_samples for s in manifest.shards]
         if self.batches_per_epoch(0) == 0:
@@ -486,27 +527,21 @@ class ShardStream:
                 break
             resume_round, round_start = r + 1, round_start + in_round
         skips = [min(resume_round * per_chunk, c) for c in counts]
-        dataset = _EpochDataset(self, epoch, skips)
-        if self.num_workers == 0:
-            chunks = dataset.worker_chunks(0)  # read in the trainer's thread, between its steps
-        elif self.worker_type == "thread":
-            chunks = _polled_chunks([partial(dataset.worker_chunks, w) for w in range(self.num_workers)], should_stop)
-        else:
-            # Its own generator: creating an iterator otherwise draws from the global torch RNG,
-            # which would shift the trainer's noise whenever an epoch starts or a run resumes.
-            loader = DataLoader(
-                dataset,
-                batch_size=None,
-                num_workers=self.num_workers,
-                collate_fn=_no_collate,
-                generator=torch.Generator().manual_seed(self.seed + epoch),
-            )
-            chunks = _polled_chunks([loader.__iter__], should_stop)
+        readers = self._take_opened(epoch) if resume_round == 0 else None
+        if readers is None:
+            self.close()  # readers opened ahead for another epoch or position
+            readers = self._open_readers(epoch, skips)
+        # Read in the trainer's thread between its steps without workers.
+        chunks = readers.chunks(should_stop) if readers else _EpochDataset(self, epoch, skips).worker_chunks(0)
         i, yielded, corrupt, first_error = round_start, 0, 0, ""
-        # Closed here, so that the readers stop when the epoch is left (a stop, a return), not
-        # whenever the collector gets to the generator.
-        with closing(chunks):
+        try:
             for chunk in chunks:
+                # This epoch's readers are done (or its last round of chunks is here) while the chunks
+                # they handed over are still to be used: the next epoch's start reading now, not after.
+                # (Not for an epoch that gave nothing yet: it is about to fail.)
+                near_end = readers and yielded and (readers.finished or total - i <= per_chunk * len(counts))
+                if near_end and self._opened is None and self.read_ahead:
+                    self._opened = (epoch + 1, self._open_readers(epoch + 1, [0] * len(counts)))
                 self._unreported_corrupt += chunk["corrupt_shards"]
                 corrupt += chunk["corrupt_shards"]
                 first_error = first_error or chunk["first_error"]
@@ -525,6 +560,11 @@ class ShardStream:
                         self._unreported_corrupt = 0
                         yielded += 1
                     i += 1
+        finally:
+            # Closed here, so that the readers stop when the epoch is left (a stop, a return), not
+            # whenever the collector gets to the generator.
+            if readers:
+                readers.close()
         shards = sum(len(w) for w in self._assignment(epoch, self.rank))
         if (yielded == 0 and done == 0) or corrupt > self.max_corrupt_share * shards:
             expected = expected_samples(self.manifest.layout, DecodeSpec(**self.manifest.decode))
@@ -533,6 +573,39 @@ class ShardStream:
                 f"{shards} shard(s) were unreadable (data.max_corrupt_share={self.max_corrupt_share:g}). The first: "
                 f"{first_error or '(none: too few samples for a batch)'}. The reader expects {expected}."
             )
+
+    def _open_readers(self, epoch: int, skips: list[int]) -> _ChunkReaders | None:
+        """Reader threads (or a DataLoader's processes) already reading ``epoch``; None without workers."""
+        dataset = _EpochDataset(self, epoch, skips)
+        if self.num_workers == 0:
+            return None
+        if self.worker_type == "thread":
+            return _ChunkReaders([partial(dataset.worker_chunks, w) for w in range(self.num_workers)])
+        # Its own generator: creating an iterator otherwise draws from the global torch RNG, which
+        # would shift the trainer's noise whenever an epoch starts or a run resumes.
+        loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            collate_fn=_no_collate,
+            generator=torch.Generator().manual_seed(self.seed + epoch),
+        )
+        return _ChunkReaders([partial(_loader_chunks, loader)])
+
+    def _take_opened(self, epoch: int) -> _ChunkReaders | None:
+        """The readers opened ahead for the start of ``epoch``, if those are what was opened."""
+        if self._opened is None or self._opened[0] != epoch:
+            return None
+        readers, self._opened = self._opened[1], None
+        return readers
+
+    def close(self) -> None:
+        """Stops the readers of an epoch opened ahead (the run ends, or reads elsewhere)."""
+        if self._opened is not None:
+            _, readers = self._opened
+            self._opened = None
+            if readers:
+                readers.close()
 
 
 class _EpochDataset(IterableDataset):

@@ -178,6 +178,7 @@ def _train(
         cfg.train.seed,
         worker_type=cfg.data.worker_type,
         max_corrupt_share=cfg.data.max_corrupt_share,
+        read_ahead=True,
     )
     logger, prometheus = build_logger(cfg, runtime, preset)
     evaluator = build_evaluator(cfg, manifest.sample_shape, manifest.name)
@@ -213,6 +214,7 @@ def _train(
         clean = True  # stopped on request (to be requeued): not a crash for the alerts
         raise
     finally:
+        stream.close()  # the next epoch's readers, when they were opened ahead
         logger.close(clean)
     if runtime.is_main:
         summary = {
