@@ -340,7 +340,7 @@ class StopRequested(Exception):
 
 def _read_into(source: Callable[[], Iterator[dict]], out: queue.Queue, stop: threading.Event, finished) -> None:
     """A reader thread: ``source``'s chunks into ``out`` until it ends (then _DONE) or fails (then its
-    error); gives up when ``stop`` is set. A module function, so that no thread holds the readers."""
+    error); gives up when ``stop`` is set."""
 
     def put(item: object) -> bool:
         while not stop.is_set():
@@ -432,9 +432,6 @@ class _ChunkReaders:
         for t in self.threads:
             if t is not threading.current_thread():  # the readers may be collected on a reader thread
                 t.join(max(deadline - time.monotonic(), 0))
-
-    def __del__(self) -> None:
-        self.stop.set()  # readers nobody closed (a stream dropped with an epoch opened ahead) end too
 
 
 class ShardStream:

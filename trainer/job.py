@@ -35,6 +35,11 @@ def data_location(url: str) -> str:
     return url if looks_like_shards(url) else manifest_url(url)
 
 
+def engine_name(cfg: RunConfig) -> str:
+    """The engine as the start-up line and the metrics' run info name it: ddp, deepspeed ZeRO-2."""
+    return cfg.train.engine + (f" ZeRO-{cfg.deepspeed.zero_stage}" if cfg.train.engine == "deepspeed" else "")
+
+
 def ensure_toy_data(cfg: RunConfig, runtime: Runtime) -> None:
     """Toy presets write their shards on first use, so the default job needs no download: only into
     a folder that does not exist yet or is empty. Anything else (a manifest that is there but wrong,
@@ -68,10 +73,9 @@ def build_logger(cfg: RunConfig, runtime: Runtime, preset: str) -> tuple[Metrics
             sinks.append(ProgressSink(cfg.train.steps))
     prometheus = None
     if cfg.log.prometheus_port >= 0:
-        engine = cfg.train.engine + (f"-zero{cfg.deepspeed.zero_stage}" if cfg.train.engine == "deepspeed" else "")
         info = {
             "preset": os.path.basename(preset).removesuffix(".yaml") if preset else "",
-            "engine": engine,
+            "engine": engine_name(cfg),
             "precision": cfg.train.mixed_precision,
             "world_size": str(runtime.world_size),
             "version": package_version(),
@@ -186,7 +190,7 @@ def _train(
     resumed = trainer.resume_if_possible(resume_from)
     if runtime.is_main:
         where = f"resumed from step {resumed}" if resumed is not None else "from scratch"
-        engine = cfg.train.engine + (f" ZeRO-{cfg.deepspeed.zero_stage}" if cfg.train.engine == "deepspeed" else "")
+        engine = engine_name(cfg)
         print(
             f"run {cfg.name}: {runtime.world_size} process(es) on {runtime.device} ({engine}, "
             f"precision {cfg.train.mixed_precision}, kernels {steps.kernel_status}, "

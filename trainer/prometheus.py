@@ -21,7 +21,6 @@ import resource
 import socket
 import sys
 import tempfile
-import threading
 import time
 
 import torch
@@ -123,7 +122,6 @@ class PrometheusExporter(MetricSink):
         self.gateway = normalise_gateway(cfg.pushgateway) if cfg.pushgateway else ""
         self._push_error = ""
         self._last_step = 0
-        self._lock = threading.Lock()
         self.registry.register(ProcessCollector(run, rank, device))
         per_rank = ["run", "rank"]
         self.data_wait = Counter(
@@ -236,32 +234,31 @@ class PrometheusExporter(MetricSink):
     def log(self, step: int, metrics: dict) -> None:
         if not self.main:
             return
-        with self._lock:
-            if metrics.get("event") == "rollback":
-                self.rollbacks.inc()
-                if metrics.get("nonfinite"):
-                    self.nonfinite.inc()
-                self._last_step = step  # the counter does not go back with the rollback
-                self.step.set(step)
-                return
-            evals = {k.removeprefix("eval_"): v for k, v in metrics.items() if k.startswith("eval_")}
-            if evals:
-                for name, value in evals.items():
-                    if isinstance(value, (int, float)) and not isinstance(value, bool):
-                        self.eval_result.labels(self.run, name).set(value)
-                self.eval_step.labels(self.run).set(step)
-                self.last_eval_time.labels(self.run).set(time.time())
-            for key, gauge in self.window.items():
-                if key in metrics:
-                    gauge.labels(self.run).set(metrics[key])
-            if "samples_per_s" in metrics:  # a log window
-                self.skipped.inc(metrics.get("skipped_steps", 0))
-                self.last_step_time.set(time.time())
-            if step > self._last_step:
-                self.steps.inc(step - self._last_step)
-                self.samples.inc((step - self._last_step) * self.samples_per_step)
-                self._last_step = step
+        if metrics.get("event") == "rollback":
+            self.rollbacks.inc()
+            if metrics.get("nonfinite"):
+                self.nonfinite.inc()
+            self._last_step = step  # the steps redone after the rollback count again
             self.step.set(step)
+            return
+        evals = {k.removeprefix("eval_"): v for k, v in metrics.items() if k.startswith("eval_")}
+        if evals:
+            for name, value in evals.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.eval_result.labels(self.run, name).set(value)
+            self.eval_step.labels(self.run).set(step)
+            self.last_eval_time.labels(self.run).set(time.time())
+        for key, gauge in self.window.items():
+            if key in metrics:
+                gauge.labels(self.run).set(metrics[key])
+        if "samples_per_s" in metrics:  # a log window
+            self.skipped.inc(metrics.get("skipped_steps", 0))
+            self.last_step_time.set(time.time())
+        if step > self._last_step:
+            self.steps.inc(step - self._last_step)
+            self.samples.inc((step - self._last_step) * self.samples_per_step)
+            self._last_step = step
+        self.step.set(step)
         if evals:
             self.push()
 
