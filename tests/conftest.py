@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -32,12 +33,35 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
+@pytest.fixture
+def compiled_triton_arguments(monkeypatch):
+    """Triton's interpreter types a Python float kernel argument as it passes it: a double. Compiled
+    Triton types it fp32, so an fp64 kernel would compute with a rounded value there. Under the
+    interpreter, round float arguments to fp32 the way compiled Triton does (a no-op on CUDA)."""
+    if TEST_DEVICE.type == "cuda" or importlib.util.find_spec("triton") is None:
+        yield  # compiled for real, or no Triton (its tests skip)
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    plain = interpreter._implicit_cvt
+
+    def as_compiled(arg):
+        if isinstance(arg, float):
+            return tl.tensor(interpreter.TensorHandle(np.array([arg], dtype=np.float32), tl.float32), tl.float32)
+        return plain(arg)
+
+    monkeypatch.setattr(interpreter, "_implicit_cvt", as_compiled)
+    yield
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available() or GPU_DRY_RUN:
         return
-    skip = pytest.mark.skip(reason="needs a CUDA device (bench/gpu_check.sh --dry-run runs it on the CPU)")
+    skip = pytest.mark.skip(reason="needs a CUDA device; bench/gpu_check.sh --dry-run (tests/test_gpu_check.py) runs it on the CPU")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu"):
             item.add_marker(skip)
 
 

@@ -25,7 +25,9 @@ from models.ops import EAGER, FUSED, TORCH_KERNELS, bias_leaky_relu, conv2d_grad
 from models.ops.penalty import THIRD_DERIVATIVE_ERROR
 from tests.conftest import TEST_DEVICE
 
-pytestmark = pytest.mark.usefixtures("no_tf32")
+# Every Triton launch types its arguments as compiled Triton does (conftest): an fp64 kernel that took
+# a Python float would fail its comparisons here, as it would on a GPU.
+pytestmark = pytest.mark.usefixtures("no_tf32", "compiled_triton_arguments")
 
 
 def _triton_kernels():
@@ -91,6 +93,37 @@ def test_triton_squared_norm_mean_and_its_gradient_match_reference(dtype, scale)
     expected_grad = TORCH_KERNELS.squared_norm_mean_grad(g, up, s)
     assert got_grad.dtype == dtype
     torch.testing.assert_close(got_grad, expected_grad, rtol=rtol if dtype != torch.float16 else 1e-3, atol=1e-7)
+
+
+def test_compiled_argument_typing_is_in_force():
+    # A float argument reaches a kernel as fp32, as compiled Triton passes it: the kernel below adds
+    # it to an fp64 zero, so the stored value is 0.1 rounded to fp32 (not the double 0.1).
+    _triton_kernels()
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def add_float(out_ptr, value):
+        tl.store(out_ptr, tl.load(out_ptr) + value)
+
+    out = torch.zeros(1, dtype=torch.float64, device=TEST_DEVICE)
+    add_float[(1,)](out, 0.1)
+    assert out.item() == float(torch.tensor(0.1, dtype=torch.float32)) != 0.1
+
+
+def test_squared_norm_reduction_with_several_blocks_per_program(monkeypatch):
+    # Above BLOCK * MAX_PARTIALS elements each program sums several blocks (CHUNKS > 1); a small
+    # MAX_PARTIALS takes that path at a size the interpreter runs quickly.
+    triton = _triton_kernels()
+    from models.ops import triton_kernels
+
+    assert triton_kernels.reduction_layout(150_528) == (147, 1, 256)  # a StackedMNIST penalty gradient, batch 64
+    monkeypatch.setattr(triton_kernels, "MAX_PARTIALS", 4)
+    g = torch.randn(5, 3, 40, 40, dtype=torch.float64, device=TEST_DEVICE)  # 24,000 elements: 24 blocks
+    programs, chunks, partials = triton_kernels.reduction_layout(g.numel())
+    assert (programs, chunks, partials) == (4, 6, 4)
+    expected = TORCH_KERNELS.squared_norm_mean(g, 2.0)
+    torch.testing.assert_close(triton.squared_norm_mean(g, 2.0), expected, rtol=1e-12, atol=0)
 
 
 # -- autograd wiring: gradcheck and gradgradcheck in fp64 -----------------------------------
