@@ -134,14 +134,14 @@ def row_config(network: str, row: Row, precision: str):
     return load_config(preset, [*overrides, *extra]), shape
 
 
-def row_ops(row: Row, device: torch.device) -> FusedOps:
-    return resolve_kernels("auto", device) if row.ops is None else row.ops
+def row_ops(row: Row, cfg, runtime: DDPRuntime) -> FusedOps:
+    return resolve_kernels(cfg, runtime) if row.ops is None else row.ops
 
 
 def build_row(network: str, row: Row, runtime: DDPRuntime, precision: str):
     cfg, shape = row_config(network, row, precision)
     torch.manual_seed(0)
-    ops = row_ops(row, runtime.device)
+    ops = row_ops(row, cfg, runtime)
     steps = build_steps(cfg, runtime, build_networks(cfg.model, shape, ops), ops=ops)
     if not row.inputs_and_fused_adam:
         unfused(steps)
@@ -209,7 +209,7 @@ def gradient_error(network: str, row: Row, runtime: DDPRuntime, precision: str) 
     and the row's loss on that batch."""
     cfg, shape = row_config(network, row, precision)
     torch.manual_seed(0)
-    ops = row_ops(row, runtime.device)
+    ops = row_ops(row, cfg, runtime)
     energy = build_networks(cfg.model, shape, ops).energy.to(runtime.device)
     reference = build_networks(cfg.model, shape, EAGER).energy
     reference.load_state_dict(energy.state_dict())

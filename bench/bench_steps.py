@@ -59,7 +59,7 @@ def main() -> None:
     for name in args.only or list(CASES):
         preset, shape, overrides = CASES[name]
         cfg = load_config(preset, overrides)
-        nets = build_networks(cfg.model, shape, resolve_kernels(cfg.model.kernels, runtime.device))
+        nets = build_networks(cfg.model, shape, resolve_kernels(cfg, runtime))
         steps = build_steps(cfg, runtime, nets)
         batch = cfg.data.batch_size
         x = torch.randn(batch, *shape, device=runtime.device)

@@ -378,6 +378,14 @@ def _loader_chunks(loader: DataLoader) -> Iterator[dict]:
         iterator._shutdown_workers()  # what its __del__ does; torch offers no public close
 
 
+def _pin_each(chunks: Iterator[dict], pin: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[dict]:
+    try:
+        for chunk in chunks:
+            yield {**chunk, "x": pin(chunk["x"])} if chunk["batches"] else chunk
+    finally:
+        chunks.close()
+
+
 class _ChunkReaders:
     """The chunks of ``sources``, each read on its own thread from the moment this is made, in the
     order a DataLoader gives its workers' chunks: round-robin, skipping exhausted ones.
@@ -450,6 +458,7 @@ class ShardStream:
         worker_type: str = "auto",
         max_corrupt_share: float = 1.0,
         read_ahead: bool = False,
+        pin: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         if len(manifest.shards) < world_size * max(num_workers, 1):
             raise ValueError(
@@ -475,6 +484,10 @@ class ShardStream:
         # chunk (no stall at each epoch start). They hold this stream, so whoever asks for it
         # calls close() when done. (epoch, readers) until that epoch is read.
         self.read_ahead = read_ahead
+        # pin: e.g. Tensor.pin_memory for a CUDA trainer. Each chunk's samples are copied into
+        # page-locked memory on the thread that reads them, so the trainer's copies to the device
+        # run asynchronously (from pageable memory a non_blocking copy is a synchronous one).
+        self.pin = pin
         self._opened: tuple[int, _ChunkReaders | None] | None = None
         self.urls = manifest.shard_urls()
         self.counts = [s.num_samples for s in manifest.shards]
@@ -529,7 +542,9 @@ class ShardStream:
             self.close()  # readers opened ahead for another epoch or position
             readers = self._open_readers(epoch, skips)
         # Read in the trainer's thread between its steps without workers.
-        chunks = readers.chunks(should_stop) if readers else _EpochDataset(self, epoch, skips).worker_chunks(0)
+        chunks = (
+            readers.chunks(should_stop) if readers else self._pinned(_EpochDataset(self, epoch, skips).worker_chunks(0))
+        )
         i, yielded, corrupt, first_error = round_start, 0, 0, ""
         try:
             for chunk in chunks:
@@ -577,7 +592,9 @@ class ShardStream:
         if self.num_workers == 0:
             return None
         if self.worker_type == "thread":
-            return _ChunkReaders([partial(dataset.worker_chunks, w) for w in range(self.num_workers)])
+            return _ChunkReaders(
+                [partial(self._pinned_chunks, dataset.worker_chunks, w) for w in range(self.num_workers)]
+            )
         # Its own generator: creating an iterator otherwise draws from the global torch RNG, which
         # would shift the trainer's noise whenever an epoch starts or a run resumes.
         loader = DataLoader(
@@ -587,7 +604,16 @@ class ShardStream:
             collate_fn=_no_collate,
             generator=torch.Generator().manual_seed(self.seed + epoch),
         )
-        return _ChunkReaders([partial(_loader_chunks, loader)])
+        return _ChunkReaders([partial(self._pinned_chunks, _loader_chunks, loader)])
+
+    def _pinned_chunks(self, source: Callable[..., Iterator[dict]], *args) -> Iterator[dict]:
+        return self._pinned(source(*args))
+
+    def _pinned(self, chunks: Iterator[dict]) -> Iterator[dict]:
+        """``chunks`` with their samples pinned (``self.pin``), closed with it (see _loader_chunks)."""
+        if self.pin is None:
+            return chunks
+        return _pin_each(chunks, self.pin)
 
     def _take_opened(self, epoch: int) -> _ChunkReaders | None:
         """The readers opened ahead for the start of ``epoch``, if those are what was opened."""

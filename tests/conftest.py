@@ -24,6 +24,13 @@ GPU_DRY_RUN = os.environ.get("MEG_GPU_DRY_RUN") == "1"
 TEST_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@pytest.fixture(params=[TEST_DEVICE.type])
+def device(request) -> torch.device:
+    """The device a test runs on, in its id: CUDA where there is one, else the CPU (bench/gpu_check.sh
+    --dry-run runs the GPU tests there: capture off, Triton's interpreter for the fused kernels)."""
+    return torch.device(request.param)
+
+
 @pytest.fixture
 def no_tf32():
     """fp32 comparisons on a GPU: TF32 matmuls and convolutions (cuDNN's default) round to 10 bits."""
@@ -59,7 +66,9 @@ def compiled_triton_arguments(monkeypatch):
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available() or GPU_DRY_RUN:
         return
-    skip = pytest.mark.skip(reason="needs a CUDA device; bench/gpu_check.sh --dry-run (tests/test_gpu_check.py) runs it on the CPU")
+    skip = pytest.mark.skip(
+        reason="needs a CUDA device; bench/gpu_check.sh --dry-run (tests/test_gpu_check.py) runs it on the CPU"
+    )
     for item in items:
         if item.get_closest_marker("gpu"):
             item.add_marker(skip)

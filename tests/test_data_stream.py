@@ -333,3 +333,31 @@ def test_reading_the_next_epoch_ahead_gives_the_same_batches_and_close_stops_it(
     assert keys(True) == keys(False)
     assert not any(t.name.startswith("shard-reader-") for t in threading.enumerate())
     assert multiprocessing.active_children() == []
+
+
+@pytest.mark.parametrize("workers, kind", [(0, "thread"), (2, "thread"), (1, "process")])
+def test_pinned_chunks_are_pinned_where_they_are_read(tmp_path, workers, kind):
+    # A CUDA trainer passes Tensor.pin_memory: every batch must be a view of a pinned chunk (so its
+    # copy to the device is asynchronous), pinned by the reader threads when there are workers, not
+    # on the trainer's thread. A CPU cannot pin, so a stand-in records what it was given.
+    x = make_images(str(tmp_path), n=256, shards=4)
+    pinned: list[tuple[torch.Tensor, str]] = []
+
+    def pin(t: torch.Tensor) -> torch.Tensor:
+        copy = t.clone()
+        pinned.append((copy, threading.current_thread().name))
+        return copy
+
+    stream = ShardStream(read_manifest(str(tmp_path)), 0, 1, 16, workers, shuffle_buffer=32, worker_type=kind, pin=pin)
+    batches = list(stream.epoch_batches(StreamPosition()))
+    assert len(batches) == 16 and pinned
+    storages = {t.untyped_storage().data_ptr() for t, _ in pinned}
+    for b in batches:
+        assert b["x"].untyped_storage().data_ptr() in storages
+        np.testing.assert_array_equal(b["x"].numpy(), x[[int(k) for k in b["key"]]])
+    threads = {name for _, name in pinned}
+    assert threads == (
+        {threading.current_thread().name}
+        if workers == 0
+        else {f"shard-reader-{w}" for w in range(1 if kind == "process" else workers)}
+    )

@@ -49,6 +49,8 @@ def two_rank_runs(tmp_path_factory):
                 f"deepspeed.config_file=deploy/deepspeed/zero{stage}.json",
             ],
         )
+    bf16 = ["train.engine=deepspeed", "deepspeed.zero_stage=2", "train.mixed_precision=bf16"]
+    runs["zero2_bf16"] = _launch(tmp, "zero2_bf16", bf16)
     return tmp, runs
 
 
@@ -118,15 +120,30 @@ def test_deepspeed_json_templates_are_valid():
 
 
 @pytest.mark.slow
+def test_zero2_bf16_evaluates_the_weights_its_checkpoint_exports(two_rank_runs):
+    # DeepSpeed's bf16 keeps bf16 weights in the modules and fp32 masters in the optimizer. The run's
+    # own evaluation (at its last step) and meg-evaluate (on that step's export) must score the same
+    # fp32 weights with the same draws: the same numbers.
+    tmp, _ = two_rank_runs
+    run = tmp / "zero2_bf16" / "run"
+    tool = ["trainer.evaluate", "--run", str(run), "eval.plots=false"]
+    result = subprocess.run([sys.executable, "-m", *tool], cwd=REPO_ROOT, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    during = json.loads((run / "eval" / "step_00000006.json").read_text())
+    after = json.loads((run / "eval" / "eval_step_00000006.json").read_text())
+    assert "mala_high_quality_share" in during
+    assert during == after
+
+
+@pytest.mark.slow
 def test_zero2_bf16_trains_all_three_updates_close_to_fp32_ddp(two_rank_runs):
     # DeepSpeed bf16 keeps bf16 weights with fp32 masters: the penalty and the three updates run in
     # bf16 through engine.module. Measured over 6 steps against fp32 DDP: energy_loss and energy_gap
     # (differences of energies of ~0.1) within 8e-4 absolute; penalty within 3.5% relative;
     # generator_loss and mi_estimate within 1e-3 relative. Bounds: 2e-3 absolute, 5e-2 relative.
-    tmp, runs = two_rank_runs
-    bf16 = _launch(
-        tmp, "zero2_bf16", ["train.engine=deepspeed", "deepspeed.zero_stage=2", "train.mixed_precision=bf16"]
-    )
+    _, runs = two_rank_runs
+    bf16 = runs["zero2_bf16"]
     assert all(r["skipped_steps"] == 0 for r in bf16)
     for a, b in zip(runs["ddp"], bf16, strict=True):
         for key in ("energy_loss", "energy_gap"):

@@ -1,28 +1,36 @@
 """The GPU path: every combination a user runs, a few steps each, and what only a GPU can show.
 
-Skipped without CUDA, except under bench/gpu_check.sh --dry-run (MEG_GPU_DRY_RUN=1), which runs the
-same tests on the CPU at tiny sizes so that the GPU check cannot rot. On a CPU the capture tests
-compare eager with eager (capture needs CUDA) and the sync check is off: they only prove the code runs.
+Each test takes the ``device`` fixture: CUDA where there is one; else the CPU, which only
+bench/gpu_check.sh --dry-run selects (MEG_GPU_DRY_RUN=1; tests/test_gpu_check.py runs it in the
+suite), so that these tests cannot rot on machines without a GPU. On a CPU the fused kernels run in
+Triton's interpreter, capture is off (the capture tests then compare eager with eager) and the sync
+check has no CUDA to watch: there they prove that the code runs and gives the same numbers.
 """
 
 import copy
 import json
+import logging
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from data_pipeline.shards import read_manifest, write_array_shards
+from data_pipeline.stream import ShardStream, StreamPosition
 from models import build_networks
+from models.ops import TORCH_KERNELS, use_kernels
 from tests.conftest import REPO_ROOT, TEST_DEVICE, run_trainer, subprocess_env, tiny_overrides
 from trainer.config import load_config
+from trainer.meg_trainer import host_pinning
 from trainer.runtime import DDPRuntime
 from trainer.steps import build_steps, resolve_kernels
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("no_tf32")]
-ON_CUDA = TEST_DEVICE.type == "cuda"
 
+FUSED_OPS = "kernels bias_act+gradfix_conv+penalty"
 COMBINATIONS = {
     "ddp_fp32": [],
     "ddp_bf16": ["train.mixed_precision=bf16"],
@@ -32,14 +40,20 @@ COMBINATIONS = {
     "mala_negatives": ["train.negatives=mala", "train.negatives_mala.steps=3"],
     "lazy_penalty": ["train.penalty_every=4"],
 }
+if TEST_DEVICE.type == "cuda":
+    # auto picks eager kernels where a step is not captured: this is the fused ops under DeepSpeed, in
+    # fp16 (DeepSpeed's CPU accelerator has no fp16, so the dry run cannot have this combination).
+    COMBINATIONS["zero2_fp16_fused"] = [
+        "train.engine=deepspeed", "deepspeed.zero_stage=2", "train.mixed_precision=fp16", "model.kernels=fused"
+    ]  # fmt: skip
 
 
-def _run(tmp_path, steps: int, extra: list[str]) -> subprocess.CompletedProcess:
+def _run(tmp_path, device: torch.device, steps: int, extra: list[str], env=None) -> subprocess.CompletedProcess:
     # 3 warm-up calls, then capture: 6 generator steps replay each captured step at least twice.
-    # model.kernels: auto on CUDA (fused); fused on a CPU too (the dry run), where Triton's interpreter runs them.
+    # model.kernels: auto on CUDA; fused on a CPU (the dry run), where Triton's interpreter runs them.
     overrides = [o for o in tiny_overrides(tmp_path, steps) if not o.startswith(("log.every", "checkpoint.every"))]
-    kernels = "model.kernels=" + ("auto" if ON_CUDA else "fused")
-    return run_trainer([*overrides, "log.every=3", "checkpoint.every=3", kernels, *extra], timeout=600)
+    kernels = "model.kernels=" + ("auto" if device.type == "cuda" else "fused")
+    return run_trainer([*overrides, "log.every=3", "checkpoint.every=3", kernels, *extra], timeout=600, env=env)
 
 
 def _records(run_dir) -> list[dict]:
@@ -48,31 +62,32 @@ def _records(run_dir) -> list[dict]:
 
 
 @pytest.mark.parametrize("combination", list(COMBINATIONS))
-def test_trainer_runs_every_combination_on_the_device(tmp_path, combination):
+def test_trainer_runs_every_combination_on_the_device(tmp_path, device, combination):
     extra = COMBINATIONS[combination]
-    result = _run(tmp_path, 6, extra)
-    assert f"on {TEST_DEVICE.type}" in result.stdout
+    result = _run(tmp_path, device, 6, extra)
+    assert f"on {device.type}" in result.stdout
     deepspeed = "train.engine=deepspeed" in extra
-    assert "kernels bias_act+gradfix_conv+penalty" in result.stdout
-    if ON_CUDA:
-        expected = "capture off: DeepSpeed" if deepspeed else "capture on (CUDA graphs)"
-        assert expected in result.stdout, result.stdout
+    if device.type == "cuda":
+        assert ("capture off: DeepSpeed" if deepspeed else "capture on (CUDA graphs)") in result.stdout, result.stdout
+        fused = not deepspeed or "model.kernels=fused" in extra
+        assert (FUSED_OPS + " (triton)" if fused else "kernels eager") in result.stdout, result.stdout
+    else:
+        assert FUSED_OPS + " (triton)" in result.stdout, result.stdout  # the interpreter's
     assert "capture off for" not in result.stderr, result.stderr  # a capture that failed and fell back
     records = _records(tmp_path / "run")
     assert [r["step"] for r in records] == [3, 6]
     for r in records:
         for key in ("energy_loss", "generator_loss", "energy_gap", "mi_estimate", "sample_spread"):
-            assert torch.isfinite(torch.tensor(r[key])), (key, r)
+            assert np.isfinite(r[key]), (key, r)
         assert r["skipped_steps"] == 0  # the fp16 scale starts at 2**15: no overflow on the toy problem
-    penalties = [r.get("penalty") for r in records]
-    assert all(p is not None and p >= 0 for p in penalties)
+    assert all(r.get("penalty") is not None and r["penalty"] >= 0 for r in records)
 
 
-def test_resume_on_the_device_continues_where_a_straight_run_goes(tmp_path):
+def test_resume_on_the_device_continues_where_a_straight_run_goes(tmp_path, device):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    _run(straight, 9, [])
-    _run(split, 6, [])
-    resumed = _run(split, 9, [])
+    _run(straight, device, 9, [])
+    _run(split, device, 6, [])
+    resumed = _run(split, device, 9, [])
     assert "resumed from step 6" in resumed.stdout
     weights = "checkpoints/step_00000009/weights.safetensors"
     a, b = load_file(straight / "run" / weights), load_file(split / "run" / weights)
@@ -80,12 +95,26 @@ def test_resume_on_the_device_continues_where_a_straight_run_goes(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_sample_and_evaluate_tools_on_a_device_run(tmp_path):
-    _run(tmp_path, 6, ["train.mixed_precision=bf16"])
+def test_an_evaluation_mid_run_leaves_training_bit_identical(tmp_path, device):
+    # Evaluation (sampling, latent MALA) draws random numbers on the CPU and on the device; it runs on
+    # forked generators, so a run that evaluates every 2 steps trains exactly as one that does not.
+    env = {**subprocess_env(), "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}  # deterministic cuBLAS on a GPU
+    evaluating = ["eval.every=2", "eval.mala.steps=2"]
+    _run(tmp_path / "evaluating", device, 6, evaluating, env=env)
+    _run(tmp_path / "plain", device, 6, ["eval.mala.steps=2"], env=env)
+    assert len(list((tmp_path / "evaluating" / "run" / "eval").glob("step_*.json"))) == 3
+    weights = "run/checkpoints/step_00000006/weights.safetensors"
+    a, b = load_file(tmp_path / "evaluating" / weights), load_file(tmp_path / "plain" / weights)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_sample_and_evaluate_tools_on_a_device_run(tmp_path, device):
+    _run(tmp_path, device, 6, ["train.mixed_precision=bf16"])
     run = tmp_path / "run"
     tools = [
         ["trainer.sample", "--run", str(run), "--num", "256", "--mala-steps", "2", "--npy", str(tmp_path / "s.npy")],
-        ["trainer.evaluate", "--run", str(run), "eval.num_samples=500", "eval.mala.steps=2", "eval.plots=false"],
+        ["trainer.evaluate", "--run", str(run), "eval.plots=false"],
     ]
     for tool in tools:
         result = subprocess.run(
@@ -93,11 +122,41 @@ def test_sample_and_evaluate_tools_on_a_device_run(tmp_path):
         )
         assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "s.npy").stat().st_size > 256 * 2 * 4
-    evaluation = json.loads((run / "eval" / "eval_step_00000006.json").read_text())
-    assert evaluation["num_modes"] == 25 and 0 <= evaluation["mala_acceptance_rate"] <= 1
+    # The tool scores the checkpoint with the run's evaluation seed: the numbers of the evaluation the
+    # run made at that step (on a GPU the run's fused kernels and the tool's eager ones round apart).
+    tool = json.loads((run / "eval" / "eval_step_00000006.json").read_text())
+    during = json.loads((run / "eval" / "step_00000006.json").read_text())
+    assert tool["num_modes"] == 25 and 0 <= tool["mala_acceptance_rate"] <= 1
+    assert tool.keys() == during.keys()
+    for key, value in during.items():
+        assert tool[key] == (pytest.approx(value, rel=1e-3, abs=1e-3) if isinstance(value, float) else value), key
+
+
+def test_batches_are_pinned_for_the_device(tmp_path, device):
+    x = np.random.default_rng(0).integers(0, 256, size=(128, 1, 8, 8), dtype=np.uint8)
+    write_array_shards(str(tmp_path), "img", "train", x, np.arange(128) % 10, 4)
+    pin = host_pinning(device)
+    stream = ShardStream(read_manifest(str(tmp_path)), 0, 1, 16, 2, shuffle_buffer=32, pin=pin)
+    batches = list(stream.epoch_batches(StreamPosition()))
+    assert len(batches) == 8
+    if device.type == "cuda":
+        assert all(b["x"].is_pinned() for b in batches)
+    else:
+        assert pin is None  # nothing to copy asynchronously to
 
 
 # -- in process: capture against eager, and no host sync -----------------------------------------
+
+
+@pytest.fixture
+def fused_kernels(device):
+    """The fused ops' kernels for the in-process tests: Triton on CUDA; on a CPU their PyTorch
+    reference (the same autograd wiring; Triton's interpreter, 150x slower, is tests/test_fused_ops.py's)."""
+    if device.type == "cuda":
+        yield
+        return
+    with use_kernels(TORCH_KERNELS):
+        yield
 
 
 CONV = ["model.arch=conv", "model.conv_width=4", "model.z_dim=8", "data.batch_size=8", "model.init_std=0.02"]
@@ -106,11 +165,12 @@ CONV = ["model.arch=conv", "model.conv_width=4", "model.z_dim=8", "data.batch_si
 def _steps(capture: str, precision: str, *extra: str):
     cfg = load_config(
         "toy_25gaussians",
-        [*CONV, "train.energy_steps=2", f"train.capture={capture}", f"train.mixed_precision={precision}", *extra],
-    )
+        [*CONV, "train.energy_steps=2", f"train.capture={capture}", f"train.mixed_precision={precision}",
+         "model.kernels=fused", *extra],
+    )  # fmt: skip
     runtime = DDPRuntime(precision)
     torch.manual_seed(0)
-    nets = build_networks(cfg.model, (3, 28, 28), resolve_kernels(cfg.model.kernels, runtime.device))
+    nets = build_networks(cfg.model, (3, 28, 28), resolve_kernels(cfg, runtime))
     return build_steps(cfg, runtime, nets)
 
 
@@ -129,20 +189,23 @@ def _assert_same_parameters(a, b, rtol):
             torch.testing.assert_close(p, q, rtol=rtol, atol=rtol * max(q.abs().max().item(), 1e-3))
 
 
-@pytest.mark.parametrize("precision, rtol", [("no", 1e-5), ("bf16", 2e-2), ("fp16", 2e-2)])
-@pytest.mark.parametrize("penalty_every", [1, 2])
-def test_captured_steps_match_eager_steps(precision, rtol, penalty_every):
-    captured = _steps("auto", precision, f"train.penalty_every={penalty_every}")
-    eager = _steps("off", precision, f"train.penalty_every={penalty_every}")
-    assert captured.capture == ON_CUDA
-    got, expected = _train(captured, 8), _train(eager, 8)
-    for a, b in zip(got, expected):
+def _assert_same_metrics(got, expected, rtol):
+    for a, b in zip(got, expected, strict=True):
         for key in b:
             assert a[key] == pytest.approx(b[key], rel=rtol, abs=rtol), (key, a, b)
+
+
+@pytest.mark.parametrize("precision, rtol", [("no", 1e-5), ("bf16", 2e-2), ("fp16", 2e-2)])
+@pytest.mark.parametrize("penalty_every", [1, 2])
+def test_captured_steps_match_eager_steps(fused_kernels, device, precision, rtol, penalty_every):
+    captured = _steps("auto", precision, f"train.penalty_every={penalty_every}")
+    eager = _steps("off", precision, f"train.penalty_every={penalty_every}")
+    assert captured.capture == (device.type == "cuda")
+    _assert_same_metrics(_train(captured, 8), _train(eager, 8), rtol)
     _assert_same_parameters(captured, eager, rtol)
 
 
-def test_capture_is_redone_after_a_checkpoint_load():
+def test_capture_is_redone_after_a_checkpoint_load(fused_kernels, device):
     # Loading an older checkpoint (a resume, a divergence rollback) puts new state tensors into the
     # optimizers. A graph still pointing at the old ones would go on with the newer moments.
     captured, eager = _steps("auto", "no"), _steps("off", "no")
@@ -160,38 +223,71 @@ def test_capture_is_redone_after_a_checkpoint_load():
     _assert_same_parameters(captured, eager, 1e-5)
 
 
+def test_a_capture_that_fails_after_the_scaler_step_falls_back_to_eager(fused_kernels, device, monkeypatch, caplog):
+    # A capture that fails after GradScaler.step() (here: a host sync, which capture forbids) leaves the
+    # scaler believing this optimizer stepped; without discarding that, the eager fallback raises
+    # "step() has already been called since the last update()".
+    steps, eager = _steps("auto", "fp16"), _steps("off", "fp16")
+    update = steps.energy_update
+    if device.type == "cuda":
+        step = update.step
+
+        def step_then_sync():
+            skipped = step()
+            if torch.cuda.is_current_stream_capturing():
+                torch.cuda.synchronize()
+            return skipped
+
+        monkeypatch.setattr(update, "step", step_then_sync)
+        with caplog.at_level(logging.WARNING, logger="trainer.capture"):
+            got = _train(steps, 8)
+        assert "capture off for energy_step(penalty=True)" in caplog.text
+        assert steps._energy_fns[True].failed and steps._generator_fn.graph is not None
+        _assert_same_metrics(got, _train(eager, 8), 2e-2)
+        _assert_same_parameters(steps, eager, 2e-2)
+        return
+    # No capture on a CPU: leave the scaler as such a capture leaves it, and discard the step.
+    _train(steps, 1)
+    update.scaler.step(update.optimizer)
+    with pytest.raises(RuntimeError, match="already been called"):
+        update.step()
+    update.discard_step()
+    assert all(p.grad is None for p in steps.energy.parameters())
+    _train(steps, 2, first=1)  # eager steps run again
+
+
 @pytest.mark.parametrize(
     "precision, extra", [("no", []), ("fp16", []), ("no", ["train.negatives=mala", "train.negatives_mala.steps=2"])]
 )
-def test_an_eager_iteration_never_syncs_with_the_host(precision, extra):
+def test_an_eager_iteration_never_syncs_with_the_host(fused_kernels, device, precision, extra):
     steps = _steps("off", precision, *extra)
     x = torch.randn(8, 3, 28, 28, device=steps.device)
     steps.iteration(0, lambda: x)  # lazy initialisation (optimizer state, loss scale) may sync once
-    if ON_CUDA:
+    if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
     try:
         for step in range(1, 4):
             steps.iteration(step, lambda: x)
     finally:
-        if ON_CUDA:
+        if device.type == "cuda":
             torch.cuda.set_sync_debug_mode("default")
 
 
-def test_prometheus_exports_the_devices_memory_per_rank(tmp_path):
+def test_prometheus_exports_the_devices_memory_per_rank(tmp_path, device):
     from prometheus_client import generate_latest
 
     from trainer.metrics import LogConfig
     from trainer.prometheus import GPU_MEMORY, PrometheusExporter
 
-    held = torch.ones(1 << 20, device=TEST_DEVICE)  # 4 MiB the allocator must report
-    exp = PrometheusExporter(LogConfig(prometheus_port=0), "gpu", 0, 0, TEST_DEVICE, 10, 1, {})
+    held = torch.ones(1 << 20, device=device)  # 4 MiB the allocator must report
+    exp = PrometheusExporter(LogConfig(prometheus_port=0), "gpu", 0, 0, device, 10, 1, {})
     try:
         body = generate_latest(exp.registry).decode()
     finally:
         exp.close()
     series = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line[:1] != "#"}
-    if not ON_CUDA:  # the dry run: no CUDA allocator to read, and no series claiming one
+    if device.type != "cuda":  # the dry run: no CUDA allocator to read, and no series claiming one
         assert not any(k.startswith("meg_gpu_memory") for k in series)
         return
     for name in GPU_MEMORY:

@@ -4,13 +4,15 @@ import pytest
 import torch
 
 from models import build_networks
+from models.ops import EAGER, FUSED, TORCH_KERNELS, use_kernels
+from trainer import steps as steps_module
 from trainer.capture import capture_blocker
 from trainer.checkpoint import Checkpoints
 from trainer.config import load_config
 from trainer.guard import DivergenceGuard, GuardConfig
 from trainer.meg_trainer import MEGTrainer
 from trainer.metrics import MetricsLogger, MetricWindow
-from trainer.runtime import DDPRuntime
+from trainer.runtime import DDPRuntime, DDPUpdate, ProcessGroup
 from trainer.steps import build_steps
 
 
@@ -190,3 +192,66 @@ def test_stop_signals_set_the_event_and_give_the_handlers_back():
         signal.raise_signal(signal.SIGUSR1)
         assert stop.is_set()
     assert (signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)) == before
+
+
+class _MetaRuntime(DDPRuntime):
+    """The DDP runtime's updates on the meta device, with no accelerate (it would move the networks to
+    its own device). Meta, like CUDA, refuses any operation that mixes its tensors with CPU tensors
+    (beyond 0-dim ones), so a tensor the step makes on the CPU by mistake fails here as on a GPU.
+    torch's FakeTensorMode can make fake CUDA tensors on a CPU-only build, but any autograd on them
+    aborts the process (no CUDA device guard is compiled in), so it cannot run a step."""
+
+    def __init__(self):
+        ProcessGroup.__init__(self, torch.device("meta"), 0, 1, "no")
+        self.updates = {}
+
+    def prepare_updates(self, energy, generator, statistics, energy_opt, generator_opt):
+        for name, nets, opt in (
+            ("energy", {"energy": energy}, energy_opt),
+            ("generator", {"generator": generator, "statistics": statistics}, generator_opt),
+        ):
+            self.updates[name] = DDPUpdate(nets, nets, opt, torch.amp.GradScaler("cpu", enabled=False), self.device)
+        return self.updates["energy"], self.updates["generator"]
+
+
+@pytest.mark.parametrize("ops", [EAGER, FUSED], ids=["eager", "fused"])
+@pytest.mark.parametrize(
+    "preset, shape, extra",
+    [
+        ("toy_25gaussians", (2,), ["train.negatives=mala", "train.negatives_mala.steps=2"]),
+        ("kdd99", (118,), []),
+        ("stackedmnist", (3, 28, 28), ["model.conv_width=2"]),
+        ("cifar10", (3, 32, 32), ["model.conv_width=2", "train.mixed_precision=no"]),
+    ],
+    ids=["toy-mala", "kdd", "conv28", "conv32"],
+)
+def test_a_step_on_another_device_makes_no_cpu_tensor(monkeypatch, preset, shape, extra, ops):
+    cfg = load_config(preset, [*extra, "data.batch_size=4", "train.energy_steps=2", "train.penalty_every=2"])
+    torch.manual_seed(0)
+    nets = build_networks(cfg.model, shape, ops)
+    for net in (nets.energy, nets.generator, nets.statistics):
+        net.to("meta")
+    # Adam's fused kernel exists for real devices only; its foreach form takes the same path here.
+    monkeypatch.setattr(
+        steps_module, "make_optimizer", lambda params, c, device, capturable: torch.optim.Adam(params, lr=c.lr)
+    )
+    steps = build_steps(cfg, _MetaRuntime(), nets, ops=ops)
+    x = torch.empty(4, *shape, device="meta")
+    with use_kernels(TORCH_KERNELS):  # what a fused op runs off CUDA, minus Triton's interpreter
+        for step in range(2):  # a penalty step and a lazy one
+            metrics = steps.iteration(step, lambda: x)
+            assert {v.device.type for v in metrics.values()} == {"meta"}
+
+
+def test_the_runtimes_rng_fork_gives_every_generator_back():
+    runtime = DDPRuntime("no")
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    with runtime.fork_rng(seed=7):
+        seeded = torch.rand(100)
+    assert torch.equal(seeded, torch.manual_seed(7) and torch.rand(100))
+    torch.manual_seed(3)
+    with runtime.fork_rng():
+        torch.rand(100)
+    assert torch.equal(torch.rand(4), expected)

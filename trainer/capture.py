@@ -15,7 +15,10 @@ How a step is captured (the recipe of PyTorch's "whole network capture"):
   (z, the MI permutation) or made on the device by the graph-safe default generator (MALA's noise).
 
 Loading a checkpoint replaces the optimizers' state tensors, so ``reset()`` drops the graph and the
-next calls warm up and capture again. A capture that fails falls back to eager with one line.
+next calls warm up and capture again. A capture that fails falls back to eager with one line, after
+``on_failure`` has undone what the half-recorded step left behind (gradients, a GradScaler that
+believes it stepped). Capture runs in thread-local error mode: a CUDA call another thread makes
+meanwhile (the metrics exporter reads the allocator's statistics) does not spoil it.
 """
 
 from __future__ import annotations
@@ -49,8 +52,8 @@ def capture_blocker(cfg, runtime) -> str | None:
 class GraphedStep:
     """``fn`` eagerly for ``warmup`` calls, then as a replayed CUDA graph."""
 
-    def __init__(self, fn: StepFn, warmup: int = WARMUP_CALLS):
-        self.fn, self.warmup = fn, warmup
+    def __init__(self, fn: StepFn, on_failure: Callable[[], None] = lambda: None, warmup: int = WARMUP_CALLS):
+        self.fn, self.on_failure, self.warmup = fn, on_failure, warmup
         self.failed = False
         self.reset()
 
@@ -85,11 +88,12 @@ class GraphedStep:
         static_inputs = tuple(x.clone() for x in inputs)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 static_outputs = self.fn(*static_inputs)
         except Exception as e:  # noqa: BLE001 - any failure means: run this step eagerly
             self.failed = True
             torch.cuda.synchronize()
+            self.on_failure()
             log.warning("capture off for %s: %s: %s; running it eagerly", _name(self.fn), type(e).__name__, e)
             return
         self.graph, self.static_inputs, self.static_outputs = graph, static_inputs, static_outputs

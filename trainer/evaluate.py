@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--run", required=True, help="the run folder")
     parser.add_argument("--checkpoint", help="a checkpoint folder (default: the run's newest intact one)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, help="the evaluation's random draws (default: the run's eval.seed)")
     parser.add_argument("--allow-pipe", action="store_true", help="allow pipe: URLs (they run a shell command)")
     parser.add_argument(
         "--trust-inception", action="store_true", help="load eval.fid.inception (TorchScript runs code when loaded)"
@@ -45,7 +45,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     check_commands(cfg, allow_pipe=args.allow_pipe, trust_inception=args.trust_inception)
     check_requirements(cfg)
     _, nets, _, info = load_networks(args.run, checkpoint)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(cfg.eval.seed if args.seed is None else args.seed)
     evaluator = build_evaluator(cfg, info["sample_shape"], info.get("dataset", ""))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for net in (nets.energy, nets.generator):

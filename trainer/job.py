@@ -20,7 +20,7 @@ from models import build_networks
 from trainer.checkpoint import Checkpoints, load_export, package_version
 from trainer.config import ConfigError, RunConfig, _build, config_to_yaml, parse_yaml
 from trainer.evaluation import build_evaluator
-from trainer.meg_trainer import MEGTrainer, Preempted
+from trainer.meg_trainer import MEGTrainer, Preempted, host_pinning
 from trainer.metrics import JsonlSink, MetricsLogger, ProgressSink
 from trainer.prometheus import PrometheusExporter
 from trainer.run_folder import RunFolderBusy, RunFolderLock
@@ -169,7 +169,7 @@ def _train(
     cfg, runtime, stop, manifest, checkpoints: Checkpoints, resume_from: str | None, preset: str
 ) -> dict[str, float]:
     runtime.seed(cfg.train.seed, per_rank=False)  # identical initial networks on every rank
-    nets = build_networks(cfg.model, tuple(manifest.sample_shape), resolve_kernels(cfg.model.kernels, runtime.device))
+    nets = build_networks(cfg.model, tuple(manifest.sample_shape), resolve_kernels(cfg, runtime))
     runtime.seed(cfg.train.seed, per_rank=True)  # different noise on each rank
     steps = build_steps(cfg, runtime, nets)
     stream = ShardStream(
@@ -183,6 +183,7 @@ def _train(
         worker_type=cfg.data.worker_type,
         max_corrupt_share=cfg.data.max_corrupt_share,
         read_ahead=True,
+        pin=host_pinning(runtime.device),
     )
     logger, prometheus = build_logger(cfg, runtime, preset)
     evaluator = build_evaluator(cfg, manifest.sample_shape, manifest.name)

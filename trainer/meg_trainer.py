@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -39,6 +40,12 @@ class Preempted(RuntimeError):
         self.checkpointed = checkpointed  # False: the ranks did not stop together (see Runtime.shutdown)
 
 
+def host_pinning(device: torch.device) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """How the stream holds batches for ``device``: page-locked for CUDA, so that real_batches' copies
+    run asynchronously (a non_blocking copy from pageable memory is a synchronous one); as read else."""
+    return torch.Tensor.pin_memory if device.type == "cuda" else None
+
+
 def real_batches(
     stream: ShardStream, position: StreamPosition, window: MetricWindow, device: torch.device, stop: threading.Event
 ) -> Iterator[tuple[torch.Tensor, int, int]]:
@@ -57,6 +64,15 @@ def real_batches(
             window.corrupt_shards += int(batch["corrupt_shards"])
             yield decode_samples(batch["x"].to(device, non_blocking=True), stream.manifest.dtype), epoch, done
         epoch, done = epoch + 1, 0
+
+
+@contextmanager
+def evaluation_mode(module: nn.Module) -> Iterator[None]:
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train()
 
 
 class MEGTrainer:
@@ -79,7 +95,7 @@ class MEGTrainer:
         self.window = MetricWindow(runtime, self.guard, cfg.train.energy_steps * cfg.data.batch_size)
 
     def resume_if_possible(self, checkpoint: str | None) -> int | None:
-        """Loads ``checkpoint`` (main.py picks the newest intact one); returns its step, or None."""
+        """Loads ``checkpoint`` (job.py picks the newest intact one); returns its step, or None."""
         if checkpoint is not None:
             self._load(checkpoint)
         if self.state.lr_horizon == 0:  # a new run (or one from before the horizon was kept)
@@ -136,14 +152,15 @@ class MEGTrainer:
 
     def evaluate(self, step: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
-        if self.evaluator is not None and self.runtime.is_main:
-            generator = self.runtime.for_evaluation(self.steps.generator)
-            generator.eval()
-            # Evaluation draws from a forked RNG so that it never changes the training trajectory.
-            with torch.random.fork_rng(devices=[]):
-                metrics = self.evaluator(step, self.runtime.for_evaluation(self.steps.energy), generator)
-            generator.train()
-            self.logger.log(step, {f"eval_{k}": v for k, v in metrics.items()})
+        if self.evaluator is not None:
+            # The fp32 weights the checkpoint exports (every rank: DeepSpeed gathers its masters).
+            energy, generator = (self.runtime.for_evaluation(m) for m in (self.steps.energy, self.steps.generator))
+            if self.runtime.is_main:
+                # Its own seed on forked generators (CPU and device): training is the same with or without
+                # evaluations, and meg-evaluate on this step's checkpoint draws the same samples.
+                with self.runtime.fork_rng(seed=self.cfg.eval.seed), evaluation_mode(generator):
+                    metrics = self.evaluator(step, energy, generator)
+                self.logger.log(step, {f"eval_{k}": v for k, v in metrics.items()})
         self.runtime.barrier()
         return metrics
 

@@ -32,12 +32,17 @@ from trainer.config import ConfigError, OptimConfig, RunConfig
 from trainer.runtime import frozen
 
 
-def resolve_kernels(choice: str, device: torch.device) -> FusedOps:
-    """model.kernels for a device: auto is fused on CUDA (where launches dominate the step) and eager
-    elsewhere (on a CPU the reference kernels of the fused ops are slower than PyTorch's own), or
-    where Triton is missing. fused on a CPU runs the reference kernels (Triton's under TRITON_INTERPRET=1)."""
-    if choice == "eager" or (choice == "auto" and (device.type != "cuda" or not triton_available())):
+def resolve_kernels(cfg: RunConfig, runtime) -> FusedOps:
+    """model.kernels for this run. auto: fused where the step is captured as a CUDA graph, eager
+    elsewhere. The fused ops do not reduce the step's launches (counted on the four networks: about
+    as many as eager), they add Python per launch, and on a CPU their reference kernels are slower
+    than PyTorch's own; they pay inside a captured step, where launches and Python cost nothing per
+    replay. fused: always (on a CPU the reference kernels run, Triton's under TRITON_INTERPRET=1)."""
+    choice, device = cfg.model.kernels, runtime.device
+    if choice == "eager":
         return EAGER
+    if choice == "auto":
+        return FUSED if capture_blocker(cfg, runtime) is None and triton_available() else EAGER
     if device.type == "cuda" and not triton_available():
         raise ConfigError("model.kernels=fused needs Triton on CUDA (pip install triton), or use model.kernels=auto")
     return FUSED
@@ -81,9 +86,12 @@ class MEGSteps:
         self.capture_status = "on (CUDA graphs)" if self.capture else f"off: {capture_blocked}"
         # autocast's weight-cast cache must be off in a CUDA graph (its casts would be captured once).
         self.autocast_cache = not self.capture
-        wrap: Callable = GraphedStep if self.capture else (lambda fn: fn)
-        self._energy_fns = {flag: wrap(functools.partial(self._energy_step, penalty=flag)) for flag in (True, False)}
-        self._generator_fn = wrap(self._generator_step)
+        energy_fns = {flag: functools.partial(self._energy_step, penalty=flag) for flag in (True, False)}
+        if self.capture:
+            self._energy_fns = {flag: GraphedStep(fn, energy_update.discard_step) for flag, fn in energy_fns.items()}
+            self._generator_fn = GraphedStep(self._generator_step, generator_update.discard_step)
+        else:
+            self._energy_fns, self._generator_fn = energy_fns, self._generator_step
 
     # -- inputs -------------------------------------------------------------------------------
 
@@ -199,7 +207,7 @@ class MEGSteps:
 
 def build_steps(cfg: RunConfig, runtime, nets: MEGNetworks, ops: FusedOps | None = None) -> MEGSteps:
     """Optimizers, the runtime's two updates, and the steps over them. ``ops``: the fused ops the
-    networks were built with (default: ``resolve_kernels(cfg.model.kernels, runtime.device)``,
+    networks were built with (default: ``resolve_kernels(cfg, runtime)``,
     which is what the trainer builds them with); the penalty uses its reduction kernel if they do."""
     blocked = capture_blocker(cfg, runtime)
     capturable = blocked is None
@@ -210,5 +218,5 @@ def build_steps(cfg: RunConfig, runtime, nets: MEGNetworks, ops: FusedOps | None
     energy_update, generator_update = runtime.prepare_updates(
         nets.energy, nets.generator, nets.statistics, energy_opt, generator_opt
     )
-    ops = ops if ops is not None else resolve_kernels(cfg.model.kernels, runtime.device)
+    ops = ops if ops is not None else resolve_kernels(cfg, runtime)
     return MEGSteps(cfg, runtime, energy_update, generator_update, ops, blocked)

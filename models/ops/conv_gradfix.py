@@ -150,13 +150,12 @@ def conv2d_gradfix(
     """
     spec = ConvSpec(_pair(stride), _pair(padding), _pair(dilation), groups)
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-        x, weight = x.to(dtype), weight.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            y = _Conv.apply(x.to(dtype), weight.to(dtype), spec)
     else:
-        weight = weight.to(x.dtype)
-    with torch.autocast(device_type, enabled=False):
-        y = _Conv.apply(x, weight, spec)
+        y = _Conv.apply(x, weight.to(x.dtype), spec)
     if bias is not None:
         y = y + bias.to(y.dtype).view(1, -1, 1, 1)
     return y

@@ -61,7 +61,9 @@ def _bias_leaky_relu_kernel(
 
 
 @triton.jit
-def _leaky_relu_grad_kernel(dy_ptr, y_ptr, dx_ptr, n, SLOPE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+def _leaky_relu_grad_kernel(
+    dy_ptr, y_ptr, dx_ptr, n, SLOPE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr
+):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
@@ -71,7 +73,9 @@ def _leaky_relu_grad_kernel(dy_ptr, y_ptr, dx_ptr, n, SLOPE: tl.constexpr, ACC_D
 
 
 @triton.jit
-def _squared_norm_partial_kernel(g_ptr, partial_ptr, n, ACC_DTYPE: tl.constexpr, CHUNKS: tl.constexpr, BLOCK: tl.constexpr):
+def _squared_norm_partial_kernel(
+    g_ptr, partial_ptr, n, ACC_DTYPE: tl.constexpr, CHUNKS: tl.constexpr, BLOCK: tl.constexpr
+):
     start = tl.program_id(0) * (CHUNKS * BLOCK)
     acc = tl.zeros([BLOCK], dtype=ACC_DTYPE)
     for c in range(CHUNKS):  # a constexpr bound: unrolled when compiled

@@ -43,6 +43,9 @@ class EvalConfig:
     kind: EvalKind = "samples"  # what to measure (the table above); the section of the same name configures it
     every: int = 1000  # generator steps between evaluations (0: only at the end)
     num_samples: int = 2500
+    # Every evaluation draws from this seed: the same checkpoint gives the same numbers during training
+    # and from meg-evaluate / meg-sample (their --seed overrides it).
+    seed: int = 0
     mala: MALAConfig = field(default_factory=lambda: MALAConfig(steps=5))
     plots: bool = True
     toy: ToyEvalConfig = field(default_factory=ToyEvalConfig)

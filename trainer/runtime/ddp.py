@@ -10,10 +10,12 @@ networks themselves come from the checkpoint's engine-free weights export.
 from __future__ import annotations
 
 import os
+from collections import defaultdict
 
 import torch
 from accelerate import Accelerator
 from torch import nn
+from torch.amp.grad_scaler import _refresh_per_optimizer_state
 
 from trainer.runtime.group import FP16_INIT_SCALE, ProcessGroup, check_world_size, refuse_accelerate_deepspeed
 
@@ -59,6 +61,14 @@ class DDPUpdate:
         # inputs=: the loss reaches the data batch too (it required grad for the penalty); only the
         # parameters' gradients are wanted.
         self.scaler.scale(loss).backward(inputs=self._params)
+
+    def discard_step(self) -> None:
+        """Forgets a step that was begun and never applied (a CUDA graph capture that failed midway):
+        its gradients, and GradScaler's note that this optimizer has stepped since its last update()
+        (left, the next step() would raise instead of running)."""
+        self.zero_grad()
+        if self.scaler.is_enabled():
+            self.scaler._per_optimizer_states = defaultdict(_refresh_per_optimizer_state)
 
     def step(self) -> torch.Tensor:
         """Applies the step; returns 1.0 when it was skipped (fp16: inf/NaN gradients), else 0.0."""

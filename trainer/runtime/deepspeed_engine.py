@@ -63,7 +63,7 @@ class GeneratorAndStatistics(nn.Module):
 
 
 class EngineUpdate:
-    """One MEG update on one DeepSpeed engine (same interface as ``distributed.Update``)."""
+    """One MEG update on one DeepSpeed engine (the ``trainer.runtime.Update`` protocol)."""
 
     def __init__(self, engine, names: list[str]):
         self.engine = engine
@@ -85,6 +85,9 @@ class EngineUpdate:
 
     def zero_grad(self) -> None:
         self.engine.zero_grad()
+
+    def discard_step(self) -> None:
+        self.engine.zero_grad()  # DeepSpeed's steps are never captured (trainer/capture.py)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
@@ -189,28 +192,25 @@ class DeepSpeedRuntime(ProcessGroup):
         )
 
     def for_evaluation(self, module: nn.Module) -> nn.Module:
-        # DeepSpeed's bf16/fp16 modes keep the module's weights in low precision (fp32 masters live in
-        # the optimizer): evaluation and sampling run on an fp32 copy.
-        low = next(module.parameters()).dtype != torch.float32
-        return copy.deepcopy(module).float() if low else module
+        """Under bf16/fp16 DeepSpeed keeps the module's weights in low precision (the fp32 masters live
+        in the optimizer): evaluation runs on an fp32 copy holding the masters, the very weights the
+        checkpoint exports. A collective: every rank calls it."""
+        if next(module.parameters()).dtype == torch.float32:
+            return module
+        fp32 = copy.deepcopy(module).float()
+        fp32.load_state_dict(_fp32_state(module))
+        return fp32
 
     def fp32_state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
         """E's, G's and T's weights in fp32 on the CPU: under bf16/fp16 the fp32 masters, gathered from
         the ZeRO partitions (a collective: every rank calls it)."""
-        from deepspeed.utils import safe_get_full_fp32_param
-
         out = {}
         for engine in self.engines.values():
             module = engine.module
             names = ["generator", "statistics"] if isinstance(module, GeneratorAndStatistics) else ["energy"]
             for name in names:
                 net = getattr(module, name) if len(names) > 1 else module
-                masters = {n: safe_get_full_fp32_param(p) for n, p in net.named_parameters()}
-                state = {}
-                for key, value in net.state_dict().items():
-                    master = masters.get(key)
-                    state[key] = (master if master is not None else value).detach().float().cpu()
-                out[name] = state
+                out[name] = {key: value.cpu() for key, value in _fp32_state(net).items()}
         return out
 
     def save_engine_state(self, folder: str) -> None:
@@ -227,6 +227,19 @@ class DeepSpeedRuntime(ProcessGroup):
     def shutdown(self, meet: bool = True) -> None:
         self.engines.clear()  # the engines hold the process group
         super().shutdown(meet)
+
+
+def _fp32_state(net: nn.Module) -> dict[str, torch.Tensor]:
+    """``net``'s state dict in fp32 with every parameter's fp32 master in place of its own (low-precision)
+    weight. ``safe_get_full_fp32_param`` assembles a master from the ZeRO partitions: a collective."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters = {n: safe_get_full_fp32_param(p) for n, p in net.named_parameters()}
+    state = {}
+    for key, value in net.state_dict().items():
+        master = masters.get(key)
+        state[key] = (master if master is not None else value).detach().float()
+    return state
 
 
 def _weights_only_checkpoint_engine():

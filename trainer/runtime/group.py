@@ -3,6 +3,7 @@ mixed precision, and the collectives. Plain torch.distributed; one process needs
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import random
@@ -39,11 +40,27 @@ class ProcessGroup:
         np.random.seed(seed)
         torch.manual_seed(seed)  # every device's generator too
 
+    @contextmanager
+    def fork_rng(self, seed: int | None = None) -> Iterator[None]:
+        """A block (seeded with ``seed``, if given) whose random draws leave this process's generators
+        as they were: the CPU's and the runtime device's (``fork_rng(devices=[])`` forks the CPU's only)."""
+        if self.device.type == "cpu":
+            fork = torch.random.fork_rng(devices=[])
+        else:
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            fork = torch.random.fork_rng(devices=[index], device_type=self.device.type)
+        with fork:
+            if seed is not None:
+                torch.manual_seed(seed)
+            yield
+
     def autocast(self, cache: bool = True):
         """Mixed-precision region for every forward of the three updates (a no-op in fp32). ``cache``
         False: no weight-cast cache (required inside a CUDA graph capture)."""
         dtype = AUTOCAST_DTYPES.get(self.mixed_precision)
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None, cache_enabled=cache)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype, cache_enabled=cache)
 
     def sum_across_ranks(self, values: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
