@@ -340,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     # On a CPU the fused rows run the PyTorch reference kernels: Triton needs CUDA (or its interpreter).
     kernels = use_kernels(TORCH_KERNELS) if runtime.device.type != "cuda" else contextlib.nullcontext()
     results = []
+    os.makedirs("bench/results", exist_ok=True)
+    meta = {"device": str(runtime.device), "threads": torch.get_num_threads(), "precision": args.precision}
     with kernels:
         for network in args.only or list(NETWORKS):
             for row in rows:
@@ -349,16 +351,13 @@ def main(argv: list[str] | None = None) -> int:
                     r = {"error": f"failed: {type(e).__name__}: {str(e)[:150]}"}
                 results.append({"network": network, "row": row.name, **r})
                 print(f"  {network:13} {row.name:20} {json.dumps(r)}", flush=True)
-    table = format_table(results, runtime.device, torch.get_num_threads(), args.precision)
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table + "\n")
-    os.makedirs("bench/results", exist_ok=True)
-    with open("bench/results/penalty.jsonl", "a") as f:
-        for r in results:
-            meta = {"device": str(runtime.device), "threads": torch.get_num_threads(), "precision": args.precision}
-            f.write(json.dumps({**r, **meta, "host": platform.node(), "time": time.time()}) + "\n")
+                # Row by row: a run stopped at its time limit (bench/gpu_check.sh) keeps what it measured.
+                with open("bench/results/penalty.jsonl", "a") as f:
+                    f.write(json.dumps({**results[-1], **meta, "host": platform.node(), "time": time.time()}) + "\n")
+                if args.out:
+                    with open(args.out, "w") as f:
+                        f.write(format_table(results, runtime.device, torch.get_num_threads(), args.precision) + "\n")
+    print(format_table(results, runtime.device, torch.get_num_threads(), args.precision))
     runtime.shutdown()
     return 0 if not any("error" in r for r in results) else 1
 

@@ -1,16 +1,24 @@
 #!/usr/bin/env bash
-# Every check that needs a GPU, as one script that ends within about 8 minutes on an H100/H200 and
-# writes its tables under $OUT (default: bench/results/gpu_check).
+# The GPU check: every check that needs a GPU, as one command that ends within its time budget and
+# leaves its tables in $OUT (default bench/results/gpu_check), at most 8 files.
 #
-#   bench/gpu_check.sh --fetch     on a machine with PyPI: put what the GPU machine lacks into .gpu/
-#                                  (wheels of webdataset, deepspeed and their needs; the MNIST files)
-#   bench/gpu_check.sh             on the GPU machine, from the repository root, with .gpu/ beside it
-#   bench/gpu_check.sh --dry-run   the same on a CPU at tiny sizes (the test suite runs this)
+#   bench/gpu_check.sh --fetch                 where PyPI is: put what the GPU machine lacks into .gpu/
+#                                              (wheels of webdataset, deepspeed and their needs; MNIST)
+#   bench/gpu_check.sh [--budget SECONDS]      on the GPU machine, from the repository root (default 540)
+#   bench/gpu_check.sh --dry-run [--budget S]  the same on a CPU at tiny sizes (default 1800; the suite runs it)
 #
-# Phases: the device's versions; the GPU tests (pytest tests/test_gpu.py tests/test_fused_ops.py); the
-# penalty benchmark in fp32 and bf16 and torch.compile against capture; bench_steps; a StackedMNIST
-# run of the paper's conv nets (width 64) in bf16 for 2 minutes, then its modes and KL. Each phase has
-# its own time limit and a failed phase does not stop the others; summary.md says what passed.
+# On this project's GPU machine (the device tool), after --fetch here:
+#   run(command="bash bench/gpu_check.sh", carry=[".gpu"], timeout_s=600)
+# .gpu/ is ignored by git (--fetch adds it to .git/info/exclude), so it travels only when carried.
+#
+# Phases, most informative first; each gets a deadline from the one budget (a phase that ends early
+# leaves its time to the next), and the plan is printed first:
+#   gpu tests        pytest -m "" tests/test_gpu.py: every user combination, capture vs eager, resume, ...
+#   fused-op tests   pytest -m "" tests/test_fused_ops.py: the compiled Triton kernels against the reference
+#   bench bf16/fp32  bench/bench_penalty.py: fused + captured vs eager per network, the penalty's overhead
+#   stackedmnist     data + digit classifier, a bf16 run of the paper's conv nets (width 64), its modes and KL
+#   compile          bench/bench_penalty.py --compile: torch.compile against capture
+# Tests must all pass with none skipped or deselected; a failed phase does not stop the others.
 # Expects torch, triton and accelerate installed (the GPU machine has torch 2.11); no network.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,14 +30,23 @@ default_python=python3
 [[ -x $ROOT/.venv/bin/python ]] && default_python=$ROOT/.venv/bin/python
 PYTHON=${PYTHON:-$default_python}
 
-mode=run
-case "${1:-}" in
-    --fetch) mode=fetch ;;
-    --dry-run) mode=dry ;;
-    "") ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
-    *) echo "gpu_check.sh: unknown option $1 (use --fetch, --dry-run or nothing)" >&2; exit 2 ;;
-esac
+mode=run budget=
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --fetch) mode=fetch ;;
+        --dry-run) mode=dry ;;
+        --budget) budget=${2:-}; shift ;;
+        --budget=*) budget=${1#*=} ;;
+        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        *) echo "gpu_check.sh: unknown option $1 (use --fetch, --dry-run, --budget SECONDS)" >&2; exit 2 ;;
+    esac
+    shift
+done
+[[ -z $budget ]] && budget=$([[ $mode == dry ]] && echo 1800 || echo 540)
+if ! [[ $budget =~ ^[0-9]+$ ]] || (( budget < 60 )); then
+    echo "gpu_check.sh: --budget wants whole seconds, at least 60 (got '$budget')" >&2
+    exit 2
+fi
 
 if [[ $mode == fetch ]]; then
     # Python 3.12 wheels for the GPU machine, at the versions of this project's environment;
@@ -46,7 +63,16 @@ if [[ $mode == fetch ]]; then
         pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
         typing-extensions==4.16.0
     "$PYTHON" -m pip wheel -q --no-deps -w "$GPU_DIR/wheels" deepspeed==0.19.8
-    cp ../shared/data/mnist/t10k-images-idx3-ubyte.gz ../shared/data/mnist/t10k-labels-idx1-ubyte.gz "$GPU_DIR/mnist/"
+    # MNIST from where the test suite reads real data: ../shared/data, else /work/shared/data.
+    found=
+    for dir in "$ROOT/../shared/data/mnist" /work/shared/data/mnist; do
+        if [[ -f $dir/t10k-images-idx3-ubyte.gz && -f $dir/t10k-labels-idx1-ubyte.gz ]]; then
+            cp "$dir"/t10k-images-idx3-ubyte.gz "$dir"/t10k-labels-idx1-ubyte.gz "$GPU_DIR/mnist/"
+            found=$dir
+            break
+        fi
+    done
+    [[ -n $found ]] && echo "MNIST from $found" || echo "no MNIST files found: the StackedMNIST phase will be skipped" >&2
     du -sh "$GPU_DIR"
     exit 0
 fi
@@ -56,31 +82,38 @@ mkdir -p "$OUT"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 summary=$OUT/summary.md
-echo "# GPU check ($mode) $(date -u +%FT%TZ)" >"$summary"
-failed=0
+T0=$(date +%s)
+failed=0 not_run=0
 
-phase() {  # phase NAME SECONDS LOGFILE COMMAND...: runs with a time limit, appends to the log and summary
-    local name=$1 limit=$2 log=$3 start rc
-    shift 3
-    start=$(date +%s)
-    echo "## $name" >>"$log"
-    timeout -s TERM "$limit" "$@" >>"$log" 2>&1
-    rc=$?
-    local took=$(( $(date +%s) - start ))
-    if [[ $rc -eq 0 ]]; then
-        echo "- $name: ok (${took} s)" >>"$summary"
-    else
-        echo "- $name: FAILED, exit $rc (${took} s; see $(basename "$log"))" >>"$summary"
-        failed=1
-    fi
-    echo "$name: exit $rc after ${took} s" >&2
-}
+# Where each phase must end, as a share (percent) of the budget from the start. Tiny sizes make the
+# dry run's phases far cheaper than the real ones, so its larger default budget is pure margin for a
+# loaded machine.
+declare -A END=([tests]=38 [fused]=48 [bf16]=60 [fp32]=72 [smnist_data]=78 [smnist_run]=88 [smnist_eval]=95 [compile]=100)
+PHASES=(tests fused bf16 fp32 smnist_data smnist_run smnist_eval compile)
+declare -A NAME=([tests]="gpu tests" [fused]="fused-op tests" [bf16]="bench_penalty bf16" [fp32]="bench_penalty fp32"
+    [smnist_data]="stackedmnist data" [smnist_run]="stackedmnist run" [smnist_eval]="stackedmnist evaluation"
+    [compile]="bench_penalty compile vs capture")
+deadline() { echo $(( T0 + budget * ${END[$1]} / 100 )); }
+
+{
+    echo "# GPU check ($mode) $(date -u +%FT%TZ)"
+    echo
+    echo "time budget ${budget} s; each phase ends by its deadline (seconds from the start):"
+    prev=0
+    for p in "${PHASES[@]}"; do
+        end=$(( budget * ${END[$p]} / 100 ))
+        echo "- ${NAME[$p]}: by ${end} s (its share $(( end - prev )) s, plus what earlier phases leave)"
+        prev=$end
+    done
+    echo
+} >"$summary"
+cat "$summary"
 
 if [[ $mode == dry ]]; then
-    export MEG_GPU_DRY_RUN=1   # the gpu tests run on the CPU
+    export MEG_GPU_DRY_RUN=1  # the gpu tests run on the CPU
     tiny=(--tiny --repeats 2 --iterations 1)
     smnist=(model.conv_width=4 data.batch_size=16 train.energy_steps=2 log.every=5)
-    smnist_seconds=25 smnist_samples=2000 classifier_epochs=1 steps_repeats=(--repeats 1 --only toy)
+    smnist_samples=2000 classifier_epochs=1 xdist=()
 else
     if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
         echo "gpu_check.sh: no CUDA device here; run bench/gpu_check.sh --dry-run on a CPU" >&2
@@ -92,9 +125,12 @@ else
             || { echo "gpu_check.sh: installing the carried wheels failed" >&2; exit 2; }
         export PYTHONPATH=$WORK/site${PYTHONPATH:+:$PYTHONPATH}
     fi
-    tiny=(--repeats 20 --iterations 5)
-    smnist=(log.every=100)
-    smnist_seconds=120 smnist_samples=26000 classifier_epochs=3 steps_repeats=(--repeats 20)
+    tiny=(--repeats 10 --iterations 3)
+    smnist=(log.every=50)
+    smnist_samples=26000 classifier_epochs=3
+    # The subprocess runs of the GPU tests in parallel where pytest-xdist is (the GPU machine has it).
+    xdist=()
+    "$PYTHON" -c "import xdist" 2>/dev/null && xdist=(-n 4)
 fi
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 
@@ -111,70 +147,140 @@ if torch.cuda.is_available():
     smi = ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"]
     print(subprocess.run(smi, capture_output=True, text=True).stdout.strip())
 EOF
+echo >>"$summary"
 
-phase "gpu tests" 330 "$OUT/pytest.log" \
-    "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_fused_ops.py
+report() {  # report KEY STATUS DETAIL: one line in the summary and on stderr
+    echo "- ${NAME[$1]}: $2${3:+ ($3)}" >>"$summary"
+    echo "${NAME[$1]}: $2${3:+ ($3)}" >&2
+}
+
+PHASE_RC=0
+phase() {  # phase KEY LOGFILE COMMAND...: runs it until the phase's deadline, reports it, sets PHASE_RC
+    local key=$1 log=$2 start limit took
+    shift 2
+    start=$(date +%s)
+    limit=$(( $(deadline "$key") - start ))
+    if (( limit < 5 )); then
+        report "$key" "NOT RUN" "the budget was spent before it"
+        not_run=$(( not_run + 1 ))
+        PHASE_RC=124
+        return
+    fi
+    echo "## ${NAME[$key]} (limit ${limit} s)" >>"$log"
+    timeout -k 20 -s TERM "$limit" "$@" >>"$log" 2>&1
+    PHASE_RC=$?
+    took=$(( $(date +%s) - start ))
+    if [[ $PHASE_RC -eq 0 ]]; then
+        report "$key" "ok" "${took} s of ${limit} s"
+    elif [[ $PHASE_RC -eq 124 || $PHASE_RC -eq 137 ]]; then
+        report "$key" "FAILED" "stopped at its deadline after ${took} s; see $(basename "$log")"
+        failed=1
+    else
+        report "$key" "FAILED" "exit $PHASE_RC after ${took} s; see $(basename "$log")"
+        failed=1
+    fi
+}
+
+pytest_phase() {  # pytest_phase KEY TESTFILE: every test of the file runs and passes, none skipped or deselected
+    local key=$1 file=$2 log=$OUT/tests.log before line
+    before=$(cat "$log" 2>/dev/null | wc -l)
+    # -m "": pyproject's default filter would deselect the gpu tests; -rfEs lists failures and skips.
+    phase "$key" "$log" "$PYTHON" -m pytest -m "" -q -rfEs -p no:cacheprovider "${xdist[@]}" "$file"
+    line=$(tail -n "+$(( before + 1 ))" "$log" | grep -E '^=*\s*[0-9]+ (passed|failed|error)' | tail -n 1 \
+        | sed -E 's/^=+ //; s/ =+$//')
+    echo "  $file: ${line:-no pytest summary line}" >>"$summary"
+    if [[ $PHASE_RC -eq 0 && ( -z $line || $line =~ (skipped|deselected|failed|error|xfail) ) ]]; then
+        report "$key" "FAILED" "every test must run and pass"
+        failed=1
+    fi
+}
+
+pytest_phase tests tests/test_gpu.py
+pytest_phase fused tests/test_fused_ops.py
+
+# Penalty benchmarks, each table written row by row (a phase stopped at its deadline keeps its rows).
 bench=(bench/bench_penalty.py "${tiny[@]}")
-phase "bench_penalty fp32" 150 "$OUT/bench_penalty.log" "$PYTHON" "${bench[@]}" --out "$OUT/bench_penalty_fp32.md"
-phase "bench_penalty bf16" 150 "$OUT/bench_penalty.log" "$PYTHON" "${bench[@]}" --precision bf16 \
+every=(--only stackedmnist --only toy --only cifar --only kdd)
+phase bf16 "$OUT/bench.log" "$PYTHON" "${bench[@]}" "${every[@]}" --precision bf16 \
     --rows "before issue 10,no penalty,eager penalty,+ inputs/fused Adam,+ penalty kernel,+ capture,lazy k=4" \
     --out "$OUT/bench_penalty_bf16.md"
-phase "bench_penalty compile vs capture" 150 "$OUT/bench_penalty.log" "$PYTHON" "${bench[@]}" --compile \
-    --only stackedmnist --only toy --rows "eager penalty,+ inputs/fused Adam,+ capture,compile" \
-    --out "$OUT/bench_penalty_compile.md"
-phase "bench_steps" 90 "$OUT/bench_steps.log" "$PYTHON" bench/bench_steps.py "${steps_repeats[@]}"
+phase fp32 "$OUT/bench.log" "$PYTHON" "${bench[@]}" "${every[@]}" --out "$OUT/bench_penalty_fp32.md"
 
-# StackedMNIST at the paper's width in bf16 for a fixed time, then its modes and KL.
+# StackedMNIST at the paper's width in bf16, then its modes and KL.
 mnist=
 for dir in "$GPU_DIR/mnist" "$ROOT/../shared/data/mnist" /work/shared/data/mnist; do
     [[ -f $dir/t10k-images-idx3-ubyte.gz ]] && { mnist=$dir; break; }
 done
+log=$OUT/stackedmnist.log
 if [[ -n $mnist ]]; then
     images=$mnist/t10k-images-idx3-ubyte.gz labels=$mnist/t10k-labels-idx1-ubyte.gz
-    log=$OUT/stackedmnist.log
-    phase "stackedmnist data" 120 "$log" bash -c "
+    phase smnist_data "$log" bash -c "
         '$PYTHON' -m data_pipeline.convert stackedmnist --images '$images' --labels '$labels' --n-stack 3 \
             --out '$WORK/smnist' &&
         '$PYTHON' -m data_pipeline.convert mnist --images '$images' --labels '$labels' --out '$WORK/mnist' &&
         '$PYTHON' -m trainer.classifier --data '$WORK/mnist' --out '$WORK/classifier.pt' --epochs $classifier_epochs"
-    # SIGTERM after the time limit: the trainer checkpoints and exits 75 (preempted), as under Slurm.
+    # Trains until SIGTERM a few seconds before its deadline: the trainer then checkpoints and exits
+    # 75 (preempted), as under Slurm, leaving the evaluation a checkpoint.
     start=$(date +%s)
-    timeout --preserve-status -k 60 -s TERM "$smnist_seconds" "$PYTHON" trainer/main.py --config stackedmnist name=gpu_check \
-        output_dir="$WORK/run" data.url="$WORK/smnist" eval.stackedmnist.classifier="$WORK/classifier.pt" \
-        train.mixed_precision=bf16 eval.every=0 \
-        checkpoint.every=100000 log.prometheus_port=-1 "${smnist[@]}" >>"$log" 2>&1
-    rc=$?
-    took=$(( $(date +%s) - start ))
-    if [[ $rc -eq 75 || $rc -eq 0 ]]; then
-        echo "- stackedmnist run: ok, stopped by SIGTERM after ${took} s (exit $rc)" >>"$summary"
+    seconds=$(( $(deadline smnist_run) - start - 15 ))
+    if (( seconds < 20 )); then
+        report smnist_run "NOT RUN" "the budget was spent before it"
+        not_run=$(( not_run + 1 ))
     else
-        echo "- stackedmnist run: FAILED, exit $rc (${took} s; see stackedmnist.log)" >>"$summary"
-        failed=1
+        echo "## ${NAME[smnist_run]} (SIGTERM after ${seconds} s)" >>"$log"
+        timeout --preserve-status -k 30 -s TERM "$seconds" "$PYTHON" trainer/main.py --config stackedmnist \
+            name=gpu_check output_dir="$WORK/run" data.url="$WORK/smnist" \
+            eval.stackedmnist.classifier="$WORK/classifier.pt" train.mixed_precision=bf16 eval.every=0 \
+            checkpoint.every=100000 log.prometheus_port=-1 "${smnist[@]}" >>"$log" 2>&1
+        rc=$?
+        took=$(( $(date +%s) - start ))
+        if [[ $rc -eq 75 || $rc -eq 0 ]]; then
+            report smnist_run "ok" "exit $rc after ${took} s"
+        else
+            report smnist_run "FAILED" "exit $rc after ${took} s; see stackedmnist.log"
+            failed=1
+        fi
     fi
-    phase "stackedmnist evaluation" 120 "$log" "$PYTHON" -m trainer.evaluate --run "$WORK/run" \
-        eval.stackedmnist.classifier="$WORK/classifier.pt" eval.num_samples=$smnist_samples eval.mala.steps=0
+    if [[ -d $WORK/run/checkpoints ]]; then
+        phase smnist_eval "$log" "$PYTHON" -m trainer.evaluate --run "$WORK/run" \
+            eval.stackedmnist.classifier="$WORK/classifier.pt" eval.num_samples=$smnist_samples eval.mala.steps=0
+    else
+        report smnist_eval "NOT RUN" "the run left no checkpoint"
+        not_run=$(( not_run + 1 ))
+    fi
     "$PYTHON" - "$WORK/run" >>"$summary" 2>&1 <<'EOF'
 import glob, json, os, sys
 run = sys.argv[1]
-train = [r for r in map(json.loads, open(os.path.join(run, "metrics.jsonl"))) if "samples_per_s" in r]
+path = os.path.join(run, "metrics.jsonl")
+train = [r for r in map(json.loads, open(path)) if "samples_per_s" in r] if os.path.exists(path) else []
 evals = sorted(glob.glob(os.path.join(run, "eval", "eval_step_*.json")))
 if train:
     last = train[-1]
-    print(f"- stackedmnist: {last['step']} generator steps, {last['samples_per_s']:.0f} samples/s "
+    print(f"  stackedmnist: {last['step']} generator steps, {last['samples_per_s']:.0f} samples/s "
           f"(energy samples per second, last window), step time {last['step_time_s'] * 1e3:.1f} ms")
 if evals:
     e = json.load(open(evals[-1]))
-    print("- stackedmnist evaluation: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+    print("  stackedmnist evaluation: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                     for k, v in e.items()))
 EOF
 else
-    echo "- stackedmnist: skipped, no MNIST files (bench/gpu_check.sh --fetch copies them into .gpu/mnist)" >>"$summary"
+    for key in smnist_data smnist_run smnist_eval; do
+        report "$key" "NOT RUN" "no MNIST files: bench/gpu_check.sh --fetch copies them into .gpu/mnist"
+        not_run=$(( not_run + 1 ))
+    done
 fi
 
-for table in "$OUT"/bench_penalty_*.md; do
+phase compile "$OUT/bench.log" "$PYTHON" "${bench[@]}" --compile --only stackedmnist --only toy \
+    --rows "eager penalty,+ inputs/fused Adam,+ capture,compile" --out "$OUT/bench_penalty_compile.md"
+
+for table in "$OUT"/bench_penalty_{bf16,fp32,compile}.md; do
     [[ -f $table ]] && { echo; cat "$table"; } >>"$summary"
 done
 echo >>"$summary"
-echo "$([[ $failed -eq 0 ]] && echo 'every phase passed' || echo 'SOME PHASES FAILED')" >>"$summary"
+if [[ $failed -eq 0 && $not_run -eq 0 ]]; then
+    echo "every phase passed ($(( $(date +%s) - T0 )) s of ${budget} s)" >>"$summary"
+else
+    echo "SOME PHASES FAILED OR DID NOT RUN ($(( $(date +%s) - T0 )) s of ${budget} s)" >>"$summary"
+fi
 cat "$summary"
-exit $failed
+exit $(( failed || not_run ))

@@ -24,7 +24,8 @@ class ModelConfig:
     init_std: float = 0.0  # > 0: N(0, init_std) weights, zero biases (the authors used 0.02 for images)
     conv_width: int = 64  # conv only: first layer's channels, doubled per layer (the paper's 64; 16 for CPU runs)
     # E's and T's layers and the penalty: fused (Triton bias+LeakyReLU, gradfix convs, one-kernel penalty
-    # reduction), eager (plain PyTorch), or auto (fused on CUDA, eager elsewhere). Same numbers, same weights.
+    # reduction), eager (plain PyTorch), or auto (fused where the step is captured as a CUDA graph, eager
+    # elsewhere: trainer/steps.py resolve_kernels says why). Same numbers, same weights.
     kernels: Literal["auto", "eager", "fused"] = "auto"
 
     def __post_init__(self) -> None:

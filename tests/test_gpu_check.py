@@ -1,5 +1,7 @@
-"""bench/gpu_check.sh --dry-run: the GPU check's every phase on the CPU at tiny sizes, so it cannot rot."""
+"""bench/gpu_check.sh: its dry run (every phase on the CPU at tiny sizes, tests/test_gpu.py's tests
+included) in the suite, so that the one command a GPU machine gets cannot rot."""
 
+import re
 import subprocess
 import sys
 
@@ -7,24 +9,58 @@ import pytest
 
 from tests.conftest import REPO_ROOT, subprocess_env
 
-pytestmark = pytest.mark.slow
+PHASES = ("gpu tests", "fused-op tests", "bench_penalty bf16", "bench_penalty fp32", "stackedmnist data",
+          "stackedmnist run", "stackedmnist evaluation", "bench_penalty compile vs capture")  # fmt: skip
 
 
-def test_gpu_check_dry_run_passes_every_phase(tmp_path):
+def _collected(test_file: str, env: dict) -> int:
+    """How many tests the file holds as the dry run sees them (-m "": no marker filter)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "", "-p", "no:cacheprovider", test_file],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    return int(re.search(r"(\d+) tests? collected", result.stdout).group(1))
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_runs_every_test_and_phase(tmp_path):
     env = subprocess_env()
-    env.update(OUT=str(tmp_path), PYTHON=sys.executable)
+    env.update(OUT=str(tmp_path / "out"), PYTHON=sys.executable)
     result = subprocess.run(
         ["bash", "bench/gpu_check.sh", "--dry-run"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-        timeout=1500,
+        timeout=2400,
     )  # fmt: skip
-    summary = (tmp_path / "summary.md").read_text()
+    summary = (tmp_path / "out" / "summary.md").read_text()
     assert result.returncode == 0, summary + result.stderr[-3000:]
-    assert "every phase passed" in summary and "FAILED" not in summary
-    for phase in ("gpu tests", "bench_penalty fp32", "bench_penalty bf16", "bench_penalty compile vs capture",
-                  "bench_steps", "stackedmnist evaluation"):  # fmt: skip
+    assert "every phase passed" in summary and "FAILED" not in summary and "NOT RUN" not in summary
+    # The plan first: one budget, a deadline per phase.
+    assert "time budget 1800 s" in summary
+    for phase in PHASES:
+        assert re.search(rf"^- {re.escape(phase)}: by \d+ s", summary, re.M), phase
         assert f"- {phase}: ok" in summary, phase
-    # Every table has a row per network, and the StackedMNIST run reports its speed and modes.
-    fp32 = (tmp_path / "bench_penalty_fp32.md").read_text()
+    # Every test of both files ran and passed on the CPU: none deselected, none skipped.
+    dry_env = {**subprocess_env(), "MEG_GPU_DRY_RUN": "1"}
+    for test_file in ("tests/test_gpu.py", "tests/test_fused_ops.py"):
+        line = re.search(rf"^  {test_file}: (.*)$", summary, re.M).group(1)
+        counts = {word: int(n) for n, word in re.findall(r"(\d+) ([a-z]+)", line)}
+        assert counts.get("passed") == _collected(test_file, dry_env), line
+        assert set(counts) <= {"passed", "warning", "warnings"}, line
+    # Tables row by row, the StackedMNIST run's speed and modes, and no more files than come back.
+    fp32 = (tmp_path / "out" / "bench_penalty_fp32.md").read_text()
     for network in ("toy", "kdd", "stackedmnist", "cifar"):
         assert f"| {network} | + penalty kernel |" in fp32
     assert "samples/s" in summary and "modes_hit" in summary
+    assert len(list((tmp_path / "out").iterdir())) <= 8
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--budget", "10"], "at least 60"), (["--budget", "soon"], "whole seconds"), (["--fast"], "unknown option")],
+)
+def test_gpu_check_refuses_a_wrong_flag_before_any_work(tmp_path, args, message):
+    env = {**subprocess_env(), "OUT": str(tmp_path / "out")}
+    result = subprocess.run(
+        ["bash", "bench/gpu_check.sh", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 2 and message in result.stderr
+    assert not (tmp_path / "out").exists()
