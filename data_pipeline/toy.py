@@ -59,11 +59,22 @@ def sample_toy(name: str, n: int, seed: int, std: float = 0.0) -> tuple[np.ndarr
     return points.astype(np.float32), modes.astype(np.int64)
 
 
+def true_log_density(points: np.ndarray, spec: ToySpec) -> np.ndarray:
+    """log p(x) of the mixture itself (equal weights, isotropic Gaussians), float64."""
+    if spec.centres is None:
+        raise ValueError(f"{spec.name} has no closed-form density")
+    sq = ((points[:, None, :].astype(np.float64) - spec.centres[None]) ** 2).sum(axis=2)
+    log_components = -sq / (2 * spec.std**2) - np.log(2 * math.pi * spec.std**2)
+    peak = log_components.max(axis=1, keepdims=True)
+    return (peak + np.log(np.exp(log_components - peak).mean(axis=1, keepdims=True)))[:, 0]
+
+
 def mode_metrics(samples: np.ndarray, spec: ToySpec, min_count: int = 20) -> dict[str, float]:
     """VEEGAN/PacGAN protocol: a sample is high quality within 3 std of its nearest centre.
 
-    Returns the high-quality share, modes with >= 1 high-quality sample (the lax count) and modes
-    with >= ``min_count`` (the useful count).
+    Returns the high-quality share, modes with >= 1 high-quality sample (the lax count), modes
+    with >= ``min_count`` (the useful count) and PacGAN's reverse KL: KL(histogram of the
+    high-quality samples' modes || uniform), in nats (NaN when no sample is high quality).
     """
     if spec.centres is None:
         raise ValueError(f"{spec.name} has no modes; mode metrics do not apply")
@@ -71,9 +82,12 @@ def mode_metrics(samples: np.ndarray, spec: ToySpec, min_count: int = 20) -> dic
     nearest = dist.argmin(axis=1)
     high_quality = dist[np.arange(len(samples)), nearest] <= 3 * spec.std
     counts = np.bincount(nearest[high_quality], minlength=len(spec.centres))
+    share = counts / counts.sum() if counts.sum() else None
+    kl = float((share[share > 0] * np.log(share[share > 0] * len(counts))).sum()) if share is not None else math.nan
     return {
         "high_quality_share": float(high_quality.mean()),
         "modes_hit": int((counts >= 1).sum()),
         f"modes_with_{min_count}": int((counts >= min_count).sum()),
         "num_modes": len(spec.centres),
+        "mode_kl_reverse": kl,
     }

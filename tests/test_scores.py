@@ -7,6 +7,7 @@ import torch
 from trainer.scores import (
     anomaly_scores,
     auprc,
+    auroc,
     feature_statistics,
     frechet_distance,
     kernel_inception_distance,
@@ -66,3 +67,21 @@ def test_gradient_norm_score_matches_analytic():
     assert np.allclose(scores, 4 * x.norm(dim=1).numpy(), rtol=1e-6)
     with pytest.raises(ValueError, match="score kind"):
         anomaly_scores(lambda v: v.sum(1), x, "entropy")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_auprc_and_auroc_equal_scikit_learn_with_and_without_ties(seed):
+    metrics = pytest.importorskip("sklearn.metrics", reason="scikit-learn (a dev dependency) is not installed")
+    rng = np.random.default_rng(seed)
+    truth = rng.random(300) < 0.3
+    for scores in (rng.random(300), rng.integers(0, 4, 300).astype(float)):  # untied, then heavily tied
+        assert auprc(scores, truth) == pytest.approx(metrics.average_precision_score(truth, scores), abs=1e-12)
+        assert auroc(scores, truth) == pytest.approx(metrics.roc_auc_score(truth, scores), abs=1e-12)
+
+
+def test_tied_scores_do_not_depend_on_where_the_anomaly_sits():
+    # All four tied: one threshold, precision 1/4 whatever the input order (input order used to give 1.0 or 0.25).
+    scores = np.zeros(4)
+    for position in range(4):
+        truth = np.eye(4)[position]
+        assert auprc(scores, truth) == pytest.approx(0.25) and auroc(scores, truth) == pytest.approx(0.5)

@@ -85,6 +85,26 @@ def test_sample_tool_on_a_finished_run(tmp_path):
     assert os.path.getsize(tmp_path / "run" / "samples_mala3.png") > 1000
 
 
+def test_sample_tool_gives_what_evaluate_gives_for_one_checkpoint_and_seed(tmp_path):
+    # No flags: both take the run's eval.mala, eval.seed and eval.num_samples (the sample tool used to
+    # take its own step size 0.01 and temperature 1, and gave other numbers than the evaluation).
+    run = ["eval.mala.steps=4", "eval.mala.step_size=0.003", "eval.mala.temperature=0.2", "eval.num_samples=400",
+           "eval.seed=7"]  # fmt: skip
+    run_trainer(tiny_overrides(tmp_path, steps=10) + run)
+    evaluated = _tool("trainer.evaluate", "--run", str(tmp_path / "run"))
+    assert evaluated.returncode == 0, evaluated.stderr
+    record = json.loads((tmp_path / "run" / "eval" / "eval_step_00000010.json").read_text())
+    sampled = _tool("trainer.sample", "--run", str(tmp_path / "run"), "--npy", str(tmp_path / "seed7.npy"))
+    assert sampled.returncode == 0, sampled.stderr
+    report = json.loads(sampled.stdout[: sampled.stdout.rindex("}") + 1])
+    assert report["num_samples"] == 400 and report["mala_steps"] == 4 and report["mala_temperature"] == 0.2
+    for key in ("high_quality_share", "modes_hit", "modes_with_20", "mode_kl_reverse", "acceptance_rate"):
+        sampled_value = report[f"mala_{key}" if key == "acceptance_rate" else key]
+        assert json.dumps(sampled_value) == json.dumps(record[f"mala_{key}"]), key  # NaN (no mode yet) too
+    _tool("trainer.sample", "--run", str(tmp_path / "run"), "--seed", "8", "--npy", str(tmp_path / "seed8.npy"))
+    assert not np.allclose(np.load(tmp_path / "seed7.npy"), np.load(tmp_path / "seed8.npy"))  # --seed is used
+
+
 def test_fid_tool_caches_statistics_that_evaluation_reads(tmp_path):
     from trainer.fid import default_inception_path
 

@@ -1,10 +1,14 @@
-"""Draws samples from a trained run, optionally refined by latent MALA, and saves a picture.
+"""Draws samples from a trained run, refined by latent MALA as the run's evaluation does, and saves
+a picture.
 
-    python -m trainer.sample --run runs/toy_25gaussians --num 2500 --mala-steps 100
+    python -m trainer.sample --run runs/toy_25gaussians
+    python -m trainer.sample --run runs/toy_25gaussians --mala-steps 100 --num 10000
     python -m trainer.sample --run runs/toy_25gaussians --checkpoint runs/.../checkpoints/step_00001000 --npy s.npy
 
+The number of samples, the seed and the MALA settings default to the run's own (eval.num_samples,
+eval.seed, eval.mala): the same checkpoint gives the same samples and numbers as trainer.evaluate.
 2D data gives a scatter over the data; images give a PNG grid. For toy data sets the mode
-metrics are printed too. The MALA acceptance rate is always reported.
+metrics are printed too, and the MALA acceptance rate when MALA runs.
 """
 
 from __future__ import annotations
@@ -31,11 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--run", required=True, help="the run folder (holds config.yaml and checkpoints/)")
     p.add_argument("--checkpoint", help="a checkpoint folder (default: the run's newest intact one)")
-    p.add_argument("--num", type=int, default=2500, help="number of samples")
-    p.add_argument("--mala-steps", type=int, default=0, help="latent MALA steps (0: plain G(z))")
-    p.add_argument("--step-size", type=float, default=0.01)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num", type=int, help="number of samples (default: the run's eval.num_samples)")
+    p.add_argument("--mala-steps", type=int, help="latent MALA steps, 0: plain G(z) (default: eval.mala.steps)")
+    p.add_argument("--step-size", type=float, help="MALA step size (default: the run's eval.mala.step_size)")
+    p.add_argument("--temperature", type=float, help="MALA temperature (default: the run's eval.mala.temperature)")
+    p.add_argument("--seed", type=int, help="the random draws (default: the run's eval.seed)")
     p.add_argument("--out", help="PNG path (default: <run>/samples[_mala<N>].png)")
     p.add_argument("--npy", help="also save the samples as a .npy array")
     add_debug_flag(p)
@@ -49,21 +53,31 @@ def main(argv: list[str] | None = None) -> int:
 
 def _sample(args: argparse.Namespace) -> int:
     cfg, nets, checkpoint, info = load_networks(args.run, args.checkpoint)
-    torch.manual_seed(args.seed)
-    mala = MALAConfig(steps=args.mala_steps, step_size=args.step_size, temperature=args.temperature)
-    plain, refined, acceptance = generate(nets.energy, nets.generator, args.num, cfg.model.z_dim, mala)
+    run_mala = cfg.eval.mala
+    mala = MALAConfig(
+        steps=run_mala.steps if args.mala_steps is None else args.mala_steps,
+        step_size=run_mala.step_size if args.step_size is None else args.step_size,
+        temperature=run_mala.temperature if args.temperature is None else args.temperature,
+    )
+    num = cfg.eval.num_samples if args.num is None else args.num
+    # As trainer.evaluate: the same device and seed, so the same latents and chains.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for net in (nets.energy, nets.generator):
+        net.to(device)
+    torch.manual_seed(cfg.eval.seed if args.seed is None else args.seed)
+    plain, refined, acceptance = generate(nets.energy, nets.generator, num, cfg.model.z_dim, mala)
     samples = (refined if refined is not None else plain).cpu()
-    suffix = f"_mala{args.mala_steps}" if args.mala_steps else ""
+    suffix = f"_mala{mala.steps}" if mala.steps else ""
     out = args.out or os.path.join(args.run, f"samples{suffix}.png")
-    report: dict[str, float | str] = {"checkpoint": checkpoint, "num_samples": args.num}
-    if args.mala_steps:
-        report["mala_acceptance_rate"] = acceptance
+    report: dict[str, float | str] = {"checkpoint": checkpoint, "num_samples": num, "mala_steps": mala.steps}
+    if mala.steps:
+        report.update(mala_step_size=mala.step_size, mala_temperature=mala.temperature, mala_acceptance_rate=acceptance)
     if samples.dim() == 2 and samples.shape[1] == 2:
         spec, data = toy_reference(info.get("dataset", ""), cfg.eval.toy.std)
         if spec is not None:
             report.update(mode_metrics(samples.numpy(), spec))
         lim = float(np.abs(data).max() * 1.25) if data is not None else float(samples.abs().max() * 1.1)
-        scatter_2d(out, samples.numpy(), data, f"{os.path.basename(checkpoint)}, MALA steps {args.mala_steps}", lim)
+        scatter_2d(out, samples.numpy(), data, f"{os.path.basename(checkpoint)}, MALA steps {mala.steps}", lim)
     elif samples.dim() == 4:
         image_grid(out, samples[:256], nrow=16)
     if args.npy:

@@ -1,7 +1,8 @@
 """The paper's evaluation numbers as pure functions of arrays (method.md, "Experiments").
 
-- anomaly detection: precision/recall/F1 at a percentile threshold (KDD Cup 99), AUPRC (MNIST);
+- anomaly detection: precision/recall/F1 at a percentile threshold (KDD Cup 99), AUPRC and AUROC;
 - mode coverage: modes hit and KL(mode histogram || uniform) (StackedMNIST);
+- the energy as a density in 2D: its normaliser by quadrature on a grid;
 - Frechet and kernel Inception distances from feature arrays (images).
 """
 
@@ -27,6 +28,30 @@ def anomaly_scores(energy, x: torch.Tensor, kind: str = "energy", batch_size: in
     return torch.cat(out).numpy()
 
 
+@torch.no_grad()
+def energy_values(energy, x: torch.Tensor, batch_size: int = 65536) -> np.ndarray:
+    """E(x) for every row of ``x`` (moved to the energy's device in batches), as float64."""
+    device = next(energy.parameters()).device
+    return torch.cat([energy(chunk.to(device)).double().cpu() for chunk in x.split(batch_size)]).numpy()
+
+
+def square_grid(lim: float, cell: float) -> tuple[torch.Tensor, float]:
+    """The midpoints of a grid of square cells of side about ``cell`` covering [-lim, lim]^2, and the
+    cells' exact side (the midpoint rule: exact to O(cell^2) for a smooth integrand)."""
+    n = int(np.ceil(2 * lim / cell))
+    side = 2 * lim / n
+    axis = torch.linspace(-lim + side / 2, lim - side / 2, n, dtype=torch.float64)
+    xx, yy = torch.meshgrid(axis, axis, indexing="xy")
+    return torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1).float(), side
+
+
+def log_partition(grid_energy: np.ndarray, cell_area: float, temperature: float) -> float:
+    """log of the integral of exp(-E / T) over the grid's box by the midpoint rule."""
+    a = -grid_energy / temperature
+    peak = a.max()
+    return float(peak + np.log(np.exp(a - peak).sum()) + np.log(cell_area))
+
+
 def precision_recall_f1_at_percentile(
     scores: np.ndarray, is_anomaly: np.ndarray, percentile: float = 80.0
 ) -> dict[str, float]:
@@ -41,16 +66,34 @@ def precision_recall_f1_at_percentile(
     return {"precision": precision, "recall": recall, "f1": f1, "threshold": float(threshold)}
 
 
-def auprc(scores: np.ndarray, is_anomaly: np.ndarray) -> float:
-    """Area under the precision-recall curve as average precision (sum over recall steps)."""
+def _ranked_counts(scores: np.ndarray, is_anomaly: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cumulative true and false positives at each distinct score, from the highest down: tied
+    scores form one threshold, so the order of tied inputs cannot change a number."""
     order = np.argsort(-scores, kind="mergesort")
-    truth = is_anomaly.astype(bool)[order]
-    positives = truth.sum()
-    if positives == 0:
+    ranked, truth = scores[order], is_anomaly.astype(bool)[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(ranked) != 0), len(ranked) - 1]
+    tp = np.cumsum(truth)[last_of_tie].astype(np.float64)
+    return tp, (last_of_tie + 1) - tp
+
+
+def auprc(scores: np.ndarray, is_anomaly: np.ndarray) -> float:
+    """Area under the precision-recall curve as average precision, sum over thresholds of
+    (R_n - R_{n-1}) P_n, as scikit-learn's ``average_precision_score`` (ties: one threshold)."""
+    tp, fp = _ranked_counts(scores, is_anomaly)
+    if tp[-1] == 0:
         raise ValueError("AUPRC needs at least one anomaly")
-    tp = np.cumsum(truth)
-    precision = tp / np.arange(1, len(truth) + 1)
-    return float((precision * truth).sum() / positives)
+    recall_gain = np.diff(np.r_[0.0, tp]) / tp[-1]
+    return float((recall_gain * tp / (tp + fp)).sum())
+
+
+def auroc(scores: np.ndarray, is_anomaly: np.ndarray) -> float:
+    """Area under the ROC curve: the chance that an anomaly scores above a normal sample, ties
+    counting one half (the trapezoidal area, as scikit-learn's ``roc_auc_score``)."""
+    tp, fp = _ranked_counts(scores, is_anomaly)
+    if tp[-1] == 0 or fp[-1] == 0:
+        raise ValueError("AUROC needs both anomalies and normal samples")
+    tpr, fpr = np.r_[0.0, tp] / tp[-1], np.r_[0.0, fp] / fp[-1]
+    return float((np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2).sum())
 
 
 def mode_coverage(mode_ids: np.ndarray, num_modes: int) -> dict[str, float]:

@@ -3,8 +3,8 @@
 | kind          | metrics                                                                 | section            |
 |---------------|-------------------------------------------------------------------------|--------------------|
 | toy           | modes with >= 1 / >= 20 high-quality samples, high-quality share         | eval.toy           |
-| kdd           | precision, recall, F1 at a percentile, energy and gradient-norm scores   | eval.kdd           |
-| mnist_anomaly | AUPRC of the held-out digit, energy and gradient-norm scores             | eval.mnist_anomaly |
+| kdd           | precision, recall, F1 at a percentile, AUROC, AUPRC; energy and grad-norm | eval.kdd           |
+| mnist_anomaly | AUPRC, AUROC of the held-out digit; energy and gradient-norm scores       | eval.mnist_anomaly |
 | stackedmnist  | modes hit and KL(mode histogram || uniform), a digit classifier per channel | eval.stackedmnist |
 | fid           | FID and KID against cached reference statistics                          | eval.fid           |
 | samples       | pictures only                                                            |                    |

@@ -1,5 +1,6 @@
 """Anomaly detection from the energy (and its gradient norm) on a labelled test split: KDD Cup 99
-(precision, recall and F1 at a percentile threshold) and MNIST with one held-out digit (AUPRC)."""
+(precision, recall and F1 at a percentile threshold) and MNIST with one held-out digit (AUPRC); AUROC
+and AUPRC for both, as later methods report them."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from trainer.evaluation.base import Evaluator
-from trainer.scores import anomaly_scores, auprc, precision_recall_f1_at_percentile
+from trainer.scores import anomaly_scores, auprc, auroc, precision_recall_f1_at_percentile
 
 
 @dataclass
@@ -64,7 +65,11 @@ class KDDEvaluator(_AnomalyEvaluator):
         return labels == 1
 
     def metrics(self, scores, is_anomaly):
-        return precision_recall_f1_at_percentile(scores, is_anomaly, self.section.percentile)
+        return {
+            **precision_recall_f1_at_percentile(scores, is_anomaly, self.section.percentile),
+            "auroc": auroc(scores, is_anomaly),
+            "auprc": auprc(scores, is_anomaly),
+        }
 
 
 class MNISTAnomalyEvaluator(_AnomalyEvaluator):
@@ -74,4 +79,4 @@ class MNISTAnomalyEvaluator(_AnomalyEvaluator):
         return labels == self.section.digit
 
     def metrics(self, scores, is_anomaly):
-        return {"auprc": auprc(scores, is_anomaly)}
+        return {"auprc": auprc(scores, is_anomaly), "auroc": auroc(scores, is_anomaly)}
