@@ -112,7 +112,9 @@ cat "$summary"
 if [[ $mode == dry ]]; then
     export MEG_GPU_DRY_RUN=1  # the gpu tests run on the CPU
     tiny=(--tiny --repeats 2 --iterations 1)
-    smnist=(model.conv_width=4 data.batch_size=16 train.energy_steps=2 log.every=5)
+    # A fixed few steps (the real run trains until its deadline): the dry run ends as soon as it can.
+    smnist=(model.conv_width=4 data.batch_size=16 train.energy_steps=2 log.every=5 train.steps=30
+        eval.num_samples=500 eval.mala.steps=0)
     smnist_samples=2000 classifier_epochs=1 xdist=()
 else
     if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
