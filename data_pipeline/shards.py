@@ -19,12 +19,15 @@ import os
 import posixpath
 import tarfile
 import tempfile
+import urllib.parse
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import fsspec
 import numpy as np
 import webdataset as wds
+
+from data_pipeline.cli import UserError
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +79,13 @@ COMMAND_SCHEMES = ("pipe", "ais", "htgs", "scp", "ftps")
 
 
 def is_command_url(url: str) -> bool:
-    return ":" in url and url.split(":", 1)[0] in COMMAND_SCHEMES
+    """Whether webdataset's opener would run a program for ``url``: it takes the scheme as urllib parses
+    it (case-insensitive, leading blanks stripped), so ``PIPE:`` and `` pipe:`` count too."""
+    try:
+        scheme = urllib.parse.urlparse(url).scheme
+    except ValueError:  # a malformed netloc; the scheme is still what precedes the colon
+        scheme = url.split(":", 1)[0].strip().lower() if ":" in url else ""
+    return scheme in COMMAND_SCHEMES
 
 
 def join_url(base: str, name: str) -> str:
@@ -90,7 +99,7 @@ def manifest_url(url: str) -> str:
     return url if url.endswith(".json") else join_url(url, MANIFEST_NAME)
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """Missing, malformed or inconsistent data: raised before any training starts."""
 
 

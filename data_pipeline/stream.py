@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_pipeline.cli import ConfigError
 from data_pipeline.config import WORKER_TYPES, StreamPosition
 from data_pipeline.decode import DecodeSpec, gunzip_shard, is_meg_layout, parse_webdataset_shard
 from data_pipeline.shard_reader import CorruptShard, ShardArrays, parse_shard
@@ -151,7 +152,7 @@ def prefetch_hint(url: str) -> None:
 def _local_path(url: str) -> str | None:
     if url.startswith("file://"):
         return url[len("file://") :]
-    return None if "://" in url or url.startswith("pipe:") else url
+    return None if "://" in url or is_command_url(url) else url
 
 
 def load_shard(url: str, info: ShardInfo, manifest: Manifest, buffer: ReadBuffer | None = None) -> ShardArrays:
@@ -461,7 +462,7 @@ class ShardStream:
         pin: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         if len(manifest.shards) < world_size * max(num_workers, 1):
-            raise ValueError(
+            raise ConfigError(
                 f"{manifest.name}: {len(manifest.shards)} shards cannot feed {world_size} ranks x "
                 f"{max(num_workers, 1)} workers; write more shards or use fewer workers"
             )
@@ -492,7 +493,7 @@ class ShardStream:
         self.urls = manifest.shard_urls()
         self.counts = [s.num_samples for s in manifest.shards]
         if self.batches_per_epoch(0) == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"{manifest.name}: {manifest.num_samples} samples give rank {rank} no full batch of {batch_size} "
                 f"with {max(num_workers, 1)} worker(s) per rank"
             )

@@ -36,6 +36,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from data_pipeline.cli import CheckpointError
 from data_pipeline.config import StreamPosition
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,8 @@ NETWORKS = ("energy", "generator", "statistics")
 
 @dataclass
 class CheckpointConfig:
-    every: int = 500
-    keep: int = 3
+    every: int = field(default=500, metadata={"range": "[1, 1e12]"})
+    keep: int = field(default=3, metadata={"range": "[1, 1000000]"})
     resume: bool = True  # resume from the run folder's latest checkpoint when there is one
 
     def __post_init__(self) -> None:
@@ -161,7 +162,7 @@ def load_export(checkpoint: str) -> tuple[dict[str, dict[str, torch.Tensor]], di
     """(E's, G's and T's state dicts, the export's metadata, the config.yaml text) of a checkpoint."""
     path = os.path.join(checkpoint, WEIGHTS_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"{checkpoint} has no {WEIGHTS_FILE}: not a checkpoint, or written by a version before the weights "
             "export (retrain, or sample it with that version)"
         )

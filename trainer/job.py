@@ -18,7 +18,7 @@ from data_pipeline.shards import DataError, manifest_url
 from data_pipeline.stream import ShardStream, looks_like_shards, open_data
 from models import build_networks
 from trainer.checkpoint import Checkpoints, load_export, package_version
-from trainer.config import ConfigError, RunConfig, _build, config_to_yaml, parse_yaml
+from trainer.config import ConfigError, RunConfig, config_from_yaml, config_to_yaml
 from trainer.evaluation import build_evaluator
 from trainer.meg_trainer import MEGTrainer, Preempted, host_pinning
 from trainer.metrics import JsonlSink, MetricsLogger, ProgressSink
@@ -113,7 +113,7 @@ def check_resumable(cfg: RunConfig, checkpoint: str, sample_shape: list[int]) ->
     """Raises ConfigError when the run asks for another model, engine or data shape than the
     checkpoint it would resume holds: before anything of the run folder is overwritten."""
     _, info, saved_yaml = load_export(checkpoint)
-    saved = _build(RunConfig, parse_yaml(saved_yaml))
+    saved = config_from_yaml(saved_yaml, os.path.join(checkpoint, "config.yaml"))
     differences = [
         f"model.{key}: {getattr(saved.model, key)!r} in the checkpoint, {getattr(cfg.model, key)!r} now"
         for key in vars(cfg.model)

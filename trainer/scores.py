@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from data_pipeline.shards import DataError
+
 
 def anomaly_scores(energy, x: torch.Tensor, kind: str = "energy", batch_size: int = 4096) -> np.ndarray:
     """Per-sample anomaly score: the energy E(x), or the gradient norm ||grad_x E(x)||."""
@@ -47,7 +49,7 @@ def auprc(scores: np.ndarray, is_anomaly: np.ndarray) -> float:
     truth = is_anomaly.astype(bool)[order]
     positives = truth.sum()
     if positives == 0:
-        raise ValueError("AUPRC needs at least one anomaly")
+        raise DataError("AUPRC needs at least one anomaly in the test split")
     tp = np.cumsum(truth)
     precision = tp / np.arange(1, len(truth) + 1)
     return float((precision * truth).sum() / positives)

@@ -4,7 +4,7 @@ scatter plots of the samples over the data and the model's density."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -14,7 +14,8 @@ from trainer.evaluation.base import Evaluator
 
 @dataclass
 class ToyEvalConfig:
-    std: float = 0.0  # the modes' std for the 3-sigma quality rule (0: the data set's own)
+    # The modes' std for the 3-sigma quality rule (0: the data set's own).
+    std: float = field(default=0.0, metadata={"range": "[0, inf)"})
 
 
 def toy_reference(dataset: str, std: float) -> tuple[ToySpec | None, np.ndarray | None]:
