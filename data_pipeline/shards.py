@@ -59,6 +59,9 @@ class Manifest:
     layout: str = "meg"
     decode: dict[str, Any] = field(default_factory=dict)
     base_url: str = ""  # where the manifest was read from; not stored
+    # The bound on a shard member or decoded sample the reader accepts (data.max_sample_bytes): the
+    # run's setting, not the data's, so not stored either. 0: the default.
+    max_sample_bytes: int = 0
 
     @property
     def num_samples(self) -> int:
@@ -70,6 +73,7 @@ class Manifest:
     def to_json(self) -> str:
         d = asdict(self)
         d.pop("base_url")
+        d.pop("max_sample_bytes")
         d["num_samples"] = self.num_samples
         return json.dumps(d, indent=2, sort_keys=True)
 
@@ -127,6 +131,7 @@ def read_manifest(url: str, check_shards: bool = True) -> Manifest:
     try:
         shards = [ShardInfo(**s) for s in raw.pop("shards")]
         stated_total = raw.pop("num_samples", None)
+        raw.pop("max_sample_bytes", None)
         manifest = Manifest(shards=shards, **raw, base_url=base)
     except (KeyError, TypeError) as e:
         raise DataError(f"manifest {murl} is malformed: {e}") from None

@@ -135,7 +135,7 @@ def train(cfg: RunConfig, runtime: Runtime, stop: threading.Event, preset: str) 
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {runtime.world_size} ranks")
     ensure_toy_data(cfg, runtime)
     try:
-        manifest = open_data(cfg.data.url, cfg.data.decode_spec())
+        manifest = open_data(cfg.data.url, cfg.data.decode_spec(), cfg.data.sample_bytes_bound())
     except DataError as e:
         raise DataError(
             f"{e}\nthis preset's data is written by: {cfg.data.prepare}" if cfg.data.prepare else str(e)
