@@ -199,6 +199,10 @@ def convert_kdd(
     Min-max scaling is fitted on the training split only; its parameters go in the manifest."""
     sums = Checksums()
     numeric, categorical, labels = read_kdd(csv, sums)
+    normal = int((labels == "normal.").sum())
+    if normal == 0 or normal == len(labels):
+        missing = "no normal. records (the anomalies)" if normal == 0 else "only normal. records (no attacks)"
+        raise DataError(f"{csv}: {missing}; the anomaly split needs both classes")
     features, names, categories = kdd_features(numeric, categorical)
     train, test, counts = kdd_anomaly_split(labels, seed, anomaly_share)
     lo, hi = features[train].min(axis=0), features[train].max(axis=0)
