@@ -97,3 +97,39 @@ def test_the_conv_arch_on_an_unsupported_image_size_is_a_config_error():
 
     with pytest.raises(ConfigError, match="supported sizes"):
         build_networks(ModelConfig(arch="conv", z_dim=8), (3, 64, 64))
+
+
+@pytest.mark.parametrize(
+    "change, says",
+    [
+        ({"step": -5}, "step must be a whole number >= 0, got -5"),
+        ({"step": 2.5}, "step must be a whole number >= 0"),
+        ({"step": "30"}, "step must be a whole number >= 0"),
+        ({"lr_horizon": -1}, "lr_horizon must be"),
+        ({"lr_scale": float("nan")}, "lr_scale must be in (0, 1]"),
+        ({"lr_scale": 0}, "lr_scale must be in (0, 1]"),
+        ({"rank_positions": []}, "rank_positions must be a non-empty list"),
+        ({"rank_positions": [{"epoch": -1, "batches_done": 0}]}, "rank_positions.epoch must be"),
+        ({"rank_positions": [{"epoch": 0, "batches_done": float("inf")}]}, "rank_positions.batches_done must be"),
+    ],
+)
+def test_an_out_of_range_trainer_state_is_a_damaged_checkpoint_naming_the_file(tmp_path, monkeypatch, change, says):
+    import json
+
+    from trainer.checkpoint import STATE_FILE, Checkpoints, TrainState
+
+    state = {**TrainState(step=30).to_json(), **change}
+    (tmp_path / STATE_FILE).write_text(json.dumps(state))
+
+    class Runtime:  # what Checkpoints.load needs of the engine
+        rank = 0
+
+        def restore(self, folder, weights):
+            pass
+
+    import trainer.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "load_export", lambda path: ({}, {}, ""))
+    with pytest.raises(CheckpointError) as err:
+        Checkpoints(str(tmp_path), 1, "", {}).load(str(tmp_path), Runtime(), TrainState())
+    assert f"{tmp_path / STATE_FILE} is damaged" in str(err.value) and says in str(err.value)
