@@ -25,6 +25,11 @@ class ConfigError(UserError, ValueError):
     what is valid (re-exported by trainer.config)."""
 
 
+class DataError(UserError, RuntimeError):
+    """Missing, malformed or inconsistent data: raised before any training starts (re-exported by
+    data_pipeline.shards)."""
+
+
 class CheckpointError(UserError, ValueError):
     """A checkpoint or run folder that cannot be read: the message names the file and what is wrong
     (re-exported by trainer.checkpoint)."""

@@ -27,7 +27,7 @@ import fsspec
 import numpy as np
 import webdataset as wds
 
-from data_pipeline.cli import UserError
+from data_pipeline.cli import DataError  # re-exported: its home is the CLI module
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +101,6 @@ def join_url(base: str, name: str) -> str:
 def manifest_url(url: str) -> str:
     """Accepts a folder or the manifest file itself."""
     return url if url.endswith(".json") else join_url(url, MANIFEST_NAME)
-
-
-class DataError(UserError, RuntimeError):
-    """Missing, malformed or inconsistent data: raised before any training starts."""
 
 
 def read_manifest(url: str, check_shards: bool = True) -> Manifest:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from data_pipeline.cli import ConfigError
 from models.ops import EAGER, FusedOps, conv_leaky_relu, linear_leaky_relu
 
 
@@ -32,7 +31,7 @@ def energy_trunk(channels: int, size: int, width: int = 64, ops: FusedOps = EAGE
             layers += conv_leaky_relu(cin, cout, kernel, stride, 1, 0.1, ops)
             cin = cout
         return nn.Sequential(*layers, nn.Flatten()), 8 * w * 4 * 4
-    raise ConfigError(f"no conv architecture for {size}x{size} images; supported sizes: 28, 32")
+    raise ValueError(f"no conv architecture for {size}x{size} images; supported sizes: 28, 32")
 
 
 class ConvEnergy(nn.Module):
@@ -59,7 +58,7 @@ class ConvGenerator(nn.Module):
             base, kernel, padding = 4, 4, 1
             ups = [(8 * w, 4 * w, 0), (4 * w, 2 * w, 0), (2 * w, w, 0)]
         else:
-            raise ConfigError(f"no conv generator for {size}x{size} images; supported sizes: 28, 32")
+            raise ValueError(f"no conv generator for {size}x{size} images; supported sizes: 28, 32")
         self.base, self.base_channels = base, 8 * w
         self.project = nn.Sequential(
             nn.Linear(z_dim, base * base * 8 * w), nn.BatchNorm1d(base * base * 8 * w), nn.ReLU()

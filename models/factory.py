@@ -7,7 +7,6 @@ from typing import Literal
 
 from torch import nn
 
-from data_pipeline.cli import ConfigError
 from models.conv import ConvEnergy, ConvGenerator, ConvStatistics, init_normal
 from models.mlp import MLPEnergy, MLPGenerator, MLPStatistics
 from models.ops import EAGER, FusedOps
@@ -67,7 +66,7 @@ def build_networks(cfg: ModelConfig, sample_shape: tuple[int, ...], ops: FusedOp
         )
     else:
         if len(sample_shape) != 3 or sample_shape[1] != sample_shape[2]:
-            raise ConfigError(f"the conv arch takes square (C, H, W) images, got shape {sample_shape}")
+            raise ValueError(f"the conv arch takes square (C, H, W) images, got shape {sample_shape}")
         channels, size = sample_shape[0], sample_shape[1]
         nets = MEGNetworks(
             energy=ConvEnergy(channels, size, cfg.conv_width, ops),

@@ -91,14 +91,6 @@ def test_every_spelling_of_a_command_url_is_refused_at_start_up(url):
         check_commands(cfg)
 
 
-def test_the_conv_arch_on_an_unsupported_image_size_is_a_config_error():
-    from models import build_networks
-    from trainer.config import ModelConfig
-
-    with pytest.raises(ConfigError, match="supported sizes"):
-        build_networks(ModelConfig(arch="conv", z_dim=8), (3, 64, 64))
-
-
 @pytest.mark.parametrize(
     "change, says",
     [

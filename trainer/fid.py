@@ -21,8 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_pipeline.cli import ConfigError, add_debug_flag, run_tool
-from data_pipeline.shards import DataError
+from data_pipeline.cli import ConfigError, DataError, add_debug_flag, run_tool
 from trainer.scores import feature_statistics
 
 # The network expects 299x299 RGB in [-1, 255/256] (TF's preprocessing), resized bilinearly.

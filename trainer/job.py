@@ -169,7 +169,10 @@ def _train(
     cfg, runtime, stop, manifest, checkpoints: Checkpoints, resume_from: str | None, preset: str
 ) -> dict[str, float]:
     runtime.seed(cfg.train.seed, per_rank=False)  # identical initial networks on every rank
-    nets = build_networks(cfg.model, tuple(manifest.sample_shape), resolve_kernels(cfg, runtime))
+    try:
+        nets = build_networks(cfg.model, tuple(manifest.sample_shape), resolve_kernels(cfg, runtime))
+    except ValueError as e:  # the models know no config errors: an architecture that cannot take this data
+        raise ConfigError(f"model.arch={cfg.model.arch}: {e}") from None
     runtime.seed(cfg.train.seed, per_rank=True)  # different noise on each rank
     steps = build_steps(cfg, runtime, nets)
     stream = ShardStream(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from data_pipeline.shards import DataError
+from data_pipeline.cli import DataError
 
 
 def anomaly_scores(energy, x: torch.Tensor, kind: str = "energy", batch_size: int = 4096) -> np.ndarray:
