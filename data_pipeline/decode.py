@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+import warnings
 import zlib
 from dataclasses import asdict, dataclass
 
@@ -101,7 +102,10 @@ def _image(data: bytes, spec: DecodeSpec, max_bytes: int, key: str) -> np.ndarra
     from webdataset.autodecode import imagehandler
 
     # The header's size first: decoding allocates width x height x channels.
-    with Image.open(io.BytesIO(data)) as probe:
+    with warnings.catch_warnings():  # PIL's bomb warning: the bound below is the one that applies
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        probe = Image.open(io.BytesIO(data))
+    with probe:
         decoded = probe.width * probe.height * max(len(probe.getbands()), 3 if spec.image_mode == "rgb" else 1)
     if decoded > max_bytes:
         raise too_large(f"sample {key!r}'s image ({probe.width}x{probe.height}, decoded)", decoded, max_bytes)

@@ -186,7 +186,8 @@ def read_cifar10(url: str, sums: Checksums) -> dict[str, tuple[np.ndarray, np.nd
                 labels = np.asarray(batch[b"labels"], dtype=np.int64)
                 out["test" if name == "test_batch" else "train"].append((data, labels))
     except (tarfile.TarError, KeyError, pickle.UnpicklingError, ValueError) as e:
-        raise DataError(f"{url}: not a readable CIFAR-10 python archive: {e}") from None
+        cause = " ".join(str(e).split())  # tarfile's message lists each method it tried, one per line
+        raise DataError(f"{url}: not a readable CIFAR-10 python archive: {cause}") from None
     return {
         split: (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
         for split, parts in out.items()
