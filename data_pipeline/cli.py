@@ -1,41 +1,64 @@
 """What every command-line tool does with a mistake of its user (a malformed file, a missing path,
 a full disk, a wrong key): one line naming the file or key and the cause, exit status 2, and no
-traceback unless ``--debug`` (or ``MEG_DEBUG=1``) asks for one."""
+traceback unless ``--debug`` (or ``MEG_DEBUG=1``) asks for one. Any other exception is a bug of
+ours and keeps its traceback."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pickle
 import sys
-import tarfile
-import zlib
 from collections.abc import Callable
 
 EXIT_USER_ERROR = 2
+MAX_SHOWN = 80  # characters of a user's value quoted in a message
 
-# Raised by the project for bad input (DataError, ConfigError, ...) or by the standard library and
-# the file formats on a damaged or unreadable file. A RuntimeError of another kind is a bug: it keeps
-# its traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    ValueError,  # ConfigError, JSON and Unicode errors, malformed numbers
-    OSError,  # missing files, permissions, a full disk, read-only folders, unreadable images
-    EOFError,  # truncated gzip
-    zlib.error,
-    tarfile.TarError,
-    pickle.UnpicklingError,
-    KeyError,  # a field missing from a data file
-)
+
+class UserError(Exception):
+    """A mistake in what the user gave (a configuration, a data file, a checkpoint): the message names
+    the key or the file and what is valid. The project's own error types derive from it."""
+
+
+class ConfigError(UserError, ValueError):
+    """A malformed preset or override, or a setting that cannot work: the message names the key and
+    what is valid (re-exported by trainer.config)."""
+
+
+class DataError(UserError, RuntimeError):
+    """Missing, malformed or inconsistent data: raised before any training starts (re-exported by
+    data_pipeline.shards)."""
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint or run folder that cannot be read: the message names the file and what is wrong
+    (re-exported by trainer.checkpoint)."""
+
+
+def shown(value: object, limit: int = MAX_SHOWN) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a message never renders a huge value."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}... ({len(text)} characters)"
+
+
+def _is_user_os_error(error: BaseException) -> bool:
+    """An OSError about a file the user named (a missing path, permissions, a full disk): it has an
+    errno and a file name. Other OSErrors (a socket's, a library's bare ``OSError("...")``) are not."""
+    return isinstance(error, OSError) and bool(error.errno) and bool(error.filename)
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
-    """USER_ERRORS plus the project's own errors and the formats' (imported here: they are heavy)."""
+    """The exception types that may be a user's mistake (imported here: the formats' are heavy); an
+    OSError counts only with an errno and a file name (``is_user_error``)."""
     from safetensors import SafetensorError
 
-    from data_pipeline.shards import DataError
+    return (UserError, OSError, pickle.UnpicklingError, SafetensorError)
 
-    return (*USER_ERRORS, DataError, SafetensorError)
+
+def is_user_error(error: BaseException, extra: tuple[type[BaseException], ...] = ()) -> bool:
+    if isinstance(error, OSError):
+        return _is_user_os_error(error)
+    return isinstance(error, (*user_error_types(), *extra))
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
@@ -43,24 +66,21 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def describe(error: BaseException) -> str:
-    """One line: an OSError's cause and file, a KeyError's key, else the error's own message."""
+    """One line: an OSError's cause and file, else the error's own message (a format's error, which
+    names no file, with its type)."""
     if isinstance(error, OSError) and error.strerror:
-        where = f": {error.filename}" if error.filename else ""
-        return f"{error.strerror}{where}"
-    if isinstance(error, KeyError):
-        return f"missing field {error}"
-    if isinstance(error, json.JSONDecodeError):
-        return f"not valid JSON: {error}"
+        return f"{error.strerror}: {error.filename}"
     text = str(error).strip() or type(error).__name__
-    return text if isinstance(error, ValueError | RuntimeError) else f"{type(error).__name__}: {text}"
+    return text if isinstance(error, UserError) else f"{type(error).__name__}: {text}"
 
 
 def run_tool(body: Callable[[], int], debug: bool, extra: tuple[type[BaseException], ...] = ()) -> int:
-    """``body()``'s exit status; a user's mistake (or one of ``extra``) becomes ``error: ...``, status 2."""
+    """``body()``'s exit status; a user's mistake (or one of ``extra``) becomes ``error: ...``, status 2.
+    Anything else propagates with its traceback: it is a bug, not the user's fault."""
     try:
         return body()
-    except (*user_error_types(), *extra) as e:
-        if debug or os.environ.get("MEG_DEBUG") == "1":
+    except Exception as e:
+        if not is_user_error(e, extra) or debug or os.environ.get("MEG_DEBUG") == "1":
             raise
         print(f"error: {describe(e)}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -4,11 +4,13 @@ code."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 WorkerType = Literal["auto", "thread", "process"]
 WORKER_TYPES: tuple[str, ...] = WorkerType.__args__
+MAX_IMAGE_SIZE = 8192  # data.image_size: 8192 x 8192 x 3 is 192 MiB per decoded image
+DEFAULT_MAX_SAMPLE_BYTES = 256 << 20
 
 
 @dataclass
@@ -18,19 +20,19 @@ class DataConfig:
     # (with --allow-pipe); any fsspec URL. Shards without a manifest are indexed at start.
     url: str = "data/25gaussians"
     prepare: str = ""  # the command that writes this data (shown when the shards are missing)
-    batch_size: int = 256  # global: split evenly over the ranks
-    num_workers: int = 1
+    batch_size: int = field(default=256, metadata={"range": "[1, 16777216]"})  # global: split over the ranks
+    num_workers: int = field(default=1, metadata={"range": "[0, 1024]"})
     # thread: workers share the trainer's memory (no copies between processes; this project's shards
     # parse as numpy, outside the GIL); process: DataLoader worker processes, isolated, and parallel
     # for other tools' shards, whose decoding holds the GIL; auto: thread for this project's shards,
     # process for others.
     worker_type: WorkerType = "auto"
-    shuffle_buffer: int = 2000
+    shuffle_buffer: int = field(default=2000, metadata={"range": "[0, 1073741824]"})
     # Toy data sets only: when there is no manifest at ``url``, write this data set there first.
     toy: str = ""
-    toy_std: float = 0.0  # the toy modes' std (0: the data set's own)
-    toy_num_samples: int = 102_400
-    toy_num_shards: int = 8
+    toy_std: float = field(default=0.0, metadata={"range": "[0, inf)"})  # the toy modes' std (0: the data set's own)
+    toy_num_samples: int = field(default=102_400, metadata={"range": "[1, 1073741824]"})
+    toy_num_shards: int = field(default=8, metadata={"range": "[1, 1048576]"})
     # Shards written by other tools (webdataset's ShardWriter, tarp, img2dataset): the sample's field
     # (the first of these it has; or .npy), its label (.cls; "" for unlabelled data), the images'
     # colour mode and size (> 0: centre-cropped to a square and resized). Not used for this project's
@@ -38,10 +40,13 @@ class DataConfig:
     image_key: str = "png;jpg;jpeg;webp"
     label_key: str = "cls"
     image_mode: Literal["rgb", "l"] = "rgb"
-    image_size: int = 0
+    image_size: int = field(default=0, metadata={"range": f"[0, {MAX_IMAGE_SIZE}]"})
     # An epoch in which more than this share of a rank's shards is corrupt stops the run (as does one
     # that gives no batch at all): a data set that is mostly unreadable is not trained on.
-    max_corrupt_share: float = 0.5
+    max_corrupt_share: float = field(default=0.5, metadata={"range": "(0, 1]"})
+    # The largest shard member (decompressed) or decoded sample accepted, in bytes; a larger one stops
+    # the run naming the shard (decoding needs memory in proportion). 0: derived (sample_bytes_bound).
+    max_sample_bytes: int = field(default=0, metadata={"range": "[0, 1099511627776]"})
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -50,6 +55,13 @@ class DataConfig:
             raise ValueError(f"data.max_corrupt_share must be in (0, 1], got {self.max_corrupt_share}")
         if self.image_size < 0:
             raise ValueError(f"data.image_size must be >= 0 (0: as stored), got {self.image_size}")
+
+    def sample_bytes_bound(self) -> int:
+        """``max_sample_bytes``, or when 0 a generous bound: 16 times a decoded image of ``image_size``
+        (3 channels), and at least DEFAULT_MAX_SAMPLE_BYTES."""
+        if self.max_sample_bytes:
+            return self.max_sample_bytes
+        return max(DEFAULT_MAX_SAMPLE_BYTES, 16 * 3 * self.image_size**2)
 
     def decode_spec(self):
         from data_pipeline.decode import DecodeSpec

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from data_pipeline.cli import add_debug_flag, run_tool
+from data_pipeline.config import MAX_IMAGE_SIZE
 from data_pipeline.decode import DecodeSpec
 from data_pipeline.shards import (
     DataError,
@@ -199,6 +200,10 @@ def convert_kdd(
     Min-max scaling is fitted on the training split only; its parameters go in the manifest."""
     sums = Checksums()
     numeric, categorical, labels = read_kdd(csv, sums)
+    normal = int((labels == "normal.").sum())
+    if normal == 0 or normal == len(labels):
+        missing = "no normal. records (the anomalies)" if normal == 0 else "only normal. records (no attacks)"
+        raise DataError(f"{csv}: {missing}; the anomaly split needs both classes")
     features, names, categories = kdd_features(numeric, categorical)
     train, test, counts = kdd_anomaly_split(labels, seed, anomaly_share)
     lo, hi = features[train].min(axis=0), features[train].max(axis=0)
@@ -438,6 +443,8 @@ def run(args: argparse.Namespace) -> dict[str, Manifest]:
     if args.source in ("index", "webdataset"):
         if args.allow_pipe:
             os.environ[ALLOW_COMMANDS_ENV] = "1"
+        if not 0 <= args.image_size <= MAX_IMAGE_SIZE:
+            raise DataError(f"--image-size must be in [0, {MAX_IMAGE_SIZE}], got {args.image_size}")
         spec = DecodeSpec(args.image_key, args.label_key, args.image_mode, args.image_size)
         if args.source == "index":
             return {args.split: index_shards(out, args.shards, spec, args.name, args.split)}

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import io
 import tarfile
+import warnings
 import zlib
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from data_pipeline.shard_reader import NUMPY_AST_LOCK, CorruptShard, ShardArrays
+from data_pipeline.config import DEFAULT_MAX_SAMPLE_BYTES
+from data_pipeline.shard_reader import BLOCK, NUMPY_AST_LOCK, CorruptShard, SampleTooLarge, ShardArrays, check_label
 
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -42,20 +44,71 @@ class DecodeSpec:
         return f"samples with a {' / '.join('.' + k for k in self.keys)} member{label}"
 
 
-def gunzip_shard(data: bytes | memoryview) -> bytes | memoryview:
-    """A ``.tar.gz`` shard's tar bytes (recognised by content); other shards unchanged."""
+class _Gunzip:
+    """Reads a gzip stream's decompressed bytes on demand, never more than asked for (plus 1 MiB)."""
+
+    def __init__(self, data: bytes | memoryview):
+        self.z, self.rest, self.buf = zlib.decompressobj(wbits=31), bytes(data), bytearray()
+
+    def read(self, n: int) -> bytes:
+        while len(self.buf) < n and not self.z.eof:
+            tail = self.z.unconsumed_tail or self.rest
+            if not tail:
+                break
+            self.rest = b""
+            self.buf += self.z.decompress(tail, 1 << 20)
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+
+def too_large(what: str, size: int, bound: int) -> SampleTooLarge:
+    return SampleTooLarge(
+        f"{what} has {size} bytes, more than data.max_sample_bytes={bound} allows; raise data.max_sample_bytes "
+        "if this data is right"
+    )
+
+
+def gunzip_shard(data: bytes | memoryview, max_member: int = DEFAULT_MAX_SAMPLE_BYTES) -> bytes | memoryview:
+    """A ``.tar.gz`` shard's tar bytes (recognised by content); other shards unchanged. Decompressed
+    member by member: a member above ``max_member`` bytes is refused (SampleTooLarge) before it is
+    decompressed, so a few MB of gzip cannot take gigabytes of memory."""
     if bytes(data[:2]) != GZIP_MAGIC:
         return data
+    stream, out = _Gunzip(data), bytearray()
     try:
-        return zlib.decompress(bytes(data), wbits=31)
+        while True:
+            header = stream.read(BLOCK)
+            out += header
+            if len(header) < BLOCK:
+                raise CorruptShard("a truncated gzip stream (it ends inside the tar archive)")
+            if header == bytes(BLOCK):  # the end of the archive: keep what tar pads it with
+                out += stream.read(tarfile.RECORDSIZE)
+                return bytes(out)
+            try:
+                size = tarfile.nti(header[124:136])
+            except tarfile.HeaderError as e:
+                raise CorruptShard(f"a damaged tar header inside the gzip stream ({e})") from None
+            if size > max_member:
+                name = header[:100].rstrip(b"\0").decode(errors="replace")
+                raise too_large(f"member {name!r} (decompressed)", size, max_member)
+            out += stream.read(-(-size // BLOCK) * BLOCK)
     except zlib.error as e:
         raise CorruptShard(f"a damaged gzip stream ({e})") from None
 
 
-def _image(data: bytes, spec: DecodeSpec) -> np.ndarray:
+def _image(data: bytes, spec: DecodeSpec, max_bytes: int, key: str) -> np.ndarray:
     from PIL import Image
     from webdataset.autodecode import imagehandler
 
+    # The header's size first: decoding allocates width x height x channels.
+    with warnings.catch_warnings():  # PIL's bomb warning: the bound below is the one that applies
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        probe = Image.open(io.BytesIO(data))
+    with probe:
+        decoded = probe.width * probe.height * max(len(probe.getbands()), 3 if spec.image_mode == "rgb" else 1)
+    if decoded > max_bytes:
+        raise too_large(f"sample {key!r}'s image ({probe.width}x{probe.height}, decoded)", decoded, max_bytes)
     img = imagehandler("pil")("sample.png", data)  # webdataset's decoder (PIL underneath)
     img = img.convert("RGB" if spec.image_mode == "rgb" else "L")
     if spec.image_size:
@@ -66,31 +119,36 @@ def _image(data: bytes, spec: DecodeSpec) -> np.ndarray:
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
 
-def parse_webdataset_shard(data: bytes | memoryview, spec: DecodeSpec) -> ShardArrays:
+def parse_webdataset_shard(
+    data: bytes | memoryview, spec: DecodeSpec, max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES
+) -> ShardArrays:
     """The samples of one shard that have one of ``spec``'s fields, decoded. Raises CorruptShard when
-    the shard cannot be read or decoded, or holds no such sample (the message names what it holds)."""
+    the shard cannot be read or decoded, or holds no such sample (the message names what it holds),
+    SampleTooLarge for a member or decoded image above ``max_sample_bytes``."""
     from webdataset.autodecode import npy_loads
     from webdataset.tariterators import group_by_keys, tar_file_iterator
 
     keys, xs, labels, seen = [], [], [], set()
     try:
-        files = tar_file_iterator(io.BytesIO(bytes(gunzip_shard(data))))
+        files = tar_file_iterator(io.BytesIO(bytes(gunzip_shard(data, max_sample_bytes))))
         for sample in group_by_keys({**f, "__url__": ""} for f in files):
             fields = {k.lower(): v for k, v in sample.items() if not k.startswith("__")}
             seen.update(fields)
             field = next((k for k in [*spec.keys, "npy"] if k in fields), None)
             if field is None:
                 continue
+            if len(fields[field]) > max_sample_bytes:
+                raise too_large(f"sample {sample['__key__']!r}'s .{field}", len(fields[field]), max_sample_bytes)
             if field == "npy":
                 with NUMPY_AST_LOCK:
                     x = npy_loads(fields[field])
             else:
-                x = _image(fields[field], spec)
+                x = _image(fields[field], spec, max_sample_bytes, sample["__key__"])
             label = -1
             if spec.label_key:
                 if spec.label_key not in fields:
                     raise CorruptShard(f"sample {sample['__key__']!r} has no .{spec.label_key} label")
-                label = int(bytes(fields[spec.label_key]).decode().strip())
+                label = check_label(int(bytes(fields[spec.label_key]).decode().strip()), sample["__key__"])
             keys.append(sample["__key__"])
             xs.append(x)
             labels.append(label)
@@ -107,11 +165,11 @@ def parse_webdataset_shard(data: bytes | memoryview, spec: DecodeSpec) -> ShardA
     return ShardArrays(np.array(keys), np.stack(xs), np.asarray(labels, dtype=np.int64))
 
 
-def is_meg_layout(data: bytes | memoryview) -> bool:
+def is_meg_layout(data: bytes | memoryview, max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES) -> bool:
     """Whether a shard is this project's own layout (``{key}.x.npy`` + ``{key}.cls``): its first
     sample's members say. Those take the fast parser; anything else the general one."""
     try:
-        with tarfile.open(fileobj=io.BytesIO(bytes(gunzip_shard(data))), mode="r|*") as tar:
+        with tarfile.open(fileobj=io.BytesIO(bytes(gunzip_shard(data, max_sample_bytes))), mode="r|*") as tar:
             first = [m.name for _, m in zip(range(4), tar)]
     except Exception:  # noqa: BLE001 (a damaged shard: the general parser reports it)
         return False

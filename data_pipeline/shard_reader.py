@@ -52,6 +52,19 @@ class CorruptShard(Exception):
     """A shard that cannot be parsed: truncated, overwritten, or not a tar file."""
 
 
+class SampleTooLarge(CorruptShard):
+    """A member (decompressed) or decoded sample above the bound (data.max_sample_bytes): not damage to
+    skip but data this configuration refuses; the reader stops naming the shard and the key."""
+
+
+def check_label(label: int, key: str) -> int:
+    """``label`` when it fits in int64 (the labels' type), else CorruptShard naming the sample."""
+    if not -(2**63) <= label < 2**63:
+        text = str(label)
+        raise CorruptShard(f"sample {key!r} has label {text[:20]}... ({len(text)} digits): it does not fit in 64 bits")
+    return label
+
+
 @dataclass
 class ShardArrays:
     keys: np.ndarray  # str, one per sample, unique within a manifest
@@ -226,6 +239,8 @@ def _parse_uniform(data: bytes) -> ShardArrays:
         labels = text.astype(np.int64)
     except ValueError as e:
         raise CorruptShard(f"bad label: {e}") from None
+    except OverflowError:
+        raise CorruptShard(f"a .cls label of up to {width} digits does not fit in 64 bits") from None
     keys = np.ascontiguousarray(first_key).view(f"S{klen}").ravel().astype(str)
     return ShardArrays(keys, x, labels)
 
@@ -251,7 +266,9 @@ def _parse_generic(data: bytes) -> ShardArrays:
             keys.append(key)
             with NUMPY_AST_LOCK:
                 xs.append(np.load(io.BytesIO(sample["x.npy"]), allow_pickle=False))
-            labels.append(int(sample["cls"]))
+            labels.append(check_label(int(sample["cls"]), key))
+    except CorruptShard:
+        raise
     except Exception as e:  # noqa: BLE001 (see DAMAGE_NOTE)
         raise CorruptShard(f"{type(e).__name__}: {e}") from None
     if not keys:

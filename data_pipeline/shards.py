@@ -19,12 +19,15 @@ import os
 import posixpath
 import tarfile
 import tempfile
+import urllib.parse
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import fsspec
 import numpy as np
 import webdataset as wds
+
+from data_pipeline.cli import DataError  # re-exported: its home is the CLI module
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,9 @@ class Manifest:
     layout: str = "meg"
     decode: dict[str, Any] = field(default_factory=dict)
     base_url: str = ""  # where the manifest was read from; not stored
+    # The bound on a shard member or decoded sample the reader accepts (data.max_sample_bytes): the
+    # run's setting, not the data's, so not stored either. 0: the default.
+    max_sample_bytes: int = 0
 
     @property
     def num_samples(self) -> int:
@@ -67,6 +73,7 @@ class Manifest:
     def to_json(self) -> str:
         d = asdict(self)
         d.pop("base_url")
+        d.pop("max_sample_bytes")
         d["num_samples"] = self.num_samples
         return json.dumps(d, indent=2, sort_keys=True)
 
@@ -76,7 +83,13 @@ COMMAND_SCHEMES = ("pipe", "ais", "htgs", "scp", "ftps")
 
 
 def is_command_url(url: str) -> bool:
-    return ":" in url and url.split(":", 1)[0] in COMMAND_SCHEMES
+    """Whether webdataset's opener would run a program for ``url``: it takes the scheme as urllib parses
+    it (case-insensitive, leading blanks stripped), so ``PIPE:`` and `` pipe:`` count too."""
+    try:
+        scheme = urllib.parse.urlparse(url).scheme
+    except ValueError:  # a malformed netloc; the scheme is still what precedes the colon
+        scheme = url.split(":", 1)[0].strip().lower() if ":" in url else ""
+    return scheme in COMMAND_SCHEMES
 
 
 def join_url(base: str, name: str) -> str:
@@ -88,10 +101,6 @@ def join_url(base: str, name: str) -> str:
 def manifest_url(url: str) -> str:
     """Accepts a folder or the manifest file itself."""
     return url if url.endswith(".json") else join_url(url, MANIFEST_NAME)
-
-
-class DataError(RuntimeError):
-    """Missing, malformed or inconsistent data: raised before any training starts."""
 
 
 def read_manifest(url: str, check_shards: bool = True) -> Manifest:
@@ -118,6 +127,7 @@ def read_manifest(url: str, check_shards: bool = True) -> Manifest:
     try:
         shards = [ShardInfo(**s) for s in raw.pop("shards")]
         stated_total = raw.pop("num_samples", None)
+        raw.pop("max_sample_bytes", None)
         manifest = Manifest(shards=shards, **raw, base_url=base)
     except (KeyError, TypeError) as e:
         raise DataError(f"manifest {murl} is malformed: {e}") from None

@@ -114,13 +114,23 @@ def as_pixels(values: np.ndarray, url: str) -> np.ndarray:
     return values.astype(np.uint8)
 
 
+def check_digit_labels(y: np.ndarray, url: str) -> np.ndarray:
+    """The labels of a digit set (MNIST, Fashion-MNIST): 0..9, else DataError naming the file."""
+    bad = np.flatnonzero((y < 0) | (y > 9))
+    if len(bad):
+        raise DataError(f"{url}: labels must be 0..9, found {y[bad[0]]} at record {bad[0]} ({len(bad)} such)")
+    return y.astype(np.int64)
+
+
 def read_idx_pair(images: str, labels: str, sums: Checksums) -> tuple[np.ndarray, np.ndarray]:
-    """(n, 1, 28, 28) uint8 images and (n,) int64 labels from an IDX image/label file pair."""
+    """(n, 1, 28, 28) uint8 images and (n,) int64 labels 0..9 from an IDX image/label file pair."""
     x = parse_idx(sums.read(images), images)
     y = parse_idx(sums.read(labels), labels)
     if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
         raise DataError(f"{images} / {labels}: shapes {x.shape} and {y.shape} are not an image/label pair")
-    return as_pixels(x, images)[:, None], y.astype(np.int64)
+    if x.shape[1:] != (28, 28):
+        raise DataError(f"{images}: images of {x.shape[1]}x{x.shape[2]}; the digit sets hold 28x28 images")
+    return as_pixels(x, images)[:, None], check_digit_labels(y, labels)
 
 
 def read_mnist_csv(url: str, sums: Checksums) -> tuple[np.ndarray, np.ndarray]:
@@ -131,7 +141,7 @@ def read_mnist_csv(url: str, sums: Checksums) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{url}: not a CSV of 784 pixels and a label per row ({e})") from None
     if table.ndim != 2 or table.shape[1] != 785:
         raise DataError(f"{url}: expected 785 columns (784 pixels + label), got {table.shape}")
-    return as_pixels(table[:, :784], url).reshape(-1, 1, 28, 28), table[:, 784]
+    return as_pixels(table[:, :784], url).reshape(-1, 1, 28, 28), check_digit_labels(table[:, 784], url)
 
 
 def read_digits(idx_pairs: list[tuple[str, str]], csvs: list[str], sums: Checksums) -> tuple[np.ndarray, np.ndarray]:
@@ -176,7 +186,8 @@ def read_cifar10(url: str, sums: Checksums) -> dict[str, tuple[np.ndarray, np.nd
                 labels = np.asarray(batch[b"labels"], dtype=np.int64)
                 out["test" if name == "test_batch" else "train"].append((data, labels))
     except (tarfile.TarError, KeyError, pickle.UnpicklingError, ValueError) as e:
-        raise DataError(f"{url}: not a readable CIFAR-10 python archive: {e}") from None
+        cause = " ".join(str(e).split())  # tarfile's message lists each method it tried, one per line
+        raise DataError(f"{url}: not a readable CIFAR-10 python archive: {cause}") from None
     return {
         split: (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
         for split, parts in out.items()
@@ -204,6 +215,13 @@ def read_kdd(url: str, sums: Checksums) -> tuple[np.ndarray, np.ndarray, np.ndar
         )
     except ValueError as e:
         raise DataError(f"{url}: not the KDD Cup 99 CSV layout: {e}") from None
+    bad = np.argwhere(~np.isfinite(numeric))
+    if len(bad):  # 1e400 reads as inf: non-finite features after scaling
+        row, col = bad[0]
+        raise DataError(
+            f"{url}: line {row + 1}, column {num_idx[col] + 1} ({KDD_COLUMNS[num_idx[col]]}) is {numeric[row, col]}: "
+            "every numeric cell must be a finite number"
+        )
     return numeric, text_cols[:, :3], text_cols[:, 3]
 
 

@@ -46,9 +46,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipeline.config import WORKER_TYPES, StreamPosition
+from data_pipeline.cli import ConfigError
+from data_pipeline.config import DEFAULT_MAX_SAMPLE_BYTES, WORKER_TYPES, StreamPosition
 from data_pipeline.decode import DecodeSpec, gunzip_shard, is_meg_layout, parse_webdataset_shard
-from data_pipeline.shard_reader import CorruptShard, ShardArrays, parse_shard
+from data_pipeline.shard_reader import CorruptShard, SampleTooLarge, ShardArrays, parse_shard
 from data_pipeline.shards import COMMAND_SCHEMES, DataError, Manifest, ShardInfo, is_command_url, read_manifest
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ def prefetch_hint(url: str) -> None:
 def _local_path(url: str) -> str | None:
     if url.startswith("file://"):
         return url[len("file://") :]
-    return None if "://" in url or url.startswith("pipe:") else url
+    return None if "://" in url or is_command_url(url) else url
 
 
 def load_shard(url: str, info: ShardInfo, manifest: Manifest, buffer: ReadBuffer | None = None) -> ShardArrays:
@@ -165,7 +166,10 @@ def load_shard(url: str, info: ShardInfo, manifest: Manifest, buffer: ReadBuffer
         raise DataError(f"shard {url} has disappeared since start-up") from None
     if info.num_bytes and len(data) != info.num_bytes:
         raise CorruptShard(f"{len(data)} bytes, the manifest says {info.num_bytes} (truncated or rewritten)")
-    arrays = parse_any_shard(data, manifest.layout, DecodeSpec(**manifest.decode))
+    try:
+        arrays = parse_any_shard(data, manifest.layout, DecodeSpec(**manifest.decode), manifest.max_sample_bytes)
+    except SampleTooLarge as e:
+        raise DataError(f"shard {url}: {e}") from None
     if len(arrays) != info.num_samples:
         # Damage in place (a renamed member) or a manifest of other shards: skipped and counted like
         # any corrupt shard, and an epoch of them stops the run with this message.
@@ -181,11 +185,13 @@ def load_shard(url: str, info: ShardInfo, manifest: Manifest, buffer: ReadBuffer
     return arrays
 
 
-def parse_any_shard(data: bytes | memoryview, layout: str, spec: DecodeSpec) -> ShardArrays:
-    """A shard's samples: the fast parser for this project's layout, webdataset's decoders otherwise."""
+def parse_any_shard(data: bytes | memoryview, layout: str, spec: DecodeSpec, max_sample_bytes: int = 0) -> ShardArrays:
+    """A shard's samples: the fast parser for this project's layout, webdataset's decoders otherwise.
+    A member or decoded sample above ``max_sample_bytes`` (0: the default) is SampleTooLarge."""
+    bound = max_sample_bytes or DEFAULT_MAX_SAMPLE_BYTES
     if layout == "webdataset":
-        return parse_webdataset_shard(data, spec)
-    return parse_shard(gunzip_shard(data))
+        return parse_webdataset_shard(data, spec, bound)
+    return parse_shard(gunzip_shard(data, bound))
 
 
 def expected_samples(layout: str, spec: DecodeSpec) -> str:
@@ -236,7 +242,11 @@ def looks_like_shards(url: str) -> bool:
 
 
 def manifest_from_urls(
-    urls: str | list[str], name: str = "", split: str = "train", spec: DecodeSpec | None = None
+    urls: str | list[str],
+    name: str = "",
+    split: str = "train",
+    spec: DecodeSpec | None = None,
+    max_sample_bytes: int = 0,
 ) -> Manifest:
     """A manifest for shards named by a pattern or a list, built by reading every shard once (sample
     counts, sizes, sample shape). The first shard's layout picks the parser: this project's own, or
@@ -252,9 +262,11 @@ def manifest_from_urls(
         except FileNotFoundError:
             raise DataError(f"shard {url} does not exist") from None
         if layout is None:
-            layout = "meg" if is_meg_layout(data) else "webdataset"
+            layout = "meg" if is_meg_layout(data, max_sample_bytes or DEFAULT_MAX_SAMPLE_BYTES) else "webdataset"
         try:
-            arrays = parse_any_shard(data, layout, spec)
+            arrays = parse_any_shard(data, layout, spec, max_sample_bytes)
+        except SampleTooLarge as e:
+            raise DataError(f"shard {url}: {e}") from None
         except CorruptShard as e:
             raise DataError(
                 f"shard {url} is unreadable: {e} (the reader expects {expected_samples(layout, spec)})"
@@ -271,18 +283,23 @@ def manifest_from_urls(
         shards.append(ShardInfo(url, len(arrays), len(data)))
     decode = spec.to_json() if layout == "webdataset" else {}
     layout = layout or "meg"
-    return Manifest(name or "shards", split, shape or [], dtype or "", shards, counts, layout=layout, decode=decode)
+    return Manifest(
+        name or "shards", split, shape or [], dtype or "", shards, counts, layout=layout, decode=decode,
+        max_sample_bytes=max_sample_bytes,
+    )  # fmt: skip
 
 
-def open_data(url: str, spec: DecodeSpec) -> Manifest:
+def open_data(url: str, spec: DecodeSpec, max_sample_bytes: int = 0) -> Manifest:
     """The data set ``data.url`` names: a folder with manifest.json or the manifest itself (read and
     checked), or shards (a pattern, a list, a tar file, a command; indexed here by reading each once)."""
     if not looks_like_shards(url):
-        return read_manifest(url)
+        manifest = read_manifest(url)
+        manifest.max_sample_bytes = max_sample_bytes
+        return manifest
     urls = split_urls(url)
     log.info("indexing %d shard(s) of %s: every shard is read once before training "
              "(python -m data_pipeline.convert index writes a manifest to skip this)", len(urls), url)  # fmt: skip
-    return manifest_from_urls(urls, spec=spec)
+    return manifest_from_urls(urls, spec=spec, max_sample_bytes=max_sample_bytes)
 
 
 # What a worker hands over is a chunk of several consecutive batches: one message per batch cost
@@ -461,7 +478,7 @@ class ShardStream:
         pin: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         if len(manifest.shards) < world_size * max(num_workers, 1):
-            raise ValueError(
+            raise ConfigError(
                 f"{manifest.name}: {len(manifest.shards)} shards cannot feed {world_size} ranks x "
                 f"{max(num_workers, 1)} workers; write more shards or use fewer workers"
             )
@@ -492,7 +509,7 @@ class ShardStream:
         self.urls = manifest.shard_urls()
         self.counts = [s.num_samples for s in manifest.shards]
         if self.batches_per_epoch(0) == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"{manifest.name}: {manifest.num_samples} samples give rank {rank} no full batch of {batch_size} "
                 f"with {max(num_workers, 1)} worker(s) per rank"
             )

@@ -11,18 +11,23 @@ from models.conv import ConvEnergy, ConvGenerator, ConvStatistics, init_normal
 from models.mlp import MLPEnergy, MLPGenerator, MLPStatistics
 from models.ops import EAGER, FusedOps
 
+WIDTHS = {"range": "[1, 65536]", "length": "[1, 64]"}
+
 
 @dataclass
 class ModelConfig:
     arch: Literal["mlp", "conv"] = "mlp"  # mlp: any shape, flattened; conv: 28x28xC and 32x32x3 images
-    z_dim: int = 2
-    hidden: list[int] = field(default_factory=lambda: [512, 512, 512])  # MLP widths of E and T
-    generator_hidden: list[int] = field(default_factory=lambda: [512, 512, 512])
+    z_dim: int = field(default=2, metadata={"range": "[1, 65536]"})
+    # MLP widths of E and T, and of G: at least one layer each.
+    hidden: list[int] = field(default_factory=lambda: [512, 512, 512], metadata=WIDTHS)
+    generator_hidden: list[int] = field(default_factory=lambda: [512, 512, 512], metadata=WIDTHS)
     generator_batch_norm: bool = False
     generator_tanh: bool = False  # mlp only: squash G's output to [-1, 1] (images)
-    energy_negative_slope: float = 0.2
-    init_std: float = 0.0  # > 0: N(0, init_std) weights, zero biases (the authors used 0.02 for images)
-    conv_width: int = 64  # conv only: first layer's channels, doubled per layer (the paper's 64; 16 for CPU runs)
+    energy_negative_slope: float = field(default=0.2, metadata={"range": "[0, 1)"})  # E's and T's LeakyReLU
+    # > 0: N(0, init_std) weights, zero biases (the authors used 0.02 for images)
+    init_std: float = field(default=0.0, metadata={"range": "[0, inf)"})
+    # conv only: first layer's channels, doubled per layer (the paper's 64; 16 for CPU runs)
+    conv_width: int = field(default=64, metadata={"range": "[1, 4096]"})
     # E's and T's layers and the penalty: fused (Triton bias+LeakyReLU, gradfix convs, one-kernel penalty
     # reduction), eager (plain PyTorch), or auto (fused where the step is captured as a CUDA graph, eager
     # elsewhere: trainer/steps.py resolve_kernels says why). Same numbers, same weights.

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -15,9 +15,9 @@ from torch import Tensor
 
 @dataclass
 class MALAConfig:
-    steps: int = 0
-    step_size: float = 0.01
-    temperature: float = 1.0
+    steps: int = field(default=0, metadata={"range": "[0, 1000000]"})
+    step_size: float = field(default=0.01, metadata={"range": "(0, inf)"})
+    temperature: float = field(default=1.0, metadata={"range": "(0, inf)"})
 
 
 @dataclass

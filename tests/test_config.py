@@ -1,12 +1,26 @@
 """Configuration: presets, dotted overrides, and clear errors before anything runs."""
 
+import dataclasses
+import re
 import subprocess
 import sys
+import typing
 
 import pytest
 
 from tests.conftest import REPO_ROOT
-from trainer.config import ConfigError, RunConfig, _build, config_to_yaml, load_config, parse_yaml, resolve_preset
+from trainer.config import (
+    MAX_YAML_DEPTH,
+    ConfigError,
+    RunConfig,
+    _build,
+    config_from_yaml,
+    config_to_yaml,
+    in_range,
+    load_config,
+    parse_yaml,
+    resolve_preset,
+)
 
 
 def test_preset_and_overrides_resolve_with_types():
@@ -23,7 +37,7 @@ def test_preset_and_overrides_resolve_with_types():
     [
         ("train.stepz=3", "unknown config key 'train.stepz'; valid keys here: steps"),
         ("train.steps=many", "train.steps must be int"),
-        ("train.steps=0", "train.steps must be >= 1"),
+        ("train.steps=0", "train.steps=0 is out of range"),
         ("train.mixed_precision=fp8", "choose one of no, bf16, fp16"),
         ("model.arch=transformer", "model.arch='transformer' is not valid; choose one of mlp, conv"),
         ("model.hidden=[8, x]", "model.hidden[1] must be int"),
@@ -32,7 +46,7 @@ def test_preset_and_overrides_resolve_with_types():
     ],
 )
 def test_bad_overrides_fail_naming_the_key(override, message):
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config("toy_25gaussians", [override])
 
 
@@ -116,3 +130,145 @@ def test_every_shipped_preset_loads_and_says_how_to_make_its_data(preset):
     assert cfg.name and cfg.train.steps > 0
     # Presets on real data carry the command that writes their shards (shown when they are missing).
     assert cfg.data.toy or cfg.data.prepare, f"{preset}: neither data.toy nor data.prepare is set"
+
+
+# -- bounded input: YAML and value ranges ----------------------------------------------------------
+
+
+def _laughs(levels: int = 9) -> str:
+    """ "Billion laughs": each level an alias list of the one before (9 levels: 9**9 strings)."""
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, levels):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def test_a_billion_laughs_preset_is_refused_at_once(tmp_path):
+    preset = tmp_path / "laughs.yaml"
+    preset.write_text(_laughs())
+    assert preset.stat().st_size < 600
+    # Refused at the first anchor, before any expansion (which took 22 minutes and 1.7 GB).
+    with pytest.raises(ConfigError, match="anchors and aliases") as err:
+        load_config(str(preset))
+    assert "\n" not in str(err.value) and len(str(err.value)) < 400
+
+
+def test_a_single_alias_is_refused_too():
+    with pytest.raises(ConfigError, match="anchors and aliases"):
+        parse_yaml("model: &m {z_dim: 2}\nother: *m\n")
+
+
+@pytest.mark.parametrize("depth", [MAX_YAML_DEPTH + 1, 20_000])
+def test_a_deeply_nested_preset_is_one_clear_error(tmp_path, depth):
+    preset = tmp_path / "deep.yaml"
+    preset.write_text("name: " + "[" * depth + "]" * depth + "\n")
+    with pytest.raises(ConfigError, match=f"nested deeper than {MAX_YAML_DEPTH} levels"):
+        load_config(str(preset))  # not RecursionError
+    assert parse_yaml("a: " + "[" * (MAX_YAML_DEPTH - 1) + "]" * (MAX_YAML_DEPTH - 1)) is not None
+
+
+def test_a_preset_over_a_mebibyte_is_refused_unparsed(tmp_path):
+    preset = tmp_path / "big.yaml"
+    preset.write_text("name: meg\n" + "#" * (1 << 20) + "\n")
+    with pytest.raises(ConfigError, match="at most 1048576"):
+        load_config(str(preset))
+
+
+def test_a_checkpoint_config_that_is_not_a_configuration_names_its_file():
+    with pytest.raises(ConfigError, match="ckpt/config.yaml must hold a mapping"):
+        config_from_yaml("[1, 2]", "ckpt/config.yaml")
+    with pytest.raises(ConfigError, match="ckpt/config.yaml: train.steps=-3 is out of range"):
+        config_from_yaml("train: {steps: -3}", "ckpt/config.yaml")
+    with pytest.raises(ConfigError, match="ckpt/config.yaml is not valid YAML: nested deeper"):
+        config_from_yaml("a: " + "[" * 20_000, "ckpt/config.yaml")
+
+
+def test_a_huge_value_is_cut_short_in_the_message():
+    with pytest.raises(ConfigError) as err:
+        load_config("toy_25gaussians", ["model.arch=" + "x" * 100_000])
+    assert len(str(err.value)) < 300 and "100002 characters" in str(err.value)
+
+
+# One invalid value per kind of range; each must be refused naming its key.
+BAD_VALUES = [
+    ("model.hidden=[]", "model.hidden must have"),
+    ("model.hidden=[0]", "model.hidden[0]=0 is out of range"),
+    ("model.hidden=[-5]", "model.hidden[0]=-5 is out of range"),
+    ("model.generator_hidden=[8, 0]", "model.generator_hidden[1]=0"),
+    ("model.z_dim=0", "model.z_dim=0"),
+    ("model.energy_negative_slope=-0.1", "model.energy_negative_slope"),
+    ("data.num_workers=-1", "data.num_workers=-1"),
+    ("data.shuffle_buffer=-2", "data.shuffle_buffer=-2"),
+    ("data.batch_size=0", "data.batch_size=0"),
+    ("data.image_size=100000", "data.image_size=100000 is out of range"),
+    ("data.max_sample_bytes=-1", "data.max_sample_bytes=-1"),
+    ("data.max_corrupt_share=nan", "data.max_corrupt_share=nan"),
+    ("train.guard.lr_factor=nan", "train.guard.lr_factor=nan"),
+    ("train.guard.lr_factor=-0.5", "train.guard.lr_factor=-0.5"),
+    ("train.guard.max_penalty=-1", "train.guard.max_penalty=-1"),
+    ("train.guard.max_rollbacks=-1", "train.guard.max_rollbacks=-1"),
+    ("train.seed=-1", "train.seed=-1"),
+    ("train.seed=4294967296", "train.seed=4294967296"),
+    ("eval.seed=99999999999999999999999", "eval.seed=99999999999999999999999"),
+    ("train.energy_optim.betas=[0.5]", "train.energy_optim.betas must have exactly 2 items"),
+    ("train.energy_optim.betas=[0.5, 0.9, 0.99]", "train.energy_optim.betas must have exactly 2 items"),
+    ("train.generator_optim.betas=[0.5, 1.0]", "train.generator_optim.betas[1]=1.0 is out of range"),
+    ("train.energy_optim.lr=nan", "train.energy_optim.lr=nan is out of range"),
+    ("train.energy_optim.lr=-1e-4", "train.energy_optim.lr=-0.0001"),
+    ("train.generator_optim.lr=0", "train.generator_optim.lr=0.0"),
+    ("train.energy_optim.weight_decay=-1", "train.energy_optim.weight_decay"),
+    ("train.penalty_weight=nan", "train.penalty_weight=nan"),
+    ("train.penalty_weight=1e400", "train.penalty_weight=inf"),
+    ("train.entropy_weight=0", "train.entropy_weight=0.0"),
+    ("train.lr_decay_fraction=1.5", "train.lr_decay_fraction=1.5"),
+    ("train.negatives_mala.step_size=0", "train.negatives_mala.step_size=0.0"),
+    ("eval.mala.temperature=-1", "eval.mala.temperature=-1.0"),
+    ("eval.num_samples=0", "eval.num_samples=0"),
+    ("eval.kdd.percentile=101", "eval.kdd.percentile=101.0"),
+    ("eval.toy.std=-1", "eval.toy.std=-1.0"),
+    ("checkpoint.keep=0", "checkpoint.keep=0"),
+    ("log.prometheus_port=70000", "log.prometheus_port=70000"),
+    ("deepspeed.zero_stage=-1", "deepspeed.zero_stage=-1"),
+    ("name=../escape", "name='../escape' is not valid"),
+    ("name=a/b", "name='a/b' is not valid"),
+    ("name=..", "name='..' is not valid"),
+    ("name=", "name='' is not valid"),
+]
+
+
+@pytest.mark.parametrize("override, message", BAD_VALUES, ids=[b[0][:40] for b in BAD_VALUES])
+def test_an_out_of_range_value_is_refused_naming_its_key(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("toy_25gaussians", [override])
+
+
+def test_values_at_the_edges_of_their_ranges_load():
+    cfg = load_config(
+        "toy_25gaussians",
+        ["train.seed=4294967295", "train.energy_optim.betas=[0.0, 0.999]", "data.num_workers=0", "name=run_1.b-2",
+         "train.guard.max_rollbacks=0", "data.image_size=8192", "train.penalty_weight=0"],
+    )  # fmt: skip
+    assert cfg.train.seed == 2**32 - 1 and cfg.output_dir == "runs/run_1.b-2"
+
+
+def _config_fields(cls: type, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            yield from _config_fields(kind, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", kind, f
+
+
+def test_every_numeric_config_field_declares_a_range_its_default_is_in():
+    numeric = 0
+    for key, kind, f in _config_fields(RunConfig):
+        item = typing.get_args(kind)[0] if typing.get_origin(kind) is list else kind
+        if item in (int, float):
+            numeric += 1
+            assert "range" in f.metadata, f"{key} ({kind}) has no range in its field metadata"
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            for value in default if isinstance(default, list) else [default]:
+                assert in_range(value, f.metadata["range"]), (key, value, f.metadata["range"])
+    assert numeric >= 40  # the walk reached every section

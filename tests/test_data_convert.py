@@ -240,3 +240,55 @@ def test_real_fashion_mnist(tmp_path):
     assert set(ms["train"].class_counts.values()) == {6000}
     manifest = json.loads((tmp_path / "f" / "train" / "manifest.json").read_text())
     assert manifest["num_samples"] == 60_000 and all(s["num_bytes"] > 0 for s in manifest["shards"])
+
+
+# -- converters check their domain -------------------------------------------------------------------
+
+
+def _convert_error(argv: list[str]) -> str:
+    import contextlib
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        assert convert.main(argv) == 2
+    assert err.getvalue().startswith("error: ") and err.getvalue().count("\n") == 1
+    return err.getvalue()
+
+
+@pytest.mark.parametrize("bad", [10, 255])
+def test_mnist_labels_outside_0_to_9_are_refused(tmp_path, bad):
+    x, y = digits(20)
+    y[7] = bad
+    images, labels = write_idx(tmp_path / "i", x, True), write_idx(tmp_path / "l", y, True)
+    err = _convert_error(["mnist", "--images", images, "--labels", labels, "--out", str(tmp_path / "o")])
+    assert f"{labels}: labels must be 0..9, found {bad} at record 7" in err
+
+
+@pytest.mark.parametrize("shape", [(14, 56), (7, 112)])
+def test_idx_images_that_are_not_28x28_are_refused(tmp_path, shape):
+    x, y = digits(20)
+    images = write_idx(tmp_path / "i", x.reshape(20, *shape), False)
+    labels = write_idx(tmp_path / "l", y, False)
+    for tool in ("mnist", "stackedmnist"):
+        err = _convert_error([tool, "--images", images, "--labels", labels, "--out", str(tmp_path / tool)])
+        assert f"{images}: images of {shape[0]}x{shape[1]}; the digit sets hold 28x28 images" in err
+
+
+def test_a_non_finite_kdd_cell_is_refused_naming_its_line(tmp_path):
+    lines = fake_kdd(30).splitlines()
+    cells = lines[11].split(",")
+    cells[4] = "1e400"  # src_bytes: inf as a float
+    lines[11] = ",".join(cells)
+    path = tmp_path / "kdd.csv"
+    path.write_text("\n".join(lines) + "\n")
+    err = _convert_error(["kdd", "--csv", str(path), "--out", str(tmp_path / "o")])
+    assert "line 12, column 5 (src_bytes) is inf" in err and str(path) in err
+
+
+@pytest.mark.parametrize("keep, says", [("attacks", "no normal. records"), ("normal", "only normal. records")])
+def test_a_kdd_file_with_one_class_is_refused(tmp_path, keep, says):
+    lines = [r for r in fake_kdd(60).splitlines() if r.endswith("normal.") == (keep == "normal")]
+    path = tmp_path / "kdd.csv"
+    path.write_text("\n".join(lines) + "\n")
+    err = _convert_error(["kdd", "--csv", str(path), "--out", str(tmp_path / "o")])
+    assert says in err and not (tmp_path / "o").exists()

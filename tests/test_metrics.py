@@ -169,7 +169,7 @@ def test_a_taken_port_moves_and_the_target_file_says_where(tmp_path):
     "override, message",
     [
         ("log.pushgateway=ftp://gw:9091", r"is not an http\(s\) address"),
-        ("log.prometheus_port=70000", "log.prometheus_port must be"),
+        ("log.prometheus_port=70000", "log.prometheus_port=70000 is out of range"),
     ],
 )
 def test_bad_monitoring_settings_are_refused_up_front(override, message):

@@ -311,3 +311,59 @@ def test_gzip_shards_are_recognised_by_content(tmp_path):
     raw = (tmp_path / "part-000000.tar").read_bytes()
     (tmp_path / "one.tar.gz").write_bytes(gzip.compress(raw))
     assert open_data(str(tmp_path / "one.tar.gz"), DecodeSpec()).num_samples == PER_SHARD
+
+
+def _tar(members: dict[str, bytes]) -> bytes:
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("layout", ["webdataset", "meg"])
+def test_a_gzip_member_above_the_bound_is_refused_before_it_is_decompressed(tmp_path, layout):
+    big = bytes(8 << 20)  # 8 MiB of zeros: 8 KB of gzip
+    name = "s00000.png" if layout == "webdataset" else "000000000.x.npy"
+    shard = tmp_path / "bomb.tar.gz"
+    shard.write_bytes(gzip.compress(_tar({name: big, name.split(".")[0] + ".cls": b"1"}), compresslevel=1))
+    assert shard.stat().st_size < 100_000
+    with pytest.raises(DataError) as err:
+        open_data(str(shard), DecodeSpec(), max_sample_bytes=1 << 20)
+    message = str(err.value)
+    assert str(shard) in message and "data.max_sample_bytes=1048576" in message and "8388608 bytes" in message
+
+
+def test_a_decoded_image_above_the_bound_is_refused_naming_the_shard(tmp_path):
+    shard = tmp_path / "wide.tar"
+    shard.write_bytes(_tar({"s0.png": _png(np.zeros((600, 600, 3), np.uint8)), "s0.cls": b"1"}))  # ~1 MB decoded
+    with pytest.raises(DataError, match=r"wide.tar: sample 's0''s image \(600x600, decoded\) has 1080000 bytes"):
+        open_data(str(shard), DecodeSpec(), max_sample_bytes=1 << 20)
+    assert open_data(str(shard), DecodeSpec(), max_sample_bytes=2 << 20).num_samples == 1
+
+
+def test_the_bound_follows_the_configuration():
+    from trainer.config import load_config
+
+    assert load_config("toy_25gaussians").data.sample_bytes_bound() == 256 << 20
+    assert load_config("toy_25gaussians", ["data.image_size=8192"]).data.sample_bytes_bound() == 16 * 3 * 8192**2
+    assert load_config("toy_25gaussians", ["data.max_sample_bytes=1000"]).data.sample_bytes_bound() == 1000
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_label_too_long_for_64_bits_is_a_clear_error_naming_the_shard(tmp_path, fast):
+    if fast:  # this project's layout: the uniform parser
+        x = io.BytesIO()
+        np.save(x, np.zeros(2, np.float32))
+        members = {"000000000.x.npy": x.getvalue(), "000000000.cls": b"12345678901234567890123"}
+    else:
+        members = {"s0.png": _png(np.zeros((4, 4, 3), np.uint8)), "s0.cls": b"12345678901234567890123"}
+    shard = tmp_path / "labels.tar"
+    shard.write_bytes(_tar(members))
+    with pytest.raises(DataError) as err:
+        open_data(str(shard), DecodeSpec())
+    assert str(shard) in str(err.value) and ("64 bits" in str(err.value) or "label" in str(err.value))

@@ -36,6 +36,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from data_pipeline.cli import CheckpointError
 from data_pipeline.config import StreamPosition
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,8 @@ NETWORKS = ("energy", "generator", "statistics")
 
 @dataclass
 class CheckpointConfig:
-    every: int = 500
-    keep: int = 3
+    every: int = field(default=500, metadata={"range": "[1, 1e12]"})
+    keep: int = field(default=3, metadata={"range": "[1, 1000000]"})
     resume: bool = True  # resume from the run folder's latest checkpoint when there is one
 
     def __post_init__(self) -> None:
@@ -91,12 +92,29 @@ class TrainState:
         }
 
     def load_json(self, state: dict) -> None:
-        self.step = int(state["step"])
+        """Raises ValueError, KeyError or TypeError when ``state`` is not a trainer state (``load`` names
+        the file): a negative step, position or horizon, or a learning-rate scale outside (0, 1]."""
+        self.step = _natural(state["step"], "step")
         positions = state["rank_positions"]
+        if not isinstance(positions, list) or not positions:
+            raise ValueError(f"rank_positions must be a non-empty list, got {positions!r:.80}")
+        for p in positions:
+            for key in ("epoch", "batches_done"):
+                _natural(p[key], f"rank_positions.{key}")
         # Another world size reshuffles the shards among ranks: every rank then takes rank 0's place.
         self.position.load_state_dict(positions[self.rank] if len(positions) == self.world_size else positions[0])
         self.lr_scale = float(state.get("lr_scale", 1.0))
-        self.lr_horizon = int(state.get("lr_horizon", 0))
+        if not 0 < self.lr_scale <= 1:  # NaN too
+            raise ValueError(f"lr_scale must be in (0, 1], got {self.lr_scale}")
+        self.lr_horizon = _natural(state.get("lr_horizon", 0), "lr_horizon")
+
+
+def _natural(value, key: str) -> int:
+    """``value`` when it is a whole number >= 0 (JSON's 5 or 5.0), else ValueError naming ``key``."""
+    whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())  # not NaN or inf
+    if isinstance(value, bool) or not whole or value < 0:
+        raise ValueError(f"{key} must be a whole number >= 0, got {value!r:.80}")
+    return int(value)
 
 
 def checkpoint_step(path: str) -> int:
@@ -161,7 +179,7 @@ def load_export(checkpoint: str) -> tuple[dict[str, dict[str, torch.Tensor]], di
     """(E's, G's and T's state dicts, the export's metadata, the config.yaml text) of a checkpoint."""
     path = os.path.join(checkpoint, WEIGHTS_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"{checkpoint} has no {WEIGHTS_FILE}: not a checkpoint, or written by a version before the weights "
             "export (retrain, or sample it with that version)"
         )
@@ -281,5 +299,9 @@ class Checkpoints:
         rng = os.path.join(path, f"rng_rank{runtime.rank}.pt")
         if os.path.isfile(rng):  # absent when the run grew: the new ranks keep their fresh seeds
             set_rng_state(torch.load(rng, weights_only=True))
-        with open(os.path.join(path, STATE_FILE)) as f:
-            state.load_json(json.load(f))
+        state_file = os.path.join(path, STATE_FILE)
+        try:
+            with open(state_file) as f:
+                state.load_json(json.load(f))
+        except (ValueError, KeyError, TypeError) as e:  # JSON's errors are ValueErrors
+            raise CheckpointError(f"{state_file} is damaged: {type(e).__name__}: {e}") from None

@@ -9,6 +9,7 @@ what is valid. The resolved configuration is saved as ``config.yaml`` in the run
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -19,6 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
+from data_pipeline.cli import ConfigError, shown
 from data_pipeline.config import DataConfig
 from models.factory import ModelConfig
 from models.mala import MALAConfig
@@ -31,13 +33,36 @@ from trainer.runtime.deepspeed_engine import DeepSpeedConfig
 PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
-class ConfigError(ValueError):
-    """A malformed preset or override; the message names the key and what is valid."""
+# A configuration is small: a preset (or a checkpoint's config.yaml) larger or deeper than this is
+# refused before it is parsed further, and anchors and aliases are refused altogether (a few hundred
+# bytes of nested aliases expand to gigabytes: "billion laughs").
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_DEPTH = 32
 
 
 class _ConfigLoader(yaml.SafeLoader):
     """YAML with YAML 1.2's booleans: only true/false. PyYAML's 1.1 also reads no/off/yes/on as
-    booleans, which turned ``train.mixed_precision=no`` and ``train.capture=off`` into False."""
+    booleans, which turned ``train.mixed_precision=no`` and ``train.capture=off`` into False.
+    No anchors or aliases, and at most MAX_YAML_DEPTH levels of nesting."""
+
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(
+                None, None, "anchors and aliases (&name, *name) are not accepted here: write the values out",
+                event.start_mark,
+            )  # fmt: skip
+        if self._depth >= MAX_YAML_DEPTH:
+            raise yaml.composer.ComposerError(
+                None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", event.start_mark
+            )
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 _ConfigLoader.yaml_implicit_resolvers = {
@@ -49,31 +74,58 @@ _ConfigLoader.add_implicit_resolver(
 )
 
 
-def parse_yaml(text) -> Any:
-    """A preset, a saved config.yaml or an override value (a string or an open file)."""
-    return yaml.load(text, Loader=_ConfigLoader)
+def parse_yaml(text: str, source: str = "") -> Any:
+    """A preset, a saved config.yaml or an override value; ``source`` names it in errors (ConfigError
+    for a text over MAX_YAML_BYTES, malformed YAML, anchors or aliases, or too deep a nesting)."""
+    where = source or "the YAML text"
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"{where} has {len(text)} characters; a configuration holds at most {MAX_YAML_BYTES}")
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where} is not valid YAML: {_yaml_problem(e)}") from None
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """One line: the problem and where (YAML's own message quotes the text over several lines)."""
+    if isinstance(error, yaml.MarkedYAMLError):
+        mark = error.problem_mark or error.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        what = " ".join(p for p in (error.context, error.problem) if p)
+        return " ".join(f"{what}{where}".split())[:200]
+    return " ".join(str(error).split())[:200]
+
+
+def read_yaml_file(path: str) -> Any:
+    """A YAML file's contents, reading at most MAX_YAML_BYTES (+1, to tell a larger file)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read(MAX_YAML_BYTES + 1)
+    return parse_yaml(text, path)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
-    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
-    weight_decay: float = 0.0
+    lr: float = field(default=1e-4, metadata={"range": "(0, inf)"})
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.9], metadata={"range": "[0, 1)", "length": "[2, 2]"})
+    weight_decay: float = field(default=0.0, metadata={"range": "[0, inf)"})
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 5000  # generator steps
-    energy_steps: int = 1  # energy steps per generator step
-    penalty_weight: float = 0.1  # lambda of the zero-centred gradient penalty
+    steps: int = field(default=5000, metadata={"range": "[1, 1e12]"})  # generator steps
+    energy_steps: int = field(default=1, metadata={"range": "[1, 1000]"})  # energy steps per generator step
+    penalty_weight: float = field(default=0.1, metadata={"range": "[0, inf)"})  # lambda of the zero-centred penalty
     # Lazy penalty (StyleGAN2's lazy regularisation): the penalty on every k-th energy step only, with
     # weight k * lambda. 1 is exact MEG; larger k saves the double backward on the other steps.
-    penalty_every: int = 1
-    entropy_weight: float = 1.0  # weight of the MI (entropy) term in the generator loss
+    penalty_every: int = field(default=1, metadata={"range": "[1, 1e6]"})
+    # Weight of the MI (entropy) term in the generator loss; the generator targets p ∝ exp(-E / it).
+    entropy_weight: float = field(default=1.0, metadata={"range": "(0, inf)"})
     energy_optim: OptimConfig = field(default_factory=OptimConfig)
     generator_optim: OptimConfig = field(default_factory=OptimConfig)  # G and T together
-    lr_final_factor: float = 1.0  # every lr decays linearly to lr * factor by the last step ...
-    lr_decay_fraction: float = 1.0  # ... over this last fraction of the steps (constant before)
+    # Every lr decays linearly to lr * lr_final_factor by the last step, over the last
+    # lr_decay_fraction of the steps (constant before).
+    lr_final_factor: float = field(default=1.0, metadata={"range": "[0, inf)"})
+    lr_decay_fraction: float = field(default=1.0, metadata={"range": "[0, 1]"})
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # fp16: dynamic loss scaling, overflowing steps skipped
     engine: Literal["ddp", "deepspeed"] = "ddp"  # deepspeed: one engine per update; see the deepspeed section
     # auto: each step is captured as a CUDA graph after a 3-step warm-up and replayed (one process on a
@@ -81,7 +133,7 @@ class TrainConfig:
     capture: Literal["auto", "off"] = "auto"
     negatives: Literal["generator", "mala"] = "generator"  # generator: E's negatives are G(z); mala: after latent MALA
     negatives_mala: MALAConfig = field(default_factory=lambda: MALAConfig(steps=5))
-    seed: int = 0
+    seed: int = field(default=0, metadata={"range": "[0, 4294967295]"})
     guard: GuardConfig = field(default_factory=GuardConfig)
 
     def __post_init__(self) -> None:
@@ -90,9 +142,16 @@ class TrainConfig:
                 raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
 
 
+# A run's name is a folder under runs/: letters, digits, ".", "_" and "-", no path separator, no "..".
+RUN_NAME_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$"
+
+
 @dataclass
 class RunConfig:
-    name: str = "meg"
+    name: str = field(
+        default="meg",
+        metadata={"pattern": RUN_NAME_PATTERN, "valid": "letters, digits, '.', '_', '-' (at most 128), no '..'"},
+    )
     output_dir: str = ""  # default: runs/<name>
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -113,16 +172,16 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     if origin is Literal:
         choices = typing.get_args(annotation)
         if value not in choices:
-            raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(map(str, choices))}")
+            raise ConfigError(f"{key}={shown(value)} is not valid; choose one of {', '.join(map(str, choices))}")
         return value
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping of {annotation.__name__} fields, got {value!r}")
+            raise ConfigError(f"{key} must be a mapping of {annotation.__name__} fields, got {shown(value)}")
         return _build(annotation, value, key)
     if origin is list:
         (item,) = typing.get_args(annotation)
         if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list of {item.__name__}, got {value!r}")
+            raise ConfigError(f"{key} must be a list of {item.__name__}, got {shown(value)}")
         return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(annotation):
@@ -132,7 +191,7 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
                 return _coerce(key, value, option)
             except ConfigError:
                 continue
-        raise ConfigError(f"{key} must be {annotation}, got {value!r}")
+        raise ConfigError(f"{key} must be {annotation}, got {shown(value)}")
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation is float and isinstance(value, str):
@@ -143,19 +202,66 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     if annotation in (int, float, str, bool) and not (
         isinstance(value, annotation) and not (annotation is int and isinstance(value, bool))
     ):
-        raise ConfigError(f"{key} must be {annotation.__name__}, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"{key} must be {annotation.__name__}, got {shown(value)} ({type(value).__name__})")
     return value
+
+
+# Every int and float field (and list of them) of a configuration dataclass declares its valid values
+# in its metadata, checked here at load with the key named (tests/test_config.py walks every section):
+#   "range": "[lo, hi]" / "(lo, hi)" / mixed: the interval; NaN and infinities are always outside
+#   "length": an interval for the number of items of a list
+#   "pattern": a regular expression a string must match in full ("valid": what it allows, in words)
+_RANGE_RE = re.compile(r"^([\[(])\s*([^,\s]+)\s*,\s*([^,\s]+)\s*([\])])$")
+
+
+def parse_range(spec: str) -> tuple[float, float, bool, bool]:
+    """(low, high, low included, high included) of a range like ``"[0, 1)"``."""
+    m = _RANGE_RE.match(spec.strip())
+    if m is None:
+        raise ValueError(f"not a range: {spec!r} (write e.g. '[0, 1)' or '(0, inf)')")
+    return float(m.group(2)), float(m.group(3)), m.group(1) == "[", m.group(4) == "]"
+
+
+def in_range(value: float, spec: str) -> bool:
+    lo, hi, lo_in, hi_in = parse_range(spec)
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    return (lo <= value if lo_in else lo < value) and (value <= hi if hi_in else value < hi)
+
+
+def _count(spec: str) -> str:
+    lo, hi, lo_in, hi_in = parse_range(spec)
+    if lo == hi:
+        return f"exactly {lo:g}"
+    return f"at least {lo:g}" if math.isinf(hi) else f"a number in {spec}"
+
+
+def check_field(key: str, value: Any, f: dataclasses.Field) -> None:
+    """Raises ConfigError when ``value`` is outside what field ``f``'s metadata allows."""
+    meta = f.metadata
+    if "length" in meta and isinstance(value, list) and not in_range(len(value), meta["length"]):
+        raise ConfigError(f"{key} must have {_count(meta['length'])} items, got {len(value)}: {shown(value)}")
+    if "range" in meta:
+        items = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
+        for i, v in items:
+            if v is not None and not in_range(v, meta["range"]):
+                where = key if i is None else f"{key}[{i}]"
+                raise ConfigError(f"{where}={shown(v)} is out of range: it must be a finite number in {meta['range']}")
+    if "pattern" in meta and not re.fullmatch(meta["pattern"], value):
+        valid = meta.get("valid") or f"it must match {meta['pattern']}"
+        raise ConfigError(f"{key}={shown(value)} is not valid: {valid}")
 
 
 def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
         full = f"{prefix}.{key}" if prefix else key
-        if key not in names:
-            raise ConfigError(f"unknown config key {full!r}; valid keys here: {', '.join(names)}")
+        if key not in fields:
+            raise ConfigError(f"unknown config key {shown(full)}; valid keys here: {', '.join(fields)}")
         kwargs[key] = _coerce(full, value, hints[key])
+        check_field(full, kwargs[key], fields[key])
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -164,13 +270,25 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
         raise ConfigError(f"{prefix or 'config'}: {e}") from None
 
 
+def config_from_yaml(text: str, source: str) -> RunConfig:
+    """The RunConfig a saved config.yaml (``text``, read from ``source``) describes; ConfigError naming
+    ``source`` when it does not describe one."""
+    tree = parse_yaml(text, source)
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source} must hold a mapping of config sections, got {type(tree).__name__}")
+    try:
+        return _build(RunConfig, tree)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"cannot set {dotted!r}: {part!r} is not a section")
+            raise ConfigError(f"cannot set {shown(dotted)}: {shown(part)} is not a section")
         node = child
     node[parts[-1]] = value
 
@@ -185,7 +303,7 @@ def resolve_preset(name_or_path: str) -> str:
     available = (
         sorted(f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith(".yaml")) if os.path.isdir(PRESET_DIR) else []
     )
-    raise ConfigError(f"no config file or preset {name_or_path!r}; presets: {', '.join(available)}")
+    raise ConfigError(f"no config file or preset {shown(name_or_path)}; presets: {', '.join(available)}")
 
 
 def _read_preset(name_or_path: str, chain: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -193,18 +311,14 @@ def _read_preset(name_or_path: str, chain: tuple[str, ...] = ()) -> dict[str, An
     path = resolve_preset(name_or_path)
     if path in chain:
         raise ConfigError(f"presets inherit in a circle: {' -> '.join([*chain, path])}")
-    try:
-        with open(path) as f:
-            tree = parse_yaml(f) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    tree = read_yaml_file(path) or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{path} must hold a mapping of config sections, got {type(tree).__name__}")
     base = tree.pop("base", None)
     if base is None:
         return tree
     if not isinstance(base, str):
-        raise ConfigError(f"{path}: base must name one preset (a name in configs/ or a path), got {base!r}")
+        raise ConfigError(f"{path}: base must name one preset (a name in configs/ or a path), got {shown(base)}")
     return _merge(_read_preset(base, (*chain, path)), tree)
 
 
@@ -220,11 +334,11 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
     tree: dict[str, Any] = _read_preset(preset) if preset else {}
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.steps=1000)")
+            raise ConfigError(f"override {shown(item)} must look like section.key=value (e.g. train.steps=1000)")
         key, raw = item.split("=", 1)
         try:
-            value = parse_yaml(raw) if raw != "" else ""
-        except yaml.YAMLError:
+            value = parse_yaml(raw, f"the value of {key.strip()}") if raw != "" else ""
+        except ConfigError:
             value = raw
         _set_dotted(tree, key.strip(), value)
     return _build(RunConfig, tree)
@@ -265,12 +379,12 @@ def check_commands(cfg: RunConfig, allow_pipe: bool = False, trust_inception: bo
         for key, value in _strings(dataclasses.asdict(cfg)):
             if is_command_url(value):
                 raise ConfigError(
-                    f"{key}={value!r} runs a program when it is opened: refused. Pass --allow-pipe on the command "
+                    f"{key}={shown(value)} runs a program when it is opened: refused. Pass --allow-pipe on the command "
                     "line to allow it."
                 )
     if cfg.eval.fid.inception and not trust_inception:
         raise ConfigError(
-            f"eval.fid.inception={cfg.eval.fid.inception!r} is TorchScript, which runs code when it is loaded: "
+            f"eval.fid.inception={shown(cfg.eval.fid.inception)} is TorchScript, which runs code when it is loaded: "
             "refused. Pass --trust-inception on the command line to load it, or leave it empty for the packaged "
             "Inception."
         )

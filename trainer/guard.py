@@ -4,7 +4,7 @@ trainer rolls back to its last checkpoint with lower learning rates, a bounded n
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,13 +22,14 @@ class GuardConfig:
     """On a non-finite metric or one past its bound, roll back to the last checkpoint with every
     learning rate multiplied by ``lr_factor``, at most ``max_rollbacks`` times."""
 
-    max_rollbacks: int = 3  # 0 disables the guard: a diverging run stops at once
-    lr_factor: float = 0.5
-    max_abs_energy_gap: float = 1e4  # bounds on |E(fake) - E(real)| and the penalty; 0 disables
-    max_penalty: float = 1e6
+    max_rollbacks: int = field(default=3, metadata={"range": "[0, 1000]"})  # 0: a diverging run stops at once
+    lr_factor: float = field(default=0.5, metadata={"range": "(0, 1]"})
+    # Bounds on |E(fake) - E(real)| and the penalty; 0 disables.
+    max_abs_energy_gap: float = field(default=1e4, metadata={"range": "[0, inf)"})
+    max_penalty: float = field(default=1e6, metadata={"range": "[0, inf)"})
     # Checked before every checkpoint, so that no checkpoint holds weights a rollback would flee:
     # every parameter finite and each network's parameter norm at most this (0: finiteness only).
-    max_param_norm: float = 1e5
+    max_param_norm: float = field(default=1e5, metadata={"range": "[0, inf)"})
 
 
 class DivergenceGuard:

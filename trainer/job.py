@@ -18,7 +18,7 @@ from data_pipeline.shards import DataError, manifest_url
 from data_pipeline.stream import ShardStream, looks_like_shards, open_data
 from models import build_networks
 from trainer.checkpoint import Checkpoints, load_export, package_version
-from trainer.config import ConfigError, RunConfig, _build, config_to_yaml, parse_yaml
+from trainer.config import ConfigError, RunConfig, config_from_yaml, config_to_yaml
 from trainer.evaluation import build_evaluator
 from trainer.meg_trainer import MEGTrainer, Preempted, host_pinning
 from trainer.metrics import JsonlSink, MetricsLogger, ProgressSink
@@ -113,7 +113,7 @@ def check_resumable(cfg: RunConfig, checkpoint: str, sample_shape: list[int]) ->
     """Raises ConfigError when the run asks for another model, engine or data shape than the
     checkpoint it would resume holds: before anything of the run folder is overwritten."""
     _, info, saved_yaml = load_export(checkpoint)
-    saved = _build(RunConfig, parse_yaml(saved_yaml))
+    saved = config_from_yaml(saved_yaml, os.path.join(checkpoint, "config.yaml"))
     differences = [
         f"model.{key}: {getattr(saved.model, key)!r} in the checkpoint, {getattr(cfg.model, key)!r} now"
         for key in vars(cfg.model)
@@ -135,7 +135,7 @@ def train(cfg: RunConfig, runtime: Runtime, stop: threading.Event, preset: str) 
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {runtime.world_size} ranks")
     ensure_toy_data(cfg, runtime)
     try:
-        manifest = open_data(cfg.data.url, cfg.data.decode_spec())
+        manifest = open_data(cfg.data.url, cfg.data.decode_spec(), cfg.data.sample_bytes_bound())
     except DataError as e:
         raise DataError(
             f"{e}\nthis preset's data is written by: {cfg.data.prepare}" if cfg.data.prepare else str(e)
@@ -169,7 +169,10 @@ def _train(
     cfg, runtime, stop, manifest, checkpoints: Checkpoints, resume_from: str | None, preset: str
 ) -> dict[str, float]:
     runtime.seed(cfg.train.seed, per_rank=False)  # identical initial networks on every rank
-    nets = build_networks(cfg.model, tuple(manifest.sample_shape), resolve_kernels(cfg, runtime))
+    try:
+        nets = build_networks(cfg.model, tuple(manifest.sample_shape), resolve_kernels(cfg, runtime))
+    except ValueError as e:  # the models know no config errors: an architecture that cannot take this data
+        raise ConfigError(f"model.arch={cfg.model.arch}: {e}") from None
     runtime.seed(cfg.train.seed, per_rank=True)  # different noise on each rank
     steps = build_steps(cfg, runtime, nets)
     stream = ShardStream(

@@ -33,9 +33,10 @@ def normalise_gateway(url: str) -> str:
 
 @dataclass
 class LogConfig:
-    every: int = 25  # steps between metric reductions (each one is a device sync)
+    every: int = field(default=25, metadata={"range": "[1, 1e12]"})  # steps between metric reductions (device syncs)
     progress: bool = True
-    prometheus_port: int = 9400  # local rank r serves on port + r; 0 picks free ports; -1 disables
+    # Local rank r serves on port + r; 0 picks free ports; -1 disables.
+    prometheus_port: int = field(default=9400, metadata={"range": "[-1, 65535]"})
     prometheus_addr: str = "127.0.0.1"  # 0.0.0.0 to be scraped from another host (multi-node)
     # A folder for Prometheus file_sd target files, one per rank (deploy/prometheus/prometheus.yml
     # reads deploy/prometheus/targets); empty: none written.

@@ -11,8 +11,8 @@ import sys
 import time
 
 from models import MEGNetworks, build_networks
-from trainer.checkpoint import damage, list_checkpoints, load_export
-from trainer.config import RunConfig, _build, parse_yaml
+from trainer.checkpoint import CheckpointError, damage, list_checkpoints, load_export
+from trainer.config import RunConfig, config_from_yaml
 
 LOCK_FILE = ".lock"
 
@@ -61,19 +61,19 @@ def resolve_checkpoint(run_dir: str, checkpoint: str | None = None) -> str:
     if checkpoint is not None:
         problem = damage(checkpoint) if os.path.isdir(checkpoint) else "no such folder"
         if problem:
-            raise ValueError(f"checkpoint {checkpoint} cannot be read: {problem}")
+            raise CheckpointError(f"checkpoint {checkpoint} cannot be read: {problem}")
         return checkpoint
     if not os.path.isdir(run_dir):
-        raise FileNotFoundError(f"{run_dir} is not a run folder (no such folder)")
+        raise CheckpointError(f"{run_dir} is not a run folder (no such folder)")
     found = list_checkpoints(os.path.join(run_dir, "checkpoints"))
     if not found:
-        raise FileNotFoundError(f"{run_dir} has no complete checkpoint yet (checkpoints/step_XXXXXXXX)")
+        raise CheckpointError(f"{run_dir} has no complete checkpoint yet (checkpoints/step_XXXXXXXX)")
     for path in reversed(found):
         problem = damage(path)
         if problem is None:
             return path
         print(f"warning: checkpoint {path} is damaged ({problem}); using the one before it", file=sys.stderr)
-    raise ValueError(f"every checkpoint of {run_dir} is damaged; the newest: {damage(found[-1])}")
+    raise CheckpointError(f"every checkpoint of {run_dir} is damaged; the newest: {damage(found[-1])}")
 
 
 def load_networks(run_dir: str, checkpoint: str | None = None) -> tuple[RunConfig, MEGNetworks, str, dict]:
@@ -81,13 +81,13 @@ def load_networks(run_dir: str, checkpoint: str | None = None) -> tuple[RunConfi
     used, and the export's metadata (sample_shape, dataset, step, version)."""
     checkpoint = resolve_checkpoint(run_dir, checkpoint)
     weights, info, config_yaml = load_export(checkpoint)
-    cfg = _build(RunConfig, parse_yaml(config_yaml))
+    cfg = config_from_yaml(config_yaml, os.path.join(checkpoint, "config.yaml"))
     nets = build_networks(cfg.model, tuple(info["sample_shape"]))
     for name in ("energy", "generator", "statistics"):
         module = getattr(nets, name)
         try:
             module.load_state_dict(weights[name])
         except RuntimeError as e:  # a config.yaml that does not describe these weights
-            raise ValueError(f"{checkpoint}: its weights do not fit its config.yaml ({name}): {e}") from None
+            raise CheckpointError(f"{checkpoint}: its weights do not fit its config.yaml ({name}): {e}") from None
         module.eval()
     return cfg, nets, checkpoint, info

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from data_pipeline.cli import DataError
+
 
 def anomaly_scores(energy, x: torch.Tensor, kind: str = "energy", batch_size: int = 4096) -> np.ndarray:
     """Per-sample anomaly score: the energy E(x), or the gradient norm ||grad_x E(x)||."""
@@ -81,7 +83,7 @@ def auprc(scores: np.ndarray, is_anomaly: np.ndarray) -> float:
     (R_n - R_{n-1}) P_n, as scikit-learn's ``average_precision_score`` (ties: one threshold)."""
     tp, fp = _ranked_counts(scores, is_anomaly)
     if tp[-1] == 0:
-        raise ValueError("AUPRC needs at least one anomaly")
+        raise DataError("AUPRC needs at least one anomaly in the test split")
     recall_gain = np.diff(np.r_[0.0, tp]) / tp[-1]
     return float((recall_gain * tp / (tp + fp)).sum())
 
@@ -91,7 +93,7 @@ def auroc(scores: np.ndarray, is_anomaly: np.ndarray) -> float:
     counting one half (the trapezoidal area, as scikit-learn's ``roc_auc_score``)."""
     tp, fp = _ranked_counts(scores, is_anomaly)
     if tp[-1] == 0 or fp[-1] == 0:
-        raise ValueError("AUROC needs both anomalies and normal samples")
+        raise DataError("AUROC needs both anomalies and normal samples in the test split")
     tpr, fpr = np.r_[0.0, tp] / tp[-1], np.r_[0.0, fp] / fp[-1]
     return float((np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2).sum())
 

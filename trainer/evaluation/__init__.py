@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
+from data_pipeline.cli import ConfigError
 from models.mala import MALAConfig
 from trainer.evaluation.anomaly import KDDEvalConfig, KDDEvaluator, MNISTAnomalyEvalConfig, MNISTAnomalyEvaluator
 from trainer.evaluation.base import EvalContext, Evaluator, generate
@@ -41,11 +42,11 @@ EvalKind = Literal["toy", "kdd", "mnist_anomaly", "stackedmnist", "fid", "sample
 @dataclass
 class EvalConfig:
     kind: EvalKind = "samples"  # what to measure (the table above); the section of the same name configures it
-    every: int = 1000  # generator steps between evaluations (0: only at the end)
-    num_samples: int = 2500
+    every: int = field(default=1000, metadata={"range": "[0, 1e12]"})  # steps between evaluations (0: at the end)
+    num_samples: int = field(default=2500, metadata={"range": "[1, 10000000]"})
     # Every evaluation draws from this seed: the same checkpoint gives the same numbers during training
     # and from meg-evaluate / meg-sample (their --seed overrides it).
-    seed: int = 0
+    seed: int = field(default=0, metadata={"range": "[0, 4294967295]"})
     mala: MALAConfig = field(default_factory=lambda: MALAConfig(steps=5))
     plots: bool = True
     toy: ToyEvalConfig = field(default_factory=ToyEvalConfig)
@@ -87,15 +88,15 @@ def requirements(cfg) -> list[tuple[str, str, str]]:
 
 
 def check_requirements(cfg) -> None:
-    """Raises FileNotFoundError naming the first missing file and the command that makes it."""
+    """Raises ConfigError naming the first missing file and the command that makes it."""
     if cfg.eval.kind == "mnist_anomaly" and cfg.eval.mnist_anomaly.digit == -1:
-        raise ValueError("eval.kind=mnist_anomaly needs eval.mnist_anomaly.digit (the held-out digit, 0..9)")
+        raise ConfigError("eval.kind=mnist_anomaly needs eval.mnist_anomaly.digit (the held-out digit, 0..9)")
     for key, path, make in requirements(cfg):
         if not path:
-            raise FileNotFoundError(f"eval.kind={cfg.eval.kind} needs {key}; {make}")
+            raise ConfigError(f"eval.kind={cfg.eval.kind} needs {key}; {make}")
         local = "://" not in path or path.startswith("file://")
         if local and not os.path.exists(path.removeprefix("file://")):
-            raise FileNotFoundError(f"{key}={path} does not exist; {make}")
+            raise ConfigError(f"{key}={path} does not exist; {make}")
 
 
 def build_evaluator(cfg, sample_shape: list[int], dataset: str, out_dir: str | None = None) -> Evaluator:

@@ -4,7 +4,7 @@ and AUPRC for both, as later methods report them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -15,13 +15,14 @@ from trainer.scores import anomaly_scores, auprc, auroc, precision_recall_f1_at_
 @dataclass
 class KDDEvalConfig:
     test_data: str = "data/kdd99/test"  # the labelled test split (label 1 = anomaly)
-    percentile: float = 80.0  # flag the scores above this percentile (the share of anomalies: 20%)
+    # Flag the scores above this percentile (the share of anomalies: 20%).
+    percentile: float = field(default=80.0, metadata={"range": "[0, 100]"})
 
 
 @dataclass
 class MNISTAnomalyEvalConfig:
     test_data: str = ""  # the labelled test split of `convert mnist-anomaly`
-    digit: int = -1  # the held-out digit: the anomaly
+    digit: int = field(default=-1, metadata={"range": "[-1, 9]"})  # the held-out digit: the anomaly (-1: unset)
 
     def __post_init__(self) -> None:
         if self.digit != -1 and not 0 <= self.digit <= 9:

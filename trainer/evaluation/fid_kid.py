@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from data_pipeline.cli import ConfigError
 from trainer.evaluation.base import Evaluator
 from trainer.scores import feature_statistics, frechet_distance, kernel_inception_distance
 
@@ -28,7 +29,7 @@ class FIDEvaluator(Evaluator):
         from trainer.fid import InceptionFeatures, load_statistics
 
         if self.section.inception and os.environ.get(TRUST_INCEPTION_ENV) != "1":
-            raise ValueError(f"eval.fid.inception={self.section.inception!r} loads only with --trust-inception")
+            raise ConfigError(f"eval.fid.inception={self.section.inception!r} loads only with --trust-inception")
         if self._inception is None:
             self._inception = InceptionFeatures(self.section.inception or None, samples.device)
             self._reference = load_statistics(self.section.reference)

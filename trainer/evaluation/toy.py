@@ -28,7 +28,8 @@ TEST_SEED, VALIDATION_SEED = 2024, 2025  # fresh draws, neither the plots' (1234
 
 @dataclass
 class ToyEvalConfig:
-    std: float = 0.0  # the modes' std for the 3-sigma quality rule (0: the data set's own)
+    # The modes' std for the 3-sigma quality rule (0: the data set's own).
+    std: float = field(default=0.0, metadata={"range": "[0, inf)"})
     density: bool = True  # score the energy as a density (adds about a second per evaluation on a CPU)
     density_points: int = field(default=20000, metadata={"range": "[100, 10000000]"})  # each of test and validation
     # The quadrature's cell side (0: a quarter of the modes' std; 0.01 without modes).

@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from torch import nn
 from torch.amp.grad_scaler import _refresh_per_optimizer_state
 
+from data_pipeline.cli import CheckpointError
 from trainer.runtime.group import FP16_INIT_SCALE, ProcessGroup, check_world_size, refuse_accelerate_deepspeed
 
 ENGINE_FILE = "ddp_state.pt"
@@ -147,7 +148,7 @@ class DDPRuntime(ProcessGroup):
                 module.load_state_dict(weights[name])
         path = os.path.join(folder, ENGINE_FILE)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no ddp engine state (was this checkpoint written with train.engine=ddp?)")
+            raise CheckpointError(f"{path}: no ddp engine state (was this checkpoint written with train.engine=ddp?)")
         # A CPU device may be "cpu:0" (accelerate's multi-node CPU launch), which torch.load cannot map.
         state = torch.load(path, map_location=self.device if self.device.type != "cpu" else "cpu", weights_only=True)
         for name, update in self.updates.items():

@@ -13,16 +13,17 @@ import copy
 import json
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from data_pipeline.cli import CheckpointError, UserError
 from trainer.runtime.group import ProcessGroup, check_world_size, refuse_accelerate_deepspeed
 
 
-class DeepSpeedConfigError(ValueError):
+class DeepSpeedConfigError(UserError, ValueError):
     """A DeepSpeed setting that cannot work; the message names it and the fix."""
 
 
@@ -41,7 +42,7 @@ class DeepSpeedConfig:
     """Used when train.engine=deepspeed. Precision and batch sizes come from train/data; the JSON file
     (optional, e.g. deploy/deepspeed/zero2.json) supplies DeepSpeed's other knobs."""
 
-    zero_stage: int = 1  # 0, 1 or 2; 3 is refused (ZERO3_REFUSAL)
+    zero_stage: int = field(default=1, metadata={"range": "[0, 3]"})  # 0, 1 or 2; 3 is refused (ZERO3_REFUSAL)
     config_file: str = ""  # a DeepSpeed JSON; its zero_optimization.stage, if set, must equal zero_stage
 
     def __post_init__(self) -> None:
@@ -222,7 +223,7 @@ class DeepSpeedRuntime(ProcessGroup):
         for name, eng in self.engines.items():
             loaded, _ = eng.load_checkpoint(folder, tag=name)
             if loaded is None:
-                raise FileNotFoundError(f"{folder}/{name}: no DeepSpeed checkpoint (was it saved by the ddp engine?)")
+                raise CheckpointError(f"{folder}/{name}: no DeepSpeed checkpoint (was it saved by the ddp engine?)")
 
     def shutdown(self, meet: bool = True) -> None:
         self.engines.clear()  # the engines hold the process group

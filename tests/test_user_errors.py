@@ -1,0 +1,127 @@
+"""The CLI wrapper: a user's mistake is one line naming the file or key (exit 2); anything else is a
+bug and keeps its traceback."""
+
+import contextlib
+import errno
+import io
+import pickle
+
+import pytest
+
+from data_pipeline.cli import EXIT_USER_ERROR, CheckpointError, ConfigError, UserError, run_tool
+from data_pipeline.shards import DataError, is_command_url
+from trainer.config import check_commands, load_config
+
+
+def _run(error: BaseException) -> tuple[int, str]:
+    def body() -> int:
+        raise error
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = run_tool(body, debug=False)
+    return code, err.getvalue()
+
+
+@pytest.mark.parametrize(
+    "error, shown",
+    [
+        (ConfigError("train.steps=0 is out of range"), "error: train.steps=0 is out of range"),
+        (DataError("shard x.tar is unreadable"), "error: shard x.tar is unreadable"),
+        (CheckpointError("run/step_1/trainer_state.json: step -5"), "error: run/step_1/trainer_state.json: step -5"),
+        (
+            FileNotFoundError(errno.ENOENT, "No such file or directory", "/no/such"),
+            "No such file or directory: /no/such",
+        ),
+        (OSError(errno.ENOSPC, "No space left on device", "/full/disk/f"), "No space left on device: /full/disk/f"),
+        (pickle.UnpicklingError("Weights only load failed"), "error: UnpicklingError: Weights only load failed"),
+    ],
+)
+def test_a_user_error_is_one_line_and_exit_2(error, shown):
+    code, err = _run(error)
+    assert code == EXIT_USER_ERROR and err.startswith("error: ") and shown in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_safetensors_error_is_a_user_error():
+    from safetensors import SafetensorError
+
+    code, err = _run(SafetensorError("Error while deserializing header: HeaderTooLarge"))
+    assert code == EXIT_USER_ERROR and "SafetensorError: Error while deserializing header" in err
+
+
+@pytest.mark.parametrize(
+    "bug",
+    [
+        ValueError("an internal ValueError"),
+        KeyError("an internal key"),
+        TypeError("unsupported operand"),
+        RuntimeError("a torch error"),
+        OSError("a bare OSError with no errno or file"),
+        FileNotFoundError("a message, not a file: no errno"),
+        OSError(errno.ECONNRESET, "Connection reset by peer"),  # an errno, but no file
+    ],
+)
+def test_any_other_exception_is_a_bug_and_keeps_its_traceback(bug):
+    with pytest.raises(type(bug)):
+        _run(bug)
+
+
+def test_debug_keeps_the_traceback_of_a_user_error_too():
+    def body() -> int:
+        raise ConfigError("x")
+
+    with pytest.raises(ConfigError):
+        run_tool(body, debug=True)
+
+
+def test_the_project_errors_are_user_errors_and_keep_their_old_bases():
+    from trainer.runtime.deepspeed_engine import DeepSpeedConfigError
+
+    for cls, old in ((ConfigError, ValueError), (DataError, RuntimeError), (CheckpointError, ValueError)):
+        assert issubclass(cls, UserError) and issubclass(cls, old)
+    assert issubclass(DeepSpeedConfigError, UserError)
+
+
+@pytest.mark.parametrize("url", ["pipe:cat x.tar", "PIPE:cat x.tar", "Pipe:cat x.tar", " pipe:cat x.tar", "SCP:host/x"])
+def test_every_spelling_of_a_command_url_is_refused_at_start_up(url):
+    assert is_command_url(url)
+    cfg = load_config("toy_25gaussians", [f"data.url={url}"])
+    with pytest.raises(ConfigError, match="--allow-pipe"):
+        check_commands(cfg)
+
+
+@pytest.mark.parametrize(
+    "change, says",
+    [
+        ({"step": -5}, "step must be a whole number >= 0, got -5"),
+        ({"step": 2.5}, "step must be a whole number >= 0"),
+        ({"step": "30"}, "step must be a whole number >= 0"),
+        ({"lr_horizon": -1}, "lr_horizon must be"),
+        ({"lr_scale": float("nan")}, "lr_scale must be in (0, 1]"),
+        ({"lr_scale": 0}, "lr_scale must be in (0, 1]"),
+        ({"rank_positions": []}, "rank_positions must be a non-empty list"),
+        ({"rank_positions": [{"epoch": -1, "batches_done": 0}]}, "rank_positions.epoch must be"),
+        ({"rank_positions": [{"epoch": 0, "batches_done": float("inf")}]}, "rank_positions.batches_done must be"),
+    ],
+)
+def test_an_out_of_range_trainer_state_is_a_damaged_checkpoint_naming_the_file(tmp_path, monkeypatch, change, says):
+    import json
+
+    from trainer.checkpoint import STATE_FILE, Checkpoints, TrainState
+
+    state = {**TrainState(step=30).to_json(), **change}
+    (tmp_path / STATE_FILE).write_text(json.dumps(state))
+
+    class Runtime:  # what Checkpoints.load needs of the engine
+        rank = 0
+
+        def restore(self, folder, weights):
+            pass
+
+    import trainer.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "load_export", lambda path: ({}, {}, ""))
+    with pytest.raises(CheckpointError) as err:
+        Checkpoints(str(tmp_path), 1, "", {}).load(str(tmp_path), Runtime(), TrainState())
+    assert f"{tmp_path / STATE_FILE} is damaged" in str(err.value) and says in str(err.value)
