@@ -65,6 +65,18 @@ def _close_and_record(self, death_sig: signal.Signals, timeout: int = 30) -> Non
     _exit_codes[:] = [h.proc.poll() for h in self.subprocess_handlers.values()]
 
 
+_start_context = elastic_api.PContext.start
+
+
+def _start_handling_sigusr1(self) -> None:
+    # torch's launcher sets the signals its agent handles just before it starts the workers, without
+    # SIGUSR1 (Slurm's warning before the time limit): added, the agent passes it on like SIGTERM.
+    handled = os.environ.get("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT")
+    if "SIGUSR1" not in handled.split(","):
+        os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = handled + ",SIGUSR1"
+    _start_context(self)
+
+
 def _children() -> list[int]:
     pids = []
     for task in os.listdir("/proc/self/task"):
@@ -99,9 +111,6 @@ def _status(codes: list[int | None], fallback: int) -> int:
 
 
 def main() -> None:
-    # The agent forwards these to its workers (it handles SIGTERM, SIGINT, SIGHUP and SIGQUIT by
-    # default; SIGUSR1 would otherwise kill the launcher and leave the workers running).
-    os.environ.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", SHUTDOWN_SECONDS)
     for sig in STOP_SIGNALS:
         signal.signal(sig, _stopped_before_start)
@@ -113,6 +122,7 @@ def main() -> None:
         module.TCPStore = _store_on_its_own_address
     SubprocessHandler.close = _close_and_continue
     elastic_api.SubprocessContext._close = _close_and_record
+    elastic_api.PContext.start = _start_handling_sigusr1
     try:
         sys.exit(accelerate_launch())
     except SignalException as e:  # the agent passed the signal on to its workers and waited for them
