@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 POLL_SECONDS = 0.2  # how often a wait looks at the stop requests
+# After a stop request a call still gets this long: one that answers (a local manifest at start-up)
+# lets the process reach the point where it saves; one that hangs is left.
+STOP_PATIENCE_SECONDS = 1.0
 
 
 class StopRequested(Exception):
@@ -79,10 +82,13 @@ def stop_requested() -> bool:
 
 
 def _wait(done: threading.Event, seconds: float) -> bool:
-    """Waits up to ``seconds`` for ``done``; raises StopRequested as soon as a stop is requested."""
+    """Waits up to ``seconds`` for ``done``; raises StopRequested when a stop is requested and the
+    call does not end within STOP_PATIENCE_SECONDS of it."""
     deadline = time.monotonic() + seconds
     while True:
         if stop_requested():
+            if done.wait(STOP_PATIENCE_SECONDS):
+                return True
             raise StopRequested
         left = deadline - time.monotonic()
         if left <= 0:
@@ -141,7 +147,7 @@ def bounded(call: Callable[[], T], url: str, what: str = "read", on_abandon: Cal
             why = last_error[2:] or f"no answer within data.io_timeout={p.timeout:g} s"
             log.warning("storage %s of %s: %s (attempt %d of %d); retrying in %g s", what, url, why, attempt + 1,
                         attempts, pause)  # fmt: skip
-            _wait(threading.Event(), pause)  # a pause that a stop request ends
+            _wait(threading.Event(), pause)  # a pause that a stop request ends (after the patience)
     raise StorageTimeout(
         f"storage did not answer: {what} of {url} got no answer within data.io_timeout={p.timeout:g} s "
         f"in {attempts} attempts{last_error}. Check the store (or raise data.io_timeout for a slow one)."
