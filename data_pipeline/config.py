@@ -47,12 +47,17 @@ class DataConfig:
     # The largest shard member (decompressed) or decoded sample accepted, in bytes; a larger one stops
     # the run naming the shard (decoding needs memory in proportion). 0: derived (sample_bytes_bound).
     max_sample_bytes: int = field(default=0, metadata={"range": "[0, 1099511627776]"})
+    # Seconds any one storage call (an open, a listing, a shard read) may take before it is tried
+    # again (twice, after 1 and 2 s); then the run stops with an error naming the URL.
+    io_timeout: float = field(default=60.0, metadata={"range": "(0, inf)"})
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
         if not 0 < self.max_corrupt_share <= 1:
             raise ValueError(f"data.max_corrupt_share must be in (0, 1], got {self.max_corrupt_share}")
+        if not self.io_timeout > 0:  # NaN too
+            raise ValueError(f"data.io_timeout must be > 0 seconds, got {self.io_timeout}")
         if self.image_size < 0:
             raise ValueError(f"data.image_size must be >= 0 (0: as stored), got {self.image_size}")
 

@@ -21,6 +21,7 @@ import tarfile
 import tempfile
 import urllib.parse
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import fsspec
@@ -112,10 +113,11 @@ def read_manifest(url: str, check_shards: bool = True) -> Manifest:
     wrong size are truncated or corrupt: they are named in a warning here and skipped (and counted)
     by the stream.
     """
+    from data_pipeline.storage import bounded  # it imports DataError from here
+
     murl = manifest_url(url)
     try:
-        with fsspec.open(murl, "r") as f:
-            raw = json.load(f)
+        raw = json.loads(bounded(lambda: _read_text(murl), murl, "manifest read"))
     except FileNotFoundError:
         raise DataError(
             f"no manifest at {murl}: write the shards first, e.g. "
@@ -142,9 +144,21 @@ def read_manifest(url: str, check_shards: bool = True) -> Manifest:
     return manifest
 
 
+def _read_text(url: str) -> str:
+    with fsspec.open(url, "r") as f:
+        return f.read()
+
+
 def shard_sizes(urls: list[str]) -> dict[str, int | None]:
     """Byte size of each URL (None when it does not exist): one listing per folder where the
-    store lists, one metadata request per file otherwise (e.g. http)."""
+    store lists, one metadata request per file otherwise (e.g. http). Each call is bounded by
+    data.io_timeout (data_pipeline/storage.py)."""
+    from data_pipeline.storage import bounded
+
+    def listing(fs, fpath: str) -> dict[str, int]:
+        fs.invalidate_cache(fpath)  # a fresh look: object stores' listings are cached
+        return {fs._strip_protocol(e["name"]).rstrip("/"): e.get("size") for e in fs.ls(fpath, detail=True)}
+
     sizes: dict[str, int | None] = {}
     by_dir: dict[str, list[str]] = {}
     for u in urls:
@@ -154,8 +168,7 @@ def shard_sizes(urls: list[str]) -> dict[str, int | None]:
         listed: dict[str, int] = {}
         if "http" not in fs.protocol and "https" not in fs.protocol:
             try:
-                fs.invalidate_cache(fpath)  # a fresh look: object stores' listings are cached
-                listed = {fs._strip_protocol(e["name"]).rstrip("/"): e.get("size") for e in fs.ls(fpath, detail=True)}
+                listed = bounded(partial(listing, fs, fpath), folder or ".", "shard listing")
             except (FileNotFoundError, NotADirectoryError):
                 listed = {}
         for u in members:
@@ -164,7 +177,7 @@ def shard_sizes(urls: list[str]) -> dict[str, int | None]:
                 sizes[u] = listed[path]
                 continue
             try:
-                sizes[u] = fs.info(path).get("size")
+                sizes[u] = bounded(partial(fs.info, path), u, "size lookup").get("size")
             except FileNotFoundError:
                 sizes[u] = None
     return sizes

@@ -51,6 +51,7 @@ from data_pipeline.config import DEFAULT_MAX_SAMPLE_BYTES, WORKER_TYPES, StreamP
 from data_pipeline.decode import DecodeSpec, gunzip_shard, is_meg_layout, parse_webdataset_shard
 from data_pipeline.shard_reader import CorruptShard, SampleTooLarge, ShardArrays, parse_shard
 from data_pipeline.shards import COMMAND_SCHEMES, DataError, Manifest, ShardInfo, is_command_url, read_manifest
+from data_pipeline.storage import StopRequested, bounded, stop_on
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +101,17 @@ def register_fsspec_opener() -> None:
 register_fsspec_opener()
 
 
+def _gopen_read(url: str) -> bytes:
+    with wds_gopen.gopen(url, "rb") as f:
+        return f.read()
+
+
 def read_shard_bytes(url: str) -> bytes:
     """One shard's bytes through webdataset's opener table (local paths, fsspec, and when allowed
-    pipe:). A program that fails is a DataError, reported once: it is not a damaged shard to skip."""
+    pipe:), bounded by data.io_timeout. A program that fails is a DataError, reported once: it is not
+    a damaged shard to skip."""
     try:
-        with wds_gopen.gopen(url, "rb") as f:
-            return f.read()
+        return bounded(partial(_gopen_read, url), url, "shard read")
     except OSError as e:
         if is_command_url(url):
             raise DataError(f"{url!r} failed: {e}") from None
@@ -120,6 +126,13 @@ class ReadBuffer:
         self._data = bytearray()
 
     def read(self, path: str) -> memoryview:
+        """The file's bytes, bounded by data.io_timeout (a hung network filesystem)."""
+        return bounded(partial(self._read, path), path, "shard read", on_abandon=self._forget)
+
+    def _forget(self) -> None:
+        self._data = bytearray()  # a read that timed out may still write into the old one
+
+    def _read(self, path: str) -> memoryview:
         with open(path, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
             if len(self._data) < size:
@@ -351,10 +364,6 @@ _DONE = object()
 READER_JOIN_SECONDS = 5.0
 
 
-class StopRequested(Exception):
-    """The trainer was asked to stop while it waited for data."""
-
-
 def _read_into(source: Callable[[], Iterator[dict]], out: queue.Queue, stop: threading.Event, finished) -> None:
     """A reader thread: ``source``'s chunks into ``out`` until it ends (then _DONE) or fails (then its
     error); gives up when ``stop`` is set."""
@@ -370,9 +379,10 @@ def _read_into(source: Callable[[], Iterator[dict]], out: queue.Queue, stop: thr
 
     chunks = source()
     try:
-        for chunk in chunks:
-            if not put(chunk):
-                return
+        with stop_on(stop):  # its storage waits end when its readers are closed
+            for chunk in chunks:
+                if not put(chunk):
+                    return
     except BaseException as e:  # noqa: BLE001 (handed to the consumer, which raises it)
         finished.set()
         put(e)

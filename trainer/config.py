@@ -135,11 +135,16 @@ class TrainConfig:
     negatives_mala: MALAConfig = field(default_factory=lambda: MALAConfig(steps=5))
     seed: int = field(default=0, metadata={"range": "[0, 4294967295]"})
     guard: GuardConfig = field(default_factory=GuardConfig)
+    # Seconds a collective (a gradient reduction, a barrier, the rendezvous) may wait for the other
+    # ranks: a rank that stops answering (hung, stopped, its node gone) ends the job within this.
+    collective_timeout: float = field(default=600.0, metadata={"range": "(0, inf)"})
 
     def __post_init__(self) -> None:
         for key in ("steps", "energy_steps", "penalty_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        if not self.collective_timeout > 0:  # NaN too
+            raise ValueError(f"train.collective_timeout must be > 0 seconds, got {self.collective_timeout}")
 
 
 # A run's name is a folder under runs/: letters, digits, ".", "_" and "-", no path separator, no "..".

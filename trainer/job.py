@@ -9,12 +9,15 @@ import logging
 import os
 import posixpath
 import threading
+from functools import partial
 
 import fsspec
 import torch
 
+from data_pipeline import storage
 from data_pipeline.convert import convert_toy
 from data_pipeline.shards import DataError, manifest_url
+from data_pipeline.storage import StopRequested
 from data_pipeline.stream import ShardStream, looks_like_shards, open_data
 from models import build_networks
 from trainer.checkpoint import Checkpoints, load_export, package_version
@@ -24,7 +27,7 @@ from trainer.meg_trainer import MEGTrainer, Preempted, host_pinning
 from trainer.metrics import JsonlSink, MetricsLogger, ProgressSink
 from trainer.prometheus import PrometheusExporter
 from trainer.run_folder import RunFolderBusy, RunFolderLock
-from trainer.runtime import Runtime, build_runtime
+from trainer.runtime import Runtime, build_runtime, collective_failure
 from trainer.steps import build_steps, resolve_kernels
 
 log = logging.getLogger("meg")
@@ -46,9 +49,9 @@ def ensure_toy_data(cfg: RunConfig, runtime: Runtime) -> None:
     a missing shard, other files) is the user's data and is reported by read_manifest, not overwritten."""
     if cfg.data.toy and runtime.is_main and not looks_like_shards(cfg.data.url):
         fs, manifest = fsspec.core.url_to_fs(manifest_url(cfg.data.url))
-        if not fs.exists(manifest):
+        if not storage.bounded(partial(fs.exists, manifest), manifest, "lookup"):
             folder = posixpath.dirname(manifest)
-            if fs.exists(folder) and fs.ls(folder):
+            if storage.bounded(partial(_non_empty, fs, folder), folder, "listing"):
                 raise DataError(
                     f"data.url={cfg.data.url} holds files but no manifest.json: not writing {cfg.data.toy} shards "
                     "over them. Point data.url at an empty or new folder (or at the data's manifest)."
@@ -63,6 +66,10 @@ def ensure_toy_data(cfg: RunConfig, runtime: Runtime) -> None:
                 std=cfg.data.toy_std,
             )
     runtime.barrier()
+
+
+def _non_empty(fs, folder: str) -> bool:
+    return fs.exists(folder) and bool(fs.ls(folder))
 
 
 def build_logger(cfg: RunConfig, runtime: Runtime, preset: str) -> tuple[MetricsLogger, PrometheusExporter | None]:
@@ -96,6 +103,8 @@ def build_logger(cfg: RunConfig, runtime: Runtime, preset: str) -> tuple[Metrics
 
 def run(cfg: RunConfig, stop: threading.Event, preset: str = "") -> dict[str, float]:
     """``preset``: the --config it came from, for the metrics' run info."""
+    # Every storage call from here on is bounded by data.io_timeout and ends on a stop request.
+    storage.configure(timeout=cfg.data.io_timeout, stop=stop)
     runtime = build_runtime(cfg)
     meet = True
     try:
@@ -105,6 +114,15 @@ def run(cfg: RunConfig, stop: threading.Event, preset: str = "") -> dict[str, fl
     except Preempted as e:
         meet = e.checkpointed
         raise
+    except StopRequested:  # while waiting on storage outside the training loop (start-up, evaluation)
+        meet = False
+        raise Preempted("stop signal received while waiting for storage; the newest checkpoint stands", False) from None
+    except RuntimeError as e:
+        failed = collective_failure(e, runtime, cfg.train.collective_timeout)
+        if failed is None:
+            raise
+        meet = False  # the other ranks are gone or stopped: meeting them would wait for the timeout again
+        raise failed from None
     finally:
         runtime.shutdown(meet)
 

@@ -24,7 +24,10 @@ Nothing in a preset, a saved config or a data file runs a program or loads code:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import multiprocessing
+import os
 import signal
 import sys
 import threading
@@ -53,18 +56,74 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# A stop request must end the process within 30 s whatever it waits on (Slurm kills it soon after):
+# past this grace the watchdog ends it itself, the newest checkpoint standing.
+STOP_GRACE_SECONDS = float(os.environ.get("MEG_STOP_GRACE_S", "20"))
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: trainer/meg_trainer.py's, repeated here to stay light
+
+
 @contextmanager
-def stop_signals() -> Iterator[threading.Event]:
+def stop_signals(grace: float = STOP_GRACE_SECONDS) -> Iterator[threading.Event]:
     """SIGUSR1 and SIGTERM (Slurm's warning before the time limit, a scheduler's preemption) set the
     event; the trainer checkpoints at its next metric reduction and the process exits with code 75.
-    The previous handlers come back when the block ends."""
+    The previous handlers come back when the block ends.
+
+    Python runs a handler only between bytecodes of the main thread, never while it is blocked in C
+    (a rendezvous, a collective): the signal also reaches a watchdog thread through the wakeup fd,
+    which sets the event itself and, if the process is still alive ``grace`` seconds later, flushes
+    the output and exits with 75 (the newest checkpoint stands)."""
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda signum, frame: stop.set()) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    ended = threading.Event()
+    threading.Thread(target=_watch, args=(read_fd, stop, ended, grace), name="stop-watchdog", daemon=True).start()
     try:
         yield stop
     finally:
+        ended.set()  # the caller exits (trainer/main.py at once) or goes on with other work
+        signal.set_wakeup_fd(previous_fd)
+        os.close(write_fd)  # the watchdog's read ends
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _watch(read_fd: int, stop: threading.Event, ended: threading.Event, grace: float) -> None:
+    try:
+        while True:
+            received = os.read(read_fd, 64)
+            if not received:
+                return  # the block ended
+            if signal.SIGTERM in received or signal.SIGUSR1 in received:
+                stop.set()
+                break
+    finally:
+        os.close(read_fd)
+    if ended.wait(grace):
+        return
+    exit_now(
+        PREEMPTED_EXIT_CODE,
+        f"preempted: the process did not end within {grace:g} s of the stop signal (blocked in a wait); "
+        "exiting, the newest checkpoint stands",
+    )
+
+
+def exit_now(code: int, message: str = "") -> None:
+    """Ends the process at once: the output flushed, worker processes killed, and no wait for threads
+    still blocked in a read (an interpreter exit may wait on them, or on their locks)."""
+    if message:
+        print(message, file=sys.stderr, flush=True)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    for handler in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+    for child in multiprocessing.active_children():  # DataLoader workers
+        with contextlib.suppress(Exception):
+            child.kill()
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,15 +137,15 @@ def main(argv: list[str] | None = None) -> int:
 def _job_errors() -> tuple[type[BaseException], ...]:
     from trainer.guard import Diverged
     from trainer.run_folder import RunFolderBusy
-    from trainer.runtime import LaunchError
+    from trainer.runtime import CollectiveError, LaunchError
 
-    return (LaunchError, Diverged, RunFolderBusy)
+    return (LaunchError, Diverged, RunFolderBusy, CollectiveError)
 
 
 def _main(args: argparse.Namespace, stop: threading.Event) -> int:
     from trainer.config import check_commands, check_launcher_precision, config_to_yaml, load_config
     from trainer.evaluation import check_requirements
-    from trainer.meg_trainer import PREEMPTED_EXIT_CODE, Preempted
+    from trainer.meg_trainer import Preempted
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
@@ -106,4 +165,9 @@ def _main(args: argparse.Namespace, stop: threading.Event) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if status != 0:
+        # Stopped, failed or preempted: nothing is left to do, and reader threads blocked in storage,
+        # or a process group another rank left, must not hold the exit up.
+        exit_now(status)
+    sys.exit(status)

@@ -18,7 +18,15 @@ import torch
 from torch import nn
 
 from trainer.runtime.ddp import DDPRuntime, DDPUpdate
-from trainer.runtime.group import AUTOCAST_DTYPES, FP16_INIT_SCALE, LaunchError, ProcessGroup, frozen
+from trainer.runtime.group import (
+    AUTOCAST_DTYPES,
+    FP16_INIT_SCALE,
+    CollectiveError,
+    LaunchError,
+    ProcessGroup,
+    collective_failure,
+    frozen,
+)
 
 
 class Update(Protocol):
@@ -74,12 +82,15 @@ def build_runtime(cfg) -> Runtime:
     if cfg.train.engine == "deepspeed":
         from trainer.runtime.deepspeed_engine import DeepSpeedRuntime  # deepspeed is slow to import
 
-        return DeepSpeedRuntime(cfg.train.mixed_precision, cfg.deepspeed, cfg.data.batch_size)
-    return DDPRuntime(cfg.train.mixed_precision)
+        return DeepSpeedRuntime(
+            cfg.train.mixed_precision, cfg.deepspeed, cfg.data.batch_size, cfg.train.collective_timeout
+        )
+    return DDPRuntime(cfg.train.mixed_precision, cfg.train.collective_timeout)
 
 
 __all__ = [
     "AUTOCAST_DTYPES",
+    "CollectiveError",
     "DDPRuntime",
     "DDPUpdate",
     "FP16_INIT_SCALE",
@@ -88,5 +99,6 @@ __all__ = [
     "Runtime",
     "Update",
     "build_runtime",
+    "collective_failure",
     "frozen",
 ]

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 from torch import nn
 from torch.amp.grad_scaler import _refresh_per_optimizer_state
 
@@ -87,10 +89,16 @@ class DDPUpdate:
 class DDPRuntime(ProcessGroup):
     """One per process: accelerate's process group and DDP wrappers, this project's precision."""
 
-    def __init__(self, mixed_precision: str = "no"):
+    def __init__(self, mixed_precision: str = "no", collective_timeout: float | None = None):
         refuse_accelerate_deepspeed()
-        # Precision is handled here (autocast, GradScaler), so accelerate is told "no".
-        self.accelerator = Accelerator(mixed_precision="no")
+        # Precision is handled here (autocast, GradScaler), so accelerate is told "no". The group's
+        # timeout bounds every collective (train.collective_timeout; torch's default is 30 minutes).
+        handlers = (
+            []
+            if collective_timeout is None
+            else [InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout))]
+        )
+        self.accelerator = Accelerator(mixed_precision="no", kwargs_handlers=handlers)
         check_world_size(self.accelerator.num_processes)
         acc = self.accelerator
         super().__init__(acc.device, acc.process_index, acc.num_processes, mixed_precision)

@@ -14,6 +14,7 @@ import json
 import os
 import socket
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -153,14 +154,16 @@ def deepspeed_config(cfg: DeepSpeedConfig, mixed_precision: str, batch_per_rank:
 class DeepSpeedRuntime(ProcessGroup):
     """DeepSpeed engines for the two updates, on a process group of torch.distributed's own."""
 
-    def __init__(self, mixed_precision: str, cfg: DeepSpeedConfig, batch_size: int):
+    def __init__(self, mixed_precision: str, cfg: DeepSpeedConfig, batch_size: int, collective_timeout: float = 600.0):
         refuse_accelerate_deepspeed()
         if not dist.is_initialized():
             # Launched (accelerate launch, torchrun, srun): the launcher's environment; else a group of one.
             for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
                 os.environ.setdefault(key, value)
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            # The timeout bounds every collective, DeepSpeed's too (train.collective_timeout).
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend, timeout=timedelta(seconds=collective_timeout))
         check_world_size(dist.get_world_size())
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")

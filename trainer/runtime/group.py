@@ -25,6 +25,28 @@ class LaunchError(RuntimeError):
     """The processes were started in a way this trainer cannot run (the message says how to launch)."""
 
 
+class CollectiveError(RuntimeError):
+    """A collective failed: another rank stopped answering within train.collective_timeout, or ended."""
+
+
+def collective_failure(error: BaseException, runtime, timeout: float) -> CollectiveError | None:
+    """The one-line error for ``error`` when it is a failed collective of a multi-rank job (gloo's
+    or NCCL's timeout, a peer's closed connection), else None."""
+    text = str(error)
+    markers = ("Timed out", "timed out", "closed by peer", "reset by peer", "Broken pipe", "gloo", "NCCL")
+    is_dist_error = isinstance(error, getattr(dist, "DistError", ()))
+    if runtime.world_size < 2 or not (is_dist_error or any(m in text for m in markers)):
+        return None
+    if "imed out" in text:
+        why = f"another rank did not answer within train.collective_timeout={timeout:g} s (hung, stopped or lost)"
+    else:
+        why = "another rank ended (its connection closed)"
+    return CollectiveError(
+        f"rank {runtime.rank} of {runtime.world_size}: a collective failed: {why}; this rank stops too, the newest "
+        f"checkpoint stands. (train.collective_timeout={timeout:g} s bounds every wait for the other ranks.)"
+    )
+
+
 class ProcessGroup:
     def __init__(self, device: torch.device, rank: int, world_size: int, mixed_precision: str):
         if mixed_precision not in ("no", *AUTOCAST_DTYPES):

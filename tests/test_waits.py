@@ -1,0 +1,238 @@
+"""Every wait ends: storage that accepts a connection and never answers (data.io_timeout), a rank that
+stops answering (train.collective_timeout), and SIGTERM honoured within 30 s in every state with exit
+75 (start-up on storage, the rendezvous, training with a blocked reader, through the launcher)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT, accelerate_launcher, subprocess_env, tiny_overrides
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("aiohttp")  # fsspec's http backend: the stores here are http servers
+
+TRAINER = [sys.executable, "trainer/main.py", "--config", "toy_25gaussians"]
+
+
+class SilentServer:
+    """Accepts every connection and never sends a byte: a store that hangs."""
+
+    def __init__(self):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        with contextlib.suppress(OSError):
+            while True:
+                self.accepted.append(self.sock.accept()[0])
+
+    def close(self):
+        self.sock.close()
+        for c in self.accepted:
+            c.close()
+
+
+class HangingFiles(SimpleHTTPRequestHandler):
+    """Serves a folder until ``hang`` is set; then accepts requests and never answers them."""
+
+    hang = threading.Event()
+    release = threading.Event()
+
+    def handle_one_request(self):
+        if self.hang.is_set():
+            self.release.wait()
+            return
+        super().handle_one_request()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def silent():
+    server = SilentServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def http_data(tmp_path):
+    """Toy shards served over http (a store that can be made to hang): (url, handler class)."""
+    from data_pipeline.convert import convert_toy
+
+    convert_toy("25gaussians", str(tmp_path / "data"), 4096, 4, seed=0)
+    handler = type("Handler", (HangingFiles,), {"hang": threading.Event(), "release": threading.Event()})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(tmp_path / "data")))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", handler
+    handler.release.set()
+    server.shutdown()
+
+
+def start(cmd: list[str], tmp_path: Path, name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    # Output to files: a pipe nobody reads could itself block the trainer.
+    out, err = (open(tmp_path / f"{name}.{s}", "wb") for s in ("out", "err"))  # noqa: SIM115
+    return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env or subprocess_env(), stdout=out, stderr=err)
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def stop_and_time(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> float:
+    sent = time.time()
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=40)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError("still running 40 s after the signal") from None
+    return time.time() - sent
+
+
+def no_data_overrides(tmp_path: Path, steps: int = 20) -> list[str]:
+    return [o for o in tiny_overrides(tmp_path, steps) if not o.startswith("data.url")] + ["data.toy="]
+
+
+def test_start_up_on_a_silent_store_fails_after_the_retries_and_a_sigterm_ends_it_at_once(tmp_path, silent):
+    url = f"http://127.0.0.1:{silent.port}/data"
+    args = [*no_data_overrides(tmp_path), f"data.url={url}"]
+    # Two runs at once: one left alone (io_timeout x 3 attempts + 1 s + 2 s pauses), one stopped.
+    alone = start([*TRAINER, *args, "data.io_timeout=2", f"output_dir={tmp_path / 'alone'}"], tmp_path, "alone")
+    stopped = start([*TRAINER, *args, f"output_dir={tmp_path / 'stopped'}"], tmp_path, "stopped")
+    began = time.time()
+    try:
+        wait_for(lambda: len(silent.accepted) >= 2, 90, "both trainers to wait on the store")
+        time.sleep(1)
+        assert stopped.poll() is None
+        took = stop_and_time(stopped)
+        assert stopped.returncode == 75 and took < 30, (took, (tmp_path / "stopped.err").read_text()[-2000:])
+        assert "while waiting for storage" in (tmp_path / "stopped.err").read_text()
+        alone.wait(timeout=90)
+        err = (tmp_path / "alone.err").read_text()
+        assert alone.returncode == 2, err[-2000:]
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "Traceback" not in err, err[-2000:]
+        assert f"{url}/manifest.json" in errors[0] and "data.io_timeout=2" in errors[0] and "3 attempts" in errors[0]
+        assert err.count("retrying in") == 2 and time.time() - began >= 2 * 3 + 3
+    finally:
+        for p in (alone, stopped):
+            p.kill()
+            p.wait()
+
+
+def test_a_sigterm_while_a_reader_is_blocked_mid_training_checkpoints_and_exits_75(tmp_path, http_data):
+    url, handler = http_data
+    args = [*no_data_overrides(tmp_path, steps=100_000), f"data.url={url}", "checkpoint.every=100000"]
+    proc = start([*TRAINER, *args], tmp_path, "train")
+    try:
+        wait_for(lambda: (tmp_path / "run" / "checkpoints" / "step_00000000").exists(), 90, "training to start")
+        time.sleep(1)
+        handler.hang.set()  # the next shard reads block in their sockets
+        time.sleep(3)
+        assert proc.poll() is None, (tmp_path / "train.err").read_text()[-2000:]
+        took = stop_and_time(proc)
+        err = (tmp_path / "train.err").read_text()
+        assert proc.returncode == 75 and took < 30, (took, err[-2000:])
+        assert "checkpoint saved at step" in err and "Traceback" not in err, err[-2000:]
+        saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+        assert len(saved) == 2 and saved[-1] != "step_00000000", saved
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_sigterm_during_the_rendezvous_exits_75_although_python_cannot_run_its_handler(tmp_path):
+    """A rank whose peers never come waits inside torch's C++ rendezvous: the watchdog ends it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = subprocess_env()
+    env.update(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env.update(ACCELERATE_USE_CPU="1", MEG_STOP_GRACE_S="3")
+    proc = start([*TRAINER, *tiny_overrides(tmp_path)], tmp_path, "rank", env)
+    try:
+        time.sleep(12)  # imports done, waiting for rank 0
+        assert proc.poll() is None, (tmp_path / "rank.err").read_text()[-2000:]
+        took = stop_and_time(proc)
+        err = (tmp_path / "rank.err").read_text()
+        assert proc.returncode == 75 and took < 3 + 5, (took, err[-2000:])
+        assert "did not end within 3 s of the stop signal" in err
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def two_ranks(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, dict]:
+    launcher, env = accelerate_launcher(2)
+    cmd = [*launcher, "trainer/main.py", "--config", "toy_25gaussians", *tiny_overrides(tmp_path, 100_000), *extra]
+    return start(cmd, tmp_path, "job", env), env
+
+
+def worker_pids(launcher_pid: int) -> dict[int, int]:
+    """The launcher's workers by rank."""
+    ranks = {}
+    for pid in Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split():
+        with contextlib.suppress(OSError):
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            rank = next(v for v in env if v.startswith(b"RANK="))
+            ranks[int(rank[5:])] = int(pid)
+    return ranks
+
+
+def test_a_stopped_rank_ends_the_job_within_the_collective_timeout_with_one_line(tmp_path):
+    proc, _ = two_ranks(tmp_path, "train.collective_timeout=10", "checkpoint.every=100000")
+    stopped = None
+    try:
+        wait_for(lambda: (tmp_path / "run" / "checkpoints" / "step_00000000").exists(), 120, "training to start")
+        time.sleep(1)
+        stopped = worker_pids(proc.pid)[1]
+        os.kill(stopped, signal.SIGSTOP)  # a hung node
+        sent = time.time()
+        proc.wait(timeout=60)
+        took = time.time() - sent
+        err = (tmp_path / "job.err").read_text()
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "rank 0 of 2" in errors[0] and "train.collective_timeout=10" in errors[0], err
+        assert "Traceback" not in err and proc.returncode != 0, err[-3000:]
+        assert took < 10 + 15, took  # the timeout, then the launcher ends the stopped rank (SIGCONT + SIGTERM)
+    finally:
+        if stopped is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stopped, signal.SIGKILL)
+        proc.kill()
+        proc.wait()
+
+
+def test_the_launcher_passes_sigterm_on_and_exits_with_the_requeue_code(tmp_path):
+    proc, _ = two_ranks(tmp_path, "checkpoint.every=100000")
+    try:
+        wait_for(lambda: (tmp_path / "run" / "checkpoints" / "step_00000000").exists(), 120, "training to start")
+        time.sleep(1)
+        took = stop_and_time(proc)  # the launcher only, not its process group
+        err = (tmp_path / "job.err").read_text()
+        assert proc.returncode == 75 and took < 30, (took, err[-3000:])
+        assert err.count("checkpoint saved at step") == 2 and "Traceback" not in err, err[-3000:]
+        assert len(list((tmp_path / "run" / "checkpoints").iterdir())) == 2
+    finally:
+        proc.kill()
+        proc.wait()
