@@ -76,11 +76,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _job_errors() -> tuple[type[BaseException], ...]:
+    from trainer.checkpoint import CheckpointError
     from trainer.guard import Diverged
+    from trainer.nofollow import LinkedRunFolder
     from trainer.run_folder import RunFolderBusy
     from trainer.runtime import LaunchError
 
-    return (LaunchError, Diverged, RunFolderBusy)
+    return (LaunchError, Diverged, RunFolderBusy, CheckpointError, LinkedRunFolder)
 
 
 def _main(args: argparse.Namespace, stop: threading.Event) -> int:

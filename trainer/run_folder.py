@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 
 from models import MEGNetworks, build_networks
-from trainer.checkpoint import damage, list_checkpoints, load_export
+from trainer.checkpoint import MISSING_FILE_LIST, damage, list_checkpoints, load_export
 from trainer.config import RunConfig, _build, parse_yaml
 from trainer.nofollow import open_fd
 
@@ -142,6 +142,9 @@ def resolve_checkpoint(run_dir: str, checkpoint: str | None = None) -> str:
     for path in reversed(found):
         problem = damage(path)
         if problem is None:
+            return path
+        if problem == MISSING_FILE_LIST:
+            print(f"warning: checkpoint {path} has no files.json: using it unverified", file=sys.stderr)
             return path
         print(f"warning: checkpoint {path} is damaged ({problem}); using the one before it", file=sys.stderr)
     raise ValueError(f"every checkpoint of {run_dir} is damaged; the newest: {damage(found[-1])}")
