@@ -476,3 +476,12 @@ def test_a_partial_save_that_is_a_link_is_unlinked_not_followed(tmp_path, victim
     partial.symlink_to(victim.parent)
     _remove(str(partial))
     assert not os.path.lexists(partial) and victim.exists()
+
+
+def test_a_config_that_does_not_parse_is_a_damaged_checkpoint(tmp_path, config_yaml):
+    written = _save(_checkpoints(tmp_path, config_yaml), FakeRuntime(), 10)
+    with open(os.path.join(written, "config.yaml"), "w") as f:
+        f.write("model: [unclosed\n")
+    os.remove(os.path.join(written, "files.json"))
+    write_file_list(written)
+    assert "config.yaml is unreadable" in damage(written)

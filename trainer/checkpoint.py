@@ -295,6 +295,8 @@ def damage(folder: str) -> str | None:
 def content_damage(folder: str) -> str | None:
     """What keeps a checkpoint's own files from loading (naming the file), files.json aside: its
     trainer_state.json (a step that matches the folder's name), config.yaml and the weights' header."""
+    import yaml
+
     from trainer.config import RunConfig, _build, parse_yaml  # trainer.config imports this module
 
     try:
@@ -315,7 +317,7 @@ def content_damage(folder: str) -> str | None:
             _build(RunConfig, parse_yaml(f.read()))
     except FileNotFoundError:
         return f"{CONFIG_FILE} is missing"
-    except (OSError, ValueError, TypeError, RecursionError) as e:
+    except (OSError, ValueError, TypeError, RecursionError, yaml.YAMLError) as e:
         return f"{CONFIG_FILE} is unreadable: {_short(e)}"
     try:
         with safe_open(os.path.join(folder, WEIGHTS_FILE), framework="pt") as f:
@@ -407,7 +409,12 @@ class Checkpoints:
                 _remove(partial)
             if isinstance(e, RuntimeError) and not _write_failure(e):
                 raise
-            cause = f"{e.strerror} ({e.filename})" if isinstance(e, OSError) and e.strerror else _short(e)
+            if isinstance(e, OSError) and e.strerror:
+                cause = f"{e.strerror} ({e.filename})" if e.filename else e.strerror
+            elif isinstance(e, RuntimeError):  # torch's writer says neither which file nor why
+                cause = "torch could not write a file (a full disk, a quota or a file size limit?)"
+            else:
+                cause = _short(e)
             hint = "; free some space and rerun to resume" if _is_disk_full(e) else ""
             raise CheckpointError(
                 f"could not write checkpoint {final}: {cause}; the older checkpoints are as they were{hint}"
@@ -510,6 +517,8 @@ def _is_disk_full(error: BaseException) -> bool:
 
 
 def _write_failure(error: RuntimeError) -> bool:
-    """torch.save's error for a failed write (a full disk): a RuntimeError from its C++ writer."""
+    """torch.save's error for a failed write (a full disk, a file size limit): a RuntimeError from its
+    C++ zip writer (inline_container.cc), which names neither the file nor the cause."""
     text = str(error)
-    return "PytorchStreamWriter" in text or "file write failed" in text or _is_disk_full(error)
+    markers = ("PytorchStreamWriter", "inline_container", "file write failed")
+    return any(m in text for m in markers) or _is_disk_full(error)
