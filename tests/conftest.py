@@ -102,6 +102,8 @@ def subprocess_env(threads: int = 1) -> dict[str, str]:
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = str(threads)
     env["PYTHONUNBUFFERED"] = "1"
+    # This checkout's packages, not an editable install's (which may point at another worktree).
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
     return env
 
 

@@ -24,7 +24,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import run_trainer, tiny_overrides
+from tests.conftest import REPO_ROOT, run_trainer, subprocess_env, tiny_overrides
 from trainer.checkpoint import (
     STATE_FILE,
     WEIGHTS_FILE,
@@ -485,3 +485,39 @@ def test_a_config_that_does_not_parse_is_a_damaged_checkpoint(tmp_path, config_y
     os.remove(os.path.join(written, "files.json"))
     write_file_list(written)
     assert "config.yaml is unreadable" in damage(written)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc")
+def test_process_workers_end_with_a_killed_trainer_and_a_restart_gets_the_lock(tmp_path):
+    args = [*tiny_overrides(tmp_path, steps=100_000), "data.worker_type=process", "data.num_workers=2"]
+    cmd = [sys.executable, "trainer/main.py", "--config", "toy_25gaussians", *args]
+    first = subprocess.Popen(cmd, cwd=REPO_ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL)
+    try:
+        deadline, workers = time.time() + 120, []
+        while time.time() < deadline and not workers:  # an epoch's DataLoader workers
+            time.sleep(0.2)
+            workers = _children(first.pid)
+        assert workers, "no worker processes"
+        time.sleep(0.5)  # past their start-up (worker_init_fn)
+    finally:
+        first.kill()
+        first.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(os.path.exists(f"/proc/{w}") for w in workers):
+        time.sleep(0.1)
+    assert not any(os.path.exists(f"/proc/{w}") for w in workers), "a worker outlived the trainer"
+    result = run_trainer([*tiny_overrides(tmp_path, steps=20), "data.worker_type=process"], check=False, timeout=240)
+    assert "in use by another trainer" not in result.stderr and result.returncode == 0, result.stderr
