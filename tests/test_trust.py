@@ -25,7 +25,7 @@ from data_pipeline import convert
 from data_pipeline.shards import DataError
 from data_pipeline.stream import read_shard_bytes
 from tests.conftest import REPO_ROOT, run_trainer, subprocess_env, tiny_overrides
-from trainer.checkpoint import Checkpoints, damage, set_rng_state
+from trainer.checkpoint import CheckpointError, Checkpoints, damage, set_rng_state
 from trainer.classifier import load_classifier
 from trainer.config import ConfigError, check_commands, load_config
 
@@ -63,8 +63,9 @@ def test_ddp_engine_state_with_a_payload_is_refused(tmp_path, marker):
 
     (tmp_path / "engine").mkdir()
     _torch_payload(tmp_path / "engine" / "ddp_state.pt", marker)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(CheckpointError, match="ddp_state.pt holds objects other than tensors") as caught:
         DDPRuntime().restore(str(tmp_path / "engine"), {})
+    assert "weights_only=False" not in str(caught.value)
 
 
 def test_deepspeed_checkpoint_file_with_a_payload_is_refused(tmp_path, marker):
@@ -72,7 +73,7 @@ def test_deepspeed_checkpoint_file_with_a_payload_is_refused(tmp_path, marker):
     from trainer.runtime.deepspeed_engine import _weights_only_checkpoint_engine
 
     _torch_payload(tmp_path / "mp_rank_00_model_states.pt", marker)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(CheckpointError, match="mp_rank_00_model_states.pt holds objects other than tensors"):
         _weights_only_checkpoint_engine().load(str(tmp_path / "mp_rank_00_model_states.pt"))
 
 

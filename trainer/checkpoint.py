@@ -12,19 +12,29 @@
 
 Every rank writes into ``step_XXXXXXXX.partial``; the main process renames it when all ranks are done,
 so a crash during a save never leaves a checkpoint that loads half (a ``.partial`` is ignored and
-cleaned up later), then keeps the last ``checkpoint.keep``. A checkpoint whose files do not match
-its files.json (truncated, missing, a flipped byte) is damaged: ``newest_intact`` says which file and
-what is wrong, and picks the newest intact one. The sample, evaluate and FID tools read only
-``weights.safetensors`` and ``config.yaml`` (``load_export``), so they work on any engine's run.
-Nothing here unpickles: JSON, safetensors, and ``torch.load(weights_only=True)``.
+cleaned up later). A checkpoint already at that name is never overwritten: it is moved aside to
+``step_XXXXXXXX.replaced``. Pruning keeps the last ``checkpoint.keep`` of the checkpoints this run has
+verified (written, or read back intact), always the newest intact one and the one just written, and
+step 0 while the divergence guard may need it; nothing else is ever deleted.
+
+A checkpoint whose files do not match its files.json (truncated, missing, a flipped byte), whose
+trainer_state.json, config.yaml or safetensors header does not parse, or whose parameters are
+non-finite or differ from the norms recorded at save time, is damaged: the message names the file,
+and the one before it is used. A checkpoint without files.json that otherwise loads (an older
+version's, or a copy without it) is used with a warning that it is unverified. The sample, evaluate
+and FID tools read only ``weights.safetensors`` and ``config.yaml`` (``load_export``), so they work on
+any engine's run. Nothing here unpickles: JSON, safetensors, and ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -33,11 +43,12 @@ from importlib import metadata
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from data_pipeline.cli import CheckpointError
 from data_pipeline.config import StreamPosition
+from trainer.nofollow import make_dir, write_replacing
 
 log = logging.getLogger(__name__)
 CHECKPOINT_RE = re.compile(r"^step_(\d{8})$")
@@ -47,6 +58,7 @@ STATE_FILE = "trainer_state.json"
 ENGINE_DIR = "engine"
 FILES_FILE = "files.json"
 NETWORKS = ("energy", "generator", "statistics")
+NORM_TOLERANCE = 1e-4  # relative: a norm recomputed from the same fp32 weights agrees far closer
 
 
 @dataclass
@@ -81,6 +93,7 @@ class TrainState:
     rank_positions: list[dict[str, int]] = field(default_factory=list)
     lr_scale: float = 1.0  # lowered by each divergence rollback, and kept across resumes
     lr_horizon: int = 0  # the learning-rate schedule's length, fixed when the run starts
+    param_norms: dict[str, float] = field(default_factory=dict)  # each network's, when last saved
 
     def to_json(self) -> dict:
         return {
@@ -88,6 +101,7 @@ class TrainState:
             "rank_positions": self.rank_positions or [self.position.state_dict()],
             "lr_scale": self.lr_scale,
             "lr_horizon": self.lr_horizon,
+            "param_norms": self.param_norms,
             "version": package_version(),
         }
 
@@ -125,7 +139,7 @@ def checkpoint_step(path: str) -> int:
 
 
 def list_checkpoints(folder: str) -> list[str]:
-    """Complete checkpoints, oldest first."""
+    """Checkpoint folders (``step_XXXXXXXX``), oldest first; whether they are intact is damage()'s call."""
     if not os.path.isdir(folder):
         return []
     return [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if CHECKPOINT_RE.match(n)]
@@ -171,7 +185,7 @@ def write_export(folder: str, weights: dict[str, dict[str, torch.Tensor]], confi
     flat = {f"{net}.{key}": tensor.contiguous() for net in NETWORKS for key, tensor in weights[net].items()}
     meta = {"format": "meg-weights-1", "version": package_version(), **{k: json.dumps(v) for k, v in info.items()}}
     save_file(flat, os.path.join(folder, WEIGHTS_FILE), metadata=meta)
-    with open(os.path.join(folder, CONFIG_FILE), "w") as f:
+    with write_replacing(os.path.join(folder, CONFIG_FILE)) as f:
         f.write(config_yaml)
 
 
@@ -184,14 +198,60 @@ def load_export(checkpoint: str) -> tuple[dict[str, dict[str, torch.Tensor]], di
             "export (retrain, or sample it with that version)"
         )
     weights: dict[str, dict[str, torch.Tensor]] = {net: {} for net in NETWORKS}
-    with safe_open(path, framework="pt") as f:
-        raw = f.metadata() or {}
-        for name in f.keys():
-            net, key = name.split(".", 1)
-            weights[net][key] = f.get_tensor(name)
-    info = {k: (v if k in ("format", "version") else json.loads(v)) for k, v in raw.items()}
+    try:
+        with safe_open(path, framework="pt") as f:
+            raw = f.metadata() or {}
+            for name in f.keys():
+                net, key = name.split(".", 1) if "." in name else ("", name)
+                if net not in weights:
+                    raise ValueError(f"a tensor {name!r} of no network ({', '.join(NETWORKS)})")
+                weights[net][key] = f.get_tensor(name)
+        info = {k: (v if k in ("format", "version") else json.loads(v)) for k, v in raw.items()}
+    except (SafetensorError, ValueError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable weights file: {_short(e)}") from None
     with open(os.path.join(checkpoint, CONFIG_FILE)) as f:
         return weights, info, f.read()
+
+
+def _short(error: BaseException, limit: int = 300) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def load_tensors(path: str, map_location=None):
+    """``torch.load(path, weights_only=True)``: a file holding anything but tensors, numbers and
+    containers is refused naming the file (such a file is not unpickled, whatever it holds)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path} holds objects other than tensors and numbers: refused (nothing in a checkpoint is unpickled)"
+        ) from None
+    except (RuntimeError, EOFError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable torch file: {_short(e)}") from None
+
+
+def parameter_norms(weights: dict[str, dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Each network's norm over its floating-point tensors (fp32), as a checkpoint records it."""
+    norms = {}
+    for net, tensors in weights.items():
+        parts = [t.detach().float().norm() for t in tensors.values() if t.is_floating_point()]
+        norms[net] = float(torch.stack(parts).norm()) if parts else 0.0
+    return norms
+
+
+def weights_damage(weights: dict[str, dict[str, torch.Tensor]], recorded: dict, max_norm: float = 0.0) -> str | None:
+    """What is wrong with loaded weights: a non-finite parameter, a norm past ``max_norm`` (0: no
+    bound), or one that differs from the norm recorded when the checkpoint was saved."""
+    for net, norm in parameter_norms(weights).items():
+        if not math.isfinite(norm):
+            return f"{WEIGHTS_FILE}: non-finite parameters in {net}"
+        if max_norm > 0 and norm > max_norm:
+            return f"{WEIGHTS_FILE}: {net}'s parameter norm {norm:.4g} is past train.guard.max_param_norm={max_norm:g}"
+        saved = recorded.get(net) if isinstance(recorded, dict) else None
+        if isinstance(saved, int | float) and abs(norm - saved) > NORM_TOLERANCE * max(1.0, abs(saved)):
+            return f"{WEIGHTS_FILE}: {net}'s parameter norm is {norm:.6g}, {saved:.6g} when it was saved"
+    return None
 
 
 # -- what a checkpoint holds, and whether it still does ------------------------------------------
@@ -214,28 +274,75 @@ def write_file_list(folder: str) -> None:
             rel = os.path.relpath(path, folder)
             if rel != FILES_FILE:
                 files[rel] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
-    with open(os.path.join(folder, FILES_FILE), "w") as f:
+    with write_replacing(os.path.join(folder, FILES_FILE)) as f:
         json.dump({"version": package_version(), "files": dict(sorted(files.items()))}, f, indent=1)
 
 
+MISSING_FILE_LIST = f"{FILES_FILE} is missing (an incomplete copy, or a checkpoint of an older version)"
+
+
 def damage(folder: str) -> str | None:
-    """What is wrong with a checkpoint folder (naming the file), or None when it is intact."""
+    """What is wrong with a checkpoint folder (naming the file), or None when it is intact: every
+    file as files.json lists it, and trainer_state.json, config.yaml and the weights' header readable."""
     try:
         with open(os.path.join(folder, FILES_FILE)) as f:
             files = json.load(f)["files"]
+        files = {str(rel): (int(e["size"]), str(e["sha256"])) for rel, e in files.items()}
     except FileNotFoundError:
-        return f"{FILES_FILE} is missing (an incomplete copy, or a checkpoint of an older version)"
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"{FILES_FILE} is unreadable: {e}"
-    for rel, expected in files.items():
+        problem = content_damage(folder)
+        return MISSING_FILE_LIST + (f", and {problem}" if problem else "")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{FILES_FILE} is unreadable: {_short(e)}"
+    for rel, (size, sha256) in files.items():
         path = os.path.join(folder, rel)
         if not os.path.isfile(path):
             return f"{rel} is missing"
-        size = os.path.getsize(path)
-        if size != expected["size"]:
-            return f"{rel} has {size} bytes, {expected['size']} were written"
-        if _sha256(path) != expected["sha256"]:
+        found = os.path.getsize(path)
+        if found != size:
+            return f"{rel} has {found} bytes, {size} were written"
+        if _sha256(path) != sha256:
             return f"{rel} has changed since it was written (its sha256 differs)"
+    return content_damage(folder)
+
+
+def content_damage(folder: str) -> str | None:
+    """What keeps a checkpoint's own files from loading (naming the file), files.json aside: its
+    trainer_state.json (a step that matches the folder's name), config.yaml and the weights' header."""
+    import yaml
+
+    from trainer.config import RunConfig, _build, parse_yaml  # trainer.config imports this module
+
+    try:
+        with open(os.path.join(folder, STATE_FILE)) as f:
+            saved = json.load(f)
+        probe = TrainState()
+        probe.load_json(saved)
+        if probe.step < 0 or (CHECKPOINT_RE.match(os.path.basename(folder)) and probe.step != checkpoint_step(folder)):
+            return f"{STATE_FILE} says step {probe.step}, the folder's name another"
+        if not (math.isfinite(probe.lr_scale) and probe.lr_scale > 0):
+            return f"{STATE_FILE} holds lr_scale {probe.lr_scale}"
+    except FileNotFoundError:
+        return f"{STATE_FILE} is missing"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+        return f"{STATE_FILE} is unreadable: {_short(e)}"
+    try:
+        with open(os.path.join(folder, CONFIG_FILE)) as f:
+            _build(RunConfig, parse_yaml(f.read()))
+    except FileNotFoundError:
+        return f"{CONFIG_FILE} is missing"
+    except (OSError, ValueError, TypeError, RecursionError, yaml.YAMLError) as e:
+        return f"{CONFIG_FILE} is unreadable: {_short(e)}"
+    try:
+        with safe_open(os.path.join(folder, WEIGHTS_FILE), framework="pt") as f:
+            raw = f.metadata() or {}
+            names = list(f.keys())
+        json.loads(raw.get("sample_shape", "null"))
+        if not names or any(name.split(".", 1)[0] not in NETWORKS for name in names):
+            return f"{WEIGHTS_FILE} does not hold the three networks' tensors"
+    except FileNotFoundError:
+        return f"{WEIGHTS_FILE} is missing"
+    except (SafetensorError, OSError, ValueError) as e:
+        return f"{WEIGHTS_FILE} is unreadable: {_short(e)}"
     return None
 
 
@@ -243,22 +350,39 @@ def damage(folder: str) -> str | None:
 
 
 class Checkpoints:
-    """The run's checkpoint folder. ``save`` and ``load`` are collective: every rank calls them."""
+    """The run's checkpoint folder. ``save`` and ``load`` are collective: every rank calls them.
+    ``rejected``: checkpoints this process found damaged, or that the divergence guard fled."""
 
-    def __init__(self, folder: str, keep: int, config_yaml: str, info: dict):
+    def __init__(
+        self, folder: str, keep: int, config_yaml: str, info: dict, max_norm: float = 0.0, keep_first: bool = False
+    ):
         self.folder, self.keep, self.config_yaml, self.info = folder, keep, config_yaml, info
+        self.max_norm, self.keep_first = max_norm, keep_first  # keep_first: keep step 0 for the guard
+        self.verified: dict[str, bool] = {}  # path: intact as its files.json says (checked once)
+        self.rejected: set[str] = set()
 
     def list(self) -> list[str]:
         return list_checkpoints(self.folder)
 
     def newest_intact(self, runtime) -> str | None:
-        """The newest checkpoint whose files are as written, or None; the main process checks (newest
-        first, naming what is wrong with each damaged one) and every rank gets its answer."""
+        """The newest checkpoint whose files are as written (or, without files.json, that loads), or
+        None; the main process checks (newest first, naming what is wrong with each damaged one) and
+        every rank gets its answer."""
         found, chosen = self.list(), -1
         if runtime.is_main:
             for i in range(len(found) - 1, -1, -1):
+                if found[i] in self.rejected:
+                    continue
                 problem = damage(found[i])
-                if problem is None:
+                self.verified[found[i]] = problem is None
+                if problem == MISSING_FILE_LIST:
+                    log.warning(
+                        "checkpoint %s has no %s, so its files cannot be verified: using it unverified "
+                        "(it is never pruned or overwritten)",
+                        found[i],
+                        FILES_FILE,
+                    )
+                if problem is None or problem == MISSING_FILE_LIST:
                     chosen = i
                     break
                 log.warning("checkpoint %s is damaged: %s; trying the one before it", found[i], problem)
@@ -267,41 +391,147 @@ class Checkpoints:
         return found[chosen] if chosen >= 0 else None
 
     def save(self, runtime, state: TrainState) -> str:
+        """Writes ``step_XXXXXXXX`` (a folder already there is moved aside, never overwritten), then
+        prunes. A full disk or another OSError is a CheckpointError naming the folder; the partial
+        folder is removed and the older checkpoints stay as they were."""
         final = os.path.join(self.folder, f"step_{state.step:08d}")
         partial = final + ".partial"
         # Every rank's stream position, in rank order.
         mine = torch.tensor([state.position.epoch, state.position.batches_done], device=runtime.device)
         state.rank_positions = [{"epoch": e, "batches_done": b} for e, b in runtime.all_gather(mine).tolist()]
         weights = runtime.fp32_state_dicts()  # a collective under DeepSpeed
+        try:
+            if runtime.is_main:
+                state.param_norms = parameter_norms(weights)
+                make_dir(self.folder)
+                _remove(partial)  # a killed save's leftover
+                os.mkdir(partial)
+            runtime.barrier()
+            torch.save(rng_state(), os.path.join(partial, f"rng_rank{runtime.rank}.pt"))
+            runtime.save_engine_state(os.path.join(partial, ENGINE_DIR))
+            if runtime.is_main:
+                write_export(partial, weights, self.config_yaml, {**self.info, "step": state.step})
+                with write_replacing(os.path.join(partial, STATE_FILE)) as f:
+                    json.dump(state.to_json(), f, indent=2)
+            runtime.barrier()
+            if runtime.is_main:
+                write_file_list(partial)  # after every rank's files
+                self._publish(partial, final)
+        except (OSError, SafetensorError, RuntimeError) as e:
+            if runtime.is_main:
+                _remove(partial)
+            if isinstance(e, RuntimeError) and not _write_failure(e):
+                raise
+            if isinstance(e, OSError) and e.strerror:
+                cause = f"{e.strerror} ({e.filename})" if e.filename else e.strerror
+            elif isinstance(e, RuntimeError):  # torch's writer says neither which file nor why
+                cause = "torch could not write a file (a full disk, a quota or a file size limit?)"
+            else:
+                cause = _short(e)
+            hint = "; free some space and rerun to resume" if _is_disk_full(e) else ""
+            raise CheckpointError(
+                f"could not write checkpoint {final}: {cause}; the older checkpoints are as they were{hint}"
+            ) from None
         if runtime.is_main:
-            shutil.rmtree(partial, ignore_errors=True)
-            os.makedirs(partial)
-        runtime.barrier()
-        torch.save(rng_state(), os.path.join(partial, f"rng_rank{runtime.rank}.pt"))
-        runtime.save_engine_state(os.path.join(partial, ENGINE_DIR))
-        if runtime.is_main:
-            write_export(partial, weights, self.config_yaml, {**self.info, "step": state.step})
-            with open(os.path.join(partial, STATE_FILE), "w") as f:
-                json.dump(state.to_json(), f, indent=2)
-        runtime.barrier()
-        if runtime.is_main:
-            write_file_list(partial)  # after every rank's files
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(partial, final)
-            for old in self.list()[: -self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+            self._prune(final)
         runtime.barrier()
         return final
 
-    def load(self, path: str, runtime, state: TrainState) -> None:
-        weights, _, _ = load_export(path)
-        runtime.restore(os.path.join(path, ENGINE_DIR), weights)
-        rng = os.path.join(path, f"rng_rank{runtime.rank}.pt")
-        if os.path.isfile(rng):  # absent when the run grew: the new ranks keep their fresh seeds
-            set_rng_state(torch.load(rng, weights_only=True))
-        state_file = os.path.join(path, STATE_FILE)
+    def _publish(self, partial: str, final: str) -> None:
+        """``partial`` renamed to ``final``; a folder already at ``final`` (a checkpoint of another
+        trajectory, or one without files.json) is kept as ``final.replaced`` (then .replaced2, ...)."""
+        aside = None
+        if os.path.lexists(final):
+            aside, n = final + ".replaced", 1
+            while os.path.lexists(aside):
+                n += 1
+                aside = f"{final}.replaced{n}"
+            os.rename(final, aside)
+            log.warning("checkpoint %s was already there: kept as %s", final, aside)
         try:
-            with open(state_file) as f:
-                state.load_json(json.load(f))
-        except (ValueError, KeyError, TypeError) as e:  # JSON's errors are ValueErrors
-            raise CheckpointError(f"{state_file} is damaged: {type(e).__name__}: {e}") from None
+            os.rename(partial, final)
+        except OSError:
+            if aside is not None:
+                os.rename(aside, final)
+            raise
+        self.verified[final] = True
+        self.rejected.discard(final)
+
+    def _prune(self, written: str) -> None:
+        """Keeps the newest ``keep`` of the checkpoints found intact (files.json and all), the one just
+        written and, with ``keep_first``, step 0; deletes only the other intact ones."""
+        intact = [p for p in self.list() if p not in self.rejected and self._intact(p)]
+        keep = set(intact[-self.keep :]) | {written}
+        if self.keep_first and intact and checkpoint_step(intact[0]) == 0:
+            keep.add(intact[0])
+        for old in intact:
+            if old not in keep:
+                shutil.rmtree(old, ignore_errors=True)
+                self.verified.pop(old, None)
+
+    def _intact(self, path: str) -> bool:
+        if path not in self.verified:
+            self.verified[path] = damage(path) is None
+        return self.verified[path]
+
+    def load(self, path: str, runtime, state: TrainState) -> None:
+        """Restores ``path``. Everything is read and checked first (the weights finite and as large
+        as when they were saved): a damaged checkpoint is a CheckpointError naming the file, and
+        nothing of it is restored."""
+        problem, rng, saved = None, None, {}
+        try:
+            weights, _, _ = load_export(path)
+            with open(os.path.join(path, STATE_FILE)) as f:
+                saved = json.load(f)
+            problem = weights_damage(weights, saved.get("param_norms", {}), self.max_norm)
+            rng_path = os.path.join(path, f"rng_rank{runtime.rank}.pt")
+            if os.path.isfile(rng_path):  # absent when the run grew: the new ranks keep their fresh seeds
+                rng = load_tensors(rng_path)
+        except CheckpointError as e:
+            problem = str(e)
+        except (OSError, ValueError, AttributeError) as e:
+            problem = f"{STATE_FILE} is unreadable: {_short(e)}"
+        if runtime.world_size > 1:
+            bad = torch.tensor([float(problem is not None)], device=runtime.device)
+            if runtime.sum_across_ranks(bad).item() and problem is None:
+                problem = "another rank could not read it"
+        if problem is not None:
+            raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
+        runtime.restore(os.path.join(path, ENGINE_DIR), weights)
+        if rng is not None:
+            set_rng_state(rng)
+        state.load_json(saved)
+
+    def load_newest(self, runtime, state: TrainState, path: str | None) -> str | None:
+        """Loads ``path`` or, when it turns out damaged, the newest intact checkpoint before it;
+        returns the one loaded (None: none could be)."""
+        while path is not None:
+            try:
+                self.load(path, runtime, state)
+                return path
+            except CheckpointError as e:
+                if runtime.is_main:
+                    log.warning("%s; trying the one before it", e)
+                self.rejected.add(path)
+                path = self.newest_intact(runtime)
+        return None
+
+
+def _remove(path: str) -> None:
+    """Removes a folder of this module's own (a partial save): a link is unlinked, never followed."""
+    if os.path.islink(path) or os.path.isfile(path):
+        os.unlink(path)
+    elif os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    return getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(error)
+
+
+def _write_failure(error: RuntimeError) -> bool:
+    """torch.save's error for a failed write (a full disk, a file size limit): a RuntimeError from its
+    C++ zip writer (inline_container.cc), which names neither the file nor the cause."""
+    text = str(error)
+    markers = ("PytorchStreamWriter", "inline_container", "file write failed")
+    return any(m in text for m in markers) or _is_disk_full(error)

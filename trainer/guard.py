@@ -1,5 +1,7 @@
 """The divergence guard: a metric that turns non-finite or passes its bound stops the window, and the
-trainer rolls back to its last checkpoint with lower learning rates, a bounded number of times."""
+trainer rolls back to its last checkpoint with lower learning rates, a bounded number of times. When
+a rollback meets the same failure at the same step, the checkpoint itself is the likely cause: the
+next rollback goes one checkpoint further back (down to step 0), and the advice says so."""
 
 from __future__ import annotations
 
@@ -12,9 +14,9 @@ import torch
 class Diverged(RuntimeError):
     """A metric went non-finite or past its bound (train.guard); ``nonfinite`` tells which."""
 
-    def __init__(self, message: str, nonfinite: bool = False):
+    def __init__(self, message: str, nonfinite: bool = False, step: int | None = None, term: str = ""):
         super().__init__(message)
-        self.nonfinite = nonfinite
+        self.nonfinite, self.step, self.term = nonfinite, step, term
 
 
 @dataclass
@@ -36,6 +38,25 @@ class DivergenceGuard:
     def __init__(self, cfg: GuardConfig):
         self.cfg = cfg
         self.rollbacks = 0
+        self.last_failure: tuple[int | None, str] | None = None
+        self.fled: list[str] = []  # checkpoints the same failure came back from, newest first
+
+    def flee_repeated(self, error: Diverged, loaded: str | None, rejected: set[str]) -> bool:
+        """When ``error`` is the failure the last rollback met again (same step, same term) from the
+        checkpoint ``loaded``, at lowered learning rates: that checkpoint is fled (added to
+        ``rejected``, which the next rollback skips). With lr_factor 1 a repeat tells nothing."""
+        failure = (error.step, error.term)
+        again = failure == self.last_failure and error.step is not None and loaded is not None
+        again = again and self.cfg.lr_factor < 1
+        self.last_failure = failure
+        if again:
+            self.fled.append(loaded)
+            rejected.add(loaded)
+        return again
+
+    def rolled_back(self, step: int, lr_scale: float) -> str:
+        n, limit = self.rollbacks, self.cfg.max_rollbacks
+        return f"rolled back to step {step} with learning rates x{lr_scale:g} (rollback {n}/{limit})"
 
     def check(self, table: torch.Tensor, names: list[str], steps: list[int]) -> None:
         """Raises Diverged naming the first step and term that is non-finite or past its bound.
@@ -52,7 +73,7 @@ class DivergenceGuard:
                 "non-finite" if not torch.isfinite(table[row, col]) else f"out-of-bound (|x| > {limits[col].item():g})"
             )
             nonfinite = not math.isfinite(value)
-            raise Diverged(f"{what} {names[col]} = {value:.6g} at step {steps[row]}", nonfinite)
+            raise Diverged(f"{what} {names[col]} = {value:.6g} at step {steps[row]}", nonfinite, steps[row], names[col])
 
     def check_parameters(self, networks: dict[str, torch.nn.Module], step: int) -> None:
         """Raises Diverged when a network holds a non-finite parameter or its norm passes the bound."""
@@ -61,21 +82,42 @@ class DivergenceGuard:
         ).tolist()  # one host sync per checkpoint
         for name, norm in zip(networks, norms):
             if not math.isfinite(norm):
-                raise Diverged(f"non-finite parameters in {name} at step {step}", nonfinite=True)
+                raise Diverged(f"non-finite parameters in {name} at step {step}", True, step, f"{name} parameters")
             if self.cfg.max_param_norm > 0 and norm > self.cfg.max_param_norm:
                 raise Diverged(
                     f"out-of-bound parameters in {name} at step {step}: norm {norm:.4g} > {self.cfg.max_param_norm:g} "
-                    "(train.guard.max_param_norm)"
+                    "(train.guard.max_param_norm)",
+                    step=step,
+                    term=f"{name} parameters",
                 )
 
     def next_rollback(self, error: Diverged, newest: str | None) -> float:
-        """The learning-rate factor for the next rollback to ``newest`` (the newest intact checkpoint),
-        or Diverged when the guard gives up."""
+        """The learning-rate factor for the next rollback to ``newest`` (the newest intact checkpoint
+        not fled), or Diverged when the guard gives up."""
         if self.rollbacks >= self.cfg.max_rollbacks or newest is None:
-            reason = "no checkpoint to roll back to" if newest is None else f"{self.rollbacks} rollback(s) did not help"
-            where = f" A restart resumes from the newest intact checkpoint, {newest}." if newest else ""
-            raise Diverged(
-                f"{error}; {reason}. Stopping.{where} Lower the learning rates or raise train.penalty_weight first."
-            ) from None
+            raise self.give_up(error, newest) from None
         self.rollbacks += 1
         return self.cfg.lr_factor
+
+    def give_up(self, error: Diverged, newest: str | None) -> Diverged:
+        """The final error, with advice that matches the cause."""
+        reason = "no checkpoint to roll back to" if newest is None else f"{self.rollbacks} rollback(s) did not help"
+        if not self.fled:
+            where = f" A restart resumes from the newest intact checkpoint, {newest}." if newest else ""
+            return Diverged(
+                f"{error}; {reason}. Stopping.{where} Lower the learning rates or raise train.penalty_weight first."
+            )
+        fled = ", ".join(self.fled)
+        advice = (
+            f"The weights diverge from checkpoint {self.fled[0]} at the next step regardless of the learning rate: "
+            "it holds weights that explode, not a learning rate too high. A restart resumes from the newest intact "
+            f"checkpoint: move {fled} out of the checkpoints folder first (or set checkpoint.resume=false)."
+        )
+        if any(path.endswith("step_00000000") for path in self.fled):
+            advice = (
+                f"The same failure came back at step {error.step} from every checkpoint tried ({fled}) and at every "
+                "learning rate: its cause is the data or the model at that step, not a checkpoint or the learning "
+                "rate (check the data read there, or raise train.penalty_weight). A restart resumes from the newest "
+                "intact checkpoint."
+            )
+        return Diverged(f"{error}; {reason}. Stopping. {advice}", error.nonfinite, error.step, error.term)

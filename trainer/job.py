@@ -25,6 +25,7 @@ from trainer.config import ConfigError, RunConfig, config_from_yaml, config_to_y
 from trainer.evaluation import build_evaluator
 from trainer.meg_trainer import MEGTrainer, Preempted, host_pinning
 from trainer.metrics import JsonlSink, MetricsLogger, ProgressSink
+from trainer.nofollow import check_run_folder, write_replacing
 from trainer.prometheus import PrometheusExporter
 from trainer.run_folder import RunFolderBusy, RunFolderLock
 from trainer.runtime import Runtime, build_runtime, collective_failure
@@ -105,6 +106,7 @@ def run(cfg: RunConfig, stop: threading.Event, preset: str = "") -> dict[str, fl
     """``preset``: the --config it came from, for the metrics' run info."""
     # Every storage call from here on is bounded by data.io_timeout and ends on a stop request.
     storage.configure(timeout=cfg.data.io_timeout, stop=stop)
+    check_run_folder(cfg.output_dir)  # links where the run writes: refused before any work
     runtime = build_runtime(cfg)
     meet = True
     try:
@@ -164,7 +166,14 @@ def train(cfg: RunConfig, runtime: Runtime, stop: threading.Event, preset: str) 
         "dataset": manifest.name,
         "data_url": data_location(cfg.data.url),
     }
-    checkpoints = Checkpoints(os.path.join(cfg.output_dir, "checkpoints"), cfg.checkpoint.keep, config_yaml, info)
+    checkpoints = Checkpoints(
+        os.path.join(cfg.output_dir, "checkpoints"),
+        cfg.checkpoint.keep,
+        config_yaml,
+        info,
+        max_norm=cfg.train.guard.max_param_norm,
+        keep_first=cfg.train.guard.max_rollbacks > 0,  # step 0: the guard's last way back
+    )
     # One trainer per run folder, locked before anything in it is written; every rank learns the outcome.
     lock = RunFolderLock(cfg.output_dir)
     busy = lock.try_acquire() if runtime.is_main else None
@@ -174,7 +183,7 @@ def train(cfg: RunConfig, runtime: Runtime, stop: threading.Event, preset: str) 
     if resume_from is not None:
         check_resumable(cfg, resume_from, info["sample_shape"])
     if runtime.is_main:
-        with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
+        with write_replacing(os.path.join(cfg.output_dir, "config.yaml")) as f:
             f.write(config_yaml)
     runtime.barrier()
     try:

@@ -135,11 +135,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _job_errors() -> tuple[type[BaseException], ...]:
+    from trainer.checkpoint import CheckpointError
     from trainer.guard import Diverged
+    from trainer.nofollow import LinkedRunFolder
     from trainer.run_folder import RunFolderBusy
     from trainer.runtime import CollectiveError, LaunchError
 
-    return (LaunchError, Diverged, RunFolderBusy, CollectiveError)
+    return (LaunchError, Diverged, RunFolderBusy, CollectiveError, CheckpointError, LinkedRunFolder)
 
 
 def _main(args: argparse.Namespace, stop: threading.Event) -> int:

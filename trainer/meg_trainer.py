@@ -92,20 +92,22 @@ class MEGTrainer:
         self.stop = stop or threading.Event()
         self.state = TrainState(runtime.rank, runtime.world_size)
         self.guard = DivergenceGuard(cfg.train.guard)
+        self.loaded: str | None = None  # the checkpoint last loaded (resume or rollback)
         self.window = MetricWindow(runtime, self.guard, cfg.train.energy_steps * cfg.data.batch_size)
 
     def resume_if_possible(self, checkpoint: str | None) -> int | None:
-        """Loads ``checkpoint`` (job.py picks the newest intact one); returns its step, or None."""
+        """Loads ``checkpoint`` (or, found damaged, the one before it); returns the step loaded, or None."""
         if checkpoint is not None:
-            self._load(checkpoint)
+            checkpoint = self._load(checkpoint)
         if self.state.lr_horizon == 0:  # a new run (or one from before the horizon was kept)
             self.state.lr_horizon = self.cfg.train.steps
         self.logger.resumed_at(self.state.step)
         return checkpoint_step(checkpoint) if checkpoint is not None else None
 
-    def _load(self, path: str) -> None:
-        self.checkpoints.load(path, self.runtime, self.state)
+    def _load(self, path: str | None) -> str | None:
+        self.loaded = self.checkpoints.load_newest(self.runtime, self.state, path)
         self.steps.after_checkpoint_load()
+        return self.loaded
 
     def _iteration_data(self, batches: Iterator[tuple[torch.Tensor, int, int]]) -> list:
         """The iteration's batches, fetched before it runs: a stop while waiting for them loses no update."""
@@ -134,21 +136,19 @@ class MEGTrainer:
         self.steps.set_lr_factor(self.state.lr_scale * lr_schedule(step, self.state.lr_horizon, self.cfg.train))
 
     def _roll_back(self, error: Diverged) -> None:
-        """Restores the newest intact checkpoint with lowered learning rates, or gives up clearly."""
+        """Restores the newest intact checkpoint (one further back after a repeated failure, see
+        trainer/guard.py) with lowered learning rates, or gives up clearly."""
+        self.guard.flee_repeated(error, self.loaded, self.checkpoints.rejected)
         newest = self.checkpoints.newest_intact(self.runtime)
         lr_scale = self.state.lr_scale * self.guard.next_rollback(error, newest)
         self.window.clear()
-        self._load(newest)
+        if self._load(newest) is None:  # every one left is damaged
+            raise self.guard.give_up(error, None)
         self.state.lr_scale = lr_scale
-        n, limit = self.guard.rollbacks, self.cfg.train.guard.max_rollbacks
         event = {"event": "rollback", "reason": str(error), "nonfinite": error.nonfinite, "lr_scale": lr_scale}
-        self.logger.log(self.state.step, {**event, "to_step": self.state.step, "rollback": n})
+        self.logger.log(self.state.step, {**event, "to_step": self.state.step, "rollback": self.guard.rollbacks})
         if self.runtime.is_main:
-            print(
-                f"\ndivergence: {error}; rolled back to step {self.state.step} with learning rates x{lr_scale:g} "
-                f"(rollback {n}/{limit})",
-                flush=True,
-            )
+            print(f"\ndivergence: {error}; {self.guard.rolled_back(self.state.step, lr_scale)}", flush=True)
 
     def evaluate(self, step: int) -> dict[str, float]:
         metrics: dict[str, float] = {}

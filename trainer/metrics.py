@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from trainer.guard import Diverged, DivergenceGuard
+from trainer.nofollow import open_append
 
 
 def normalise_gateway(url: str) -> str:
@@ -144,7 +145,7 @@ class MetricSink:
 
 class JsonlSink(MetricSink):
     def __init__(self, path: str):
-        self.file = open(path, "a", buffering=1)
+        self.file = open_append(path)  # a link is refused, not followed (trainer/nofollow.py)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         self.file.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")

@@ -10,6 +10,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from trainer.nofollow import write_replacing  # noqa: E402
+
 
 def scatter_2d(path: str, samples: np.ndarray, data: np.ndarray | None, title: str, lim: float) -> None:
     fig, ax = plt.subplots(figsize=(5, 5), dpi=120)
@@ -22,7 +24,8 @@ def scatter_2d(path: str, samples: np.ndarray, data: np.ndarray | None, title: s
     ax.set_title(title, fontsize=9)
     ax.legend(loc="upper right", markerscale=4, fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
+    with write_replacing(path, binary=True) as f:  # a link at path is replaced, not followed
+        fig.savefig(f, format="png")
     plt.close(fig)
 
 
@@ -49,7 +52,8 @@ def energy_landscape(
     fig.colorbar(im, ax=axes[1], fraction=0.046)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    with write_replacing(path, binary=True) as f:  # a link at path is replaced, not followed
+        fig.savefig(f, format="png")
     plt.close(fig)
 
 
@@ -67,4 +71,5 @@ def image_grid(path: str, images: torch.Tensor, nrow: int = 8) -> None:
         r, col = divmod(i, nrow)
         grid[:, 2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + col * (w + 2) : 2 + col * (w + 2) + w] = images[i]
     array = grid.permute(1, 2, 0).numpy()
-    Image.fromarray(array[:, :, 0] if c == 1 else array).save(path)
+    with write_replacing(path, binary=True) as f:
+        Image.fromarray(array[:, :, 0] if c == 1 else array).save(f, format="PNG")

@@ -4,17 +4,23 @@ with (trainer/checkpoint.py), whatever engine trained it."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import logging
 import os
+import re
 import socket
 import sys
 import time
+from collections.abc import Iterator
 
 from models import MEGNetworks, build_networks
-from trainer.checkpoint import CheckpointError, damage, list_checkpoints, load_export
+from trainer.checkpoint import MISSING_FILE_LIST, CheckpointError, damage, list_checkpoints, load_export
 from trainer.config import RunConfig, config_from_yaml
+from trainer.nofollow import open_fd
 
 LOCK_FILE = ".lock"
+log = logging.getLogger(__name__)
 
 
 class RunFolderBusy(RuntimeError):
@@ -24,7 +30,10 @@ class RunFolderBusy(RuntimeError):
 class RunFolderLock:
     """An advisory lock (flock) on ``<run folder>/.lock``, held by the main process while it trains.
     The file keeps the holder's host, PID and start time for the message a second trainer gets; the
-    kernel drops the lock when the holder exits, however it exits. (On network filesystems without
+    kernel drops the lock when the holder exits, however it exits. The descriptor is closed in every
+    forked child (DataLoader workers) and is not passed to programs the trainer starts, so only the
+    trainer holds the lock. A lock whose recorded holder is a dead process of this host (held by an
+    orphan of an older version, say) is taken over with a warning. (On network filesystems without
     flock support the lock may not hold across machines.)"""
 
     def __init__(self, folder: str):
@@ -33,26 +42,88 @@ class RunFolderLock:
     def try_acquire(self) -> str | None:
         """None once locked; else a message naming the holder."""
         os.makedirs(self.folder, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            return (
-                f"{self.folder} is in use by another trainer ({holder}); wait for it to finish, stop it, "
-                "or train into another output_dir"
-            )
-        os.ftruncate(fd, 0)
-        started = time.strftime("%Y-%m-%d %H:%M:%S")
-        os.write(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since {started}\n".encode())
+        with _folder_locked(self.folder):  # contenders take turns, so that one takes a stale lock over
+            fd = open_fd(self.path, os.O_RDWR)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                if not _dead_holder(holder):
+                    return (
+                        f"{self.folder} is in use by another trainer ({holder}); wait for it to finish, stop it, "
+                        "or train into another output_dir"
+                    )
+                log.warning(
+                    "%s: the lock's holder (%s) is no longer running (a leftover process keeps the old lock): "
+                    "taking the run folder over",
+                    self.path,
+                    holder,
+                )
+                os.unlink(self.path)  # the leftover keeps its lock on the old file; this is a new one
+                fd = open_fd(self.path, os.O_RDWR | os.O_EXCL)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.ftruncate(fd, 0)
+            started = time.strftime("%Y-%m-%d %H:%M:%S")
+            os.write(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since {started}\n".encode())
         self.fd = fd
+        _HELD.add(fd)
         return None
 
     def release(self) -> None:
         if self.fd is not None:
+            _HELD.discard(self.fd)
             os.close(self.fd)  # closing drops the lock
             self.fd = None
+
+
+_HELD: set[int] = set()  # the lock descriptors this process holds
+
+
+def _close_held_locks() -> None:
+    """In a forked child: its copies of the lock descriptors go, so the lock ends with the trainer
+    (closing a copy leaves the trainer's lock alone; unlocking would not)."""
+    for fd in _HELD:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_locks)
+
+
+@contextlib.contextmanager
+def _folder_locked(folder: str, timeout: float = 10.0) -> Iterator[None]:
+    """A short lock on the folder itself while the run folder's lock is examined and taken."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    message = f"{folder}: another trainer is taking its lock (waited {timeout:g} s)"
+                    raise RunFolderBusy(message) from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _dead_holder(holder: str) -> bool:
+    """Whether a lock file's text names a process of this host that no longer runs."""
+    m = re.match(r"host (\S+), pid (\d+)", holder)
+    if not m or m.group(1) != socket.gethostname() or int(m.group(2)) == os.getpid():
+        return False
+    try:
+        os.kill(int(m.group(2)), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, someone else's
+        return False
+    return False
 
 
 def resolve_checkpoint(run_dir: str, checkpoint: str | None = None) -> str:
@@ -71,6 +142,9 @@ def resolve_checkpoint(run_dir: str, checkpoint: str | None = None) -> str:
     for path in reversed(found):
         problem = damage(path)
         if problem is None:
+            return path
+        if problem == MISSING_FILE_LIST:
+            print(f"warning: checkpoint {path} has no files.json: using it unverified", file=sys.stderr)
             return path
         print(f"warning: checkpoint {path} is damaged ({problem}); using the one before it", file=sys.stderr)
     raise CheckpointError(f"every checkpoint of {run_dir} is damaged; the newest: {damage(found[-1])}")

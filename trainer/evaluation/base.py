@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from models.mala import MALAConfig, latent_mala
+from trainer.nofollow import make_dir, write_replacing
 
 
 @dataclass
@@ -73,7 +74,7 @@ class Evaluator:
         return os.path.exists(os.path.join(self.ctx.out_dir, f"step_{step:08d}.json"))
 
     def __call__(self, step: int, energy, generator, tag: str | None = None) -> dict[str, float]:
-        os.makedirs(self.ctx.out_dir, exist_ok=True)
+        make_dir(self.ctx.out_dir)
         results = dict(self.score_energy(energy))
         plain, refined, acceptance = generate(energy, generator, self.cfg.num_samples, self.ctx.z_dim, self.cfg.mala)
         results.update(self.score_samples(plain))
@@ -85,6 +86,6 @@ class Evaluator:
             self.plot(tag, step, energy, plain, refined, results)
         record = {"step": step, "kind": self.kind, **results}
         for name in (f"{tag}.json", "latest.json"):
-            with open(os.path.join(self.ctx.out_dir, name), "w") as f:
+            with write_replacing(os.path.join(self.ctx.out_dir, name)) as f:
                 json.dump(record, f, indent=2)
         return results

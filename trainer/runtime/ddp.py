@@ -150,15 +150,18 @@ class DDPRuntime(ProcessGroup):
         torch.save(state, os.path.join(folder, ENGINE_FILE))
 
     def restore(self, folder: str, weights: dict[str, dict[str, torch.Tensor]]) -> None:
-        """The networks from the weights export, the optimizers and loss scalers from ``folder``."""
-        for update in self.updates.values():
-            for name, module in update.modules.items():
-                module.load_state_dict(weights[name])
+        """The networks from the weights export, the optimizers and loss scalers from ``folder`` (read
+        first: a file that cannot be read leaves the networks as they were)."""
+        from trainer.checkpoint import load_tensors  # trainer.checkpoint's tools need no runtime
+
         path = os.path.join(folder, ENGINE_FILE)
         if not os.path.isfile(path):
             raise CheckpointError(f"{path}: no ddp engine state (was this checkpoint written with train.engine=ddp?)")
         # A CPU device may be "cpu:0" (accelerate's multi-node CPU launch), which torch.load cannot map.
-        state = torch.load(path, map_location=self.device if self.device.type != "cpu" else "cpu", weights_only=True)
+        state = load_tensors(path, map_location=self.device if self.device.type != "cpu" else "cpu")
+        for update in self.updates.values():
+            for name, module in update.modules.items():
+                module.load_state_dict(weights[name])
         for name, update in self.updates.items():
             update.optimizer.load_state_dict(state[name]["optimizer"])
             if update.scaler.is_enabled():

@@ -259,8 +259,10 @@ def _weights_only_checkpoint_engine():
 
     class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
         def load(self, path: str, map_location=None):
+            from trainer.checkpoint import load_tensors  # names the file it refuses
+
             with torch.serialization.safe_globals(allowed):
-                return torch.load(path, map_location=map_location, weights_only=True)
+                return load_tensors(path, map_location=map_location)
 
     return WeightsOnlyCheckpointEngine()
 

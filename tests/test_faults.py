@@ -1,0 +1,523 @@
+"""Faults lose nothing: run folders whose files are links are refused and nothing is written through a
+link, the lock stays with the trainer, checkpoints without files.json are used and kept, pruning
+keeps real checkpoints, a damaged checkpoint found after a load falls back, the guard escapes a bad
+checkpoint, and a full disk during a save is one line that loses nothing.
+
+Classes of issue 19 and the tests that cover them:
+    1 links followed:      test_a_linked_*, test_writers_*, test_the_trainer_refuses_a_linked_run_folder
+    3 checkpoints lost:    test_the_lock_*, test_a_lock_*, test_*unverified*, test_*pruning*,
+                           test_a_save_to_an_existing_step_*
+    4 guard stuck:         test_*parameters*, test_the_guard_*, test_a_checkpoint_whose_weights_explode_*
+    7 unnamed save errors: test_a_full_disk_*, test_a_refused_*, test_a_malformed_*
+"""
+
+import errno
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import REPO_ROOT, run_trainer, subprocess_env, tiny_overrides
+from trainer.checkpoint import (
+    STATE_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    Checkpoints,
+    TrainState,
+    damage,
+    write_file_list,
+)
+from trainer.config import config_to_yaml, load_config
+from trainer.guard import Diverged, DivergenceGuard, GuardConfig
+from trainer.metrics import JsonlSink
+from trainer.nofollow import LinkedRunFolder, check_run_folder, open_append, write_replacing
+from trainer.run_folder import RunFolderLock
+
+VICTIM_TEXT = "someone else's file\n"
+
+
+@pytest.fixture
+def victim(tmp_path):
+    path = tmp_path / "outside" / "precious.txt"
+    path.parent.mkdir()
+    path.write_text(VICTIM_TEXT)
+    yield path
+    assert path.read_text() == VICTIM_TEXT, "a file outside the run folder was modified"
+
+
+# -- class 1: nothing written through a link ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [".lock", "config.yaml", "metrics.jsonl", "checkpoints", "eval"])
+def test_a_linked_managed_entry_is_refused_naming_it(tmp_path, victim, name):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / name).symlink_to(victim)
+    with pytest.raises(LinkedRunFolder, match=f"{name} -> {victim}"):
+        check_run_folder(str(run))
+
+
+def test_a_linked_file_inside_a_checkpoint_is_refused(tmp_path, victim):
+    step = tmp_path / "run" / "checkpoints" / "step_00000010"
+    step.mkdir(parents=True)
+    (step / "files.json").symlink_to(victim)
+    with pytest.raises(LinkedRunFolder, match="checkpoints/step_00000010/files.json"):
+        check_run_folder(str(tmp_path / "run"))
+
+
+def test_writers_never_follow_a_link(tmp_path, victim):
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in (".lock", "metrics.jsonl", "config.yaml"):
+        (run / name).symlink_to(victim)
+    with pytest.raises(LinkedRunFolder, match=".lock is a link"):
+        RunFolderLock(str(run)).try_acquire()
+    with pytest.raises(LinkedRunFolder, match="metrics.jsonl is a link"):
+        JsonlSink(str(run / "metrics.jsonl"))
+    with write_replacing(str(run / "config.yaml")) as f:  # replaces the link itself
+        f.write("name: mine\n")
+    assert not (run / "config.yaml").is_symlink() and (run / "config.yaml").read_text() == "name: mine\n"
+
+
+def test_appending_to_a_hard_linked_file_leaves_the_other_name_alone(tmp_path, victim):
+    metrics = tmp_path / "metrics.jsonl"
+    os.link(victim, metrics)
+    with open_append(str(metrics)) as f:
+        f.write("{}\n")
+    assert metrics.read_text() == VICTIM_TEXT + "{}\n"
+
+
+@pytest.mark.slow
+def test_the_trainer_refuses_a_linked_run_folder_before_any_work(tmp_path, victim):
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in (".lock", "config.yaml", "metrics.jsonl"):
+        (run / name).symlink_to(victim)
+    result = run_trainer(tiny_overrides(tmp_path), check=False, timeout=120)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and all(n in errors[0] for n in (".lock", "config.yaml", "metrics.jsonl"))
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "data").exists()  # refused before the toy data was written
+
+
+# -- class 3: the lock stays with the trainer --------------------------------------------------------
+
+
+def _holders(path) -> list[int]:
+    """PIDs of processes with an open descriptor on ``path``."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") == str(path) for fd in fds):
+                found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_lock_is_not_inherited_by_a_forked_child(tmp_path):
+    lock = RunFolderLock(str(tmp_path))
+    assert lock.try_acquire() is None
+    child = os.fork()
+    if child == 0:  # a DataLoader worker would be forked like this
+        time.sleep(3)
+        os._exit(0)
+    try:
+        time.sleep(0.3)
+        assert child not in _holders(tmp_path / ".lock")
+        lock.release()
+        second = RunFolderLock(str(tmp_path))
+        assert second.try_acquire() is None  # the child, still alive, holds nothing
+        second.release()
+    finally:
+        os.kill(child, 9)
+        os.waitpid(child, 0)
+
+
+def test_a_lock_recorded_for_a_dead_process_is_taken_over(tmp_path, caplog):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    holder_text = f"host {socket.gethostname()}, pid {dead.pid}, since then\n"
+    code = (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(tmp_path / '.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+        f"fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, {holder_text.encode()!r}); print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )  # an orphan that keeps the dead trainer's lock
+    orphan = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert orphan.stdout.readline().strip() == "ready"
+        lock = RunFolderLock(str(tmp_path))
+        with caplog.at_level(logging.WARNING):
+            assert lock.try_acquire() is None
+        assert f"pid {dead.pid}" in caplog.text and "taking the run folder over" in caplog.text
+        assert f"pid {os.getpid()}" in (tmp_path / ".lock").read_text()
+        # A third trainer meets a live holder: refused.
+        assert "in use by another trainer" in RunFolderLock(str(tmp_path)).try_acquire()
+        lock.release()
+    finally:
+        orphan.kill()
+        orphan.wait()
+
+
+def test_a_lock_held_by_a_live_process_is_not_taken_over(tmp_path):
+    code = (
+        "import fcntl, os, socket, time\n"
+        f"fd = os.open({str(tmp_path / '.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "os.write(fd, f'host {socket.gethostname()}, pid {os.getpid()}, since now'.encode())\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        message = RunFolderLock(str(tmp_path)).try_acquire()
+        assert message is not None and f"pid {holder.pid}" in message
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# -- class 3 and 7: checkpoints ----------------------------------------------------------------------
+
+
+class FakeRuntime:
+    """One CPU process: what Checkpoints needs of a runtime, with three tiny networks."""
+
+    device, rank, world_size, is_main = torch.device("cpu"), 0, 1, True
+
+    def __init__(self):
+        torch.manual_seed(0)
+        self.nets = {name: nn.Linear(3, 2) for name in ("energy", "generator", "statistics")}
+
+    def all_gather(self, t):
+        return t.unsqueeze(0)
+
+    def sum_across_ranks(self, t):
+        return t
+
+    def barrier(self):
+        pass
+
+    def fp32_state_dicts(self):
+        return {n: {k: v.detach().clone().float() for k, v in m.state_dict().items()} for n, m in self.nets.items()}
+
+    def save_engine_state(self, folder):
+        os.makedirs(folder)
+        torch.save({"moments": torch.ones(2)}, os.path.join(folder, "ddp_state.pt"))
+
+    def restore(self, folder, weights):
+        from trainer.checkpoint import load_tensors
+
+        load_tensors(os.path.join(folder, "ddp_state.pt"))
+        for name, module in self.nets.items():
+            module.load_state_dict(weights[name])
+
+
+@pytest.fixture(scope="module")
+def config_yaml():
+    return config_to_yaml(load_config("toy_25gaussians"))
+
+
+def _checkpoints(tmp_path, config_yaml, keep=3, keep_first=False):
+    return Checkpoints(str(tmp_path / "checkpoints"), keep, config_yaml, {"sample_shape": [2]}, keep_first=keep_first)
+
+
+def _save(checkpoints, runtime, step):
+    with torch.no_grad():
+        for module in runtime.nets.values():
+            module.weight.add_(0.1)
+    return checkpoints.save(runtime, TrainState(step=step))
+
+
+def _snapshot(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_checkpoint_without_files_json_is_used_unverified_and_never_overwritten(tmp_path, config_yaml, caplog):
+    runtime = FakeRuntime()
+    checkpoints = _checkpoints(tmp_path, config_yaml, keep=1)
+    old = _save(checkpoints, runtime, 10)
+    os.remove(os.path.join(old, "files.json"))  # an older version's checkpoint, or a copy without it
+    before = _snapshot(tmp_path / "checkpoints" / "step_00000010")
+    fresh = _checkpoints(tmp_path, config_yaml, keep=1)  # a new process
+    with caplog.at_level(logging.WARNING):
+        assert fresh.newest_intact(runtime) == old
+    assert "cannot be verified: using it unverified" in caplog.text
+    state = TrainState()
+    assert fresh.load_newest(runtime, state, old) == old and state.step == 10
+    _save(fresh, runtime, 20)  # keep=1: the unverified one is not counted, not pruned
+    _save(fresh, runtime, 10)  # a save to its step keeps it aside
+    assert _snapshot(tmp_path / "checkpoints" / "step_00000010.replaced") == before
+    assert damage(str(tmp_path / "checkpoints" / "step_00000010")) is None
+
+
+def test_pruning_counts_only_intact_checkpoints(tmp_path, config_yaml):
+    runtime = FakeRuntime()
+    checkpoints = _checkpoints(tmp_path, config_yaml, keep=1)
+    _save(checkpoints, runtime, 10)
+    folder = tmp_path / "checkpoints"
+    (folder / "step_00000090").mkdir()  # a stray folder
+    (folder / "step_00000099").mkdir()
+    (folder / "step_00000099" / "files.json").write_text("{")  # a damaged one
+    written = _save(checkpoints, runtime, 20)
+    assert damage(written) is None  # the one just written survives its own pruning
+    assert sorted(p.name for p in folder.iterdir()) == ["step_00000020", "step_00000090", "step_00000099"]
+
+
+def test_pruning_keeps_step_0_for_the_guard(tmp_path, config_yaml):
+    runtime = FakeRuntime()
+    checkpoints = _checkpoints(tmp_path, config_yaml, keep=1, keep_first=True)
+    for step in (0, 10, 20, 30):
+        _save(checkpoints, runtime, step)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000000", "step_00000030"]
+
+
+def test_a_save_to_an_existing_step_keeps_the_old_one_aside(tmp_path, config_yaml):
+    runtime = FakeRuntime()
+    checkpoints = _checkpoints(tmp_path, config_yaml)
+    _save(checkpoints, runtime, 10)
+    before = _snapshot(tmp_path / "checkpoints" / "step_00000010")
+    _save(checkpoints, runtime, 10)  # e.g. a rollback that passes step 10 again
+    _save(checkpoints, runtime, 10)
+    folder = tmp_path / "checkpoints"
+    assert _snapshot(folder / "step_00000010.replaced") == before
+    assert (folder / "step_00000010.replaced2").is_dir() and damage(str(folder / "step_00000010")) is None
+
+
+def _forge(checkpoint, change):
+    """Changes the weights and rewrites files.json, as a tamperer (or a bug) would: only the
+    parameter check after the load can tell."""
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(checkpoint, WEIGHTS_FILE)
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+    tensors = {k: change(v) for k, v in load_file(path).items()}
+    save_file(tensors, path, metadata=meta)
+    os.remove(os.path.join(checkpoint, "files.json"))
+    write_file_list(checkpoint)
+
+
+@pytest.mark.parametrize(
+    "change", [lambda t: t * 1000, lambda t: torch.full_like(t, float("nan"))], ids=["x1000", "nan"]
+)
+def test_parameters_checked_after_a_load_fall_back_to_the_older_checkpoint(tmp_path, config_yaml, change, caplog):
+    runtime = FakeRuntime()
+    checkpoints = _checkpoints(tmp_path, config_yaml)
+    older = _save(checkpoints, runtime, 10)
+    newer = _save(checkpoints, runtime, 20)
+    _forge(newer, change)
+    assert damage(newer) is None  # the file list agrees: only the parameters tell
+    state = TrainState()
+    with caplog.at_level(logging.WARNING):
+        assert checkpoints.load_newest(runtime, state, checkpoints.newest_intact(runtime)) == older
+    assert state.step == 10 and f"checkpoint {newer} is damaged: {WEIGHTS_FILE}" in caplog.text
+    assert all(torch.isfinite(p).all() for m in runtime.nets.values() for p in m.parameters())
+
+
+class Payload:
+    def __reduce__(self):
+        return os.system, ("true",)
+
+
+def test_a_refused_weights_only_load_names_the_file_and_falls_back(tmp_path, config_yaml, caplog):
+    runtime = FakeRuntime()
+    checkpoints = _checkpoints(tmp_path, config_yaml)
+    older = _save(checkpoints, runtime, 10)
+    newer = _save(checkpoints, runtime, 20)
+    rng = os.path.join(newer, "rng_rank0.pt")
+    torch.save({"state": Payload()}, rng)
+    os.remove(os.path.join(newer, "files.json"))
+    write_file_list(newer)
+    state = TrainState()
+    with caplog.at_level(logging.WARNING):
+        assert checkpoints.load_newest(runtime, state, newer) == older
+    assert rng in caplog.text and "weights_only=False" not in caplog.text
+
+
+def test_a_malformed_safetensors_header_names_the_file_and_falls_back(tmp_path, config_yaml, caplog):
+    runtime = FakeRuntime()
+    checkpoints = _checkpoints(tmp_path, config_yaml)
+    older = _save(checkpoints, runtime, 10)
+    newer = _save(checkpoints, runtime, 20)
+    path = os.path.join(newer, WEIGHTS_FILE)
+    with open(path, "r+b") as f:
+        f.write((10**9).to_bytes(8, "little"))  # a header length past the file's end
+    assert WEIGHTS_FILE in damage(newer)
+    with caplog.at_level(logging.WARNING):
+        assert checkpoints.newest_intact(runtime) == older
+    os.remove(os.path.join(newer, "files.json"))
+    write_file_list(newer)  # the file list agrees: the header check still tells
+    assert f"{WEIGHTS_FILE} is unreadable" in damage(newer)
+    with pytest.raises(CheckpointError, match=path):
+        checkpoints.load(newer, runtime, TrainState())
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        OSError(errno.ENOSPC, "No space left on device", "weights.safetensors"),
+        RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file data/0"),
+    ],
+    ids=["oserror", "torch"],
+)
+def test_a_full_disk_during_a_save_is_one_line_and_loses_nothing(tmp_path, config_yaml, monkeypatch, failure):
+    runtime = FakeRuntime()
+    checkpoints = _checkpoints(tmp_path, config_yaml, keep=1)
+    older = _save(checkpoints, runtime, 10)
+    before = _snapshot(tmp_path / "checkpoints")
+
+    def full(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr("trainer.checkpoint.save_file", full)
+    with pytest.raises(CheckpointError) as caught:
+        _save(checkpoints, runtime, 20)
+    message = str(caught.value)
+    assert "\n" not in message and str(tmp_path / "checkpoints" / "step_00000020") in message
+    assert _snapshot(tmp_path / "checkpoints") == before and damage(older) is None  # no partial folder left
+
+
+def test_the_state_file_must_match_the_folders_step(tmp_path, config_yaml):
+    runtime = FakeRuntime()
+    written = _save(_checkpoints(tmp_path, config_yaml), runtime, 10)
+    path = os.path.join(written, STATE_FILE)
+    state = json.load(open(path))
+    state["step"] = -5
+    with open(path, "w") as f:
+        json.dump(state, f)
+    os.remove(os.path.join(written, "files.json"))
+    write_file_list(written)
+    assert STATE_FILE in damage(written)
+
+
+# -- class 4: the guard escapes a bad checkpoint ------------------------------------------------------
+
+
+def test_the_guard_goes_one_checkpoint_further_back_when_a_failure_repeats():
+    guard = DivergenceGuard(GuardConfig(max_rollbacks=3, lr_factor=0.5))
+    rejected: set[str] = set()
+    first = Diverged("out-of-bound energy_gap = 1e9 at step 21", step=21, term="energy_gap")
+    assert not guard.flee_repeated(first, "ckpt/step_00000020", rejected)
+    guard.next_rollback(first, "ckpt/step_00000020")
+    again = Diverged("out-of-bound energy_gap = 2e9 at step 21", step=21, term="energy_gap")
+    assert guard.flee_repeated(again, "ckpt/step_00000020", rejected) and rejected == {"ckpt/step_00000020"}
+    guard.next_rollback(again, "ckpt/step_00000010")
+    guard.rollbacks = 3
+    stop = guard.give_up(again, "ckpt/step_00000010")
+    assert "diverge from checkpoint ckpt/step_00000020 at the next step regardless of the learning rate" in str(stop)
+    assert "Lower the learning rates" not in str(stop)
+
+
+def test_the_guard_advises_lower_learning_rates_when_failures_differ():
+    guard = DivergenceGuard(GuardConfig(max_rollbacks=1))
+    rejected: set[str] = set()
+    for step in (21, 34):
+        error = Diverged(f"non-finite penalty at step {step}", True, step, "penalty")
+        assert not guard.flee_repeated(error, "ckpt/step_00000020", rejected)
+    assert "Lower the learning rates" in str(guard.give_up(error, "ckpt/step_00000030"))
+
+
+def test_the_guard_does_not_flee_when_the_learning_rate_is_not_lowered():
+    guard = DivergenceGuard(GuardConfig(lr_factor=1.0))
+    error = Diverged("x", step=21, term="energy_gap")
+    assert not guard.flee_repeated(error, "a", set()) and not guard.flee_repeated(error, "a", set())
+
+
+@pytest.mark.slow
+def test_a_checkpoint_whose_weights_explode_is_escaped(tmp_path):
+    run_trainer(tiny_overrides(tmp_path, steps=20), timeout=240)
+    bad = tmp_path / "run" / "checkpoints" / "step_00000020"
+
+    def explode(name, tensor):
+        # The energy's output layer x2000: finite, moderate norms, an energy gap past its bound at once.
+        return tensor * 2000 if name.startswith("energy.") and name.endswith(("weight", "bias")) else tensor
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = bad / WEIGHTS_FILE
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    last = max(k for k in tensors if k.startswith("energy.") and k.endswith("weight"))
+    tensors = {k: explode(k, v) if k.rsplit(".", 1)[0] == last.rsplit(".", 1)[0] else v for k, v in tensors.items()}
+    save_file(tensors, str(path), metadata=meta)
+    state = json.loads((bad / STATE_FILE).read_text())
+    state.pop("param_norms")  # as an older version wrote it: only the guard can tell
+    (bad / STATE_FILE).write_text(json.dumps(state))
+    (bad / "files.json").unlink()
+    write_file_list(str(bad))
+    result = run_trainer(tiny_overrides(tmp_path, steps=30) + ["train.guard.max_abs_energy_gap=500"], timeout=240)
+    assert "resumed from step 20" in result.stdout
+    assert "rolled back to step 20" in result.stdout and "rolled back to step 10" in result.stdout, result.stdout
+    assert "finished:" in result.stdout
+    assert (tmp_path / "run" / "checkpoints" / "step_00000020.replaced").is_dir()  # kept, not overwritten
+
+
+def test_a_partial_save_that_is_a_link_is_unlinked_not_followed(tmp_path, victim):
+    from trainer.checkpoint import _remove
+
+    partial = tmp_path / "step_00000010.partial"
+    partial.symlink_to(victim.parent)
+    _remove(str(partial))
+    assert not os.path.lexists(partial) and victim.exists()
+
+
+def test_a_config_that_does_not_parse_is_a_damaged_checkpoint(tmp_path, config_yaml):
+    written = _save(_checkpoints(tmp_path, config_yaml), FakeRuntime(), 10)
+    with open(os.path.join(written, "config.yaml"), "w") as f:
+        f.write("model: [unclosed\n")
+    os.remove(os.path.join(written, "files.json"))
+    write_file_list(written)
+    assert "config.yaml is unreadable" in damage(written)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc")
+def test_process_workers_end_with_a_killed_trainer_and_a_restart_gets_the_lock(tmp_path):
+    args = [*tiny_overrides(tmp_path, steps=100_000), "data.worker_type=process", "data.num_workers=2"]
+    cmd = [sys.executable, "trainer/main.py", "--config", "toy_25gaussians", *args]
+    first = subprocess.Popen(cmd, cwd=REPO_ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL)
+    try:
+        deadline, workers = time.time() + 120, []
+        while time.time() < deadline and not workers:  # an epoch's DataLoader workers
+            time.sleep(0.2)
+            workers = _children(first.pid)
+        assert workers, "no worker processes"
+        time.sleep(0.5)  # past their start-up (worker_init_fn)
+    finally:
+        first.kill()
+        first.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(os.path.exists(f"/proc/{w}") for w in workers):
+        time.sleep(0.1)
+    assert not any(os.path.exists(f"/proc/{w}") for w in workers), "a worker outlived the trainer"
+    result = run_trainer([*tiny_overrides(tmp_path, steps=20), "data.worker_type=process"], check=False, timeout=240)
+    assert "in use by another trainer" not in result.stderr and result.returncode == 0, result.stderr
