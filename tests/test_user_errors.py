@@ -114,7 +114,7 @@ def test_an_out_of_range_trainer_state_is_a_damaged_checkpoint_naming_the_file(t
     (tmp_path / STATE_FILE).write_text(json.dumps(state))
 
     class Runtime:  # what Checkpoints.load needs of the engine
-        rank = 0
+        rank, world_size, is_main = 0, 1, True
 
         def restore(self, folder, weights):
             pass

@@ -481,8 +481,13 @@ class Checkpoints:
         problem, rng, saved = None, None, {}
         try:
             weights, _, _ = load_export(path)
-            with open(os.path.join(path, STATE_FILE)) as f:
+            state_file = os.path.join(path, STATE_FILE)
+            with open(state_file) as f:
                 saved = json.load(f)
+            try:
+                TrainState().load_json(saved)  # validated before anything is restored
+            except (ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{state_file} is damaged: {type(e).__name__}: {_short(e)}") from None
             problem = weights_damage(weights, saved.get("param_norms", {}), self.max_norm)
             rng_path = os.path.join(path, f"rng_rank{runtime.rank}.pt")
             if os.path.isfile(rng_path):  # absent when the run grew: the new ranks keep their fresh seeds
