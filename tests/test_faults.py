@@ -4,11 +4,14 @@ keeps real checkpoints, a damaged checkpoint found after a load falls back, the 
 checkpoint, and a full disk during a save is one line that loses nothing.
 
 Classes of issue 19 and the tests that cover them:
-    1 links followed:      test_a_linked_*, test_writers_*, test_the_trainer_refuses_a_linked_run_folder
-    3 checkpoints lost:    test_the_lock_*, test_a_lock_*, test_*unverified*, test_*pruning*,
-                           test_a_save_to_an_existing_step_*
-    4 guard stuck:         test_*parameters*, test_the_guard_*, test_a_checkpoint_whose_weights_explode_*
-    7 unnamed save errors: test_a_full_disk_*, test_a_refused_*, test_a_malformed_*
+    1 links followed:      test_a_linked_*, test_writers_*, test_appending_to_a_hard_linked_*,
+                           test_the_trainer_refuses_a_linked_run_folder_*, test_a_partial_save_that_is_a_link_*
+    3 checkpoints lost:    test_the_lock_*, test_a_lock_*, test_process_workers_end_*, test_*unverified*,
+                           test_pruning_*, test_a_save_to_an_existing_step_*, test_the_state_file_*,
+                           test_a_config_that_does_not_parse_*
+    4 guard stuck:         test_parameters_checked_after_a_load_*, test_the_guard_*,
+                           test_a_checkpoint_whose_weights_explode_is_escaped
+    7 unnamed save errors: test_a_full_disk_*, test_a_refused_weights_only_*, test_a_malformed_safetensors_*
 """
 
 import errno
