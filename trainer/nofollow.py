@@ -16,12 +16,14 @@ import stat
 from collections.abc import Iterator
 from typing import IO
 
+from data_pipeline.cli import UserError
+
 # What the trainer writes at the top of a run folder (trainer/job.py, trainer/run_folder.py).
 MANAGED = (".lock", "config.yaml", "metrics.jsonl", "checkpoints", "eval")
 _CREATE = os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-class LinkedRunFolder(ValueError):
+class LinkedRunFolder(UserError, ValueError):
     """A run folder's managed files or folders are links: the trainer would write through them."""
 
 
