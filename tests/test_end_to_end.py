@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -113,9 +114,14 @@ def test_half_written_checkpoint_is_never_loaded(tmp_path):
 
 @pytest.mark.slow
 def test_non_finite_loss_stops_naming_step_and_term(tmp_path):
-    result = run_trainer(tiny_overrides(tmp_path) + ["train.penalty_weight=.nan"], check=False)
-    assert result.returncode == 2
-    assert "non-finite energy_loss = nan at step 1" in result.stderr
+    # A NaN weight is refused at load, naming its key; weights blown up by a learning rate of 1e38
+    # make the losses non-finite within a few steps, and with no rollback allowed the run stops.
+    refused = run_trainer(tiny_overrides(tmp_path) + ["train.penalty_weight=.nan"], check=False)
+    assert refused.returncode == 2 and "train.penalty_weight=nan is out of range" in refused.stderr
+    blown = ["train.energy_optim.lr=1e38", "train.generator_optim.lr=1e38", "train.guard.max_rollbacks=0"]
+    result = run_trainer(tiny_overrides(tmp_path) + blown, check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert re.search(r"non-finite \w+ = (nan|inf|-inf) at step \d+", result.stderr), result.stderr[-2000:]
 
 
 @pytest.mark.slow
