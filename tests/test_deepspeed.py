@@ -4,6 +4,7 @@ Each 2-rank run is a real `accelerate launch` of trainer/main.py (about 15 s eac
 """
 
 import json
+import math
 import subprocess
 import sys
 
@@ -173,5 +174,8 @@ def test_sample_and_evaluate_give_a_zero2_run_the_numbers_of_its_ddp_twin(two_ra
     assert np.abs(samples["ddp"] - samples["zero2"]).max() < 1e-4
     assert evaluations["ddp"].keys() == evaluations["zero2"].keys()
     for key, value in evaluations["ddp"].items():
-        expected = pytest.approx(value, rel=1e-3, abs=1e-4) if isinstance(value, float) else value
+        if key == "mode_mass_ratio":  # largest / smallest mode mass: the smallest can be e^-50 this early
+            value, evaluations["zero2"][key] = math.log(value), math.log(evaluations["zero2"][key])
+        # NaN: no sample near a mode yet, so no mode histogram (mode_kl_reverse), in both runs alike.
+        expected = pytest.approx(value, rel=1e-3, abs=1e-4, nan_ok=True) if isinstance(value, float) else value
         assert evaluations["zero2"][key] == expected, key
