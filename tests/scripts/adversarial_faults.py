@@ -23,21 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-TINY = [
-    "data.toy_num_samples=4096",
-    "data.toy_num_shards=4",
-    "data.batch_size=64",
-    "data.num_workers=1",
-    "model.hidden=[32,32]",
-    "model.generator_hidden=[32,32]",
-    "log.every=5",
-    "log.prometheus_port=-1",
-    "checkpoint.every=10",
-    "eval.every=0",
-    "eval.num_samples=500",
-    "eval.plots=false",
-    "train.lr_final_factor=1.0",
-]
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.conftest import tiny_overrides  # noqa: E402
+
+# The suite's tiny toy run; each attack names its own folders and step count.
+TINY = [o for o in tiny_overrides(Path(".")) if not o.startswith(("output_dir=", "data.url=", "train.steps="))]
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
