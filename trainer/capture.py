@@ -42,8 +42,10 @@ def capture_blocker(cfg, runtime) -> str | None:
         return "train.capture=off"
     if runtime.device.type != "cuda":
         return f"CUDA graphs need a CUDA device, this run is on {runtime.device.type}"
-    if cfg.train.engine != "ddp":
+    if cfg.train.engine == "deepspeed":
         return "DeepSpeed's engine step synchronises with the host"
+    if cfg.train.engine != "ddp":
+        return f"train.engine={cfg.train.engine} is not captured (ddp only)"
     if runtime.world_size > 1:
         return "the gradient all-reduce of several processes is not captured (one process only)"
     return None

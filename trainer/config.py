@@ -127,7 +127,9 @@ class TrainConfig:
     lr_final_factor: float = field(default=1.0, metadata={"range": "[0, inf)"})
     lr_decay_fraction: float = field(default=1.0, metadata={"range": "[0, 1]"})
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # fp16: dynamic loss scaling, overflowing steps skipped
-    engine: Literal["ddp", "deepspeed"] = "ddp"  # deepspeed: one engine per update; see the deepspeed section
+    # deepspeed: one engine per update (see the deepspeed section); fsdp: FSDP2, E, G and T sharded per
+    # layer (trainer/runtime/fsdp.py; mixed_precision no or bf16)
+    engine: Literal["ddp", "deepspeed", "fsdp"] = "ddp"
     # auto: each step is captured as a CUDA graph after a 3-step warm-up and replayed (one process on a
     # CUDA device with the ddp engine; otherwise the run says why not and runs eagerly); off: always eager.
     capture: Literal["auto", "off"] = "auto"

@@ -78,7 +78,7 @@ class DivergenceGuard:
     def check_parameters(self, networks: dict[str, torch.nn.Module], step: int) -> None:
         """Raises Diverged when a network holds a non-finite parameter or its norm passes the bound."""
         norms = torch.stack(
-            [torch.stack([p.detach().float().norm() for p in net.parameters()]).norm() for net in networks.values()]
+            [torch.stack([_norm(p) for p in net.parameters()]).norm() for net in networks.values()]
         ).tolist()  # one host sync per checkpoint
         for name, norm in zip(networks, norms):
             if not math.isfinite(norm):
@@ -121,3 +121,10 @@ class DivergenceGuard:
                 "intact checkpoint."
             )
         return Diverged(f"{error}; {reason}. Stopping. {advice}", error.nonfinite, error.step, error.term)
+
+
+def _norm(p: torch.Tensor) -> torch.Tensor:
+    # A parameter sharded by train.engine=fsdp: its norm is a DTensor, made whole by a collective
+    # (every rank checks at every checkpoint).
+    norm = p.detach().float().norm()
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

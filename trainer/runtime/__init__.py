@@ -3,7 +3,8 @@
 - ``group.py``: the process-group services both runtimes share (rank, device, seeds, autocast,
   reductions, all-gather, barrier, the rank-sync check);
 - ``ddp.py``: accelerate + DDP, with this project's mixed precision (autocast, GradScaler);
-- ``deepspeed_engine.py``: one DeepSpeed engine per update (ZeRO 0/1/2).
+- ``deepspeed_engine.py``: one DeepSpeed engine per update (ZeRO 0/1/2);
+- ``fsdp.py``: FSDP2, E, G and T sharded per layer, the penalty's double backward exact.
 
 The trainer drives two ``Update``s (E alone; G and T together on one loss) and asks the runtime for
 the checkpoint's pieces: ``fp32_state_dicts`` (the engine-free weights export), ``save_engine_state``
@@ -85,6 +86,10 @@ def build_runtime(cfg) -> Runtime:
         return DeepSpeedRuntime(
             cfg.train.mixed_precision, cfg.deepspeed, cfg.data.batch_size, cfg.train.collective_timeout
         )
+    if cfg.train.engine == "fsdp":
+        from trainer.runtime.fsdp import FSDPRuntime
+
+        return FSDPRuntime(cfg.train.mixed_precision, cfg.train.collective_timeout)
     return DDPRuntime(cfg.train.mixed_precision, cfg.train.collective_timeout)
 
 

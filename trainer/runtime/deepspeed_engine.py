@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import socket
 from dataclasses import dataclass, field
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from data_pipeline.cli import CheckpointError, UserError
-from trainer.runtime.group import ProcessGroup, check_world_size, refuse_accelerate_deepspeed
+from trainer.runtime.group import ProcessGroup, join_process_group, refuse_accelerate_deepspeed
 
 
 class DeepSpeedConfigError(UserError, ValueError):
@@ -156,19 +153,8 @@ class DeepSpeedRuntime(ProcessGroup):
 
     def __init__(self, mixed_precision: str, cfg: DeepSpeedConfig, batch_size: int, collective_timeout: float = 600.0):
         refuse_accelerate_deepspeed()
-        if not dist.is_initialized():
-            # Launched (accelerate launch, torchrun, srun): the launcher's environment; else a group of one.
-            for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-                os.environ.setdefault(key, value)
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            # The timeout bounds every collective, DeepSpeed's too (train.collective_timeout).
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend, timeout=timedelta(seconds=collective_timeout))
-        check_world_size(dist.get_world_size())
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
+        # The timeout bounds every collective, DeepSpeed's too (train.collective_timeout).
+        device = join_process_group(collective_timeout)
         super().__init__(device, dist.get_rank(), dist.get_world_size(), mixed_precision)
         if batch_size % self.world_size:
             raise DeepSpeedConfigError(f"data.batch_size={batch_size} must be divisible by the {self.world_size} ranks")
@@ -265,9 +251,3 @@ def _weights_only_checkpoint_engine():
                 return load_tensors(path, map_location=map_location)
 
     return WeightsOnlyCheckpointEngine()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
