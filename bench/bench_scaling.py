@@ -4,7 +4,10 @@
     python bench/bench_scaling.py --steps 10 --hidden 32   # quick
 
 Launches the real trainer step code: 1 process, then 2 processes (same per-rank batch) under DDP,
-DeepSpeed ZeRO-1 and ZeRO-2, and DDP in bf16. Prints one table of ratios and appends a JSON line to
+DeepSpeed ZeRO-1 and ZeRO-2, DDP in bf16, and FSDP2 (1 and 2 processes, fp32 and bf16). Memory per
+rank (the largest over ranks): the parameters and the optimizer state each rank holds between steps
+(their local tensors: a shard under FSDP2 and, for the optimizer, under ZeRO), and the process's peak
+resident memory (ru_maxrss: everything, torch itself included). Prints one table of ratios and appends a JSON line to
 bench/results/scaling.jsonl. Every process gets the same OMP_NUM_THREADS (--threads, default 1), so
 that 2 processes use twice the cores of 1; with cores / processes threads a 1-process run on a busy
 2-core machine oversubscribed and ran 10x slower, which made the ratio meaningless.
@@ -28,6 +31,9 @@ CASES = [  # name, processes, overrides
     ("zero1_2p_fp32", 2, ["train.engine=deepspeed", "deepspeed.zero_stage=1"]),
     ("zero2_2p_fp32", 2, ["train.engine=deepspeed", "deepspeed.zero_stage=2"]),
     ("ddp_2p_bf16", 2, ["train.mixed_precision=bf16"]),
+    ("fsdp_1p_fp32", 1, ["train.engine=fsdp"]),
+    ("fsdp_2p_fp32", 2, ["train.engine=fsdp"]),
+    ("fsdp_2p_bf16", 2, ["train.engine=fsdp", "train.mixed_precision=bf16"]),
 ]
 
 
@@ -43,12 +49,12 @@ def worker(out: str, steps: int, overrides: list[str]) -> None:
     cfg = load_config("toy_25gaussians", overrides)
     runtime = build_runtime(cfg)
     runtime.seed(0, per_rank=False)
-    steps = build_steps(cfg, runtime, build_networks(cfg.model, (2,)))
-    x = torch.randn(steps.batch_per_rank, 2, device=runtime.device)
+    meg = build_steps(cfg, runtime, build_networks(cfg.model, (2,)))
+    x = torch.randn(meg.batch_per_rank, 2, device=runtime.device)
 
     def step():
-        steps.energy_step(x, steps.sample_z())
-        steps.generator_step(steps.sample_z())
+        meg.energy_step(x, meg.sample_z())
+        meg.generator_step(meg.sample_z())
 
     for _ in range(3):
         step()
@@ -58,6 +64,7 @@ def worker(out: str, steps: int, overrides: list[str]) -> None:
         step()
     runtime.barrier()
     elapsed = time.perf_counter() - start
+    held = runtime.all_gather(torch.tensor(held_bytes(meg), dtype=torch.float64)).max(0).values.tolist()
     if runtime.is_main:
         with open(out, "w") as f:
             json.dump(
@@ -66,10 +73,31 @@ def worker(out: str, steps: int, overrides: list[str]) -> None:
                     "samples_per_s": steps * cfg.data.batch_size / elapsed,
                     "world_size": runtime.world_size,
                     "threads": torch.get_num_threads(),
+                    "param_mib_per_rank": held[0] / 2**20,
+                    "optim_mib_per_rank": held[1] / 2**20,
+                    "peak_rss_mib_per_rank": held[2] / 2**20,
                 },
                 f,
             )
     runtime.shutdown()
+
+
+def held_bytes(meg) -> list[float]:
+    """This rank's parameter bytes, optimizer-state bytes (local tensors) and peak resident bytes."""
+    import resource
+
+    import torch
+
+    def local(t):
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    params = sum(local(p).nbytes for m in meg.modules() for p in m.parameters())
+    optim = 0
+    for update in (meg.energy_update, meg.generator_update):
+        opt = getattr(update, "optimizer", None) or update.engine.optimizer
+        opt = getattr(opt, "optimizer", opt)  # DeepSpeed's ZeRO optimizer wraps the torch one
+        optim += sum(local(t).nbytes for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+    return [float(params), float(optim), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0]
 
 
 def run_case(nproc: int, overrides: list[str], steps: int, threads: int) -> dict:
@@ -121,7 +149,12 @@ def main() -> None:
         ]
         rows[name] = {"processes": nproc, **run_case(nproc, base + extra, args.steps, args.threads)}
         r = rows[name]
-        print(f"{name:14} {nproc}p  {1e3 * r['step_s']:8.1f} ms/step  {r['samples_per_s']:9.0f} samples/s", flush=True)
+        print(
+            f"{name:14} {nproc}p  {1e3 * r['step_s']:8.1f} ms/step  {r['samples_per_s']:9.0f} samples/s  "
+            f"params {r['param_mib_per_rank']:6.2f} MiB  optim {r['optim_mib_per_rank']:6.2f} MiB  "
+            f"peak RSS {r['peak_rss_mib_per_rank']:7.0f} MiB (per rank)",
+            flush=True,
+        )
 
     ratios = {
         "samples/s, 2 processes / 1 (same per-rank batch; ideal 2.0)": rows["ddp_2p_fp32"]["samples_per_s"]
@@ -129,6 +162,11 @@ def main() -> None:
         "step time, ZeRO-1 / DDP (2 processes)": rows["zero1_2p_fp32"]["step_s"] / rows["ddp_2p_fp32"]["step_s"],
         "step time, ZeRO-2 / DDP (2 processes)": rows["zero2_2p_fp32"]["step_s"] / rows["ddp_2p_fp32"]["step_s"],
         "step time, bf16 / fp32 (DDP, 2 processes)": rows["ddp_2p_bf16"]["step_s"] / rows["ddp_2p_fp32"]["step_s"],
+        "step time, FSDP2 / DDP (2 processes)": rows["fsdp_2p_fp32"]["step_s"] / rows["ddp_2p_fp32"]["step_s"],
+        "parameter memory per rank, FSDP2 2 processes / 1 (ideal 0.5)": rows["fsdp_2p_fp32"]["param_mib_per_rank"]
+        / rows["fsdp_1p_fp32"]["param_mib_per_rank"],
+        "optimizer memory per rank, FSDP2 / DDP (2 processes)": rows["fsdp_2p_fp32"]["optim_mib_per_rank"]
+        / rows["ddp_2p_fp32"]["optim_mib_per_rank"],
     }
     print(
         f"\ncpu cores={os.cpu_count()} threads/process={args.threads} hidden={widths} "
