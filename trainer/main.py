@@ -7,6 +7,9 @@ Two CPU processes (one DDP group; plain --cpu starts only one process):
 DeepSpeed ZeRO-2 on two processes (ZeRO 0/1/2; ZeRO-3 is refused: see trainer/runtime/deepspeed_engine.py):
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 trainer/main.py --config toy_25gaussians \
         train.engine=deepspeed deepspeed.zero_stage=2 deepspeed.config_file=deploy/deepspeed/zero2.json
+FSDP2, E, G and T sharded per layer (no or bf16 precision; see trainer/runtime/fsdp.py):
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 trainer/main.py --config toy_25gaussians \
+        train.engine=fsdp
 Mixed precision: train.mixed_precision=bf16 or fp16 (fp16: dynamic loss scaling, overflowing steps skipped).
 Several nodes: see deploy/ (accelerate configs and SLURM scripts).
 
