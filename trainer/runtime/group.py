@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # The penalty's inner autograd.grad starts from d(scale * sum_i E_i)/dE_i = scale for every sample, in
@@ -170,6 +171,13 @@ def frozen(*modules: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
+        # train.engine=fsdp: a network used inside the block may be left gathered (trainer/runtime/fsdp.py),
+        # its gathered parameters frozen, and a later forward would reuse them as they are: reshard it, so
+        # that its next forward gathers them again with the flags restored here.
+        for m in modules:
+            for sub in m.modules():
+                if isinstance(sub, FSDPModule):
+                    sub.reshard()
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
 
