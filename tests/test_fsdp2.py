@@ -83,7 +83,7 @@ def _weights(run, step: int = 6) -> dict:
 
 
 def _worst_difference(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys() and any(k.startswith("statistics.") for k in a)
+    assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
@@ -99,6 +99,7 @@ def test_fsdp_ends_with_the_ddp_parameters(engine_runs, pair):
     # E, G and T (difference 0.0) in all four; the bound is fp32's.
     _, runs = engine_runs
     ddp, fsdp = _weights(runs[pair[0]]), _weights(runs[pair[1]])
+    assert any(k.startswith("statistics.") for k in ddp)
     assert _worst_difference(ddp, fsdp) < 1e-5
     assert _worst_difference(ddp, _weights(runs[pair[0]], step=3)) > 1e-4  # the runs did move
 
@@ -154,3 +155,20 @@ def test_fsdp_refuses_fp16(tmp_path):
     result = run_trainer([*tiny_overrides(tmp_path), "train.engine=fsdp", "train.mixed_precision=fp16"], check=False)
     assert result.returncode != 0
     assert "train.engine=fsdp supports train.mixed_precision=no or bf16" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_fsdp_conv_networks_match_ddp(tmp_path):
+    # The conv E, G (batch norm: its buffers are not sharded) and T, 3 iterations with the penalty.
+    # Measured: E and T bit-identical, G within 7.3e-12 (one bias: another reduction order).
+    launcher, env = accelerate_launcher(2)
+    results = {}
+    for engine in ("ddp", "fsdp"):
+        out = tmp_path / f"{engine}.pt"
+        done = subprocess.run([*launcher, "tests/scripts/engine_conv_check.py", str(out), engine], cwd=REPO_ROOT,
+                              env=env, timeout=300, capture_output=True, text=True)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-4000:]
+        results[engine] = torch.load(out, weights_only=True)
+    assert results["fsdp"]["in_sync"] is True
+    for net, ddp in results["ddp"]["weights"].items():
+        assert _worst_difference(ddp, results["fsdp"]["weights"][net]) < 1e-6, net

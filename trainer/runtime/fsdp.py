@@ -26,7 +26,15 @@ gloo ranks; tests/test_fsdp2.py asserts it):
   pre-backward hook re-armed it) runs after it: one reduce-scatter of the complete gradient. Exact:
   rel. error 4e-7 against one process on the full batch (the reproduction).
 - After every update's backward all three networks are resharded explicitly (``_reshard``), so
-  between steps, and for the optimizer, the parameters are the sharded DTensors.
+  between steps, and for the optimizer, the parameters are the sharded DTensors. ``frozen`` (group.py)
+  reshards the networks it froze at its end: a gathered parameter takes its requires_grad from the
+  shard when it is gathered, and E left gathered by MALA's frozen autograd.grad went into the energy
+  step without gradients (1.5e-2 off DDP after 6 steps; now bit-identical).
+- The reduced gradient of a layer is complete only because autograd accumulates a parameter's
+  gradient once, after all its contributions, and the double-backward nodes (created last) run
+  before the forward nodes whose hooks reduce: an ordering of autograd's engine (one ready queue per
+  device, latest-created first), not a documented FSDP2 guarantee. tests/test_fsdp2.py would catch
+  a change (it also runs E(fake) before E(real), and the fake batch with and without requires_grad).
 
 Memory: gradients and Adam's state are always sharded, parameters between steps too; during the
 energy step E is whole on every rank (the double-backward nodes need all its layers at once), G and
