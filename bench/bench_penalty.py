@@ -36,6 +36,7 @@ import os
 import platform
 import statistics
 import time
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -348,7 +349,9 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     r = measure(network, row, runtime, args.precision, args.repeats, args.iterations)
                 except Exception as e:  # noqa: BLE001 - a row that fails is reported, the rest still run
-                    r = {"error": f"failed: {type(e).__name__}: {str(e)[:150]}"}
+                    traceback.print_exc()  # the whole error to the log; the table's cell gets its last line
+                    last = next((line.strip() for line in reversed(str(e).splitlines()) if line.strip()), "")
+                    r = {"error": f"failed: {type(e).__name__}: {last[:200]}".replace("|", "/")}
                 results.append({"network": network, "row": row.name, **r})
                 print(f"  {network:13} {row.name:20} {json.dumps(r)}", flush=True)
                 # Row by row: a run stopped at its time limit (bench/gpu_check.sh) keeps what it measured.
