@@ -204,8 +204,8 @@ def _assert_same_parameters(a, b, start, rtol):
     """Per network, the two runs' parameters differ by at most rtol of how far training moved them.
     Not element by element: Adam scales each step to about lr whatever the gradient's size, so where a
     gradient is near zero a rounding difference (another kernel, bf16) moves that element by up to lr
-    the other way (seen on an H200: 1-3 elements of 8-element tensors, 3.6e-4 apart in bf16, 5.7e-8 in fp32). A capture bug -
-    a stale buffer, a replay on old optimizer state - moves whole networks apart."""
+    the other way (seen on an H200: 1-3 elements of 8-element tensors, 3.6e-4 apart in bf16, 5.7e-8 in
+    fp32). A capture bug - a stale buffer, a replay on old optimizer state - moves whole networks apart."""
     for network, (p, q, p0) in enumerate(zip(_parameters(a), _parameters(b), start, strict=True)):
         moved = (q - p0).norm().item()
         assert moved > 0, network
