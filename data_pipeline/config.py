@@ -72,11 +72,6 @@ class DataConfig:
             return self.max_sample_bytes
         return max(DEFAULT_MAX_SAMPLE_BYTES, 16 * 3 * self.image_size**2)
 
-    def decode_spec(self):
-        from data_pipeline.decode import DecodeSpec
-
-        return DecodeSpec(self.image_key, self.label_key, self.image_mode, self.image_size)
-
 
 def check_label_key(label_key: str) -> str | None:
     """What is wrong with a label key, or None: a member's name (``cls``), ``json:FIELD`` (a field of

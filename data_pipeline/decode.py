@@ -38,6 +38,11 @@ class DecodeSpec:
     def keys(self) -> list[str]:
         return [k.strip().lower() for k in self.image_key.split(";") if k.strip()]
 
+    @classmethod
+    def of(cls, data_cfg) -> DecodeSpec:
+        """The spec a ``DataConfig`` asks for."""
+        return cls(data_cfg.image_key, data_cfg.label_key, data_cfg.image_mode, data_cfg.image_size)
+
     def to_json(self) -> dict:
         return asdict(self)
 

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from data_pipeline.stream import StreamPosition
 from tests.conftest import REPO_ROOT, run_trainer, subprocess_env, tiny_overrides
 from trainer.checkpoint import TrainState
+from trainer.config import load_config
 
 
 def _final_weights(run_dir, step):
@@ -147,6 +148,7 @@ def test_diverging_run_is_rolled_back_with_lower_lr_and_recovers(tmp_path):
     train = [r for r in records if "energy_gap" in r]
     assert train[-1]["step"] == 30 and abs(train[-1]["energy_gap"]) < 50
     assert train[-1]["lr_energy"] == 3.0 * 0.001
+    assert train[-1]["lr_generator"] == pytest.approx(load_config("toy_25gaussians").train.generator_optim.lr * 0.001)
 
 
 @pytest.mark.slow

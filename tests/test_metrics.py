@@ -44,6 +44,7 @@ WINDOW = {
     "mi_estimate": 0.2,
     "sample_spread": 0.9,
     "lr_energy": 1e-3,
+    "lr_generator": 2e-3,
     "skipped_steps": 1.0,
     "samples_per_s": 100.0,
     "step_time_s": 0.01,

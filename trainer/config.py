@@ -26,6 +26,7 @@ from models.factory import ModelConfig
 from models.mala import MALAConfig
 from trainer.checkpoint import CheckpointConfig
 from trainer.evaluation import EvalConfig
+from trainer.evaluation.fid_kid import TRUST_INCEPTION_ENV
 from trainer.guard import GuardConfig
 from trainer.metrics import LogConfig
 from trainer.runtime.deepspeed_engine import DeepSpeedConfig
@@ -347,9 +348,6 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
             value = raw
         _set_dotted(tree, key.strip(), value)
     return _build(RunConfig, tree)
-
-
-TRUST_INCEPTION_ENV = "MEG_TRUST_INCEPTION"
 
 
 def _strings(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, str]]:

@@ -6,8 +6,7 @@ and cached:
 
     python -m trainer.fid --data data/cifar10/train --out stats/cifar10_train.npz [--num 50000]
 
-Inception Score needs class logits, which this network does not have: pass ``--inception-logits``
-to `trainer.evaluate` with a TorchScript Inception that returns logits to get it (README).
+No Inception Score: it needs the network's class logits, and this one stops at the pool features.
 """
 
 from __future__ import annotations

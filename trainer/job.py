@@ -16,6 +16,7 @@ import torch
 
 from data_pipeline import storage
 from data_pipeline.convert import convert_toy
+from data_pipeline.decode import DecodeSpec
 from data_pipeline.shards import DataError, manifest_url
 from data_pipeline.storage import StopRequested
 from data_pipeline.stream import ShardStream, looks_like_shards, open_data
@@ -155,7 +156,7 @@ def train(cfg: RunConfig, runtime: Runtime, stop: threading.Event, preset: str) 
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {runtime.world_size} ranks")
     ensure_toy_data(cfg, runtime)
     try:
-        manifest = open_data(cfg.data.url, cfg.data.decode_spec(), cfg.data.sample_bytes_bound())
+        manifest = open_data(cfg.data.url, DecodeSpec.of(cfg.data), cfg.data.sample_bytes_bound())
     except DataError as e:
         raise DataError(
             f"{e}\nthis preset's data is written by: {cfg.data.prepare}" if cfg.data.prepare else str(e)

@@ -5,7 +5,7 @@ Through accelerate:          accelerate launch trainer/main.py --config toy_25ga
 Two CPU processes (one DDP group; plain --cpu starts only one process):
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 trainer/main.py --config toy_25gaussians
 DeepSpeed ZeRO-2 on two processes (ZeRO 0/1/2; ZeRO-3 is refused: see trainer/runtime/deepspeed_engine.py):
-    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 trainer/main.py --config toy_25gaussians \
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 trainer/main.py --config toy_25gaussians \\
         train.engine=deepspeed deepspeed.zero_stage=2 deepspeed.config_file=deploy/deepspeed/zero2.json
 Mixed precision: train.mixed_precision=bf16 or fp16 (fp16: dynamic loss scaling, overflowing steps skipped).
 Several nodes: see deploy/ (accelerate configs and SLURM scripts).

@@ -2,7 +2,7 @@
 ``log.every`` steps (trainer/metrics.py), checkpoints (trainer/checkpoint.py), evaluation, and a
 rollback to the last checkpoint when the divergence guard trips (trainer/guard.py).
 
-Every component is built outside and handed in (trainer/main.py does that), so the loop reads top
+Every component is built outside and handed in (trainer/job.py does that), so the loop reads top
 to bottom and owns no signal handler: a stop request arrives as an Event that the metric reduction
 carries to every rank.
 """
@@ -212,7 +212,7 @@ class MEGTrainer:
             # Metrics are checked before every checkpoint, so a checkpoint is always a good one.
             if state.step % cfg.log.every == 0 or checkpoint_due:
                 last, stop_requested = self.window.reduce(state.step, time.perf_counter() - tick, self.stop.is_set())
-                last["lr_energy"] = float(self.steps.energy_update.param_groups[0]["lr"])
+                last.update(self.steps.learning_rates())
                 self.logger.log(state.step, last)
                 self.logger.rank_stats(self.window.rank_stats)
                 tick, steps_since = time.perf_counter(), 0

@@ -1,8 +1,9 @@
 """Metrics: the window that reduces them over ranks, and the sinks where the numbers go.
 
 - ``MetricWindow``: the per-step metrics of one log interval, kept on the device and reduced over
-  ranks in one collective (each reduction is a host sync, so it is not done every step), with the
-  stop flag, throughput, data wait, fp16 skips and corrupt shards; the divergence guard checks it.
+  ranks in two collectives, the step table with the stop flag (a mean) and the corrupt-shard count
+  (a sum) - each a host sync, so not done every step; with throughput, data wait and fp16 skips.
+  The divergence guard checks the table.
 - JSONL file in the run folder (main process): one object per log interval, eval and event.
 - Prometheus endpoint per rank, target files and Pushgateway (trainer/prometheus.py) for Grafana.
 - A live progress line (main process): step, losses, samples/s, ETA.

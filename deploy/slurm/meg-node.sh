@@ -27,7 +27,8 @@ if (( granted > 0 && gpus == 0 )); then
 fi
 procs=${MEG_PROCS_PER_NODE:-$(( gpus > 0 ? gpus : 1 ))}
 if [[ $gpus -eq 0 ]]; then
-    # Without a GPU, accelerate forms one group only when told to use the CPU (stack-notes).
+    # Without a GPU, accelerate forms one group only when told to use the CPU (ACCELERATE_USE_CPU=1):
+    # otherwise the processes never meet.
     export ACCELERATE_USE_CPU=1
 fi
 # Threads per process: this task's CPUs shared among its processes (unset, 2 processes on 2 cores

@@ -10,6 +10,9 @@ from data_pipeline.cli import ConfigError
 from trainer.evaluation.base import Evaluator
 from trainer.scores import feature_statistics, frechet_distance, kernel_inception_distance
 
+# Set by --trust-inception on the command line (a TorchScript file runs code when it loads).
+TRUST_INCEPTION_ENV = "MEG_TRUST_INCEPTION"
+
 
 @dataclass
 class FIDEvalConfig:
@@ -25,7 +28,6 @@ class FIDEvaluator(Evaluator):
         self._inception = self._reference = None
 
     def score_samples(self, samples) -> dict[str, float]:
-        from trainer.config import TRUST_INCEPTION_ENV
         from trainer.fid import InceptionFeatures, load_statistics
 
         if self.section.inception and os.environ.get(TRUST_INCEPTION_ENV) != "1":
