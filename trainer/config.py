@@ -347,6 +347,17 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
         except ConfigError:
             value = raw
         _set_dotted(tree, key.strip(), value)
+    model = tree.get("model")
+    if isinstance(model, dict) and model.get("arch", "mlp") in ("mlp", "conv"):
+        unread = ModelConfig.keys_of_another_arch(model)
+        if unread:
+            arch = model.get("arch", "mlp")
+            keys = ", ".join(f"model.{k}" for k in unread)
+            raise ConfigError(
+                f"{keys}: not read by model.arch={arch}, only by the other architecture; remove "
+                f"{'them' if len(unread) > 1 else 'it'} (from the overrides, the preset or its base), "
+                "or pick the architecture that reads it"
+            )
     return _build(RunConfig, tree)
 
 
@@ -399,4 +410,9 @@ def check_commands(cfg: RunConfig, allow_pipe: bool = False, trust_inception: bo
 
 
 def config_to_yaml(cfg: RunConfig) -> str:
-    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+    """The configuration as a preset that loads back to it: without the keys of the architecture it
+    does not use (which a preset may not set)."""
+    tree = dataclasses.asdict(cfg)
+    for key in ModelConfig.keys_of_another_arch(tree["model"]):
+        del tree["model"][key]
+    return yaml.safe_dump(tree, sort_keys=False)
