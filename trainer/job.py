@@ -4,6 +4,7 @@ the command line in front of it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ from trainer.prometheus import PrometheusExporter
 from trainer.run_folder import RunFolderBusy, RunFolderLock
 from trainer.runtime import Runtime, build_runtime, collective_failure
 from trainer.steps import build_steps, resolve_kernels
+from trainer.trackers import TrackerSink
 
 log = logging.getLogger("meg")
 
@@ -80,6 +82,8 @@ def build_logger(cfg: RunConfig, runtime: Runtime, preset: str) -> tuple[Metrics
         sinks.append(JsonlSink(os.path.join(cfg.output_dir, "metrics.jsonl")))
         if cfg.log.progress:
             sinks.append(ProgressSink(cfg.train.steps))
+        if cfg.log.trackers:
+            sinks.append(TrackerSink(cfg.log.trackers, cfg.name, cfg.output_dir, dataclasses.asdict(cfg)))
     prometheus = None
     if cfg.log.prometheus_port >= 0:
         info = {

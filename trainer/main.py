@@ -148,6 +148,7 @@ def _main(args: argparse.Namespace, stop: threading.Event) -> int:
     from trainer.config import check_commands, check_launcher_precision, config_to_yaml, load_config
     from trainer.evaluation import check_requirements
     from trainer.meg_trainer import Preempted
+    from trainer.trackers import check_trackers
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
@@ -156,6 +157,7 @@ def _main(args: argparse.Namespace, stop: threading.Event) -> int:
     check_commands(cfg, allow_pipe=args.allow_pipe, trust_inception=args.trust_inception)
     check_launcher_precision(cfg)
     check_requirements(cfg)  # every file the evaluation reads, before any work
+    check_trackers(cfg.log.trackers)
     from trainer.job import run
 
     try:

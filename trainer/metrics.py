@@ -46,6 +46,9 @@ class LogConfig:
     # A Pushgateway (http://host:9091) that receives the evaluation results and the final step at
     # each evaluation and at exit, so that they outlive the process; empty: no push.
     pushgateway: str = ""
+    # Experiment trackers, through accelerate: tensorboard (event files in <run>/tensorboard) and
+    # wandb (offline unless WANDB_MODE says otherwise); each needs its package installed.
+    trackers: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.every < 1:
@@ -55,6 +58,9 @@ class LogConfig:
             raise ValueError(f"log.prometheus_port must be -1 (off), 0 (a free port) or a port, got {port}")
         if self.pushgateway:
             normalise_gateway(self.pushgateway)
+        unknown = [t for t in self.trackers if t not in ("tensorboard", "wandb")]
+        if unknown or len(set(self.trackers)) < len(self.trackers):
+            raise ValueError(f"log.trackers takes tensorboard and wandb, each once; got {self.trackers}")
 
 
 @dataclass
