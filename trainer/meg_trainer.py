@@ -21,6 +21,7 @@ from data_pipeline.config import StreamPosition
 from data_pipeline.stream import ShardStream, StopRequested, decode_samples
 from trainer.checkpoint import Checkpoints, TrainState, checkpoint_step
 from trainer.config import RunConfig
+from trainer.evaluation import protocol_evaluation_steps
 from trainer.guard import Diverged, DivergenceGuard
 from trainer.metrics import MetricsLogger, MetricWindow
 from trainer.runtime import Runtime
@@ -195,6 +196,8 @@ class MEGTrainer:
         batches = real_batches(self.stream, state.position, self.window, self.runtime.device, self.stop)
         last: dict[str, float] = {}
         tick, steps_since = time.perf_counter(), 0
+        # eval.kdd.protocol=paper: evaluations at the ends of the last epochs as well.
+        protocol = protocol_evaluation_steps(cfg, self.stream) if self.evaluator is not None else set()
         if state.step >= cfg.train.steps and self.evaluator is not None and not self.evaluator.has_result(state.step):
             # A finished run whose final evaluation never completed (killed during it): run it now.
             last.update({f"eval_{k}": v for k, v in self.evaluate(state.step).items()})
@@ -220,7 +223,8 @@ class MEGTrainer:
                 self._save()
             if stop_requested:
                 raise Preempted(f"stop signal received; checkpoint saved at step {state.step}, rerun to resume")
-            if (cfg.eval.every and state.step % cfg.eval.every == 0) or state.step == cfg.train.steps:
+            scheduled = cfg.eval.every and state.step % cfg.eval.every == 0
+            if scheduled or state.step == cfg.train.steps or state.step in protocol:
                 last.update({f"eval_{k}": v for k, v in self.evaluate(state.step).items()})
             if steps_since == 0:  # keep checkpoint and eval time out of the throughput figures
                 tick = time.perf_counter()
