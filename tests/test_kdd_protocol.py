@@ -32,7 +32,11 @@ def test_split_summary_averages_only_the_last_epochs_and_refuses_too_few():
 
 
 def test_aggregate_is_mean_and_population_std_over_splits():
-    per_split = [{"energy_f1": 0.9, "energy_auroc": 0.95}, {"energy_f1": 0.94, "energy_auroc": 0.97}, {"energy_f1": 0.95}]
+    per_split = [
+        {"energy_f1": 0.9, "energy_auroc": 0.95},
+        {"energy_f1": 0.94, "energy_auroc": 0.97},
+        {"energy_f1": 0.95},
+    ]
     summary = aggregate(per_split)
     assert set(summary) == {"energy_f1"}  # a key missing from one split is not averaged over the others
     assert summary["energy_f1"]["mean"] == pytest.approx(0.93)
@@ -60,9 +64,11 @@ def test_protocol_tool_end_to_end(tmp_path):
     for split in record["splits"]:
         # The trainer evaluated at the ends of the last 3 epochs of 3 steps, and only there.
         evaluations = sorted((out / f"split_{split['split']}" / "eval").glob("step_*.json"))
-        assert [p.name for p in evaluations] == [f"step_{s:08d}.json" for s in (6, 9, 12)] == [
-            f"step_{s:08d}.json" for s in split["steps"]
-        ]
+        assert (
+            [p.name for p in evaluations]
+            == [f"step_{s:08d}.json" for s in (6, 9, 12)]
+            == [f"step_{s:08d}.json" for s in split["steps"]]
+        )
         values = [json.loads(p.read_text())["energy_f1"] for p in evaluations]
         assert split["epoch_mean"]["energy_f1"] == pytest.approx(np.mean(values))
     # The two splits are different data (seeds 0 and 1) and the summary is over their epoch means.
