@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 import urllib.parse
@@ -22,6 +21,7 @@ import torch
 
 from trainer.guard import Diverged, DivergenceGuard
 from trainer.nofollow import open_append
+from trainer.progress import format_duration
 
 
 def normalise_gateway(url: str) -> str:
@@ -154,13 +154,6 @@ class JsonlSink(MetricSink):
         self.file.close()
 
 
-def _fmt_duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
 class ProgressSink(MetricSink):
     """One line per log interval; rewritten in place when the output is a terminal."""
 
@@ -176,7 +169,7 @@ class ProgressSink(MetricSink):
         losses = " ".join(f"{k}={metrics[k]:.4g}" for k in self.SHOWN if k in metrics)
         eta = (self.total - step) * metrics.get("step_time_s", float("nan"))
         line = (
-            f"step {step}/{self.total} {losses} | {metrics['samples_per_s']:.0f} samples/s | ETA {_fmt_duration(eta)}"
+            f"step {step}/{self.total} {losses} | {metrics['samples_per_s']:.0f} samples/s | ETA {format_duration(eta)}"
         )
         self.stream.write(("\r\033[K" + line) if self.tty else line + "\n")
         self.stream.flush()

@@ -11,6 +11,7 @@ import torch
 
 from models.mala import MALAConfig, latent_mala
 from trainer.nofollow import make_dir, write_replacing
+from trainer.progress import Progress
 
 
 @dataclass
@@ -39,10 +40,12 @@ def generate(
     if mala.steps == 0:
         return plain, None, float("nan")
     refined, accepted = [], 0.0
+    progress = Progress(f"latent MALA ({mala.steps} steps)", num, "samples")
     for chunk in z.split(batch_size):
         result = latent_mala(energy, generator, chunk, mala.steps, mala.step_size, mala.temperature)
         refined.append(result.x.float())
         accepted += float(result.acceptance_rate) * len(chunk)
+        progress.advance(len(chunk))
     return plain, torch.cat(refined), accepted / num
 
 
