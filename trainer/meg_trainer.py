@@ -9,6 +9,7 @@ carries to every rank.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -162,8 +163,18 @@ class MEGTrainer:
                 with self.runtime.fork_rng(seed=self.cfg.eval.seed), evaluation_mode(generator):
                     metrics = self.evaluator(step, energy, generator)
                 self.logger.log(step, {f"eval_{k}": v for k, v in metrics.items()})
+                if self.cfg.eval.plots:
+                    self._draw_curves()
         self.runtime.barrier()
         return metrics
+
+    def _draw_curves(self) -> None:
+        """eval/curves.png from metrics.jsonl, redrawn at each evaluation (matplotlib: imported here)."""
+        from trainer.plots import loss_curves
+
+        metrics = os.path.join(self.cfg.output_dir, "metrics.jsonl")
+        if os.path.isfile(metrics):
+            loss_curves(os.path.join(self.cfg.output_dir, "eval", "curves.png"), metrics, f"run {self.cfg.name}")
 
     def _save(self) -> None:
         """A checkpoint of the current state, once the guard has seen sane weights (collective)."""

@@ -124,6 +124,7 @@ def build_evaluator(cfg, sample_shape: list[int], dataset: str, out_dir: str | N
         dataset=dataset,
         out_dir=out_dir or os.path.join(cfg.output_dir, "eval"),
         entropy_weight=cfg.train.entropy_weight,
+        data_url=cfg.data.url,
     )
     return EVALUATORS[cfg.eval.kind](cfg.eval, cfg.eval.section(), ctx)
 
