@@ -80,3 +80,18 @@ def test_evaluator_grid_reads_real_images_from_the_training_data(tmp_path):
 def test_image_grid_any_count(tmp_path, n):
     image_grid(str(tmp_path / "g.png"), torch.zeros(n, 3, 32, 32), nrow=16)
     assert _size(tmp_path / "g.png")[0] >= 600
+
+
+def test_the_curve_figure_is_redrawn_at_each_evaluation(tmp_path):
+    from trainer.metrics import CurvesSink, JsonlSink, MetricsLogger
+
+    figure, jsonl = tmp_path / "curves.png", tmp_path / "metrics.jsonl"
+    logger = MetricsLogger([JsonlSink(str(jsonl)), CurvesSink(str(jsonl), str(figure), "run t")])
+    logger.log(25, {"energy_loss": 0.1, "generator_loss": 0.2})
+    assert not figure.exists()  # training lines alone: no redraw
+    logger.log(50, {"eval_high_quality_share": 0.5})
+    first = figure.stat().st_mtime_ns
+    logger.log(75, {"energy_loss": 0.05, "generator_loss": 0.25})
+    logger.log(100, {"eval_high_quality_share": 0.7})
+    assert figure.stat().st_mtime_ns > first and _size(figure)[0] >= 1200
+    logger.close()

@@ -9,7 +9,6 @@ carries to every rank.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -66,6 +65,13 @@ def real_batches(
             window.corrupt_shards += int(batch["corrupt_shards"])
             yield decode_samples(batch["x"].to(device, non_blocking=True), stream.manifest.dtype), epoch, done
         epoch, done = epoch + 1, 0
+
+
+def evaluation_due(cfg: RunConfig, step: int, stream: ShardStream) -> bool:
+    """Every eval.every steps, at the last one, and (eval.kdd.protocol=paper) at the last epochs' ends."""
+    if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.steps:
+        return True
+    return step in protocol_evaluation_steps(cfg, stream)
 
 
 @contextmanager
@@ -163,18 +169,8 @@ class MEGTrainer:
                 with self.runtime.fork_rng(seed=self.cfg.eval.seed), evaluation_mode(generator):
                     metrics = self.evaluator(step, energy, generator)
                 self.logger.log(step, {f"eval_{k}": v for k, v in metrics.items()})
-                if self.cfg.eval.plots:
-                    self._draw_curves()
         self.runtime.barrier()
         return metrics
-
-    def _draw_curves(self) -> None:
-        """eval/curves.png from metrics.jsonl, redrawn at each evaluation (matplotlib: imported here)."""
-        from trainer.plots import loss_curves
-
-        metrics = os.path.join(self.cfg.output_dir, "metrics.jsonl")
-        if os.path.isfile(metrics):
-            loss_curves(os.path.join(self.cfg.output_dir, "eval", "curves.png"), metrics, f"run {self.cfg.name}")
 
     def _save(self) -> None:
         """A checkpoint of the current state, once the guard has seen sane weights (collective)."""
@@ -207,8 +203,6 @@ class MEGTrainer:
         batches = real_batches(self.stream, state.position, self.window, self.runtime.device, self.stop)
         last: dict[str, float] = {}
         tick, steps_since = time.perf_counter(), 0
-        # eval.kdd.protocol=paper: evaluations at the ends of the last epochs as well.
-        protocol = protocol_evaluation_steps(cfg, self.stream) if self.evaluator is not None else set()
         if state.step >= cfg.train.steps and self.evaluator is not None and not self.evaluator.has_result(state.step):
             # A finished run whose final evaluation never completed (killed during it): run it now.
             last.update({f"eval_{k}": v for k, v in self.evaluate(state.step).items()})
@@ -234,8 +228,7 @@ class MEGTrainer:
                 self._save()
             if stop_requested:
                 raise Preempted(f"stop signal received; checkpoint saved at step {state.step}, rerun to resume")
-            scheduled = cfg.eval.every and state.step % cfg.eval.every == 0
-            if scheduled or state.step == cfg.train.steps or state.step in protocol:
+            if evaluation_due(cfg, state.step, self.stream):
                 last.update({f"eval_{k}": v for k, v in self.evaluate(state.step).items()})
             if steps_since == 0:  # keep checkpoint and eval time out of the throughput figures
                 tick = time.perf_counter()

@@ -154,6 +154,20 @@ class JsonlSink(MetricSink):
         self.file.close()
 
 
+class CurvesSink(MetricSink):
+    """Redraws the run's loss-curve figure from metrics.jsonl (written by the JsonlSink before it) at
+    each evaluation; matplotlib is imported at the first one."""
+
+    def __init__(self, metrics_path: str, figure_path: str, title: str):
+        self.metrics_path, self.figure_path, self.title = metrics_path, figure_path, title
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if any(k.startswith("eval_") for k in metrics):
+            from trainer.plots import loss_curves
+
+            loss_curves(self.figure_path, self.metrics_path, self.title)
+
+
 class ProgressSink(MetricSink):
     """One line per log interval; rewritten in place when the output is a terminal."""
 
