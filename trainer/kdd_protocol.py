@@ -52,11 +52,11 @@ def aggregate(per_split: list[dict[str, float]]) -> dict[str, dict[str, float]]:
 
 
 def format_summary(summary: dict[str, dict[str, float]]) -> str:
-    lines = ["score     | " + " | ".join(f"{m:>17}" for m in SHOWN)]
+    lines = ["score     | " + " | ".join(f"{m:>15}" for m in SHOWN)]
     for score in ("energy", "grad_norm"):
         cells = [summary.get(f"{score}_{m}") for m in SHOWN]
         lines.append(
-            f"{score:<9} | " + " | ".join(f"{c['mean']:.4f} ± {c['std']:.4f}" if c else f"{'-':>17}" for c in cells)
+            f"{score:<9} | " + " | ".join(f"{c['mean']:.4f} ± {c['std']:.4f}" if c else f"{'-':>15}" for c in cells)
         )
     return "\n".join(lines)
 
