@@ -53,7 +53,12 @@ def test_short_toy_run_writes_everything(tmp_path):
     evals = json.loads((run / "eval" / "latest.json").read_text())
     assert evals["step"] == 20 and evals["num_modes"] == 25
     assert 0 <= evals["high_quality_share"] <= 1 and 0 <= evals["mala_acceptance_rate"] <= 1
-    for png in ("samples_step_00000010.png", "samples_mala_step_00000020.png", "energy_step_00000020.png"):
+    for png in (
+        "samples_step_00000010.png",
+        "samples_mala_step_00000020.png",
+        "energy_step_00000020.png",
+        "curves.png",  # the loss curves, redrawn at each evaluation
+    ):
         assert (run / "eval" / png).stat().st_size > 1000
     # step 0: the divergence guard's fallback; then every checkpoint.every steps.
     assert sorted(os.listdir(run / "checkpoints")) == ["step_00000000", "step_00000010", "step_00000020"]

@@ -26,7 +26,7 @@ from trainer.checkpoint import Checkpoints, load_export, package_version
 from trainer.config import ConfigError, RunConfig, config_from_yaml, config_to_yaml
 from trainer.evaluation import build_evaluator
 from trainer.meg_trainer import MEGTrainer, Preempted, host_pinning
-from trainer.metrics import JsonlSink, MetricsLogger, ProgressSink
+from trainer.metrics import CurvesSink, JsonlSink, MetricsLogger, ProgressSink
 from trainer.nofollow import check_run_folder, write_replacing
 from trainer.prometheus import PrometheusExporter
 from trainer.run_folder import RunFolderBusy, RunFolderLock
@@ -80,6 +80,9 @@ def build_logger(cfg: RunConfig, runtime: Runtime, preset: str) -> tuple[Metrics
     sinks = []
     if runtime.is_main:
         sinks.append(JsonlSink(os.path.join(cfg.output_dir, "metrics.jsonl")))
+        if cfg.eval.plots:  # after the JSONL sink: the figure reads the line it wrote
+            figure = os.path.join(cfg.output_dir, "eval", "curves.png")
+            sinks.append(CurvesSink(os.path.join(cfg.output_dir, "metrics.jsonl"), figure, f"run {cfg.name}"))
         if cfg.log.progress:
             sinks.append(ProgressSink(cfg.train.steps))
         if cfg.log.trackers:

@@ -21,6 +21,7 @@ from data_pipeline.config import StreamPosition
 from data_pipeline.stream import ShardStream, StopRequested, decode_samples
 from trainer.checkpoint import Checkpoints, TrainState, checkpoint_step
 from trainer.config import RunConfig
+from trainer.evaluation import protocol_evaluation_steps
 from trainer.guard import Diverged, DivergenceGuard
 from trainer.metrics import MetricsLogger, MetricWindow
 from trainer.runtime import Runtime
@@ -64,6 +65,13 @@ def real_batches(
             window.corrupt_shards += int(batch["corrupt_shards"])
             yield decode_samples(batch["x"].to(device, non_blocking=True), stream.manifest.dtype), epoch, done
         epoch, done = epoch + 1, 0
+
+
+def evaluation_due(cfg: RunConfig, step: int, stream: ShardStream) -> bool:
+    """Every eval.every steps, at the last one, and (eval.kdd.protocol=paper) at the last epochs' ends."""
+    if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.steps:
+        return True
+    return step in protocol_evaluation_steps(cfg, stream)
 
 
 @contextmanager
@@ -220,7 +228,7 @@ class MEGTrainer:
                 self._save()
             if stop_requested:
                 raise Preempted(f"stop signal received; checkpoint saved at step {state.step}, rerun to resume")
-            if (cfg.eval.every and state.step % cfg.eval.every == 0) or state.step == cfg.train.steps:
+            if evaluation_due(cfg, state.step, self.stream):
                 last.update({f"eval_{k}": v for k, v in self.evaluate(state.step).items()})
             if steps_since == 0:  # keep checkpoint and eval time out of the throughput figures
                 tick = time.perf_counter()

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 import urllib.parse
@@ -23,6 +22,7 @@ import torch
 
 from trainer.guard import Diverged, DivergenceGuard
 from trainer.nofollow import open_append
+from trainer.progress import format_duration
 
 
 def normalise_gateway(url: str) -> str:
@@ -161,11 +161,18 @@ class JsonlSink(MetricSink):
         self.file.close()
 
 
-def _fmt_duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+class CurvesSink(MetricSink):
+    """Redraws the run's loss-curve figure from metrics.jsonl (written by the JsonlSink before it) at
+    each evaluation; matplotlib is imported at the first one."""
+
+    def __init__(self, metrics_path: str, figure_path: str, title: str):
+        self.metrics_path, self.figure_path, self.title = metrics_path, figure_path, title
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if any(k.startswith("eval_") for k in metrics):
+            from trainer.plots import loss_curves
+
+            loss_curves(self.figure_path, self.metrics_path, self.title)
 
 
 class ProgressSink(MetricSink):
@@ -183,7 +190,7 @@ class ProgressSink(MetricSink):
         losses = " ".join(f"{k}={metrics[k]:.4g}" for k in self.SHOWN if k in metrics)
         eta = (self.total - step) * metrics.get("step_time_s", float("nan"))
         line = (
-            f"step {step}/{self.total} {losses} | {metrics['samples_per_s']:.0f} samples/s | ETA {_fmt_duration(eta)}"
+            f"step {step}/{self.total} {losses} | {metrics['samples_per_s']:.0f} samples/s | ETA {format_duration(eta)}"
         )
         self.stream.write(("\r\033[K" + line) if self.tty else line + "\n")
         self.stream.flush()

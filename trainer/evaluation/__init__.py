@@ -22,7 +22,13 @@ from typing import Literal
 
 from data_pipeline.cli import ConfigError
 from models.mala import MALAConfig
-from trainer.evaluation.anomaly import KDDEvalConfig, KDDEvaluator, MNISTAnomalyEvalConfig, MNISTAnomalyEvaluator
+from trainer.evaluation.anomaly import (
+    KDDEvalConfig,
+    KDDEvaluator,
+    MNISTAnomalyEvalConfig,
+    MNISTAnomalyEvaluator,
+    protocol_steps,
+)
 from trainer.evaluation.base import EvalContext, Evaluator, generate
 from trainer.evaluation.fid_kid import FIDEvalConfig, FIDEvaluator
 from trainer.evaluation.stackedmnist import StackedMNISTEvalConfig, StackedMNISTEvaluator
@@ -99,6 +105,16 @@ def check_requirements(cfg) -> None:
             raise ConfigError(f"{key}={path} does not exist; {make}")
 
 
+def protocol_evaluation_steps(cfg, stream) -> set[int]:
+    """Steps evaluated besides every ``eval.every``-th and the last one: with ``eval.kdd.protocol=paper``
+    the ends of the last ``eval.kdd.last_epochs`` epochs (``cfg``: a RunConfig; ``stream``: its ShardStream)."""
+    kdd = cfg.eval.kdd
+    if cfg.eval.kind != "kdd" or kdd.protocol != "paper":
+        return set()
+    epoch = kdd.epoch_steps or max(stream.batches_per_epoch(0) // cfg.train.energy_steps, 1)
+    return set(protocol_steps(cfg.train.steps, epoch, kdd.last_epochs))
+
+
 def build_evaluator(cfg, sample_shape: list[int], dataset: str, out_dir: str | None = None) -> Evaluator:
     """The evaluator ``cfg.eval.kind`` names (``cfg``: a RunConfig), writing to ``out_dir``
     (default: the run folder's eval/)."""
@@ -108,6 +124,7 @@ def build_evaluator(cfg, sample_shape: list[int], dataset: str, out_dir: str | N
         dataset=dataset,
         out_dir=out_dir or os.path.join(cfg.output_dir, "eval"),
         entropy_weight=cfg.train.entropy_weight,
+        data_url=cfg.data.url,
     )
     return EVALUATORS[cfg.eval.kind](cfg.eval, cfg.eval.section(), ctx)
 
@@ -135,6 +152,7 @@ __all__ = [
     "build_evaluator",
     "check_requirements",
     "format_table",
+    "protocol_evaluation_steps",
     "generate",
     "toy_reference",
 ]

@@ -1,10 +1,12 @@
 """Anomaly detection from the energy (and its gradient norm) on a labelled test split: KDD Cup 99
 (precision, recall and F1 at a percentile threshold) and MNIST with one held-out digit (AUPRC); AUROC
-and AUPRC for both, as later methods report them."""
+and AUPRC for both, as later methods report them. ``eval.kdd.protocol=paper`` also evaluates at the
+end of each of the last ``last_epochs`` epochs; trainer/kdd_protocol.py runs the splits and averages."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
@@ -17,6 +19,14 @@ class KDDEvalConfig:
     test_data: str = "data/kdd99/test"  # the labelled test split (label 1 = anomaly)
     # Flag the scores above this percentile (the share of anomalies: 20%).
     percentile: float = field(default=80.0, metadata={"range": "[0, 100]"})
+    # single: the scheduled evaluations only. paper (the paper's protocol): also one at the end of each of
+    # the last `last_epochs` epochs, counted back from train.steps; `python -m trainer.kdd_protocol`
+    # trains `splits` random 50/50 splits so and reports mean ± std of the per-split epoch means.
+    protocol: Literal["single", "paper"] = "single"
+    last_epochs: int = field(default=10, metadata={"range": "[1, 1000]"})
+    splits: int = field(default=5, metadata={"range": "[1, 100]"})
+    # Steps in a protocol epoch; 0: one pass over the training split (batches per epoch / energy_steps).
+    epoch_steps: int = field(default=0, metadata={"range": "[0, 1e12]"})
 
 
 @dataclass
@@ -81,3 +91,22 @@ class MNISTAnomalyEvaluator(_AnomalyEvaluator):
 
     def metrics(self, scores, is_anomaly):
         return {"auprc": auprc(scores, is_anomaly), "auroc": auroc(scores, is_anomaly)}
+
+
+def protocol_steps(total_steps: int, epoch_steps: int, last_epochs: int) -> list[int]:
+    """The steps that end the last ``last_epochs`` epochs of a run of ``total_steps``, counted back from
+    its end (the first epochs that start before step 0 are left out), in order."""
+    if epoch_steps < 1:
+        raise ValueError(f"an epoch must last at least one step, got {epoch_steps}")
+    return sorted(total_steps - k * epoch_steps for k in range(last_epochs) if total_steps - k * epoch_steps > 0)
+
+
+def mean_std(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per numeric key of every row: mean and population standard deviation (numpy's, ddof=0)."""
+    numeric = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    keys = [k for k in rows[0] if all(k in r and numeric(r[k]) for r in rows)] if rows else []
+    out = {}
+    for k in keys:
+        values = np.array([r[k] for r in rows], dtype=np.float64)
+        out[k] = {"mean": float(values.mean()), "std": float(values.std()), "n": len(values)}
+    return out

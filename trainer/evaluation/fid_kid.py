@@ -35,7 +35,7 @@ class FIDEvaluator(Evaluator):
         if self._inception is None:
             self._inception = InceptionFeatures(self.section.inception or None, samples.device)
             self._reference = load_statistics(self.section.reference)
-        features = self._inception(samples)
+        features = self._inception(samples, "FID evaluation (Inception features of the samples)")
         ref = self._reference
         results = {"fid": frechet_distance(*feature_statistics(features), ref["mu"], ref["cov"])}
         if "features" in ref:
