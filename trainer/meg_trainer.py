@@ -21,7 +21,7 @@ from data_pipeline.config import StreamPosition
 from data_pipeline.stream import ShardStream, StopRequested, decode_samples
 from trainer.checkpoint import Checkpoints, TrainState, checkpoint_step
 from trainer.config import RunConfig
-from trainer.evaluation import protocol_evaluation_steps
+from trainer.evaluation import extra_evaluation_steps
 from trainer.guard import Diverged, DivergenceGuard
 from trainer.metrics import MetricsLogger, MetricWindow
 from trainer.runtime import Runtime
@@ -68,10 +68,11 @@ def real_batches(
 
 
 def evaluation_due(cfg: RunConfig, step: int, stream: ShardStream) -> bool:
-    """Every eval.every steps, at the last one, and (eval.kdd.protocol=paper) at the last epochs' ends."""
+    """Every eval.every steps, at the last one, and where the evaluator asks (eval.kdd.protocol=paper: the
+    last epochs' ends)."""
     if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.steps:
         return True
-    return step in protocol_evaluation_steps(cfg, stream)
+    return step in extra_evaluation_steps(cfg, stream)
 
 
 @contextmanager

@@ -10,7 +10,8 @@ from typing import Literal
 
 import numpy as np
 
-from trainer.evaluation.base import Evaluator
+from data_pipeline.cli import ConfigError
+from trainer.evaluation.base import Evaluator, written_with_the_data
 from trainer.scores import anomaly_scores, auprc, auroc, precision_recall_f1_at_percentile
 
 
@@ -71,6 +72,20 @@ class _AnomalyEvaluator(Evaluator):
 
 class KDDEvaluator(_AnomalyEvaluator):
     kind = "kdd"
+    config = KDDEvalConfig
+
+    @classmethod
+    def requirements(cls, cfg) -> list[tuple[str, str, str]]:
+        return [("eval.kdd.test_data", cfg.eval.kdd.test_data, written_with_the_data(cfg))]
+
+    @classmethod
+    def extra_evaluation_steps(cls, cfg, stream) -> set[int]:
+        """Under ``eval.kdd.protocol=paper``: the ends of the last ``eval.kdd.last_epochs`` epochs."""
+        kdd = cfg.eval.kdd
+        if kdd.protocol != "paper":
+            return set()
+        epoch = kdd.epoch_steps or max(stream.batches_per_epoch(0) // cfg.train.energy_steps, 1)
+        return set(protocol_steps(cfg.train.steps, epoch, kdd.last_epochs))
 
     def is_anomaly(self, labels):
         return labels == 1
@@ -85,6 +100,16 @@ class KDDEvaluator(_AnomalyEvaluator):
 
 class MNISTAnomalyEvaluator(_AnomalyEvaluator):
     kind = "mnist_anomaly"
+    config = MNISTAnomalyEvalConfig
+
+    @classmethod
+    def requirements(cls, cfg) -> list[tuple[str, str, str]]:
+        return [("eval.mnist_anomaly.test_data", cfg.eval.mnist_anomaly.test_data, written_with_the_data(cfg))]
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        if cfg.eval.mnist_anomaly.digit == -1:
+            raise ConfigError("eval.kind=mnist_anomaly needs eval.mnist_anomaly.digit (the held-out digit, 0..9)")
 
     def is_anomaly(self, labels):
         return labels == self.section.digit

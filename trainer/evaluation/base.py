@@ -26,6 +26,13 @@ class EvalContext:
     data_url: str = ""  # the training data: real images beside the samples in the pictures
 
 
+def written_with_the_data(cfg) -> str:
+    """How a test split that the data converter writes is made (for a missing file's message)."""
+    if cfg.data.prepare:
+        return f"it is written with the training data by: {cfg.data.prepare}"
+    return "write it with python -m data_pipeline.convert (--help lists the sources)"
+
+
 @torch.no_grad()
 def _generate_plain(generator, z: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
     return torch.cat([generator(chunk).float() for chunk in z.split(batch_size)])
@@ -59,6 +66,22 @@ class Evaluator:
     may draw their own pictures (``plot``; the base draws image grids)."""
 
     kind = "samples"
+    config: type | None = None  # its section, eval.<kind>: a dataclass of its settings (None: it has none)
+
+    @classmethod
+    def requirements(cls, cfg) -> list[tuple[str, str, str]]:
+        """(key, path, how to make it) for every file this evaluation reads (``cfg``: a RunConfig);
+        checked before a run or an evaluation starts."""
+        return []
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        """Raises ConfigError for settings this evaluation cannot work with, before any work."""
+
+    @classmethod
+    def extra_evaluation_steps(cls, cfg, stream) -> set[int]:
+        """Steps to evaluate besides every ``eval.every``-th and the last (``stream``: the run's ShardStream)."""
+        return set()
 
     def __init__(self, eval_cfg, section, ctx: EvalContext):
         self.cfg, self.section, self.ctx = eval_cfg, section, ctx

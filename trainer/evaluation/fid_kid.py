@@ -22,6 +22,16 @@ class FIDEvalConfig:
 
 class FIDEvaluator(Evaluator):
     kind = "fid"
+    config = FIDEvalConfig
+
+    @classmethod
+    def requirements(cls, cfg) -> list[tuple[str, str, str]]:
+        section = cfg.eval.fid
+        make = f"make it with: python -m trainer.fid --data {cfg.data.url} --out {section.reference or 'PATH'}"
+        needed = [("eval.fid.reference", section.reference, make)]
+        if section.inception:
+            needed.append(("eval.fid.inception", section.inception, "a TorchScript Inception of your own"))
+        return needed
 
     def __init__(self, eval_cfg, section: FIDEvalConfig, ctx):
         super().__init__(eval_cfg, section, ctx)
