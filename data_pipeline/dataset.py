@@ -15,12 +15,12 @@ from functools import partial
 import fsspec
 import torch
 
-from data_pipeline import storage
 from data_pipeline.cli import DataError
 from data_pipeline.config import DataConfig
 from data_pipeline.convert import convert_toy
 from data_pipeline.decode import DecodeSpec
 from data_pipeline.shards import Manifest, manifest_url
+from data_pipeline.storage import bounded
 from data_pipeline.stream import ShardStream, looks_like_shards, open_data
 
 log = logging.getLogger(__name__)
@@ -75,10 +75,10 @@ def write_toy_data(cfg: DataConfig, seed: int) -> None:
     if not cfg.toy or looks_like_shards(cfg.url):
         return
     fs, manifest = fsspec.core.url_to_fs(manifest_url(cfg.url))
-    if storage.bounded(partial(fs.exists, manifest), manifest, "lookup"):
+    if bounded(partial(fs.exists, manifest), manifest, "lookup"):
         return
     folder = posixpath.dirname(manifest)
-    if storage.bounded(partial(_non_empty, fs, folder), folder, "listing"):
+    if bounded(partial(_non_empty, fs, folder), folder, "listing"):
         raise DataError(
             f"data.url={cfg.url} holds files but no manifest.json: not writing {cfg.toy} shards over them. "
             "Point data.url at an empty or new folder (or at the data's manifest)."
