@@ -90,7 +90,8 @@ if [[ "$nproc_local" -le 1 ]]; then
     exec python trainer/main.py "${args[@]}"
 fi
 if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    # Without a GPU, accelerate forms one group only when told to use the CPU (stack-notes).
+    # Without a GPU, accelerate forms one group only when told to use the CPU (ACCELERATE_USE_CPU=1):
+    # otherwise the processes never meet.
     export ACCELERATE_USE_CPU=1
 fi
 port=$(python -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")

@@ -34,8 +34,10 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import time
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -312,6 +314,15 @@ def format_table(results: list[dict], device: torch.device, threads: int, precis
     return "\n".join(lines)
 
 
+def root_cause(e: Exception) -> str:
+    """One line for a table cell: the last "SomethingError: ..." line of the message (a compiler's
+    subprocess error ends with advice, not the cause), with the kernel's name where it gives one."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    causes = [line for line in lines if re.match(r"^[\w.]+(Error|Exception)\b", line)]
+    names = [line for line in lines if line.startswith("Name=")]
+    return "; ".join([*names[-1:], (causes or lines or [""])[-1]])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=sorted(NETWORKS), action="append", help="networks (default: all four)")
@@ -348,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     r = measure(network, row, runtime, args.precision, args.repeats, args.iterations)
                 except Exception as e:  # noqa: BLE001 - a row that fails is reported, the rest still run
-                    r = {"error": f"failed: {type(e).__name__}: {str(e)[:150]}"}
+                    traceback.print_exc()  # the whole error to the log; the table's cell gets its cause
+                    r = {"error": f"failed: {type(e).__name__}: {root_cause(e)[:200]}".replace("|", "/")}
                 results.append({"network": network, "row": row.name, **r})
                 print(f"  {network:13} {row.name:20} {json.dumps(r)}", flush=True)
                 # Row by row: a run stopped at its time limit (bench/gpu_check.sh) keeps what it measured.

@@ -187,7 +187,8 @@ pytest_phase() {  # pytest_phase KEY TESTFILE: every test of the file runs and p
     local key=$1 file=$2 log=$OUT/tests.log before line
     before=$(cat "$log" 2>/dev/null | wc -l)
     # -m "": pyproject's default filter would deselect the gpu tests; -rfEs lists failures and skips.
-    phase "$key" "$log" "$PYTHON" -m pytest -m "" -q -rfEs -p no:cacheprovider "${xdist[@]}" "$file"
+    # Deterministic cuBLAS: the tests that compare captured with eager steps warm up on a side stream.
+    CUBLAS_WORKSPACE_CONFIG=:4096:8 phase "$key" "$log" "$PYTHON" -m pytest -m "" -q -rfEs -p no:cacheprovider "${xdist[@]}" "$file"
     line=$(tail -n "+$(( before + 1 ))" "$log" | grep -E '^=*\s*[0-9]+ (passed|failed|error)' | tail -n 1 \
         | sed -E 's/^=+ //; s/ =+$//')
     echo "  $file: ${line:-no pytest summary line}" >>"$summary"

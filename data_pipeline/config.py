@@ -34,7 +34,8 @@ class DataConfig:
     toy_num_samples: int = field(default=102_400, metadata={"range": "[1, 1073741824]"})
     toy_num_shards: int = field(default=8, metadata={"range": "[1, 1048576]"})
     # Shards written by other tools (webdataset's ShardWriter, tarp, img2dataset): the sample's field
-    # (the first of these it has; or .npy), its label (.cls; "" for unlabelled data), the images'
+    # (the first of these it has; or .npy), its label (.cls; json:label for a field of a .json member,
+    # dotted for a nested one; "" for unlabelled data), the images'
     # colour mode and size (> 0: centre-cropped to a square and resized). Not used for this project's
     # own shards, and an indexed data set's manifest keeps the values it was indexed with.
     image_key: str = "png;jpg;jpeg;webp"
@@ -60,6 +61,9 @@ class DataConfig:
             raise ValueError(f"data.io_timeout must be > 0 seconds, got {self.io_timeout}")
         if self.image_size < 0:
             raise ValueError(f"data.image_size must be >= 0 (0: as stored), got {self.image_size}")
+        label_key_problem = check_label_key(self.label_key)
+        if label_key_problem:
+            raise ValueError(f"data.label_key={self.label_key!r}: {label_key_problem}")
 
     def sample_bytes_bound(self) -> int:
         """``max_sample_bytes``, or when 0 a generous bound: 16 times a decoded image of ``image_size``
@@ -68,10 +72,18 @@ class DataConfig:
             return self.max_sample_bytes
         return max(DEFAULT_MAX_SAMPLE_BYTES, 16 * 3 * self.image_size**2)
 
-    def decode_spec(self):
-        from data_pipeline.decode import DecodeSpec
 
-        return DecodeSpec(self.image_key, self.label_key, self.image_mode, self.image_size)
+def check_label_key(label_key: str) -> str | None:
+    """What is wrong with a label key, or None: a member's name (``cls``), ``json:FIELD`` (a field of
+    the ``.json`` member, dotted for a nested one) or "" (unlabelled)."""
+    member, colon, path = label_key.partition(":")
+    if not colon:
+        return None
+    if member.strip().lower() != "json":
+        return "only a .json member has fields; use a member's name (cls), json:FIELD, or '' for unlabelled data"
+    if not path.strip() or any(not part.strip() for part in path.split(".")):
+        return "json: needs the label's field, e.g. json:label or json:meta.class"
+    return None
 
 
 @dataclass

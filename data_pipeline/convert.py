@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from data_pipeline.cli import add_debug_flag, run_tool
-from data_pipeline.config import MAX_IMAGE_SIZE
+from data_pipeline.config import MAX_IMAGE_SIZE, check_label_key
 from data_pipeline.decode import DecodeSpec
 from data_pipeline.shards import (
     DataError,
@@ -391,7 +391,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = add(source, help)
         p.add_argument("--shards", required=True, help="a brace pattern, several joined by ::, or one .tar(.gz)")
         p.add_argument("--image-key", default="png;jpg;jpeg;webp", help="the sample's field (first found; or npy)")
-        p.add_argument("--label-key", default="cls", help="the label's field ('' for unlabelled data)")
+        p.add_argument(
+            "--label-key",
+            default="cls",
+            help="the label's member (cls), or json:FIELD for a field of a .json member ('' for unlabelled data)",
+        )
         p.add_argument("--image-mode", default="rgb", choices=["rgb", "l"])
         p.add_argument("--image-size", type=int, default=0, help="centre-crop and resize to SIZE x SIZE (0: as stored)")
         p.add_argument("--name", default="")
@@ -445,6 +449,9 @@ def run(args: argparse.Namespace) -> dict[str, Manifest]:
             os.environ[ALLOW_COMMANDS_ENV] = "1"
         if not 0 <= args.image_size <= MAX_IMAGE_SIZE:
             raise DataError(f"--image-size must be in [0, {MAX_IMAGE_SIZE}], got {args.image_size}")
+        label_key_problem = check_label_key(args.label_key)
+        if label_key_problem:
+            raise DataError(f"--label-key {args.label_key!r}: {label_key_problem}")
         spec = DecodeSpec(args.image_key, args.label_key, args.image_mode, args.image_size)
         if args.source == "index":
             return {args.split: index_shards(out, args.shards, spec, args.name, args.split)}

@@ -1,8 +1,9 @@
 """WebDataset shards as other tools write them (webdataset's ShardWriter, tarp, img2dataset, exported
 data sets): per sample an image (``.png``, ``.jpg``, ...) or an ``.npy`` array, and optionally a
-label (``.cls``). Read with webdataset's own tar iterator and grouping, decoded with its image and
-npy decoders (never its pickle or torch decoders: a data file must not run code), into the arrays
-the stream shuffles: images as uint8 (C, H, W), arrays as stored, labels as int64 (-1 unlabelled).
+label (``.cls``, or a field of a ``.json`` member: ``data.label_key=json:label``). Read with
+webdataset's own tar iterator and grouping, decoded with its image and npy decoders (never its
+pickle or torch decoders: a data file must not run code), into the arrays the stream shuffles:
+images as uint8 (C, H, W), arrays as stored, labels as int64 (-1 unlabelled).
 
 Which fields are read, and how images are shaped, is a ``DecodeSpec``: from ``data.image_key``,
 ``data.label_key``, ``data.image_mode`` and ``data.image_size``, and stored in the manifest of an
@@ -12,6 +13,7 @@ indexed data set (``python -m data_pipeline.convert index``).
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 import warnings
 import zlib
@@ -36,11 +38,33 @@ class DecodeSpec:
     def keys(self) -> list[str]:
         return [k.strip().lower() for k in self.image_key.split(";") if k.strip()]
 
+    @classmethod
+    def of(cls, data_cfg) -> DecodeSpec:
+        """The spec a ``DataConfig`` asks for."""
+        return cls(data_cfg.image_key, data_cfg.label_key, data_cfg.image_mode, data_cfg.image_size)
+
     def to_json(self) -> dict:
         return asdict(self)
 
+    @property
+    def label_member(self) -> str:
+        """The member that holds the label: ``cls`` for ``cls``, ``json`` for ``json:label``."""
+        return self.label_key.partition(":")[0].strip().lower()
+
+    @property
+    def label_field(self) -> list[str]:
+        """The label's path inside a JSON member (``json:meta.class`` -> [meta, class]); [] for a member
+        that is the label itself."""
+        path = self.label_key.partition(":")[2].strip()
+        return path.split(".") if path else []
+
     def describe(self) -> str:
-        label = f" and a .{self.label_key} label" if self.label_key else ""
+        if not self.label_key:
+            label = ""
+        elif self.label_field:
+            label = f" and a .{self.label_member} member with a {'.'.join(self.label_field)!r} label"
+        else:
+            label = f" and a .{self.label_member} label"
         return f"samples with a {' / '.join('.' + k for k in self.keys)} member{label}"
 
 
@@ -119,6 +143,36 @@ def _image(data: bytes, spec: DecodeSpec, max_bytes: int, key: str) -> np.ndarra
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
 
+def _label(fields: dict, spec: DecodeSpec, key: str) -> int:
+    """The sample's label: a member that is an integer (``.cls``), or a field of a JSON member."""
+    member, path = spec.label_member, spec.label_field
+    fix = "set data.label_key to where the label is (cls, or json:FIELD for a field of a .json member; '' for none)"
+    if member not in fields:
+        held = ", ".join(f".{k}" for k in sorted(fields))
+        raise CorruptShard(f"sample {key!r} has no .{member} member for its label (it holds {held}); {fix}")
+    raw = bytes(fields[member])
+    if not path:
+        text = raw.decode(errors="replace").strip()
+        try:
+            return check_label(int(text), key)
+        except ValueError:
+            raise CorruptShard(f"sample {key!r}'s .{member} label is {text[:40]!r}, not an integer; {fix}") from None
+    value = json.loads(raw)
+    for depth, name in enumerate(path):
+        if not isinstance(value, dict) or name not in value:
+            where = ".".join(path[:depth]) or "the top level"
+            keys = sorted(value)[:10] if isinstance(value, dict) else type(value).__name__
+            raise CorruptShard(f"sample {key!r}'s .{member} has no {'.'.join(path)!r} (at {where}: {keys}); {fix}")
+        value = value[name]
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CorruptShard(f"sample {key!r}'s label {'.'.join(path)!r} is {value!r:.40}, not an integer; {fix}")
+    return check_label(value, key)
+
+
 def parse_webdataset_shard(
     data: bytes | memoryview, spec: DecodeSpec, max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES
 ) -> ShardArrays:
@@ -144,11 +198,7 @@ def parse_webdataset_shard(
                     x = npy_loads(fields[field])
             else:
                 x = _image(fields[field], spec, max_sample_bytes, sample["__key__"])
-            label = -1
-            if spec.label_key:
-                if spec.label_key not in fields:
-                    raise CorruptShard(f"sample {sample['__key__']!r} has no .{spec.label_key} label")
-                label = check_label(int(bytes(fields[spec.label_key]).decode().strip()), sample["__key__"])
+            label = _label(fields, spec, sample["__key__"]) if spec.label_key else -1
             keys.append(sample["__key__"])
             xs.append(x)
             labels.append(label)
@@ -158,7 +208,10 @@ def parse_webdataset_shard(
         raise CorruptShard(f"{type(e).__name__}: {e}") from None
     if not xs:
         held = ", ".join(f".{k}" for k in sorted(seen)) or "no members"
-        raise CorruptShard(f"no sample has the expected member: expected {spec.describe()}, the shard holds {held}")
+        raise CorruptShard(
+            f"no sample has the expected member: expected {spec.describe()}, the shard holds {held}; "
+            "set data.image_key to the member that holds the image (e.g. data.image_key=ppm)"
+        )
     shapes = {x.shape for x in xs}
     if len(shapes) > 1 or len({x.dtype for x in xs}) > 1:
         raise CorruptShard(f"samples of different shapes {sorted(shapes)[:3]}; set data.image_size to resize them")

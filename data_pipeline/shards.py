@@ -113,7 +113,7 @@ def read_manifest(url: str, check_shards: bool = True) -> Manifest:
     wrong size are truncated or corrupt: they are named in a warning here and skipped (and counted)
     by the stream.
     """
-    from data_pipeline.storage import bounded  # it imports DataError from here
+    from data_pipeline.storage import bounded
 
     murl = manifest_url(url)
     try:

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
-from data_pipeline.shards import DataError
+from data_pipeline.cli import DataError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

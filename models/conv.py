@@ -60,13 +60,18 @@ class ConvGenerator(nn.Module):
         else:
             raise ValueError(f"no conv generator for {size}x{size} images; supported sizes: 28, 32")
         self.base, self.base_channels = base, 8 * w
+        # No bias before a batch norm: the norm's mean subtraction cancels it, so its gradient is
+        # rounding noise that Adam would turn into lr-sized random steps (DCGAN's layers have none).
         self.project = nn.Sequential(
-            nn.Linear(z_dim, base * base * 8 * w), nn.BatchNorm1d(base * base * 8 * w), nn.ReLU()
+            nn.Linear(z_dim, base * base * 8 * w, bias=False), nn.BatchNorm1d(base * base * 8 * w), nn.ReLU()
         )
         layers: list[nn.Module] = []
         for i, (cin, cout, out_pad) in enumerate(ups):
-            layers.append(nn.ConvTranspose2d(cin, cout, kernel, stride=2, padding=padding, output_padding=out_pad))
-            if size == 28 and i == len(ups) - 1:
+            last = size == 28 and i == len(ups) - 1
+            layers.append(
+                nn.ConvTranspose2d(cin, cout, kernel, stride=2, padding=padding, output_padding=out_pad, bias=last)
+            )
+            if last:
                 break
             layers += [nn.BatchNorm2d(cout), nn.ReLU()]
         if size == 32:

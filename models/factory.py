@@ -12,6 +12,15 @@ from models.mlp import MLPEnergy, MLPGenerator, MLPStatistics
 from models.ops import EAGER, FusedOps
 
 WIDTHS = {"range": "[1, 65536]", "length": "[1, 64]"}
+# The keys only one architecture reads.
+ARCH_ONLY_KEYS = {
+    "hidden": "mlp",
+    "generator_hidden": "mlp",
+    "generator_batch_norm": "mlp",
+    "generator_tanh": "mlp",
+    "energy_negative_slope": "mlp",
+    "conv_width": "conv",
+}
 
 
 @dataclass
@@ -32,6 +41,13 @@ class ModelConfig:
     # reduction), eager (plain PyTorch), or auto (fused where the step is captured as a CUDA graph, eager
     # elsewhere: trainer/steps.py resolve_kernels says why). Same numbers, same weights.
     kernels: Literal["auto", "eager", "fused"] = "auto"
+
+    @staticmethod
+    def keys_of_another_arch(values: dict) -> list[str]:
+        """The keys a configuration sets that the architecture it picks does not read (an error: a
+        silently ignored width is a run that is not what its config says)."""
+        arch = values.get("arch", "mlp")
+        return sorted(k for k, only in ARCH_ONLY_KEYS.items() if k in values and only != arch)
 
     def __post_init__(self) -> None:
         if self.z_dim < 1:

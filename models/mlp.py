@@ -45,7 +45,7 @@ class MLPGenerator(nn.Module):
         layers: list[nn.Module] = []
         width = z_dim
         for h in hidden:
-            layers.append(nn.Linear(width, h))
+            layers.append(nn.Linear(width, h, bias=not batch_norm))  # a batch norm's shift is the bias
             if batch_norm:
                 layers.append(nn.BatchNorm1d(h))
             layers.append(nn.ReLU())

@@ -109,7 +109,7 @@ def subprocess_env(threads: int = 1) -> dict[str, str]:
 
 def accelerate_launcher(nproc: int, use_cpu: bool = True) -> tuple[list[str], dict[str, str]]:
     """``accelerate launch`` for ``nproc`` local processes, and its environment. Without a GPU the
-    processes form one group only with ACCELERATE_USE_CPU=1 (stack-notes)."""
+    processes form one group only with ACCELERATE_USE_CPU=1 (accelerate's CPU mode)."""
     env = subprocess_env()
     if use_cpu:
         env["ACCELERATE_USE_CPU"] = "1"

@@ -6,6 +6,8 @@ import inspect
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO_ROOT
 from trainer.meg_trainer import MEGTrainer
 from trainer.steps import MEGSteps
@@ -18,14 +20,15 @@ def _module_name(path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _module_imports() -> dict[str, set[str]]:
-    """Each project module's project imports at module level (imports inside functions are lazy on
-    purpose and cannot form an import-time cycle)."""
+def _module_imports(lazy: bool = False) -> dict[str, set[str]]:
+    """Each project module's project imports at module level, and with ``lazy`` also those inside
+    functions (they cannot fail at import time, but a cycle through them is still a tangle)."""
     graph = {}
     for package in PACKAGES:
         for path in (REPO_ROOT / package).rglob("*.py"):
             name, found = _module_name(path), set()
-            for node in ast.parse(path.read_text()).body:
+            tree = ast.parse(path.read_text())
+            for node in ast.walk(tree) if lazy else tree.body:
                 targets = []
                 if isinstance(node, ast.Import):
                     targets = [a.name for a in node.names]
@@ -36,8 +39,12 @@ def _module_imports() -> dict[str, set[str]]:
     return {m: {t for t in targets if t in graph and t != m} for m, targets in graph.items()}
 
 
-def test_no_import_cycle_between_project_modules():
-    graph = _module_imports()
+@pytest.mark.parametrize("lazy", [False, True], ids=["module-level", "with-lazy-imports"])
+def test_no_import_cycle_between_project_modules(lazy):
+    graph = _module_imports(lazy)
+    if lazy:
+        for module, target in LAZY_BACK_EDGES:
+            graph[module].discard(target)
     state: dict[str, int] = {}
 
     def visit(module, path):
@@ -53,6 +60,16 @@ def test_no_import_cycle_between_project_modules():
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
+
+
+# The one lazy import back: a checkpoint's saved config.yaml is checked with the config loader, whose
+# RunConfig holds the checkpoint section (trainer.config imports trainer.checkpoint).
+LAZY_BACK_EDGES = {("trainer.checkpoint", "trainer.config")}
+
+
+def test_the_lazy_back_edges_are_the_known_ones():
+    lazy = _module_imports(lazy=True)
+    assert all(target in lazy[module] for module, target in LAZY_BACK_EDGES)  # still needed, or drop it
 
 
 def test_models_and_data_code_know_nothing_of_the_trainer():

@@ -272,3 +272,22 @@ def test_every_numeric_config_field_declares_a_range_its_default_is_in():
             for value in default if isinstance(default, list) else [default]:
                 assert in_range(value, f.metadata["range"]), (key, value, f.metadata["range"])
     assert numeric >= 40  # the walk reached every section
+
+
+@pytest.mark.parametrize(
+    "preset, override, named",
+    [
+        ("stackedmnist", "model.hidden=[8]", "model.hidden"),
+        ("stackedmnist", "model.generator_batch_norm=true", "model.generator_batch_norm"),
+        ("toy_25gaussians", "model.conv_width=8", "model.conv_width"),
+        ("toy_25gaussians", "model.arch=conv", "model.generator_hidden, model.hidden"),  # the preset's MLP widths
+    ],
+)
+def test_a_key_of_the_other_architecture_is_refused_naming_it(preset, override, named):
+    with pytest.raises(ConfigError, match=rf"{re.escape(named)}\b.*not read by model\.arch="):
+        load_config(preset, [override])
+
+
+def test_every_preset_sets_only_keys_its_architecture_reads():
+    for path in sorted((REPO_ROOT / "configs").glob("*.yaml")):
+        load_config(path.stem)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from data_pipeline import stream as stream_module
+from data_pipeline.config import DataConfig
 from data_pipeline.shard_reader import CorruptShard, parse_shard, read_npy_header
 from data_pipeline.shards import DataError, ShardWriter, read_manifest, write_array_shards
 from data_pipeline.stream import ShardStream, StreamPosition, decode_samples, manifest_from_urls
@@ -361,3 +362,31 @@ def test_pinned_chunks_are_pinned_where_they_are_read(tmp_path, workers, kind):
         if workers == 0
         else {f"shard-reader-{w}" for w in range(1 if kind == "process" else workers)}
     )
+
+
+def test_open_dataset_writes_a_toy_set_once_and_streams_it_split_over_ranks(tmp_path):
+    import data_pipeline
+
+    cfg = DataConfig(url=str(tmp_path / "toy"), toy="25gaussians", toy_num_samples=1024, toy_num_shards=4,
+                     batch_size=64, num_workers=1)  # fmt: skip
+    data_pipeline.write_toy_data(cfg, seed=0)
+    manifest = tmp_path / "toy" / "manifest.json"
+    written = manifest.stat().st_mtime_ns
+    data_pipeline.write_toy_data(cfg, seed=1)  # there already: not written again
+    assert manifest.stat().st_mtime_ns == written
+    dataset = data_pipeline.open_dataset(cfg)
+    assert dataset.location == str(manifest) and dataset.describe() == f"{manifest} (1024 samples, 4 shards)"
+    keys = []
+    for rank in range(2):
+        batches = list(dataset.stream(rank, 2, seed=0, read_ahead=False).epoch_batches(StreamPosition()))
+        assert {len(b["x"]) for b in batches} == {32}  # data.batch_size split over the ranks
+        keys += [k for b in batches for k in b["key"].tolist()]
+    assert len(keys) == len(set(keys)) == 1024
+
+
+def test_open_dataset_names_the_command_that_writes_a_presets_missing_data(tmp_path):
+    import data_pipeline
+
+    cfg = DataConfig(url=str(tmp_path / "missing"), prepare="python -m data_pipeline.convert kdd --out data/kdd99")
+    with pytest.raises(DataError, match="this preset's data is written by: python -m data_pipeline.convert kdd"):
+        data_pipeline.open_dataset(cfg)

@@ -65,8 +65,9 @@ def test_a_constant_energy_is_the_uniform_density_at_every_temperature(reference
     assert r["mode_mass_ratio"] == pytest.approx(((2 - 1.414 + 0.354) / 0.707) ** 2, rel=0.01)
 
 
-# The sharpest energy (the mixture's own, modes 0.018 wide) costs 9 s at the finer grid: slow tier.
-@pytest.mark.parametrize("energy", [pytest.param("mixture", marks=pytest.mark.slow), "mlp"])
+# Two grids of 0.8M and 3.3M energies each: 8-25 s of CPU a case, so the slow tier.
+@pytest.mark.slow
+@pytest.mark.parametrize("energy", ["mixture", "mlp"])
 def test_the_quadrature_has_converged(reference, energy):
     torch.manual_seed(0)
     if energy == "mixture":

@@ -126,3 +126,61 @@ def test_grafana_provisioning_loads_the_dashboard_from_prometheus():
     assert datasource["jsonData"]["timeInterval"] == scrape  # $__rate_interval is derived from it
     provider = yaml.safe_load((REPO_ROOT / "deploy/grafana/provisioning/dashboards/meg.yml").read_text())
     assert provider["providers"][0]["type"] == "file" and provider["providers"][0]["options"]["path"]
+
+
+# Every evaluation result the evaluators write (trainer/evaluation/), by the unit it is in; mala_ copies too.
+EVAL_METRICS_BY_UNIT = {
+    "short": ["modes_with_1", "modes_with_20", "modes_hit", "num_modes"],
+    "percentunit": [
+        "high_quality_share", "anomaly_share", "acceptance_rate", "density_mass_3sigma", "auroc", "auprc",
+        "energy_f1", "energy_precision", "energy_recall", "energy_auroc", "energy_auprc", "grad_norm_f1",
+        "grad_norm_precision", "grad_norm_recall", "grad_norm_auroc", "grad_norm_auprc",
+    ],
+    "nats": [
+        "density_nll_tw", "density_nll_t1", "density_nll_best", "density_nll_true", "density_nll_uniform",
+        "mode_kl_reverse", "kl_to_uniform",
+    ],
+    "log": ["fid", "kid", "mode_mass_ratio", "density_best_t"],
+}  # fmt: skip
+NOT_PLOTTED = ["test_samples", "energy_threshold", "grad_norm_threshold"]  # constants and raw score scales
+
+
+def _panel_unit(panel: dict) -> str:
+    defaults = panel["fieldConfig"]["defaults"]
+    custom = defaults.get("custom", {})
+    if custom.get("axisLabel") == "nats":
+        return "nats"
+    if custom.get("scaleDistribution", {}).get("type") == "log":
+        return "log"
+    return defaults["unit"]
+
+
+def test_evaluation_panels_are_split_by_unit():
+    dash = json.loads(DASHBOARD.read_text())
+    panels = [p for p in dash["panels"] if p["type"] == "timeseries" and "meg_eval_result" in p["targets"][0]["expr"]]
+    regexes = {}
+    for panel in panels:
+        (target,) = panel["targets"]
+        (regex,) = re.findall(r'metric=~"([^"]+)"', target["expr"])
+        regexes[panel["title"]] = (re.compile(regex), _panel_unit(panel))
+    assert len(regexes) == 4
+    for unit, names in EVAL_METRICS_BY_UNIT.items():
+        for name in names + [f"mala_{n}" for n in names]:
+            # PromQL's =~ is anchored at both ends: fullmatch. Each metric is drawn once, on its unit's axis.
+            homes = [(title, u) for title, (rx, u) in regexes.items() if rx.fullmatch(name)]
+            assert len(homes) == 1 and homes[0][1] == unit, (name, homes)
+    for name in NOT_PLOTTED:
+        assert not any(rx.fullmatch(name) for rx, _ in regexes.values()), name
+    shares = next(p for p in panels if _panel_unit(p) == "percentunit")
+    assert (shares["fieldConfig"]["defaults"]["min"], shares["fieldConfig"]["defaults"]["max"]) == (0, 1)
+
+
+def test_dashboard_panels_do_not_overlap():
+    cells = set()
+    for panel in json.loads(DASHBOARD.read_text())["panels"]:
+        g = panel["gridPos"]
+        mine = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
+        assert g["x"] + g["w"] <= 24 and not cells & mine, panel["title"]
+        cells |= mine
+    ids = [p["id"] for p in json.loads(DASHBOARD.read_text())["panels"]]
+    assert len(ids) == len(set(ids))

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from data_pipeline.stream import StreamPosition
 from tests.conftest import REPO_ROOT, run_trainer, subprocess_env, tiny_overrides
 from trainer.checkpoint import TrainState
+from trainer.config import load_config
 
 
 def _final_weights(run_dir, step):
@@ -52,7 +53,12 @@ def test_short_toy_run_writes_everything(tmp_path):
     evals = json.loads((run / "eval" / "latest.json").read_text())
     assert evals["step"] == 20 and evals["num_modes"] == 25
     assert 0 <= evals["high_quality_share"] <= 1 and 0 <= evals["mala_acceptance_rate"] <= 1
-    for png in ("samples_step_00000010.png", "samples_mala_step_00000020.png", "energy_step_00000020.png"):
+    for png in (
+        "samples_step_00000010.png",
+        "samples_mala_step_00000020.png",
+        "energy_step_00000020.png",
+        "curves.png",  # the loss curves, redrawn at each evaluation
+    ):
         assert (run / "eval" / png).stat().st_size > 1000
     # step 0: the divergence guard's fallback; then every checkpoint.every steps.
     assert sorted(os.listdir(run / "checkpoints")) == ["step_00000000", "step_00000010", "step_00000020"]
@@ -147,6 +153,7 @@ def test_diverging_run_is_rolled_back_with_lower_lr_and_recovers(tmp_path):
     train = [r for r in records if "energy_gap" in r]
     assert train[-1]["step"] == 30 and abs(train[-1]["energy_gap"]) < 50
     assert train[-1]["lr_energy"] == 3.0 * 0.001
+    assert train[-1]["lr_generator"] == pytest.approx(load_config("toy_25gaussians").train.generator_optim.lr * 0.001)
 
 
 @pytest.mark.slow

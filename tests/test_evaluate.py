@@ -1,6 +1,7 @@
 """The evaluation tool on real (tiny) runs: KDD-style anomaly detection and toy mode metrics."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -86,3 +87,47 @@ def test_stacked_mode_ids_read_channels_as_digits():
 def test_table_puts_plain_and_mala_side_by_side():
     table = format_table({"modes_hit": 25, "mala_modes_hit": 24, "mala_acceptance_rate": 0.9})
     assert "modes_hit" in table and "| 25" in table and "| 24" in table and "0.900" in table
+
+
+MEAN_EVALUATOR = '''"""A made-up experiment: the mean of the samples, scaled."""
+
+from dataclasses import dataclass, field
+
+from trainer.evaluation.base import Evaluator
+
+
+@dataclass
+class MeanEvalConfig:
+    scale: float = field(default=1.0, metadata={"range": "(0, inf)"})
+
+
+class MeanEvaluator(Evaluator):
+    kind = "mean"
+    config = MeanEvalConfig
+
+    def score_samples(self, samples):
+        mean = float(samples.mean())
+        return {"mean": mean, "scaled_mean": self.section.scale * mean}
+'''
+
+
+@pytest.mark.slow
+def test_an_experiment_is_one_file_and_one_registry_line(tmp_path):
+    # In a copy of the code: the evaluator's module, one line in REGISTRY, and a run evaluates with it.
+    repo = tmp_path / "repo"
+    for part in ("trainer", "models", "data_pipeline", "configs"):
+        shutil.copytree(REPO_ROOT / part, repo / part, ignore=shutil.ignore_patterns("__pycache__"))
+    (repo / "trainer" / "evaluation" / "mean.py").write_text(MEAN_EVALUATOR)
+    registry = repo / "trainer" / "evaluation" / "__init__.py"
+    anchor = '    "trainer.evaluation.toy:ToyEvaluator",\n'
+    line = '    "trainer.evaluation.mean:MeanEvaluator",\n'
+    registry.write_text(registry.read_text().replace(anchor, anchor + line, 1))
+    env = {**subprocess_env(), "PYTHONPATH": str(repo)}
+    main = [sys.executable, str(repo / "trainer" / "main.py"), "--config", "toy_25gaussians"]
+    args = [*tiny_overrides(tmp_path, steps=10), "eval.kind=mean", "eval.mean.scale=3"]
+    printed = subprocess.run([*main, *args, "--print-config"], cwd=repo, env=env, capture_output=True, text=True)
+    assert printed.returncode == 0 and "  mean:\n    scale: 3.0" in printed.stdout, printed.stderr
+    trained = subprocess.run([*main, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    record = json.loads((tmp_path / "run" / "eval" / "latest.json").read_text())
+    assert record["kind"] == "mean" and record["scaled_mean"] == pytest.approx(3 * record["mean"])

@@ -157,9 +157,15 @@ def test_batches_are_pinned_for_the_device(tmp_path, device):
 @pytest.fixture
 def fused_kernels(device):
     """The fused ops' kernels for the in-process tests: Triton on CUDA; on a CPU their PyTorch
-    reference (the same autograd wiring; Triton's interpreter, 150x slower, is tests/test_fused_ops.py's)."""
+    reference (the same autograd wiring; Triton's interpreter, 150x slower, is tests/test_fused_ops.py's).
+    On CUDA with deterministic cuDNN algorithms: the default ones may add a convolution's weight
+    gradient in any order, and eight steps of training amplify that rounding past any tolerance that
+    would still catch a capture bug (bench/gpu_check.sh sets CUBLAS_WORKSPACE_CONFIG for cuBLAS)."""
     if device.type == "cuda":
+        flags = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
         yield
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
         return
     with use_kernels(TORCH_KERNELS):
         yield
@@ -189,10 +195,21 @@ def _train(steps, iterations: int, first: int = 0) -> list[dict]:
     return out
 
 
-def _assert_same_parameters(a, b, rtol):
-    for m, n in zip(a.modules(), b.modules(), strict=True):
-        for p, q in zip(m.parameters(), n.parameters(), strict=True):
-            torch.testing.assert_close(p, q, rtol=rtol, atol=rtol * max(q.abs().max().item(), 1e-3))
+def _parameters(steps) -> list[torch.Tensor]:
+    """Each network's parameters as one fp32 vector (E, G, T)."""
+    return [torch.cat([p.detach().float().flatten() for p in m.parameters()]) for m in steps.modules()]
+
+
+def _assert_same_parameters(a, b, start, rtol):
+    """Per network, the two runs' parameters differ by at most rtol of how far training moved them.
+    Not element by element: Adam scales each step to about lr whatever the gradient's size, so where a
+    gradient is near zero a rounding difference (another kernel, bf16) moves that element by up to lr
+    the other way (seen on an H200: 1-3 elements of 8-element tensors, 3.6e-4 apart in bf16, 5.7e-8 in
+    fp32). A capture bug - a stale buffer, a replay on old optimizer state - moves whole networks apart."""
+    for network, (p, q, p0) in enumerate(zip(_parameters(a), _parameters(b), start, strict=True)):
+        moved = (q - p0).norm().item()
+        assert moved > 0, network
+        assert (p - q).norm().item() <= rtol * moved, (network, (p - q).norm().item(), moved)
 
 
 def _assert_same_metrics(got, expected, rtol):
@@ -206,15 +223,17 @@ def _assert_same_metrics(got, expected, rtol):
 def test_captured_steps_match_eager_steps(fused_kernels, device, precision, rtol, penalty_every):
     captured = _steps("auto", precision, f"train.penalty_every={penalty_every}")
     eager = _steps("off", precision, f"train.penalty_every={penalty_every}")
+    start = _parameters(eager)
     assert captured.capture == (device.type == "cuda")
     _assert_same_metrics(_train(captured, 8), _train(eager, 8), rtol)
-    _assert_same_parameters(captured, eager, rtol)
+    _assert_same_parameters(captured, eager, start, rtol)
 
 
 def test_capture_is_redone_after_a_checkpoint_load(fused_kernels, device):
     # Loading an older checkpoint (a resume, a divergence rollback) puts new state tensors into the
     # optimizers. A graph still pointing at the old ones would go on with the newer moments.
     captured, eager = _steps("auto", "no"), _steps("off", "no")
+    start = _parameters(eager)
     for steps in (captured, eager):
         _train(steps, 2)
         networks = [copy.deepcopy(m.state_dict()) for m in steps.modules()]
@@ -226,7 +245,7 @@ def test_capture_is_redone_after_a_checkpoint_load(fused_kernels, device):
             update.optimizer.load_state_dict(copy.deepcopy(state))
         steps.after_checkpoint_load()
         _train(steps, 5, first=2)
-    _assert_same_parameters(captured, eager, 1e-5)
+    _assert_same_parameters(captured, eager, start, 1e-5)
 
 
 def test_a_capture_that_fails_after_the_scaler_step_falls_back_to_eager(fused_kernels, device, monkeypatch, caplog):
@@ -234,6 +253,7 @@ def test_a_capture_that_fails_after_the_scaler_step_falls_back_to_eager(fused_ke
     # scaler believing this optimizer stepped; without discarding that, the eager fallback raises
     # "step() has already been called since the last update()".
     steps, eager = _steps("auto", "fp16"), _steps("off", "fp16")
+    start = _parameters(eager)
     update = steps.energy_update
     if device.type == "cuda":
         step = update.step
@@ -250,7 +270,7 @@ def test_a_capture_that_fails_after_the_scaler_step_falls_back_to_eager(fused_ke
         assert "capture off for energy_step(penalty=True)" in caplog.text
         assert steps._energy_fns[True].failed and steps._generator_fn.graph is not None
         _assert_same_metrics(got, _train(eager, 8), 2e-2)
-        _assert_same_parameters(steps, eager, 2e-2)
+        _assert_same_parameters(steps, eager, start, 2e-2)
         return
     # No capture on a CPU: leave the scaler as such a capture leaves it, and discard the step.
     _train(steps, 1)

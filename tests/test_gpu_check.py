@@ -64,3 +64,21 @@ def test_gpu_check_refuses_a_wrong_flag_before_any_work(tmp_path, args, message)
     )
     assert result.returncode == 2 and message in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_bench_row_names_its_cause_in_one_line():
+    # The compile row's error on the H200 (torch 2.11, triton 3.6): Inductor's message ends in advice;
+    # the table's cell must show the kernel and the cause, on one line that keeps the table whole.
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    try:
+        from bench_penalty import root_cause
+    finally:
+        sys.path.remove(str(REPO_ROOT / "bench"))
+    message = (
+        "SubprocException: An exception occurred in a subprocess:\n\nName=triton_per_fused_add_mean_mul_9\n"
+        'Traceback (most recent call last):\n  File "compiler.py", line 316, in make_ttgir\n'
+        "RuntimeError: PassManager::run failed\n\n\nSet TORCHDYNAMO_VERBOSE=1 for the internal stack trace"
+    )
+    cause = "Name=triton_per_fused_add_mean_mul_9; RuntimeError: PassManager::run failed"
+    assert root_cause(Exception(message)) == cause
+    assert root_cause(ValueError("a | b")) == "a | b"  # the caller turns | into / for the table

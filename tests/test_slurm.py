@@ -111,9 +111,13 @@ ReturnToService=2
 JobRequeue=1
 MinJobAge=600
 KillWait=10
-NodeName={NODE} NodeAddr=127.0.0.1 CPUs=2 State=UNKNOWN
+GresTypes=gpu
+NodeName={NODE} NodeAddr=127.0.0.1 CPUs=2 Gres=gpu:1 State=UNKNOWN
 PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 """)
+        # One GPU that is /dev/null: Slurm can grant it (SLURM_GPUS_ON_NODE, CUDA_VISIBLE_DEVICES), but
+        # nothing on the node shows a GPU - the node whose GPUs are missing.
+        (r / "gres.conf").write_text(f"NodeName={NODE} Name=gpu File=/dev/null\n")
         self._spawn("slurmctld", [_which("slurmctld"), "-D", "-c", "-i", "-f", str(self.conf)])
         self._spawn("slurmd", [_which("slurmd"), "-D", "-N", NODE, "-f", str(self.conf)])
         self._wait_for(self._node_ready, f"node {NODE} idle", r / "log" / "slurmd.log", timeout=30)
@@ -241,6 +245,7 @@ TWO_TASKS = [
     "--ntasks=2",
     "--ntasks-per-node=2",
     "--cpus-per-task=1",
+    "--gres=none",  # the node's one "GPU" is /dev/null (see start()): these jobs train on the CPU
     "--time=10",
 ]
 
@@ -320,3 +325,22 @@ def test_preempted_job_requeues_and_resumes(slurm, tmp_path):
     assert first_run == list(range(5, resumed_step + 1, 5)), logged
     assert second_run == list(range(resumed_step + 5, steps + 1, 5)), logged
     assert _checkpoints(tmp_path)[-1] == f"step_{steps:08d}"
+
+
+def test_a_node_given_gpus_that_shows_none_stops_instead_of_training_on_its_cpu(slurm, tmp_path):
+    slurm.env.update({"MEG_ROOT": str(ROOT), "MEG_VENV": sys.prefix})
+    out = tmp_path / "slurm.out"
+    tasks = [a for a in TWO_TASKS if not a.startswith("--gres")]
+    argv = ["sbatch", *tasks, "--gres=gpu:1", f"--output={out}", str(SBATCH_SCRIPT), *_trainer_args(tmp_path, 20)]
+    job_id = int(slurm.run(*argv, cwd=tmp_path).stdout.strip().split(";")[0])
+    info = slurm.wait_job(job_id, timeout=60, until=lambda i: i["JobState"] in ("COMPLETED", "FAILED", "CANCELLED"))
+    log = _tail(out)
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", f"{info}\n{log}"
+    assert "Slurm gave this job 1 GPU(s)" in log and "--gres=none" in log, log
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no step trained
+
+
+def test_the_batch_script_asks_for_gpus_and_cpus_itself():
+    directives = [line.split()[1] for line in SBATCH_SCRIPT.read_text().splitlines() if line.startswith("#SBATCH ")]
+    assert any(d.startswith(("--gres=gpu", "--gpus-per-node=")) for d in directives), directives
+    assert any(d.startswith("--cpus-per-task=") for d in directives), directives

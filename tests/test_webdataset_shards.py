@@ -10,6 +10,7 @@ import contextlib
 import gzip
 import io
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -23,6 +24,7 @@ import webdataset as wds
 from PIL import Image
 
 from data_pipeline import convert
+from data_pipeline.config import DataConfig
 from data_pipeline.decode import DecodeSpec
 from data_pipeline.shards import DataError, read_manifest
 from data_pipeline.stream import ALLOW_COMMANDS_ENV, ShardStream, StreamPosition, open_data
@@ -49,6 +51,8 @@ def write_shards(folder, kind: str = "png", n: int = N, gz: bool = False) -> np.
                 sample.update(png=_png(image), cls=i % 10)
             elif kind == "jpg":
                 sample.update(jpg=_png(image, "JPEG"), cls=i % 10)
+            elif kind == "jpeg_json":  # the label in a JSON member, as many exporters write it
+                sample.update(jpeg=_png(image, "JPEG"), json={"label": i % 10, "meta": {"class": str(i % 10)}})
             elif kind == "npy":
                 sample.update(npy=image.transpose(2, 0, 1).astype(np.float32), cls=i % 10)
             elif kind == "unlabelled":
@@ -140,8 +144,44 @@ def test_converter_writes_the_same_samples_into_the_fast_layout(tmp_path):
 
 def test_a_wrong_layout_is_a_clear_error_naming_what_was_expected(tmp_path):
     write_shards(tmp_path, "txt")
-    with pytest.raises(DataError, match=r"no sample has the expected member: expected samples with a \.png"):
+    with pytest.raises(DataError, match=r"no sample has the expected member: expected samples with a \.png") as e:
         open_data(_pattern(tmp_path), DecodeSpec())
+    assert "the shard holds .txt" in str(e.value) and "data.image_key" in str(e.value)
+
+
+@pytest.mark.parametrize("label_key", ["json:label", "json:meta.class"])
+def test_labels_in_a_json_member(tmp_path, label_key):
+    write_shards(tmp_path, "jpeg_json")
+    manifest = open_data(_pattern(tmp_path), DecodeSpec(label_key=label_key))
+    labels = {k: int(label) for b in _epoch(manifest) for k, label in zip(b["key"].tolist(), b["label"])}
+    assert labels == {f"s{i:05d}": i % 10 for i in range(N)}
+
+
+@pytest.mark.parametrize(
+    "label_key, message",
+    [
+        ("cls", r"has no \.cls member for its label \(it holds \.jpeg, \.json\); set data\.label_key"),
+        ("json:class", r"\.json has no 'class' \(at the top level: \['label', 'meta'\]\); set data\.label_key"),
+        ("json:meta.label", r"no 'meta\.label' \(at meta: \['class'\]\)"),
+    ],
+)
+def test_a_label_that_is_not_where_the_key_says_names_what_the_sample_holds(tmp_path, label_key, message):
+    write_shards(tmp_path, "jpeg_json", n=PER_SHARD)
+    with pytest.raises(DataError, match=message):
+        open_data(str(tmp_path / "part-000000.tar"), DecodeSpec(label_key=label_key))
+
+
+def test_a_label_that_is_not_an_integer_is_a_clear_error(tmp_path):
+    shard = tmp_path / "labels.tar"
+    shard.write_bytes(_tar({"s0.png": _png(np.zeros((4, 4, 3), np.uint8)), "s0.cls": b"cat"}))
+    with pytest.raises(DataError, match=r"s0'?'s \.cls label is 'cat', not an integer; set data\.label_key"):
+        open_data(str(shard), DecodeSpec())
+
+
+@pytest.mark.parametrize("label_key", ["txt:label", "json:", "json:a..b"])
+def test_a_malformed_label_key_is_refused_with_the_config(label_key):
+    with pytest.raises(ValueError, match=r"data\.label_key="):
+        DataConfig(label_key=label_key)
 
 
 # -- damage in place: skipped and counted, or a clear error; never a crash -------------------------
@@ -367,3 +407,33 @@ def test_a_label_too_long_for_64_bits_is_a_clear_error_naming_the_shard(tmp_path
     with pytest.raises(DataError) as err:
         open_data(str(shard), DecodeSpec())
     assert str(shard) in str(err.value) and ("64 bits" in str(err.value) or "label" in str(err.value))
+
+
+@pytest.mark.slow
+def test_the_readmes_webdataset_row_trains_and_samples_as_written_with_json_labels(tmp_path):
+    # The README's "train on WebDataset shards you have" command, run from a folder holding such
+    # shards (JPEG images, labels in a JSON member), with a few steps; then the sample tool on the run.
+    row = next(line for line in (REPO_ROOT / "README.md").read_text().splitlines() if "shards you have" in line)
+    command = shlex.split(row.split("`")[1])
+    assert command[:2] == ["python", "trainer/main.py"], command
+    data = tmp_path / "data"
+    data.mkdir()
+    images = np.random.default_rng(0).integers(0, 256, (10 * 8, 28, 28, 3), dtype=np.uint8)
+    with contextlib.redirect_stdout(io.StringIO()), wds.ShardWriter(str(data / "digits-%06d.tar"), maxcount=8) as sink:
+        for i, image in enumerate(images):
+            sink.write({"__key__": f"d{i:05d}", "jpeg": _png(image, "JPEG"), "json": {"label": i % 10}})
+    run = tmp_path / "run"
+    tiny = ["data.label_key=json:label", "data.batch_size=16", "data.num_workers=1", "train.steps=4",
+            "log.every=2", "log.prometheus_port=-1", "checkpoint.every=4", "eval.num_samples=64",
+            f"output_dir={run}"]  # fmt: skip
+    argv = [sys.executable, str(REPO_ROOT / "trainer" / "main.py"), *command[2:], *tiny]
+    env = subprocess_env()
+    trained = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-3000:]
+    assert "80 samples" in trained.stdout and (run / "checkpoints" / "step_00000004").is_dir(), trained.stdout
+    sampled = subprocess.run(
+        [sys.executable, "-m", "trainer.sample", "--run", str(run), "--num", "16", "--npy", str(tmp_path / "s.npy")],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert sampled.returncode == 0, sampled.stderr[-3000:]
+    assert np.load(tmp_path / "s.npy").shape == (16, 1, 28, 28)

@@ -95,10 +95,20 @@ class GraphedStep:
         except Exception as e:  # noqa: BLE001 - any failure means: run this step eagerly
             self.failed = True
             torch.cuda.synchronize()
+            _release_generator_from_aborted_capture()
             self.on_failure()
             log.warning("capture off for %s: %s: %s; running it eagerly", _name(self.fn), type(e).__name__, e)
             return
         self.graph, self.static_inputs, self.static_outputs = graph, static_inputs, static_outputs
+
+
+def _release_generator_from_aborted_capture() -> None:
+    """A capture that fails ends before the graph's epilogue, which is what tells the device's default
+    generator that capture is over: it would go on believing it is capturing, and the next eager draw
+    (torch.randn of the fallback) raises "Offset increment outside graph capture encountered
+    unexpectedly". A clone of its state has the same seed and offset and is not capturing."""
+    generator = torch.cuda.default_generators[torch.cuda.current_device()]
+    generator.graphsafe_set_state(generator.clone_state())
 
 
 def _name(fn: Callable) -> str:

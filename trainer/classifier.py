@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from data_pipeline.cli import add_debug_flag, run_tool
 from models.classifier import DigitClassifier
+from trainer.progress import Progress
 
 
 def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -45,7 +46,7 @@ def train_classifier(
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     steps = epochs * (len(train) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(steps, 1))
-    start = time.time()
+    start, progress = time.time(), Progress("classifier training", steps, "steps")
     for epoch in range(epochs):
         model.train()
         perm = train[torch.randperm(len(train), generator=g).to(x.device)]
@@ -56,6 +57,7 @@ def train_classifier(
             loss.backward()
             opt.step()
             sched.step()
+            progress.advance()
         accuracy = evaluate_accuracy(model, x[test], y[test])
         log(
             f"epoch {epoch + 1}/{epochs}: loss {loss.item():.4f}, held-out accuracy {accuracy:.4f} "

@@ -26,6 +26,7 @@ from models.factory import ModelConfig
 from models.mala import MALAConfig
 from trainer.checkpoint import CheckpointConfig
 from trainer.evaluation import EvalConfig
+from trainer.evaluation.fid_kid import TRUST_INCEPTION_ENV
 from trainer.guard import GuardConfig
 from trainer.metrics import LogConfig
 from trainer.runtime.deepspeed_engine import DeepSpeedConfig
@@ -348,10 +349,18 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
         except ConfigError:
             value = raw
         _set_dotted(tree, key.strip(), value)
+    model = tree.get("model")
+    if isinstance(model, dict) and model.get("arch", "mlp") in ("mlp", "conv"):
+        unread = ModelConfig.keys_of_another_arch(model)
+        if unread:
+            arch = model.get("arch", "mlp")
+            keys = ", ".join(f"model.{k}" for k in unread)
+            raise ConfigError(
+                f"{keys}: not read by model.arch={arch}, only by the other architecture; remove "
+                f"{'them' if len(unread) > 1 else 'it'} (from the overrides, the preset or its base), "
+                "or pick the architecture that reads it"
+            )
     return _build(RunConfig, tree)
-
-
-TRUST_INCEPTION_ENV = "MEG_TRUST_INCEPTION"
 
 
 def _strings(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, str]]:
@@ -403,4 +412,9 @@ def check_commands(cfg: RunConfig, allow_pipe: bool = False, trust_inception: bo
 
 
 def config_to_yaml(cfg: RunConfig) -> str:
-    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+    """The configuration as a preset that loads back to it: without the keys of the architecture it
+    does not use (which a preset may not set)."""
+    tree = dataclasses.asdict(cfg)
+    for key in ModelConfig.keys_of_another_arch(tree["model"]):
+        del tree["model"][key]
+    return yaml.safe_dump(tree, sort_keys=False)

@@ -6,8 +6,7 @@ and cached:
 
     python -m trainer.fid --data data/cifar10/train --out stats/cifar10_train.npz [--num 50000]
 
-Inception Score needs class logits, which this network does not have: pass ``--inception-logits``
-to `trainer.evaluate` with a TorchScript Inception that returns logits to get it (README).
+No Inception Score: it needs the network's class logits, and this one stops at the pool features.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.cli import ConfigError, DataError, add_debug_flag, run_tool
+from trainer.progress import Progress
 from trainer.scores import feature_statistics
 
 # The network expects 299x299 RGB in [-1, 255/256] (TF's preprocessing), resized bilinearly.
@@ -45,11 +45,11 @@ class InceptionFeatures:
         self.device, self.batch_size = torch.device(device), batch_size
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> np.ndarray:
+    def __call__(self, images: torch.Tensor, what: str = "Inception features") -> np.ndarray:
         """Images in [-1, 1], (N, C, H, W) with C = 1 (repeated to RGB) or 3 -> (N, 2048) float64."""
         if images.dim() != 4 or images.shape[1] not in (1, 3):
             raise DataError(f"FID needs (N, 1 or 3, H, W) images, got {tuple(images.shape)}")
-        feats = []
+        feats, progress = [], Progress(what, len(images), "images")
         for chunk in images.split(self.batch_size):
             x = chunk.to(self.device, torch.float32).clamp(-1, 1)
             if x.shape[1] == 1:
@@ -58,6 +58,7 @@ class InceptionFeatures:
             x = (x + 1) / 2 * (INPUT_RANGE[1] - INPUT_RANGE[0]) + INPUT_RANGE[0]
             out = self.model(x)
             feats.append(out.flatten(2).mean(2) if out.dim() > 2 else out)
+            progress.advance(len(chunk))
         return torch.cat(feats).double().cpu().numpy()
 
 
@@ -96,7 +97,7 @@ def _statistics(args: argparse.Namespace) -> int:
     from data_pipeline.stream import read_split
 
     arrays = read_split(read_manifest(args.data), limit=args.num or None)
-    features = InceptionFeatures(args.inception, args.device)(arrays["x"])
+    features = InceptionFeatures(args.inception, args.device)(arrays["x"], "FID statistics (Inception features)")
     save_statistics(args.out, features)
     print(f"wrote statistics of {len(features)} images to {args.out}")
     return 0

@@ -4,39 +4,31 @@ the command line in front of it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
-import posixpath
 import threading
-from functools import partial
 
-import fsspec
 import torch
 
 from data_pipeline import storage
-from data_pipeline.convert import convert_toy
-from data_pipeline.shards import DataError, manifest_url
+from data_pipeline.dataset import Dataset, open_dataset, write_toy_data
 from data_pipeline.storage import StopRequested
-from data_pipeline.stream import ShardStream, looks_like_shards, open_data
 from models import build_networks
 from trainer.checkpoint import Checkpoints, load_export, package_version
 from trainer.config import ConfigError, RunConfig, config_from_yaml, config_to_yaml
 from trainer.evaluation import build_evaluator
 from trainer.meg_trainer import MEGTrainer, Preempted, host_pinning
-from trainer.metrics import JsonlSink, MetricsLogger, ProgressSink
+from trainer.metrics import CurvesSink, JsonlSink, MetricsLogger, ProgressSink
 from trainer.nofollow import check_run_folder, write_replacing
 from trainer.prometheus import PrometheusExporter
 from trainer.run_folder import RunFolderBusy, RunFolderLock
 from trainer.runtime import Runtime, build_runtime, collective_failure
 from trainer.steps import build_steps, resolve_kernels
+from trainer.trackers import TrackerSink
 
 log = logging.getLogger("meg")
-
-
-def data_location(url: str) -> str:
-    """What to call the data in messages: the shards as given, or the manifest a folder holds."""
-    return url if looks_like_shards(url) else manifest_url(url)
 
 
 def engine_name(cfg: RunConfig) -> str:
@@ -44,41 +36,17 @@ def engine_name(cfg: RunConfig) -> str:
     return cfg.train.engine + (f" ZeRO-{cfg.deepspeed.zero_stage}" if cfg.train.engine == "deepspeed" else "")
 
 
-def ensure_toy_data(cfg: RunConfig, runtime: Runtime) -> None:
-    """Toy presets write their shards on first use, so the default job needs no download: only into
-    a folder that does not exist yet or is empty. Anything else (a manifest that is there but wrong,
-    a missing shard, other files) is the user's data and is reported by read_manifest, not overwritten."""
-    if cfg.data.toy and runtime.is_main and not looks_like_shards(cfg.data.url):
-        fs, manifest = fsspec.core.url_to_fs(manifest_url(cfg.data.url))
-        if not storage.bounded(partial(fs.exists, manifest), manifest, "lookup"):
-            folder = posixpath.dirname(manifest)
-            if storage.bounded(partial(_non_empty, fs, folder), folder, "listing"):
-                raise DataError(
-                    f"data.url={cfg.data.url} holds files but no manifest.json: not writing {cfg.data.toy} shards "
-                    "over them. Point data.url at an empty or new folder (or at the data's manifest)."
-                )
-            log.info("writing %s shards to %s", cfg.data.toy, cfg.data.url)
-            convert_toy(
-                cfg.data.toy,
-                cfg.data.url,
-                cfg.data.toy_num_samples,
-                cfg.data.toy_num_shards,
-                seed=cfg.train.seed,
-                std=cfg.data.toy_std,
-            )
-    runtime.barrier()
-
-
-def _non_empty(fs, folder: str) -> bool:
-    return fs.exists(folder) and bool(fs.ls(folder))
-
-
 def build_logger(cfg: RunConfig, runtime: Runtime, preset: str) -> tuple[MetricsLogger, PrometheusExporter | None]:
     sinks = []
     if runtime.is_main:
         sinks.append(JsonlSink(os.path.join(cfg.output_dir, "metrics.jsonl")))
+        if cfg.eval.plots:  # after the JSONL sink: the figure reads the line it wrote
+            figure = os.path.join(cfg.output_dir, "eval", "curves.png")
+            sinks.append(CurvesSink(os.path.join(cfg.output_dir, "metrics.jsonl"), figure, f"run {cfg.name}"))
         if cfg.log.progress:
             sinks.append(ProgressSink(cfg.train.steps))
+        if cfg.log.trackers:
+            sinks.append(TrackerSink(cfg.log.trackers, cfg.name, cfg.output_dir, dataclasses.asdict(cfg)))
     prometheus = None
     if cfg.log.prometheus_port >= 0:
         info = {
@@ -153,18 +121,15 @@ def check_resumable(cfg: RunConfig, checkpoint: str, sample_shape: list[int]) ->
 def train(cfg: RunConfig, runtime: Runtime, stop: threading.Event, preset: str) -> dict[str, float]:
     if cfg.data.batch_size % runtime.world_size:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {runtime.world_size} ranks")
-    ensure_toy_data(cfg, runtime)
-    try:
-        manifest = open_data(cfg.data.url, cfg.data.decode_spec(), cfg.data.sample_bytes_bound())
-    except DataError as e:
-        raise DataError(
-            f"{e}\nthis preset's data is written by: {cfg.data.prepare}" if cfg.data.prepare else str(e)
-        ) from None
+    if runtime.is_main:
+        write_toy_data(cfg.data, cfg.train.seed)
+    runtime.barrier()
+    dataset = open_dataset(cfg.data)
     config_yaml = config_to_yaml(cfg)
     info = {
-        "sample_shape": list(manifest.sample_shape),
-        "dataset": manifest.name,
-        "data_url": data_location(cfg.data.url),
+        "sample_shape": list(dataset.manifest.sample_shape),
+        "dataset": dataset.manifest.name,
+        "data_url": dataset.location,
     }
     checkpoints = Checkpoints(
         os.path.join(cfg.output_dir, "checkpoints"),
@@ -187,14 +152,15 @@ def train(cfg: RunConfig, runtime: Runtime, stop: threading.Event, preset: str) 
             f.write(config_yaml)
     runtime.barrier()
     try:
-        return _train(cfg, runtime, stop, manifest, checkpoints, resume_from, preset)
+        return _train(cfg, runtime, stop, dataset, checkpoints, resume_from, preset)
     finally:
         lock.release()
 
 
 def _train(
-    cfg, runtime, stop, manifest, checkpoints: Checkpoints, resume_from: str | None, preset: str
+    cfg, runtime, stop, dataset: Dataset, checkpoints: Checkpoints, resume_from: str | None, preset: str
 ) -> dict[str, float]:
+    manifest = dataset.manifest
     runtime.seed(cfg.train.seed, per_rank=False)  # identical initial networks on every rank
     try:
         nets = build_networks(cfg.model, tuple(manifest.sample_shape), resolve_kernels(cfg, runtime))
@@ -202,19 +168,7 @@ def _train(
         raise ConfigError(f"model.arch={cfg.model.arch}: {e}") from None
     runtime.seed(cfg.train.seed, per_rank=True)  # different noise on each rank
     steps = build_steps(cfg, runtime, nets)
-    stream = ShardStream(
-        manifest,
-        runtime.rank,
-        runtime.world_size,
-        cfg.data.batch_size // runtime.world_size,
-        cfg.data.num_workers,
-        cfg.data.shuffle_buffer,
-        cfg.train.seed,
-        worker_type=cfg.data.worker_type,
-        max_corrupt_share=cfg.data.max_corrupt_share,
-        read_ahead=True,
-        pin=host_pinning(runtime.device),
-    )
+    stream = dataset.stream(runtime.rank, runtime.world_size, cfg.train.seed, pin=host_pinning(runtime.device))
     logger, prometheus = build_logger(cfg, runtime, preset)
     evaluator = build_evaluator(cfg, manifest.sample_shape, manifest.name)
     trainer = MEGTrainer(cfg, runtime, steps, stream, logger, checkpoints, evaluator, stop)
@@ -226,8 +180,7 @@ def _train(
             f"run {cfg.name}: {runtime.world_size} process(es) on {runtime.device} ({engine}, "
             f"precision {cfg.train.mixed_precision}, kernels {steps.kernel_status}, "
             f"capture {steps.capture_status}), {where}; "
-            f"data {data_location(cfg.data.url)} ({manifest.num_samples} samples, {len(manifest.shards)} shards"
-            f"{', indexed now' if looks_like_shards(cfg.data.url) else ''}); "
+            f"data {dataset.describe()}; "
             f"folder {cfg.output_dir}",
             flush=True,
         )

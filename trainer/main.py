@@ -5,7 +5,7 @@ Through accelerate:          accelerate launch trainer/main.py --config toy_25ga
 Two CPU processes (one DDP group; plain --cpu starts only one process):
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 trainer/main.py --config toy_25gaussians
 DeepSpeed ZeRO-2 on two processes (ZeRO 0/1/2; ZeRO-3 is refused: see trainer/runtime/deepspeed_engine.py):
-    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 trainer/main.py --config toy_25gaussians \
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 trainer/main.py --config toy_25gaussians \\
         train.engine=deepspeed deepspeed.zero_stage=2 deepspeed.config_file=deploy/deepspeed/zero2.json
 FSDP2, E, G and T sharded per layer (no or bf16 precision; see trainer/runtime/fsdp.py):
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 trainer/main.py --config toy_25gaussians \
@@ -151,6 +151,7 @@ def _main(args: argparse.Namespace, stop: threading.Event) -> int:
     from trainer.config import check_commands, check_launcher_precision, config_to_yaml, load_config
     from trainer.evaluation import check_requirements
     from trainer.meg_trainer import Preempted
+    from trainer.trackers import check_trackers
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
@@ -159,6 +160,7 @@ def _main(args: argparse.Namespace, stop: threading.Event) -> int:
     check_commands(cfg, allow_pipe=args.allow_pipe, trust_inception=args.trust_inception)
     check_launcher_precision(cfg)
     check_requirements(cfg)  # every file the evaluation reads, before any work
+    check_trackers(cfg.log.trackers)
     from trainer.job import run
 
     try:

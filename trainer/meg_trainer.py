@@ -2,7 +2,7 @@
 ``log.every`` steps (trainer/metrics.py), checkpoints (trainer/checkpoint.py), evaluation, and a
 rollback to the last checkpoint when the divergence guard trips (trainer/guard.py).
 
-Every component is built outside and handed in (trainer/main.py does that), so the loop reads top
+Every component is built outside and handed in (trainer/job.py does that), so the loop reads top
 to bottom and owns no signal handler: a stop request arrives as an Event that the metric reduction
 carries to every rank.
 """
@@ -21,6 +21,7 @@ from data_pipeline.config import StreamPosition
 from data_pipeline.stream import ShardStream, StopRequested, decode_samples
 from trainer.checkpoint import Checkpoints, TrainState, checkpoint_step
 from trainer.config import RunConfig
+from trainer.evaluation import extra_evaluation_steps
 from trainer.guard import Diverged, DivergenceGuard
 from trainer.metrics import MetricsLogger, MetricWindow
 from trainer.runtime import Runtime
@@ -64,6 +65,14 @@ def real_batches(
             window.corrupt_shards += int(batch["corrupt_shards"])
             yield decode_samples(batch["x"].to(device, non_blocking=True), stream.manifest.dtype), epoch, done
         epoch, done = epoch + 1, 0
+
+
+def evaluation_due(cfg: RunConfig, step: int, stream: ShardStream) -> bool:
+    """Every eval.every steps, at the last one, and where the evaluator asks (eval.kdd.protocol=paper: the
+    last epochs' ends)."""
+    if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.steps:
+        return True
+    return step in extra_evaluation_steps(cfg, stream)
 
 
 @contextmanager
@@ -212,7 +221,7 @@ class MEGTrainer:
             # Metrics are checked before every checkpoint, so a checkpoint is always a good one.
             if state.step % cfg.log.every == 0 or checkpoint_due:
                 last, stop_requested = self.window.reduce(state.step, time.perf_counter() - tick, self.stop.is_set())
-                last["lr_energy"] = float(self.steps.energy_update.param_groups[0]["lr"])
+                last.update(self.steps.learning_rates())
                 self.logger.log(state.step, last)
                 self.logger.rank_stats(self.window.rank_stats)
                 tick, steps_since = time.perf_counter(), 0
@@ -220,7 +229,7 @@ class MEGTrainer:
                 self._save()
             if stop_requested:
                 raise Preempted(f"stop signal received; checkpoint saved at step {state.step}, rerun to resume")
-            if (cfg.eval.every and state.step % cfg.eval.every == 0) or state.step == cfg.train.steps:
+            if evaluation_due(cfg, state.step, self.stream):
                 last.update({f"eval_{k}": v for k, v in self.evaluate(state.step).items()})
             if steps_since == 0:  # keep checkpoint and eval time out of the throughput figures
                 tick = time.perf_counter()

@@ -1,8 +1,9 @@
 """Metrics: the window that reduces them over ranks, and the sinks where the numbers go.
 
 - ``MetricWindow``: the per-step metrics of one log interval, kept on the device and reduced over
-  ranks in one collective (each reduction is a host sync, so it is not done every step), with the
-  stop flag, throughput, data wait, fp16 skips and corrupt shards; the divergence guard checks it.
+  ranks in two collectives, the step table with the stop flag (a mean) and the corrupt-shard count
+  (a sum) - each a host sync, so not done every step; with throughput, data wait and fp16 skips.
+  The divergence guard checks the table.
 - JSONL file in the run folder (main process): one object per log interval, eval and event.
 - Prometheus endpoint per rank, target files and Pushgateway (trainer/prometheus.py) for Grafana.
 - A live progress line (main process): step, losses, samples/s, ETA.
@@ -11,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 import urllib.parse
@@ -22,6 +22,7 @@ import torch
 
 from trainer.guard import Diverged, DivergenceGuard
 from trainer.nofollow import open_append
+from trainer.progress import format_duration
 
 
 def normalise_gateway(url: str) -> str:
@@ -45,6 +46,9 @@ class LogConfig:
     # A Pushgateway (http://host:9091) that receives the evaluation results and the final step at
     # each evaluation and at exit, so that they outlive the process; empty: no push.
     pushgateway: str = ""
+    # Experiment trackers, through accelerate: tensorboard (event files in <run>/tensorboard) and
+    # wandb (offline unless WANDB_MODE says otherwise); each needs its package installed.
+    trackers: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.every < 1:
@@ -54,6 +58,9 @@ class LogConfig:
             raise ValueError(f"log.prometheus_port must be -1 (off), 0 (a free port) or a port, got {port}")
         if self.pushgateway:
             normalise_gateway(self.pushgateway)
+        unknown = [t for t in self.trackers if t not in ("tensorboard", "wandb")]
+        if unknown or len(set(self.trackers)) < len(self.trackers):
+            raise ValueError(f"log.trackers takes tensorboard and wandb, each once; got {self.trackers}")
 
 
 @dataclass
@@ -154,11 +161,18 @@ class JsonlSink(MetricSink):
         self.file.close()
 
 
-def _fmt_duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+class CurvesSink(MetricSink):
+    """Redraws the run's loss-curve figure from metrics.jsonl (written by the JsonlSink before it) at
+    each evaluation; matplotlib is imported at the first one."""
+
+    def __init__(self, metrics_path: str, figure_path: str, title: str):
+        self.metrics_path, self.figure_path, self.title = metrics_path, figure_path, title
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if any(k.startswith("eval_") for k in metrics):
+            from trainer.plots import loss_curves
+
+            loss_curves(self.figure_path, self.metrics_path, self.title)
 
 
 class ProgressSink(MetricSink):
@@ -176,7 +190,7 @@ class ProgressSink(MetricSink):
         losses = " ".join(f"{k}={metrics[k]:.4g}" for k in self.SHOWN if k in metrics)
         eta = (self.total - step) * metrics.get("step_time_s", float("nan"))
         line = (
-            f"step {step}/{self.total} {losses} | {metrics['samples_per_s']:.0f} samples/s | ETA {_fmt_duration(eta)}"
+            f"step {step}/{self.total} {losses} | {metrics['samples_per_s']:.0f} samples/s | ETA {format_duration(eta)}"
         )
         self.stream.write(("\r\033[K" + line) if self.tty else line + "\n")
         self.stream.flush()

@@ -53,6 +53,10 @@ WINDOW_GAUGES = {
         "Per-dimension std of generated samples, averaged; near 0 means the generator collapsed",
     ),
     "lr_energy": ("meg_energy_learning_rate", "Energy network learning rate at the last window"),
+    "lr_generator": (
+        "meg_generator_learning_rate",
+        "Generator and statistics network learning rate at the last window",
+    ),
 }
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 PUSH_JOB = "meg"  # the Pushgateway job; the run is the rest of the grouping key

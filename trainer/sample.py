@@ -79,7 +79,9 @@ def _sample(args: argparse.Namespace) -> int:
         lim = float(np.abs(data).max() * 1.25) if data is not None else float(samples.abs().max() * 1.1)
         scatter_2d(out, samples.numpy(), data, f"{os.path.basename(checkpoint)}, MALA steps {mala.steps}", lim)
     elif samples.dim() == 4:
-        image_grid(out, samples[:256], nrow=16)
+        shown = min(len(samples), 256)
+        how = f"after {mala.steps} latent MALA steps" if mala.steps else "G(z)"
+        image_grid(out, samples[:256], nrow=16, caption=f"{os.path.basename(checkpoint)}: {shown} samples, {how}")
     if args.npy:
         np.save(args.npy, samples.numpy())
     print(json.dumps(report, indent=2))

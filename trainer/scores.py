@@ -12,13 +12,14 @@ import numpy as np
 import torch
 
 from data_pipeline.cli import DataError
+from trainer.progress import Progress
 
 
 def anomaly_scores(energy, x: torch.Tensor, kind: str = "energy", batch_size: int = 4096) -> np.ndarray:
     """Per-sample anomaly score: the energy E(x), or the gradient norm ||grad_x E(x)||."""
     if kind not in ("energy", "grad_norm"):
         raise ValueError(f"score kind must be 'energy' or 'grad_norm', got {kind!r}")
-    out = []
+    out, progress = [], Progress(f"anomaly scores ({kind})", len(x), "records")
     for chunk in x.split(batch_size):
         if kind == "energy":
             with torch.no_grad():
@@ -27,14 +28,18 @@ def anomaly_scores(energy, x: torch.Tensor, kind: str = "energy", batch_size: in
             chunk = chunk.detach().requires_grad_(True)
             (grad,) = torch.autograd.grad(energy(chunk).sum(), chunk)
             out.append(grad.flatten(1).norm(dim=1).cpu())
+        progress.advance(len(chunk))
     return torch.cat(out).numpy()
 
 
 @torch.no_grad()
 def energy_values(energy, x: torch.Tensor, batch_size: int = 65536) -> np.ndarray:
     """E(x) for every row of ``x`` (moved to the energy's device in batches), as float64."""
-    device = next(energy.parameters()).device
-    return torch.cat([energy(chunk.to(device)).double().cpu() for chunk in x.split(batch_size)]).numpy()
+    device, out, progress = next(energy.parameters()).device, [], Progress("energies", len(x), "points")
+    for chunk in x.split(batch_size):
+        out.append(energy(chunk.to(device)).double().cpu())
+        progress.advance(len(chunk))
+    return torch.cat(out).numpy()
 
 
 def square_grid(lim: float, cell: float) -> tuple[torch.Tensor, float]:

@@ -201,6 +201,13 @@ class MEGSteps:
                 lr = float(group["lr"])
                 group["lr"] = torch.tensor(lr, device=self.device) if self.capture else lr
 
+    def learning_rates(self) -> dict[str, float]:
+        """The updates' current learning rates (read at log time: a captured step keeps them on the device)."""
+        return {
+            "lr_energy": float(self.energy_update.param_groups[0]["lr"]),
+            "lr_generator": float(self.generator_update.param_groups[0]["lr"]),  # G's and T's
+        }
+
     def modules(self) -> tuple[nn.Module, nn.Module, nn.Module]:
         return self.energy, self.generator, self.statistics
 

@@ -18,9 +18,17 @@ gpus=0
 if command -v nvidia-smi >/dev/null 2>&1; then
     gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 fi
+granted=${SLURM_GPUS_ON_NODE:-0}
+if (( granted > 0 && gpus == 0 )); then
+    echo "meg-node.sh: Slurm gave this job $granted GPU(s) on $(hostname), but nvidia-smi lists none here;" \
+        "stopping instead of training on the CPU. Check the node's NVIDIA driver, or submit with" \
+        "--gres=none for a CPU-only run." >&2
+    exit 2
+fi
 procs=${MEG_PROCS_PER_NODE:-$(( gpus > 0 ? gpus : 1 ))}
 if [[ $gpus -eq 0 ]]; then
-    # Without a GPU, accelerate forms one group only when told to use the CPU (stack-notes).
+    # Without a GPU, accelerate forms one group only when told to use the CPU (ACCELERATE_USE_CPU=1):
+    # otherwise the processes never meet.
     export ACCELERATE_USE_CPU=1
 fi
 # Threads per process: this task's CPUs shared among its processes (unset, 2 processes on 2 cores

@@ -21,6 +21,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from models.ops.precision import accumulation_dtype
+
 
 class Kernels(Protocol):
     name: str
@@ -36,10 +38,6 @@ class Kernels(Protocol):
 
     def squared_norm_mean_grad(self, g: Tensor, upstream: Tensor, scale: Tensor | float) -> Tensor:
         """d/dg of upstream * squared_norm_mean(g, scale): 2 * upstream * g / (scale^2 * batch)."""
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
 
 
 def channel_view(bias: Tensor, x: Tensor) -> Tensor:

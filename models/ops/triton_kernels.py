@@ -29,7 +29,7 @@ except ImportError as e:  # triton ships with CUDA builds of torch, not with the
         "and set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter)"
     ) from e
 
-from models.ops.kernels import accumulation_dtype
+from models.ops.precision import accumulation_dtype
 
 BLOCK = 1024
 # The squared-norm reduction: one partial sum per program, then one program adds at most

@@ -9,39 +9,48 @@
 | fid           | FID and KID against cached reference statistics                          | eval.fid           |
 | samples       | pictures only                                                            |                    |
 
-Adding an experiment: one module with its evaluator (and config section), and one line in EVALUATORS
-(and the section's field in EvalConfig). Files a kind needs are checked by ``check_requirements``
-before a run or an evaluation starts, naming the file and the command that makes it.
+Adding an experiment: one module with its evaluator class - its ``kind``, its ``config`` section (a
+dataclass, which becomes eval.<kind>), the files it ``requirements`` and the settings it ``check``s -
+and one line in REGISTRY. Files a kind needs are checked by ``check_requirements`` before a run or an
+evaluation starts, naming the file and the command that makes it.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from typing import Literal
 
 from data_pipeline.cli import ConfigError
 from models.mala import MALAConfig
-from trainer.evaluation.anomaly import KDDEvalConfig, KDDEvaluator, MNISTAnomalyEvalConfig, MNISTAnomalyEvaluator
 from trainer.evaluation.base import EvalContext, Evaluator, generate
-from trainer.evaluation.fid_kid import FIDEvalConfig, FIDEvaluator
-from trainer.evaluation.stackedmnist import StackedMNISTEvalConfig, StackedMNISTEvaluator
-from trainer.evaluation.toy import ToyEvalConfig, ToyEvaluator, toy_reference
+from trainer.evaluation.toy import toy_reference
 
-EVALUATORS: dict[str, type[Evaluator]] = {
-    "toy": ToyEvaluator,
-    "kdd": KDDEvaluator,
-    "mnist_anomaly": MNISTAnomalyEvaluator,
-    "stackedmnist": StackedMNISTEvaluator,
-    "fid": FIDEvaluator,
-    "samples": Evaluator,
-}
-EvalKind = Literal["toy", "kdd", "mnist_anomaly", "stackedmnist", "fid", "samples"]
+# One line per experiment: "module:class".
+REGISTRY = (
+    "trainer.evaluation.toy:ToyEvaluator",
+    "trainer.evaluation.anomaly:KDDEvaluator",
+    "trainer.evaluation.anomaly:MNISTAnomalyEvaluator",
+    "trainer.evaluation.stackedmnist:StackedMNISTEvaluator",
+    "trainer.evaluation.fid_kid:FIDEvaluator",
+    "trainer.evaluation.base:Evaluator",  # samples: pictures only
+)
+
+
+def _load(entry: str) -> type[Evaluator]:
+    module, name = entry.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+EVALUATORS: dict[str, type[Evaluator]] = {cls.kind: cls for cls in map(_load, REGISTRY)}
+EvalKind = Literal[tuple(EVALUATORS)]  # type: ignore[valid-type]
 
 
 @dataclass
-class EvalConfig:
-    kind: EvalKind = "samples"  # what to measure (the table above); the section of the same name configures it
+class EvalSettings:
+    """What every evaluation shares; EvalConfig adds ``kind`` and one section per evaluator."""
+
     every: int = field(default=1000, metadata={"range": "[0, 1e12]"})  # steps between evaluations (0: at the end)
     num_samples: int = field(default=2500, metadata={"range": "[1, 10000000]"})
     # Every evaluation draws from this seed: the same checkpoint gives the same numbers during training
@@ -49,54 +58,41 @@ class EvalConfig:
     seed: int = field(default=0, metadata={"range": "[0, 4294967295]"})
     mala: MALAConfig = field(default_factory=lambda: MALAConfig(steps=5))
     plots: bool = True
-    toy: ToyEvalConfig = field(default_factory=ToyEvalConfig)
-    kdd: KDDEvalConfig = field(default_factory=KDDEvalConfig)
-    mnist_anomaly: MNISTAnomalyEvalConfig = field(default_factory=MNISTAnomalyEvalConfig)
-    stackedmnist: StackedMNISTEvalConfig = field(default_factory=StackedMNISTEvalConfig)
-    fid: FIDEvalConfig = field(default_factory=FIDEvalConfig)
 
     def section(self):
         return getattr(self, self.kind, None)
 
 
+# kind (what to measure: the table above) and the sections of the registered evaluators.
+EvalConfig = make_dataclass(
+    "EvalConfig",
+    [("kind", EvalKind, field(default="samples"))]
+    + [(kind, cls.config, field(default_factory=cls.config)) for kind, cls in EVALUATORS.items() if cls.config],
+    bases=(EvalSettings,),
+    namespace={"__module__": __name__},
+)
+
+
 def requirements(cfg) -> list[tuple[str, str, str]]:
     """(key, path, how to make it) for every file the run's evaluation reads (``cfg``: a RunConfig)."""
-    e = cfg.eval
-    written_by = (
-        f"it is written with the training data by: {cfg.data.prepare}"
-        if cfg.data.prepare
-        else "write it with python -m data_pipeline.convert (--help lists the sources)"
-    )
-    if e.kind == "kdd":
-        return [("eval.kdd.test_data", e.kdd.test_data, written_by)]
-    if e.kind == "mnist_anomaly":
-        return [("eval.mnist_anomaly.test_data", e.mnist_anomaly.test_data, written_by)]
-    if e.kind == "stackedmnist":
-        make = (
-            f"make it with: python -m trainer.classifier --data data/mnist-test --out {e.stackedmnist.classifier} "
-            "(the digits: python -m data_pipeline.convert mnist --images t10k-images-idx3-ubyte.gz --labels "
-            "t10k-labels-idx1-ubyte.gz --out data/mnist-test)"
-        )
-        return [("eval.stackedmnist.classifier", e.stackedmnist.classifier, make)]
-    if e.kind == "fid":
-        make = f"make it with: python -m trainer.fid --data {cfg.data.url} --out {e.fid.reference or 'PATH'}"
-        needed = [("eval.fid.reference", e.fid.reference, make)]
-        if e.fid.inception:
-            needed.append(("eval.fid.inception", e.fid.inception, "a TorchScript Inception of your own"))
-        return needed
-    return []
+    return EVALUATORS[cfg.eval.kind].requirements(cfg)
 
 
 def check_requirements(cfg) -> None:
     """Raises ConfigError naming the first missing file and the command that makes it."""
-    if cfg.eval.kind == "mnist_anomaly" and cfg.eval.mnist_anomaly.digit == -1:
-        raise ConfigError("eval.kind=mnist_anomaly needs eval.mnist_anomaly.digit (the held-out digit, 0..9)")
+    EVALUATORS[cfg.eval.kind].check(cfg)
     for key, path, make in requirements(cfg):
         if not path:
             raise ConfigError(f"eval.kind={cfg.eval.kind} needs {key}; {make}")
         local = "://" not in path or path.startswith("file://")
         if local and not os.path.exists(path.removeprefix("file://")):
             raise ConfigError(f"{key}={path} does not exist; {make}")
+
+
+def extra_evaluation_steps(cfg, stream) -> set[int]:
+    """Steps the evaluation asks for besides every ``eval.every``-th and the last (``cfg``: a RunConfig;
+    ``stream``: its ShardStream), e.g. the ends of the last epochs under ``eval.kdd.protocol=paper``."""
+    return EVALUATORS[cfg.eval.kind].extra_evaluation_steps(cfg, stream)
 
 
 def build_evaluator(cfg, sample_shape: list[int], dataset: str, out_dir: str | None = None) -> Evaluator:
@@ -108,6 +104,7 @@ def build_evaluator(cfg, sample_shape: list[int], dataset: str, out_dir: str | N
         dataset=dataset,
         out_dir=out_dir or os.path.join(cfg.output_dir, "eval"),
         entropy_weight=cfg.train.entropy_weight,
+        data_url=cfg.data.url,
     )
     return EVALUATORS[cfg.eval.kind](cfg.eval, cfg.eval.section(), ctx)
 
@@ -135,6 +132,7 @@ __all__ = [
     "build_evaluator",
     "check_requirements",
     "format_table",
+    "extra_evaluation_steps",
     "generate",
     "toy_reference",
 ]

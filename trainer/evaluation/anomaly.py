@@ -1,14 +1,17 @@
 """Anomaly detection from the energy (and its gradient norm) on a labelled test split: KDD Cup 99
 (precision, recall and F1 at a percentile threshold) and MNIST with one held-out digit (AUPRC); AUROC
-and AUPRC for both, as later methods report them."""
+and AUPRC for both, as later methods report them. ``eval.kdd.protocol=paper`` also evaluates at the
+end of each of the last ``last_epochs`` epochs; trainer/kdd_protocol.py runs the splits and averages."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
-from trainer.evaluation.base import Evaluator
+from data_pipeline.cli import ConfigError
+from trainer.evaluation.base import Evaluator, written_with_the_data
 from trainer.scores import anomaly_scores, auprc, auroc, precision_recall_f1_at_percentile
 
 
@@ -17,6 +20,14 @@ class KDDEvalConfig:
     test_data: str = "data/kdd99/test"  # the labelled test split (label 1 = anomaly)
     # Flag the scores above this percentile (the share of anomalies: 20%).
     percentile: float = field(default=80.0, metadata={"range": "[0, 100]"})
+    # single: the scheduled evaluations only. paper (the paper's protocol): also one at the end of each of
+    # the last `last_epochs` epochs, counted back from train.steps; `python -m trainer.kdd_protocol`
+    # trains `splits` random 50/50 splits so and reports mean ± std of the per-split epoch means.
+    protocol: Literal["single", "paper"] = "single"
+    last_epochs: int = field(default=10, metadata={"range": "[1, 1000]"})
+    splits: int = field(default=5, metadata={"range": "[1, 100]"})
+    # Steps in a protocol epoch; 0: one pass over the training split (batches per epoch / energy_steps).
+    epoch_steps: int = field(default=0, metadata={"range": "[0, 1e12]"})
 
 
 @dataclass
@@ -61,6 +72,20 @@ class _AnomalyEvaluator(Evaluator):
 
 class KDDEvaluator(_AnomalyEvaluator):
     kind = "kdd"
+    config = KDDEvalConfig
+
+    @classmethod
+    def requirements(cls, cfg) -> list[tuple[str, str, str]]:
+        return [("eval.kdd.test_data", cfg.eval.kdd.test_data, written_with_the_data(cfg))]
+
+    @classmethod
+    def extra_evaluation_steps(cls, cfg, stream) -> set[int]:
+        """Under ``eval.kdd.protocol=paper``: the ends of the last ``eval.kdd.last_epochs`` epochs."""
+        kdd = cfg.eval.kdd
+        if kdd.protocol != "paper":
+            return set()
+        epoch = kdd.epoch_steps or max(stream.batches_per_epoch(0) // cfg.train.energy_steps, 1)
+        return set(protocol_steps(cfg.train.steps, epoch, kdd.last_epochs))
 
     def is_anomaly(self, labels):
         return labels == 1
@@ -75,9 +100,38 @@ class KDDEvaluator(_AnomalyEvaluator):
 
 class MNISTAnomalyEvaluator(_AnomalyEvaluator):
     kind = "mnist_anomaly"
+    config = MNISTAnomalyEvalConfig
+
+    @classmethod
+    def requirements(cls, cfg) -> list[tuple[str, str, str]]:
+        return [("eval.mnist_anomaly.test_data", cfg.eval.mnist_anomaly.test_data, written_with_the_data(cfg))]
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        if cfg.eval.mnist_anomaly.digit == -1:
+            raise ConfigError("eval.kind=mnist_anomaly needs eval.mnist_anomaly.digit (the held-out digit, 0..9)")
 
     def is_anomaly(self, labels):
         return labels == self.section.digit
 
     def metrics(self, scores, is_anomaly):
         return {"auprc": auprc(scores, is_anomaly), "auroc": auroc(scores, is_anomaly)}
+
+
+def protocol_steps(total_steps: int, epoch_steps: int, last_epochs: int) -> list[int]:
+    """The steps that end the last ``last_epochs`` epochs of a run of ``total_steps``, counted back from
+    its end (the first epochs that start before step 0 are left out), in order."""
+    if epoch_steps < 1:
+        raise ValueError(f"an epoch must last at least one step, got {epoch_steps}")
+    return sorted(total_steps - k * epoch_steps for k in range(last_epochs) if total_steps - k * epoch_steps > 0)
+
+
+def mean_std(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per numeric key of every row: mean and population standard deviation (numpy's, ddof=0)."""
+    numeric = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    keys = [k for k in rows[0] if all(k in r and numeric(r[k]) for r in rows)] if rows else []
+    out = {}
+    for k in keys:
+        values = np.array([r[k] for r in rows], dtype=np.float64)
+        out[k] = {"mean": float(values.mean()), "std": float(values.std()), "n": len(values)}
+    return out

@@ -11,6 +11,7 @@ import torch
 
 from models.mala import MALAConfig, latent_mala
 from trainer.nofollow import make_dir, write_replacing
+from trainer.progress import Progress
 
 
 @dataclass
@@ -22,6 +23,14 @@ class EvalContext:
     dataset: str  # the manifest's name of the training data (e.g. "25gaussians")
     out_dir: str  # where the JSON and pictures go
     entropy_weight: float = 1.0  # the generator targets p ∝ exp(-E / entropy_weight)
+    data_url: str = ""  # the training data: real images beside the samples in the pictures
+
+
+def written_with_the_data(cfg) -> str:
+    """How a test split that the data converter writes is made (for a missing file's message)."""
+    if cfg.data.prepare:
+        return f"it is written with the training data by: {cfg.data.prepare}"
+    return "write it with python -m data_pipeline.convert (--help lists the sources)"
 
 
 @torch.no_grad()
@@ -39,11 +48,17 @@ def generate(
     if mala.steps == 0:
         return plain, None, float("nan")
     refined, accepted = [], 0.0
+    progress = Progress(f"latent MALA ({mala.steps} steps)", num, "samples")
     for chunk in z.split(batch_size):
         result = latent_mala(energy, generator, chunk, mala.steps, mala.step_size, mala.temperature)
         refined.append(result.x.float())
         accepted += float(result.acceptance_rate) * len(chunk)
+        progress.advance(len(chunk))
     return plain, torch.cat(refined), accepted / num
+
+
+# Results named in the image grids' captions, where an evaluation has them.
+CAPTIONED = ("fid", "kid", "modes_hit", "kl_to_uniform")
 
 
 class Evaluator:
@@ -51,9 +66,38 @@ class Evaluator:
     may draw their own pictures (``plot``; the base draws image grids)."""
 
     kind = "samples"
+    config: type | None = None  # its section, eval.<kind>: a dataclass of its settings (None: it has none)
+
+    @classmethod
+    def requirements(cls, cfg) -> list[tuple[str, str, str]]:
+        """(key, path, how to make it) for every file this evaluation reads (``cfg``: a RunConfig);
+        checked before a run or an evaluation starts."""
+        return []
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        """Raises ConfigError for settings this evaluation cannot work with, before any work."""
+
+    @classmethod
+    def extra_evaluation_steps(cls, cfg, stream) -> set[int]:
+        """Steps to evaluate besides every ``eval.every``-th and the last (``stream``: the run's ShardStream)."""
+        return set()
 
     def __init__(self, eval_cfg, section, ctx: EvalContext):
         self.cfg, self.section, self.ctx = eval_cfg, section, ctx
+        self._real: torch.Tensor | None = None
+
+    def real_images(self, num: int) -> torch.Tensor | None:
+        """The first ``num`` images of the training data (read once), or None when it cannot be read."""
+        if self._real is None and self.ctx.data_url:
+            from data_pipeline.shards import DataError, read_manifest
+            from data_pipeline.stream import read_split
+
+            try:
+                self._real = read_split(read_manifest(self.ctx.data_url), limit=num)["x"]
+            except (DataError, OSError, ValueError):  # e.g. a list of shard URLs: the pictures go without
+                self._real = torch.empty(0)
+        return self._real[:num] if self._real is not None and len(self._real) else None
 
     def score_energy(self, energy) -> dict[str, float]:
         return {}
@@ -64,10 +108,18 @@ class Evaluator:
     def plot(self, tag: str, step: int, energy, plain, refined, results: dict) -> None:
         from trainer.plots import image_grid  # matplotlib: imported when a picture is drawn
 
-        if plain.dim() == 4:
-            image_grid(os.path.join(self.ctx.out_dir, f"samples_{tag}.png"), plain[:64])
-            if refined is not None:
-                image_grid(os.path.join(self.ctx.out_dir, f"samples_mala_{tag}.png"), refined[:64])
+        if plain.dim() != 4:
+            return
+        real = self.real_images(64)
+        shown = ", ".join(f"{k} {results[k]:.4g}" for k in CAPTIONED if isinstance(results.get(k), (int, float)))
+        for name, samples, how in (("samples", plain, "G(z)"), ("samples_mala", refined, "G(z) after latent MALA")):
+            if samples is None:
+                continue
+            caption = f"{self.ctx.dataset}, step {step}: {min(len(samples), 64)} samples of {how}" + (
+                " (right) beside real training images (left)" if real is not None else ""
+            )
+            caption += f"\n{shown}" if shown and name == "samples" else ""
+            image_grid(os.path.join(self.ctx.out_dir, f"{name}_{tag}.png"), samples[:64], real=real, caption=caption)
 
     def has_result(self, step: int) -> bool:
         """Whether the evaluation at ``step`` finished (its JSON was written)."""

@@ -10,6 +10,9 @@ from data_pipeline.cli import ConfigError
 from trainer.evaluation.base import Evaluator
 from trainer.scores import feature_statistics, frechet_distance, kernel_inception_distance
 
+# Set by --trust-inception on the command line (a TorchScript file runs code when it loads).
+TRUST_INCEPTION_ENV = "MEG_TRUST_INCEPTION"
+
 
 @dataclass
 class FIDEvalConfig:
@@ -19,13 +22,22 @@ class FIDEvalConfig:
 
 class FIDEvaluator(Evaluator):
     kind = "fid"
+    config = FIDEvalConfig
+
+    @classmethod
+    def requirements(cls, cfg) -> list[tuple[str, str, str]]:
+        section = cfg.eval.fid
+        make = f"make it with: python -m trainer.fid --data {cfg.data.url} --out {section.reference or 'PATH'}"
+        needed = [("eval.fid.reference", section.reference, make)]
+        if section.inception:
+            needed.append(("eval.fid.inception", section.inception, "a TorchScript Inception of your own"))
+        return needed
 
     def __init__(self, eval_cfg, section: FIDEvalConfig, ctx):
         super().__init__(eval_cfg, section, ctx)
         self._inception = self._reference = None
 
     def score_samples(self, samples) -> dict[str, float]:
-        from trainer.config import TRUST_INCEPTION_ENV
         from trainer.fid import InceptionFeatures, load_statistics
 
         if self.section.inception and os.environ.get(TRUST_INCEPTION_ENV) != "1":
@@ -33,7 +45,7 @@ class FIDEvaluator(Evaluator):
         if self._inception is None:
             self._inception = InceptionFeatures(self.section.inception or None, samples.device)
             self._reference = load_statistics(self.section.reference)
-        features = self._inception(samples)
+        features = self._inception(samples, "FID evaluation (Inception features of the samples)")
         ref = self._reference
         results = {"fid": frechet_distance(*feature_statistics(features), ref["mu"], ref["cov"])}
         if "features" in ref:

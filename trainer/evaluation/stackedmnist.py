@@ -16,6 +16,17 @@ class StackedMNISTEvalConfig:
 
 class StackedMNISTEvaluator(Evaluator):
     kind = "stackedmnist"
+    config = StackedMNISTEvalConfig
+
+    @classmethod
+    def requirements(cls, cfg) -> list[tuple[str, str, str]]:
+        path = cfg.eval.stackedmnist.classifier
+        make = (
+            f"make it with: python -m trainer.classifier --data data/mnist-test --out {path} "
+            "(the digits: python -m data_pipeline.convert mnist --images t10k-images-idx3-ubyte.gz --labels "
+            "t10k-labels-idx1-ubyte.gz --out data/mnist-test)"
+        )
+        return [("eval.stackedmnist.classifier", path, make)]
 
     def __init__(self, eval_cfg, section: StackedMNISTEvalConfig, ctx):
         super().__init__(eval_cfg, section, ctx)

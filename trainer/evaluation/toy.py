@@ -99,6 +99,7 @@ class DensityReference:
 
 class ToyEvaluator(Evaluator):
     kind = "toy"
+    config = ToyEvalConfig
 
     def __init__(self, eval_cfg, section: ToyEvalConfig, ctx):
         super().__init__(eval_cfg, section, ctx)

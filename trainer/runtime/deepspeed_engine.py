@@ -1,7 +1,7 @@
 """The DeepSpeed runtime (ZeRO stages 0, 1, 2): one ``deepspeed.initialize`` per update (E; G and T in
 one container), driven directly, on the shared process-group services (no accelerate).
 
-What stack-notes verified and this module follows: the gradient penalty fails when it runs through
+What was verified here (DeepSpeed 0.19) and this module follows: the gradient penalty fails through
 ``engine(x)`` (DeepSpeed's hooks fire inside the inner autograd.grad), so every forward goes through
 ``engine.module``, and the networks not being updated are frozen (the steps do that). ZeRO-3 fails
 under the penalty's double backward and is refused. Every rank saves (each owns optimizer shards).

@@ -1,0 +1,101 @@
+"""The training data a run's ``data`` section names, in one place: where it is (a folder with a
+manifest, the manifest itself, or shards by pattern, list or URL), writing a toy data set on first
+use, reading or indexing the manifest, and the rank's stream over it. The trainer hands over its
+``data`` section and asks for a stream; it knows no URL.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import fsspec
+import torch
+
+from data_pipeline.cli import DataError
+from data_pipeline.config import DataConfig
+from data_pipeline.convert import convert_toy
+from data_pipeline.decode import DecodeSpec
+from data_pipeline.shards import Manifest, manifest_url
+from data_pipeline.storage import bounded
+from data_pipeline.stream import ShardStream, looks_like_shards, open_data
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Dataset:
+    """An opened data set: its manifest, and the rank's streams over it."""
+
+    cfg: DataConfig
+    manifest: Manifest
+
+    @property
+    def location(self) -> str:
+        """What messages call the data: the shards as given, or the manifest a folder holds."""
+        return self.cfg.url if looks_like_shards(self.cfg.url) else manifest_url(self.cfg.url)
+
+    def describe(self) -> str:
+        indexed = ", indexed now" if looks_like_shards(self.cfg.url) else ""
+        return f"{self.location} ({self.manifest.num_samples} samples, {len(self.manifest.shards)} shards{indexed})"
+
+    def stream(
+        self,
+        rank: int,
+        world_size: int,
+        seed: int,
+        read_ahead: bool = True,
+        pin: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> ShardStream:
+        """Rank ``rank``'s share of every epoch (``data.batch_size`` is split over the ranks)."""
+        cfg = self.cfg
+        return ShardStream(
+            self.manifest,
+            rank,
+            world_size,
+            cfg.batch_size // world_size,
+            cfg.num_workers,
+            cfg.shuffle_buffer,
+            seed,
+            worker_type=cfg.worker_type,
+            max_corrupt_share=cfg.max_corrupt_share,
+            read_ahead=read_ahead,
+            pin=pin,
+        )
+
+
+def write_toy_data(cfg: DataConfig, seed: int) -> None:
+    """A toy preset writes its shards on first use, so the default job needs no download: only into a
+    folder that does not exist yet or is empty. Anything else (a manifest that is there but wrong, a
+    missing shard, other files) is the user's data and is reported by open_dataset, not overwritten.
+    One process writes (the trainer's rank 0); the others wait for it."""
+    if not cfg.toy or looks_like_shards(cfg.url):
+        return
+    fs, manifest = fsspec.core.url_to_fs(manifest_url(cfg.url))
+    if bounded(partial(fs.exists, manifest), manifest, "lookup"):
+        return
+    folder = posixpath.dirname(manifest)
+    if bounded(partial(_non_empty, fs, folder), folder, "listing"):
+        raise DataError(
+            f"data.url={cfg.url} holds files but no manifest.json: not writing {cfg.toy} shards over them. "
+            "Point data.url at an empty or new folder (or at the data's manifest)."
+        )
+    log.info("writing %s shards to %s", cfg.toy, cfg.url)
+    convert_toy(cfg.toy, cfg.url, cfg.toy_num_samples, cfg.toy_num_shards, seed=seed, std=cfg.toy_std)
+
+
+def _non_empty(fs, folder: str) -> bool:
+    return fs.exists(folder) and bool(fs.ls(folder))
+
+
+def open_dataset(cfg: DataConfig) -> Dataset:
+    """The data set ``cfg`` names, its manifest read and checked (or its shards indexed); DataError
+    naming the problem, and the command that writes this preset's data where it has one."""
+    try:
+        manifest = open_data(cfg.url, DecodeSpec.of(cfg), cfg.sample_bytes_bound())
+    except DataError as e:
+        raise DataError(f"{e}\nthis preset's data is written by: {cfg.prepare}" if cfg.prepare else str(e)) from None
+    return Dataset(cfg, manifest)

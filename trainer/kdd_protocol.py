@@ -1,0 +1,135 @@
+"""KDD Cup 99 by the paper's protocol: ``eval.kdd.splits`` random 50/50 splits (split S: data seed S,
+train.seed S), each scored by the mean of its evaluations at the ends of its last ``eval.kdd.last_epochs``
+epochs; the table is mean ± std (numpy's, ddof=0) over the splits of those per-split means.
+
+    python -m trainer.kdd_protocol --csv ../shared/data/kddcup99/kddcup.data_10_percent.gz --out runs/kdd_paper \\
+        [--config kdd99] [--splits 5] [section.key=value ...]
+
+Split S: its data in OUT/data/split_S (``convert kdd --seed S``, written once), its run in OUT/split_S,
+trained by trainer/main.py in a process of its own with ``eval.kdd.protocol=paper eval.every=0`` (a
+finished split resumes, finds nothing to do and is only read). Writes OUT/protocol.json and a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+
+from data_pipeline.cli import ConfigError, add_debug_flag, run_tool
+from trainer.evaluation.anomaly import mean_std
+from trainer.nofollow import write_replacing
+
+SHOWN = ("f1", "precision", "recall", "auroc", "auprc")
+
+
+def epoch_evaluations(run_dir: str) -> list[dict]:
+    """The run's evaluation records (eval/step_*.json) in step order."""
+    records = []
+    for path in sorted(glob.glob(os.path.join(run_dir, "eval", "step_*.json"))):
+        with open(path) as f:
+            records.append(json.load(f))
+    return sorted(records, key=lambda r: r["step"])
+
+
+def split_summary(records: list[dict], last_epochs: int) -> dict[str, float]:
+    """The mean of each metric over the last ``last_epochs`` evaluations (refused when fewer)."""
+    if len(records) < last_epochs:
+        steps = [r["step"] for r in records]
+        raise ConfigError(
+            f"{len(records)} epoch evaluations (steps {steps}), the protocol averages {last_epochs}: train.steps "
+            "must cover eval.kdd.last_epochs epochs (or set eval.kdd.epoch_steps)"
+        )
+    return {k: v["mean"] for k, v in mean_std(records[-last_epochs:]).items() if k != "step"}
+
+
+def aggregate(per_split: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Mean ± std over the splits of their epoch means."""
+    return mean_std(per_split)
+
+
+def format_summary(summary: dict[str, dict[str, float]]) -> str:
+    lines = ["score     | " + " | ".join(f"{m:>15}" for m in SHOWN)]
+    for score in ("energy", "grad_norm"):
+        cells = [summary.get(f"{score}_{m}") for m in SHOWN]
+        lines.append(
+            f"{score:<9} | " + " | ".join(f"{c['mean']:.4f} ± {c['std']:.4f}" if c else f"{'-':>15}" for c in cells)
+        )
+    return "\n".join(lines)
+
+
+def _child_env() -> dict[str, str]:
+    """This checkout first on the trainer's import path, wherever the tool is run from."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.kdd_protocol", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--csv", required=True, help="kddcup.data_10_percent(.gz) or the full file")
+    parser.add_argument("--out", required=True, help="folder for the splits' data, runs and protocol.json")
+    parser.add_argument("--config", default="kdd99", help="the preset the runs start from")
+    parser.add_argument("--splits", type=int, help="how many random splits (default: the preset's eval.kdd.splits)")
+    add_debug_flag(parser)
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="for every split's run")
+    args = parser.parse_intermixed_args(argv)
+    return run_tool(lambda: _protocol(args), args.debug)
+
+
+def _protocol(args: argparse.Namespace) -> int:
+    from data_pipeline.convert import convert_kdd
+    from trainer.config import load_config
+
+    cfg = load_config(args.config, [*args.overrides, "eval.kdd.protocol=paper"])
+    splits = args.splits or cfg.eval.kdd.splits
+    per_split, runs = [], []
+    for s in range(splits):
+        data, run_dir = os.path.join(args.out, "data", f"split_{s}"), os.path.join(args.out, f"split_{s}")
+        if not os.path.exists(os.path.join(data, "test", "manifest.json")):
+            print(f"split {s}/{splits}: writing its data to {data}", flush=True)
+            convert_kdd(data, args.csv, seed=s)
+        overrides = [
+            *args.overrides,
+            f"data.url={os.path.join(data, 'train')}",
+            f"eval.kdd.test_data={os.path.join(data, 'test')}",
+            f"output_dir={run_dir}",
+            f"train.seed={s}",
+            "eval.kdd.protocol=paper",
+            "eval.every=0",  # the protocol's evaluations only: the last ones are the epoch ends
+        ]
+        print(f"split {s}/{splits}: training {run_dir}", flush=True)
+        cmd = [sys.executable, "-m", "trainer.main", "--config", args.config, *overrides]
+        status = subprocess.run(cmd, env=_child_env()).returncode
+        if status != 0:
+            print(f"split {s}: the run ended with status {status}; rerun this command to resume it", file=sys.stderr)
+            return status
+        records = epoch_evaluations(run_dir)
+        per_split.append(split_summary(records, cfg.eval.kdd.last_epochs))
+        runs.append({"split": s, "run": run_dir, "steps": [r["step"] for r in records[-cfg.eval.kdd.last_epochs :]]})
+    summary = aggregate(per_split)
+    record = {
+        "protocol": f"{splits} random 50/50 splits x the mean of the last {cfg.eval.kdd.last_epochs} epochs' "
+        "evaluations; mean and std (ddof=0) over the splits",
+        "config": args.config,
+        "overrides": args.overrides,
+        "splits": [{**r, "epoch_mean": m} for r, m in zip(runs, per_split, strict=True)],
+        "summary": summary,
+    }
+    path = os.path.join(args.out, "protocol.json")
+    with write_replacing(path) as f:
+        json.dump(record, f, indent=2)
+    print(f"\nKDD Cup 99, {splits} splits x last {cfg.eval.kdd.last_epochs} epochs (mean ± std over splits):")
+    print(format_summary(summary))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
