@@ -337,9 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.tiny:
-        tiny = ["model.hidden=[8,8]", "model.generator_hidden=[8,8]", "model.conv_width=2", "data.batch_size=4"]
+        tiny = {"mlp": ["model.hidden=[8,8]", "model.generator_hidden=[8,8]"], "conv": ["model.conv_width=2"]}
         for name, (preset, shape, overrides) in list(NETWORKS.items()):
-            NETWORKS[name] = (preset, shape, [*overrides, *tiny])
+            arch = load_config(preset, overrides).model.arch
+            NETWORKS[name] = (preset, shape, [*overrides, *tiny[arch], "data.batch_size=4"])
     runtime = DDPRuntime(args.precision)
     rows = ROWS + ([COMPILE_ROW] if args.compile else [])
     if args.rows:

@@ -340,6 +340,8 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     tree: dict[str, Any] = _read_preset(preset) if preset else {}
+    preset_model = tree.get("model") if isinstance(tree.get("model"), dict) else {}
+    preset_arch, overridden = preset_model.get("arch", "mlp"), set()
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {shown(item)} must look like section.key=value (e.g. train.steps=1000)")
@@ -349,18 +351,29 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
         except ConfigError:
             value = raw
         _set_dotted(tree, key.strip(), value)
-    model = tree.get("model")
-    if isinstance(model, dict) and model.get("arch", "mlp") in ("mlp", "conv"):
-        unread = ModelConfig.keys_of_another_arch(model)
-        if unread:
-            arch = model.get("arch", "mlp")
-            keys = ", ".join(f"model.{k}" for k in unread)
-            raise ConfigError(
-                f"{keys}: not read by model.arch={arch}, only by the other architecture; remove "
-                f"{'them' if len(unread) > 1 else 'it'} (from the overrides, the preset or its base), "
-                "or pick the architecture that reads it"
-            )
+        overridden.add(key.strip())
+    _check_arch_keys(tree.get("model"), preset_arch, overridden)
     return _build(RunConfig, tree)
+
+
+def _check_arch_keys(model: Any, preset_arch: str, overridden: set[str]) -> None:
+    """A key of the other architecture is an error naming it, not ignored; except the preset's own
+    widths when an override switches its architecture (model.arch=conv on an MLP preset): those go."""
+    if not isinstance(model, dict) or model.get("arch", "mlp") not in ("mlp", "conv"):
+        return  # an unknown architecture: the config's own check names it
+    arch = model.get("arch", "mlp")
+    unread = ModelConfig.keys_of_another_arch(model)
+    if arch != preset_arch:
+        for key in [k for k in unread if f"model.{k}" not in overridden]:
+            del model[key]
+        unread = [k for k in unread if f"model.{k}" in overridden]
+    if unread:
+        keys = ", ".join(f"model.{k}" for k in unread)
+        raise ConfigError(
+            f"{keys}: not read by model.arch={arch}, only by the other architecture; remove "
+            f"{'them' if len(unread) > 1 else 'it'} (from the overrides, or the preset and its base), "
+            "or pick the architecture that reads it"
+        )
 
 
 def _strings(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, str]]:
