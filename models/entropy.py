@@ -177,14 +177,15 @@ def dv_bound(
 
 class VERANoise(nn.Module):
     """VERA's two learned scales, in the statistics network's place: the generator's output noise
-    sigma (a scalar, clamped to [noise_min, noise_max]) and the posterior's per-latent std eta.
+    sigma (one number, clamped to [noise_min, noise_max]) and the posterior's per-latent std eta.
 
     ``forward()`` returns (sigma, eta): they go through the module's call so that a DDP wrapper
     sees them used."""
 
     def __init__(self, z_dim: int, cfg: VERAConfig):
         super().__init__()
-        self.log_sigma = nn.Parameter(torch.tensor(math.log(cfg.noise_init)))
+        # Shape (1,), not a 0-dim tensor: DeepSpeed's flat buffers cannot hold 0-dim parameters.
+        self.log_sigma = nn.Parameter(torch.full((1,), math.log(cfg.noise_init)))
         self.log_eta = nn.Parameter(torch.full((z_dim,), math.log(cfg.posterior_init)))
         self.log_min, self.log_max = math.log(cfg.noise_min), math.log(cfg.noise_max)
 
