@@ -94,9 +94,9 @@ class TrainState:
     lr_scale: float = 1.0  # lowered by each divergence rollback, and kept across resumes
     lr_horizon: int = 0  # the learning-rate schedule's length, fixed when the run starts
     param_norms: dict[str, float] = field(default_factory=dict)  # each network's, when last saved
-    # The entropy estimator's state (DV's moving average), the same on every rank: MEGSteps'
-    # entropy_state_values() when saved, handed back to it after a load.
-    entropy_state: dict[str, float] = field(default_factory=dict)
+    # The entropy estimator's state (DV's moving average), the same on every rank: MEGSteps' own device
+    # tensors, read at a save (a host sync, at checkpoints only) and filled in place by a load.
+    entropy_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
@@ -105,7 +105,7 @@ class TrainState:
             "lr_scale": self.lr_scale,
             "lr_horizon": self.lr_horizon,
             "param_norms": self.param_norms,
-            "entropy_state": self.entropy_state,
+            "entropy_state": {k: float(v) for k, v in self.entropy_state.items()},  # fp32 round-trips
             "version": package_version(),
         }
 
@@ -128,9 +128,11 @@ class TrainState:
         entropy = state.get("entropy_state", {})
         if not isinstance(entropy, dict):
             raise ValueError(f"entropy_state must be a mapping, got {entropy!r:.80}")
-        self.entropy_state = {str(k): float(v) for k, v in entropy.items()}
-        if not all(math.isfinite(v) for v in self.entropy_state.values()):
-            raise ValueError(f"entropy_state must hold finite numbers, got {self.entropy_state}")
+        values = {str(k): float(v) for k, v in entropy.items()}
+        if not all(math.isfinite(v) for v in values.values()):
+            raise ValueError(f"entropy_state must hold finite numbers, got {values}")
+        for key, tensor in self.entropy_state.items():  # a key the checkpoint lacks: the fresh state, 0
+            tensor.fill_(values.get(key, 0.0))
 
 
 def _natural(value, key: str) -> int:

@@ -90,7 +90,7 @@ class MEGTrainer:
         self.cfg, self.runtime, self.steps, self.stream = cfg, runtime, steps, stream
         self.logger, self.checkpoints, self.evaluator = logger, checkpoints, evaluator
         self.stop = stop or threading.Event()
-        self.state = TrainState(runtime.rank, runtime.world_size)
+        self.state = TrainState(runtime.rank, runtime.world_size, entropy_state=steps.entropy_state)
         self.guard = DivergenceGuard(cfg.train.guard)
         self.loaded: str | None = None  # the checkpoint last loaded (resume or rollback)
         self.window = MetricWindow(runtime, self.guard, cfg.train.energy_steps * cfg.data.batch_size)
@@ -107,7 +107,6 @@ class MEGTrainer:
     def _load(self, path: str | None) -> str | None:
         self.loaded = self.checkpoints.load_newest(self.runtime, self.state, path)
         self.steps.after_checkpoint_load()
-        self.steps.load_entropy_state(self.state.entropy_state)
         return self.loaded
 
     def _iteration_data(self, batches: Iterator[tuple[torch.Tensor, int, int]]) -> list:
@@ -168,7 +167,6 @@ class MEGTrainer:
     def _save(self) -> None:
         """A checkpoint of the current state, once the guard has seen sane weights (collective)."""
         self.guard.check_parameters(dict(zip(NETWORK_NAMES, self.steps.modules())), self.state.step)
-        self.state.entropy_state = self.steps.entropy_state_values()
         self.checkpoints.save(self.runtime, self.state)
         self.logger.checkpointed(self.state.step)
 

@@ -88,7 +88,7 @@ class MEGSteps:
         # autocast's weight-cast cache must be off in a CUDA graph (its casts would be captured once).
         self.autocast_cache = not self.capture
         # The entropy estimator's state (DV's moving average): device tensors updated in place inside
-        # the step, so that a captured graph replays the update; saved in trainer_state.json.
+        # the step, so that a captured graph replays the update; TrainState saves and restores them.
         self.estimator = cfg.train.entropy_estimator
         self.entropy_state: dict[str, Tensor] = new_dv_state(self.device) if self.estimator == "dv" else {}
         if self.estimator == "infonce" and not cfg.train.entropy.infonce.negatives < self.batch_per_rank:
@@ -251,16 +251,6 @@ class MEGSteps:
             for group in update.param_groups:
                 lr = float(group["lr"])
                 group["lr"] = torch.tensor(lr, device=self.device) if self.capture else lr
-
-    def entropy_state_values(self) -> dict[str, float]:
-        """The estimator's state as numbers (a host sync: at checkpoints only); fp32 values round-trip."""
-        return {k: float(v) for k, v in self.entropy_state.items()}
-
-    def load_entropy_state(self, values: dict[str, float]) -> None:
-        """The state a checkpoint saved, in place (a checkpoint without it: the fresh state)."""
-        fresh = new_dv_state(self.device) if self.estimator == "dv" else {}
-        for key, tensor in self.entropy_state.items():
-            tensor.fill_(values[key] if key in values else float(fresh[key]))
 
     def modules(self) -> tuple[nn.Module, nn.Module, nn.Module]:
         return self.energy, self.generator, self.statistics
