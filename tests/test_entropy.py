@@ -206,3 +206,20 @@ def test_print_config_lists_the_six_estimators_and_each_ones_settings():
     assert config_to_yaml(load_config("toy_25gaussians")) + "" != text  # config.yaml itself stays plain
     cfg = load_config("toy_25gaussians", ["train.entropy_estimator=smile", "train.entropy.smile.clip=2"])
     assert (cfg.train.entropy_estimator, cfg.train.entropy.smile.clip) == ("smile", 2.0)
+
+
+def test_smile_reports_the_clipped_dv_and_trains_with_the_js_gradient():
+    torch.manual_seed(0)
+    t, stat = _critic()
+    x, z = _pairs(64)
+    perm = torch.randperm(64)
+    objective, estimate = smile_bound(stat, x, z, perm, clip=0.5)
+    positive, negative = stat(x, z), stat(x, z[perm])
+    clipped_dv = positive.mean() - negative.clamp(-0.5, 0.5).exp().mean().log()
+    assert estimate.item() == pytest.approx(clipped_dv.item(), rel=1e-4, abs=1e-6)
+    assert objective.item() == pytest.approx(estimate.item(), abs=1e-6)
+    js, _ = jsd_bound(stat, x, z, perm)
+    for a, b in zip(
+        torch.autograd.grad(objective, list(t.parameters())), torch.autograd.grad(js, list(t.parameters()))
+    ):
+        torch.testing.assert_close(a, b)
