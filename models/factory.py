@@ -8,6 +8,7 @@ from typing import Literal
 from torch import nn
 
 from models.conv import ConvEnergy, ConvGenerator, ConvStatistics, init_normal
+from models.entropy import VERAConfig, VERANoise
 from models.mlp import MLPEnergy, MLPGenerator, MLPStatistics
 from models.ops import EAGER, FusedOps
 
@@ -63,8 +64,13 @@ class MEGNetworks:
     statistics: nn.Module
 
 
-def build_networks(cfg: ModelConfig, sample_shape: tuple[int, ...], ops: FusedOps = EAGER) -> MEGNetworks:
+def build_networks(
+    cfg: ModelConfig, sample_shape: tuple[int, ...], ops: FusedOps = EAGER, vera: VERAConfig | None = None
+) -> MEGNetworks:
     """E, G, T for samples of ``sample_shape`` (e.g. (2,) for toy data, (3, 28, 28) for images).
+
+    ``vera``: the VERA entropy estimator's settings when it is the run's; T's place then holds its
+    learned noise and posterior scales (models/entropy.py, VERANoise) instead of a network.
 
     ``ops``: the fused ops E's and T's layers use (the trainer resolves ``cfg.kernels`` for its
     device); the parameters and their names are the same whatever it is."""
@@ -92,4 +98,6 @@ def build_networks(cfg: ModelConfig, sample_shape: tuple[int, ...], ops: FusedOp
     if cfg.init_std > 0:
         for net in (nets.energy, nets.generator, nets.statistics):
             init_normal(net, cfg.init_std)
+    if vera is not None:
+        nets.statistics = VERANoise(cfg.z_dim, vera)
     return nets

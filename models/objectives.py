@@ -2,7 +2,8 @@
 
 Energy step:    L_E = mean E(x_data) - mean E(G(z)) + lambda * mean_i ||grad_x E(x_data_i)||^2
                 (with train.penalty_every = k, the penalty on every k-th energy step, weighted k * lambda)
-Generator step: L_G = mean E(G(z)) - I_JSD(G(z); z), minimised by G and T together.
+Generator step: L_G = mean E(G(z)) - I_JSD(G(z); z), minimised by G and T together
+                (other entropy estimators in models/entropy.py, train.entropy_estimator).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from models.ops import no_weight_gradients, squared_norm_mean
 
 EnergyFn = Callable[[Tensor], Tensor]
 StatisticsFn = Callable[[Tensor, Tensor], Tensor]
+EntropyFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, "Tensor | None"]]
 
 
 def at_least_fp32(t: Tensor) -> Tensor:
@@ -120,13 +122,23 @@ def generator_loss(
     z: Tensor,
     entropy_weight: float = 1.0,
     perm: Tensor | None = None,
+    entropy: EntropyFn | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """L_G = mean E(G(z)) - entropy_weight * I_JSD(G(z); z); G and T both descend it.
 
-    ``perm`` pairs the MI bound's negatives (drawn here when None)."""
+    ``perm`` pairs the MI bound's negatives (drawn here when None). ``entropy``: another estimator of
+    the entropy term (models/entropy.py), ``entropy(x_fake, z)`` -> (objective, estimate, extra loss
+    or None): L_G = mean E(G(z)) - entropy_weight * objective (+ extra); None is MEG's JSD bound."""
     e_fake = energy(x_fake).float().mean()
-    mi = jsd_mutual_information(statistics, x_fake, z, perm)
-    loss = e_fake - entropy_weight * mi
+    if entropy is None:
+        mi = jsd_mutual_information(statistics, x_fake, z, perm)
+        loss = e_fake - entropy_weight * mi
+    else:
+        objective, mi, extra = entropy(x_fake, z)
+        loss = e_fake - entropy_weight * objective
+        if extra is not None:  # VERA's posterior: its own loss, on its own parameters
+            loss = loss + extra
+        mi = mi.detach()
     # Per-dimension std of the samples across the batch, averaged: near 0 once G has collapsed to
     # one output, which the losses alone do not show (the MI estimate then sits at -2 ln 2).
     spread = x_fake.detach().float().flatten(1).std(dim=0).mean()

@@ -1,6 +1,7 @@
 """The real trainer as a user runs it: outputs, resume equality, SIGKILL recovery, clear failures."""
 
 import json
+import math
 import os
 import re
 import signal
@@ -65,16 +66,42 @@ def test_short_toy_run_writes_everything(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_gives_the_same_parameters_as_a_straight_run(tmp_path):
+@pytest.mark.parametrize("estimator", ["jsd", "dv", "vera"])  # dv: a moving average; vera: its scales in T's place
+def test_resume_gives_the_same_parameters_as_a_straight_run(tmp_path, estimator):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    run_trainer(tiny_overrides(straight, steps=20))
-    run_trainer(tiny_overrides(split, steps=10))
-    resumed = run_trainer(tiny_overrides(split, steps=20))
+    extra = [f"train.entropy_estimator={estimator}"]
+    run_trainer(tiny_overrides(straight, steps=20) + extra)
+    run_trainer(tiny_overrides(split, steps=10) + extra)
+    resumed = run_trainer(tiny_overrides(split, steps=20) + extra)
     assert "resumed from step 10" in resumed.stdout
     for a, b in zip(_final_weights(straight / "run", 20), _final_weights(split / "run", 20)):
         assert a.keys() == b.keys()
         for key in a:
             assert (a[key] == b[key]).all(), key
+    states = [
+        json.loads((run / "run" / "checkpoints" / "step_00000020" / "trainer_state.json").read_text())
+        for run in (straight, split)
+    ]
+    assert states[0]["entropy_state"] == states[1]["entropy_state"]
+    if estimator == "dv":  # the moving average went through the checkpoint, not restarted at step 10
+        assert states[0]["entropy_state"]["count"] == 20.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("estimator", ["dv", "nwj", "infonce", "smile", "vera"])
+def test_a_short_toy_run_with_each_entropy_estimator_finishes_and_evaluates(tmp_path, estimator):
+    args = tiny_overrides(tmp_path, steps=6) + [f"train.entropy_estimator={estimator}", "train.penalty_every=2"]
+    result = run_trainer(args)
+    assert "finished: " in result.stdout
+    evals = json.loads((tmp_path / "run" / "eval" / "latest.json").read_text())
+    assert evals["step"] == 6 and evals["num_modes"] == 25 and 0 <= evals["high_quality_share"] <= 1
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "mi_estimate" in r]
+    assert train and all(math.isfinite(r["mi_estimate"]) and math.isfinite(r["generator_loss"]) for r in train)
+    # A resume with another estimator is refused before anything of the run folder changes.
+    other = "jsd" if estimator != "jsd" else "dv"
+    refused = run_trainer(tiny_overrides(tmp_path, steps=8) + [f"train.entropy_estimator={other}"], check=False)
+    assert refused.returncode == 2 and "train.entropy_estimator" in refused.stderr
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ from data_pipeline.stream import ShardStream, StreamPosition
 from models import build_networks
 from models.ops import TORCH_KERNELS, use_kernels
 from tests.conftest import REPO_ROOT, TEST_DEVICE, run_trainer, subprocess_env, tiny_overrides
-from trainer.config import load_config
+from trainer.config import load_config, vera_settings
 from trainer.meg_trainer import host_pinning
 from trainer.runtime import DDPRuntime
 from trainer.steps import build_steps, resolve_kernels
@@ -182,7 +182,7 @@ def _steps(capture: str, precision: str, *extra: str):
     )  # fmt: skip
     runtime = DDPRuntime(precision)
     torch.manual_seed(0)
-    nets = build_networks(cfg.model, (3, 28, 28), resolve_kernels(cfg, runtime))
+    nets = build_networks(cfg.model, (3, 28, 28), resolve_kernels(cfg, runtime), vera_settings(cfg))
     return build_steps(cfg, runtime, nets)
 
 
@@ -227,6 +227,21 @@ def test_captured_steps_match_eager_steps(fused_kernels, device, precision, rtol
     assert captured.capture == (device.type == "cuda")
     _assert_same_metrics(_train(captured, 8), _train(eager, 8), rtol)
     _assert_same_parameters(captured, eager, start, rtol)
+
+
+@pytest.mark.parametrize("estimator", ["dv", "nwj", "infonce", "smile", "vera"])
+def test_captured_steps_match_eager_steps_for_every_entropy_estimator(fused_kernels, device, estimator):
+    # Inside a captured step: DV's moving average is a device tensor updated in place by every replay,
+    # VERA's output and posterior noise are drawn on the device by the default generator.
+    extra = (f"train.entropy_estimator={estimator}", "train.entropy.infonce.negatives=3", "train.penalty_every=2")
+    captured, eager = _steps("auto", "no", *extra), _steps("off", "no", *extra)
+    assert captured.capture == (device.type == "cuda")
+    _assert_same_metrics(_train(captured, 8), _train(eager, 8), 1e-5)
+    _assert_same_parameters(captured, eager, 1e-5)
+    for key, value in eager.entropy_state.items():
+        torch.testing.assert_close(captured.entropy_state[key], value, rtol=1e-5, atol=1e-6)
+    if estimator == "dv":
+        assert eager.entropy_state["count"].item() == 8
 
 
 def test_capture_is_redone_after_a_checkpoint_load(fused_kernels, device):
@@ -283,7 +298,15 @@ def test_a_capture_that_fails_after_the_scaler_step_falls_back_to_eager(fused_ke
 
 
 @pytest.mark.parametrize(
-    "precision, extra", [("no", []), ("fp16", []), ("no", ["train.negatives=mala", "train.negatives_mala.steps=2"])]
+    "precision, extra",
+    [
+        ("no", []),
+        ("fp16", []),
+        ("no", ["train.negatives=mala", "train.negatives_mala.steps=2"]),
+        ("no", ["train.entropy_estimator=dv"]),
+        ("fp16", ["train.entropy_estimator=vera"]),
+        ("no", ["train.entropy_estimator=infonce", "train.entropy.infonce.negatives=3"]),
+    ],
 )
 def test_an_eager_iteration_never_syncs_with_the_host(fused_kernels, device, precision, extra):
     steps = _steps("off", precision, *extra)

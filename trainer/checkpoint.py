@@ -94,6 +94,9 @@ class TrainState:
     lr_scale: float = 1.0  # lowered by each divergence rollback, and kept across resumes
     lr_horizon: int = 0  # the learning-rate schedule's length, fixed when the run starts
     param_norms: dict[str, float] = field(default_factory=dict)  # each network's, when last saved
+    # The entropy estimator's state (DV's moving average), the same on every rank: MEGSteps' own device
+    # tensors, read at a save (a host sync, at checkpoints only) and filled in place by a load.
+    entropy_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
@@ -102,6 +105,7 @@ class TrainState:
             "lr_scale": self.lr_scale,
             "lr_horizon": self.lr_horizon,
             "param_norms": self.param_norms,
+            "entropy_state": {k: float(v) for k, v in self.entropy_state.items()},  # fp32 round-trips
             "version": package_version(),
         }
 
@@ -121,6 +125,14 @@ class TrainState:
         if not 0 < self.lr_scale <= 1:  # NaN too
             raise ValueError(f"lr_scale must be in (0, 1], got {self.lr_scale}")
         self.lr_horizon = _natural(state.get("lr_horizon", 0), "lr_horizon")
+        entropy = state.get("entropy_state", {})
+        if not isinstance(entropy, dict):
+            raise ValueError(f"entropy_state must be a mapping, got {entropy!r:.80}")
+        values = {str(k): float(v) for k, v in entropy.items()}
+        if not all(math.isfinite(v) for v in values.values()):
+            raise ValueError(f"entropy_state must hold finite numbers, got {values}")
+        for key, tensor in self.entropy_state.items():  # a key the checkpoint lacks: the fresh state, 0
+            tensor.fill_(values.get(key, 0.0))
 
 
 def _natural(value, key: str) -> int:

@@ -22,6 +22,7 @@ import yaml
 
 from data_pipeline.cli import ConfigError, shown
 from data_pipeline.config import DataConfig
+from models.entropy import EntropyConfig
 from models.factory import ModelConfig
 from models.mala import MALAConfig
 from trainer.checkpoint import CheckpointConfig
@@ -121,6 +122,11 @@ class TrainConfig:
     penalty_every: int = field(default=1, metadata={"range": "[1, 1e6]"})
     # Weight of the MI (entropy) term in the generator loss; the generator targets p ∝ exp(-E / it).
     entropy_weight: float = field(default=1.0, metadata={"range": "(0, inf)"})
+    # The generator's entropy term (models/entropy.py): MEG's Jensen-Shannon MI bound (jsd), Donsker-
+    # Varadhan with MINE's moving average (dv), NWJ, InfoNCE, SMILE, or VERA's variational entropy
+    # (learned output noise and posterior in T's place). Each one's settings: the entropy section.
+    entropy_estimator: Literal["jsd", "dv", "nwj", "infonce", "smile", "vera"] = "jsd"
+    entropy: EntropyConfig = field(default_factory=EntropyConfig)
     energy_optim: OptimConfig = field(default_factory=OptimConfig)
     generator_optim: OptimConfig = field(default_factory=OptimConfig)  # G and T together
     # Every lr decays linearly to lr * lr_final_factor by the last step, over the last
@@ -376,6 +382,11 @@ def _check_arch_keys(model: Any, preset_arch: str, overridden: set[str]) -> None
         )
 
 
+def vera_settings(cfg: RunConfig):
+    """VERA's settings when it is the run's entropy estimator (build_networks' ``vera``), else None."""
+    return cfg.train.entropy.vera if cfg.train.entropy_estimator == "vera" else None
+
+
 def _strings(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, str]]:
     for key, value in tree.items():
         if isinstance(value, dict):
@@ -424,10 +435,36 @@ def check_commands(cfg: RunConfig, allow_pipe: bool = False, trust_inception: bo
             os.environ.pop(env, None)
 
 
-def config_to_yaml(cfg: RunConfig) -> str:
-    """The configuration as a preset that loads back to it: without the keys of the architecture it
-    does not use (which a preset may not set)."""
+def config_to_yaml(cfg: RunConfig, choices: bool = False) -> str:
+    """The configuration as YAML that loads back to it, without the keys of the architecture it does not
+    use (which a preset may not set); ``choices`` (``--print-config``): every key that takes one of a
+    few values says which in a comment (``engine: ddp  # ddp | deepspeed``)."""
     tree = dataclasses.asdict(cfg)
     for key in ModelConfig.keys_of_another_arch(tree["model"]):
         del tree["model"][key]
-    return yaml.safe_dump(tree, sort_keys=False)
+    text = yaml.safe_dump(tree, sort_keys=False)
+    if not choices:
+        return text
+    literal = dict(_choice_fields(RunConfig))
+    lines, path = [], []
+    for line in text.splitlines():
+        m = re.match(r"^( *)([A-Za-z_]\w*):", line)
+        if m:
+            depth = len(m.group(1)) // 2
+            path = [*path[:depth], m.group(2)]
+            options = literal.get(".".join(path))
+            if options:
+                line += "  # " + " | ".join(map(str, options))
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def _choice_fields(cls: type, prefix: str = "") -> Iterator[tuple[str, tuple]]:
+    """(dotted key, choices) of every Literal field of ``cls`` and its sections."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        annotation = hints[f.name]
+        if typing.get_origin(annotation) is Literal:
+            yield prefix + f.name, typing.get_args(annotation)
+        elif dataclasses.is_dataclass(annotation):
+            yield from _choice_fields(annotation, f"{prefix}{f.name}.")

@@ -17,7 +17,7 @@ from data_pipeline.dataset import Dataset, open_dataset, write_toy_data
 from data_pipeline.storage import StopRequested
 from models import build_networks
 from trainer.checkpoint import Checkpoints, load_export, package_version
-from trainer.config import ConfigError, RunConfig, config_from_yaml, config_to_yaml
+from trainer.config import ConfigError, RunConfig, config_from_yaml, config_to_yaml, vera_settings
 from trainer.evaluation import build_evaluator
 from trainer.meg_trainer import MEGTrainer, Preempted, host_pinning
 from trainer.metrics import CurvesSink, JsonlSink, MetricsLogger, ProgressSink
@@ -107,6 +107,11 @@ def check_resumable(cfg: RunConfig, checkpoint: str, sample_shape: list[int]) ->
         for key in vars(cfg.model)
         if key != "kernels" and getattr(saved.model, key) != getattr(cfg.model, key)
     ]
+    if saved.train.entropy_estimator != cfg.train.entropy_estimator:
+        differences.append(
+            f"train.entropy_estimator: {saved.train.entropy_estimator!r} in the checkpoint, "
+            f"{cfg.train.entropy_estimator!r} now"
+        )
     if saved.train.engine != cfg.train.engine:
         differences.append(f"train.engine: {saved.train.engine!r} in the checkpoint, {cfg.train.engine!r} now")
     if list(info["sample_shape"]) != list(sample_shape):
@@ -163,7 +168,9 @@ def _train(
     manifest = dataset.manifest
     runtime.seed(cfg.train.seed, per_rank=False)  # identical initial networks on every rank
     try:
-        nets = build_networks(cfg.model, tuple(manifest.sample_shape), resolve_kernels(cfg, runtime))
+        nets = build_networks(
+            cfg.model, tuple(manifest.sample_shape), resolve_kernels(cfg, runtime), vera_settings(cfg)
+        )
     except ValueError as e:  # the models know no config errors: an architecture that cannot take this data
         raise ConfigError(f"model.arch={cfg.model.arch}: {e}") from None
     runtime.seed(cfg.train.seed, per_rank=True)  # different noise on each rank

@@ -155,7 +155,7 @@ def _main(args: argparse.Namespace, stop: threading.Event) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
-        print(config_to_yaml(cfg), end="")
+        print(config_to_yaml(cfg, choices=True), end="")
         return 0
     check_commands(cfg, allow_pipe=args.allow_pipe, trust_inception=args.trust_inception)
     check_launcher_precision(cfg)

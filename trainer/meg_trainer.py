@@ -99,7 +99,7 @@ class MEGTrainer:
         self.cfg, self.runtime, self.steps, self.stream = cfg, runtime, steps, stream
         self.logger, self.checkpoints, self.evaluator = logger, checkpoints, evaluator
         self.stop = stop or threading.Event()
-        self.state = TrainState(runtime.rank, runtime.world_size)
+        self.state = TrainState(runtime.rank, runtime.world_size, entropy_state=steps.entropy_state)
         self.guard = DivergenceGuard(cfg.train.guard)
         self.loaded: str | None = None  # the checkpoint last loaded (resume or rollback)
         self.window = MetricWindow(runtime, self.guard, cfg.train.energy_steps * cfg.data.batch_size)

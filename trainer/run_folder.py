@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 from models import MEGNetworks, build_networks
 from trainer.checkpoint import MISSING_FILE_LIST, CheckpointError, damage, list_checkpoints, load_export
-from trainer.config import RunConfig, config_from_yaml
+from trainer.config import RunConfig, config_from_yaml, vera_settings
 from trainer.nofollow import open_fd
 
 LOCK_FILE = ".lock"
@@ -156,7 +156,7 @@ def load_networks(run_dir: str, checkpoint: str | None = None) -> tuple[RunConfi
     checkpoint = resolve_checkpoint(run_dir, checkpoint)
     weights, info, config_yaml = load_export(checkpoint)
     cfg = config_from_yaml(config_yaml, os.path.join(checkpoint, "config.yaml"))
-    nets = build_networks(cfg.model, tuple(info["sample_shape"]))
+    nets = build_networks(cfg.model, tuple(info["sample_shape"]), vera=vera_settings(cfg))
     for name in ("energy", "generator", "statistics"):
         module = getattr(nets, name)
         try:

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from models import MEGNetworks, energy_loss, generator_loss, latent_mala
+from models.entropy import dv_bound, infonce_bound, new_dv_state, nwj_bound, smile_bound, vera_entropy
 from models.objectives import random_permutation
 from models.ops import EAGER, FUSED, FusedOps, kernels_for
 from models.ops.kernels import triton_available
@@ -86,6 +87,15 @@ class MEGSteps:
         self.capture_status = "on (CUDA graphs)" if self.capture else f"off: {capture_blocked}"
         # autocast's weight-cast cache must be off in a CUDA graph (its casts would be captured once).
         self.autocast_cache = not self.capture
+        # The entropy estimator's state (DV's moving average): device tensors updated in place inside
+        # the step, so that a captured graph replays the update; TrainState saves and restores them.
+        self.estimator = cfg.train.entropy_estimator
+        self.entropy_state: dict[str, Tensor] = new_dv_state(self.device) if self.estimator == "dv" else {}
+        if self.estimator == "infonce" and not cfg.train.entropy.infonce.negatives < self.batch_per_rank:
+            raise ConfigError(
+                f"train.entropy.infonce.negatives={cfg.train.entropy.infonce.negatives} must be below the batch "
+                f"per rank ({self.batch_per_rank}): its negatives are the batch's other latents"
+            )
         energy_fns = {flag: functools.partial(self._energy_step, penalty=flag) for flag in (True, False)}
         if self.capture:
             self._energy_fns = {flag: GraphedStep(fn, energy_update.discard_step) for flag, fn in energy_fns.items()}
@@ -110,9 +120,14 @@ class MEGSteps:
         if self.train_cfg.negatives == "mala":
             m = self.train_cfg.negatives_mala
             with frozen(self.energy, self.generator):  # MALA differentiates w.r.t. z only
-                return latent_mala(self.energy, self.generator, z, m.steps, m.step_size, m.temperature).x
-        with torch.no_grad():
-            return self.generator(z)
+                x = latent_mala(self.energy, self.generator, z, m.steps, m.step_size, m.temperature).x
+        else:
+            with torch.no_grad():
+                x = self.generator(z)
+        if self.estimator == "vera":  # VERA's generator is G(z) + sigma * noise
+            with torch.no_grad():
+                x = x + self.statistics()[0].to(x.dtype) * torch.randn_like(x)
+        return x
 
     def energy_step(self, x_real: Tensor, z: Tensor, penalty: bool = True) -> dict[str, Tensor]:
         return self._energy_fns[penalty](x_real, z)
@@ -147,13 +162,49 @@ class MEGSteps:
         update = self.generator_update
         with frozen(self.energy), self.runtime.autocast(cache=self.autocast_cache):
             x_fake = update.nets["generator"](z)
+            entropy = None
+            if self.estimator == "vera":
+                sigma, eta = update.nets["statistics"]()
+                x_fake = x_fake + sigma.to(x_fake.dtype) * torch.randn_like(x_fake)
+                entropy = functools.partial(self._vera, sigma=sigma, eta=eta)
+            elif self.estimator != "jsd":
+                entropy = functools.partial(self._mi_bound, statistics=update.nets["statistics"], perm=perm)
             loss, metrics = generator_loss(
-                self.energy, update.nets["statistics"], x_fake, z, self.train_cfg.entropy_weight, perm
+                self.energy, update.nets["statistics"], x_fake, z, self.train_cfg.entropy_weight, perm, entropy
             )
         update.zero_grad()
         update.backward(loss)
         metrics["skipped_steps"] = update.step()
         return metrics
+
+    def _mi_bound(self, x: Tensor, z: Tensor, statistics, perm: Tensor) -> tuple[Tensor, Tensor, None]:
+        """The MI bound ``train.entropy_estimator`` names (jsd runs generator_loss's own path)."""
+        e = self.train_cfg.entropy
+        if self.estimator == "dv":
+            reduce = self.runtime.mean_across_ranks if self.runtime.world_size > 1 else None
+            objective, estimate = dv_bound(statistics, x, z, perm, self.entropy_state, e.dv.rate, reduce)
+        elif self.estimator == "nwj":
+            objective, estimate = nwj_bound(statistics, x, z, perm)
+        elif self.estimator == "smile":
+            objective, estimate = smile_bound(statistics, x, z, perm, e.smile.clip)
+        else:
+            objective, estimate = infonce_bound(statistics, x, z, e.infonce.negatives)
+        return objective, estimate, None
+
+    def _vera(self, x: Tensor, z: Tensor, sigma: Tensor, eta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        # G(z) for the posterior's samples, with G's parameters detached: only eta (through the ELBO)
+        # and the score take anything from them. Buffers are copies (BatchNorm's running statistics stay).
+        generator = self.generator
+        state = {k: v.detach() for k, v in generator.named_parameters()}
+        state.update({k: v.clone() for k, v in generator.named_buffers()})
+
+        def generator_mean(latent: Tensor) -> Tensor:
+            return torch.func.functional_call(generator, state, (latent,))
+
+        samples = self.train_cfg.entropy.vera.posterior_samples
+        objective, estimate, posterior_loss = vera_entropy(generator_mean, x, z, sigma, eta, samples)
+        # The ELBO's gradient only: the generator loss's value stays E - entropy_weight * H's estimate.
+        return objective, estimate, posterior_loss - posterior_loss.detach()
 
     def iteration(self, step: int, next_batch: Callable[[], Tensor]) -> dict[str, Tensor]:
         """Generator step ``step`` + 1: its energy steps, then its generator step. Returns their
