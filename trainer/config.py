@@ -120,6 +120,9 @@ class TrainConfig:
     penalty_every: int = field(default=1, metadata={"range": "[1, 1e6]"})
     # Weight of the MI (entropy) term in the generator loss; the generator targets p ∝ exp(-E / it).
     entropy_weight: float = field(default=1.0, metadata={"range": "(0, inf)"})
+    # Decay of an exponential moving average of G's weights, updated after every generator step (0: off).
+    # Evaluation, the sample tool and the weights export's "generator_ema." tensors use the average.
+    generator_ema: float = field(default=0.0, metadata={"range": "[0, 1)"})
     energy_optim: OptimConfig = field(default_factory=OptimConfig)
     generator_optim: OptimConfig = field(default_factory=OptimConfig)  # G and T together
     # Every lr decays linearly to lr * lr_final_factor by the last step, over the last

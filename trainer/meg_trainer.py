@@ -105,9 +105,14 @@ class MEGTrainer:
         return checkpoint_step(checkpoint) if checkpoint is not None else None
 
     def _load(self, path: str | None) -> str | None:
-        self.loaded = self.checkpoints.load_newest(self.runtime, self.state, path)
+        self.loaded = self.checkpoints.load_newest(self.runtime, self.state, path, self._restore_extra)
         self.steps.after_checkpoint_load()
         return self.loaded
+
+    def _restore_extra(self, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+        warning = self.steps.load_extra_weights(weights)
+        if warning and self.runtime.is_main:
+            print(f"warning: {warning}", flush=True)
 
     def _iteration_data(self, batches: Iterator[tuple[torch.Tensor, int, int]]) -> list:
         """The iteration's batches, fetched before it runs: a stop while waiting for them loses no update."""
@@ -153,8 +158,11 @@ class MEGTrainer:
     def evaluate(self, step: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
         if self.evaluator is not None:
-            # The fp32 weights the checkpoint exports (every rank: DeepSpeed gathers its masters).
+            # The fp32 weights the checkpoint exports (every rank: DeepSpeed gathers its masters); G's
+            # average in place of G when train.generator_ema keeps one.
             energy, generator = (self.runtime.for_evaluation(m) for m in (self.steps.energy, self.steps.generator))
+            if self.steps.ema is not None:
+                generator = self.steps.ema.module
             if self.runtime.is_main:
                 # Its own seed on forked generators (CPU and device): training is the same with or without
                 # evaluations, and meg-evaluate on this step's checkpoint draws the same samples.
@@ -167,7 +175,7 @@ class MEGTrainer:
     def _save(self) -> None:
         """A checkpoint of the current state, once the guard has seen sane weights (collective)."""
         self.guard.check_parameters(dict(zip(NETWORK_NAMES, self.steps.modules())), self.state.step)
-        self.checkpoints.save(self.runtime, self.state)
+        self.checkpoints.save(self.runtime, self.state, self.steps.extra_weights())
         self.logger.checkpointed(self.state.step)
 
     def train(self) -> dict[str, float]:
@@ -185,7 +193,8 @@ class MEGTrainer:
                 break
             except Diverged as error:
                 self._roll_back(error)
-        last["ranks_in_sync"] = float(self.runtime.ranks_in_sync(*self.steps.modules()))
+        averaged = (self.steps.ema.module,) if self.steps.ema is not None else ()
+        last["ranks_in_sync"] = float(self.runtime.ranks_in_sync(*self.steps.modules(), *averaged))
         if not last["ranks_in_sync"]:
             raise RuntimeError("ranks finished with different parameters: the process group did not synchronise")
         return last
