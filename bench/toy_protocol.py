@@ -166,7 +166,7 @@ def protocol(args: argparse.Namespace) -> int:
                 tail = open(os.path.join(folder, "protocol.log")).read()[-2000:]
                 print(f"seed {seed}: FAILED (exit {proc.returncode}); the end of its log:\n{tail}", flush=True)
                 continue
-            rows[seed] = read_row(folder, seed)
+            rows[seed] = {**read_row(folder, seed), "num_samples": args.samples}
             r = rows[seed]
             done = len(rows) + len(failed)
             eta = (time.monotonic() - start) / done * (len(seeds) - done)
