@@ -105,14 +105,9 @@ class MEGTrainer:
         return checkpoint_step(checkpoint) if checkpoint is not None else None
 
     def _load(self, path: str | None) -> str | None:
-        self.loaded = self.checkpoints.load_newest(self.runtime, self.state, path, self._restore_extra)
+        self.loaded = self.checkpoints.load_newest(self.runtime, self.state, path, self.steps.load_extra_weights)
         self.steps.after_checkpoint_load()
         return self.loaded
-
-    def _restore_extra(self, weights: dict[str, dict[str, torch.Tensor]]) -> None:
-        warning = self.steps.load_extra_weights(weights)
-        if warning and self.runtime.is_main:
-            print(f"warning: {warning}", flush=True)
 
     def _iteration_data(self, batches: Iterator[tuple[torch.Tensor, int, int]]) -> list:
         """The iteration's batches, fetched before it runs: a stop while waiting for them loses no update."""
@@ -158,11 +153,8 @@ class MEGTrainer:
     def evaluate(self, step: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
         if self.evaluator is not None:
-            # The fp32 weights the checkpoint exports (every rank: DeepSpeed gathers its masters); G's
-            # average in place of G when train.generator_ema keeps one.
-            energy, generator = (self.runtime.for_evaluation(m) for m in (self.steps.energy, self.steps.generator))
-            if self.steps.ema is not None:
-                generator = self.steps.ema.module
+            # The fp32 weights the checkpoint exports (every rank: DeepSpeed gathers its masters), G's EMA if kept.
+            energy, generator = self.runtime.for_evaluation(self.steps.energy), self.steps.evaluation_generator()
             if self.runtime.is_main:
                 # Its own seed on forked generators (CPU and device): training is the same with or without
                 # evaluations, and meg-evaluate on this step's checkpoint draws the same samples.
@@ -193,8 +185,7 @@ class MEGTrainer:
                 break
             except Diverged as error:
                 self._roll_back(error)
-        averaged = (self.steps.ema.module,) if self.steps.ema is not None else ()
-        last["ranks_in_sync"] = float(self.runtime.ranks_in_sync(*self.steps.modules(), *averaged))
+        last["ranks_in_sync"] = float(self.runtime.ranks_in_sync(*self.steps.modules(), *self.steps.averaged()))
         if not last["ranks_in_sync"]:
             raise RuntimeError("ranks finished with different parameters: the process group did not synchronise")
         return last

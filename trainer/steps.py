@@ -210,21 +210,32 @@ class MEGSteps:
     def modules(self) -> tuple[nn.Module, nn.Module, nn.Module]:
         return self.energy, self.generator, self.statistics
 
+    def averaged(self) -> tuple[nn.Module, ...]:
+        """The generator's EMA copy, when train.generator_ema keeps one (every rank's must agree)."""
+        return () if self.ema is None else (self.ema.module,)
+
+    def evaluation_generator(self) -> nn.Module:
+        """What evaluation samples from: G's EMA when kept, else G's fp32 weights (a collective under DeepSpeed)."""
+        return self.ema.module if self.ema is not None else self.runtime.for_evaluation(self.generator)
+
     def extra_weights(self) -> dict[str, dict[str, Tensor]]:
         """What a checkpoint saves beside E, G and T: the generator's average, when there is one."""
         return {} if self.ema is None else {EMA_NETWORK: self.ema.state_dict()}
 
     def load_extra_weights(self, weights: dict[str, dict[str, Tensor]]) -> str | None:
         """Restores the generator's average from a checkpoint's weights, just loaded into G; a
-        checkpoint without one (EMA off when it was written) starts the average at G. Returns a
-        warning for the log, or None."""
+        checkpoint without one (EMA off when it was written) starts the average at G, with a warning
+        (printed by the main process, and returned)."""
         if self.ema is None:
             return None
         if weights.get(EMA_NETWORK):
             self.ema.load_state_dict(weights[EMA_NETWORK])
             return None
         self.ema.load_state_dict(weights["generator"])
-        return "the checkpoint holds no generator EMA (train.generator_ema was 0): the average starts at G"
+        warning = "the checkpoint holds no generator EMA (train.generator_ema was 0): the average starts at G"
+        if self.runtime.is_main:
+            print(f"warning: {warning}", flush=True)
+        return warning
 
 
 def build_steps(cfg: RunConfig, runtime, nets: MEGNetworks, ops: FusedOps | None = None) -> MEGSteps:
