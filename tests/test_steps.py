@@ -8,7 +8,7 @@ from models.ops import EAGER, FUSED, TORCH_KERNELS, use_kernels
 from trainer import steps as steps_module
 from trainer.capture import capture_blocker
 from trainer.checkpoint import Checkpoints
-from trainer.config import load_config
+from trainer.config import ConfigError, load_config
 from trainer.guard import DivergenceGuard, GuardConfig
 from trainer.meg_trainer import MEGTrainer
 from trainer.metrics import MetricsLogger, MetricWindow
@@ -255,3 +255,41 @@ def test_the_runtimes_rng_fork_gives_every_generator_back():
     with runtime.fork_rng():
         torch.rand(100)
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_generator_ema_follows_the_generator_by_its_decay_and_leaves_training_alone():
+    # train.generator_ema=0.5: after each iteration ema = 0.5 ema + 0.5 G, computed here by hand from
+    # G's weights after each step; the raw networks train exactly as with the EMA off.
+    x = torch.randn(32, 2)
+    on, off = _steps("train.generator_ema=0.5"), _steps()
+    assert off.ema is None and off.extra_weights() == {}
+    expected = {k: v.clone() for k, v in on.generator.state_dict().items()}
+    for step in range(3):
+        torch.manual_seed(step)
+        on.iteration(step, lambda: x)
+        torch.manual_seed(step)
+        off.iteration(step, lambda: x)
+        expected = {k: 0.5 * expected[k] + 0.5 * v for k, v in on.generator.state_dict().items()}
+    for a, b in zip(on.modules(), off.modules()):
+        for (key, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(p, q), key
+    saved = on.extra_weights()["generator_ema"]
+    assert saved.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(saved[key], expected[key], rtol=0, atol=1e-6)
+    assert any(not torch.allclose(saved[k], v) for k, v in on.generator.state_dict().items())  # it lags G
+    # A checkpoint's weights restore it; one without it (EMA off when written) starts it at G.
+    fresh = _steps("train.generator_ema=0.5")
+    assert fresh.load_extra_weights({"generator": on.generator.state_dict(), "generator_ema": saved}) is None
+    assert all(torch.equal(fresh.ema.state_dict()[k], saved[k]) for k in saved)
+    warning = fresh.load_extra_weights({"generator": on.generator.state_dict()})
+    assert "no generator EMA" in warning
+    assert all(torch.equal(fresh.ema.state_dict()[k], v) for k, v in on.generator.state_dict().items())
+
+
+def test_generator_ema_decay_is_a_config_field_with_a_range():
+    assert load_config("toy_25gaussians").train.generator_ema == 0.0  # off: today's runs unchanged
+    assert load_config("toy_25gaussians", ["train.generator_ema=0.999"]).train.generator_ema == 0.999
+    for bad in ("1", "1.5", "-0.1"):
+        with pytest.raises(ConfigError, match="train.generator_ema"):
+            load_config("toy_25gaussians", [f"train.generator_ema={bad}"])

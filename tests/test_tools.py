@@ -120,3 +120,25 @@ def test_fid_tool_caches_statistics_that_evaluation_reads(tmp_path):
     assert result.returncode == 0, result.stderr
     stats = np.load(out)
     assert stats["mu"].shape == (2048,) and stats["cov"].shape == (2048, 2048)
+
+
+def test_evaluation_and_the_tools_read_the_generator_ema(tmp_path):
+    # train.generator_ema on: the export holds G's average beside G, load_networks (the sample and
+    # evaluate tools) gives the average as the generator, and the run's own final evaluation scored
+    # the same weights: meg-evaluate on that checkpoint gives its numbers.
+    from safetensors.torch import load_file
+
+    from trainer.run_folder import load_networks
+
+    run_trainer(tiny_overrides(tmp_path, steps=10) + ["train.generator_ema=0.5", "eval.mala.steps=3"])
+    run = tmp_path / "run"
+    weights = load_file(run / "checkpoints" / "step_00000010" / "weights.safetensors")
+    _, nets, _, _ = load_networks(str(run))
+    loaded = nets.generator.state_dict()
+    assert all((loaded[k] == weights[f"generator_ema.{k}"]).all() for k in loaded)
+    assert any(not (loaded[k] == weights[f"generator.{k}"]).all() for k in loaded)
+    evaluated = _tool("trainer.evaluate", "--run", str(run))
+    assert evaluated.returncode == 0, evaluated.stderr
+    during = json.loads((run / "eval" / "step_00000010.json").read_text())
+    after = json.loads((run / "eval" / "eval_step_00000010.json").read_text())
+    assert json.dumps(during, sort_keys=True) == json.dumps(after, sort_keys=True)  # NaN alike too

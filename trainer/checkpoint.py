@@ -58,6 +58,7 @@ STATE_FILE = "trainer_state.json"
 ENGINE_DIR = "engine"
 FILES_FILE = "files.json"
 NETWORKS = ("energy", "generator", "statistics")
+EMA_NETWORK = "generator_ema"  # train.generator_ema's average of G: in the export only when it is on
 NORM_TOLERANCE = 1e-4  # relative: a norm recomputed from the same fp32 weights agrees far closer
 
 
@@ -194,7 +195,8 @@ def set_rng_state(state: dict) -> None:
 
 def write_export(folder: str, weights: dict[str, dict[str, torch.Tensor]], config_yaml: str, info: dict) -> None:
     """weights.safetensors (E, G, T; ``info`` in its metadata, as JSON strings) and config.yaml."""
-    flat = {f"{net}.{key}": tensor.contiguous() for net in NETWORKS for key, tensor in weights[net].items()}
+    nets = [*NETWORKS, EMA_NETWORK] if weights.get(EMA_NETWORK) else NETWORKS
+    flat = {f"{net}.{key}": tensor.contiguous() for net in nets for key, tensor in weights[net].items()}
     meta = {"format": "meg-weights-1", "version": package_version(), **{k: json.dumps(v) for k, v in info.items()}}
     save_file(flat, os.path.join(folder, WEIGHTS_FILE), metadata=meta)
     with write_replacing(os.path.join(folder, CONFIG_FILE)) as f:
@@ -202,25 +204,28 @@ def write_export(folder: str, weights: dict[str, dict[str, torch.Tensor]], confi
 
 
 def load_export(checkpoint: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict, str]:
-    """(E's, G's and T's state dicts, the export's metadata, the config.yaml text) of a checkpoint."""
+    """(E's, G's and T's state dicts, and G's average under "generator_ema" when the run kept one; the
+    export's metadata; the config.yaml text) of a checkpoint."""
     path = os.path.join(checkpoint, WEIGHTS_FILE)
     if not os.path.isfile(path):
         raise CheckpointError(
             f"{checkpoint} has no {WEIGHTS_FILE}: not a checkpoint, or written by a version before the weights "
             "export (retrain, or sample it with that version)"
         )
-    weights: dict[str, dict[str, torch.Tensor]] = {net: {} for net in NETWORKS}
+    weights: dict[str, dict[str, torch.Tensor]] = {net: {} for net in (*NETWORKS, EMA_NETWORK)}
     try:
         with safe_open(path, framework="pt") as f:
             raw = f.metadata() or {}
             for name in f.keys():
                 net, key = name.split(".", 1) if "." in name else ("", name)
                 if net not in weights:
-                    raise ValueError(f"a tensor {name!r} of no network ({', '.join(NETWORKS)})")
+                    raise ValueError(f"a tensor {name!r} of no network ({', '.join(weights)})")
                 weights[net][key] = f.get_tensor(name)
         info = {k: (v if k in ("format", "version") else json.loads(v)) for k, v in raw.items()}
     except (SafetensorError, ValueError, OSError) as e:
         raise CheckpointError(f"{path} is not a readable weights file: {_short(e)}") from None
+    if not weights[EMA_NETWORK]:
+        del weights[EMA_NETWORK]
     with open(os.path.join(checkpoint, CONFIG_FILE)) as f:
         return weights, info, f.read()
 
@@ -349,7 +354,7 @@ def content_damage(folder: str) -> str | None:
             raw = f.metadata() or {}
             names = list(f.keys())
         json.loads(raw.get("sample_shape", "null"))
-        if not names or any(name.split(".", 1)[0] not in NETWORKS for name in names):
+        if not names or any(name.split(".", 1)[0] not in (*NETWORKS, EMA_NETWORK) for name in names):
             return f"{WEIGHTS_FILE} does not hold the three networks' tensors"
     except FileNotFoundError:
         return f"{WEIGHTS_FILE} is missing"
@@ -402,16 +407,17 @@ class Checkpoints:
             chosen = int(runtime.sum_across_ranks(torch.tensor([chosen + 1], device=runtime.device)).item()) - 1
         return found[chosen] if chosen >= 0 else None
 
-    def save(self, runtime, state: TrainState) -> str:
+    def save(self, runtime, state: TrainState, extra: dict[str, dict[str, torch.Tensor]] | None = None) -> str:
         """Writes ``step_XXXXXXXX`` (a folder already there is moved aside, never overwritten), then
-        prunes. A full disk or another OSError is a CheckpointError naming the folder; the partial
-        folder is removed and the older checkpoints stay as they were."""
+        prunes. ``extra``: weights the trainer keeps beside the engines' (the generator's EMA). A full
+        disk or another OSError is a CheckpointError naming the folder; the partial folder is removed
+        and the older checkpoints stay as they were."""
         final = os.path.join(self.folder, f"step_{state.step:08d}")
         partial = final + ".partial"
         # Every rank's stream position, in rank order.
         mine = torch.tensor([state.position.epoch, state.position.batches_done], device=runtime.device)
         state.rank_positions = [{"epoch": e, "batches_done": b} for e, b in runtime.all_gather(mine).tolist()]
-        weights = runtime.fp32_state_dicts()  # a collective under DeepSpeed
+        weights = {**runtime.fp32_state_dicts(), **(extra or {})}  # a collective under DeepSpeed
         try:
             if runtime.is_main:
                 state.param_norms = parameter_norms(weights)
@@ -486,10 +492,10 @@ class Checkpoints:
             self.verified[path] = damage(path) is None
         return self.verified[path]
 
-    def load(self, path: str, runtime, state: TrainState) -> None:
+    def load(self, path: str, runtime, state: TrainState, restore_extra=None) -> None:
         """Restores ``path``. Everything is read and checked first (the weights finite and as large
         as when they were saved): a damaged checkpoint is a CheckpointError naming the file, and
-        nothing of it is restored."""
+        nothing of it is restored. ``restore_extra(weights)``: restores what ``save``'s ``extra`` held."""
         problem, rng, saved = None, None, {}
         try:
             weights, _, _ = load_export(path)
@@ -515,16 +521,18 @@ class Checkpoints:
         if problem is not None:
             raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
         runtime.restore(os.path.join(path, ENGINE_DIR), weights)
+        if restore_extra is not None:
+            restore_extra(weights)
         if rng is not None:
             set_rng_state(rng)
         state.load_json(saved)
 
-    def load_newest(self, runtime, state: TrainState, path: str | None) -> str | None:
+    def load_newest(self, runtime, state: TrainState, path: str | None, restore_extra=None) -> str | None:
         """Loads ``path`` or, when it turns out damaged, the newest intact checkpoint before it;
         returns the one loaded (None: none could be)."""
         while path is not None:
             try:
-                self.load(path, runtime, state)
+                self.load(path, runtime, state, restore_extra)
                 return path
             except CheckpointError as e:
                 if runtime.is_main:

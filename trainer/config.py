@@ -127,6 +127,9 @@ class TrainConfig:
     # (learned output noise and posterior in T's place). Each one's settings: the entropy section.
     entropy_estimator: Literal["jsd", "dv", "nwj", "infonce", "smile", "vera"] = "jsd"
     entropy: EntropyConfig = field(default_factory=EntropyConfig)
+    # Decay of an exponential moving average of G's weights, updated after every generator step (0: off).
+    # Evaluation, the sample tool and the weights export's "generator_ema." tensors use the average.
+    generator_ema: float = field(default=0.0, metadata={"range": "[0, 1)"})
     energy_optim: OptimConfig = field(default_factory=OptimConfig)
     generator_optim: OptimConfig = field(default_factory=OptimConfig)  # G and T together
     # Every lr decays linearly to lr * lr_final_factor by the last step, over the last

@@ -114,7 +114,7 @@ class MEGTrainer:
         return checkpoint_step(checkpoint) if checkpoint is not None else None
 
     def _load(self, path: str | None) -> str | None:
-        self.loaded = self.checkpoints.load_newest(self.runtime, self.state, path)
+        self.loaded = self.checkpoints.load_newest(self.runtime, self.state, path, self.steps.load_extra_weights)
         self.steps.after_checkpoint_load()
         return self.loaded
 
@@ -162,8 +162,8 @@ class MEGTrainer:
     def evaluate(self, step: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
         if self.evaluator is not None:
-            # The fp32 weights the checkpoint exports (every rank: DeepSpeed gathers its masters).
-            energy, generator = (self.runtime.for_evaluation(m) for m in (self.steps.energy, self.steps.generator))
+            # The fp32 weights the checkpoint exports (every rank: DeepSpeed gathers its masters), G's EMA if kept.
+            energy, generator = self.runtime.for_evaluation(self.steps.energy), self.steps.evaluation_generator()
             if self.runtime.is_main:
                 # Its own seed on forked generators (CPU and device): training is the same with or without
                 # evaluations, and meg-evaluate on this step's checkpoint draws the same samples.
@@ -176,7 +176,7 @@ class MEGTrainer:
     def _save(self) -> None:
         """A checkpoint of the current state, once the guard has seen sane weights (collective)."""
         self.guard.check_parameters(dict(zip(NETWORK_NAMES, self.steps.modules())), self.state.step)
-        self.checkpoints.save(self.runtime, self.state)
+        self.checkpoints.save(self.runtime, self.state, self.steps.extra_weights())
         self.logger.checkpointed(self.state.step)
 
     def train(self) -> dict[str, float]:
@@ -194,7 +194,7 @@ class MEGTrainer:
                 break
             except Diverged as error:
                 self._roll_back(error)
-        last["ranks_in_sync"] = float(self.runtime.ranks_in_sync(*self.steps.modules()))
+        last["ranks_in_sync"] = float(self.runtime.ranks_in_sync(*self.steps.modules(), *self.steps.averaged()))
         if not last["ranks_in_sync"]:
             raise RuntimeError("ranks finished with different parameters: the process group did not synchronise")
         return last

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 
 from models import MEGNetworks, build_networks
-from trainer.checkpoint import MISSING_FILE_LIST, CheckpointError, damage, list_checkpoints, load_export
+from trainer.checkpoint import EMA_NETWORK, MISSING_FILE_LIST, CheckpointError, damage, list_checkpoints, load_export
 from trainer.config import RunConfig, config_from_yaml, vera_settings
 from trainer.nofollow import open_fd
 
@@ -152,9 +152,12 @@ def resolve_checkpoint(run_dir: str, checkpoint: str | None = None) -> str:
 
 def load_networks(run_dir: str, checkpoint: str | None = None) -> tuple[RunConfig, MEGNetworks, str, dict]:
     """The checkpoint's config, its networks (eager kernels, eval mode, CPU), the checkpoint folder
-    used, and the export's metadata (sample_shape, dataset, step, version)."""
+    used, and the export's metadata (sample_shape, dataset, step, version). The generator holds the
+    generator's EMA when the run kept one (train.generator_ema), as the trainer's evaluation used."""
     checkpoint = resolve_checkpoint(run_dir, checkpoint)
     weights, info, config_yaml = load_export(checkpoint)
+    if EMA_NETWORK in weights:
+        weights["generator"] = weights[EMA_NETWORK]
     cfg = config_from_yaml(config_yaml, os.path.join(checkpoint, "config.yaml"))
     nets = build_networks(cfg.model, tuple(info["sample_shape"]), vera=vera_settings(cfg))
     for name in ("energy", "generator", "statistics"):

@@ -29,7 +29,9 @@ from models.objectives import random_permutation
 from models.ops import EAGER, FUSED, FusedOps, kernels_for
 from models.ops.kernels import triton_available
 from trainer.capture import GraphedStep, capture_blocker
+from trainer.checkpoint import EMA_NETWORK
 from trainer.config import ConfigError, OptimConfig, RunConfig
+from trainer.ema import GeneratorEMA
 from trainer.runtime import frozen
 
 
@@ -79,6 +81,8 @@ class MEGSteps:
         self.energy = energy_update.modules["energy"]
         self.generator = generator_update.modules["generator"]
         self.statistics = generator_update.modules["statistics"]
+        # train.generator_ema: the average of G that evaluation reads (None: off), updated after each G step.
+        self.ema = GeneratorEMA(self.generator, cfg.train.generator_ema) if cfg.train.generator_ema > 0 else None
         self.batch_per_rank = cfg.data.batch_size // runtime.world_size
         self.device = runtime.device
         # What the start-up line says: the fused ops in use and which kernels run them.
@@ -223,6 +227,8 @@ class MEGSteps:
         out["penalty"] = total["penalty"] / total["penalty_steps"].clamp(min=1)
         out["penalty_steps"] = total["penalty_steps"]
         generator = self.generator_step(self.sample_z())
+        if self.ema is not None:
+            self.ema.update(self.generator)
         out.update({k: v for k, v in generator.items() if k != "skipped_steps"})
         out["skipped_steps"] = total["skipped_steps"] + generator["skipped_steps"]
         return out
@@ -261,6 +267,33 @@ class MEGSteps:
 
     def modules(self) -> tuple[nn.Module, nn.Module, nn.Module]:
         return self.energy, self.generator, self.statistics
+
+    def averaged(self) -> tuple[nn.Module, ...]:
+        """The generator's EMA copy, when train.generator_ema keeps one (every rank's must agree)."""
+        return () if self.ema is None else (self.ema.module,)
+
+    def evaluation_generator(self) -> nn.Module:
+        """What evaluation samples from: G's EMA when kept, else G's fp32 weights (a collective under DeepSpeed)."""
+        return self.ema.module if self.ema is not None else self.runtime.for_evaluation(self.generator)
+
+    def extra_weights(self) -> dict[str, dict[str, Tensor]]:
+        """What a checkpoint saves beside E, G and T: the generator's average, when there is one."""
+        return {} if self.ema is None else {EMA_NETWORK: self.ema.state_dict()}
+
+    def load_extra_weights(self, weights: dict[str, dict[str, Tensor]]) -> str | None:
+        """Restores the generator's average from a checkpoint's weights, just loaded into G; a
+        checkpoint without one (EMA off when it was written) starts the average at G, with a warning
+        (printed by the main process, and returned)."""
+        if self.ema is None:
+            return None
+        if weights.get(EMA_NETWORK):
+            self.ema.load_state_dict(weights[EMA_NETWORK])
+            return None
+        self.ema.load_state_dict(weights["generator"])
+        warning = "the checkpoint holds no generator EMA (train.generator_ema was 0): the average starts at G"
+        if self.runtime.is_main:
+            print(f"warning: {warning}", flush=True)
+        return warning
 
 
 def build_steps(cfg: RunConfig, runtime, nets: MEGNetworks, ops: FusedOps | None = None) -> MEGSteps:

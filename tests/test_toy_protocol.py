@@ -1,0 +1,73 @@
+"""bench/toy_protocol.py: N seeds trained and scored by the evaluate tool, and a table of their mean ± std."""
+
+import contextlib
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO_ROOT, subprocess_env, tiny_overrides
+
+TOOL = [sys.executable, "bench/toy_protocol.py"]
+_spec = importlib.util.spec_from_file_location("toy_protocol", REPO_ROOT / "bench" / "toy_protocol.py")
+toy_protocol = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(toy_protocol)
+
+
+def _protocol(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*TOOL, *args], cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_the_table_is_the_mean_and_std_of_the_seeds_own_evaluations(tmp_path):
+    out = tmp_path / "protocol"
+    tiny = [o for o in tiny_overrides(tmp_path, steps=10) if not o.startswith("output_dir=")]
+    result = _protocol("--seeds", "2", "--jobs", "2", "--samples", "400", "--out", str(out), "--label", "tiny",
+                       *tiny, "eval.mala.steps=2")  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "seed 0: done" in result.stdout and "seed 1: done" in result.stdout
+    # Each seed's own evaluation JSON, as the evaluate tool wrote it for the final checkpoint.
+    evals = [json.loads((out / f"seed_{s}" / "eval" / "eval_step_00000010.json").read_text()) for s in (0, 1)]
+    assert evals[0]["density_nll_t1"] != evals[1]["density_nll_t1"]  # two seeds, two runs: a std to check
+    rows = json.loads((out / "rows.json").read_text())
+    assert [r["seed"] for r in rows] == [0, 1] and all(r["num_samples"] == 400 for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    table = (out / "table.md").read_text()
+    assert table.strip() in result.stdout
+    cells = next(line for line in table.splitlines() if line.startswith("| tiny |")).split(" | ")
+    for key in ("modes_hit", "high_quality_share", "density_nll_tw", "density_nll_t1", "density_nll_best"):
+        values = np.array([e[key] for e in evals], dtype=float)
+        assert [r[key] for r in rows] == [e[key] for e in evals]
+        mean, std = summary[key]
+        assert mean == pytest.approx(values.mean(), rel=1e-12) and std == pytest.approx(values.std(ddof=1), rel=1e-12)
+    # The markdown cells, as printed: NLL at T=1 with three decimals, the share in percent.
+    nll = np.array([e["density_nll_t1"] for e in evals])
+    assert f"{nll.mean():.3f} ± {nll.std(ddof=1):.3f}" in cells
+    share = np.array([e["high_quality_share"] for e in evals])
+    assert f"{share.mean():.1%} ± {share.std(ddof=1):.1%}" in cells
+    assert math.isclose(summary["density_nll_true"][0], evals[0]["density_nll_true"])
+    # --collect rebuilds the same table from the folder.
+    collected = _protocol("--collect", str(out))
+    row = next(line for line in table.splitlines() if line.startswith("| tiny |"))
+    assert collected.returncode == 0 and row in collected.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train.seed=3"], "the tool sets train.seed and output_dir itself"),
+        (["--config", "toy_swissroll"], "has no modes"),
+        (["--config", "kdd99"], "needs a toy preset"),
+        (["train.steps=0"], "train.steps"),
+    ],
+)
+def test_mistakes_are_refused_before_any_training(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) if args[0] == "train.seed=3" else contextlib.nullcontext():  # argparse exits
+        assert toy_protocol.main(["--out", str(tmp_path / "p"), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
