@@ -297,3 +297,10 @@ def test_switching_a_presets_architecture_drops_its_widths_but_not_the_overrides
     assert cfg.model.arch == "conv" and cfg.model.conv_width == 4
     with pytest.raises(ConfigError, match=r"model\.hidden: not read by model\.arch=conv"):
         load_config("toy_25gaussians", ["model.arch=conv", "model.hidden=[8]"])
+
+
+def test_what_fsdp_does_not_support_is_refused_at_load():
+    with pytest.raises(ConfigError, match="train.generator_ema averages whole generator weights"):
+        load_config("toy_25gaussians", ["train.engine=fsdp", "train.generator_ema=0.99"])
+    with pytest.raises(ConfigError, match="train.entropy_estimator=vera is not supported with train.engine=fsdp"):
+        load_config("toy_25gaussians", ["train.engine=fsdp", "train.entropy_estimator=vera"])
