@@ -229,17 +229,13 @@ def _references(summary: dict) -> str:
 
 
 def _prepare_data(args: argparse.Namespace) -> None:
-    """Writes the preset's toy shards once, before seeds run side by side (each would write them)."""
+    """Writes the preset's toy shards once, before seeds run side by side (each would write them);
+    from seed 0, as the trainer's own first run would."""
+    from data_pipeline import write_toy_data
     from trainer.config import load_config
-    from trainer.job import ensure_toy_data
 
-    class _One:  # ensure_toy_data's view of a one-process runtime
-        is_main = True
-
-        def barrier(self) -> None:
-            pass
-
-    ensure_toy_data(load_config(args.config, [*args.overrides, "train.seed=0"]), _One())
+    cfg = load_config(args.config, [*args.overrides, "train.seed=0"])
+    write_toy_data(cfg.data, cfg.train.seed)
 
 
 def _quote(cmd: list[str]) -> str:
