@@ -14,7 +14,8 @@ webdataset's opener table, which sends every remote scheme to fsspec), parsed in
 worker), and cut into batches. Workers hand over chunks of ``chunk_batches`` consecutive batches
 (about 8 MiB); batches hold samples as stored, and the consumer decodes them on its device
 (decode_samples). Workers are threads (the default: numpy runs outside the GIL and nothing is
-copied between processes) or DataLoader processes (chunks travel in shared memory).
+copied between processes) or DataLoader processes (chunks travel in shared memory), run by
+reader_pool.py.
 
 Resuming: chunks are taken from the workers round-robin, skipping exhausted ones, and the order of
 each worker's batches is a pure function of (seed, epoch, rank), so a position is just (epoch,
@@ -33,12 +34,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import queue
 import random
-import signal
-import sys
-import threading
-import time
 from collections.abc import Callable, Iterator
 from functools import partial
 
@@ -46,14 +42,15 @@ import braceexpand
 import fsspec
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from data_pipeline.cli import ConfigError
 from data_pipeline.config import DEFAULT_MAX_SAMPLE_BYTES, WORKER_TYPES, StreamPosition
 from data_pipeline.decode import DecodeSpec, gunzip_shard, is_meg_layout, parse_webdataset_shard
+from data_pipeline.reader_pool import ChunkReaders, Pin, pinned, start_readers
 from data_pipeline.shard_reader import CorruptShard, SampleTooLarge, ShardArrays, parse_shard
 from data_pipeline.shards import COMMAND_SCHEMES, DataError, Manifest, ShardInfo, is_command_url, read_manifest
-from data_pipeline.storage import StopRequested, bounded, stop_on
+from data_pipeline.storage import bounded
 
 log = logging.getLogger(__name__)
 
@@ -355,135 +352,6 @@ def _chunk(
     }
 
 
-def _no_collate(batch: dict) -> dict:
-    return batch
-
-
-# Thread workers share the consumer's memory, so a chunk costs nothing to hand over; the work in a
-# worker is numpy on whole shards and file reads, which release the GIL, so threads run in
-# parallel. Process workers (a DataLoader) isolate the reading but pay for every byte they send.
-_DONE = object()
-READER_JOIN_SECONDS = 5.0
-
-
-def _read_into(source: Callable[[], Iterator[dict]], out: queue.Queue, stop: threading.Event, finished) -> None:
-    """A reader thread: ``source``'s chunks into ``out`` until it ends (then _DONE) or fails (then its
-    error); gives up when ``stop`` is set."""
-
-    def put(item: object) -> bool:
-        while not stop.is_set():
-            try:
-                out.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    chunks = source()
-    try:
-        with stop_on(stop):  # its storage waits end when its readers are closed
-            for chunk in chunks:
-                if not put(chunk):
-                    return
-    except BaseException as e:  # noqa: BLE001 (handed to the consumer, which raises it)
-        finished.set()
-        put(e)
-        return
-    finally:
-        chunks.close()  # now, on this thread: see _loader_chunks
-    finished.set()
-    put(_DONE)
-
-
-def end_with_parent(parent: int, worker: int = 0) -> None:
-    """In a worker process: end (SIGKILL) when the process that started it ends, however it ends, so
-    that a killed trainer leaves no workers behind (Linux; elsewhere a no-op)."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # it ended before the line above
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _loader_chunks(loader: DataLoader) -> Iterator[dict]:
-    """A DataLoader's chunks; its worker processes are shut down when this ends (exhausted, failed
-    or stopped). Left to the garbage collector (an error's traceback keeps the iterator in a
-    cycle), the shutdown, up to 5 s of joins, ran on whichever thread collected it: another
-    epoch's reader, which then missed its own stop deadline."""
-    iterator = iter(loader)
-    try:
-        yield from iterator
-    finally:
-        iterator._shutdown_workers()  # what its __del__ does; torch offers no public close
-
-
-def _pin_each(chunks: Iterator[dict], pin: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[dict]:
-    try:
-        for chunk in chunks:
-            yield {**chunk, "x": pin(chunk["x"])} if chunk["batches"] else chunk
-    finally:
-        chunks.close()
-
-
-class _ChunkReaders:
-    """The chunks of ``sources``, each read on its own thread from the moment this is made, in the
-    order a DataLoader gives its workers' chunks: round-robin, skipping exhausted ones.
-    ``finished`` turns true once every source has handed over its last chunk: the next epoch may
-    start reading then, while the consumer still works through the chunks it was handed."""
-
-    def __init__(self, sources: list[Callable[[], Iterator[dict]]], prefetch: int = 2):
-        self.queues = [queue.Queue(maxsize=prefetch) for _ in sources]
-        self.stop = threading.Event()
-        self.finished_sources = [threading.Event() for _ in sources]
-        self.threads = [
-            threading.Thread(
-                target=_read_into, args=(source, q, self.stop, done), name=f"shard-reader-{w}", daemon=True
-            )
-            for w, (source, q, done) in enumerate(zip(sources, self.queues, self.finished_sources))
-        ]
-        for t in self.threads:
-            t.start()
-
-    @property
-    def finished(self) -> bool:
-        return all(done.is_set() for done in self.finished_sources)
-
-    def chunks(self, should_stop: Callable[[], bool]) -> Iterator[dict]:
-        """The chunks in order. A source's error is raised here; so is StopRequested when
-        ``should_stop()`` turns true while a chunk is awaited (slow storage, a hanging command): the
-        trainer's thread only ever waits on a queue, so a stop signal is always heard."""
-        active = list(range(len(self.queues)))
-        while active:
-            for worker in list(active):
-                while True:
-                    try:
-                        item = self.queues[worker].get(timeout=0.2)
-                        break
-                    except queue.Empty:
-                        if should_stop():
-                            raise StopRequested from None
-                if item is _DONE:
-                    active.remove(worker)
-                elif isinstance(item, BaseException):
-                    if should_stop():  # e.g. Slurm's SIGTERM to the whole job step also ended a pipe: command
-                        raise StopRequested from item
-                    raise item
-                else:
-                    yield item
-
-    def close(self) -> None:
-        self.stop.set()
-        # A reader blocked in a read (a hanging command, a stalled store) must not hold up a stop:
-        # the threads are daemons, so one still blocked at exit is simply dropped.
-        deadline = time.monotonic() + READER_JOIN_SECONDS
-        for t in self.threads:
-            if t is not threading.current_thread():  # the readers may be collected on a reader thread
-                t.join(max(deadline - time.monotonic(), 0))
-
-
 class ShardStream:
     """One rank's view of a sharded data set; iterate ``epoch_batches(position)`` for batches."""
 
@@ -500,7 +368,7 @@ class ShardStream:
         worker_type: str = "auto",
         max_corrupt_share: float = 1.0,
         read_ahead: bool = False,
-        pin: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        pin: Pin | None = None,
     ):
         if len(manifest.shards) < world_size * max(num_workers, 1):
             raise ConfigError(
@@ -526,11 +394,10 @@ class ShardStream:
         # chunk (no stall at each epoch start). They hold this stream, so whoever asks for it
         # calls close() when done. (epoch, readers) until that epoch is read.
         self.read_ahead = read_ahead
-        # pin: e.g. Tensor.pin_memory for a CUDA trainer. Each chunk's samples are copied into
-        # page-locked memory on the thread that reads them, so the trainer's copies to the device
-        # run asynchronously (from pageable memory a non_blocking copy is a synchronous one).
+        # pin: e.g. Tensor.pin_memory for a CUDA trainer, applied on the reader threads (from
+        # pageable memory a non_blocking copy to the device is a synchronous one).
         self.pin = pin
-        self._opened: tuple[int, _ChunkReaders | None] | None = None
+        self._opened: tuple[int, ChunkReaders | None] | None = None
         self.urls = manifest.shard_urls()
         self.counts = [s.num_samples for s in manifest.shards]
         if self.batches_per_epoch(0) == 0:
@@ -585,7 +452,9 @@ class ShardStream:
             readers = self._open_readers(epoch, skips)
         # Read in the trainer's thread between its steps without workers.
         chunks = (
-            readers.chunks(should_stop) if readers else self._pinned(_EpochDataset(self, epoch, skips).worker_chunks(0))
+            readers.chunks(should_stop)
+            if readers
+            else pinned(_EpochDataset(self, epoch, skips).worker_chunks(0), self.pin)
         )
         i, yielded, corrupt, first_error = round_start, 0, 0, ""
         try:
@@ -628,37 +497,14 @@ class ShardStream:
                 f"{first_error or '(none: too few samples for a batch)'}. The reader expects {expected}."
             )
 
-    def _open_readers(self, epoch: int, skips: list[int]) -> _ChunkReaders | None:
+    def _open_readers(self, epoch: int, skips: list[int]) -> ChunkReaders | None:
         """Reader threads (or a DataLoader's processes) already reading ``epoch``; None without workers."""
-        dataset = _EpochDataset(self, epoch, skips)
         if self.num_workers == 0:
             return None
-        if self.worker_type == "thread":
-            return _ChunkReaders(
-                [partial(self._pinned_chunks, dataset.worker_chunks, w) for w in range(self.num_workers)]
-            )
-        # Its own generator: creating an iterator otherwise draws from the global torch RNG, which
-        # would shift the trainer's noise whenever an epoch starts or a run resumes.
-        loader = DataLoader(
-            dataset,
-            batch_size=None,
-            num_workers=self.num_workers,
-            collate_fn=_no_collate,
-            generator=torch.Generator().manual_seed(self.seed + epoch),
-            worker_init_fn=partial(end_with_parent, os.getpid()),
-        )
-        return _ChunkReaders([partial(self._pinned_chunks, _loader_chunks, loader)])
+        dataset = _EpochDataset(self, epoch, skips)
+        return start_readers(dataset, self.num_workers, self.worker_type, self.seed + epoch, self.pin)
 
-    def _pinned_chunks(self, source: Callable[..., Iterator[dict]], *args) -> Iterator[dict]:
-        return self._pinned(source(*args))
-
-    def _pinned(self, chunks: Iterator[dict]) -> Iterator[dict]:
-        """``chunks`` with their samples pinned (``self.pin``), closed with it (see _loader_chunks)."""
-        if self.pin is None:
-            return chunks
-        return _pin_each(chunks, self.pin)
-
-    def _take_opened(self, epoch: int) -> _ChunkReaders | None:
+    def _take_opened(self, epoch: int) -> ChunkReaders | None:
         """The readers opened ahead for the start of ``epoch``, if those are what was opened."""
         if self._opened is None or self._opened[0] != epoch:
             return None

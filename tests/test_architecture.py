@@ -86,7 +86,14 @@ def test_loading_a_configuration_reads_no_data_stream_code():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     loaded = set(out.stdout.split())
     assert "data_pipeline.config" in loaded
-    assert not loaded & {"data_pipeline.stream", "data_pipeline.shards", "webdataset", "deepspeed", "matplotlib"}
+    assert not loaded & {
+        "data_pipeline.stream",
+        "data_pipeline.reader_pool",
+        "data_pipeline.shards",
+        "webdataset",
+        "deepspeed",
+        "matplotlib",
+    }
 
 
 def test_the_loop_and_the_steps_each_fit_on_a_screen():

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from data_pipeline.config import StreamPosition
-from data_pipeline.stream import ShardStream, StopRequested, decode_samples
+from data_pipeline.storage import StopRequested
+from data_pipeline.stream import ShardStream, decode_samples
 from trainer.checkpoint import Checkpoints, TrainState, checkpoint_step
 from trainer.config import RunConfig
 from trainer.evaluation import extra_evaluation_steps
