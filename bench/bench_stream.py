@@ -41,8 +41,9 @@ import webdataset as wds
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from data_pipeline.decode import DecodeSpec  # noqa: E402
+from data_pipeline.shard_io import wds_gopen  # noqa: E402
 from data_pipeline.shards import read_manifest, write_array_shards  # noqa: E402
-from data_pipeline.stream import ShardStream, StreamPosition, manifest_from_urls, wds_gopen  # noqa: E402
+from data_pipeline.stream import ShardStream, StreamPosition, manifest_from_urls  # noqa: E402
 
 
 def evict(urls: list[str]) -> None:

@@ -29,6 +29,7 @@ import numpy as np
 from data_pipeline.cli import add_debug_flag, run_tool
 from data_pipeline.config import MAX_IMAGE_SIZE, check_label_key
 from data_pipeline.decode import DecodeSpec
+from data_pipeline.shard_io import ALLOW_COMMANDS_ENV, load_shard
 from data_pipeline.shards import (
     DataError,
     Manifest,
@@ -50,7 +51,7 @@ from data_pipeline.sources import (
     read_image_folder,
     read_kdd,
 )
-from data_pipeline.stream import ALLOW_COMMANDS_ENV, load_shard, manifest_from_urls, split_urls
+from data_pipeline.stream import manifest_from_urls, split_urls
 from data_pipeline.toy import TOY_SPECS, sample_toy, toy_spec
 
 DEFAULT_SHARDS = 16  # a multiple of every usual ranks x workers count (1, 2, 4, 8, 16)

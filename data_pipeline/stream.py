@@ -9,8 +9,8 @@ the per-rank batch size (the converters' default), nothing is dropped and every 
 is seen exactly once across ranks x workers.
 
 Inside a worker each shard is read whole (local files into reused buffers, anything else through
-webdataset's opener table, which sends every remote scheme to fsspec), parsed into arrays
-(shard_reader.py), mixed into a shuffle pool with a generator seeded by (seed, epoch, rank,
+webdataset's opener table, which sends every remote scheme to fsspec: shard_io.py), parsed into
+arrays (shard_reader.py), mixed into a shuffle pool with a generator seeded by (seed, epoch, rank,
 worker), and cut into batches. Workers hand over chunks of ``chunk_batches`` consecutive batches
 (about 8 MiB); batches hold samples as stored, and the consumer decodes them on its device
 (decode_samples). Workers are threads (the default: numpy runs outside the GIL and nothing is
@@ -31,184 +31,31 @@ DataError: the manifest does not describe the data.
 
 from __future__ import annotations
 
-import importlib
 import logging
-import os
 import random
 from collections.abc import Callable, Iterator
-from functools import partial
 
 import braceexpand
-import fsspec
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from data_pipeline.cli import ConfigError
 from data_pipeline.config import DEFAULT_MAX_SAMPLE_BYTES, WORKER_TYPES, StreamPosition
-from data_pipeline.decode import DecodeSpec, gunzip_shard, is_meg_layout, parse_webdataset_shard
+from data_pipeline.decode import DecodeSpec, is_meg_layout
 from data_pipeline.reader_pool import ChunkReaders, Pin, pinned, start_readers
-from data_pipeline.shard_reader import CorruptShard, SampleTooLarge, ShardArrays, parse_shard
-from data_pipeline.shards import COMMAND_SCHEMES, DataError, Manifest, ShardInfo, is_command_url, read_manifest
-from data_pipeline.storage import bounded
+from data_pipeline.shard_io import (
+    ReadBuffer,
+    expected_samples,
+    load_shard,
+    parse_any_shard,
+    prefetch_hint,
+    read_shard_bytes,
+)
+from data_pipeline.shard_reader import CorruptShard, SampleTooLarge, ShardArrays
+from data_pipeline.shards import DataError, Manifest, ShardInfo, is_command_url, read_manifest
 
 log = logging.getLogger(__name__)
-
-# webdataset's package re-exports the gopen *function* under the module's name.
-wds_gopen = importlib.import_module("webdataset.gopen")
-
-# Schemes that webdataset would otherwise route to curl/aws binaries or reject: send them to fsspec.
-FSSPEC_SCHEMES = ("s3", "gs", "gcs", "memory", "http", "https", "az", "abfs", "hdfs", "sftp", "ftp")
-
-
-def _fsspec_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **_: object):
-    # block_size is a file option: given to fsspec.open it would reach the filesystem's
-    # constructor, which s3fs rejects.
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs.open(path, mode, block_size=max(bufsize, 1 << 20))
-
-
-# A preset, a saved config or a manifest must not run anything: URLs of the COMMAND_SCHEMES open only
-# when the user allowed it on the command line (--allow-pipe sets this variable, which worker
-# processes inherit).
-ALLOW_COMMANDS_ENV = "MEG_ALLOW_PIPE"
-
-
-def _command_gopen(opener):
-    def open_allowed(url: str, *args, **kwargs):
-        if os.environ.get(ALLOW_COMMANDS_ENV) != "1":
-            raise DataError(
-                f"{url!r} runs a program when it is opened; refused. Pass --allow-pipe on the command line to allow it."
-            )
-        return opener(url, *args, **kwargs)
-
-    open_allowed.guards = opener
-    return open_allowed
-
-
-def register_fsspec_opener() -> None:
-    """Makes webdataset open every non-local URL through fsspec, and the program-running schemes
-    only when allowed (idempotent)."""
-    for scheme in FSSPEC_SCHEMES:
-        wds_gopen.gopen_schemes[scheme] = _fsspec_gopen
-    for scheme in COMMAND_SCHEMES:
-        opener = wds_gopen.gopen_schemes.get(scheme)
-        if opener is not None and not hasattr(opener, "guards"):
-            wds_gopen.gopen_schemes[scheme] = _command_gopen(opener)
-
-
-register_fsspec_opener()
-
-
-def _gopen_read(url: str) -> bytes:
-    with wds_gopen.gopen(url, "rb") as f:
-        return f.read()
-
-
-def read_shard_bytes(url: str) -> bytes:
-    """One shard's bytes through webdataset's opener table (local paths, fsspec, and when allowed
-    pipe:), bounded by data.io_timeout. A program that fails is a DataError, reported once: it is not
-    a damaged shard to skip."""
-    try:
-        return bounded(partial(_gopen_read, url), url, "shard read")
-    except OSError as e:
-        if is_command_url(url):
-            raise DataError(f"{url!r} failed: {e}") from None
-        raise
-
-
-class ReadBuffer:
-    """A reusable buffer for local shard files: reading into memory that is already mapped is 2-4x
-    faster than into a fresh allocation (no page faults, and none of the kernel's zeroing)."""
-
-    def __init__(self) -> None:
-        self._data = bytearray()
-
-    def read(self, path: str) -> memoryview:
-        """The file's bytes, bounded by data.io_timeout (a hung network filesystem)."""
-        return bounded(partial(self._read, path), path, "shard read", on_abandon=self._forget)
-
-    def _forget(self) -> None:
-        self._data = bytearray()  # a read that timed out may still write into the old one
-
-    def _read(self, path: str) -> memoryview:
-        with open(path, "rb", buffering=0) as f:
-            size = os.fstat(f.fileno()).st_size
-            if len(self._data) < size:
-                self._data = bytearray(size)  # replaced, not resized: old views may still exist
-            view = memoryview(self._data)[:size]
-            got = 0
-            while got < size:  # one read(2) returns at most about 2 GiB, network filesystems less
-                n = f.readinto(view[got:])
-                if not n:
-                    break
-                got += n
-        return view[:got]
-
-
-def prefetch_hint(url: str) -> None:
-    """Asks the kernel to start reading a local file into the page cache (no-op elsewhere)."""
-    path = _local_path(url)
-    if path is None or not hasattr(os, "posix_fadvise"):
-        return
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # a missing shard is reported when it is read
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-    finally:
-        os.close(fd)
-
-
-def _local_path(url: str) -> str | None:
-    if url.startswith("file://"):
-        return url[len("file://") :]
-    return None if "://" in url or is_command_url(url) else url
-
-
-def load_shard(url: str, info: ShardInfo, manifest: Manifest, buffer: ReadBuffer | None = None) -> ShardArrays:
-    """Reads and parses one shard; CorruptShard if it is damaged, DataError if its samples are not
-    what the manifest describes. With ``buffer``, a local shard is read into it, and the samples
-    point into it until the next read."""
-    try:
-        path = _local_path(url)
-        data = buffer.read(path) if buffer is not None and path is not None else read_shard_bytes(url)
-    except FileNotFoundError:
-        raise DataError(f"shard {url} has disappeared since start-up") from None
-    if info.num_bytes and len(data) != info.num_bytes:
-        raise CorruptShard(f"{len(data)} bytes, the manifest says {info.num_bytes} (truncated or rewritten)")
-    try:
-        arrays = parse_any_shard(data, manifest.layout, DecodeSpec(**manifest.decode), manifest.max_sample_bytes)
-    except SampleTooLarge as e:
-        raise DataError(f"shard {url}: {e}") from None
-    if len(arrays) != info.num_samples:
-        # Damage in place (a renamed member) or a manifest of other shards: skipped and counted like
-        # any corrupt shard, and an epoch of them stops the run with this message.
-        raise CorruptShard(
-            f"{len(arrays)} samples, the manifest says {info.num_samples} (damaged, or the manifest is "
-            "not this shard's: convert again)"
-        )
-    if list(arrays.x.shape[1:]) != list(manifest.sample_shape) or str(arrays.x.dtype) != manifest.dtype:
-        raise DataError(
-            f"shard {url} holds samples of shape {list(arrays.x.shape[1:])} {arrays.x.dtype}, its manifest "
-            f"says {manifest.sample_shape} {manifest.dtype}"
-        )
-    return arrays
-
-
-def parse_any_shard(data: bytes | memoryview, layout: str, spec: DecodeSpec, max_sample_bytes: int = 0) -> ShardArrays:
-    """A shard's samples: the fast parser for this project's layout, webdataset's decoders otherwise.
-    A member or decoded sample above ``max_sample_bytes`` (0: the default) is SampleTooLarge."""
-    bound = max_sample_bytes or DEFAULT_MAX_SAMPLE_BYTES
-    if layout == "webdataset":
-        return parse_webdataset_shard(data, spec, bound)
-    return parse_shard(gunzip_shard(data, bound))
-
-
-def expected_samples(layout: str, spec: DecodeSpec) -> str:
-    """What the reader of ``layout`` expects in a shard, for error messages."""
-    return spec.describe() if layout == "webdataset" else "this project's {key}.x.npy + {key}.cls samples"
 
 
 def decode_samples(x: torch.Tensor, dtype: str) -> torch.Tensor:

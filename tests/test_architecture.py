@@ -89,6 +89,7 @@ def test_loading_a_configuration_reads_no_data_stream_code():
     assert not loaded & {
         "data_pipeline.stream",
         "data_pipeline.reader_pool",
+        "data_pipeline.shard_io",
         "data_pipeline.shards",
         "webdataset",
         "deepspeed",

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline import stream as stream_module
+from data_pipeline import shard_io
 from data_pipeline.config import DataConfig
 from data_pipeline.shard_reader import CorruptShard, parse_shard, read_npy_header
 from data_pipeline.shards import DataError, ShardWriter, read_manifest, write_array_shards
@@ -221,7 +221,7 @@ def test_local_shards_are_read_whole_despite_short_reads(tmp_path, monkeypatch):
         def __exit__(self, *exc):
             self.f.close()
 
-    monkeypatch.setattr(stream_module, "open", ShortReads, raising=False)
+    monkeypatch.setattr(shard_io, "open", ShortReads, raising=False)
     batches = list(ShardStream(read_manifest(str(tmp_path)), 0, 1, 8, 0).epoch_batches(StreamPosition()))
     assert sum(b["corrupt_shards"] for b in batches) == 0
     keys = [int(k) for b in batches for k in b["key"]]

@@ -101,7 +101,7 @@ def test_a_readers_own_stop_ends_its_waits(policy):
 
 
 def test_an_abandoned_read_does_not_write_into_the_next_reads_buffer(policy, tmp_path, monkeypatch):
-    from data_pipeline.stream import ReadBuffer
+    from data_pipeline.shard_io import ReadBuffer
 
     shard = tmp_path / "s.tar"
     shard.write_bytes(b"x" * 100)

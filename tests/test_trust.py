@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from data_pipeline import convert
+from data_pipeline.shard_io import read_shard_bytes
 from data_pipeline.shards import DataError
-from data_pipeline.stream import read_shard_bytes
 from tests.conftest import REPO_ROOT, run_trainer, subprocess_env, tiny_overrides
 from trainer.checkpoint import CheckpointError, Checkpoints, damage, set_rng_state
 from trainer.classifier import load_classifier
