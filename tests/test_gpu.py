@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from data_pipeline.shards import read_manifest, write_array_shards
 from data_pipeline.stream import ShardStream, StreamPosition
-from models import build_networks
+from models.factory import build_networks
 from models.ops import TORCH_KERNELS, use_kernels
 from tests.conftest import REPO_ROOT, TEST_DEVICE, run_trainer, subprocess_env, tiny_overrides
 from trainer.config import load_config, vera_settings

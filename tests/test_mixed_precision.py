@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from models import build_networks
+from models.factory import build_networks
 from models.objectives import gradient_penalty
 from tests.conftest import run_trainer, tiny_overrides
 from trainer.config import load_config

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from models import build_networks
+from models.factory import build_networks
 from models.ops import EAGER, FUSED, TORCH_KERNELS, use_kernels
 from trainer import steps as steps_module
 from trainer.capture import capture_blocker

@@ -22,9 +22,7 @@ import yaml
 
 from data_pipeline.cli import ConfigError, shown
 from data_pipeline.config import DataConfig
-from models.entropy import EntropyConfig
-from models.factory import ModelConfig
-from models.mala import MALAConfig
+from models.config import EntropyConfig, MALAConfig, ModelConfig
 from trainer.checkpoint import CheckpointConfig
 from trainer.evaluation import EvalConfig
 from trainer.evaluation.fid_kid import TRUST_INCEPTION_ENV

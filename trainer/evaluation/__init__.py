@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, make_dataclass
 from typing import Literal
 
 from data_pipeline.cli import ConfigError
-from models.mala import MALAConfig
+from models.config import MALAConfig
 from trainer.evaluation.base import EvalContext, Evaluator, generate
 from trainer.evaluation.toy import toy_reference
 

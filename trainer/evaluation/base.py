@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from models.mala import MALAConfig, latent_mala
+from models.config import MALAConfig
+from models.mala import latent_mala
 from trainer.nofollow import make_dir, write_replacing
 from trainer.progress import Progress
 
