@@ -42,9 +42,6 @@ def _module_imports(lazy: bool = False) -> dict[str, set[str]]:
 @pytest.mark.parametrize("lazy", [False, True], ids=["module-level", "with-lazy-imports"])
 def test_no_import_cycle_between_project_modules(lazy):
     graph = _module_imports(lazy)
-    if lazy:
-        for module, target in LAZY_BACK_EDGES:
-            graph[module].discard(target)
     state: dict[str, int] = {}
 
     def visit(module, path):
@@ -60,16 +57,6 @@ def test_no_import_cycle_between_project_modules(lazy):
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
-
-
-# The one lazy import back: a checkpoint's saved config.yaml is checked with the config loader, whose
-# RunConfig holds the checkpoint section (trainer.config imports trainer.checkpoint).
-LAZY_BACK_EDGES = {("trainer.checkpoint", "trainer.config")}
-
-
-def test_the_lazy_back_edges_are_the_known_ones():
-    lazy = _module_imports(lazy=True)
-    assert all(target in lazy[module] for module, target in LAZY_BACK_EDGES)  # still needed, or drop it
 
 
 def test_models_and_data_code_know_nothing_of_the_trainer():

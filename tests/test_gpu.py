@@ -327,7 +327,7 @@ def test_an_eager_iteration_never_syncs_with_the_host(fused_kernels, device, pre
 def test_prometheus_exports_the_devices_memory_per_rank(tmp_path, device):
     from prometheus_client import generate_latest
 
-    from trainer.metrics import LogConfig
+    from trainer.config import LogConfig
     from trainer.prometheus import GPU_MEMORY, PrometheusExporter
 
     held = torch.ones(1 << 20, device=device)  # 4 MiB the allocator must report
