@@ -68,12 +68,40 @@ def test_models_and_data_code_know_nothing_of_the_trainer():
             assert not any(t.startswith("data_pipeline") for t in targets), (module, targets)
 
 
-def test_loading_a_configuration_reads_no_data_stream_code():
-    code = "import sys, trainer.config; print(' '.join(sorted(sys.modules)))"
+def _modules_loaded_by(code: str) -> set[str]:
+    """The modules a fresh interpreter holds after running ``code`` (whose last line it prints)."""
+    code += "\nimport sys; print(' '.join(sorted(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
-    loaded = set(out.stdout.split())
+    return set(out.stdout.splitlines()[-1].split())
+
+
+def test_loading_a_configuration_reads_no_data_stream_code():
+    loaded = _modules_loaded_by("import trainer.config")
     assert "data_pipeline.config" in loaded
     assert not loaded & {"data_pipeline.stream", "data_pipeline.shards", "webdataset", "deepspeed", "matplotlib"}
+
+
+# Every config section lives in a module that imports neither (models/config.py, trainer/config.py,
+# data_pipeline/config.py, each evaluator's module): torch alone costs about 1.4 s of CPU, which
+# --print-config and every check before a run would pay.
+HEAVY = {"torch", "numpy"}
+
+
+def test_loading_a_preset_with_overrides_imports_no_torch_or_numpy():
+    loaded = _modules_loaded_by(
+        "from trainer.config import config_to_yaml, load_config\n"
+        "cfg = load_config('toy_25gaussians', ['train.steps=7', 'eval.kind=kdd', 'train.entropy_estimator=vera'])\n"
+        "assert cfg.train.steps == 7 and cfg.eval.kdd.percentile == 80.0\n"
+        "config_to_yaml(cfg, choices=True)"
+    )
+    assert "trainer.evaluation.toy" in loaded and not loaded & HEAVY, sorted(loaded & HEAVY)
+
+
+def test_print_config_imports_no_torch_or_numpy():
+    loaded = _modules_loaded_by(
+        "from trainer.main import main\nassert main(['--config', 'toy_25gaussians', '--print-config']) == 0"
+    )
+    assert "trainer.config" in loaded and not loaded & HEAVY, sorted(loaded & HEAVY)
 
 
 def test_the_loop_and_the_steps_each_fit_on_a_screen():
