@@ -24,8 +24,8 @@ import time
 
 import torch
 
-from models import build_networks
 from models.entropy import ESTIMATORS
+from models.factory import build_networks
 from trainer.config import load_config, vera_settings
 from trainer.runtime import DDPRuntime
 from trainer.steps import build_steps

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models import build_networks
+from models.factory import build_networks
 from models.objectives import energy_loss
 from models.ops import EAGER, FUSED, TORCH_KERNELS, FusedOps, use_kernels
 from trainer.config import load_config

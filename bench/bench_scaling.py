@@ -41,7 +41,7 @@ def worker(out: str, steps: int, overrides: list[str]) -> None:
     """One process of a case: times ``steps`` MEG steps after warm-up; rank 0 writes the result."""
     import torch
 
-    from models import build_networks
+    from models.factory import build_networks
     from trainer.config import load_config
     from trainer.runtime import build_runtime
     from trainer.steps import build_steps

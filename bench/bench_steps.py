@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from models import build_networks
+from models.factory import build_networks
 from trainer.capture import WARMUP_CALLS
 from trainer.config import load_config
 from trainer.runtime import DDPRuntime

@@ -22,65 +22,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.config import VERAConfig
 from models.objectives import StatisticsFn, at_least_fp32, jsd_mutual_information
 
 ESTIMATORS = ("jsd", "dv", "nwj", "infonce", "smile", "vera")
-
-
-@dataclass
-class DVConfig:
-    # MINE's moving average of E_Q[e^T] over generator steps: the rate of each new batch's share.
-    # The gradient of log E_Q[e^T] is E_Q[e^T dT] / E_Q[e^T]; the moving average in the denominator
-    # removes most of the minibatch estimate's bias (Belghazi et al. 2018, section 3.2).
-    rate: float = field(default=0.01, metadata={"range": "(0, 1]"})
-
-
-@dataclass
-class InfoNCEConfig:
-    # Negatives per positive: x_i against z_(i+1..i+K mod n) of the same batch (no random draw); the
-    # bound is at most log(K + 1), and T runs on (K + 1) x batch pairs. Must be below the per-rank batch.
-    negatives: int = field(default=15, metadata={"range": "[1, 65535]"})
-
-
-@dataclass
-class SMILEConfig:
-    # tau: the density ratio e^T on the shuffled pairs is clipped to [e^-tau, e^tau] (T to [-tau, tau]).
-    clip: float = field(default=5.0, metadata={"range": "(0, inf)"})
-
-
-@dataclass
-class VERAConfig:
-    # G's output noise sigma: learned (one scalar), kept in [noise_min, noise_max], starting at noise_init.
-    noise_init: float = field(default=0.1, metadata={"range": "(0, inf)"})
-    noise_min: float = field(default=0.01, metadata={"range": "(0, inf)"})
-    noise_max: float = field(default=0.3, metadata={"range": "(0, inf)"})
-    # The posterior xi(z | x) = N(z0, diag(eta^2)), z0 the latent that made x; eta learned on its ELBO.
-    posterior_init: float = field(default=0.1, metadata={"range": "(0, inf)"})
-    # Importance samples per x for the score grad_x log q(x) (VERA's default 20).
-    posterior_samples: int = field(default=20, metadata={"range": "[1, 10000]"})
-
-    def __post_init__(self) -> None:
-        if not self.noise_min <= self.noise_init <= self.noise_max:
-            raise ValueError(
-                f"vera: noise_min <= noise_init <= noise_max must hold, got {self.noise_min}, "
-                f"{self.noise_init}, {self.noise_max}"
-            )
-
-
-@dataclass
-class EntropyConfig:
-    """Each estimator's own settings (``train.entropy_estimator`` picks which one runs)."""
-
-    dv: DVConfig = field(default_factory=DVConfig)
-    infonce: InfoNCEConfig = field(default_factory=InfoNCEConfig)
-    smile: SMILEConfig = field(default_factory=SMILEConfig)
-    vera: VERAConfig = field(default_factory=VERAConfig)
 
 
 # -- the MI bounds --------------------------------------------------------------------------------

@@ -7,17 +7,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-
-
-@dataclass
-class MALAConfig:
-    steps: int = field(default=0, metadata={"range": "[0, 1000000]"})
-    step_size: float = field(default=0.01, metadata={"range": "(0, inf)"})
-    temperature: float = field(default=1.0, metadata={"range": "(0, inf)"})
 
 
 @dataclass

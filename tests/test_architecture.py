@@ -42,9 +42,6 @@ def _module_imports(lazy: bool = False) -> dict[str, set[str]]:
 @pytest.mark.parametrize("lazy", [False, True], ids=["module-level", "with-lazy-imports"])
 def test_no_import_cycle_between_project_modules(lazy):
     graph = _module_imports(lazy)
-    if lazy:
-        for module, target in LAZY_BACK_EDGES:
-            graph[module].discard(target)
     state: dict[str, int] = {}
 
     def visit(module, path):
@@ -62,16 +59,6 @@ def test_no_import_cycle_between_project_modules(lazy):
             visit(module, [module])
 
 
-# The one lazy import back: a checkpoint's saved config.yaml is checked with the config loader, whose
-# RunConfig holds the checkpoint section (trainer.config imports trainer.checkpoint).
-LAZY_BACK_EDGES = {("trainer.checkpoint", "trainer.config")}
-
-
-def test_the_lazy_back_edges_are_the_known_ones():
-    lazy = _module_imports(lazy=True)
-    assert all(target in lazy[module] for module, target in LAZY_BACK_EDGES)  # still needed, or drop it
-
-
 def test_models_and_data_code_know_nothing_of_the_trainer():
     graph = _module_imports()
     for module, targets in graph.items():
@@ -81,10 +68,15 @@ def test_models_and_data_code_know_nothing_of_the_trainer():
             assert not any(t.startswith("data_pipeline") for t in targets), (module, targets)
 
 
-def test_loading_a_configuration_reads_no_data_stream_code():
-    code = "import sys, trainer.config; print(' '.join(sorted(sys.modules)))"
+def _modules_loaded_by(code: str) -> set[str]:
+    """The modules a fresh interpreter holds after running ``code`` (whose last line it prints)."""
+    code += "\nimport sys; print(' '.join(sorted(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
-    loaded = set(out.stdout.split())
+    return set(out.stdout.splitlines()[-1].split())
+
+
+def test_loading_a_configuration_reads_no_data_stream_code():
+    loaded = _modules_loaded_by("import trainer.config")
     assert "data_pipeline.config" in loaded
     assert not loaded & {
         "data_pipeline.stream",
@@ -95,6 +87,29 @@ def test_loading_a_configuration_reads_no_data_stream_code():
         "deepspeed",
         "matplotlib",
     }
+
+
+# Every config section lives in a module that imports neither (models/config.py, trainer/config.py,
+# data_pipeline/config.py, each evaluator's module): torch alone costs about 1.4 s of CPU, which
+# --print-config and every check before a run would pay.
+HEAVY = {"torch", "numpy"}
+
+
+def test_loading_a_preset_with_overrides_imports_no_torch_or_numpy():
+    loaded = _modules_loaded_by(
+        "from trainer.config import config_to_yaml, load_config\n"
+        "cfg = load_config('toy_25gaussians', ['train.steps=7', 'eval.kind=kdd', 'train.entropy_estimator=vera'])\n"
+        "assert cfg.train.steps == 7 and cfg.eval.kdd.percentile == 80.0\n"
+        "config_to_yaml(cfg, choices=True)"
+    )
+    assert "trainer.evaluation.toy" in loaded and not loaded & HEAVY, sorted(loaded & HEAVY)
+
+
+def test_print_config_imports_no_torch_or_numpy():
+    loaded = _modules_loaded_by(
+        "from trainer.main import main\nassert main(['--config', 'toy_25gaussians', '--print-config']) == 0"
+    )
+    assert "trainer.config" in loaded and not loaded & HEAVY, sorted(loaded & HEAVY)
 
 
 def test_the_loop_and_the_steps_each_fit_on_a_screen():

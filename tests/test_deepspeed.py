@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import REPO_ROOT, accelerate_launcher, run_trainer, subprocess_env, tiny_overrides
-from trainer.config import ConfigError, load_config
-from trainer.runtime.deepspeed_engine import DeepSpeedConfig, DeepSpeedConfigError, deepspeed_config
+from trainer.config import ConfigError, DeepSpeedConfig, DeepSpeedConfigError, load_config
+from trainer.runtime.deepspeed_engine import deepspeed_config
 
 LOSSES = ("energy_loss", "generator_loss", "penalty", "energy_gap", "mi_estimate")
 # ZeRO reduce-scatters and averages gradients in its own flat buckets, DDP all-reduces per bucket: the

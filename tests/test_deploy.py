@@ -14,7 +14,7 @@ import yaml
 from prometheus_client import generate_latest
 
 from tests.conftest import REPO_ROOT
-from trainer.metrics import LogConfig
+from trainer.config import LogConfig
 from trainer.prometheus import GPU_MEMORY, PrometheusExporter
 
 DASHBOARD = REPO_ROOT / "deploy/grafana/dashboards/meg-training.json"

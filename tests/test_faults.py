@@ -37,8 +37,8 @@ from trainer.checkpoint import (
     damage,
     write_file_list,
 )
-from trainer.config import config_to_yaml, load_config
-from trainer.guard import Diverged, DivergenceGuard, GuardConfig
+from trainer.config import GuardConfig, config_to_yaml, load_config
+from trainer.guard import Diverged, DivergenceGuard
 from trainer.metrics import JsonlSink
 from trainer.nofollow import LinkedRunFolder, check_run_folder, open_append, write_replacing
 from trainer.run_folder import RunFolderLock

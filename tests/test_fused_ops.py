@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from models.factory import ModelConfig, build_networks
+from models.config import ModelConfig
+from models.factory import build_networks
 from models.objectives import energy_loss, gradient_penalty
 from models.ops import EAGER, FUSED, TORCH_KERNELS, bias_leaky_relu, conv2d_gradfix, squared_norm_mean, use_kernels
 from models.ops.penalty import THIRD_DERIVATIVE_ERROR

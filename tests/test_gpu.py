@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from data_pipeline.shards import read_manifest, write_array_shards
 from data_pipeline.stream import ShardStream, StreamPosition
-from models import build_networks
+from models.factory import build_networks
 from models.ops import TORCH_KERNELS, use_kernels
 from tests.conftest import REPO_ROOT, TEST_DEVICE, run_trainer, subprocess_env, tiny_overrides
 from trainer.config import load_config, vera_settings
@@ -327,7 +327,7 @@ def test_an_eager_iteration_never_syncs_with_the_host(fused_kernels, device, pre
 def test_prometheus_exports_the_devices_memory_per_rank(tmp_path, device):
     from prometheus_client import generate_latest
 
-    from trainer.metrics import LogConfig
+    from trainer.config import LogConfig
     from trainer.prometheus import GPU_MEMORY, PrometheusExporter
 
     held = torch.ones(1 << 20, device=device)  # 4 MiB the allocator must report

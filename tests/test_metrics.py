@@ -18,8 +18,8 @@ from prometheus_client import generate_latest
 
 from tests.conftest import REPO_ROOT, run_trainer, subprocess_env, tiny_overrides
 from trainer import trackers
-from trainer.config import ConfigError, load_config
-from trainer.metrics import LogConfig, ProgressSink, RankStats
+from trainer.config import ConfigError, LogConfig, load_config
+from trainer.metrics import ProgressSink, RankStats
 from trainer.prometheus import PrometheusExporter
 
 EXPECTED = [

@@ -10,11 +10,11 @@ import json
 import pytest
 import torch
 
-from models import build_networks
+from models.factory import build_networks
 from models.objectives import gradient_penalty
 from tests.conftest import run_trainer, tiny_overrides
-from trainer.config import load_config
-from trainer.guard import DivergenceGuard, GuardConfig
+from trainer.config import GuardConfig, load_config
+from trainer.guard import DivergenceGuard
 from trainer.metrics import MetricWindow
 from trainer.runtime import FP16_INIT_SCALE, DDPRuntime
 from trainer.steps import build_steps

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from models.factory import ModelConfig, build_networks
+from models.config import ModelConfig
+from models.factory import build_networks
 
 
 @pytest.mark.parametrize(

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from models import build_networks
+from models.factory import build_networks
 from models.ops import EAGER, FUSED, TORCH_KERNELS, use_kernels
 from trainer import steps as steps_module
 from trainer.capture import capture_blocker
 from trainer.checkpoint import Checkpoints
-from trainer.config import ConfigError, load_config
-from trainer.guard import DivergenceGuard, GuardConfig
+from trainer.config import ConfigError, GuardConfig, load_config
+from trainer.guard import DivergenceGuard
 from trainer.meg_trainer import MEGTrainer
 from trainer.metrics import MetricsLogger, MetricWindow
 from trainer.runtime import DDPRuntime, DDPUpdate, ProcessGroup

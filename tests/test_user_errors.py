@@ -76,7 +76,7 @@ def test_debug_keeps_the_traceback_of_a_user_error_too():
 
 
 def test_the_project_errors_are_user_errors_and_keep_their_old_bases():
-    from trainer.runtime.deepspeed_engine import DeepSpeedConfigError
+    from trainer.config import DeepSpeedConfigError
 
     for cls, old in ((ConfigError, ValueError), (DataError, RuntimeError), (CheckpointError, ValueError)):
         assert issubclass(cls, UserError) and issubclass(cls, old)

@@ -48,6 +48,7 @@ from safetensors.torch import save_file
 
 from data_pipeline.cli import CheckpointError
 from data_pipeline.config import StreamPosition
+from trainer.config import RunConfig, _build, parse_yaml
 from trainer.nofollow import make_dir, write_replacing
 
 log = logging.getLogger(__name__)
@@ -60,18 +61,6 @@ FILES_FILE = "files.json"
 NETWORKS = ("energy", "generator", "statistics")
 EMA_NETWORK = "generator_ema"  # train.generator_ema's average of G: in the export only when it is on
 NORM_TOLERANCE = 1e-4  # relative: a norm recomputed from the same fp32 weights agrees far closer
-
-
-@dataclass
-class CheckpointConfig:
-    every: int = field(default=500, metadata={"range": "[1, 1e12]"})
-    keep: int = field(default=3, metadata={"range": "[1, 1000000]"})
-    resume: bool = True  # resume from the run folder's latest checkpoint when there is one
-
-    def __post_init__(self) -> None:
-        for key, value in (("checkpoint.every", self.every), ("checkpoint.keep", self.keep)):
-            if value < 1:
-                raise ValueError(f"{key} must be >= 1, got {value}")
 
 
 def package_version() -> str:
@@ -326,8 +315,6 @@ def content_damage(folder: str) -> str | None:
     """What keeps a checkpoint's own files from loading (naming the file), files.json aside: its
     trainer_state.json (a step that matches the folder's name), config.yaml and the weights' header."""
     import yaml
-
-    from trainer.config import RunConfig, _build, parse_yaml  # trainer.config imports this module
 
     try:
         with open(os.path.join(folder, STATE_FILE)) as f:

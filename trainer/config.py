@@ -4,6 +4,11 @@
 
 An unknown key or a value of the wrong type fails here, before anything runs, naming the key and
 what is valid. The resolved configuration is saved as ``config.yaml`` in the run folder.
+
+The trainer's own sections are defined here; the models' in models/config.py, the data's in
+data_pipeline/config.py, each evaluation's in its module in trainer/evaluation/. None of them
+imports torch or numpy (tests/test_architecture.py checks), so that --print-config and the checks
+before a run cost a tenth of a second, not the second and a half torch takes to import.
 """
 
 from __future__ import annotations
@@ -14,23 +19,18 @@ import os
 import re
 import types
 import typing
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import yaml
 
-from data_pipeline.cli import ConfigError, shown
+from data_pipeline.cli import ConfigError, UserError, shown
 from data_pipeline.config import DataConfig
-from models.entropy import EntropyConfig
-from models.factory import ModelConfig
-from models.mala import MALAConfig
-from trainer.checkpoint import CheckpointConfig
+from models.config import EntropyConfig, MALAConfig, ModelConfig
 from trainer.evaluation import EvalConfig
 from trainer.evaluation.fid_kid import TRUST_INCEPTION_ENV
-from trainer.guard import GuardConfig
-from trainer.metrics import LogConfig
-from trainer.runtime.deepspeed_engine import DeepSpeedConfig
 
 PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -106,6 +106,21 @@ def read_yaml_file(path: str) -> Any:
 
 
 @dataclass
+class GuardConfig:
+    """On a non-finite metric or one past its bound, roll back to the last checkpoint with every
+    learning rate multiplied by ``lr_factor``, at most ``max_rollbacks`` times."""
+
+    max_rollbacks: int = field(default=3, metadata={"range": "[0, 1000]"})  # 0: a diverging run stops at once
+    lr_factor: float = field(default=0.5, metadata={"range": "(0, 1]"})
+    # Bounds on |E(fake) - E(real)| and the penalty; 0 disables.
+    max_abs_energy_gap: float = field(default=1e4, metadata={"range": "[0, inf)"})
+    max_penalty: float = field(default=1e6, metadata={"range": "[0, inf)"})
+    # Checked before every checkpoint, so that no checkpoint holds weights a rollback would flee:
+    # every parameter finite and each network's parameter norm at most this (0: finiteness only).
+    max_param_norm: float = field(default=1e5, metadata={"range": "[0, inf)"})
+
+
+@dataclass
 class OptimConfig:
     lr: float = field(default=1e-4, metadata={"range": "(0, inf)"})
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9], metadata={"range": "[0, 1)", "length": "[2, 2]"})
@@ -168,6 +183,85 @@ class TrainConfig:
                 "train.generator_ema averages whole generator weights on every rank, and train.engine=fsdp shards "
                 "them: use the EMA with train.engine=ddp or deepspeed, or train.generator_ema=0 with fsdp"
             )
+
+
+def normalise_gateway(url: str) -> str:
+    """``host:port`` or an http(s) URL; anything else is a configuration error (ValueError)."""
+    parsed = urllib.parse.urlparse(url if "://" in url else f"http://{url}")
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ValueError(f"log.pushgateway={url!r} is not an http(s) address; use e.g. http://pushgateway:9091")
+    return parsed.geturl()
+
+
+@dataclass
+class LogConfig:
+    every: int = field(default=25, metadata={"range": "[1, 1e12]"})  # steps between metric reductions (device syncs)
+    progress: bool = True
+    # Local rank r serves on port + r; 0 picks free ports; -1 disables.
+    prometheus_port: int = field(default=9400, metadata={"range": "[-1, 65535]"})
+    prometheus_addr: str = "127.0.0.1"  # 0.0.0.0 to be scraped from another host (multi-node)
+    # A folder for Prometheus file_sd target files, one per rank (deploy/prometheus/prometheus.yml
+    # reads deploy/prometheus/targets); empty: none written.
+    prometheus_targets: str = ""
+    # A Pushgateway (http://host:9091) that receives the evaluation results and the final step at
+    # each evaluation and at exit, so that they outlive the process; empty: no push.
+    pushgateway: str = ""
+    # Experiment trackers, through accelerate: tensorboard (event files in <run>/tensorboard) and
+    # wandb (offline unless WANDB_MODE says otherwise); each needs its package installed.
+    trackers: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ValueError(f"log.every must be >= 1, got {self.every}")
+        if not -1 <= self.prometheus_port <= 65535:
+            port = self.prometheus_port
+            raise ValueError(f"log.prometheus_port must be -1 (off), 0 (a free port) or a port, got {port}")
+        if self.pushgateway:
+            normalise_gateway(self.pushgateway)
+        unknown = [t for t in self.trackers if t not in ("tensorboard", "wandb")]
+        if unknown or len(set(self.trackers)) < len(self.trackers):
+            raise ValueError(f"log.trackers takes tensorboard and wandb, each once; got {self.trackers}")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = field(default=500, metadata={"range": "[1, 1e12]"})
+    keep: int = field(default=3, metadata={"range": "[1, 1000000]"})
+    resume: bool = True  # resume from the run folder's latest checkpoint when there is one
+
+    def __post_init__(self) -> None:
+        for key, value in (("checkpoint.every", self.every), ("checkpoint.keep", self.keep)):
+            if value < 1:
+                raise ValueError(f"{key} must be >= 1, got {value}")
+
+
+class DeepSpeedConfigError(UserError, ValueError):
+    """A DeepSpeed setting that cannot work; the message names it and the fix."""
+
+
+# Why ZeRO-3 is refused: it partitions parameters and gathers them in forward hooks, and the
+# gradient penalty differentiates through E twice (autograd.grad with create_graph, then backward);
+# DeepSpeed's stage-3 hooks do not support that double backward (verified: it fails).
+ZERO3_REFUSAL = (
+    "ZeRO stage 3 is not supported: the gradient penalty needs a double backward through E "
+    "(autograd.grad with create_graph=True, then backward), and ZeRO-3's parameter "
+    "partitioning hooks fail under double backward. Use deepspeed.zero_stage 0, 1 or 2."
+)
+
+
+@dataclass
+class DeepSpeedConfig:
+    """Used when train.engine=deepspeed. Precision and batch sizes come from train/data; the JSON file
+    (optional, e.g. deploy/deepspeed/zero2.json) supplies DeepSpeed's other knobs."""
+
+    zero_stage: int = field(default=1, metadata={"range": "[0, 3]"})  # 0, 1 or 2; 3 is refused (ZERO3_REFUSAL)
+    config_file: str = ""  # a DeepSpeed JSON; its zero_optimization.stage, if set, must equal zero_stage
+
+    def __post_init__(self) -> None:
+        if self.zero_stage == 3:
+            raise DeepSpeedConfigError(f"deepspeed.zero_stage=3: {ZERO3_REFUSAL}")
+        if self.zero_stage not in (0, 1, 2):
+            raise DeepSpeedConfigError(f"deepspeed.zero_stage={self.zero_stage} is not valid; choose 0, 1 or 2")
 
 
 # A run's name is a folder under runs/: letters, digits, ".", "_" and "-", no path separator, no "..".

@@ -6,9 +6,10 @@ next rollback goes one checkpoint further back (down to step 0), and the advice 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
+
+from trainer.config import GuardConfig
 
 
 class Diverged(RuntimeError):
@@ -17,21 +18,6 @@ class Diverged(RuntimeError):
     def __init__(self, message: str, nonfinite: bool = False, step: int | None = None, term: str = ""):
         super().__init__(message)
         self.nonfinite, self.step, self.term = nonfinite, step, term
-
-
-@dataclass
-class GuardConfig:
-    """On a non-finite metric or one past its bound, roll back to the last checkpoint with every
-    learning rate multiplied by ``lr_factor``, at most ``max_rollbacks`` times."""
-
-    max_rollbacks: int = field(default=3, metadata={"range": "[0, 1000]"})  # 0: a diverging run stops at once
-    lr_factor: float = field(default=0.5, metadata={"range": "(0, 1]"})
-    # Bounds on |E(fake) - E(real)| and the penalty; 0 disables.
-    max_abs_energy_gap: float = field(default=1e4, metadata={"range": "[0, inf)"})
-    max_penalty: float = field(default=1e6, metadata={"range": "[0, inf)"})
-    # Checked before every checkpoint, so that no checkpoint holds weights a rollback would flee:
-    # every parameter finite and each network's parameter norm at most this (0: finiteness only).
-    max_param_norm: float = field(default=1e5, metadata={"range": "[0, inf)"})
 
 
 class DivergenceGuard:

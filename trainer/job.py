@@ -15,7 +15,7 @@ import torch
 from data_pipeline import storage
 from data_pipeline.dataset import Dataset, open_dataset, write_toy_data
 from data_pipeline.storage import StopRequested
-from models import build_networks
+from models.factory import build_networks
 from trainer.checkpoint import Checkpoints, load_export, package_version
 from trainer.config import ConfigError, RunConfig, config_from_yaml, config_to_yaml, vera_settings
 from trainer.evaluation import build_evaluator

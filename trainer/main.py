@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_intermixed_args(argv)  # overrides may come before and after flags
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         logging.getLogger("accelerate").setLevel(logging.WARNING)  # it logs every file of every save
+        if args.print_config:  # the configuration alone: its loader imports no torch, and nothing of a job
+            return run_tool(lambda: _print_config(args), args.debug)
         return run_tool(lambda: _main(args, stop), args.debug, extra=_job_errors())
 
 
@@ -147,16 +149,20 @@ def _job_errors() -> tuple[type[BaseException], ...]:
     return (LaunchError, Diverged, RunFolderBusy, CollectiveError, CheckpointError, LinkedRunFolder)
 
 
+def _print_config(args: argparse.Namespace) -> int:
+    from trainer.config import config_to_yaml, load_config
+
+    print(config_to_yaml(load_config(args.config, args.overrides), choices=True), end="")
+    return 0
+
+
 def _main(args: argparse.Namespace, stop: threading.Event) -> int:
-    from trainer.config import check_commands, check_launcher_precision, config_to_yaml, load_config
+    from trainer.config import check_commands, check_launcher_precision, load_config
     from trainer.evaluation import check_requirements
     from trainer.meg_trainer import Preempted
     from trainer.trackers import check_trackers
 
     cfg = load_config(args.config, args.overrides)
-    if args.print_config:
-        print(config_to_yaml(cfg, choices=True), end="")
-        return 0
     check_commands(cfg, allow_pipe=args.allow_pipe, trust_inception=args.trust_inception)
     check_launcher_precision(cfg)
     check_requirements(cfg)  # every file the evaluation reads, before any work

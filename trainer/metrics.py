@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,44 +22,6 @@ import torch
 from trainer.guard import Diverged, DivergenceGuard
 from trainer.nofollow import open_append
 from trainer.progress import format_duration
-
-
-def normalise_gateway(url: str) -> str:
-    """``host:port`` or an http(s) URL; anything else is a configuration error (ValueError)."""
-    parsed = urllib.parse.urlparse(url if "://" in url else f"http://{url}")
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise ValueError(f"log.pushgateway={url!r} is not an http(s) address; use e.g. http://pushgateway:9091")
-    return parsed.geturl()
-
-
-@dataclass
-class LogConfig:
-    every: int = field(default=25, metadata={"range": "[1, 1e12]"})  # steps between metric reductions (device syncs)
-    progress: bool = True
-    # Local rank r serves on port + r; 0 picks free ports; -1 disables.
-    prometheus_port: int = field(default=9400, metadata={"range": "[-1, 65535]"})
-    prometheus_addr: str = "127.0.0.1"  # 0.0.0.0 to be scraped from another host (multi-node)
-    # A folder for Prometheus file_sd target files, one per rank (deploy/prometheus/prometheus.yml
-    # reads deploy/prometheus/targets); empty: none written.
-    prometheus_targets: str = ""
-    # A Pushgateway (http://host:9091) that receives the evaluation results and the final step at
-    # each evaluation and at exit, so that they outlive the process; empty: no push.
-    pushgateway: str = ""
-    # Experiment trackers, through accelerate: tensorboard (event files in <run>/tensorboard) and
-    # wandb (offline unless WANDB_MODE says otherwise); each needs its package installed.
-    trackers: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if self.every < 1:
-            raise ValueError(f"log.every must be >= 1, got {self.every}")
-        if not -1 <= self.prometheus_port <= 65535:
-            port = self.prometheus_port
-            raise ValueError(f"log.prometheus_port must be -1 (off), 0 (a free port) or a port, got {port}")
-        if self.pushgateway:
-            normalise_gateway(self.pushgateway)
-        unknown = [t for t in self.trackers if t not in ("tensorboard", "wandb")]
-        if unknown or len(set(self.trackers)) < len(self.trackers):
-            raise ValueError(f"log.trackers takes tensorboard and wandb, each once; got {self.trackers}")
 
 
 @dataclass

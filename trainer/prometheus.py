@@ -36,7 +36,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from trainer.metrics import MetricSink, RankStats, normalise_gateway
+from trainer.config import normalise_gateway
+from trainer.metrics import MetricSink, RankStats
 
 # The *_created series double every counter's series for a timestamp nobody graphs.
 disable_created_metrics()

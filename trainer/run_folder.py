@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 
-from models import MEGNetworks, build_networks
+from models.factory import MEGNetworks, build_networks
 from trainer.checkpoint import EMA_NETWORK, MISSING_FILE_LIST, CheckpointError, damage, list_checkpoints, load_export
 from trainer.config import RunConfig, config_from_yaml, vera_settings
 from trainer.nofollow import open_fd

@@ -23,8 +23,9 @@ import torch
 
 from data_pipeline.cli import add_debug_flag, run_tool
 from data_pipeline.toy import mode_metrics
-from models.mala import MALAConfig
-from trainer.evaluation import generate, toy_reference
+from models.config import MALAConfig
+from trainer.evaluation.sampling import generate
+from trainer.evaluation.toy import toy_reference
 from trainer.plots import image_grid, scatter_2d
 from trainer.run_folder import load_networks
 

@@ -23,9 +23,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from models import MEGNetworks, energy_loss, generator_loss, latent_mala
 from models.entropy import dv_bound, infonce_bound, new_dv_state, nwj_bound, smile_bound, vera_entropy
-from models.objectives import random_permutation
+from models.factory import MEGNetworks
+from models.mala import latent_mala
+from models.objectives import energy_loss, generator_loss, random_permutation
 from models.ops import EAGER, FUSED, FusedOps, kernels_for
 from models.ops.kernels import triton_available
 from trainer.capture import GraphedStep, capture_blocker

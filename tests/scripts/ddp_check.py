@@ -10,7 +10,8 @@ import sys
 
 import torch
 
-from models import build_networks, energy_loss
+from models.factory import build_networks
+from models.objectives import energy_loss
 from trainer.config import load_config
 from trainer.runtime import DDPRuntime
 from trainer.steps import build_steps

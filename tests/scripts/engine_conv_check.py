@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from models import build_networks
+from models.factory import build_networks
 from trainer.config import load_config
 from trainer.runtime import build_runtime
 from trainer.steps import build_steps

@@ -11,8 +11,9 @@
 
 Adding an experiment: one module with its evaluator class - its ``kind``, its ``config`` section (a
 dataclass, which becomes eval.<kind>), the files it ``requirements`` and the settings it ``check``s -
-and one line in REGISTRY. Files a kind needs are checked by ``check_requirements`` before a run or an
-evaluation starts, naming the file and the command that makes it.
+and one line in REGISTRY; the module imports torch where it is used (REGISTRY says why). Files a
+kind needs are checked by ``check_requirements`` before a run or an evaluation starts, naming the
+file and the command that makes it.
 """
 
 from __future__ import annotations
@@ -23,11 +24,14 @@ from dataclasses import dataclass, field, make_dataclass
 from typing import Literal
 
 from data_pipeline.cli import ConfigError
-from models.mala import MALAConfig
-from trainer.evaluation.base import EvalContext, Evaluator, generate
-from trainer.evaluation.toy import toy_reference
+from models.config import MALAConfig
+from trainer.evaluation.base import EvalContext, Evaluator
 
-# One line per experiment: "module:class".
+# One line per experiment: "module:class". Every module here is imported whenever a configuration
+# loads, since its config section becomes eval.<kind>; so an evaluator module imports torch, numpy
+# and the scores inside the methods that use them, not at module level, and --print-config costs no
+# torch. That keeps an experiment in one file (its section beside the code that reads it), where a
+# registry of config classes apart from their evaluators would split each experiment in two.
 REGISTRY = (
     "trainer.evaluation.toy:ToyEvaluator",
     "trainer.evaluation.anomaly:KDDEvaluator",
@@ -133,6 +137,4 @@ __all__ = [
     "check_requirements",
     "format_table",
     "extra_evaluation_steps",
-    "generate",
-    "toy_reference",
 ]

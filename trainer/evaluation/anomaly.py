@@ -6,13 +6,13 @@ end of each of the last ``last_epochs`` epochs; trainer/kdd_protocol.py runs the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
-
-import numpy as np
+from typing import TYPE_CHECKING, Literal
 
 from data_pipeline.cli import ConfigError
 from trainer.evaluation.base import Evaluator, written_with_the_data
-from trainer.scores import anomaly_scores, auprc, auroc, precision_recall_f1_at_percentile
+
+if TYPE_CHECKING:  # numpy and the scores are imported where they are used (see REGISTRY)
+    import numpy as np
 
 
 @dataclass
@@ -59,6 +59,8 @@ class _AnomalyEvaluator(Evaluator):
         raise NotImplementedError
 
     def score_energy(self, energy) -> dict[str, float]:
+        from trainer.scores import anomaly_scores
+
         if self._test is None:
             self._test = _test_split(self.section.test_data)
         x = self._test["x"].to(next(energy.parameters()).device)
@@ -91,6 +93,8 @@ class KDDEvaluator(_AnomalyEvaluator):
         return labels == 1
 
     def metrics(self, scores, is_anomaly):
+        from trainer.scores import auprc, auroc, precision_recall_f1_at_percentile
+
         return {
             **precision_recall_f1_at_percentile(scores, is_anomaly, self.section.percentile),
             "auroc": auroc(scores, is_anomaly),
@@ -115,6 +119,8 @@ class MNISTAnomalyEvaluator(_AnomalyEvaluator):
         return labels == self.section.digit
 
     def metrics(self, scores, is_anomaly):
+        from trainer.scores import auprc, auroc
+
         return {"auprc": auprc(scores, is_anomaly), "auroc": auroc(scores, is_anomaly)}
 
 
@@ -128,6 +134,8 @@ def protocol_steps(total_steps: int, epoch_steps: int, last_epochs: int) -> list
 
 def mean_std(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:
     """Per numeric key of every row: mean and population standard deviation (numpy's, ddof=0)."""
+    import numpy as np
+
     numeric = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
     keys = [k for k in rows[0] if all(k in r and numeric(r[k]) for r in rows)] if rows else []
     out = {}

@@ -1,17 +1,20 @@
 """What every evaluator shares: draw samples from G (plain and after latent MALA), score them the
-experiment's way, draw pictures, and write ``eval/<tag>.json`` and ``eval/latest.json``."""
+experiment's way, draw pictures, and write ``eval/<tag>.json`` and ``eval/latest.json``.
+
+Imports no torch at module level: every evaluator module subclasses ``Evaluator``, and the registry
+imports them all whenever a configuration loads (trainer/evaluation/__init__.py says why)."""
 
 from __future__ import annotations
 
 import json
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
-from models.mala import MALAConfig, latent_mala
 from trainer.nofollow import make_dir, write_replacing
-from trainer.progress import Progress
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -31,30 +34,6 @@ def written_with_the_data(cfg) -> str:
     if cfg.data.prepare:
         return f"it is written with the training data by: {cfg.data.prepare}"
     return "write it with python -m data_pipeline.convert (--help lists the sources)"
-
-
-@torch.no_grad()
-def _generate_plain(generator, z: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    return torch.cat([generator(chunk).float() for chunk in z.split(batch_size)])
-
-
-def generate(
-    energy, generator, num: int, z_dim: int, mala: MALAConfig, batch_size: int = 1000
-) -> tuple[torch.Tensor, torch.Tensor | None, float]:
-    """Plain samples G(z), MALA-refined samples (None when mala.steps == 0) and the acceptance rate."""
-    device = next(generator.parameters()).device
-    z = torch.randn(num, z_dim, device=device)
-    plain = _generate_plain(generator, z, batch_size)
-    if mala.steps == 0:
-        return plain, None, float("nan")
-    refined, accepted = [], 0.0
-    progress = Progress(f"latent MALA ({mala.steps} steps)", num, "samples")
-    for chunk in z.split(batch_size):
-        result = latent_mala(energy, generator, chunk, mala.steps, mala.step_size, mala.temperature)
-        refined.append(result.x.float())
-        accepted += float(result.acceptance_rate) * len(chunk)
-        progress.advance(len(chunk))
-    return plain, torch.cat(refined), accepted / num
 
 
 # Results named in the image grids' captions, where an evaluation has them.
@@ -96,6 +75,8 @@ class Evaluator:
             try:
                 self._real = read_split(read_manifest(self.ctx.data_url), limit=num)["x"]
             except (DataError, OSError, ValueError):  # e.g. a list of shard URLs: the pictures go without
+                import torch
+
                 self._real = torch.empty(0)
         return self._real[:num] if self._real is not None and len(self._real) else None
 
@@ -126,6 +107,8 @@ class Evaluator:
         return os.path.exists(os.path.join(self.ctx.out_dir, f"step_{step:08d}.json"))
 
     def __call__(self, step: int, energy, generator, tag: str | None = None) -> dict[str, float]:
+        from trainer.evaluation.sampling import generate
+
         make_dir(self.ctx.out_dir)
         results = dict(self.score_energy(energy))
         plain, refined, acceptance = generate(energy, generator, self.cfg.num_samples, self.ctx.z_dim, self.cfg.mala)

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 from data_pipeline.cli import ConfigError
 from trainer.evaluation.base import Evaluator
-from trainer.scores import feature_statistics, frechet_distance, kernel_inception_distance
 
 # Set by --trust-inception on the command line (a TorchScript file runs code when it loads).
 TRUST_INCEPTION_ENV = "MEG_TRUST_INCEPTION"
@@ -39,6 +38,7 @@ class FIDEvaluator(Evaluator):
 
     def score_samples(self, samples) -> dict[str, float]:
         from trainer.fid import InceptionFeatures, load_statistics
+        from trainer.scores import feature_statistics, frechet_distance, kernel_inception_distance
 
         if self.section.inception and os.environ.get(TRUST_INCEPTION_ENV) != "1":
             raise ConfigError(f"eval.fid.inception={self.section.inception!r} loads only with --trust-inception")

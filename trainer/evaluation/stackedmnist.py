@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from trainer.evaluation.base import Evaluator
-from trainer.scores import mode_coverage
 
 
 @dataclass
@@ -35,6 +34,7 @@ class StackedMNISTEvaluator(Evaluator):
     def score_samples(self, samples) -> dict[str, float]:
         from models.classifier import classify_stacked
         from trainer.classifier import load_classifier
+        from trainer.scores import mode_coverage
 
         if self._classifier is None:
             self._classifier = load_classifier(self.section.classifier).to(samples.device)

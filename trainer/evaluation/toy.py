@@ -13,16 +13,17 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-
-from data_pipeline.toy import TOY_SPECS, ToySpec, mode_metrics, sample_toy, true_log_density
 from trainer.evaluation.base import Evaluator
-from trainer.scores import energy_values, log_partition, square_grid
 
-# The temperatures searched for density_best_t: 0.001 .. 10, twenty per decade.
-TEMPERATURES = np.geomspace(1e-3, 10.0, 81)
+if TYPE_CHECKING:  # numpy, torch and the scores are imported where they are used (see REGISTRY)
+    import numpy as np
+
+    from data_pipeline.toy import ToySpec
+
+# The temperatures searched for density_best_t, np.geomspace's arguments: 0.001 .. 10, twenty per decade.
+TEMPERATURE_SEARCH = (1e-3, 10.0, 81)
 TEST_SEED, VALIDATION_SEED = 2024, 2025  # fresh draws, neither the plots' (12345) nor the training data's
 
 
@@ -38,6 +39,8 @@ class ToyEvalConfig:
 
 def toy_reference(dataset: str, std: float) -> tuple[ToySpec | None, np.ndarray | None]:
     """The data set's modes (None when it has none, e.g. the swiss roll) and 2,000 points of it."""
+    from data_pipeline.toy import TOY_SPECS, ToySpec, sample_toy
+
     if dataset not in TOY_SPECS:
         return None, None
     base = TOY_SPECS[dataset]
@@ -51,7 +54,12 @@ class DensityReference:
     and a validation draw, each grid cell's nearest mode, and the true mixture's NLL."""
 
     def __init__(self, dataset: str, spec: ToySpec | None, data: np.ndarray, section: ToyEvalConfig):
-        reach = float(np.abs(spec.centres).max() + 4 * spec.std) if spec is not None else float(np.abs(data).max())
+        import torch
+
+        from data_pipeline.toy import sample_toy, true_log_density
+        from trainer.scores import square_grid
+
+        reach = float(abs(spec.centres).max() + 4 * spec.std) if spec is not None else float(abs(data).max())
         self.lim = (
             math.ceil(2 * 1.25 * reach) / 2
         )  # a half-unit box with a quarter of margin: [-2, 2]^2 for both mixtures
@@ -71,6 +79,11 @@ class DensityReference:
             self.within_3sigma = (distance.min(dim=1).values <= 3 * spec.std).numpy()
 
     def score(self, energy, entropy_weight: float) -> dict[str, float]:
+        import numpy as np
+        import torch
+
+        from trainer.scores import energy_values, log_partition
+
         grid_e = energy_values(energy, self.grid)
         test_e = energy_values(energy, torch.from_numpy(self.test)).mean()
         val_e = energy_values(energy, torch.from_numpy(self.validation)).mean()
@@ -78,7 +91,8 @@ class DensityReference:
         def nll(mean_energy: float, t: float) -> float:
             return float(mean_energy / t + log_partition(grid_e, self.cell_area, t))
 
-        best_t = float(TEMPERATURES[int(np.argmin([nll(val_e, t) for t in TEMPERATURES]))])
+        temperatures = np.geomspace(*TEMPERATURE_SEARCH)
+        best_t = float(temperatures[int(np.argmin([nll(val_e, t) for t in temperatures]))])
         results = {
             **self.results,
             "density_nll_tw": nll(test_e, entropy_weight),
@@ -114,13 +128,15 @@ class ToyEvaluator(Evaluator):
         return self._density.score(energy, self.ctx.entropy_weight)
 
     def score_samples(self, samples) -> dict[str, float]:
+        from data_pipeline.toy import mode_metrics
+
         return mode_metrics(samples.cpu().numpy(), self.spec) if self.spec is not None else {}
 
     def plot(self, tag, step, energy, plain, refined, results) -> None:
         from trainer.plots import energy_landscape, scatter_2d  # matplotlib: imported when a picture is drawn
 
         out = self.ctx.out_dir
-        lim = float(np.abs(self.data).max() * 1.25) if self.data is not None else float(plain.abs().max() * 1.1)
+        lim = float(abs(self.data).max() * 1.25) if self.data is not None else float(plain.abs().max() * 1.1)
         for name, samples, prefix, label in (
             ("samples", plain, "", ""),
             ("samples_mala", refined, "mala_", ", latent MALA"),

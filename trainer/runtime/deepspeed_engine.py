@@ -11,43 +11,14 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from data_pipeline.cli import CheckpointError, UserError
+from data_pipeline.cli import CheckpointError
+from trainer.config import ZERO3_REFUSAL, DeepSpeedConfig, DeepSpeedConfigError
 from trainer.runtime.group import ProcessGroup, join_process_group, refuse_accelerate_deepspeed
-
-
-class DeepSpeedConfigError(UserError, ValueError):
-    """A DeepSpeed setting that cannot work; the message names it and the fix."""
-
-
-# Why ZeRO-3 is refused: it partitions parameters and gathers them in forward hooks, and the
-# gradient penalty differentiates through E twice (autograd.grad with create_graph, then backward);
-# DeepSpeed's stage-3 hooks do not support that double backward (verified: it fails).
-ZERO3_REFUSAL = (
-    "ZeRO stage 3 is not supported: the gradient penalty needs a double backward through E "
-    "(autograd.grad with create_graph=True, then backward), and ZeRO-3's parameter "
-    "partitioning hooks fail under double backward. Use deepspeed.zero_stage 0, 1 or 2."
-)
-
-
-@dataclass
-class DeepSpeedConfig:
-    """Used when train.engine=deepspeed. Precision and batch sizes come from train/data; the JSON file
-    (optional, e.g. deploy/deepspeed/zero2.json) supplies DeepSpeed's other knobs."""
-
-    zero_stage: int = field(default=1, metadata={"range": "[0, 3]"})  # 0, 1 or 2; 3 is refused (ZERO3_REFUSAL)
-    config_file: str = ""  # a DeepSpeed JSON; its zero_optimization.stage, if set, must equal zero_stage
-
-    def __post_init__(self) -> None:
-        if self.zero_stage == 3:
-            raise DeepSpeedConfigError(f"deepspeed.zero_stage=3: {ZERO3_REFUSAL}")
-        if self.zero_stage not in (0, 1, 2):
-            raise DeepSpeedConfigError(f"deepspeed.zero_stage={self.zero_stage} is not valid; choose 0, 1 or 2")
 
 
 class GeneratorAndStatistics(nn.Module):
