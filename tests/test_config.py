@@ -304,3 +304,18 @@ def test_what_fsdp_does_not_support_is_refused_at_load():
         load_config("toy_25gaussians", ["train.engine=fsdp", "train.generator_ema=0.99"])
     with pytest.raises(ConfigError, match="train.entropy_estimator=vera is not supported with train.engine=fsdp"):
         load_config("toy_25gaussians", ["train.engine=fsdp", "train.entropy_estimator=vera"])
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        (["train.mixed_precision=fp16"], "train.mixed_precision=no or bf16"),
+        (["train.entropy_estimator=vera"], "train.entropy_estimator=vera"),
+        (["train.generator_ema=0.99"], "train.generator_ema"),
+    ],
+)
+def test_fsdp_refusals_come_from_the_config_check(overrides, named):
+    # Every setting the FSDP2 engine cannot run is refused when the config loads, before any process
+    # group or network exists, each naming the key.
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        load_config(None, ["train.engine=fsdp", *overrides])

@@ -172,6 +172,11 @@ class TrainConfig:
                 raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
         if not self.collective_timeout > 0:  # NaN too
             raise ValueError(f"train.collective_timeout must be > 0 seconds, got {self.collective_timeout}")
+        if self.engine == "fsdp" and self.mixed_precision == "fp16":
+            raise ValueError(
+                "train.engine=fsdp supports train.mixed_precision=no or bf16 (no fp16 loss scaler for sharded "
+                "gradients); use bf16, or train.engine=ddp for fp16"
+            )
         if self.engine == "fsdp" and self.entropy_estimator == "vera":
             # Measured on 2 ranks: after 6 steps 8.4e-3 from the DDP twin's weights (dv: 0.0); not yet understood.
             raise ValueError(

@@ -55,12 +55,8 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from data_pipeline.cli import CheckpointError, UserError
+from data_pipeline.cli import CheckpointError
 from trainer.runtime.group import AUTOCAST_DTYPES, ProcessGroup, join_process_group, refuse_accelerate_deepspeed
-
-
-class FSDPConfigError(UserError, ValueError):
-    """A setting the FSDP2 engine cannot run; the message says which and what to use."""
 
 
 def shard_per_layer(net: nn.Module, policy: MixedPrecisionPolicy, reshard_after_forward: bool) -> nn.Module:
@@ -149,12 +145,7 @@ class FSDPRuntime(ProcessGroup):
     """FSDP2 over torch.distributed's own process group (no accelerate)."""
 
     def __init__(self, mixed_precision: str = "no", collective_timeout: float = 600.0):
-        refuse_accelerate_deepspeed()
-        if mixed_precision == "fp16":
-            raise FSDPConfigError(
-                "train.engine=fsdp supports train.mixed_precision=no or bf16 (no fp16 loss scaler for sharded "
-                "gradients); use bf16, or train.engine=ddp for fp16"
-            )
+        refuse_accelerate_deepspeed()  # fp16 is refused earlier, by TrainConfig's check
         device = join_process_group(collective_timeout)
         super().__init__(device, dist.get_rank(), dist.get_world_size(), mixed_precision)
         dtype = AUTOCAST_DTYPES.get(mixed_precision)
