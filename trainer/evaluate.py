@@ -13,12 +13,10 @@ import argparse
 import os
 import sys
 
-import torch
-
 from data_pipeline.cli import add_debug_flag, run_tool
 from trainer.config import check_commands, load_config
 from trainer.evaluation import build_evaluator, check_requirements, format_table
-from trainer.run_folder import load_networks, resolve_checkpoint
+from trainer.run_folder import load_networks, ready_to_draw, resolve_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,11 +43,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     check_commands(cfg, allow_pipe=args.allow_pipe, trust_inception=args.trust_inception)
     check_requirements(cfg)
     _, nets, _, info = load_networks(args.run, checkpoint)
-    torch.manual_seed(cfg.eval.seed if args.seed is None else args.seed)
+    ready_to_draw(nets, cfg.eval.seed if args.seed is None else args.seed)
     evaluator = build_evaluator(cfg, info["sample_shape"], info.get("dataset", ""))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    for net in (nets.energy, nets.generator):
-        net.to(device)
     tag = f"eval_{os.path.basename(checkpoint.rstrip('/'))}"
     results = evaluator(int(info["step"]), nets.energy, nets.generator, tag=tag)
     print(f"{args.run} at {os.path.basename(checkpoint.rstrip('/'))} ({evaluator.kind}):")

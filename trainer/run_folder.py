@@ -14,6 +14,8 @@ import sys
 import time
 from collections.abc import Iterator
 
+import torch
+
 from models.factory import MEGNetworks, build_networks
 from trainer.checkpoint import EMA_NETWORK, MISSING_FILE_LIST, CheckpointError, damage, list_checkpoints, load_export
 from trainer.config import RunConfig, config_from_yaml, vera_settings
@@ -168,3 +170,13 @@ def load_networks(run_dir: str, checkpoint: str | None = None) -> tuple[RunConfi
             raise CheckpointError(f"{checkpoint}: its weights do not fit its config.yaml ({name}): {e}") from None
         module.eval()
     return cfg, nets, checkpoint, info
+
+
+def ready_to_draw(nets: MEGNetworks, seed: int) -> None:
+    """E and G on the device the trainer's evaluation used (CUDA when present), and the draws seeded:
+    the sample and evaluate tools share this, so one checkpoint and seed give both tools the same
+    latents and chains."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for net in (nets.energy, nets.generator):
+        net.to(device)
+    torch.manual_seed(seed)

@@ -19,7 +19,6 @@ import os
 import sys
 
 import numpy as np
-import torch
 
 from data_pipeline.cli import add_debug_flag, run_tool
 from data_pipeline.toy import mode_metrics
@@ -27,7 +26,7 @@ from models.config import MALAConfig
 from trainer.evaluation.sampling import generate
 from trainer.evaluation.toy import toy_reference
 from trainer.plots import image_grid, scatter_2d
-from trainer.run_folder import load_networks
+from trainer.run_folder import load_networks, ready_to_draw
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,11 +60,7 @@ def _sample(args: argparse.Namespace) -> int:
         temperature=run_mala.temperature if args.temperature is None else args.temperature,
     )
     num = cfg.eval.num_samples if args.num is None else args.num
-    # As trainer.evaluate: the same device and seed, so the same latents and chains.
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    for net in (nets.energy, nets.generator):
-        net.to(device)
-    torch.manual_seed(cfg.eval.seed if args.seed is None else args.seed)
+    ready_to_draw(nets, cfg.eval.seed if args.seed is None else args.seed)
     plain, refined, acceptance = generate(nets.energy, nets.generator, num, cfg.model.z_dim, mala)
     samples = (refined if refined is not None else plain).cpu()
     suffix = f"_mala{mala.steps}" if mala.steps else ""
