@@ -14,6 +14,7 @@ trainer builds it, except where a row takes a piece away):
   + K2 gradfix conv    native data/weight-gradient kernels at every derivative order
   + penalty kernel     the penalty's norm and mean in one kernel each way: model.kernels=fused
   + capture            the step replayed as a CUDA graph (train.capture=auto; CUDA only)
+  no penalty + capture the captured step without the penalty: the captured floor
   lazy k=4, k=16       train.penalty_every=k with the device's defaults (auto kernels and capture):
                        the mean energy step over whole cycles of k
   compile (--compile)  torch.compile of loss and parameter gradients, trace_autograd_ops=True (eager kernels)
@@ -82,6 +83,8 @@ ROWS = [
     Row("+ K2 gradfix conv", ops=K12),
     Row("+ penalty kernel", ops=FUSED),
     Row("+ capture", ops=FUSED, capture="auto"),
+    # The captured floor: the penalty's overhead under capture is "+ capture" over this row.
+    Row("no penalty + capture", ops=FUSED, penalty=False, capture="auto"),
     # The lazy rows run what a run on this device runs by default: auto kernels and capture.
     Row("lazy k=4", ops=None, capture="auto", penalty_every=4),
     Row("lazy k=16", ops=None, capture="auto", penalty_every=16),
@@ -311,7 +314,26 @@ def format_table(results: list[dict], device: torch.device, threads: int, precis
                 f"{r['iteration_samples_per_s']:.0f}" if "iteration_samples_per_s" in r else "-",
             ]
             lines.append(f"| {network} | {name} | " + " | ".join(cells) + " |")
+    overheads = [f"{network}: {text}" for network, rows in by_net.items() if (text := penalty_overheads(rows))]
+    if overheads:
+        lines += ["", "penalty overhead (step with the penalty ÷ the same step without it):", *overheads]
     return "\n".join(lines)
+
+
+# (what it says, the step with the penalty, the step without it): eager, captured, then the lazy
+# rows (default kernels and capture) over the captured floor.
+OVERHEADS = [
+    ("eager", "eager penalty", "no penalty"),
+    ("captured", "+ capture", "no penalty + capture"),
+    ("lazy k=4", "lazy k=4", "no penalty + capture"),
+    ("lazy k=16", "lazy k=16", "no penalty + capture"),
+]
+
+
+def penalty_overheads(rows: dict[str, dict]) -> str:
+    """One network's overheads from the rows it has ("" when no pair was measured)."""
+    ms = {name: r["energy_ms"] for name, r in rows.items() if "energy_ms" in r}
+    return ", ".join(f"{what} {ms[num] / ms[den]:.2f}x" for what, num, den in OVERHEADS if num in ms and den in ms)
 
 
 def root_cause(e: Exception) -> str:

@@ -205,7 +205,7 @@ pytest_phase fused tests/test_fused_ops.py
 bench=(bench/bench_penalty.py "${tiny[@]}")
 every=(--only stackedmnist --only toy --only cifar --only kdd)
 phase bf16 "$OUT/bench.log" "$PYTHON" "${bench[@]}" "${every[@]}" --precision bf16 \
-    --rows "before issue 10,no penalty,eager penalty,+ inputs/fused Adam,+ penalty kernel,+ capture,lazy k=4" \
+    --rows "before issue 10,no penalty,eager penalty,+ inputs/fused Adam,+ penalty kernel,+ capture,no penalty + capture,lazy k=4" \
     --out "$OUT/bench_penalty_bf16.md"
 phase fp32 "$OUT/bench.log" "$PYTHON" "${bench[@]}" "${every[@]}" --out "$OUT/bench_penalty_fp32.md"
 

@@ -49,6 +49,8 @@ def test_gpu_check_dry_run_runs_every_test_and_phase(tmp_path):
     fp32 = (tmp_path / "out" / "bench_penalty_fp32.md").read_text()
     for network in ("toy", "kdd", "stackedmnist", "cifar"):
         assert f"| {network} | + penalty kernel |" in fp32
+        # A CPU has no captured rows, so only the eager overhead; on a GPU the captured and lazy follow.
+        assert re.search(rf"^{network}: eager [0-9.]+x", fp32, re.M), fp32
     assert "samples/s" in summary and "modes_hit" in summary
     assert len(list((tmp_path / "out").iterdir())) <= 8
 
@@ -82,3 +84,20 @@ def test_a_failed_bench_row_names_its_cause_in_one_line():
     cause = "Name=triton_per_fused_add_mean_mul_9; RuntimeError: PassManager::run failed"
     assert root_cause(Exception(message)) == cause
     assert root_cause(ValueError("a | b")) == "a | b"  # the caller turns | into / for the table
+
+
+def test_the_penalty_overhead_divides_each_step_by_its_own_floor():
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    try:
+        from bench_penalty import penalty_overheads
+    finally:
+        sys.path.remove(str(REPO_ROOT / "bench"))
+    rows = {
+        "no penalty": {"energy_ms": 4.0},
+        "eager penalty": {"energy_ms": 6.0},
+        "+ capture": {"energy_ms": 1.3},
+        "no penalty + capture": {"energy_ms": 1.0},
+        "lazy k=4": {"error": "failed: RuntimeError"},
+    }
+    assert penalty_overheads(rows) == "eager 1.50x, captured 1.30x"
+    assert penalty_overheads({"+ capture": {"energy_ms": 1.3}}) == ""
