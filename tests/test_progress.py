@@ -6,10 +6,14 @@ import numpy as np
 import pytest
 import torch
 
+from models.classifier import classify_stacked
+from models.config import MALAConfig
 from trainer.classifier import train_classifier
+from trainer.evaluation import stackedmnist
+from trainer.evaluation.sampling import generate
 from trainer.fid import InceptionFeatures
 from trainer.progress import Progress, format_duration
-from trainer.scores import anomaly_scores
+from trainer.scores import anomaly_scores, mode_coverage
 
 
 class FakeClock:
@@ -76,3 +80,24 @@ def test_anomaly_scores_print_their_records(every_update, capsys):
     assert scores.shape == (250,) and np.isfinite(scores).all()
     lines = _progress_lines(capsys.readouterr().out, "anomaly scores (grad_norm):")
     assert [line.split()[3] for line in lines] == ["100/250", "200/250", "250/250"]
+
+
+def test_stackedmnist_classification_prints_its_samples_and_scores_as_one_batch(every_update, capsys, monkeypatch):
+    monkeypatch.setattr(stackedmnist, "CLASSIFY_CHUNK", 20)
+    evaluator = stackedmnist.StackedMNISTEvaluator(None, stackedmnist.StackedMNISTEvalConfig(), None)
+    torch.manual_seed(0)
+    evaluator._classifier = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))  # a stand-in
+    samples = torch.randn(50, 3, 28, 28)
+    result = evaluator.score_samples(samples)
+    with torch.no_grad():
+        assert result == mode_coverage(classify_stacked(evaluator._classifier, samples).numpy(), 1000)
+    lines = _progress_lines(capsys.readouterr().out, "classifying samples:")
+    assert [line.split()[2] for line in lines] == ["20/50", "40/50", "50/50"]
+
+
+def test_plain_generation_prints_its_samples(every_update, capsys):
+    generator = torch.nn.Linear(2, 2)
+    plain, refined, _ = generate(None, generator, 25, 2, MALAConfig(steps=0), batch_size=10)
+    assert plain.shape == (25, 2) and refined is None
+    lines = _progress_lines(capsys.readouterr().out, "generating G(z):")
+    assert [line.split()[2] for line in lines] == ["10/25", "20/25", "25/25"]

@@ -11,7 +11,11 @@ from trainer.progress import Progress
 
 @torch.no_grad()
 def _generate_plain(generator, z: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    return torch.cat([generator(chunk).float() for chunk in z.split(batch_size)])
+    progress, samples = Progress("generating G(z)", len(z), "samples"), []
+    for chunk in z.split(batch_size):
+        samples.append(generator(chunk).float())
+        progress.advance(len(chunk))
+    return torch.cat(samples)
 
 
 def generate(

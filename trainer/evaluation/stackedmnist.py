@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from trainer.evaluation.base import Evaluator
 
+CLASSIFY_CHUNK = 2000  # samples between progress lines: 26,000 take minutes on a CPU
+
 
 @dataclass
 class StackedMNISTEvalConfig:
@@ -32,11 +34,19 @@ class StackedMNISTEvaluator(Evaluator):
         self._classifier = None
 
     def score_samples(self, samples) -> dict[str, float]:
+        import torch
+
         from models.classifier import classify_stacked
         from trainer.classifier import load_classifier
+        from trainer.progress import Progress
         from trainer.scores import mode_coverage
 
         if self._classifier is None:
             self._classifier = load_classifier(self.section.classifier).to(samples.device)
-        modes = classify_stacked(self._classifier, samples).cpu().numpy()
-        return mode_coverage(modes, 10 ** samples.shape[1])
+        progress = Progress("classifying samples", len(samples), "samples")
+        modes = []
+        with torch.no_grad():
+            for chunk in samples.split(CLASSIFY_CHUNK):
+                modes.append(classify_stacked(self._classifier, chunk).cpu())
+                progress.advance(len(chunk))
+        return mode_coverage(torch.cat(modes).numpy(), 10 ** samples.shape[1])
