@@ -47,7 +47,7 @@ def test_classifier_tool_trains_and_writes_a_checkpoint(tmp_path):
         row, col = 3 + 13 * (label // 5), 2 + 5 * (label % 5)
         images[i, 0, row : row + 8, col : col + 4] = 255
     write_array_shards(str(tmp_path / "digits"), "digits", "test", images, labels.astype(np.int64), 2)
-    out = tmp_path / "classifier.pt"
+    out = tmp_path / "classifiers" / "mnist.pt"  # a folder that does not exist yet, as in the README
     result = _tool("trainer.classifier", "--data", str(tmp_path / "digits"), "--out", str(out), "--epochs", "3")
     assert result.returncode == 0, result.stderr
     accuracy = float(result.stdout.split("held-out accuracy ")[-1].split()[0])

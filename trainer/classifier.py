@@ -10,6 +10,7 @@ up to 2 pixels) makes up for the small set of real digits that can be had offlin
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 
 from data_pipeline.cli import add_debug_flag, run_tool
 from models.classifier import DigitClassifier
+from trainer.nofollow import write_replacing
 from trainer.progress import Progress
 
 
@@ -97,6 +99,8 @@ def _train(args: argparse.Namespace) -> int:
     from data_pipeline.shards import DataError, read_manifest
     from data_pipeline.stream import read_split
 
+    # The folder first: a missing one (the README's classifiers/) must not cost the training.
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     splits = [read_split(read_manifest(url)) for url in args.data]
     x = torch.cat([s["x"] for s in splits])
     y = torch.from_numpy(np.concatenate([s["label"] for s in splits]))
@@ -107,7 +111,8 @@ def _train(args: argparse.Namespace) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, accuracy = train_classifier(x.to(device), y.to(device), args.epochs, args.seed)
     weights = {k: v.cpu() for k, v in model.state_dict().items()}
-    torch.save({"weights": weights, "heldout_accuracy": accuracy, "num_digits": len(x)}, args.out)
+    with write_replacing(args.out, binary=True) as f:
+        torch.save({"weights": weights, "heldout_accuracy": accuracy, "num_digits": len(x)}, f)
     print(f"held-out accuracy {accuracy:.4f} on {int(len(x) * 0.15)} digits; wrote {args.out}")
     return 0
 
