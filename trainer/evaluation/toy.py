@@ -101,14 +101,20 @@ class DensityReference:
             "density_best_t": best_t,
         }
         if self.spec is not None:
-            # Each mode's probability mass at the best temperature: the grid cells nearest to it.
-            a = -grid_e / best_t
-            p = np.exp(a - a.max())
-            p /= p.sum()
-            mass = np.bincount(self.grid_mode, weights=p, minlength=len(self.spec.centres))
+            mass, p = self.mode_masses(grid_e, best_t)
             results["mode_mass_ratio"] = float(mass.max() / mass.min()) if mass.min() > 0 else math.inf
             results["density_mass_3sigma"] = float(p[self.within_3sigma].sum())
         return results
+
+    def mode_masses(self, grid_e: np.ndarray, t: float) -> tuple[np.ndarray, np.ndarray]:
+        """Each mode's probability mass under exp(-E/t) (the grid cells nearest to it), and each
+        cell's; ``grid_e``: the energy on ``self.grid``."""
+        import numpy as np
+
+        a = -grid_e / t
+        p = np.exp(a - a.max())
+        p /= p.sum()
+        return np.bincount(self.grid_mode, weights=p, minlength=len(self.spec.centres)), p
 
 
 class ToyEvaluator(Evaluator):
