@@ -319,3 +319,13 @@ def test_fsdp_refusals_come_from_the_config_check(overrides, named):
     # group or network exists, each naming the key.
     with pytest.raises(ConfigError, match=re.escape(named)):
         load_config(None, ["train.engine=fsdp", *overrides])
+
+
+def test_a_section_given_in_part_keeps_its_fields_default_for_the_rest():
+    # train.negatives_mala defaults to 5 steps (MALAConfig's own default is 0): setting only its
+    # temperature once turned MALA negatives off without a word.
+    cfg = load_config("toy_25gaussians", ["train.negatives=mala", "train.negatives_mala.temperature=0.03"])
+    assert (cfg.train.negatives_mala.steps, cfg.train.negatives_mala.temperature) == (5, 0.03)
+    cfg = load_config(None, ["eval.mala.step_size=0.02"])
+    assert (cfg.eval.mala.steps, cfg.eval.mala.step_size) == (5, 0.02)
+    assert load_config("kdd99", ["eval.mala.step_size=0.02"]).eval.mala.steps == 0  # the preset's own value stays

@@ -387,6 +387,11 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
         full = f"{prefix}.{key}" if prefix else key
         if key not in fields:
             raise ConfigError(f"unknown config key {shown(full)}; valid keys here: {', '.join(fields)}")
+        default = fields[key].default_factory
+        if isinstance(value, dict) and dataclasses.is_dataclass(hints[key]) and default is not dataclasses.MISSING:
+            # A section given in part keeps its own default for the rest: train.negatives_mala's steps
+            # are 5, not MALAConfig's 0, when only its temperature is set.
+            value = _merge(dataclasses.asdict(default()), value)
         kwargs[key] = _coerce(full, value, hints[key])
         check_field(full, kwargs[key], fields[key])
     try:
