@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--collect", nargs="+", metavar="DIR", help="only print one table from finished folders")
     add_debug_flag(parser)
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="passed to every seed's trainer")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before and after flags
     if args.collect is None:
         if args.seeds < 1 or args.jobs < 1 or args.samples < 1:
             parser.error("--seeds, --jobs and --samples must be >= 1")

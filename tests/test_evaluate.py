@@ -61,7 +61,9 @@ def test_kdd_style_anomaly_evaluation_end_to_end(tmp_path):
 @pytest.mark.slow
 def test_toy_evaluation_reports_plain_and_mala(tmp_path):
     run_trainer(tiny_overrides(tmp_path, steps=10))
-    result = _evaluate(tmp_path / "run", "eval.mala.steps=3", "eval.num_samples=300")
+    # Overrides on both sides of a flag, as the trainer takes them: the MALA column needs the last one.
+    checkpoint = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))[-1]
+    result = _evaluate(tmp_path / "run", "eval.num_samples=300", "--checkpoint", str(checkpoint), "eval.mala.steps=3")
     assert result.returncode == 0, result.stderr
     header, rule, *rows = result.stdout.splitlines()[1:]
     assert header.split(" | ")[0].strip() == "metric" and "latent MALA" in header

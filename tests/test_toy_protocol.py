@@ -71,3 +71,8 @@ def test_mistakes_are_refused_before_any_training(tmp_path, capsys, args, messag
         assert toy_protocol.main(["--out", str(tmp_path / "p"), *args]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
+
+
+def test_overrides_may_come_before_and_after_flags():
+    args = toy_protocol.parse_args(["train.steps=5", "--seeds", "2", "train.energy_steps=3", "--jobs", "1"])
+    assert args.overrides == ["train.steps=5", "train.energy_steps=3"] and (args.seeds, args.jobs) == (2, 1)

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_debug_flag(parser)
     parser.add_argument("overrides", nargs="*", metavar="eval.key=value", help="e.g. eval.mala.steps=100")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before and after flags
     return run_tool(lambda: _evaluate(args), args.debug)
 
 
