@@ -107,8 +107,10 @@ def report(a: dict) -> str:
 
 
 def anatomy(args: argparse.Namespace) -> int:
+    import torch
+
     from trainer.evaluation.toy import DensityReference, toy_reference
-    from trainer.run_folder import load_networks, ready_to_draw
+    from trainer.run_folder import load_networks
 
     cfg, nets, checkpoint, info = load_networks(args.run, args.checkpoint)
     dataset = info.get("dataset", "")
@@ -117,7 +119,7 @@ def anatomy(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"{args.run} trained on {dataset or 'data'} without modes: this compares modes (25gaussians, 8gaussians)"
         )
-    ready_to_draw(nets, args.seed)
+    torch.manual_seed(args.seed)  # on the CPU, where load_networks leaves the networks: a few seconds
     density = DensityReference(dataset, spec, data, cfg.eval.toy)
     result = mode_anatomy(nets.energy, nets.generator, density, cfg.model.z_dim, cfg.train.entropy_weight, args.samples)
     print(f"{checkpoint} ({dataset}, {args.samples} samples of G, seed {args.seed})")
