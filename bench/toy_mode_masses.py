@@ -39,8 +39,8 @@ def mode_anatomy(energy, generator, density, z_dim: int, entropy_weight: float, 
 
     spec = density.spec
     centres = torch.from_numpy(spec.centres).float()
-    best_t = density.score(energy, entropy_weight)["density_best_t"]
-    grid_e = energy_values(energy, density.grid)
+    grid_e = energy_values(energy, density.grid)  # once: the grid holds most of the points scored
+    best_t = density.score(energy, entropy_weight, grid_e)["density_best_t"]
     mass_w, _ = density.mode_masses(grid_e, entropy_weight)
     mass_best, _ = density.mode_masses(grid_e, best_t)
     with torch.no_grad():

@@ -78,13 +78,14 @@ class DensityReference:
             self.grid_mode = distance.argmin(dim=1).numpy()
             self.within_3sigma = (distance.min(dim=1).values <= 3 * spec.std).numpy()
 
-    def score(self, energy, entropy_weight: float) -> dict[str, float]:
+    def score(self, energy, entropy_weight: float, grid_e: np.ndarray | None = None) -> dict[str, float]:
+        """``grid_e``: the energy on ``self.grid`` when the caller has it already (else computed)."""
         import numpy as np
         import torch
 
         from trainer.scores import energy_values, log_partition
 
-        grid_e = energy_values(energy, self.grid)
+        grid_e = energy_values(energy, self.grid) if grid_e is None else grid_e
         test_e = energy_values(energy, torch.from_numpy(self.test)).mean()
         val_e = energy_values(energy, torch.from_numpy(self.validation)).mean()
 
