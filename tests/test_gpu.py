@@ -285,6 +285,7 @@ def test_a_capture_that_fails_after_the_scaler_step_falls_back_to_eager(fused_ke
             got = _train(steps, 8)
         assert "capture off for energy_step(penalty=True)" in caplog.text
         assert steps._energy_fns[True].failed and steps._generator_fn.graph is not None
+        assert torch.cuda.current_stream() == torch.cuda.default_stream()  # not the capture's stream
         _assert_same_metrics(got, _train(eager, 8), 2e-2)
         _assert_same_parameters(steps, eager, start, 2e-2)
         return

@@ -89,12 +89,16 @@ class GraphedStep:
     def _capture(self, inputs: tuple[Tensor, ...]) -> None:
         static_inputs = tuple(x.clone() for x in inputs)
         graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.current_stream()
         try:
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 static_outputs = self.fn(*static_inputs)
         except Exception as e:  # noqa: BLE001 - any failure means: run this step eagerly
             self.failed = True
             torch.cuda.synchronize()
+            # torch.cuda.graph's exit raises in capture_end before it restores the stream: without
+            # this, everything after would run on the capture's side stream.
+            torch.cuda.set_stream(stream)
             _release_generator_from_aborted_capture()
             self.on_failure()
             log.warning("capture off for %s: %s: %s; running it eagerly", _name(self.fn), type(e).__name__, e)
