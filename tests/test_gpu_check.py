@@ -101,3 +101,16 @@ def test_the_penalty_overhead_divides_each_step_by_its_own_floor():
     }
     assert penalty_overheads(rows) == "eager 1.50x, captured 1.30x"
     assert penalty_overheads({"+ capture": {"energy_ms": 1.3}}) == ""
+
+
+def test_only_the_projects_own_rows_fail_the_bench():
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    try:
+        from bench_penalty import failed_rows
+    finally:
+        sys.path.remove(str(REPO_ROOT / "bench"))
+    compile_failed = {"network": "stackedmnist", "row": "compile", "error": "failed: RuntimeError"}
+    capture_failed = {"network": "toy", "row": "+ capture", "error": "failed: RuntimeError"}
+    fine = {"network": "toy", "row": "compile", "energy_ms": 1.0}
+    assert failed_rows([compile_failed, fine]) == []
+    assert failed_rows([compile_failed, capture_failed, fine]) == ["toy + capture"]
