@@ -22,8 +22,9 @@ trainer builds it, except where a row takes a piece away):
 Columns: energy-step time (median of --repeats on a CPU; mean of CUDA events on a GPU), speed-up
 against "eager penalty" and against "before", peak GPU memory of the step, the largest relative
 gradient error of the row's step against an fp64 eager reference and the row's loss (same weights,
-same batch: equal losses are the same numbers), and a full iteration's samples/s (the preset's
-energy steps + one generator step). Prints a table,
+same batch: equal losses are the same numbers), and a full iteration's samples/s with the row's
+kernels and capture (the preset's energy steps, with its penalty in every row, + one generator step).
+Prints a table,
 appends JSON lines to bench/results/penalty.jsonl, and writes the table to --out (markdown).
 """
 
