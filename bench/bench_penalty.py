@@ -350,6 +350,14 @@ def root_cause(e: Exception) -> str:
     return "; ".join([*names[-1:], (causes or lines or [""])[-1]])
 
 
+def tiny_networks() -> None:
+    """NETWORKS at tiny widths and batches, each in its own architecture (a smoke run of every row)."""
+    tiny = {"mlp": ["model.hidden=[8,8]", "model.generator_hidden=[8,8]"], "conv": ["model.conv_width=2"]}
+    for name, (preset, shape, overrides) in list(NETWORKS.items()):
+        arch = load_config(preset, overrides).model.arch
+        NETWORKS[name] = (preset, shape, [*overrides, *tiny[arch], "data.batch_size=4"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=sorted(NETWORKS), action="append", help="networks (default: all four)")
@@ -364,10 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.tiny:
-        tiny = {"mlp": ["model.hidden=[8,8]", "model.generator_hidden=[8,8]"], "conv": ["model.conv_width=2"]}
-        for name, (preset, shape, overrides) in list(NETWORKS.items()):
-            arch = load_config(preset, overrides).model.arch
-            NETWORKS[name] = (preset, shape, [*overrides, *tiny[arch], "data.batch_size=4"])
+        tiny_networks()
     runtime = DDPRuntime(args.precision)
     rows = ROWS + ([COMPILE_ROW] if args.compile else [])
     if args.rows:
