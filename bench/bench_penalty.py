@@ -404,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
                         f.write(format_table(results, runtime.device, torch.get_num_threads(), args.precision) + "\n")
     print(format_table(results, runtime.device, torch.get_num_threads(), args.precision))
     runtime.shutdown()
+    if uncompiled := [r["network"] for r in results if r["row"] == COMPILE_ROW.name and "error" in r]:
+        print(f"torch.compile failed on {', '.join(uncompiled)} (its cell says why); the other rows decide the exit")
     return 1 if failed_rows(results) else 0
 
 
