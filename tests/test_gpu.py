@@ -244,6 +244,7 @@ def _assert_iterations_agree(captured, eager, iterations: int, precision: str, f
     replay on a stale batch 0.56-0.66 (E and G), on the same noise every iteration 1.1-1.8 (G and T);
     test_the_comparison_catches_stale_inputs below shows that it fails then."""
     metrics_rtol, params_rtol = TOLERANCE[precision]
+    trained = [0, 0, 0]  # iterations that moved each network (fp16 may skip every step of one)
     for step, batches in enumerate(_batches(eager.device, iterations, first), start=first):
         _copy_state(captured, eager)
         before = _parameters(eager)
@@ -252,10 +253,11 @@ def _assert_iterations_agree(captured, eager, iterations: int, precision: str, f
             assert got[key] == pytest.approx(expected[key], rel=metrics_rtol, abs=metrics_rtol), (step, key)
         for network, (p, q, p0) in enumerate(zip(_parameters(captured), _parameters(eager), before, strict=True)):
             moved = (q - p0).norm().item()
-            assert moved > 0, (step, network)
+            trained[network] += moved > 0
             assert (p - q).norm().item() <= params_rtol * moved, (step, network, (p - q).norm().item(), moved)
         for key, value in eager.entropy_state.items():
             torch.testing.assert_close(captured.entropy_state[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert all(trained), trained  # a comparison of networks that never trained would prove nothing
 
 
 @pytest.mark.parametrize("precision", ["no", "bf16", "fp16"])
