@@ -125,6 +125,33 @@ def test_capture_is_off_on_a_cpu_and_says_why():
     assert steps.energy_update.param_groups[0]["lr"] == cfg.train.energy_optim.lr * 0.5
 
 
+@pytest.mark.parametrize("saved_by_capture", [False, True], ids=["saved-eager", "saved-captured"])
+@pytest.mark.parametrize("capture", [False, True], ids=["resumed-eager", "resumed-captured"])
+def test_a_checkpoint_load_gives_the_optimizers_the_resuming_runs_capture_settings(
+    monkeypatch, saved_by_capture, capture
+):
+    # A checkpoint written by an eager run (a CPU, several processes, train.capture=off) and resumed
+    # with capture brings back capturable=False param groups: Adam then refuses to be captured and the
+    # resumed run quietly trains eagerly. Capture needs CUDA, so here the step object is told it captures.
+    saved, resumed = _steps(), _steps()
+    saved.iteration(0, lambda: torch.randn(32, 2))
+    states = []
+    for update in (saved.energy_update, saved.generator_update):
+        state = update.optimizer.state_dict()
+        for group in state["param_groups"]:
+            group["capturable"] = saved_by_capture
+            group["lr"] = torch.tensor(group["lr"]) if saved_by_capture else group["lr"]
+        states.append(state)
+    monkeypatch.setattr(resumed, "capture", capture)
+    for update, state in zip((resumed.energy_update, resumed.generator_update), states):
+        update.optimizer.load_state_dict(state)
+    resumed.after_checkpoint_load()
+    for update in (resumed.energy_update, resumed.generator_update):
+        for group in update.param_groups:
+            assert group["capturable"] is capture
+            assert isinstance(group["lr"], torch.Tensor) is capture
+
+
 def _snapshot(module):
     return [p.detach().clone() for p in module.parameters()]
 

@@ -249,8 +249,10 @@ class MEGSteps:
 
     def after_checkpoint_load(self) -> None:
         """A loaded checkpoint replaced the optimizers' state tensors: captured graphs that point at
-        the old ones are dropped (captured again after a warm-up). The learning rates come back as
-        they were saved; a captured step needs them as device tensors, an eager one as floats."""
+        the old ones are dropped (captured again after a warm-up). The param groups come back as
+        they were saved, by a run that may have captured or not: a captured step needs capturable
+        groups with device-tensor learning rates (Adam refuses capture otherwise, and the step would
+        fall back to eager for the rest of the run), an eager one float learning rates."""
         for fn in (*self._energy_fns.values(), self._generator_fn):
             if isinstance(fn, GraphedStep):
                 fn.reset()
@@ -258,6 +260,8 @@ class MEGSteps:
             for group in update.param_groups:
                 lr = float(group["lr"])
                 group["lr"] = torch.tensor(lr, device=self.device) if self.capture else lr
+                if "capturable" in group:  # torch's Adam; DeepSpeed's own optimizers have no such flag
+                    group["capturable"] = self.capture
 
     def learning_rates(self) -> dict[str, float]:
         """The updates' current learning rates (read at log time: a captured step keeps them on the device)."""
