@@ -41,6 +41,16 @@ def no_tf32():
 
 
 @pytest.fixture
+def deterministic_cudnn():
+    """cuDNN's default algorithms may add a convolution's gradient in any order: gradcheck's
+    reentrancy check (two backwards, bit-equal) and step-by-step comparisons need a fixed order."""
+    flags = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    yield
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
+
+
+@pytest.fixture
 def compiled_triton_arguments(monkeypatch):
     """Triton's interpreter types a Python float kernel argument as it passes it: a double. Compiled
     Triton types it fp32, so an fp64 kernel would compute with a rounded value there. Under the

@@ -28,7 +28,7 @@ from tests.conftest import TEST_DEVICE
 
 # Every Triton launch types its arguments as compiled Triton does (conftest): an fp64 kernel that took
 # a Python float would fail its comparisons here, as it would on a GPU.
-pytestmark = pytest.mark.usefixtures("no_tf32", "compiled_triton_arguments")
+pytestmark = pytest.mark.usefixtures("no_tf32", "deterministic_cudnn", "compiled_triton_arguments")
 
 
 def _triton_kernels():
