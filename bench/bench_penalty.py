@@ -20,9 +20,11 @@ trainer builds it, except where a row takes a piece away):
   compile (--compile)  torch.compile of loss and parameter gradients, trace_autograd_ops=True (eager kernels)
 
 Columns: energy-step time (median of --repeats on a CPU; mean of CUDA events on a GPU), speed-up
-against "eager penalty" and against "before", peak GPU memory of the step, the largest relative
+against "eager penalty" and against "before", the most GPU memory the row's steps reserved beyond
+its networks (Adam's state, the step's activations; a captured row's graph pools), the largest relative
 gradient error of the row's step against an fp64 eager reference and the row's loss (same weights,
-same batch: equal losses are the same numbers), and a full iteration's samples/s with the row's
+same batch: equal losses are the same numbers; a captured row's are its kernels' run eagerly, replay
+against eager is tests/test_gpu.py's), and a full iteration's samples/s with the row's
 kernels and capture (the preset's energy steps, with its penalty in every row, + one generator step).
 Prints a table,
 appends JSON lines to bench/results/penalty.jsonl, and writes the table to --out (markdown).
@@ -249,6 +251,13 @@ def measure(network: str, row: Row, runtime: DDPRuntime, precision: str, repeats
     batch = cfg.data.batch_size
     x = torch.randn(batch, *shape, device=device)
     step = energy_step_fn(row, steps)
+    if device.type == "cuda":
+        # From before the first step: a captured row's memory is its graphs' private pools, reserved
+        # at capture (a replay allocates nothing); Adam's state appears at the first step in every row.
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_reserved()
     # Warm-up: the capture's 3 eager steps and its capture (per graph: both of a lazy row's), the
     # compile, cuDNN's algorithm choice, the allocator's first blocks.
     k = row.penalty_every
@@ -259,14 +268,10 @@ def measure(network: str, row: Row, runtime: DDPRuntime, precision: str, repeats
     calls = k * math.ceil(repeats / k)
     for _ in range(-warmup % k):
         step(x, steps.sample_z())
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
     times = time_calls(lambda: step(x, steps.sample_z()), calls, device)
     out = {"energy_ms": 1e3 * (statistics.mean(times) if k > 1 else statistics.median(times))}
     if device.type == "cuda":
-        out["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        out["peak_mib"] = (torch.cuda.max_memory_reserved() - base) / 2**20
     if not row.before and not row.compile:
         n = cfg.train.energy_steps
         counter = iter(range(10**9))
