@@ -23,6 +23,7 @@ from data_pipeline.stream import ShardStream, StreamPosition
 from models.factory import build_networks
 from models.ops import TORCH_KERNELS, use_kernels
 from tests.conftest import REPO_ROOT, TEST_DEVICE, run_trainer, subprocess_env, tiny_overrides
+from trainer.capture import WARMUP_CALLS, GraphedStep
 from trainer.config import load_config, vera_settings
 from trainer.meg_trainer import host_pinning
 from trainer.runtime import DDPRuntime
@@ -357,9 +358,43 @@ def test_a_capture_that_fails_after_the_scaler_step_falls_back_to_eager(fused_ke
     update.scaler.step(update.optimizer)
     with pytest.raises(RuntimeError, match="already been called"):
         update.step()
-    update.discard_step()
+    steps._after_failed_capture(update)
     assert all(p.grad is None for p in steps.energy.parameters())
     _train(steps, 2, first=1)  # eager steps run again
+
+
+def test_a_failed_capture_has_the_graphs_captured_before_it_captured_again(fused_kernels, device, monkeypatch, caplog):
+    # The energy step is captured in the second iteration, the generator step's capture fails in the
+    # fourth. Releasing the device generator from the aborted capture gives it a new state object; the
+    # energy graph, left as it was, would go on replaying MALA's noise with the old one, from the eager
+    # draws' offsets and deaf to torch.manual_seed. It is dropped and captured again instead.
+    mala = ["train.negatives=mala", "train.negatives_mala.steps=2"]
+    steps, eager = _steps("auto", "no", *mala), _steps("off", "no", *mala)
+    update = steps.generator_update
+    if device.type == "cuda":
+        step = update.step
+
+        def step_then_sync():
+            skipped = step()
+            if torch.cuda.is_current_stream_capturing():
+                torch.cuda.synchronize()
+            return skipped
+
+        monkeypatch.setattr(update, "step", step_then_sync)
+        with caplog.at_level(logging.WARNING, logger="trainer.capture"):
+            _assert_iterations_agree(steps, eager, 8, "no")
+        assert "capture off for generator_step" in caplog.text
+        assert steps._generator_fn.failed and steps._energy_fns[True].graph is not None
+        return
+    # No capture on a CPU: the failure handler on steps given graphs discards the step and drops them.
+    _train(steps, 1)
+    graphed = {flag: GraphedStep(fn) for flag, fn in steps._energy_fns.items()}
+    for fn in graphed.values():
+        fn.graph, fn.calls = object(), WARMUP_CALLS  # as if captured
+    monkeypatch.setattr(steps, "_energy_fns", graphed)
+    steps._after_failed_capture(update)
+    assert all(p.grad is None for m in (steps.generator, steps.statistics) for p in m.parameters())
+    assert all(fn.graph is None and fn.calls == 0 and not fn.failed for fn in graphed.values())
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,8 @@ How a step is captured (the recipe of PyTorch's "whole network capture"):
 Loading a checkpoint replaces the optimizers' state tensors, so ``reset()`` drops the graph and the
 next calls warm up and capture again. A capture that fails falls back to eager with one line, after
 ``on_failure`` has undone what the half-recorded step left behind (gradients, a GradScaler that
-believes it stepped). Capture runs in thread-local error mode: a CUDA call another thread makes
+believes it stepped) and dropped the graphs captured before it (they hold the device generator's
+state that the failure replaced). Capture runs in thread-local error mode: a CUDA call another thread makes
 meanwhile (the metrics exporter reads the allocator's statistics) does not spoil it.
 """
 
@@ -110,7 +111,9 @@ def _release_generator_from_aborted_capture() -> None:
     """A capture that fails ends before the graph's epilogue, which is what tells the device's default
     generator that capture is over: it would go on believing it is capturing, and the next eager draw
     (torch.randn of the fallback) raises "Offset increment outside graph capture encountered
-    unexpectedly". A clone of its state has the same seed and offset and is not capturing."""
+    unexpectedly". A clone of its state has the same seed and offset and is not capturing; graphs
+    captured earlier keep the old state object and would replay from the same offsets as the eager
+    draws after this, so the caller's ``on_failure`` must have them captured again."""
     generator = torch.cuda.default_generators[torch.cuda.current_device()]
     generator.graphsafe_set_state(generator.clone_state())
 

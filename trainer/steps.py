@@ -103,8 +103,13 @@ class MEGSteps:
             )
         energy_fns = {flag: functools.partial(self._energy_step, penalty=flag) for flag in (True, False)}
         if self.capture:
-            self._energy_fns = {flag: GraphedStep(fn, energy_update.discard_step) for flag, fn in energy_fns.items()}
-            self._generator_fn = GraphedStep(self._generator_step, generator_update.discard_step)
+            self._energy_fns = {
+                flag: GraphedStep(fn, functools.partial(self._after_failed_capture, energy_update))
+                for flag, fn in energy_fns.items()
+            }
+            self._generator_fn = GraphedStep(
+                self._generator_step, functools.partial(self._after_failed_capture, generator_update)
+            )
         else:
             self._energy_fns, self._generator_fn = energy_fns, self._generator_step
 
@@ -247,15 +252,28 @@ class MEGSteps:
                 else:
                     group["lr"] = lr
 
+    def _reset_graphs(self) -> None:
+        """Drops the captured graphs: the next calls warm up and capture again (a step whose capture
+        failed stays eager)."""
+        for fn in (*self._energy_fns.values(), self._generator_fn):
+            if isinstance(fn, GraphedStep):
+                fn.reset()
+
+    def _after_failed_capture(self, update) -> None:
+        """Undoes the half-recorded step, and drops the graphs captured before it: they replay with the
+        device generator's state from before the failure, which the failure replaced (see
+        trainer/capture.py), so their random draws would repeat the eager ones' offsets and no longer
+        follow torch.manual_seed or a checkpoint's generator state."""
+        update.discard_step()
+        self._reset_graphs()
+
     def after_checkpoint_load(self) -> None:
         """A loaded checkpoint replaced the optimizers' state tensors: captured graphs that point at
         the old ones are dropped (captured again after a warm-up). The param groups come back as
         they were saved, by a run that may have captured or not: a captured step needs capturable
         groups with device-tensor learning rates (Adam refuses capture otherwise, and the step would
         fall back to eager for the rest of the run), an eager one float learning rates."""
-        for fn in (*self._energy_fns.values(), self._generator_fn):
-            if isinstance(fn, GraphedStep):
-                fn.reset()
+        self._reset_graphs()
         for update in (self.energy_update, self.generator_update):
             for group in update.param_groups:
                 lr = float(group["lr"])
