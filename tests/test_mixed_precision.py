@@ -65,10 +65,10 @@ def test_fp16_penalty_needs_the_scale_and_the_unscale():
     assert abs(scaled - reference) / reference < TOLERANCE[torch.float16]
 
 
-def _fp16_steps():
-    cfg = _tiny_cfg("train.mixed_precision=fp16")
+def _steps_in(precision):
+    cfg = _tiny_cfg(f"train.mixed_precision={precision}")
     torch.manual_seed(0)
-    return build_steps(cfg, DDPRuntime("fp16"), build_networks(cfg.model, (2,)))
+    return build_steps(cfg, DDPRuntime(precision), build_networks(cfg.model, (2,)))
 
 
 def _params(module):
@@ -77,7 +77,7 @@ def _params(module):
 
 @pytest.mark.parametrize("which", ["energy", "generator"])
 def test_forced_fp16_overflow_is_skipped_then_training_goes_on(which):
-    steps = _fp16_steps()
+    steps = _steps_in("fp16")
     update = steps.energy_update if which == "energy" else steps.generator_update
     module = steps.energy if which == "energy" else steps.generator
     x = torch.randn(64, 2)
@@ -109,6 +109,30 @@ def test_forced_fp16_overflow_is_skipped_then_training_goes_on(which):
     assert torch.isfinite(torch.stack([v.float() for v in metrics.values()])).all()
     assert any(not torch.equal(a, b) for a, b in zip(before, _params(module), strict=True))
     assert adam_steps() == [m + 1 for m in moments]
+
+
+@pytest.mark.parametrize("saved, resumed", [("no", "fp16"), ("bf16", "fp16"), ("fp16", "no"), ("fp16", "fp16")])
+def test_a_checkpoint_resumes_under_another_precision(tmp_path, caplog, saved, resumed):
+    # A run without fp16 saves an empty GradScaler state; a resume in fp16 used to raise on it
+    # ("The source state dict is empty") after the networks were already loaded.
+    writer, reader = _steps_in(saved), _steps_in(resumed)
+    x = torch.randn(64, 2)
+    writer.iteration(0, lambda: x)
+    if saved == "fp16":
+        writer.energy_update.scaler.update(new_scale=2.0**10)
+    writer.runtime.save_engine_state(str(tmp_path))
+    reader.runtime.restore(str(tmp_path), writer.runtime.fp32_state_dicts())
+    reader.after_checkpoint_load()
+    assert all(torch.equal(a, b) for a, b in zip(_params(writer.energy), _params(reader.energy), strict=True))
+    moments = [s["exp_avg"] for s in reader.energy_update.optimizer.state.values()]
+    assert moments and all(torch.equal(a, b) for a, b in zip(
+        moments, [s["exp_avg"] for s in writer.energy_update.optimizer.state.values()], strict=True))  # fmt: skip
+    if resumed == "fp16":
+        scale = 2.0**10 if saved == "fp16" else FP16_INIT_SCALE
+        assert reader.energy_update.penalty_scale() == scale
+        assert ("written without fp16" in caplog.text) == (saved != "fp16")
+    metrics = reader.iteration(1, lambda: x)
+    assert torch.isfinite(torch.stack([v.float() for v in metrics.values()])).all()
 
 
 def test_metric_window_leaves_skipped_steps_out_of_the_divergence_guard():

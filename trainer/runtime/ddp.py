@@ -9,6 +9,7 @@ networks themselves come from the checkpoint's engine-free weights export.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import defaultdict
 from datetime import timedelta
@@ -21,6 +22,8 @@ from torch.amp.grad_scaler import _refresh_per_optimizer_state
 
 from data_pipeline.cli import CheckpointError
 from trainer.runtime.group import FP16_INIT_SCALE, ProcessGroup, check_world_size, refuse_accelerate_deepspeed
+
+log = logging.getLogger(__name__)
 
 ENGINE_FILE = "ddp_state.pt"
 
@@ -165,7 +168,10 @@ class DDPRuntime(ProcessGroup):
         for name, update in self.updates.items():
             update.optimizer.load_state_dict(state[name]["optimizer"])
             if update.scaler.is_enabled():
-                update.scaler.load_state_dict(state[name]["scaler"])
+                if state[name]["scaler"]:
+                    update.scaler.load_state_dict(state[name]["scaler"])
+                elif self.is_main:  # a disabled scaler saves {}: the run switched to fp16 at this resume
+                    log.warning("%s: written without fp16, so %s's loss scale starts afresh", folder, name)
 
     def shutdown(self, meet: bool = True) -> None:
         # Drop accelerate's references to the wrapped models before the group is destroyed.
