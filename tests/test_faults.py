@@ -35,6 +35,8 @@ from trainer.checkpoint import (
     Checkpoints,
     TrainState,
     damage,
+    rng_state,
+    set_rng_state,
     write_file_list,
 )
 from trainer.config import GuardConfig, config_to_yaml, load_config
@@ -335,6 +337,30 @@ def test_parameters_checked_after_a_load_fall_back_to_the_older_checkpoint(tmp_p
 class Payload:
     def __reduce__(self):
         return os.system, ("true",)
+
+
+def test_a_checkpoint_keeps_the_generator_of_the_ranks_own_gpu_only(monkeypatch):
+    # All visible GPUs' states, restored by position, raised IndexError on a resume that saw fewer
+    # GPUs and left a rank's own generator unrestored on one that saw more. Here the calls are recorded
+    # (no GPU): rank 1 of a run on cuda:1 saves and restores cuda:1's state alone.
+    states = {0: torch.tensor([0], dtype=torch.uint8), 1: torch.tensor([1], dtype=torch.uint8)}
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: states[torch.device(device).index])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, index: restored.update({index: state}))
+    device = torch.device("cuda", 1)
+    saved = rng_state(device)
+    assert torch.equal(saved["cuda"], states[1])
+    set_rng_state(saved, device)
+    assert list(restored) == [1] and torch.equal(restored[1], states[1])
+    # An older checkpoint's list of every GPU its writer saw: this rank's entry, or none if it saw fewer.
+    restored.clear()
+    set_rng_state({**saved, "cuda": [states[0], states[1]]}, device)
+    assert list(restored) == [1] and torch.equal(restored[1], states[1])
+    restored.clear()
+    set_rng_state({**saved, "cuda": [states[0]]}, device)
+    set_rng_state(saved, torch.device("cpu"))
+    assert restored == {}
+    assert "cuda" not in rng_state(torch.device("cpu"))
 
 
 def test_a_refused_weights_only_load_names_the_file_and_falls_back(tmp_path, config_yaml, caplog):

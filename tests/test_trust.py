@@ -55,7 +55,7 @@ def _torch_payload(path, marker):
 def test_rng_state_file_with_a_payload_is_refused(tmp_path, marker):
     _torch_payload(tmp_path / "rng_rank0.pt", marker)
     with pytest.raises(pickle.UnpicklingError):
-        set_rng_state(torch.load(tmp_path / "rng_rank0.pt", weights_only=True))
+        set_rng_state(torch.load(tmp_path / "rng_rank0.pt", weights_only=True), torch.device("cpu"))
 
 
 def test_ddp_engine_state_with_a_payload_is_refused(tmp_path, marker):

@@ -150,8 +150,10 @@ def list_checkpoints(folder: str) -> list[str]:
 # -- random generators ---------------------------------------------------------------------------
 
 
-def rng_state() -> dict:
-    """Python's, numpy's and torch's generators as tensors and numbers (loadable with weights_only)."""
+def rng_state(device: torch.device) -> dict:
+    """Python's, numpy's and torch's generators as tensors and numbers (loadable with weights_only),
+    with the generator of this rank's ``device`` alone when it is a GPU: a resume may see other GPUs
+    (another CUDA_VISIBLE_DEVICES, a smaller node), and each rank draws on its own only."""
     version, python, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
@@ -165,18 +167,25 @@ def rng_state() -> dict:
         },  # fmt: skip
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device) -> None:
     p, n = state["python"], state["numpy"]
     random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss"]))
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or device.type != "cuda":
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if isinstance(cuda, list):  # an older checkpoint's get_rng_state_all(): every GPU its writer saw
+        if index >= len(cuda):
+            return
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda, index)
 
 
 # -- the weights export ----------------------------------------------------------------------------
@@ -412,7 +421,7 @@ class Checkpoints:
                 _remove(partial)  # a killed save's leftover
                 os.mkdir(partial)
             runtime.barrier()
-            torch.save(rng_state(), os.path.join(partial, f"rng_rank{runtime.rank}.pt"))
+            torch.save(rng_state(runtime.device), os.path.join(partial, f"rng_rank{runtime.rank}.pt"))
             runtime.save_engine_state(os.path.join(partial, ENGINE_DIR))
             if runtime.is_main:
                 write_export(partial, weights, self.config_yaml, {**self.info, "step": state.step})
@@ -511,7 +520,7 @@ class Checkpoints:
         if restore_extra is not None:
             restore_extra(weights)
         if rng is not None:
-            set_rng_state(rng)
+            set_rng_state(rng, runtime.device)
         state.load_json(saved)
 
     def load_newest(self, runtime, state: TrainState, path: str | None, restore_extra=None) -> str | None:
