@@ -4,13 +4,17 @@ bug and keeps its traceback."""
 import contextlib
 import errno
 import io
+import json
 import pickle
 
 import pytest
+import torch
 
 from data_pipeline.cli import EXIT_USER_ERROR, CheckpointError, ConfigError, UserError, run_tool
 from data_pipeline.shards import DataError, is_command_url
-from trainer.config import check_commands, load_config
+from trainer.checkpoint import NETWORKS, STATE_FILE, write_export
+from trainer.config import check_commands, config_to_yaml, load_config
+from trainer.job import check_resumable
 
 
 def _run(error: BaseException) -> tuple[int, str]:
@@ -125,3 +129,39 @@ def test_an_out_of_range_trainer_state_is_a_damaged_checkpoint_naming_the_file(t
     with pytest.raises(CheckpointError) as err:
         Checkpoints(str(tmp_path), 1, "", {}).load(str(tmp_path), Runtime(), TrainState())
     assert f"{tmp_path / STATE_FILE} is damaged" in str(err.value) and says in str(err.value)
+
+
+def _checkpoint_of(tmp_path, overrides: list[str], ranks: int) -> str:
+    """A checkpoint's export and trainer state as a run of ``ranks`` ranks with ``overrides`` writes them."""
+    folder = tmp_path / "step_00000010"
+    folder.mkdir()
+    cfg = load_config("toy_25gaussians", overrides)
+    weights = {net: {"w": torch.zeros(1)} for net in NETWORKS}
+    write_export(str(folder), weights, config_to_yaml(cfg), {"sample_shape": [2], "step": 10})
+    positions = [{"epoch": 0, "batches_done": 5}] * ranks
+    (folder / STATE_FILE).write_text(json.dumps({"step": 10, "rank_positions": positions}))
+    return str(folder)
+
+
+@pytest.mark.parametrize(
+    "saved, now, ranks, refused",
+    [
+        (["train.engine=fsdp"], ["train.engine=fsdp"], 1, "ranks: 2 wrote the checkpoint, 1 now"),
+        (["train.engine=fsdp"], ["train.engine=fsdp"], 2, None),
+        (["train.engine=deepspeed", "train.mixed_precision=bf16"], ["train.engine=deepspeed",
+         "train.mixed_precision=fp16"], 2, "train.mixed_precision: 'bf16' in the checkpoint, 'fp16' now"),
+        (["train.mixed_precision=bf16"], ["train.mixed_precision=fp16"], 1, None),  # ddp: a fresh loss scale
+    ],
+)  # fmt: skip
+def test_a_resume_the_engine_cannot_do_is_refused_before_any_work(tmp_path, saved, now, ranks, refused):
+    # Found only while loading, such a mismatch passed for damage: FSDP fell back checkpoint by
+    # checkpoint, started from scratch and moved the trained ones aside; DeepSpeed silently kept the
+    # checkpoint's loss scaler (a static scale of 1 in fp16 after bf16).
+    checkpoint = _checkpoint_of(tmp_path, saved, ranks=2)
+    cfg = load_config("toy_25gaussians", now)
+    if refused is None:
+        check_resumable(cfg, checkpoint, [2], ranks)
+        return
+    with pytest.raises(ConfigError, match="cannot resume") as caught:
+        check_resumable(cfg, checkpoint, [2], ranks)
+    assert refused in str(caught.value)

@@ -16,7 +16,7 @@ from data_pipeline import storage
 from data_pipeline.dataset import Dataset, open_dataset, write_toy_data
 from data_pipeline.storage import StopRequested
 from models.factory import build_networks
-from trainer.checkpoint import Checkpoints, load_export, package_version
+from trainer.checkpoint import STATE_FILE, Checkpoints, load_export, package_version
 from trainer.config import ConfigError, RunConfig, config_from_yaml, config_to_yaml, vera_settings
 from trainer.evaluation import build_evaluator
 from trainer.meg_trainer import MEGTrainer, Preempted, host_pinning
@@ -97,9 +97,11 @@ def run(cfg: RunConfig, stop: threading.Event, preset: str = "") -> dict[str, fl
         runtime.shutdown(meet)
 
 
-def check_resumable(cfg: RunConfig, checkpoint: str, sample_shape: list[int]) -> None:
+def check_resumable(cfg: RunConfig, checkpoint: str, sample_shape: list[int], world_size: int) -> None:
     """Raises ConfigError when the run asks for another model, engine or data shape than the
-    checkpoint it would resume holds: before anything of the run folder is overwritten."""
+    checkpoint it would resume holds, or for what its engine cannot resume into (FSDP's optimizer
+    shards on another number of ranks, DeepSpeed's loss scaler in another precision): before anything
+    of the run folder is overwritten, and before a mismatch found while loading could pass for damage."""
     _, info, saved_yaml = load_export(checkpoint)
     saved = config_from_yaml(saved_yaml, os.path.join(checkpoint, "config.yaml"))
     differences = [
@@ -114,6 +116,18 @@ def check_resumable(cfg: RunConfig, checkpoint: str, sample_shape: list[int]) ->
         )
     if saved.train.engine != cfg.train.engine:
         differences.append(f"train.engine: {saved.train.engine!r} in the checkpoint, {cfg.train.engine!r} now")
+    elif cfg.train.engine == "deepspeed" and saved.train.mixed_precision != cfg.train.mixed_precision:
+        differences.append(
+            f"train.mixed_precision: {saved.train.mixed_precision!r} in the checkpoint, "
+            f"{cfg.train.mixed_precision!r} now (DeepSpeed restores the checkpoint's loss scaler with it)"
+        )
+    elif cfg.train.engine == "fsdp":
+        with open(os.path.join(checkpoint, STATE_FILE)) as f:
+            ranks = len(json.load(f)["rank_positions"])
+        if ranks != world_size:
+            differences.append(
+                f"ranks: {ranks} wrote the checkpoint, {world_size} now (FSDP's optimizer shards are per rank)"
+            )
     if list(info["sample_shape"]) != list(sample_shape):
         differences.append(f"sample shape: {info['sample_shape']} in the checkpoint, {sample_shape} in data.url now")
     if differences:
@@ -151,7 +165,7 @@ def train(cfg: RunConfig, runtime: Runtime, stop: threading.Event, preset: str) 
         raise RunFolderBusy(busy or f"{cfg.output_dir} is in use by another trainer (rank 0 says which)")
     resume_from = checkpoints.newest_intact(runtime) if cfg.checkpoint.resume else None
     if resume_from is not None:
-        check_resumable(cfg, resume_from, info["sample_shape"])
+        check_resumable(cfg, resume_from, info["sample_shape"], runtime.world_size)
     if runtime.is_main:
         with write_replacing(os.path.join(cfg.output_dir, "config.yaml")) as f:
             f.write(config_yaml)
