@@ -148,6 +148,11 @@ def _checkpoint_of(tmp_path, overrides: list[str], ranks: int) -> str:
     [
         (["train.engine=fsdp"], ["train.engine=fsdp"], 1, "ranks: 2 wrote the checkpoint, 1 now"),
         (["train.engine=fsdp"], ["train.engine=fsdp"], 2, None),
+        (["train.engine=deepspeed"], ["train.engine=deepspeed"], 4, "ranks: 2 wrote the checkpoint, 4 now (ZeRO's"),
+        (["train.engine=deepspeed", "deepspeed.zero_stage=0"], ["train.engine=deepspeed", "deepspeed.zero_stage=0"],
+         4, None),  # no shards
+        (["train.engine=fsdp"], ["train.engine=ddp"], 2, "train.engine: 'fsdp' in the checkpoint, 'ddp' now"),
+        (["train.engine=fsdp"], ["train.engine=fsdp", "train.mixed_precision=bf16"], 2, None),
         (["train.engine=deepspeed", "train.mixed_precision=bf16"], ["train.engine=deepspeed",
          "train.mixed_precision=fp16"], 2, "train.mixed_precision: 'bf16' in the checkpoint, 'fp16' now"),
         (["train.mixed_precision=bf16"], ["train.mixed_precision=fp16"], 1, None),  # ddp: a fresh loss scale

@@ -99,8 +99,8 @@ def run(cfg: RunConfig, stop: threading.Event, preset: str = "") -> dict[str, fl
 
 def check_resumable(cfg: RunConfig, checkpoint: str, sample_shape: list[int], world_size: int) -> None:
     """Raises ConfigError when the run asks for another model, engine or data shape than the
-    checkpoint it would resume holds, or for what its engine cannot resume into (FSDP's optimizer
-    shards on another number of ranks, DeepSpeed's loss scaler in another precision): before anything
+    checkpoint it would resume holds, or for what its engine cannot resume into (FSDP's and ZeRO's
+    optimizer shards on another number of ranks, DeepSpeed's loss scaler in another precision): before anything
     of the run folder is overwritten, and before a mismatch found while loading could pass for damage."""
     _, info, saved_yaml = load_export(checkpoint)
     saved = config_from_yaml(saved_yaml, os.path.join(checkpoint, "config.yaml"))
@@ -121,12 +121,14 @@ def check_resumable(cfg: RunConfig, checkpoint: str, sample_shape: list[int], wo
             f"train.mixed_precision: {saved.train.mixed_precision!r} in the checkpoint, "
             f"{cfg.train.mixed_precision!r} now (DeepSpeed restores the checkpoint's loss scaler with it)"
         )
-    elif cfg.train.engine == "fsdp":
+    sharded = {"fsdp": "FSDP's", "deepspeed": "ZeRO's" if saved.deepspeed.zero_stage > 0 else None}
+    if sharded.get(saved.train.engine) and saved.train.engine == cfg.train.engine:
         with open(os.path.join(checkpoint, STATE_FILE)) as f:
             ranks = len(json.load(f)["rank_positions"])
         if ranks != world_size:
             differences.append(
-                f"ranks: {ranks} wrote the checkpoint, {world_size} now (FSDP's optimizer shards are per rank)"
+                f"ranks: {ranks} wrote the checkpoint, {world_size} now "
+                f"({sharded[saved.train.engine]} optimizer shards are per rank)"
             )
     if list(info["sample_shape"]) != list(sample_shape):
         differences.append(f"sample shape: {info['sample_shape']} in the checkpoint, {sample_shape} in data.url now")
