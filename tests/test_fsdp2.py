@@ -21,6 +21,25 @@ def results():
     return reproduce(["--port", "29531"])
 
 
+def test_the_evaluation_copies_are_on_the_ranks_device(monkeypatch):
+    # fully_shard moves the sharded networks to the rank's device; the unsharded copies that evaluation
+    # and ranks_in_sync gather into stayed where the networks were built (the CPU), so under NCCL the
+    # sync check's all-gather of CPU tensors failed at the end of every run. No GPU here: the runtime's
+    # device is "meta", sharding a no-op.
+    from models.factory import build_networks
+    from trainer.config import load_config
+    from trainer.runtime import fsdp
+
+    monkeypatch.setattr(fsdp, "shard_per_layer", lambda net, policy, reshard_after_forward: net)
+    runtime = fsdp.FSDPRuntime.__new__(fsdp.FSDPRuntime)
+    runtime.device, runtime.policy, runtime.updates = torch.device("meta"), None, {}
+    nets = build_networks(load_config("toy_25gaussians", ["model.hidden=[8]"]).model, (2,))
+    optimizers = [torch.optim.Adam(nets.energy.parameters()), torch.optim.Adam(nets.generator.parameters())]
+    runtime.prepare_updates(nets.energy, nets.generator, nets.statistics, *optimizers)
+    for plain in runtime._plain.values():
+        assert {t.device for t in [*plain.parameters(), *plain.buffers()]} == {torch.device("meta")}
+
+
 @pytest.mark.slow
 def test_default_resharding_reads_a_freed_parameter_in_the_outer_backward(results):
     # After the inner autograd.grad each layer's post-backward reshards it (frees the all-gathered

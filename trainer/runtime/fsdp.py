@@ -159,7 +159,9 @@ class FSDPRuntime(ProcessGroup):
         """Shards E, G and T in place; the optimizers, built on the unsharded parameters, are rebuilt
         on the sharded ones (same class and settings)."""
         nets = {"energy": energy, "generator": generator, "statistics": statistics}
-        self._plain = {name: copy.deepcopy(net) for name, net in nets.items()}  # for_evaluation's containers
+        # for_evaluation's containers, on this rank's device: fully_shard moves only the sharded originals
+        # (left on the CPU, evaluation ran there and ranks_in_sync's all-gather failed under NCCL).
+        self._plain = {name: copy.deepcopy(net).to(self.device) for name, net in nets.items()}
         shard_per_layer(energy, self.policy, reshard_after_forward=False)  # see the module docstring
         shard_per_layer(generator, self.policy, reshard_after_forward=True)
         shard_per_layer(statistics, self.policy, reshard_after_forward=True)
