@@ -184,3 +184,41 @@ def test_dashboard_panels_do_not_overlap():
         cells |= mine
     ids = [p["id"] for p in json.loads(DASHBOARD.read_text())["panels"]]
     assert len(ids) == len(set(ids))
+
+
+def _node_launch(tmp_path, gpus_listed: int, env: dict) -> str:
+    """deploy/slurm/meg-node.sh on a node whose nvidia-smi lists ``gpus_listed`` GPUs; the launcher
+    it starts is a stand-in python that prints its arguments."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = "".join(f"echo 'GPU {i}: NVIDIA H100 (UUID: GPU-{i})'\n" for i in range(gpus_listed))
+    (bin_dir / "nvidia-smi").write_text(f"#!/bin/sh\n{smi}")
+    (bin_dir / "python").write_text('#!/bin/sh\necho "launch: $*"\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    run_env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_PROCID": "0", "MEG_NUM_MACHINES": "1",
+        "MEG_MAIN_ADDR": "127.0.0.1", "MEG_MAIN_PORT": "29500", **env,
+    }  # fmt: skip
+    result = subprocess.run(
+        ["bash", "deploy/slurm/meg-node.sh", "--config", "toy_25gaussians"],
+        cwd=REPO_ROOT, env=run_env, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "env, processes",
+    [
+        ({"SLURM_GPUS_ON_NODE": "4", "CUDA_VISIBLE_DEVICES": "0,1,2,3"}, 4),  # --gres=gpu:4 on an 8-GPU node
+        ({"CUDA_VISIBLE_DEVICES": "2,5"}, 2),  # granted without SLURM_GPUS_ON_NODE (older Slurm)
+        ({}, 8),  # nothing says: every GPU the node lists
+        ({"SLURM_GPUS_ON_NODE": "4", "MEG_PROCS_PER_NODE": "2"}, 2),  # the user's choice wins
+    ],
+)
+def test_a_node_starts_one_process_per_gpu_granted_not_per_gpu_listed(tmp_path, env, processes):
+    # Where the cluster does not confine devices, nvidia-smi lists the node's 8 GPUs to a job given 4:
+    # 8 processes, and local ranks 4-7 fail at torch.cuda.set_device ("invalid device ordinal").
+    out = _node_launch(tmp_path, 8, env)
+    assert f"--num_processes {processes} " in out and f"{processes} process(es)" in out, out

@@ -4,7 +4,7 @@
 # between nodes (machine rank, CPU count) is read HERE, on the node, not in the batch script.
 #
 # Inputs (exported by meg.sbatch): MEG_MAIN_ADDR, MEG_MAIN_PORT, MEG_NUM_MACHINES, and optionally
-# MEG_PROCS_PER_NODE (default: the node's GPUs, else 1), MEG_PROMETHEUS_TARGETS and
+# MEG_PROCS_PER_NODE (default: the GPUs Slurm granted this job on the node, else 1), MEG_PROMETHEUS_TARGETS and
 # MEG_PROMETHEUS_ADDR (monitoring, unless the arguments set them). Arguments: trainer/main.py's.
 # Exit code: the launcher's, except 75 (PREEMPTED_EXIT_CODE) when the warning signal (USR1)
 # arrived and training stopped early: accelerate launch reports any failing worker as 1, so the
@@ -24,6 +24,14 @@ if (( granted > 0 && gpus == 0 )); then
         "stopping instead of training on the CPU. Check the node's NVIDIA driver, or submit with" \
         "--gres=none for a CPU-only run." >&2
     exit 2
+fi
+# nvidia-smi lists every GPU of the node, also those Slurm gave other jobs where the cluster does not
+# confine devices (no cgroup ConstrainDevices): one process per GPU this job was granted.
+if (( granted > 0 )); then
+    gpus=$granted
+elif [[ -n ${CUDA_VISIBLE_DEVICES:-} && $gpus -gt 0 ]]; then
+    IFS=, read -ra visible <<<"$CUDA_VISIBLE_DEVICES"
+    gpus=${#visible[@]}
 fi
 procs=${MEG_PROCS_PER_NODE:-$(( gpus > 0 ? gpus : 1 ))}
 if [[ $gpus -eq 0 ]]; then
