@@ -15,6 +15,12 @@ EXIT_USER_ERROR = 2
 MAX_SHOWN = 80  # characters of a user's value quoted in a message
 
 
+def short_message(error: BaseException, limit: int = 300) -> str:
+    """An exception's message for one line of output (its type's name when it has none)."""
+    text = str(error).strip() or type(error).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class UserError(Exception):
     """A mistake in what the user gave (a configuration, a data file, a checkpoint): the message names
     the key or the file and what is valid. The project's own error types derive from it."""

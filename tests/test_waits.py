@@ -236,3 +236,55 @@ def test_the_launcher_passes_sigterm_on_and_exits_with_the_requeue_code(tmp_path
     finally:
         proc.kill()
         proc.wait()
+
+
+class _TwoRanks:
+    rank, world_size = 1, 2
+
+    def __init__(self):
+        self.met = None
+
+    def shutdown(self, meet=True):
+        self.met = meet
+
+
+@pytest.mark.parametrize(
+    "error, says",
+    [
+        ("Timed out waiting 10000ms for send operation to complete", "did not answer within"),
+        ("Connection closed by peer [127.0.0.1]:29500", "another rank ended"),
+        ("NCCL error in: ProcessGroupNCCL.cpp:2010, unhandled system error", "unhandled system error"),
+    ],
+)
+def test_a_failed_collective_says_what_failed(error, says):
+    # Every NCCL failure is a DistBackendError: a rank's own (a system or CUDA error) used to be told
+    # as "another rank ended", the cause dropped.
+    import torch.distributed as dist
+
+    from trainer.runtime import collective_failure
+
+    message = str(collective_failure(dist.DistBackendError(error), _TwoRanks(), 600))
+    assert "rank 1 of 2: a collective failed" in message and says in message, message
+    assert ("another rank ended" in message) == ("closed by peer" in error), message
+
+
+def test_a_failure_of_one_rank_is_said_before_it_meets_the_others(monkeypatch, tmp_path, caplog):
+    # Such a rank waits for the others in shutdown's barrier while they wait in another collective:
+    # under NCCL until the watchdog aborts it, before the error would be printed.
+    import logging
+    import threading
+
+    from trainer import job
+    from trainer.config import load_config
+
+    runtime = _TwoRanks()
+    monkeypatch.setattr(job, "build_runtime", lambda cfg: runtime)
+
+    def train(*args):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(job, "train", train)
+    cfg = load_config("toy_25gaussians", [f"output_dir={tmp_path / 'run'}"])
+    with caplog.at_level(logging.ERROR), pytest.raises(RuntimeError, match="out of memory"):
+        job.run(cfg, threading.Event())
+    assert "rank 1 of 2 stops: RuntimeError: CUDA out of memory" in caplog.text and runtime.met is True

@@ -46,7 +46,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from data_pipeline.cli import CheckpointError
+from data_pipeline.cli import CheckpointError, short_message
 from data_pipeline.config import StreamPosition
 from trainer.config import RunConfig, _build, parse_yaml
 from trainer.nofollow import make_dir, write_replacing
@@ -221,16 +221,11 @@ def load_export(checkpoint: str) -> tuple[dict[str, dict[str, torch.Tensor]], di
                 weights[net][key] = f.get_tensor(name)
         info = {k: (v if k in ("format", "version") else json.loads(v)) for k, v in raw.items()}
     except (SafetensorError, ValueError, OSError) as e:
-        raise CheckpointError(f"{path} is not a readable weights file: {_short(e)}") from None
+        raise CheckpointError(f"{path} is not a readable weights file: {short_message(e)}") from None
     if not weights[EMA_NETWORK]:
         del weights[EMA_NETWORK]
     with open(os.path.join(checkpoint, CONFIG_FILE)) as f:
         return weights, info, f.read()
-
-
-def _short(error: BaseException, limit: int = 300) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def load_tensors(path: str, map_location=None):
@@ -243,7 +238,7 @@ def load_tensors(path: str, map_location=None):
             f"{path} holds objects other than tensors and numbers: refused (nothing in a checkpoint is unpickled)"
         ) from None
     except (RuntimeError, EOFError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable torch file: {_short(e)}") from None
+        raise CheckpointError(f"{path} is not a readable torch file: {short_message(e)}") from None
 
 
 def parameter_norms(weights: dict[str, dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -307,7 +302,7 @@ def damage(folder: str) -> str | None:
         problem = content_damage(folder)
         return MISSING_FILE_LIST + (f", and {problem}" if problem else "")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        return f"{FILES_FILE} is unreadable: {_short(e)}"
+        return f"{FILES_FILE} is unreadable: {short_message(e)}"
     for rel, (size, sha256) in files.items():
         path = os.path.join(folder, rel)
         if not os.path.isfile(path):
@@ -337,14 +332,14 @@ def content_damage(folder: str) -> str | None:
     except FileNotFoundError:
         return f"{STATE_FILE} is missing"
     except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
-        return f"{STATE_FILE} is unreadable: {_short(e)}"
+        return f"{STATE_FILE} is unreadable: {short_message(e)}"
     try:
         with open(os.path.join(folder, CONFIG_FILE)) as f:
             _build(RunConfig, parse_yaml(f.read()))
     except FileNotFoundError:
         return f"{CONFIG_FILE} is missing"
     except (OSError, ValueError, TypeError, RecursionError, yaml.YAMLError) as e:
-        return f"{CONFIG_FILE} is unreadable: {_short(e)}"
+        return f"{CONFIG_FILE} is unreadable: {short_message(e)}"
     try:
         with safe_open(os.path.join(folder, WEIGHTS_FILE), framework="pt") as f:
             raw = f.metadata() or {}
@@ -355,7 +350,7 @@ def content_damage(folder: str) -> str | None:
     except FileNotFoundError:
         return f"{WEIGHTS_FILE} is missing"
     except (SafetensorError, OSError, ValueError) as e:
-        return f"{WEIGHTS_FILE} is unreadable: {_short(e)}"
+        return f"{WEIGHTS_FILE} is unreadable: {short_message(e)}"
     return None
 
 
@@ -441,7 +436,7 @@ class Checkpoints:
             elif isinstance(e, RuntimeError):  # torch's writer says neither which file nor why
                 cause = "torch could not write a file (a full disk, a quota or a file size limit?)"
             else:
-                cause = _short(e)
+                cause = short_message(e)
             hint = "; free some space and rerun to resume" if _is_disk_full(e) else ""
             raise CheckpointError(
                 f"could not write checkpoint {final}: {cause}; the older checkpoints are as they were{hint}"
@@ -501,7 +496,7 @@ class Checkpoints:
             try:
                 TrainState().load_json(saved)  # validated before anything is restored
             except (ValueError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{state_file} is damaged: {type(e).__name__}: {_short(e)}") from None
+                raise CheckpointError(f"{state_file} is damaged: {type(e).__name__}: {short_message(e)}") from None
             problem = weights_damage(weights, saved.get("param_norms", {}), self.max_norm)
             rng_path = os.path.join(path, f"rng_rank{runtime.rank}.pt")
             if os.path.isfile(rng_path):  # absent when the run grew: the new ranks keep their fresh seeds
@@ -509,7 +504,7 @@ class Checkpoints:
         except CheckpointError as e:
             problem = str(e)
         except (OSError, ValueError, AttributeError) as e:
-            problem = f"{STATE_FILE} is unreadable: {_short(e)}"
+            problem = f"{STATE_FILE} is unreadable: {short_message(e)}"
         if runtime.world_size > 1:
             bad = torch.tensor([float(problem is not None)], device=runtime.device)
             if runtime.sum_across_ranks(bad).item() and problem is None:

@@ -13,6 +13,7 @@ import threading
 import torch
 
 from data_pipeline import storage
+from data_pipeline.cli import UserError, short_message
 from data_pipeline.dataset import Dataset, open_dataset, write_toy_data
 from data_pipeline.storage import StopRequested
 from models.factory import build_networks
@@ -87,12 +88,20 @@ def run(cfg: RunConfig, stop: threading.Event, preset: str = "") -> dict[str, fl
     except StopRequested:  # while waiting on storage outside the training loop (start-up, evaluation)
         meet = False
         raise Preempted("stop signal received while waiting for storage; the newest checkpoint stands", False) from None
-    except RuntimeError as e:
-        failed = collective_failure(e, runtime, cfg.train.collective_timeout)
-        if failed is None:
-            raise
-        meet = False  # the other ranks are gone or stopped: meeting them would wait for the timeout again
-        raise failed from None
+    except Exception as e:
+        failed = collective_failure(e, runtime, cfg.train.collective_timeout) if isinstance(e, RuntimeError) else None
+        if failed is not None:
+            meet = False  # the other ranks are gone or stopped: meeting them would wait for the timeout again
+            raise failed from None
+        if runtime.world_size > 1 and not isinstance(e, UserError):
+            # A failure of this rank alone (out of memory, a CUDA error): the others wait in another
+            # collective, so the meeting below lasts until the timeout, and under NCCL its watchdog then
+            # aborts the process before the error is printed. Said now, it is not lost.
+            log.error(
+                "rank %d of %d stops: %s: %s; meeting the other ranks first (at most train.collective_timeout=%g s)",
+                runtime.rank, runtime.world_size, type(e).__name__, short_message(e), cfg.train.collective_timeout,
+            )  # fmt: skip
+        raise
     finally:
         runtime.shutdown(meet)
 

@@ -18,6 +18,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
+from data_pipeline.cli import short_message
+
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # The penalty's inner autograd.grad starts from d(scale * sum_i E_i)/dE_i = scale for every sample, in
 # E's fp16 output dtype: 2**16 (GradScaler's default) is inf in fp16 (max 65504), so start at 2**15.
@@ -42,8 +44,10 @@ def collective_failure(error: BaseException, runtime, timeout: float) -> Collect
         return None
     if "imed out" in text:
         why = f"another rank did not answer within train.collective_timeout={timeout:g} s (hung, stopped or lost)"
-    else:
+    elif any(m in text for m in ("closed by peer", "reset by peer", "Broken pipe", "Connection closed")):
         why = "another rank ended (its connection closed)"
+    else:  # NCCL's own failures (a system or CUDA error, a duplicate GPU) are not another rank's doing
+        why = f"{type(error).__name__}: {short_message(error, 200)}"
     return CollectiveError(
         f"rank {runtime.rank} of {runtime.world_size}: a collective failed: {why}; this rank stops too, the newest "
         f"checkpoint stands. (train.collective_timeout={timeout:g} s bounds every wait for the other ranks.)"
