@@ -331,6 +331,23 @@ def test_capture_is_redone_after_a_checkpoint_load(fused_kernels, device):
         assert captured._energy_fns[True].graph is not None and captured._generator_fn.graph is not None
 
 
+def _agree_while_captures_fail(steps, eager, update, precision: str, monkeypatch, caplog) -> str:
+    """Eight iterations compared with eager while every capture of ``update``'s step fails after its
+    optimizer step (a host sync there, which capture forbids); returns what capture logged."""
+    step = update.step
+
+    def step_then_sync():
+        skipped = step()
+        if torch.cuda.is_current_stream_capturing():
+            torch.cuda.synchronize()
+        return skipped
+
+    monkeypatch.setattr(update, "step", step_then_sync)
+    with caplog.at_level(logging.WARNING, logger="trainer.capture"):
+        _assert_iterations_agree(steps, eager, 8, precision)
+    return caplog.text
+
+
 def test_a_capture_that_fails_after_the_scaler_step_falls_back_to_eager(fused_kernels, device, monkeypatch, caplog):
     # A capture that fails after GradScaler.step() (here: a host sync, which capture forbids) leaves the
     # scaler believing this optimizer stepped; without discarding that, the eager fallback raises
@@ -338,18 +355,8 @@ def test_a_capture_that_fails_after_the_scaler_step_falls_back_to_eager(fused_ke
     steps, eager = _steps("auto", "fp16"), _steps("off", "fp16")
     update = steps.energy_update
     if device.type == "cuda":
-        step = update.step
-
-        def step_then_sync():
-            skipped = step()
-            if torch.cuda.is_current_stream_capturing():
-                torch.cuda.synchronize()
-            return skipped
-
-        monkeypatch.setattr(update, "step", step_then_sync)
-        with caplog.at_level(logging.WARNING, logger="trainer.capture"):
-            _assert_iterations_agree(steps, eager, 8, "fp16")
-        assert "capture off for energy_step(penalty=True)" in caplog.text
+        logged = _agree_while_captures_fail(steps, eager, update, "fp16", monkeypatch, caplog)
+        assert "capture off for energy_step(penalty=True)" in logged
         assert steps._energy_fns[True].failed and steps._generator_fn.graph is not None
         assert torch.cuda.current_stream() == torch.cuda.default_stream()  # not the capture's stream
         return
@@ -372,18 +379,8 @@ def test_a_failed_capture_has_the_graphs_captured_before_it_captured_again(fused
     steps, eager = _steps("auto", "no", *mala), _steps("off", "no", *mala)
     update = steps.generator_update
     if device.type == "cuda":
-        step = update.step
-
-        def step_then_sync():
-            skipped = step()
-            if torch.cuda.is_current_stream_capturing():
-                torch.cuda.synchronize()
-            return skipped
-
-        monkeypatch.setattr(update, "step", step_then_sync)
-        with caplog.at_level(logging.WARNING, logger="trainer.capture"):
-            _assert_iterations_agree(steps, eager, 8, "no")
-        assert "capture off for generator_step" in caplog.text
+        logged = _agree_while_captures_fail(steps, eager, update, "no", monkeypatch, caplog)
+        assert "capture off for generator_step" in logged
         assert steps._generator_fn.failed and steps._energy_fns[True].graph is not None
         return
     # No capture on a CPU: the failure handler on steps given graphs discards the step and drops them.
