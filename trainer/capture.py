@@ -18,8 +18,8 @@ Loading a checkpoint replaces the optimizers' state tensors, so ``reset()`` drop
 next calls warm up and capture again. A capture that fails falls back to eager with one line, after
 ``on_failure`` has undone what the half-recorded step left behind (gradients, a GradScaler that
 believes it stepped) and dropped the graphs captured before it (they hold the device generator's
-state that the failure replaced). Capture runs in thread-local error mode: a CUDA call another thread makes
-meanwhile (the metrics exporter reads the allocator's statistics) does not spoil it.
+state that the failure replaced). Capture runs in thread-local error mode: a CUDA call another
+thread makes meanwhile (the metrics exporter reads the allocator's statistics) does not spoil it.
 """
 
 from __future__ import annotations

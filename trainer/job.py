@@ -109,8 +109,9 @@ def run(cfg: RunConfig, stop: threading.Event, preset: str = "") -> dict[str, fl
 def check_resumable(cfg: RunConfig, checkpoint: str, sample_shape: list[int], world_size: int) -> None:
     """Raises ConfigError when the run asks for another model, engine or data shape than the
     checkpoint it would resume holds, or for what its engine cannot resume into (FSDP's and ZeRO's
-    optimizer shards on another number of ranks, DeepSpeed's loss scaler in another precision): before anything
-    of the run folder is overwritten, and before a mismatch found while loading could pass for damage."""
+    optimizer shards on another number of ranks, DeepSpeed's loss scaler in another precision):
+    before anything of the run folder is overwritten, and before a mismatch found while loading
+    could pass for damage."""
     _, info, saved_yaml = load_export(checkpoint)
     saved = config_from_yaml(saved_yaml, os.path.join(checkpoint, "config.yaml"))
     differences = [

@@ -4,8 +4,9 @@
 # between nodes (machine rank, CPU count) is read HERE, on the node, not in the batch script.
 #
 # Inputs (exported by meg.sbatch): MEG_MAIN_ADDR, MEG_MAIN_PORT, MEG_NUM_MACHINES, and optionally
-# MEG_PROCS_PER_NODE (default: the GPUs Slurm granted this job on the node, else 1), MEG_PROMETHEUS_TARGETS and
-# MEG_PROMETHEUS_ADDR (monitoring, unless the arguments set them). Arguments: trainer/main.py's.
+# MEG_PROCS_PER_NODE (default: the GPUs Slurm granted this job on the node, else 1),
+# MEG_PROMETHEUS_TARGETS and MEG_PROMETHEUS_ADDR (monitoring, unless the arguments set them).
+# Arguments: trainer/main.py's.
 # Exit code: the launcher's, except 75 (PREEMPTED_EXIT_CODE) when the warning signal (USR1)
 # arrived and training stopped early: accelerate launch reports any failing worker as 1, so the
 # trainer's own 75 does not survive it.
