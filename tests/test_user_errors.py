@@ -155,6 +155,10 @@ def _checkpoint_of(tmp_path, overrides: list[str], ranks: int) -> str:
         (["train.engine=fsdp"], ["train.engine=fsdp", "train.mixed_precision=bf16"], 2, None),
         (["train.engine=deepspeed", "train.mixed_precision=bf16"], ["train.engine=deepspeed",
          "train.mixed_precision=fp16"], 2, "train.mixed_precision: 'bf16' in the checkpoint, 'fp16' now"),
+        (["train.engine=deepspeed", "deepspeed.zero_stage=0"], ["train.engine=deepspeed", "deepspeed.zero_stage=2"],
+         2, "deepspeed.zero_stage: 0 in the checkpoint, 2 now"),
+        (["train.engine=deepspeed", "deepspeed.zero_stage=2"], ["train.engine=deepspeed", "deepspeed.zero_stage=0"],
+         2, "deepspeed.zero_stage: 2 in the checkpoint, 0 now"),
         (["train.mixed_precision=bf16"], ["train.mixed_precision=fp16"], 1, None),  # ddp: a fresh loss scale
     ],
 )  # fmt: skip

@@ -13,7 +13,7 @@ import threading
 import torch
 
 from data_pipeline import storage
-from data_pipeline.cli import UserError, short_message
+from data_pipeline.cli import short_message
 from data_pipeline.dataset import Dataset, open_dataset, write_toy_data
 from data_pipeline.storage import StopRequested
 from models.factory import build_networks
@@ -93,10 +93,10 @@ def run(cfg: RunConfig, stop: threading.Event, preset: str = "") -> dict[str, fl
         if failed is not None:
             meet = False  # the other ranks are gone or stopped: meeting them would wait for the timeout again
             raise failed from None
-        if runtime.world_size > 1 and not isinstance(e, UserError):
-            # A failure of this rank alone (out of memory, a CUDA error): the others wait in another
-            # collective, so the meeting below lasts until the timeout, and under NCCL its watchdog then
-            # aborts the process before the error is printed. Said now, it is not lost.
+        if runtime.world_size > 1 and not isinstance(e, ConfigError):  # a configuration fails on every rank
+            # A failure of this rank alone (out of memory, a CUDA error, a full disk, a bad shard): the
+            # others wait in another collective, so the meeting below lasts until the timeout, and under
+            # NCCL its watchdog then aborts the process before the error is printed. Said now, it is not lost.
             log.error(
                 "rank %d of %d stops: %s: %s; meeting the other ranks first (at most train.collective_timeout=%g s)",
                 runtime.rank, runtime.world_size, type(e).__name__, short_message(e), cfg.train.collective_timeout,
@@ -126,11 +126,14 @@ def check_resumable(cfg: RunConfig, checkpoint: str, sample_shape: list[int], wo
         )
     if saved.train.engine != cfg.train.engine:
         differences.append(f"train.engine: {saved.train.engine!r} in the checkpoint, {cfg.train.engine!r} now")
-    elif cfg.train.engine == "deepspeed" and saved.train.mixed_precision != cfg.train.mixed_precision:
-        differences.append(
-            f"train.mixed_precision: {saved.train.mixed_precision!r} in the checkpoint, "
-            f"{cfg.train.mixed_precision!r} now (DeepSpeed restores the checkpoint's loss scaler with it)"
-        )
+    elif cfg.train.engine == "deepspeed":
+        # DeepSpeed reads its checkpoint through the optimizer wrapper of the precision and stage it
+        # runs now (a loss scaler in fp16, ZeRO's partitions from stage 1), not those it was saved with.
+        for key in ("train.mixed_precision", "deepspeed.zero_stage"):
+            section, field_name = key.split(".")
+            was, now = getattr(getattr(saved, section), field_name), getattr(getattr(cfg, section), field_name)
+            if was != now:
+                differences.append(f"{key}: {was!r} in the checkpoint, {now!r} now (DeepSpeed cannot switch it)")
     sharded = {"fsdp": "FSDP's", "deepspeed": "ZeRO's" if saved.deepspeed.zero_stage > 0 else None}
     if sharded.get(saved.train.engine) and saved.train.engine == cfg.train.engine:
         with open(os.path.join(checkpoint, STATE_FILE)) as f:
