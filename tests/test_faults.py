@@ -352,14 +352,16 @@ def test_a_checkpoint_keeps_the_generator_of_the_ranks_own_gpu_only(monkeypatch)
     assert torch.equal(saved["cuda"], states[1])
     set_rng_state(saved, device)
     assert list(restored) == [1] and torch.equal(restored[1], states[1])
-    # An older checkpoint's list of every GPU its writer saw: this rank's entry, or none if it saw fewer.
+    # An older checkpoint's list of every GPU its writer saw: this rank's entry, the only one, or none.
     restored.clear()
     set_rng_state({**saved, "cuda": [states[0], states[1]]}, device)
     assert list(restored) == [1] and torch.equal(restored[1], states[1])
     restored.clear()
-    set_rng_state({**saved, "cuda": [states[0]]}, device)
+    set_rng_state({**saved, "cuda": [states[0], states[1]]}, torch.device("cuda", 2))  # the writer saw fewer
     set_rng_state(saved, torch.device("cpu"))
     assert restored == {}
+    set_rng_state({**saved, "cuda": [states[1]]}, device)  # its writer saw one GPU: its own
+    assert list(restored) == [1] and torch.equal(restored[1], states[1])
     assert "cuda" not in rng_state(torch.device("cpu"))
 
 

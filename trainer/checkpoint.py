@@ -182,9 +182,12 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         return
     index = device.index if device.index is not None else torch.cuda.current_device()
     if isinstance(cuda, list):  # an older checkpoint's get_rng_state_all(): every GPU its writer saw
-        if index >= len(cuda):
+        if len(cuda) == 1:  # a writer that saw its own GPU only (one per process)
+            cuda = cuda[0]
+        elif index < len(cuda):
+            cuda = cuda[index]
+        else:
             return
-        cuda = cuda[index]
     torch.cuda.set_rng_state(cuda, index)
 
 
