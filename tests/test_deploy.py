@@ -193,7 +193,7 @@ def _node_launch(tmp_path, gpus_listed: int, env: dict) -> str:
     bin_dir.mkdir()
     smi = "".join(f"echo 'GPU {i}: NVIDIA H100 (UUID: GPU-{i})'\n" for i in range(gpus_listed))
     (bin_dir / "nvidia-smi").write_text(f"#!/bin/sh\n{smi}")
-    (bin_dir / "python").write_text('#!/bin/sh\necho "launch: $*"\n')
+    (bin_dir / "python").write_text('#!/bin/sh\necho "launch: $* ACCELERATE_USE_CPU=$ACCELERATE_USE_CPU"\n')
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
     run_env = {
@@ -214,6 +214,7 @@ def _node_launch(tmp_path, gpus_listed: int, env: dict) -> str:
         ({"SLURM_GPUS_ON_NODE": "4", "CUDA_VISIBLE_DEVICES": "0,1,2,3"}, 4),  # --gres=gpu:4 on an 8-GPU node
         ({"CUDA_VISIBLE_DEVICES": "2,5"}, 2),  # granted without SLURM_GPUS_ON_NODE (older Slurm)
         ({}, 8),  # nothing says: every GPU the node lists
+        ({"CUDA_VISIBLE_DEVICES": "NoDevFiles"}, 1),  # a job given no GPU: one process, on the CPU
         ({"SLURM_GPUS_ON_NODE": "4", "MEG_PROCS_PER_NODE": "2"}, 2),  # the user's choice wins
     ],
 )
@@ -222,3 +223,4 @@ def test_a_node_starts_one_process_per_gpu_granted_not_per_gpu_listed(tmp_path, 
     # 8 processes, and local ranks 4-7 fail at torch.cuda.set_device ("invalid device ordinal").
     out = _node_launch(tmp_path, 8, env)
     assert f"--num_processes {processes} " in out and f"{processes} process(es)" in out, out
+    assert ("ACCELERATE_USE_CPU=1" in out) == (env.get("CUDA_VISIBLE_DEVICES") == "NoDevFiles"), out

@@ -29,10 +29,15 @@ fi
 # nvidia-smi lists every GPU of the node, also those Slurm gave other jobs where the cluster does not
 # confine devices (no cgroup ConstrainDevices): one process per GPU this job was granted.
 if (( granted > 0 )); then
-    gpus=$granted
-elif [[ -n ${CUDA_VISIBLE_DEVICES:-} && $gpus -gt 0 ]]; then
-    IFS=, read -ra visible <<<"$CUDA_VISIBLE_DEVICES"
-    gpus=${#visible[@]}
+    gpus=$(( granted < gpus ? granted : gpus ))
+elif [[ -n ${CUDA_VISIBLE_DEVICES+set} ]]; then
+    case $CUDA_VISIBLE_DEVICES in
+        ""|NoDevFiles) gpus=0 ;;  # Slurm's value for a job without GPUs: CUDA sees none
+        *)
+            IFS=, read -ra visible <<<"$CUDA_VISIBLE_DEVICES"
+            gpus=$(( ${#visible[@]} < gpus ? ${#visible[@]} : gpus ))
+            ;;
+    esac
 fi
 procs=${MEG_PROCS_PER_NODE:-$(( gpus > 0 ? gpus : 1 ))}
 if [[ $gpus -eq 0 ]]; then
