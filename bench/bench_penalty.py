@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
@@ -255,6 +256,7 @@ def measure(network: str, row: Row, runtime: DDPRuntime, precision: str, repeats
         # From before the first step: a captured row's memory is its graphs' private pools, reserved
         # at capture (a replay allocates nothing); Adam's state appears at the first step in every row.
         torch.cuda.synchronize()
+        gc.collect()  # the earlier rows' steps (reference cycles) and their graphs, before the baseline
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_reserved()
@@ -271,7 +273,7 @@ def measure(network: str, row: Row, runtime: DDPRuntime, precision: str, repeats
     times = time_calls(lambda: step(x, steps.sample_z()), calls, device)
     out = {"energy_ms": 1e3 * (statistics.mean(times) if k > 1 else statistics.median(times))}
     if device.type == "cuda":
-        out["peak_mib"] = (torch.cuda.max_memory_reserved() - base) / 2**20
+        out["reserved_mib"] = (torch.cuda.max_memory_reserved() - base) / 2**20
     if not row.before and not row.compile:
         n = cfg.train.energy_steps
         counter = iter(range(10**9))
@@ -300,7 +302,7 @@ def format_table(results: list[dict], device: torch.device, threads: int, precis
     lines = [
         f"energy step: device={device} threads={threads} precision={precision} torch={torch.__version__}",
         "",
-        "| network | row | energy ms | vs eager | vs before | peak MiB | grad rel err | loss | iter samples/s |",
+        "| network | row | energy ms | vs eager | vs before | reserved MiB | grad rel err | loss | iter samples/s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     by_net: dict[str, dict[str, dict]] = {}
@@ -318,7 +320,7 @@ def format_table(results: list[dict], device: torch.device, threads: int, precis
                 f"{ms:.2f}",
                 f"{eager / ms:.2f}x" if eager else "",
                 f"{before / ms:.2f}x" if before else "",
-                f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-",
+                f"{r['reserved_mib']:.0f}" if "reserved_mib" in r else "-",
                 f"{r['grad_rel_error']:.1e}",
                 f"{r['loss']:.6g}",
                 f"{r['iteration_samples_per_s']:.0f}" if "iteration_samples_per_s" in r else "-",
