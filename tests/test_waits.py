@@ -288,3 +288,28 @@ def test_a_failure_of_one_rank_is_said_before_it_meets_the_others(monkeypatch, t
     with caplog.at_level(logging.ERROR), pytest.raises(RuntimeError, match="out of memory"):
         job.run(cfg, threading.Event())
     assert "rank 1 of 2 stops: RuntimeError: CUDA out of memory" in caplog.text and runtime.met is True
+
+
+def test_a_collective_that_fails_after_a_stop_signal_is_a_preemption(monkeypatch, tmp_path):
+    # Once one rank fails, the launcher stops the others: their collectives then fail too, and each
+    # such rank used to print its own "error:" line beside the one that says what happened.
+    import threading
+
+    import torch.distributed as dist
+
+    from trainer import job
+    from trainer.config import load_config
+    from trainer.meg_trainer import Preempted
+
+    runtime, stop = _TwoRanks(), threading.Event()
+    monkeypatch.setattr(job, "build_runtime", lambda cfg: runtime)
+
+    def train(*args):
+        stop.set()
+        raise dist.DistBackendError("Timed out waiting 10000ms for recv operation to complete")
+
+    monkeypatch.setattr(job, "train", train)
+    cfg = load_config("toy_25gaussians", [f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(Preempted) as caught:
+        job.run(cfg, stop)
+    assert not caught.value.checkpointed and runtime.met is False

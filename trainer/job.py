@@ -92,6 +92,9 @@ def run(cfg: RunConfig, stop: threading.Event, preset: str = "") -> dict[str, fl
         failed = collective_failure(e, runtime, cfg.train.collective_timeout) if isinstance(e, RuntimeError) else None
         if failed is not None:
             meet = False  # the other ranks are gone or stopped: meeting them would wait for the timeout again
+            if stop.is_set():  # the launcher stops the other ranks once one failed: not this rank's error
+                message = "stop signal received as the other ranks stopped; the newest checkpoint stands"
+                raise Preempted(message, False) from None
             raise failed from None
         if runtime.world_size > 1 and not isinstance(e, ConfigError):  # a configuration fails on every rank
             # A failure of this rank alone (out of memory, a CUDA error, a full disk, a bad shard): the
