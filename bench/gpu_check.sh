@@ -77,6 +77,13 @@ if [[ $mode == fetch ]]; then
     exit 0
 fi
 
+# The interpreter first: without torch every phase would fail on its own, each with a traceback.
+if ! "$PYTHON" -c "import torch, pytest" 2>/dev/null; then
+    echo "gpu_check.sh: $PYTHON cannot import torch and pytest: name an interpreter that has them" \
+        "(PYTHON=/path/to/python bash bench/gpu_check.sh ...), or run ./launch.sh test once to make .venv" >&2
+    exit 2
+fi
+
 OUT=${OUT:-$ROOT/bench/results/gpu_check}
 mkdir -p "$OUT"
 WORK=$(mktemp -d)

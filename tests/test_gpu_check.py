@@ -68,6 +68,19 @@ def test_gpu_check_refuses_a_wrong_flag_before_any_work(tmp_path, args, message)
     assert not (tmp_path / "out").exists()
 
 
+def test_gpu_check_refuses_an_interpreter_without_torch_before_any_work(tmp_path):
+    """A fresh clone has no .venv: the system python3 there lacks torch, and every phase failed alone."""
+    bare = tmp_path / "bare-python"
+    bare.write_text("#!/bin/sh\nexec python3 -S -I \"$@\"\n")  # no site-packages: no torch, no pytest
+    bare.chmod(0o755)
+    env = {**subprocess_env(), "OUT": str(tmp_path / "out"), "PYTHON": str(bare)}
+    result = subprocess.run(
+        ["bash", "bench/gpu_check.sh", "--dry-run"], cwd=REPO_ROOT, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "cannot import torch" in result.stderr and "PYTHON=" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_failed_bench_row_names_its_cause_in_one_line():
     # The compile row's error on the H200 (torch 2.11, triton 3.6): Inductor's message ends in advice;
     # the table's cell must show the kernel and the cause, on one line that keeps the table whole.
