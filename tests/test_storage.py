@@ -41,10 +41,12 @@ def test_a_call_that_never_answers_is_tried_three_times_then_named(policy):
     assert isinstance(error.value, DataError)  # one line through the CLI wrapper
     assert "http://store/x.tar" in str(error.value) and "data.io_timeout=0.3" in str(error.value)
     assert len(calls) == 3
-    # 3 timeouts and the pauses between them, doubling: 0.05 then 0.1.
-    assert calls[1] - calls[0] == pytest.approx(0.3 + 0.05, abs=0.15)
-    assert calls[2] - calls[1] == pytest.approx(0.3 + 0.1, abs=0.15)
-    assert 3 * 0.3 + 0.15 <= took < 3 * 0.3 + 0.15 + 0.6
+    # 3 timeouts and the pauses between them, doubling: 0.05 then 0.1. A wait ends no sooner than
+    # asked (the lower bounds are the schedule); a loaded machine may end it later, so the upper
+    # bounds only tell a retry from a call that was never given up.
+    assert 0.3 + 0.05 - 0.02 <= calls[1] - calls[0] < 0.3 + 0.05 + 2
+    assert 0.3 + 0.1 - 0.02 <= calls[2] - calls[1] < 0.3 + 0.1 + 2
+    assert 3 * 0.3 + 0.15 - 0.02 <= took < 3 * 0.3 + 0.15 + 5
 
 
 def test_a_transient_failure_is_retried_and_a_missing_file_is_not(policy):
@@ -77,13 +79,15 @@ def test_connection_failures_on_every_attempt_name_the_last_error(policy):
 
 
 def test_a_stop_request_ends_the_wait_at_once(policy):
+    storage.configure(timeout=60.0)  # the stop, not the timeout, must end this wait
     release, calls = threading.Event(), []
     threading.Timer(0.1, policy.stop.set).start()
     start = time.monotonic()
     with pytest.raises(StopRequested):
         bounded(never_answers(release, calls), "http://store/x.tar")
     release.set()
-    assert time.monotonic() - start < 0.1 + storage.POLL_SECONDS + storage.STOP_PATIENCE_SECONDS + 0.2
+    assert len(calls) == 1  # not retried after the stop
+    assert time.monotonic() - start < 0.1 + storage.POLL_SECONDS + storage.STOP_PATIENCE_SECONDS + 10
 
 
 def test_after_a_stop_request_a_call_that_answers_still_completes(policy):

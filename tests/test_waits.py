@@ -175,7 +175,8 @@ def test_a_sigterm_during_the_rendezvous_exits_75_although_python_cannot_run_its
         assert proc.poll() is None, (tmp_path / "rank.err").read_text()[-2000:]
         took = stop_and_time(proc)
         err = (tmp_path / "rank.err").read_text()
-        assert proc.returncode == 75 and took < 3 + 5, (took, err[-2000:])
+        # the watchdog's 3 s, not the rendezvous timeout (minutes); slack for a loaded machine
+        assert proc.returncode == 75 and took < 3 + 30, (took, err[-2000:])
         assert "did not end within 3 s of the stop signal" in err
     finally:
         proc.kill()
@@ -208,13 +209,14 @@ def test_a_stopped_rank_ends_the_job_within_the_collective_timeout_with_one_line
         stopped = worker_pids(proc.pid)[1]
         os.kill(stopped, signal.SIGSTOP)  # a hung node
         sent = time.time()
-        proc.wait(timeout=60)
+        proc.wait(timeout=120)
         took = time.time() - sent
         err = (tmp_path / "job.err").read_text()
         errors = [line for line in err.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and "rank 0 of 2" in errors[0] and "train.collective_timeout=10" in errors[0], err
         assert "Traceback" not in err and proc.returncode != 0, err[-3000:]
-        assert took < 10 + 15, took  # the timeout, then the launcher ends the stopped rank (SIGCONT + SIGTERM)
+        # the 10 s timeout, then the launcher ends the stopped rank (SIGCONT + SIGTERM); not the default timeout
+        assert took < 10 + 60, took
     finally:
         if stopped is not None:
             with contextlib.suppress(ProcessLookupError):
