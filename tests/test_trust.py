@@ -151,6 +151,42 @@ def test_the_trainer_refuses_a_pipe_url_before_any_work(tmp_path, marker):
     assert not (tmp_path / "run").exists()
 
 
+SECRET = "S3CRET-TOKEN"
+
+
+@pytest.mark.parametrize(
+    "key, url",
+    [
+        ("data.url", f"http://alice:{SECRET}@store.example/d"),
+        ("data.url", f"https://{SECRET}@store.example/d"),
+        ("data.url", f"s3://bucket/d/manifest.json?X-Amz-Credential=AKIA&X-Amz-Signature={SECRET}"),
+        ("data.url", f"data/a-{{0..1}}.tar::https://store.example/b.tar?sig={SECRET}"),
+        ("log.pushgateway", f"http://ops:{SECRET}@gateway:9091"),
+    ],
+)
+def test_a_url_with_a_credential_is_refused_without_showing_it(key, url):
+    """A configuration is saved with the run and in every checkpoint, and logged."""
+    with pytest.raises(ConfigError, match="carries a credential") as error:
+        load_config("debug", [f"{key}={url}"])
+    assert SECRET not in str(error.value) and key in str(error.value) and "fsspec" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "url", ["ssh://alice@host/d", "s3://bucket/d", "memory://b/d", "https://host/d.tar?download=1", "data/x"]
+)
+def test_a_plain_url_is_not_taken_for_a_credential(url):
+    assert load_config("debug", [f"data.url={url}"]).data.url == url
+
+
+@pytest.mark.slow
+def test_the_trainer_refuses_a_credential_in_the_data_url_before_any_work(tmp_path):
+    url = f"http://alice:{SECRET}@127.0.0.1:9/d"
+    result = run_trainer([*tiny_overrides(tmp_path), f"data.url={url}", "data.toy="], check=False)
+    assert result.returncode == 2 and "carries a credential" in result.stderr, result.stderr[-2000:]
+    assert SECRET not in result.stdout + result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 # -- checkpoints: verified, and damage survived ----------------------------------------------------
 
 

@@ -291,6 +291,65 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not self.output_dir:
             self.output_dir = os.path.join("runs", self.name)
+        # The configuration is saved with the run and in every checkpoint, and logged: a secret in it
+        # would travel with every copy of them.
+        for key, value in _strings(dataclasses.asdict(self)):
+            secret = secret_in_url(value)
+            if secret:
+                raise ConfigError(
+                    f"{key}={redacted_url(value)} carries a credential ({secret}): it would be written into "
+                    "config.yaml, every checkpoint and the logs. Keep the URL plain and give the credential to "
+                    "fsspec through the environment (e.g. AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY for s3://) or "
+                    "its configuration file (~/.config/fsspec/*.json)."
+                )
+
+
+# Query parameters that carry a credential: presigned S3 (X-Amz-*), Azure SAS (sig), GCS (Signature),
+# and the usual names.
+SECRET_QUERY_PARAMETERS = {"sig", "signature", "token", "access_token", "password", "secret", "key", "api_key"}
+
+
+def _url_parts(value: str) -> Iterator[urllib.parse.SplitResult]:
+    """The URLs in a setting: several may be joined by "::" (shard lists, fsspec's chained URLs)."""
+    for part in value.split("::"):
+        parsed = urllib.parse.urlsplit(part.strip())
+        if parsed.scheme and parsed.netloc:
+            yield parsed
+
+
+def _is_secret_parameter(name: str) -> bool:
+    name = name.lower()
+    return name in SECRET_QUERY_PARAMETERS or name.startswith("x-amz-") or name.endswith("token")
+
+
+def secret_in_url(value: str) -> str | None:
+    """What credential a URL in ``value`` carries, or None: a password (or, over HTTP, any user
+    part, which is a token there), or a query parameter that signs or authorises the request."""
+    for url in _url_parts(value):
+        if url.password is not None or (url.username and url.scheme in ("http", "https")):
+            return f"the user part of {url.scheme}://{url.hostname}"
+        for name, _ in urllib.parse.parse_qsl(url.query, keep_blank_values=True):
+            if _is_secret_parameter(name):
+                return f"the query parameter {name}"
+    return None
+
+
+def redacted_url(value: str) -> str:
+    """``value`` with every URL's user part and secret query values replaced by ***: safe to print."""
+    parts = []
+    for part in value.split("::"):
+        url = urllib.parse.urlsplit(part.strip())
+        if url.scheme and url.netloc:
+            netloc = url.netloc.rpartition("@")[2]
+            if url.username is not None:
+                netloc = f"***@{netloc}"
+            query = "&".join(
+                f"{name}=***" if _is_secret_parameter(name) else f"{name}={v}"
+                for name, v in urllib.parse.parse_qsl(url.query, keep_blank_values=True)
+            )
+            part = urllib.parse.urlunsplit((url.scheme, netloc, url.path, query, url.fragment))
+        parts.append(part)
+    return shown("::".join(parts))
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
