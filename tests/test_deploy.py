@@ -105,6 +105,9 @@ def test_dashboard_follows_the_conventions():
         for target in panel["targets"]:
             expr, legend = target["expr"], target["legendFormat"]
             assert "{{run}}" in legend, (panel["title"], legend)  # several runs stay apart
+            # Runs of a sweep share the name and differ in the folder: one line each, told apart.
+            assert all("run_folder" in by for by in re.findall(r"by \(([^)]*)\)", expr)), (panel["title"], expr)
+            assert "{{run_folder}}" in legend, (panel["title"], legend)
             assert 'rank="' not in expr, (panel["title"], expr)  # run-wide series exist once
             for window in re.findall(r"\[([^\]]+)\]", expr):
                 assert window == "$__rate_interval", (panel["title"], expr)  # not empty at any scrape interval

@@ -1,6 +1,8 @@
 """Observability: the Prometheus exporter (names, labels, counters across a resume, target files,
-a taken port, promtool's lint), the live endpoint of a real run, and the progress line."""
+a taken port, the advertised host, runs sharing a name, pushes, promtool's lint), the live endpoint
+of a real run, and the progress line."""
 
+import fnmatch
 import importlib.util
 import io
 import json
@@ -17,7 +19,7 @@ import torch
 from prometheus_client import generate_latest
 
 from tests.conftest import REPO_ROOT, run_trainer, subprocess_env, tiny_overrides
-from trainer import trackers
+from trainer import prometheus, trackers
 from trainer.config import ConfigError, LogConfig, load_config
 from trainer.metrics import ProgressSink, RankStats
 from trainer.prometheus import PrometheusExporter
@@ -53,10 +55,16 @@ WINDOW = {
 }
 
 
-def exporter(tmp_path, rank=0, **log) -> PrometheusExporter:
+def exporter(tmp_path, rank=0, folder="run", **log) -> PrometheusExporter:
+    """Run r1 writing to tmp_path/``folder``, its targets in tmp_path/targets."""
     cfg = LogConfig(prometheus_port=0, prometheus_targets=str(tmp_path / "targets"), **log)
     info = {"preset": "toy", "engine": "ddp", "precision": "no", "world_size": "2", "version": "0"}
-    return PrometheusExporter(cfg, "r1", rank, rank, torch.device("cpu"), 1000, 64, info)
+    return PrometheusExporter(cfg, "r1", rank, rank, torch.device("cpu"), 1000, 64, info, str(tmp_path / folder))
+
+
+def target_names(tmp_path) -> list[str]:
+    """What file_sd's targets/*.json reads: Go's glob, whose * also matches a leading dot (unlike glob.glob)."""
+    return sorted(fnmatch.filter(os.listdir(tmp_path / "targets"), "*.json"))
 
 
 def samples(exp: PrometheusExporter) -> dict[str, float]:
@@ -138,17 +146,106 @@ def test_a_scrape_passes_promtool_check_metrics(tmp_path):
     assert b"meg_eval_result" in body and b"meg_step_duration_seconds_bucket" in body
 
 
-def test_target_file_registers_each_rank_and_goes_with_a_clean_exit_but_stays_after_a_crash(tmp_path):
+def test_target_file_registers_each_rank_and_goes_with_a_clean_exit_but_stays_after_a_crash(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURMD_NODENAME", raising=False)
     first, second = exporter(tmp_path, rank=0), exporter(tmp_path, rank=1)
-    files = sorted((tmp_path / "targets").iterdir())
-    assert [f.name for f in files] == ["r1-rank0.json", "r1-rank1.json"]
+    files = [tmp_path / "targets" / name for name in target_names(tmp_path)]
+    assert [f.name for f in files] == [os.path.basename(first.target_file), os.path.basename(second.target_file)]
+    assert [f.name.endswith(f"-rank{r}.json") for r, f in enumerate(files)] == [True, True]
     entry = json.loads(files[1].read_text())
     assert entry[0]["targets"] == [f"127.0.0.1:{second.port}"]
-    assert entry[0]["labels"] == {"run": "r1", "rank": "1", "node": socket.gethostname(), "job": "meg"}
+    folder = str(tmp_path / "run")
+    node = socket.gethostname()
+    assert entry[0]["labels"] == {"run": "r1", "run_folder": folder, "rank": "1", "node": node, "job": "meg"}
     assert oct(files[1].stat().st_mode & 0o777) == "0o644"  # Prometheus may run as another user
     first.close(clean=True)
     second.close(clean=False)  # crashed: Prometheus must see the target go down, not vanish
-    assert [f.name for f in (tmp_path / "targets").iterdir()] == ["r1-rank1.json"]
+    assert target_names(tmp_path) == [files[1].name]
+
+
+def test_runs_sharing_a_name_keep_their_own_target_files_and_pushed_groups(tmp_path, monkeypatch):
+    pushed = []
+    monkeypatch.setattr(prometheus, "push_to_gateway", lambda *a, grouping_key, **kw: pushed.append(grouping_key))
+    # A sweep: the same name (the preset's), one output folder per run.
+    lr1, lr2 = (exporter(tmp_path, folder=f, pushgateway="http://127.0.0.1:9091") for f in ("lr1", "lr2"))
+    try:
+        assert lr1.target_file != lr2.target_file and len(target_names(tmp_path)) == 2
+        assert json.loads(open(lr2.target_file).read())[0]["labels"]["run_folder"] == str(tmp_path / "lr2")
+        lr1.close()  # a clean end of one run leaves the other scraped
+        assert target_names(tmp_path) == [os.path.basename(lr2.target_file)]
+        lr2.push()
+        assert pushed == [
+            {"run": "r1", "run_folder": str(tmp_path / "lr1")},
+            {"run": "r1", "run_folder": str(tmp_path / "lr2")},
+        ]
+        requeued = exporter(tmp_path, folder="lr2")  # same folder: replaces its own file, not another's
+        assert requeued.target_file == lr2.target_file
+        requeued.close()
+    finally:
+        lr2.close()
+
+
+def test_the_target_file_is_never_readable_half_written(tmp_path, monkeypatch):
+    exp = exporter(tmp_path)
+    written = target_names(tmp_path)
+
+    def killed_before_the_rename(src, dst):
+        raise OSError("killed")
+
+    monkeypatch.setattr(os, "replace", killed_before_the_rename)
+    try:
+        with pytest.raises(OSError, match="killed"):
+            exp._write_target()  # leaves its temporary file behind
+        monkeypatch.undo()
+        assert len(os.listdir(tmp_path / "targets")) == 2
+        assert target_names(tmp_path) == written  # Prometheus reads the complete file only
+    finally:
+        exp.close()
+
+
+def test_a_wildcard_exporter_advertises_the_node_name_and_warns_when_it_is_loopback(tmp_path, monkeypatch, capsys):
+    # A container's /etc/hosts: the hostname is 127.0.0.1, and getfqdn() answers localhost.
+    monkeypatch.setattr(socket, "getfqdn", lambda name="": "localhost")
+    monkeypatch.setenv("SLURMD_NODENAME", "gpu-node-7")
+    resolve = socket.getaddrinfo
+    resolved = {"gpu-node-7": "127.0.0.1", "gpu-node-8": "10.0.0.8"}
+
+    def node_addresses(host, *args, **kwargs):
+        if host in resolved:
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (resolved[host], 0))]
+        return resolve(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", node_addresses)
+    exp = exporter(tmp_path, prometheus_addr="0.0.0.0")
+    exp.close(clean=False)
+    (entry,) = json.loads(open(exp.target_file).read())
+    assert entry["targets"] == [f"gpu-node-7:{exp.port}"] and entry["labels"]["node"] == "gpu-node-7"
+    warning = capsys.readouterr().err
+    assert "gpu-node-7 resolves to 127.0.0.1" in warning and "log.prometheus_addr" in warning
+    monkeypatch.setenv("SLURMD_NODENAME", "gpu-node-8")  # a reachable name: no warning
+    exporter(tmp_path, prometheus_addr="0.0.0.0").close()
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_the_pushed_step_follows_a_resume_and_a_rollback(tmp_path, monkeypatch):
+    # The dashboard shows max(live, pushed) step: a pushed step from before a rollback or from a
+    # process that crashed after its last checkpoint would hide where the run really is.
+    pushed = []
+    monkeypatch.setattr(
+        prometheus,
+        "push_to_gateway",
+        lambda *a, registry, **kw: pushed.append(registry.get_sample_value("meg_step", {"run": "r1"})),
+    )
+    exp = exporter(tmp_path, pushgateway="http://127.0.0.1:9091")
+    try:
+        exp.resumed_at(600)
+        exp.log(1000, {"eval_fid": 12.5})
+        exp.log(900, {"event": "rollback", "nonfinite": False, "to_step": 900})
+        assert pushed == [600, 1000, 900]
+        rolled_back_at = exp.final.get_sample_value("meg_last_rollback_timestamp_seconds", {"run": "r1"})
+        assert time.time() - rolled_back_at < 60
+    finally:
+        exp.close()
 
 
 def test_a_taken_port_moves_and_the_target_file_says_where(tmp_path):
@@ -160,7 +257,7 @@ def test_a_taken_port_moves_and_the_target_file_says_where(tmp_path):
     exp = PrometheusExporter(cfg, "r1", 0, 0, torch.device("cpu"), 10, 1, {})
     try:
         assert exp.moved_from == taken and exp.port != taken
-        entry = json.loads((tmp_path / "targets" / "r1-rank0.json").read_text())
+        entry = json.loads(open(exp.target_file).read())
         assert entry[0]["targets"] == [f"127.0.0.1:{exp.port}"]
         urllib.request.urlopen(exp.url, timeout=5).read()
     finally:

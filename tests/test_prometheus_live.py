@@ -2,7 +2,8 @@
 shipped prometheus.yml, pointed at a temporary file_sd folder, discovers a 2-rank run through its
 target files; every dashboard query and every alert's inner query returns data; a scrape passes
 `promtool check metrics`; a resumed run's step counter restarts instead of jumping; the final
-evaluation stays visible (Pushgateway) after the processes exit; a killed run shows as up == 0."""
+evaluation stays visible (Pushgateway) after the processes exit, on the same dashboard line as the
+live series (both labelled with the run's folder); a killed run shows as up == 0."""
 
 from __future__ import annotations
 
@@ -182,9 +183,10 @@ def test_real_prometheus_scrapes_a_two_rank_run_and_every_query_returns_data(tmp
             120,
             "two target files",
         )
-        assert [f.name for f in files] == [f"{RUN}-rank0.json", f"{RUN}-rank1.json"]
+        assert [f.name.removeprefix(f"{RUN}-").split("-")[1] for f in files] == ["rank0.json", "rank1.json"]
         for file in files:
             (entry,) = json.loads(file.read_text())
+            assert entry["labels"]["run_folder"] == str(tmp_path / "run")
             url = f"http://{entry['targets'][0]}/metrics"
             body = wait_for(lambda u=url: scrape_once_trained(u), 60, f"a window's metrics at {url}")
             lint = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True)
@@ -235,7 +237,9 @@ def test_real_prometheus_scrapes_a_two_rank_run_and_every_query_returns_data(tmp
     # After the processes exited, the final numbers are still there: pushed to the Pushgateway.
     final = {r["metric"]["metric"]: float(r["value"][1]) for r in servers.query(f'meg_eval_result{{run="{RUN}"}}')}
     assert "high_quality_share" in final, final
-    assert [float(r["value"][1]) for r in servers.query(f'max by (run) (meg_step{{run="{RUN}"}})')] == [2 * STEPS]
+    # Live and pushed series carry the same run_folder (target file, grouping key): one line per run.
+    (step,) = servers.query(f'max by (run, run_folder) (meg_step{{run="{RUN}"}})')
+    assert step["metric"]["run_folder"] == str(tmp_path / "run") and float(step["value"][1]) == 2 * STEPS
     assert [float(r["value"][1]) for r in servers.query(f'max by (run) (meg_eval_step{{run="{RUN}"}})')] == [2 * STEPS]
 
     # 3. A killed run leaves its target files: Prometheus reports both ranks down (MEGTargetDown's input).

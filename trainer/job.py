@@ -66,6 +66,7 @@ def build_logger(cfg: RunConfig, runtime: Runtime, preset: str) -> tuple[Metrics
             cfg.train.steps,
             cfg.train.energy_steps * cfg.data.batch_size,
             info,
+            run_folder=cfg.output_dir,
         )
         sinks.append(prometheus)
     return MetricsLogger(sinks), prometheus

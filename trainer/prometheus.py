@@ -8,13 +8,20 @@ too. Counters start from 0 with each process: Prometheus treats that as a counte
 resumed run's rates show no jump; ``meg_step`` is the gauge that says where the run is.
 
 Discovery: each rank listens on ``log.prometheus_port`` + its local rank and, when
-``log.prometheus_targets`` names a folder, writes ``<run>-rank<r>.json`` there (Prometheus
-file_sd). The file is removed when the process ends cleanly (finished or stopped to be requeued)
-and left behind when it crashes, so the target turns ``up == 0`` and MEGTargetDown fires.
+``log.prometheus_targets`` names a folder, writes ``<run>-<folder hash>-rank<r>.json`` there
+(Prometheus file_sd). The file is removed when the process ends cleanly (finished or stopped to be
+requeued) and left behind when it crashes, so the target turns ``up == 0`` and MEGTargetDown fires.
+
+A run is its name and its output folder: runs of a sweep share the name and differ in the folder.
+The folder (absolute) is the ``run_folder`` label, added by the target file to every scraped series
+and by the Pushgateway grouping key to every pushed one, so two such runs never share a target
+file, a pushed group or a dashboard line; a requeued run keeps its folder and so all three.
 """
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import json
 import os
 import resource
@@ -60,7 +67,8 @@ WINDOW_GAUGES = {
     ),
 }
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-PUSH_JOB = "meg"  # the Pushgateway job; the run is the rest of the grouping key
+PUSH_JOB = "meg"  # the Pushgateway job; the run and its folder are the rest of the grouping key
+WILDCARD_ADDRESSES = ("", "0.0.0.0", "::")
 GPU_MEMORY = {  # meg_gpu_memory_<name>_bytes: reader, help
     "allocated": (torch.cuda.memory_allocated, "GPU memory held by tensors"),
     "reserved": (torch.cuda.memory_reserved, "GPU memory reserved by the caching allocator"),
@@ -68,9 +76,25 @@ GPU_MEMORY = {  # meg_gpu_memory_<name>_bytes: reader, help
 }
 
 
+def node_name() -> str:
+    """This node as Slurm names it, else its hostname. Not getfqdn(): where /etc/hosts maps the
+    hostname to 127.0.0.1 (containers, cloud images) that is ``localhost``, and it may wait on DNS."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
 def advertised_host(addr: str) -> str:
     """The host a scraper should use: the listening address, or this node's name for a wildcard."""
-    return socket.getfqdn() if addr in ("", "0.0.0.0", "::") else addr
+    return node_name() if addr in WILDCARD_ADDRESSES else addr
+
+
+def loopback_only(host: str) -> list[str]:
+    """The addresses ``host`` resolves to here when all of them are loopback, else []."""
+    try:
+        addresses = sorted({info[4][0] for info in socket.getaddrinfo(host, None)})
+    except OSError:  # unknown here; the scraper's resolver may still know it
+        return []
+    # An IPv6 address may carry its interface (fe80::1%eth0), which ip_address refuses.
+    return addresses if all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses) else []
 
 
 class ProcessCollector:
@@ -119,8 +143,11 @@ class PrometheusExporter(MetricSink):
         target_steps: int,
         samples_per_step: int,
         info: dict[str, str],
+        run_folder: str = "",
     ):
+        """``run_folder``: the run's output folder (default: the working folder)."""
         self.cfg, self.run, self.rank, self.samples_per_step = cfg, run, rank, samples_per_step
+        self.run_folder = os.path.abspath(run_folder)
         self.main = rank == 0
         self.registry = CollectorRegistry(auto_describe=True)
         self.final = CollectorRegistry(auto_describe=True)  # what is pushed: the numbers that outlive the run
@@ -139,6 +166,8 @@ class PrometheusExporter(MetricSink):
         if self.main:
             self._build_run_metrics(target_steps, info)
         self.port, self.moved_from = self._serve(cfg.prometheus_port + local_rank if cfg.prometheus_port else 0)
+        if local_rank == 0:  # once per node: every rank there advertises the same name
+            self._warn_if_advertised_host_is_loopback()
         self.target_file = self._write_target() if cfg.prometheus_targets else ""
 
     def _counter(self, name: str, help: str) -> Counter:
@@ -163,6 +192,11 @@ class PrometheusExporter(MetricSink):
         self.last_step_time = self._gauge("meg_last_step_timestamp_seconds", "When the last log window ended")
         self.last_checkpoint_time = self._gauge(
             "meg_last_checkpoint_timestamp_seconds", "When the last checkpoint was saved (or the process started)"
+        )
+        # A timestamp, not only the counter: increase() misses a rollback made before the first
+        # scrape, when the counter's first sample is already 1.
+        self.last_rollback_time = self._gauge(
+            "meg_last_rollback_timestamp_seconds", "When the last divergence rollback happened (0: none)", pushed=True
         )
         self.last_eval_time = self._gauge(
             "meg_last_eval_timestamp_seconds", "When the last evaluation ended", pushed=True, until_set=True
@@ -211,17 +245,34 @@ class PrometheusExporter(MetricSink):
     def url(self) -> str:
         return f"http://{advertised_host(self.cfg.prometheus_addr)}:{self.port}/metrics"
 
+    def _warn_if_advertised_host_is_loopback(self) -> None:
+        if self.cfg.prometheus_addr not in WILDCARD_ADDRESSES:
+            return
+        host = advertised_host(self.cfg.prometheus_addr)
+        if addresses := loopback_only(host):
+            print(
+                f"warning: this node's name {host} resolves to {', '.join(addresses)} here, so a Prometheus on "
+                "another host cannot scrape it; set log.prometheus_addr to this node's reachable address",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    @property
+    def grouping_key(self) -> dict[str, str]:
+        return {"run": self.run, "run_folder": self.run_folder}
+
     def _write_target(self) -> str:
         folder = self.cfg.prometheus_targets
         os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, f"{self.run}-rank{self.rank}.json")
-        node = socket.gethostname()
-        labels = {"run": self.run, "rank": str(self.rank), "node": node, "job": PUSH_JOB}
+        folder_hash = hashlib.sha256(self.run_folder.encode()).hexdigest()[:8]
+        path = os.path.join(folder, f"{self.run}-{folder_hash}-rank{self.rank}.json")
+        labels = {**self.grouping_key, "rank": str(self.rank), "node": node_name(), "job": PUSH_JOB}
         if os.environ.get("SLURM_JOB_ID"):
             labels["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
         entry = [{"targets": [f"{advertised_host(self.cfg.prometheus_addr)}:{self.port}"], "labels": labels}]
         # Written whole and renamed: Prometheus watches the folder and must never read half a file.
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+        # Not *.json while written: file_sd's glob (Go's, where * matches a leading dot) would read it.
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             json.dump(entry, f)
         os.chmod(tmp, 0o644)
@@ -231,20 +282,25 @@ class PrometheusExporter(MetricSink):
     # -- the sink interface (trainer/metrics.py) --
 
     def resumed_at(self, step: int) -> None:
-        """The run starts (or resumes) at ``step``: counters count from here, the gauge says where."""
+        """The run starts (or resumes) at ``step``: counters count from here, the gauge says where.
+        Pushed at once: the dashboard's max over live and pushed steps would show an older process's
+        later step (one that crashed after its last checkpoint) until the next evaluation."""
         self._last_step = step
         if self.main:
             self.step.set(step)
+            self.push()
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.main:
             return
         if metrics.get("event") == "rollback":
             self.rollbacks.inc()
+            self.last_rollback_time.set(time.time())
             if metrics.get("nonfinite"):
                 self.nonfinite.inc()
             self._last_step = step  # the steps redone after the rollback count again
             self.step.set(step)
+            self.push()  # else the pushed pre-rollback step outranks the live one on the dashboard
             return
         evals = {k.removeprefix("eval_"): v for k, v in metrics.items() if k.startswith("eval_")}
         if evals:
@@ -285,7 +341,7 @@ class PrometheusExporter(MetricSink):
         if not (self.main and self.gateway):
             return
         try:
-            push_to_gateway(self.gateway, job=PUSH_JOB, grouping_key={"run": self.run}, registry=self.final, timeout=5)
+            push_to_gateway(self.gateway, job=PUSH_JOB, grouping_key=self.grouping_key, registry=self.final, timeout=5)
             self._push_error = ""
         except OSError as e:
             if str(e) != self._push_error:
