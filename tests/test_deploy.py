@@ -227,3 +227,45 @@ def test_a_node_starts_one_process_per_gpu_granted_not_per_gpu_listed(tmp_path, 
     out = _node_launch(tmp_path, 8, env)
     assert f"--num_processes {processes} " in out and f"{processes} process(es)" in out, out
     assert ("ACCELERATE_USE_CPU=1" in out) == (env.get("CUDA_VISIBLE_DEVICES") == "NoDevFiles"), out
+
+
+def _batch_script_launch(tmp_path, env: dict) -> str:
+    """deploy/slurm/meg.sbatch on a stand-in Slurm: the srun it starts prints its arguments and the
+    launchers' shutdown timeout."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "scontrol").write_text('#!/bin/sh\n[ "$2" = hostnames ] && echo node1 || echo "NodeAddr=10.0.0.1"\n')
+    (bin_dir / "srun").write_text('#!/bin/sh\necho "srun: $* TIMEOUT=$TORCH_ELASTIC_SHUTDOWN_TIMEOUT"\n')
+    (bin_dir / "accelerate").write_text("#!/bin/sh\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    run_env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "node1", "SLURM_NTASKS": "1",
+        "MEG_ROOT": str(REPO_ROOT), "MEG_VENV": str(tmp_path / "no-venv"), **env,
+    }  # fmt: skip
+    result = subprocess.run(
+        ["bash", "deploy/slurm/meg.sbatch", "--config", "toy_25gaussians"],
+        cwd=REPO_ROOT, env=run_env, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    (srun,) = [line for line in result.stdout.splitlines() if line.startswith("srun: ")]
+    return srun
+
+
+@pytest.mark.parametrize("cpus_per_task", ["32", None])
+def test_the_batch_script_gives_srun_the_cpus_per_task_slurm_no_longer_passes_on(tmp_path, cpus_per_task):
+    # Slurm 22.05 to 23.02 do not hand sbatch's --cpus-per-task to srun: every process of a node on one CPU.
+    srun = _batch_script_launch(tmp_path, {"SLURM_CPUS_PER_TASK": cpus_per_task} if cpus_per_task else {})
+    if cpus_per_task:
+        assert f" --cpus-per-task={cpus_per_task} " in srun, srun
+    else:  # meg-node.sh shares the node's CPUs among its tasks
+        assert "--cpus-per-task" not in srun, srun
+
+
+def test_the_launchers_give_their_workers_the_warning_lead_time_less_the_requeue(tmp_path):
+    # The agent used to kill its workers 25 s after the warning: a run whose next metric reduction
+    # and save were further away lost its stop checkpoint, whatever the --signal lead time.
+    script = (REPO_ROOT / "deploy/slurm/meg.sbatch").read_text()
+    (lead,) = re.findall(r"^#SBATCH --signal=B:USR1@(\d+)$", script, re.MULTILINE)
+    assert _batch_script_launch(tmp_path / "default", {}).endswith(f" TIMEOUT={int(lead) - 20}")
+    assert _batch_script_launch(tmp_path / "raised", {"MEG_WARNING_S": "600"}).endswith(" TIMEOUT=580")

@@ -1,6 +1,7 @@
 """Every wait ends: storage that accepts a connection and never answers (data.io_timeout), a rank that
 stops answering (train.collective_timeout), and SIGTERM honoured within 30 s in every state with exit
-75 (start-up on storage, the rendezvous, training with a blocked reader, through the launcher)."""
+75 (start-up on storage, the rendezvous, training with a blocked reader, through the launcher); a run
+that still trains is not cut short, but stops at its next metric reduction with a checkpoint."""
 
 from __future__ import annotations
 
@@ -183,6 +184,31 @@ def test_a_sigterm_during_the_rendezvous_exits_75_although_python_cannot_run_its
         proc.wait()
 
 
+def first_reduction(run: Path) -> bool:
+    metrics = run / "metrics.jsonl"
+    return metrics.exists() and '"energy_loss"' in metrics.read_text()
+
+
+def test_a_run_that_trains_on_past_the_grace_stops_at_its_next_reduction_with_a_checkpoint(tmp_path):
+    """The watchdog is for a process blocked in a wait: one that makes progress is not cut short
+    when its next metric reduction is further away than the grace (a slow step, a large log.every)."""
+    every = 1000  # about 10 s of this toy run's steps on one loaded CPU, 3 s on a fast one: past the 2 s
+    env = subprocess_env()
+    env["MEG_STOP_GRACE_S"] = "2"
+    args = [*tiny_overrides(tmp_path, 100_000), f"log.every={every}", "checkpoint.every=100000"]
+    proc = start([*TRAINER, *args], tmp_path, "train", env)
+    try:
+        wait_for(lambda: first_reduction(tmp_path / "run"), 120, f"the reduction at step {every}")
+        stop_and_time(proc)  # the next reduction is a whole log interval away
+        err = (tmp_path / "train.err").read_text()
+        assert proc.returncode == 75 and "did not end within" not in err, err[-2000:]
+        assert f"checkpoint saved at step {2 * every}" in err, err[-2000:]
+        assert (tmp_path / "run" / "checkpoints" / f"step_{2 * every:08d}").is_dir()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def two_ranks(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, dict]:
     launcher, env = accelerate_launcher(2)
     cmd = [*launcher, "trainer/main.py", "--config", "toy_25gaussians", *tiny_overrides(tmp_path, 100_000), *extra]
@@ -235,6 +261,27 @@ def test_the_launcher_passes_sigterm_on_and_exits_with_the_requeue_code(tmp_path
         assert proc.returncode == 75 and took < 30, (took, err[-3000:])
         assert err.count("checkpoint saved at step") == 2 and "Traceback" not in err, err[-3000:]
         assert len(list((tmp_path / "run" / "checkpoints").iterdir())) == 2
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_the_launcher_waits_through_repeated_signals_for_ranks_on_their_way_to_the_reduction(tmp_path, monkeypatch):
+    # meg.sbatch repeats its warning every 30 s: the repeats used to end the agent in its wait for the
+    # workers (exit 143), and with it, under Slurm, the workers before their checkpoint.
+    monkeypatch.setenv("MEG_STOP_GRACE_S", "2")
+    every = 300  # about 8 s of two ranks' steps on two loaded CPUs: past the workers' 2 s grace
+    proc, _ = two_ranks(tmp_path, f"log.every={every}", "checkpoint.every=100000")
+    try:
+        wait_for(lambda: first_reduction(tmp_path / "run"), 120, f"the reduction at step {every}")
+        for _ in range(2):  # torch's agent survives one repeat (it starts its wait over), not two
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(1)
+        stop_and_time(proc)  # while the ranks still train towards step 2 * every
+        err = (tmp_path / "job.err").read_text()
+        assert proc.returncode == 75 and "did not end within" not in err and "Traceback" not in err, err[-3000:]
+        assert err.count(f"checkpoint saved at step {2 * every}") == 2, err[-3000:]
+        assert (tmp_path / "run" / "checkpoints" / f"step_{2 * every:08d}").is_dir()
     finally:
         proc.kill()
         proc.wait()

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Callable
 
 import torch
 
@@ -72,8 +73,11 @@ def build_logger(cfg: RunConfig, runtime: Runtime, preset: str) -> tuple[Metrics
     return MetricsLogger(sinks), prometheus
 
 
-def run(cfg: RunConfig, stop: threading.Event, preset: str = "") -> dict[str, float]:
-    """``preset``: the --config it came from, for the metrics' run info."""
+def run(
+    cfg: RunConfig, stop: threading.Event, preset: str = "", heartbeat: Callable[[], None] | None = None
+) -> dict[str, float]:
+    """``preset``: the --config it came from, for the metrics' run info; ``heartbeat``: called as the
+    training progresses (trainer/main.py's stop watchdog)."""
     # Every storage call from here on is bounded by data.io_timeout and ends on a stop request.
     storage.configure(timeout=cfg.data.io_timeout, stop=stop)
     check_run_folder(cfg.output_dir)  # links where the run writes: refused before any work
@@ -82,7 +86,7 @@ def run(cfg: RunConfig, stop: threading.Event, preset: str = "") -> dict[str, fl
     try:
         # Everything that holds the process group (DDP wrappers, engines) lives in train() and is
         # released when it returns, before the group is destroyed.
-        return train(cfg, runtime, stop, preset)
+        return train(cfg, runtime, stop, preset, heartbeat)
     except Preempted as e:
         meet = e.checkpointed
         raise
@@ -156,7 +160,9 @@ def check_resumable(cfg: RunConfig, checkpoint: str, sample_shape: list[int], wo
         )
 
 
-def train(cfg: RunConfig, runtime: Runtime, stop: threading.Event, preset: str) -> dict[str, float]:
+def train(
+    cfg: RunConfig, runtime: Runtime, stop: threading.Event, preset: str, heartbeat: Callable[[], None] | None = None
+) -> dict[str, float]:
     if cfg.data.batch_size % runtime.world_size:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {runtime.world_size} ranks")
     if runtime.is_main:
@@ -190,13 +196,20 @@ def train(cfg: RunConfig, runtime: Runtime, stop: threading.Event, preset: str) 
             f.write(config_yaml)
     runtime.barrier()
     try:
-        return _train(cfg, runtime, stop, dataset, checkpoints, resume_from, preset)
+        return _train(cfg, runtime, stop, dataset, checkpoints, resume_from, preset, heartbeat)
     finally:
         lock.release()
 
 
 def _train(
-    cfg, runtime, stop, dataset: Dataset, checkpoints: Checkpoints, resume_from: str | None, preset: str
+    cfg,
+    runtime,
+    stop,
+    dataset: Dataset,
+    checkpoints: Checkpoints,
+    resume_from: str | None,
+    preset: str,
+    heartbeat: Callable[[], None] | None,
 ) -> dict[str, float]:
     manifest = dataset.manifest
     runtime.seed(cfg.train.seed, per_rank=False)  # identical initial networks on every rank
@@ -211,7 +224,7 @@ def _train(
     stream = dataset.stream(runtime.rank, runtime.world_size, cfg.train.seed, pin=host_pinning(runtime.device))
     logger, prometheus = build_logger(cfg, runtime, preset)
     evaluator = build_evaluator(cfg, manifest.sample_shape, manifest.name)
-    trainer = MEGTrainer(cfg, runtime, steps, stream, logger, checkpoints, evaluator, stop)
+    trainer = MEGTrainer(cfg, runtime, steps, stream, logger, checkpoints, evaluator, stop, heartbeat)
     resumed = trainer.resume_if_possible(resume_from)
     if runtime.is_main:
         where = f"resumed from step {resumed}" if resumed is not None else "from scratch"

@@ -25,8 +25,12 @@ from torch.distributed.elastic.rendezvous import c10d_rendezvous_backend, static
 
 PREEMPTED_EXIT_CODE = 75  # the trainer's requeue code (trainer/meg_trainer.py)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-# The trainer ends within 20 s of a stop signal (trainer/main.py); past this the agent kills it.
-SHUTDOWN_SECONDS = "25"
+# How long torch's elastic agent waits for its workers after passing a stop signal on, before it kills
+# them: a backstop. A worker that makes progress stops at its next metric reduction with a checkpoint,
+# which may take minutes (a slow step, a large log.every), and one blocked in a wait ends itself
+# MEG_STOP_GRACE_S after its last progress (trainer/main.py). A scheduler's deadline sets a shorter
+# one: meg.sbatch derives it from its warning's lead time.
+SHUTDOWN_SECONDS = "600"
 
 _TCPStore = dist.TCPStore
 _listening: list[socket.socket] = []  # the bound sockets live as long as the launcher
@@ -61,6 +65,11 @@ def _close_and_continue(self: SubprocessHandler, death_sig: signal.Signals | Non
 
 
 def _close_and_record(self, death_sig: signal.Signals, timeout: int = 30) -> None:
+    # A stop signal repeated while the agent waits for its workers (meg.sbatch repeats the warning
+    # every 30 s) would raise out of the wait and end the agent, and with it the job step and the
+    # workers before they save: it goes on to them instead.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda signum, frame: _signal_children(signum))
     _close_context(self, death_sig, timeout)
     _exit_codes[:] = [h.proc.poll() for h in self.subprocess_handlers.values()]
 
@@ -88,16 +97,21 @@ def _children() -> list[int]:
     return pids
 
 
-def _stopped_before_start(signum: int, frame) -> None:
-    """Until the agent starts the workers (and puts in its own handlers) nothing runs to be stopped;
-    a process started without the agent (one process, accelerate's simple launcher) gets the signal."""
+def _signal_children(signum: int) -> list[int]:
+    """Sends ``signum`` to this process's children; returns their ids."""
     children = _children()
     for pid in children:
         try:
             os.kill(pid, signum)
         except ProcessLookupError:
             pass
-    if not children:
+    return children
+
+
+def _stopped_before_start(signum: int, frame) -> None:
+    """Until the agent starts the workers (and puts in its own handlers) nothing runs to be stopped;
+    a process started without the agent (one process, accelerate's simple launcher) gets the signal."""
+    if not _signal_children(signum):
         print(f"launcher: stopped by signal {signum} before its processes started", file=sys.stderr, flush=True)
         os._exit(PREEMPTED_EXIT_CODE)
 

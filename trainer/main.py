@@ -34,6 +34,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -59,23 +60,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# A stop request must end the process within 30 s whatever it waits on (Slurm kills it soon after):
-# past this grace the watchdog ends it itself, the newest checkpoint standing.
+# A process blocked in a wait (a rendezvous, a collective) when a stop request comes cannot run Python:
+# once it has made no progress for this long after the signal, the watchdog ends it, the newest
+# checkpoint standing (within Slurm's 30 s between SIGTERM and SIGKILL). One that progresses is left
+# to reach its next metric reduction and save: the scheduler's lead time (Slurm's --signal) covers that.
 STOP_GRACE_SECONDS = float(os.environ.get("MEG_STOP_GRACE_S", "20"))
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: trainer/meg_trainer.py's, repeated here to stay light
 
 
+class StopRequest(threading.Event):
+    """Set by a stop signal. ``progressed`` is the trainer's heartbeat (each batch a training step
+    takes, each save begun): it tells the watchdog that the process still moves towards its stop
+    checkpoint."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_progress = time.monotonic()
+
+    def progressed(self) -> None:
+        self.last_progress = time.monotonic()
+
+
 @contextmanager
-def stop_signals(grace: float = STOP_GRACE_SECONDS) -> Iterator[threading.Event]:
+def stop_signals(grace: float = STOP_GRACE_SECONDS) -> Iterator[StopRequest]:
     """SIGUSR1 and SIGTERM (Slurm's warning before the time limit, a scheduler's preemption) set the
     event; the trainer checkpoints at its next metric reduction and the process exits with code 75.
     The previous handlers come back when the block ends.
 
     Python runs a handler only between bytecodes of the main thread, never while it is blocked in C
     (a rendezvous, a collective): the signal also reaches a watchdog thread through the wakeup fd,
-    which sets the event itself and, if the process is still alive ``grace`` seconds later, flushes
-    the output and exits with 75 (the newest checkpoint stands)."""
-    stop = threading.Event()
+    which sets the event itself and, once the process has made no progress (``StopRequest.progressed``)
+    for ``grace`` seconds since the signal, flushes the output and exits with 75 (the newest
+    checkpoint stands)."""
+    stop = StopRequest()
     previous = {sig: signal.signal(sig, lambda signum, frame: stop.set()) for sig in (signal.SIGUSR1, signal.SIGTERM)}
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
@@ -85,14 +102,14 @@ def stop_signals(grace: float = STOP_GRACE_SECONDS) -> Iterator[threading.Event]
     try:
         yield stop
     finally:
+        signal.set_wakeup_fd(previous_fd)  # before the watchdog closes its end
         ended.set()  # the caller exits (trainer/main.py at once) or goes on with other work
-        signal.set_wakeup_fd(previous_fd)
         os.close(write_fd)  # the watchdog's read ends
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _watch(read_fd: int, stop: threading.Event, ended: threading.Event, grace: float) -> None:
+def _watch(read_fd: int, stop: StopRequest, ended: threading.Event, grace: float) -> None:
     try:
         while True:
             received = os.read(read_fd, 64)
@@ -101,15 +118,23 @@ def _watch(read_fd: int, stop: threading.Event, ended: threading.Event, grace: f
             if signal.SIGTERM in received or signal.SIGUSR1 in received:
                 stop.set()
                 break
+        signalled = time.monotonic()
+        while True:  # the grace runs from the signal or from the newest progress, whichever came later
+            left = max(signalled, stop.last_progress) + grace - time.monotonic()
+            if left <= 0:
+                break
+            if ended.wait(left):
+                return
+        exit_now(
+            PREEMPTED_EXIT_CODE,
+            f"preempted: the process did not end within {grace:g} s of the stop signal or of its last progress "
+            "(blocked in a wait); exiting, the newest checkpoint stands",
+        )
     finally:
+        # Open until the block ends: a repeated signal (meg.sbatch repeats its warning, the launcher
+        # passes each on) is written to the wakeup fd, and a closed reader made Python print a
+        # BrokenPipeError traceback for each.
         os.close(read_fd)
-    if ended.wait(grace):
-        return
-    exit_now(
-        PREEMPTED_EXIT_CODE,
-        f"preempted: the process did not end within {grace:g} s of the stop signal (blocked in a wait); "
-        "exiting, the newest checkpoint stands",
-    )
 
 
 def exit_now(code: int, message: str = "") -> None:
@@ -156,7 +181,7 @@ def _print_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _main(args: argparse.Namespace, stop: threading.Event) -> int:
+def _main(args: argparse.Namespace, stop: StopRequest) -> int:
     from trainer.config import check_commands, check_launcher_precision, load_config
     from trainer.evaluation import check_requirements
     from trainer.meg_trainer import Preempted
@@ -170,7 +195,7 @@ def _main(args: argparse.Namespace, stop: threading.Event) -> int:
     from trainer.job import run
 
     try:
-        run(cfg, stop, preset=args.config or "")
+        run(cfg, stop, preset=args.config or "", heartbeat=stop.progressed)
     except Preempted as e:
         print(f"preempted: {e}", file=sys.stderr, flush=True)
         return PREEMPTED_EXIT_CODE

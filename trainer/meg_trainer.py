@@ -4,11 +4,13 @@ rollback to the last checkpoint when the divergence guard trips (trainer/guard.p
 
 Every component is built outside and handed in (trainer/job.py does that), so the loop reads top
 to bottom and owns no signal handler: a stop request arrives as an Event that the metric reduction
-carries to every rank.
+carries to every rank. The stop watchdog (trainer/main.py) ends a process that stopped making
+progress, so the loop calls ``heartbeat`` with each batch it takes for a step and as each save begins.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -49,7 +51,12 @@ def host_pinning(device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]
 
 
 def real_batches(
-    stream: ShardStream, position: StreamPosition, window: MetricWindow, device: torch.device, stop: threading.Event
+    stream: ShardStream,
+    position: StreamPosition,
+    window: MetricWindow,
+    device: torch.device,
+    stop: threading.Event,
+    heartbeat: Callable[[], None],
 ) -> Iterator[tuple[torch.Tensor, int, int]]:
     """Real batches forever, each with the stream position after it (epoch, batches done): the loop
     keeps a position once the batch's iteration is done, so a stop while waiting loses nothing."""
@@ -64,6 +71,7 @@ def real_batches(
                 break
             done += 1
             window.corrupt_shards += int(batch["corrupt_shards"])
+            heartbeat()  # the loop asks for batches only as its steps complete
             yield decode_samples(batch["x"].to(device, non_blocking=True), stream.manifest.dtype), epoch, done
         epoch, done = epoch + 1, 0
 
@@ -96,10 +104,11 @@ class MEGTrainer:
         checkpoints: Checkpoints,
         evaluator: Evaluator | None = None,
         stop: threading.Event | None = None,
+        heartbeat: Callable[[], None] | None = None,
     ):
         self.cfg, self.runtime, self.steps, self.stream = cfg, runtime, steps, stream
         self.logger, self.checkpoints, self.evaluator = logger, checkpoints, evaluator
-        self.stop = stop or threading.Event()
+        self.stop, self.heartbeat = stop or threading.Event(), heartbeat or (lambda: None)
         self.state = TrainState(runtime.rank, runtime.world_size, entropy_state=steps.entropy_state)
         self.guard = DivergenceGuard(cfg.train.guard)
         self.loaded: str | None = None  # the checkpoint last loaded (resume or rollback)
@@ -121,10 +130,8 @@ class MEGTrainer:
 
     def _iteration_data(self, batches: Iterator[tuple[torch.Tensor, int, int]]) -> list:
         """The iteration's batches, fetched before it runs: a stop while waiting for them loses no update."""
-        try:
+        with contextlib.suppress(StopRequested):
             return [next(batches) for _ in range(self.cfg.train.energy_steps)]
-        except StopRequested:
-            pass
         if self.runtime.world_size > 1:
             # A checkpoint is collective, and the other ranks may be inside this step's gradient
             # reduction, waiting for this rank: the newest checkpoint stands.
@@ -176,6 +183,7 @@ class MEGTrainer:
 
     def _save(self) -> None:
         """A checkpoint of the current state, once the guard has seen sane weights (collective)."""
+        self.heartbeat()
         self.guard.check_parameters(dict(zip(NETWORK_NAMES, self.steps.modules())), self.state.step)
         self.checkpoints.save(self.runtime, self.state, self.steps.extra_weights())
         self.logger.checkpointed(self.state.step)
@@ -202,7 +210,7 @@ class MEGTrainer:
 
     def _train_until_done(self) -> dict[str, float]:
         cfg, state = self.cfg, self.state
-        batches = real_batches(self.stream, state.position, self.window, self.runtime.device, self.stop)
+        batches = real_batches(self.stream, state.position, self.window, self.runtime.device, self.stop, self.heartbeat)
         last: dict[str, float] = {}
         tick, steps_since = time.perf_counter(), 0
         if state.step >= cfg.train.steps and self.evaluator is not None and not self.evaluator.has_result(state.step):
