@@ -1,6 +1,7 @@
 """Reading one shard: its URL opened (local paths plainly, every remote scheme through fsspec, the
-program-running schemes only when allowed), its bytes read within data.io_timeout, and its samples
-parsed and checked against the manifest. The stream's workers and the tools read shards here.
+program-running schemes only when allowed), its bytes read in blocks that must each arrive within
+data.io_timeout, and its samples parsed and checked against the manifest. The stream's workers and
+the tools read shards here.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from data_pipeline.config import DEFAULT_MAX_SAMPLE_BYTES
 from data_pipeline.decode import DecodeSpec, gunzip_shard, parse_webdataset_shard
 from data_pipeline.shard_reader import CorruptShard, SampleTooLarge, ShardArrays, parse_shard
 from data_pipeline.shards import COMMAND_SCHEMES, DataError, Manifest, ShardInfo, is_command_url
-from data_pipeline.storage import bounded
+from data_pipeline.storage import bounded, made_progress
 
 # webdataset's package re-exports the gopen *function* under the module's name.
 wds_gopen = importlib.import_module("webdataset.gopen")
@@ -28,6 +29,10 @@ def _fsspec_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **_: object):
     # block_size is a file option: given to fsspec.open it would reach the filesystem's
     # constructor, which s3fs rejects.
     fs, path = fsspec.core.url_to_fs(url)
+    if "http" in fs.protocol and mode == "rb":
+        # One streamed GET (block_size=0): read in blocks, a random-access http file makes a range
+        # request per block, which servers without range support (python -m http.server) refuse.
+        return fs.open(path, mode, block_size=0)
     return fs.open(path, mode, block_size=max(bufsize, 1 << 20))
 
 
@@ -63,15 +68,27 @@ def register_fsspec_opener() -> None:
 register_fsspec_opener()
 
 
+# Shards are read block by block, each block reported to the storage wait (made_progress): data.io_timeout
+# then bounds a stall, not a whole shard, which over a slow link may take longer and still arrive. A
+# block of an object store is one ranged request: big blocks keep their latency negligible, and a link
+# must still bring one block within data.io_timeout (64 MiB in 60 s: about 1.1 MB/s).
+READ_BLOCK_BYTES = 64 << 20
+
+
 def _gopen_read(url: str) -> bytes:
+    blocks = []
     with wds_gopen.gopen(url, "rb") as f:
-        return f.read()
+        while block := f.read(READ_BLOCK_BYTES):
+            blocks.append(block)
+            if not made_progress():
+                return b""  # given up (timed out, or a stop): nobody waits for it, and leaving closes the handle
+    return b"".join(blocks)
 
 
 def read_shard_bytes(url: str) -> bytes:
     """One shard's bytes through webdataset's opener table (local paths, fsspec, and when allowed
-    pipe:), bounded by data.io_timeout. A program that fails is a DataError, reported once: it is not
-    a damaged shard to skip."""
+    pipe:), bounded by data.io_timeout per block. A program that fails is a DataError, reported once:
+    it is not a damaged shard to skip."""
     try:
         return bounded(partial(_gopen_read, url), url, "shard read")
     except OSError as e:
@@ -88,7 +105,7 @@ class ReadBuffer:
         self._data = bytearray()
 
     def read(self, path: str) -> memoryview:
-        """The file's bytes, bounded by data.io_timeout (a hung network filesystem)."""
+        """The file's bytes, bounded by data.io_timeout per block (a hung network filesystem)."""
         return bounded(partial(self._read, path), path, "shard read", on_abandon=self._forget)
 
     def _forget(self) -> None:
@@ -101,11 +118,13 @@ class ReadBuffer:
                 self._data = bytearray(size)  # replaced, not resized: old views may still exist
             view = memoryview(self._data)[:size]
             got = 0
-            while got < size:  # one read(2) returns at most about 2 GiB, network filesystems less
-                n = f.readinto(view[got:])
+            while got < size:  # in blocks (the progress the wait sees); a read(2) may also return less
+                n = f.readinto(view[got : got + READ_BLOCK_BYTES])
                 if not n:
                     break
                 got += n
+                if not made_progress():
+                    break  # given up: the buffer is no longer this reader's (_forget)
         return view[:got]
 
 

@@ -20,21 +20,28 @@ import posixpath
 import tarfile
 import tempfile
 import urllib.parse
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
 from functools import partial
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 import fsspec
 import numpy as np
 import webdataset as wds
 
-from data_pipeline.cli import DataError  # re-exported: its home is the CLI module
+from data_pipeline.cli import DataError, shown  # DataError re-exported: its home is the CLI module
+from data_pipeline.config import MAX_IMAGE_SIZE, DataConfig, check_label_key
+from data_pipeline.decode import DecodeSpec
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 2  # 2: shards carry num_bytes; ustar members with a fixed mtime
 SHARD_MTIME = 1_600_000_000  # a fixed member mtime: reproducible shards, no PAX header per member
+
+
+LAYOUTS = ("meg", "webdataset")  # see Manifest.layout
+IMAGE_MODES = get_args(get_type_hints(DataConfig)["image_mode"])
 
 
 @dataclass
@@ -126,6 +133,8 @@ def read_manifest(url: str, check_shards: bool = True) -> Manifest:
     except json.JSONDecodeError as e:
         raise DataError(f"manifest {murl} is not valid JSON: {e}") from None
     base = posixpath.dirname(murl) if "://" in murl else os.path.dirname(murl)
+    if not isinstance(raw, dict):
+        raise DataError(f"manifest {murl} is malformed: it holds a JSON {type(raw).__name__}, not an object")
     try:
         shards = [ShardInfo(**s) for s in raw.pop("shards")]
         stated_total = raw.pop("num_samples", None)
@@ -135,6 +144,9 @@ def read_manifest(url: str, check_shards: bool = True) -> Manifest:
         raise DataError(f"manifest {murl} is malformed: {e}") from None
     if not manifest.shards:
         raise DataError(f"manifest {murl} lists no shards")
+    problem = next(_field_problems(manifest, stated_total), None)
+    if problem is not None:
+        raise DataError(f"manifest {murl}: {problem}")
     if stated_total is not None and stated_total != manifest.num_samples:
         raise DataError(
             f"manifest {murl} says num_samples={stated_total} but its shards add up to {manifest.num_samples}"
@@ -144,6 +156,68 @@ def read_manifest(url: str, check_shards: bool = True) -> Manifest:
     return manifest
 
 
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0  # JSON's true is an int too
+
+
+def _is_dtype(value: object) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        return np.dtype(value).itemsize > 0
+    except TypeError:
+        return False
+
+
+def _wrong(key: str, value: object, should: str) -> str:
+    return f"{key} is {shown(value)}, it should be {should}"
+
+
+def _field_problems(manifest: Manifest, stated_total: object) -> Iterator[str]:
+    """What is wrong with each field of a manifest that the reader relies on (a hand-edited or
+    foreign manifest), so that it fails here naming the key, not later with a traceback."""
+    count = "a non-negative integer"
+    for i, shard in enumerate(manifest.shards):
+        if not isinstance(shard.url, str) or not shard.url:
+            yield _wrong(f"shards[{i}].url", shard.url, "the shard's path or URL, a string")
+        if not _is_count(shard.num_samples):
+            yield _wrong(f"shards[{i}].num_samples", shard.num_samples, count)
+        if not _is_count(shard.num_bytes):
+            yield _wrong(f"shards[{i}].num_bytes", shard.num_bytes, f"{count} (0: unknown)")
+    if stated_total is not None and not _is_count(stated_total):
+        yield _wrong("num_samples", stated_total, count)
+    shape = manifest.sample_shape
+    if not isinstance(shape, list) or not all(_is_count(d) and d > 0 for d in shape):
+        yield _wrong("sample_shape", shape, "a list of positive integers, e.g. [3, 32, 32]")
+    if not _is_dtype(manifest.dtype):
+        yield _wrong("dtype", manifest.dtype, "a numpy dtype's name, e.g. float32 or uint8")
+    if manifest.layout not in LAYOUTS:
+        yield _wrong("layout", manifest.layout, " or ".join(LAYOUTS))
+    if not isinstance(manifest.decode, dict):
+        yield _wrong("decode", manifest.decode, "an object of the data.* decoding settings (image_key, ...)")
+    else:
+        yield from _decode_problems(manifest.decode)
+
+
+def _decode_problems(decode: dict[str, Any]) -> Iterator[str]:
+    """What is wrong with a manifest's ``decode``: it must be a DecodeSpec, as data.* accepts it."""
+    known = [f.name for f in fields(DecodeSpec)]
+    for key in decode:
+        if key not in known:
+            yield f"decode has the unknown key {shown(key)}; the keys are {', '.join(known)}"
+    for key in ("image_key", "label_key"):
+        if key in decode and not isinstance(decode[key], str):
+            yield _wrong(f"decode.{key}", decode[key], f"a string, as data.{key} takes")
+    label_key_problem = isinstance(decode.get("label_key"), str) and check_label_key(decode["label_key"])
+    if label_key_problem:
+        yield f"decode.label_key={shown(decode['label_key'])}: {label_key_problem}"
+    if "image_mode" in decode and decode["image_mode"] not in IMAGE_MODES:
+        yield _wrong("decode.image_mode", decode["image_mode"], " or ".join(IMAGE_MODES))
+    size = decode.get("image_size", 0)
+    if not _is_count(size) or size > MAX_IMAGE_SIZE:
+        yield _wrong("decode.image_size", size, f"an integer in [0, {MAX_IMAGE_SIZE}] (0: as stored)")
+
+
 def _read_text(url: str) -> str:
     with fsspec.open(url, "r") as f:
         return f.read()
@@ -151,8 +225,8 @@ def _read_text(url: str) -> str:
 
 def shard_sizes(urls: list[str]) -> dict[str, int | None]:
     """Byte size of each URL (None when it does not exist): one listing per folder where the
-    store lists, one metadata request per file otherwise (e.g. http). Each call is bounded by
-    data.io_timeout (data_pipeline/storage.py)."""
+    store lists, one metadata request per file otherwise (http, a store that refuses listing). Each
+    call is bounded by data.io_timeout (data_pipeline/storage.py)."""
     from data_pipeline.storage import bounded
 
     def listing(fs, fpath: str) -> dict[str, int]:
@@ -169,8 +243,12 @@ def shard_sizes(urls: list[str]) -> dict[str, int | None]:
         if "http" not in fs.protocol and "https" not in fs.protocol:
             try:
                 listed = bounded(partial(listing, fs, fpath), folder or ".", "shard listing")
-            except (FileNotFoundError, NotADirectoryError):
-                listed = {}
+            except OSError as e:
+                # No such folder, or a store that refuses listing but answers for each object (S3
+                # without s3:ListBucket): the files are looked up one by one. (Timeouts and dropped
+                # connections are not OSErrors here: bounded retried them, then raised StorageTimeout.)
+                if not isinstance(e, FileNotFoundError | NotADirectoryError):
+                    log.info("listing %s failed (%s): looking its %d shard(s) up one by one", folder, e, len(members))
         for u in members:
             path = fsspec.core.url_to_fs(u)[1]
             if path in listed:
@@ -180,6 +258,12 @@ def shard_sizes(urls: list[str]) -> dict[str, int | None]:
                 sizes[u] = bounded(partial(fs.info, path), u, "size lookup").get("size")
             except FileNotFoundError:
                 sizes[u] = None
+            except PermissionError as e:
+                # S3 answers so for a missing object too when the credentials may not list the bucket.
+                raise DataError(
+                    f"shard {u}: the store refused to look it up ({e}): it is missing, or these credentials "
+                    "may not read it"
+                ) from None
     return sizes
 
 

@@ -1,7 +1,8 @@
 """Bounded storage calls: every open, listing and read of data goes through ``bounded``, which gives it
-``data.io_timeout`` seconds, retries with exponential backoff, then fails with one error naming the URL
-and the key. The call runs on a daemon thread, so a read blocked in a socket (a store that accepts a
-connection and never answers) never blocks its caller, and a stop request ends the wait at once."""
+``data.io_timeout`` seconds (a read that reports its progress: that long without progress), retries
+with exponential backoff, then fails with one error naming the URL and the key. The call runs on a
+daemon thread, so a read blocked in a socket (a store that accepts a connection and never answers)
+never blocks its caller, and a stop request ends the wait at once."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import TypeVar
+from dataclasses import dataclass, field
+from typing import NoReturn, TypeVar
 
 from data_pipeline.cli import DataError
 
@@ -29,7 +30,8 @@ class StopRequested(Exception):
 
 
 class StorageTimeout(DataError):
-    """A storage call that did not answer within data.io_timeout, on every attempt."""
+    """A storage call that failed on every attempt: no answer within data.io_timeout, a dropped
+    connection, or a store that kept asking to come back later (HTTP 503)."""
 
 
 @dataclass
@@ -81,15 +83,41 @@ def stop_requested() -> bool:
     return bool((_policy.stop is not None and _policy.stop.is_set()) or (own is not None and own.is_set()))
 
 
-def _wait(done: threading.Event, seconds: float) -> bool:
-    """Waits up to ``seconds`` for ``done``; raises StopRequested when a stop is requested and the
-    call does not end within STOP_PATIENCE_SECONDS of it."""
+@dataclass
+class _Attempt:
+    """One attempt at a bounded call, shared between the thread that runs it and the one that waits."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    given_up: threading.Event = field(default_factory=threading.Event)  # the waiter left (a timeout, a stop)
+    steps: int = 0  # progress the call reported (made_progress)
+    value: object = None
+    error: BaseException | None = None
+
+
+def made_progress() -> bool:
+    """Called by a call that ``bounded`` runs after each step of its work (a block read), so that
+    data.io_timeout bounds the wait for the next step rather than the whole call. False when the
+    attempt was given up: nobody waits for its result, and it should stop and release its handle."""
+    attempt: _Attempt | None = getattr(_local, "attempt", None)
+    if attempt is None:  # not run by bounded
+        return True
+    attempt.steps += 1
+    return not attempt.given_up.is_set()
+
+
+def _wait(done: threading.Event, seconds: float, attempt: _Attempt | None = None) -> bool:
+    """Waits up to ``seconds`` for ``done``, or with ``attempt`` up to ``seconds`` after its last
+    progress; raises StopRequested when a stop is requested and the call does not end within
+    STOP_PATIENCE_SECONDS of it."""
     deadline = time.monotonic() + seconds
+    steps = attempt.steps if attempt is not None else 0
     while True:
         if stop_requested():
             if done.wait(STOP_PATIENCE_SECONDS):
                 return True
             raise StopRequested
+        if attempt is not None and attempt.steps != steps:
+            steps, deadline = attempt.steps, time.monotonic() + seconds
         left = deadline - time.monotonic()
         if left <= 0:
             return done.is_set()
@@ -97,9 +125,27 @@ def _wait(done: threading.Event, seconds: float) -> bool:
             return True
 
 
+# HTTP statuses that say "not now" (a timeout, throttling, an overloaded or restarting server): tried
+# again like a dropped connection. Any other error status is the request's own fault and final.
+TRANSIENT_HTTP_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+MISSING_HTTP_STATUSES = frozenset({404, 410})
+
+
+def http_status(error: BaseException) -> int | None:
+    """The HTTP error status a store answered with, or None. Read from the ``status`` attribute
+    (aiohttp's ClientResponseError: fsspec's http backend is optional), on the error itself or the one
+    it was raised from: fsspec's http ``info`` turns a failed HEAD and GET into FileNotFoundError."""
+    for candidate in (error, error.__cause__):
+        status = getattr(candidate, "status", None)
+        if isinstance(status, int) and not isinstance(status, bool) and 400 <= status < 600:
+            return status
+    return None
+
+
 def _transient(error: BaseException) -> bool:
-    """A failure worth another attempt: the connection, not the request (a missing file is final)."""
-    if isinstance(error, TimeoutError | ConnectionError):
+    """A failure worth another attempt: the connection, or a store that asks to come back later (a
+    missing file is final)."""
+    if isinstance(error, TimeoutError | ConnectionError) or http_status(error) in TRANSIENT_HTTP_STATUSES:
         return True
     try:
         import aiohttp
@@ -108,47 +154,80 @@ def _transient(error: BaseException) -> bool:
     return isinstance(error, aiohttp.ClientConnectionError | aiohttp.ServerTimeoutError)
 
 
-def _attempt(call: Callable[[], object], box: dict[str, object], done: threading.Event) -> None:
+def _raise_final(error: BaseException, url: str, what: str) -> NoReturn:
+    """Raises a failure that is not tried again: an HTTP "not found" as FileNotFoundError (what callers
+    report as a missing file, as for the other stores), any other HTTP error status as a DataError
+    naming the URL and the status, anything else unchanged."""
+    status = http_status(error)
+    if status is None or (status in MISSING_HTTP_STATUSES and isinstance(error, FileNotFoundError)):
+        raise error
+    if status in MISSING_HTTP_STATUSES:
+        raise FileNotFoundError(url) from error
+    reason = getattr(error, "message", None) or getattr(error.__cause__, "message", None)
+    raise DataError(
+        f"the store refused the {what} of {url}: HTTP {status}{f' {reason}' if reason else ''}. Check the URL "
+        "and that these credentials may read it."
+    ) from error
+
+
+def _run(call: Callable[[], object], attempt: _Attempt) -> None:
+    _local.attempt = attempt  # for made_progress
     try:
-        box["value"] = call()
+        attempt.value = call()
     except BaseException as e:  # noqa: BLE001 (handed to the caller)
-        box["error"] = e
+        attempt.error = e
     finally:
-        done.set()
+        attempt.done.set()
 
 
 def bounded(call: Callable[[], T], url: str, what: str = "read", on_abandon: Callable[[], None] | None = None) -> T:
-    """``call()``'s result, run on a daemon thread and awaited at most data.io_timeout per attempt.
+    """``call()``'s result, run on a daemon thread and awaited at most data.io_timeout per attempt, or
+    for a call that reports its progress (made_progress) at most data.io_timeout after its last step.
 
-    A call that times out (or fails on its connection) is tried again after a pause that doubles,
-    ``retries`` times; then StorageTimeout names ``what``, ``url`` and the key. An attempt that timed
-    out is abandoned, still blocked; ``on_abandon`` lets the caller drop what it shares with it (a
-    buffer). Other errors (a missing file) are raised at once. StopRequested when a stop is requested."""
+    A call that times out (or fails on its connection, or is told to come back later: HTTP 503) is
+    tried again after a pause that doubles, ``retries`` times; then StorageTimeout names ``what``,
+    ``url`` and the key. An attempt that timed out is abandoned, still blocked; ``on_abandon`` lets
+    the caller drop what it shares with it (a buffer). Other errors (a missing file) are raised at
+    once, an HTTP error status as a DataError. StopRequested when a stop is requested."""
     p = _policy
     attempts = p.retries + 1
-    last_error = ""
-    for attempt in range(attempts):
-        box: dict[str, object] = {}
-        done = threading.Event()
-        threading.Thread(target=_attempt, args=(call, box, done), name=f"storage-{what}", daemon=True).start()
-        if _wait(done, p.timeout):
-            error = box.get("error")
-            if error is None:
-                return box["value"]  # type: ignore[return-value]
-            if not _transient(error):
-                raise error  # type: ignore[misc]
-            last_error = f"; last error: {type(error).__name__}: {error}"
+    last_error, stalled = "", False
+    for number in range(attempts):
+        attempt = _Attempt()
+        threading.Thread(target=_run, args=(call, attempt), name=f"storage-{what}", daemon=True).start()
+        try:
+            finished = _wait(attempt.done, p.timeout, attempt)
+        except StopRequested:
+            attempt.given_up.set()
+            raise
+        if finished:
+            if attempt.error is None:
+                return attempt.value  # type: ignore[return-value]
+            if not _transient(attempt.error):
+                _raise_final(attempt.error, url, what)
+            last_error = f"{type(attempt.error).__name__}: {attempt.error}"
         else:
+            attempt.given_up.set()
             last_error = ""
+            stalled = attempt.steps > 0  # a transfer that stopped part-way, not a store that never answered
             if on_abandon is not None:
                 on_abandon()
-        if attempt + 1 < attempts:
-            pause = p.backoff * 2**attempt
-            why = last_error[2:] or f"no answer within data.io_timeout={p.timeout:g} s"
-            log.warning("storage %s of %s: %s (attempt %d of %d); retrying in %g s", what, url, why, attempt + 1,
+        if number + 1 < attempts:
+            pause = p.backoff * 2**number
+            why = last_error or _timeout_text(stalled, p.timeout)
+            log.warning("storage %s of %s: %s (attempt %d of %d); retrying in %g s", what, url, why, number + 1,
                         attempts, pause)  # fmt: skip
             _wait(threading.Event(), pause)  # a pause that a stop request ends (after the patience)
+    if last_error:  # the last attempt failed rather than hung: "did not answer" would be false
+        raise StorageTimeout(
+            f"storage failed: {what} of {url} failed {attempts} times; last error: {last_error}. Check the store."
+        )
     raise StorageTimeout(
-        f"storage did not answer: {what} of {url} got no answer within data.io_timeout={p.timeout:g} s "
-        f"in {attempts} attempts{last_error}. Check the store (or raise data.io_timeout for a slow one)."
+        f"storage {'stalled' if stalled else 'did not answer'}: {what} of {url} got "
+        f"{_timeout_text(stalled, p.timeout)} in {attempts} attempts. Check the store (or raise "
+        "data.io_timeout for a slow one)."
     )
+
+
+def _timeout_text(stalled: bool, timeout: float) -> str:
+    return f"{'no further data' if stalled else 'no answer'} within data.io_timeout={timeout:g} s"

@@ -1,0 +1,105 @@
+"""read_manifest refuses a manifest whose fields the reader cannot use, naming the file and the key,
+and checks its shards on a store that refuses listing (data_pipeline/shards.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from fsspec.implementations.memory import MemoryFileSystem
+
+from data_pipeline.shards import DataError, read_manifest, shard_sizes, write_array_shards
+
+
+@pytest.fixture
+def manifest_file(tmp_path):
+    """A valid manifest of 2 shards (its path), to spoil one field of."""
+    write_array_shards(str(tmp_path), "img", "train", np.zeros((8, 2), np.float32), np.zeros(8), 2)
+    return tmp_path / "manifest.json"
+
+
+def shard(key, value):
+    return lambda m: m["shards"][1].__setitem__(key, value)
+
+
+def top(key, value):
+    return lambda m: m.__setitem__(key, value)
+
+
+@pytest.mark.parametrize(
+    ("spoil", "message"),
+    [
+        (shard("num_samples", "4"), "shards[1].num_samples is '4', it should be a non-negative integer"),
+        (shard("num_samples", 4.0), "shards[1].num_samples is 4.0"),
+        (shard("num_samples", -4), "shards[1].num_samples is -4"),
+        (shard("num_samples", True), "shards[1].num_samples is True"),
+        (shard("num_bytes", "10240"), "shards[1].num_bytes is '10240', it should be a non-negative integer"),
+        (shard("url", 5), "shards[1].url is 5, it should be the shard's path or URL"),
+        (top("num_samples", "8"), "num_samples is '8'"),
+        (top("sample_shape", "ab"), "sample_shape is 'ab', it should be a list of positive integers"),
+        (top("sample_shape", [2, -1]), "sample_shape is [2, -1]"),
+        (top("dtype", "complex999"), "dtype is 'complex999', it should be a numpy dtype's name"),
+        (top("dtype", 5), "dtype is 5"),
+        (top("layout", "tfrecord"), "layout is 'tfrecord', it should be meg or webdataset"),
+        (top("decode", {"image_kye": "png"}), "decode has the unknown key 'image_kye'; the keys are image_key"),
+        (top("decode", ["png"]), "decode is ['png']"),
+        (top("decode", {"image_mode": "cmyk"}), "decode.image_mode is 'cmyk', it should be rgb or l"),
+        (top("decode", {"image_size": "64"}), "decode.image_size is '64', it should be an integer in"),
+        (top("decode", {"label_key": 3}), "decode.label_key is 3, it should be a string"),
+        (top("decode", {"label_key": "cls:x"}), "decode.label_key='cls:x': only a .json member has fields"),
+    ],
+)
+def test_a_field_the_reader_cannot_use_is_named(manifest_file, spoil, message):
+    manifest = json.loads(manifest_file.read_text())
+    spoil(manifest)
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(DataError) as error:
+        read_manifest(str(manifest_file.parent))
+    assert str(error.value).startswith(f"manifest {manifest_file}: ")
+    assert message in str(error.value)
+
+
+def test_a_manifest_that_is_not_a_json_object_is_named(manifest_file):
+    manifest_file.write_text("[]")
+    with pytest.raises(DataError, match="is malformed: it holds a JSON list, not an object"):
+        read_manifest(str(manifest_file.parent))
+
+
+def test_the_fields_a_webdataset_index_writes_are_accepted(manifest_file):
+    manifest = json.loads(manifest_file.read_text())
+    manifest.update(layout="webdataset", decode={"image_key": "png", "label_key": "json:meta.class",
+                                                 "image_mode": "l", "image_size": 32})  # fmt: skip
+    manifest_file.write_text(json.dumps(manifest))
+    assert read_manifest(str(manifest_file.parent)).decode["label_key"] == "json:meta.class"
+
+
+@pytest.fixture
+def unlistable_store(tmp_path, monkeypatch):
+    """A data set on a store that refuses listing and answers for each object (S3 without
+    s3:ListBucket), as ``memory://`` URLs: its URL."""
+    url = f"memory://{tmp_path.name}/img"
+    write_array_shards(url, "img", "train", np.zeros((8, 2), np.float32), np.zeros(8), 2)
+
+    def refuse(self, path, detail=True, **kwargs):
+        raise PermissionError(13, "Access Denied (ListObjectsV2)")
+
+    monkeypatch.setattr(MemoryFileSystem, "ls", refuse)
+    yield url
+    monkeypatch.undo()  # rm lists
+    MemoryFileSystem().rm(f"/{tmp_path.name}", recursive=True)
+
+
+def test_shards_are_looked_up_one_by_one_where_the_store_refuses_listing(unlistable_store):
+    manifest = read_manifest(unlistable_store)
+    assert manifest.num_samples == 8
+
+
+def test_a_shard_the_store_refuses_to_look_up_is_named(unlistable_store, monkeypatch):
+    def refuse(self, path, **kwargs):
+        raise PermissionError(13, "Access Denied (HeadObject)")  # S3's answer for a missing key, too
+
+    monkeypatch.setattr(MemoryFileSystem, "info", refuse)
+    shard = f"{unlistable_store}/img-train-000000.tar"
+    with pytest.raises(DataError, match=f"shard {shard}: the store refused to look it up .*: it is missing, or"):
+        shard_sizes([shard])
