@@ -8,7 +8,8 @@ Classes of issue 19 and the tests that cover them:
                            test_the_trainer_refuses_a_linked_run_folder_*, test_a_partial_save_that_is_a_link_*
     3 checkpoints lost:    test_the_lock_*, test_a_lock_*, test_process_workers_end_*, test_*unverified*,
                            test_pruning_*, test_a_save_to_an_existing_step_*, test_the_state_file_*,
-                           test_a_config_that_does_not_parse_*
+                           test_a_config_that_does_not_parse_*, test_a_save_is_on_disk_before_*
+    inexact resumes:       test_*_data_settings_*, test_a_ddp_resume_on_another_number_of_ranks_*
     4 guard stuck:         test_parameters_checked_after_a_load_*, test_the_guard_*,
                            test_a_checkpoint_whose_weights_explode_is_escaped
     7 unnamed save errors: test_a_full_disk_*, test_a_refused_weights_only_*, test_a_malformed_safetensors_*
@@ -18,6 +19,8 @@ import errno
 import json
 import logging
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -27,6 +30,7 @@ import pytest
 import torch
 from torch import nn
 
+from data_pipeline.config import StreamPosition
 from tests.conftest import REPO_ROOT, run_trainer, subprocess_env, tiny_overrides
 from trainer.checkpoint import (
     STATE_FILE,
@@ -434,6 +438,117 @@ def test_the_state_file_must_match_the_folders_step(tmp_path, config_yaml):
     os.remove(os.path.join(written, "files.json"))
     write_file_list(written)
     assert STATE_FILE in damage(written)
+
+
+def test_a_save_is_on_disk_before_any_older_checkpoint_is_deleted(tmp_path, config_yaml, monkeypatch):
+    # Nothing was synced: a power loss within the writeback window left the new checkpoint failing its
+    # sha256 check, and the older ones already pruned: nothing to resume from.
+    runtime = FakeRuntime()
+    checkpoints = _checkpoints(tmp_path, config_yaml, keep=1)
+    older = _save(checkpoints, runtime, 10)
+    events = []
+    fsync, rename, rmtree = os.fsync, os.rename, shutil.rmtree
+
+    def recorded_fsync(fd):
+        # files.json is synced under its temporary name, before write_replacing renames it
+        events.append(("sync", re.sub(r"\.tmp-\d+$", "", os.readlink(f"/proc/self/fd/{fd}"))))
+        fsync(fd)
+
+    def recorded_rename(source, target):
+        events.append(("rename", source))
+        rename(source, target)
+
+    def recorded_rmtree(path, *args, **kwargs):
+        events.append(("delete", path))
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "rename", recorded_rename)
+    monkeypatch.setattr(shutil, "rmtree", recorded_rmtree)
+    written = _save(checkpoints, runtime, 20)
+    partial = os.path.realpath(written) + ".partial"
+    renamed, deleted = events.index(("rename", written + ".partial")), events.index(("delete", older))
+    synced_before_rename = {path for kind, path in events[:renamed] if kind == "sync"}
+    for root, _, names in os.walk(written):  # every file and folder, under the name they were synced by
+        inside = os.path.join(partial, os.path.relpath(root, written)).removesuffix("/.")
+        for path in [inside] + [os.path.join(inside, name) for name in names]:
+            assert path in synced_before_rename, path
+    assert ("sync", os.path.realpath(checkpoints.folder)) in events[renamed:deleted]
+
+
+@pytest.mark.parametrize(
+    "now, expected, warned",
+    [
+        ([], StreamPosition(0, 16), None),
+        (["data.io_timeout=5", "data.worker_type=process"], StreamPosition(0, 16), None),  # the same order
+        (["data.num_workers=2", "data.batch_size=32"], StreamPosition(1, 0),
+         "data.batch_size 256 → 32, data.num_workers 1 → 2"),
+        (["train.seed=7"], StreamPosition(1, 0), "train.seed 0 → 7"),
+        (["data.shuffle_buffer=10"], StreamPosition(1, 0), "data.shuffle_buffer 2000 → 10"),
+    ],
+)  # fmt: skip
+def test_a_resume_with_other_data_settings_starts_the_next_epoch_and_says_why(
+    tmp_path, config_yaml, caplog, now, expected, warned
+):
+    # A position counts batches of the settings it was saved with: resumed mid-epoch with 1 worker
+    # instead of 2, a run saw some of the epoch's samples twice and as many never, and said nothing.
+    runtime = FakeRuntime()
+    written = _checkpoints(tmp_path, config_yaml).save(runtime, TrainState(step=10, position=StreamPosition(0, 16)))
+    resumed = Checkpoints(str(tmp_path / "checkpoints"), 3, config_to_yaml(load_config("toy_25gaussians", now)), {})
+    state = TrainState()
+    with caplog.at_level(logging.WARNING):
+        resumed.load(written, runtime, state)
+    assert state.step == 10 and state.position == expected
+    if warned is None:
+        assert not caplog.records
+    else:
+        assert [r.getMessage().count("\n") for r in caplog.records] == [0]  # one line
+        assert f"({warned}): its stream position does not carry over, so the stream starts epoch 1" in caplog.text
+        assert written in caplog.text and "Set them back to resume exactly" in caplog.text
+
+
+def test_a_checkpoint_from_before_the_data_settings_were_kept_resumes_its_position(tmp_path, config_yaml, caplog):
+    runtime = FakeRuntime()
+    written = _checkpoints(tmp_path, config_yaml).save(runtime, TrainState(step=10, position=StreamPosition(0, 16)))
+    path = os.path.join(written, STATE_FILE)
+    saved = json.load(open(path))
+    del saved["sample_order"]
+    with open(path, "w") as f:
+        json.dump(saved, f)
+    write_file_list(written)
+    other = config_to_yaml(load_config("toy_25gaussians", ["data.num_workers=2"]))
+    state = TrainState()
+    with caplog.at_level(logging.WARNING):
+        Checkpoints(str(tmp_path / "checkpoints"), 3, other, {}).load(written, runtime, state)
+    assert state.position == StreamPosition(0, 16) and not caplog.records
+
+
+@pytest.mark.parametrize(
+    "positions, expected",
+    [
+        ([(3, 10), (4, 1)], StreamPosition(5, 0)),  # rank 1's epoch 3 ended early (a corrupt shard)
+        ([(2, 0), (2, 0)], StreamPosition(2, 0)),  # saved at an epoch's end: nothing to skip
+    ],
+)
+def test_a_ddp_resume_on_another_number_of_ranks_starts_after_the_newest_epoch_begun(positions, expected):
+    # Another world size gives each rank other shards: rank 0's position taken by every rank repeated
+    # some samples; every rank starts the same fresh epoch instead.
+    saved = TrainState(world_size=2, sample_order={"data.batch_size": 64, "ranks": 2})
+    saved.rank_positions = [{"epoch": e, "batches_done": b} for e, b in positions]
+    for rank in range(4):
+        resumed = TrainState(rank=rank, world_size=4, sample_order={"data.batch_size": 64, "ranks": 4})
+        assert resumed.load_json(saved.to_json()) == ["ranks 2 → 4"]
+        assert resumed.position == expected
+
+
+@pytest.mark.slow
+def test_the_trainer_resumed_with_other_data_settings_says_so_and_starts_the_next_epoch(tmp_path):
+    run_trainer(tiny_overrides(tmp_path, steps=10))  # 10 steps of 2 batches: epoch 0, 20 batches done
+    resumed = run_trainer(tiny_overrides(tmp_path, steps=20) + ["data.num_workers=2", "data.batch_size=32"])
+    assert "resumed from step 10" in resumed.stdout
+    assert "(data.batch_size 64 → 32, data.num_workers 1 → 2)" in resumed.stderr
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_00000020" / STATE_FILE).read_text())
+    assert state["rank_positions"] == [{"epoch": 1, "batches_done": 20}]
 
 
 # -- class 4: the guard escapes a bad checkpoint ------------------------------------------------------

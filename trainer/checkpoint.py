@@ -4,7 +4,8 @@
         weights.safetensors    E, G and T in fp32 ("energy.", "generator.", "statistics." keys); its
                                metadata holds the sample shape, the data set and the package version
         config.yaml            the run's resolved configuration when this checkpoint was written
-        trainer_state.json     step, every rank's stream position, learning-rate scale and horizon
+        trainer_state.json     step, every rank's stream position and the data settings it depends
+                               on, learning-rate scale and horizon
         rng_rank<R>.pt         each rank's random generators (tensors and numbers only)
         engine/                what the engine needs to go on: optimizers and loss scalers (ddp), or
                                DeepSpeed's own files (one tag per engine)
@@ -12,10 +13,13 @@
 
 Every rank writes into ``step_XXXXXXXX.partial``; the main process renames it when all ranks are done,
 so a crash during a save never leaves a checkpoint that loads half (a ``.partial`` is ignored and
-cleaned up later). A checkpoint already at that name is never overwritten: it is moved aside to
-``step_XXXXXXXX.replaced``. Pruning keeps the last ``checkpoint.keep`` of the checkpoints this run has
-verified (written, or read back intact), always the newest intact one and the one just written, and
-step 0 while the divergence guard may need it; nothing else is ever deleted.
+cleaned up later). Before the rename every file and folder of it is synced to disk (in the pass that
+hashes them for files.json), and the rename is synced before older checkpoints are pruned: a power
+loss right after a save leaves the new checkpoint whole, or the older ones still there. A checkpoint
+already at that name is never overwritten: it is moved aside to ``step_XXXXXXXX.replaced``. Pruning
+keeps the last ``checkpoint.keep`` of the checkpoints this run has verified (written, or read back
+intact), always the newest intact one and the one just written, and step 0 while the divergence
+guard may need it; nothing else is ever deleted.
 
 A checkpoint whose files do not match its files.json (truncated, missing, a flipped byte), whose
 trainer_state.json, config.yaml or safetensors header does not parse, or whose parameters are
@@ -48,7 +52,7 @@ from safetensors.torch import save_file
 
 from data_pipeline.cli import CheckpointError, short_message
 from data_pipeline.config import StreamPosition
-from trainer.config import RunConfig, _build, parse_yaml
+from trainer.config import RunConfig, _build, config_from_yaml, parse_yaml
 from trainer.nofollow import make_dir, write_replacing
 
 log = logging.getLogger(__name__)
@@ -70,6 +74,18 @@ def package_version() -> str:
         return "unknown"
 
 
+def sample_order(cfg: RunConfig, world_size: int) -> dict[str, int]:
+    """The settings that decide which samples a stream position's batches hold (data_pipeline/stream.py):
+    a position resumes exactly under the settings it was saved with, and under no others."""
+    return {
+        "train.seed": cfg.train.seed,  # the stream's seed
+        "data.batch_size": cfg.data.batch_size,
+        "data.num_workers": cfg.data.num_workers,
+        "data.shuffle_buffer": cfg.data.shuffle_buffer,
+        "ranks": world_size,
+    }
+
+
 @dataclass
 class TrainState:
     """What a checkpoint holds beyond networks, optimizers and generators. ``position`` is this rank's
@@ -87,11 +103,15 @@ class TrainState:
     # The entropy estimator's state (DV's moving average), the same on every rank: MEGSteps' own device
     # tensors, read at a save (a host sync, at checkpoints only) and filled in place by a load.
     entropy_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    # This run's sample_order(), written beside the positions: Checkpoints fills it in before a save or
+    # a load. Empty (a probe, or a checkpoint from before it was kept): positions load as saved.
+    sample_order: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
             "step": self.step,
             "rank_positions": self.rank_positions or [self.position.state_dict()],
+            "sample_order": self.sample_order,
             "lr_scale": self.lr_scale,
             "lr_horizon": self.lr_horizon,
             "param_norms": self.param_norms,
@@ -99,9 +119,12 @@ class TrainState:
             "version": package_version(),
         }
 
-    def load_json(self, state: dict) -> None:
-        """Raises ValueError, KeyError or TypeError when ``state`` is not a trainer state (``load`` names
-        the file): a negative step, position or horizon, or a learning-rate scale outside (0, 1]."""
+    def load_json(self, state: dict) -> list[str]:
+        """Returns the settings of this run's ``sample_order`` that differ from those ``state`` was saved
+        with ("data.num_workers 1 → 2"); when there are any, every rank starts the epoch after the
+        newest one begun. Raises ValueError, KeyError or TypeError when ``state`` is not a trainer state
+        (``load`` names the file): a negative step, position or horizon, or a learning-rate scale
+        outside (0, 1]."""
         self.step = _natural(state["step"], "step")
         positions = state["rank_positions"]
         if not isinstance(positions, list) or not positions:
@@ -109,8 +132,24 @@ class TrainState:
         for p in positions:
             for key in ("epoch", "batches_done"):
                 _natural(p[key], f"rank_positions.{key}")
-        # Another world size reshuffles the shards among ranks: every rank then takes rank 0's place.
-        self.position.load_state_dict(positions[self.rank] if len(positions) == self.world_size else positions[0])
+        saved_order = state.get("sample_order") or {}
+        if not isinstance(saved_order, dict):
+            raise ValueError(f"sample_order must be a mapping, got {saved_order!r:.80}")
+        changed = [
+            f"{key} {saved_order.get(key)} → {value}"
+            for key, value in self.sample_order.items()
+            if saved_order and saved_order.get(key) != value
+        ]
+        if changed:
+            # Under other settings a position's batches hold other samples: going on mid-epoch would
+            # repeat some of the samples already seen and never show as many others. A fresh epoch
+            # repeats none; the rest of the interrupted one is skipped.
+            epoch = max(int(p["epoch"]) + (p["batches_done"] > 0) for p in positions)
+            self.position.load_state_dict({"epoch": epoch, "batches_done": 0})
+        else:
+            # Another world size reshuffles the shards among ranks: every rank then takes rank 0's place
+            # (only a checkpoint without sample_order gets here with another world size).
+            self.position.load_state_dict(positions[self.rank] if len(positions) == self.world_size else positions[0])
         self.lr_scale = float(state.get("lr_scale", 1.0))
         if not 0 < self.lr_scale <= 1:  # NaN too
             raise ValueError(f"lr_scale must be in (0, 1], got {self.lr_scale}")
@@ -123,6 +162,7 @@ class TrainState:
             raise ValueError(f"entropy_state must hold finite numbers, got {values}")
         for key, tensor in self.entropy_state.items():  # a key the checkpoint lacks: the fresh state, 0
             tensor.fill_(values.get(key, 0.0))
+        return changed
 
 
 def _natural(value, key: str) -> int:
@@ -270,25 +310,42 @@ def weights_damage(weights: dict[str, dict[str, torch.Tensor]], recorded: dict, 
 # -- what a checkpoint holds, and whether it still does ------------------------------------------
 
 
-def _sha256(path: str) -> str:
+def _sha256(path: str, sync: bool = False) -> str:
+    """``path``'s sha256; ``sync``: its contents synced to disk too, while it is open for hashing."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
+        if sync:
+            os.fsync(f.fileno())
     return digest.hexdigest()
 
 
+def _sync_folder(path: str) -> None:
+    """Syncs ``path``'s entries (files created, renamed or removed in it) to disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_file_list(folder: str) -> None:
-    """files.json: the size and sha256 of every file in ``folder`` (written last, by the main process)."""
+    """files.json: the size and sha256 of every file in ``folder`` (written last, by the main process).
+    Every file, files.json and every folder in ``folder`` are synced to disk when it returns: whoever
+    wrote them (this module, torch.save, DeepSpeed), each file is synced in the pass that hashes it."""
     files = {}
     for root, _, names in os.walk(folder):
         for name in names:
             path = os.path.join(root, name)
             rel = os.path.relpath(path, folder)
             if rel != FILES_FILE:
-                files[rel] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
-    with write_replacing(os.path.join(folder, FILES_FILE)) as f:
+                files[rel] = {"size": os.path.getsize(path), "sha256": _sha256(path, sync=True)}
+        if root != folder:
+            _sync_folder(root)
+    with write_replacing(os.path.join(folder, FILES_FILE), sync=True) as f:
         json.dump({"version": package_version(), "files": dict(sorted(files.items()))}, f, indent=1)
+    _sync_folder(folder)
 
 
 MISSING_FILE_LIST = f"{FILES_FILE} is missing (an incomplete copy, or a checkpoint of an older version)"
@@ -411,6 +468,7 @@ class Checkpoints:
         # Every rank's stream position, in rank order.
         mine = torch.tensor([state.position.epoch, state.position.batches_done], device=runtime.device)
         state.rank_positions = [{"epoch": e, "batches_done": b} for e, b in runtime.all_gather(mine).tolist()]
+        state.sample_order = self._sample_order(runtime.world_size)
         weights = {**runtime.fp32_state_dicts(), **(extra or {})}  # a collective under DeepSpeed
         try:
             if runtime.is_main:
@@ -466,6 +524,7 @@ class Checkpoints:
             if aside is not None:
                 os.rename(aside, final)
             raise
+        _sync_folder(self.folder)  # the rename on disk before _prune deletes any older checkpoint
         self.verified[final] = True
         self.rejected.discard(final)
 
@@ -480,6 +539,10 @@ class Checkpoints:
             if old not in keep:
                 shutil.rmtree(old, ignore_errors=True)
                 self.verified.pop(old, None)
+
+    def _sample_order(self, world_size: int) -> dict[str, int]:
+        """This run's sample_order, from the configuration it writes into its checkpoints."""
+        return sample_order(config_from_yaml(self.config_yaml, "the run's configuration"), world_size)
 
     def _intact(self, path: str) -> bool:
         if path not in self.verified:
@@ -519,7 +582,15 @@ class Checkpoints:
             restore_extra(weights)
         if rng is not None:
             set_rng_state(rng, runtime.device)
-        state.load_json(saved)
+        state.sample_order = self._sample_order(runtime.world_size)
+        changed = state.load_json(saved)
+        if changed and runtime.is_main:
+            log.warning(
+                "checkpoint %s was saved with other data settings (%s): its stream position does not carry "
+                "over, so the stream starts epoch %d afresh (nothing seen twice; the rest of an interrupted "
+                "epoch is skipped). Set them back to resume exactly where it stopped",
+                path, ", ".join(changed), state.position.epoch,
+            )  # fmt: skip
 
     def load_newest(self, runtime, state: TrainState, path: str | None, restore_extra=None) -> str | None:
         """Loads ``path`` or, when it turns out damaged, the newest intact checkpoint before it;

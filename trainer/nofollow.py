@@ -86,10 +86,11 @@ def open_fd(path: str, flags: int, mode: int = 0o644) -> int:
 
 
 @contextlib.contextmanager
-def write_replacing(path: str, binary: bool = False) -> Iterator[IO]:
+def write_replacing(path: str, binary: bool = False, sync: bool = False) -> Iterator[IO]:
     """A file written whole: into a fresh name next to ``path``, renamed over it when the block ends
     (a link at ``path`` is replaced, not followed; a reader never sees half a file). An error leaves
-    ``path`` as it was and removes the fresh file."""
+    ``path`` as it was and removes the fresh file. ``sync``: the contents reach the disk before the
+    rename (the caller syncs the folder), so a crash leaves the old file or the whole new one."""
     tmp = f"{path}.tmp-{os.getpid()}"
     with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp)  # a leftover of a killed writer with this PID (unlink removes a link, not its target)
@@ -97,6 +98,9 @@ def write_replacing(path: str, binary: bool = False) -> Iterator[IO]:
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             yield f
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
