@@ -71,7 +71,7 @@ def test_gpu_check_refuses_a_wrong_flag_before_any_work(tmp_path, args, message)
 def test_gpu_check_refuses_an_interpreter_without_torch_before_any_work(tmp_path):
     """A fresh clone has no .venv: the system python3 there lacks torch, and every phase failed alone."""
     bare = tmp_path / "bare-python"
-    bare.write_text("#!/bin/sh\nexec python3 -S -I \"$@\"\n")  # no site-packages: no torch, no pytest
+    bare.write_text('#!/bin/sh\nexec python3 -S -I "$@"\n')  # no site-packages: no torch, no pytest
     bare.chmod(0o755)
     env = {**subprocess_env(), "OUT": str(tmp_path / "out"), "PYTHON": str(bare)}
     result = subprocess.run(
