@@ -302,6 +302,10 @@ class _TwoRanks:
     [
         ("Timed out waiting 10000ms for send operation to complete", "did not answer within"),
         ("Connection closed by peer [127.0.0.1]:29500", "another rank ended"),
+        (
+            "[gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:1: Application timeout caused pair closure",
+            "did not answer within",
+        ),
         ("NCCL error in: ProcessGroupNCCL.cpp:2010, unhandled system error", "unhandled system error"),
     ],
 )

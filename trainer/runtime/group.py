@@ -42,7 +42,8 @@ def collective_failure(error: BaseException, runtime, timeout: float) -> Collect
     is_dist_error = isinstance(error, getattr(dist, "DistError", ()))
     if runtime.world_size < 2 or not (is_dist_error or any(m in text for m in markers)):
         return None
-    if "imed out" in text:
+    # gloo names its own timeout on a pair "Application timeout caused pair closure".
+    if "imed out" in text or "timeout caused pair closure" in text:
         why = f"another rank did not answer within train.collective_timeout={timeout:g} s (hung, stopped or lost)"
     elif any(m in text for m in ("closed by peer", "reset by peer", "Broken pipe", "Connection closed")):
         why = "another rank ended (its connection closed)"
