@@ -48,8 +48,9 @@ class DataConfig:
     # The largest shard member (decompressed) or decoded sample accepted, in bytes; a larger one stops
     # the run naming the shard (decoding needs memory in proportion). 0: derived (sample_bytes_bound).
     max_sample_bytes: int = field(default=0, metadata={"range": "[0, 1099511627776]"})
-    # Seconds any one storage call (an open, a listing, a shard read) may take before it is tried
-    # again (twice, after 1 and 2 s); then the run stops with an error naming the URL.
+    # Seconds a storage call (an open, a listing) may wait for an answer, and a shard read for its
+    # next block, before it is tried again (twice, after 1 and 2 s); then the run stops with an error
+    # naming the URL.
     io_timeout: float = field(default=60.0, metadata={"range": "(0, inf)"})
 
     def __post_init__(self) -> None:
