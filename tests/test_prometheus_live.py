@@ -78,7 +78,17 @@ class Servers:
     def start(self) -> None:
         log = open(self.folder / "servers.log", "w")
         self.procs.append(
-            subprocess.Popen(["prometheus-pushgateway", f"--web.listen-address={self.gateway}"], stdout=log, stderr=log)
+            # Debian's build persists to /var/lib/prometheus/pushgateway.data by default: earlier tests'
+            # groups (other run folders) would come back. This one keeps its own.
+            subprocess.Popen(
+                [
+                    "prometheus-pushgateway",
+                    f"--web.listen-address={self.gateway}",
+                    f"--persistence.file={self.folder / 'pushgateway.data'}",
+                ],
+                stdout=log,
+                stderr=log,
+            )
         )
         self.procs.append(
             subprocess.Popen(
