@@ -32,6 +32,26 @@ setup() {
     echo "$want" >"$stamp"
 }
 
+# A local run's arguments, checked before the set-up: a mistake is told before any work.
+nproc_local=1
+args=()
+if [[ "${1:-}" != "test" && "${1:-}" != "--slurm" ]]; then
+    while [[ $# -gt 0 ]]; do
+        case "$1" in
+            --nproc) nproc_local=${2-}; shift $(( $# > 1 ? 2 : 1 )) ;;
+            --nproc=*) nproc_local=${1#*=}; shift ;;
+            *) args+=("$1"); shift ;;
+        esac
+    done
+    # Arithmetic on anything else runs it as an expression ("config: unbound variable", 0 divides);
+    # six digits at most, so that no number wraps round.
+    if [[ ! "$nproc_local" =~ ^[0-9]{1,6}$ ]] || (( 10#$nproc_local < 1 )); then
+        echo "launch.sh: --nproc wants a whole number >= 1 (got '$nproc_local')" >&2
+        exit 2
+    fi
+    nproc_local=$(( 10#$nproc_local ))
+fi
+
 setup
 export PATH="$VENV/bin:$PATH"
 
@@ -67,15 +87,6 @@ if [[ "${1:-}" == "--slurm" ]]; then
     exec sbatch "${sbatch_args[@]}" "$ROOT/deploy/slurm/meg.sbatch" "${args[@]}"
 fi
 
-nproc_local=1
-args=()
-while [[ $# -gt 0 ]]; do
-    case "$1" in
-        --nproc) nproc_local=$2; shift 2 ;;
-        --nproc=*) nproc_local=${1#*=}; shift ;;
-        *) args+=("$1"); shift ;;
-    esac
-done
 if [[ ! " ${args[*]-} " =~ " --config" ]]; then
     args=(--config toy_25gaussians "${args[@]}")
 fi

@@ -329,3 +329,15 @@ def test_a_section_given_in_part_keeps_its_fields_default_for_the_rest():
     cfg = load_config(None, ["eval.mala.step_size=0.02"])
     assert (cfg.eval.mala.steps, cfg.eval.mala.step_size) == (5, 0.02)
     assert load_config("kdd99", ["eval.mala.step_size=0.02"]).eval.mala.steps == 0  # the preset's own value stays
+
+
+def test_a_key_given_twice_is_refused_naming_it_its_line_and_the_file(tmp_path):
+    preset = tmp_path / "dup.yaml"
+    preset.write_text(
+        "base: toy_25gaussians\ntrain: {steps: 3, energy_steps: 1}\nmodel: {z_dim: 2}\ntrain: {steps: 4}\n"
+    )
+    with pytest.raises(ConfigError, match=r"dup\.yaml .*duplicate key 'train' at line 4.*first at line 2"):
+        load_config(str(preset))
+    with pytest.raises(ConfigError, match="duplicate key 'steps' at line 3, column 3"):
+        parse_yaml("train:\n  steps: 3\n  steps: 4\n")
+    assert parse_yaml("train: {steps: 3}\nmodel: {steps: 4}\n") == {"train": {"steps": 3}, "model": {"steps": 4}}

@@ -5,13 +5,16 @@ import contextlib
 import errno
 import io
 import json
+import os
 import pickle
+import subprocess
 
 import pytest
 import torch
 
 from data_pipeline.cli import EXIT_USER_ERROR, CheckpointError, ConfigError, UserError, run_tool
 from data_pipeline.shards import DataError, is_command_url
+from tests.conftest import REPO_ROOT
 from trainer.checkpoint import NETWORKS, STATE_FILE, write_export
 from trainer.config import check_commands, config_to_yaml, load_config
 from trainer.job import check_resumable
@@ -174,3 +177,24 @@ def test_a_resume_the_engine_cannot_do_is_refused_before_any_work(tmp_path, save
     with pytest.raises(ConfigError, match="cannot resume") as caught:
         check_resumable(cfg, checkpoint, [2], ranks)
     assert refused in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "args, got",
+    [
+        (["--nproc", "--config", "debug"], "--config"),
+        (["--nproc", "abc"], "abc"),
+        (["--nproc", "0"], "0"),
+        (["--nproc", "-2"], "-2"),
+        (["--nproc=1.5"], "1.5"),
+        (["--nproc", "99999999999999999999"], "99999999999999999999"),
+        (["--config", "debug", "--nproc"], ""),
+    ],
+)
+def test_launch_sh_refuses_a_bad_nproc_before_any_work(tmp_path, args, got):
+    venv = tmp_path / "venv"  # the set-up would make it: it must not have started
+    env = {**os.environ, "MEG_VENV": str(venv)}
+    done = subprocess.run([str(REPO_ROOT / "launch.sh"), *args], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr == f"launch.sh: --nproc wants a whole number >= 1 (got '{got}')\n"
+    assert not venv.exists()

@@ -366,3 +366,49 @@ def test_a_collective_that_fails_after_a_stop_signal_is_a_preemption(monkeypatch
     with pytest.raises(Preempted) as caught:
         job.run(cfg, stop)
     assert not caught.value.checkpointed and runtime.met is False
+
+
+def ctrl_c(proc: subprocess.Popen) -> None:
+    """A terminal's Ctrl-C: SIGINT to the whole foreground process group (the data workers too)."""
+    os.killpg(proc.pid, signal.SIGINT)
+
+
+def start_in_own_group(tmp_path: Path, *extra: str) -> subprocess.Popen:
+    out, err = (open(tmp_path / f"train.{s}", "wb") for s in ("out", "err"))  # noqa: SIM115
+    cmd = [*TRAINER, *tiny_overrides(tmp_path, 100_000), "checkpoint.every=100000", *extra]
+    return subprocess.Popen(cmd, cwd=REPO_ROOT, env=subprocess_env(), stdout=out, stderr=err, start_new_session=True)
+
+
+def test_a_ctrl_c_stops_at_the_next_reduction_with_a_checkpoint_and_no_traceback(tmp_path):
+    every = 50
+    proc = start_in_own_group(tmp_path, f"log.every={every}")
+    try:
+        wait_for(lambda: first_reduction(tmp_path / "run"), 120, f"the reduction at step {every}")
+        ctrl_c(proc)
+        proc.wait(timeout=60)
+        err = (tmp_path / "train.err").read_text()
+        assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+        assert "Ctrl-C again to quit at once" in err, err[-2000:]
+        saved = [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name != "step_00000000"]
+        assert len(saved) == 1 and f"checkpoint saved at step {int(saved[0][5:])}" in err, (saved, err[-2000:])
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_second_ctrl_c_quits_at_once_without_a_traceback(tmp_path):
+    proc = start_in_own_group(tmp_path, "log.every=100000")  # the stop's reduction is far away
+    try:
+        wait_for(lambda: (tmp_path / "run" / "checkpoints" / "step_00000000").is_dir(), 120, "training")
+        ctrl_c(proc)
+        wait_for(lambda: "Ctrl-C again" in (tmp_path / "train.err").read_text(), 20, "the first Ctrl-C's message")
+        time.sleep(1)  # still training: one Ctrl-C alone does not end it
+        assert proc.poll() is None, (tmp_path / "train.err").read_text()[-2000:]
+        ctrl_c(proc)
+        proc.wait(timeout=10)
+        err = (tmp_path / "train.err").read_text()
+        assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+        assert "exiting at once" in err, err[-2000:]
+    finally:
+        proc.kill()
+        proc.wait()

@@ -45,9 +45,29 @@ MAX_YAML_DEPTH = 32
 class _ConfigLoader(yaml.SafeLoader):
     """YAML with YAML 1.2's booleans: only true/false. PyYAML's 1.1 also reads no/off/yes/on as
     booleans, which turned ``train.mixed_precision=no`` and ``train.capture=off`` into False.
-    No anchors or aliases, and at most MAX_YAML_DEPTH levels of nesting."""
+    No anchors or aliases, at most MAX_YAML_DEPTH levels of nesting, and no key twice in a mapping
+    (PyYAML keeps the last, and a second ``train:`` silently dropped the first one's settings)."""
 
     _depth = 0
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Node] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:
+                    continue  # an unhashable key: the constructor's own error says so
+                if first is not key_node:
+                    at, before = key_node.start_mark, first.start_mark
+                    raise yaml.constructor.ConstructorError(
+                        problem=f"duplicate key {key!r} at line {at.line + 1}, column {at.column + 1} "
+                        f"(first at line {before.line + 1})"
+                    )
+        return super().construct_mapping(node, deep)
 
     def compose_node(self, parent, index):
         event = self.peek_event()

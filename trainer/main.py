@@ -31,6 +31,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import select
 import signal
 import sys
 import threading
@@ -66,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 # to reach its next metric reduction and save: the scheduler's lead time (Slurm's --signal) covers that.
 STOP_GRACE_SECONDS = float(os.environ.get("MEG_STOP_GRACE_S", "20"))
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: trainer/meg_trainer.py's, repeated here to stay light
+# A user's Ctrl-C: the shells' 128 + SIGINT, not the requeue code (meg.sbatch requeues a job on 75).
+INTERRUPTED_EXIT_CODE = 130
 
 
 class StopRequest(threading.Event):
@@ -76,9 +79,36 @@ class StopRequest(threading.Event):
     def __init__(self) -> None:
         super().__init__()
         self.last_progress = time.monotonic()
+        self.interrupted = False  # the first stop signal was a SIGINT (Ctrl-C): exit 130, not 75
+        self._first = threading.RLock()  # the handler and the watchdog both see each signal
+
+    def request(self, signum: int) -> None:
+        with self._first:
+            if not self.is_set():
+                self.interrupted = signum == signal.SIGINT
+                self.set()
+
+    @property
+    def exit_code(self) -> int:
+        return INTERRUPTED_EXIT_CODE if self.interrupted else PREEMPTED_EXIT_CODE
 
     def progressed(self) -> None:
         self.last_progress = time.monotonic()
+
+
+# A forked child (a DataLoader worker) inherits the wakeup fd: a Ctrl-C reaches the whole foreground
+# process group, and each worker's SIGINT written to the parent's pipe read as one more Ctrl-C there.
+_OWN_WAKEUP_FDS: set[int] = set()
+
+
+def _leave_parents_wakeup_fd() -> None:
+    with contextlib.suppress(ValueError):  # a fork from a thread other than the main one
+        previous = signal.set_wakeup_fd(-1)
+        if previous not in _OWN_WAKEUP_FDS:
+            signal.set_wakeup_fd(previous)  # not this module's: left as it was
+
+
+os.register_at_fork(after_in_child=_leave_parents_wakeup_fd)
 
 
 @contextmanager
@@ -91,18 +121,27 @@ def stop_signals(grace: float = STOP_GRACE_SECONDS) -> Iterator[StopRequest]:
     (a rendezvous, a collective): the signal also reaches a watchdog thread through the wakeup fd,
     which sets the event itself and, once the process has made no progress (``StopRequest.progressed``)
     for ``grace`` seconds since the signal, flushes the output and exits with 75 (the newest
-    checkpoint stands)."""
+    checkpoint stands).
+
+    SIGINT (Ctrl-C) is a stop request too, ending with 130: a second one exits at once, the newest
+    checkpoint standing. A SIGINT the process was started ignoring (``nohup``, ``&`` in a script)
+    stays ignored."""
     stop = StopRequest()
-    previous = {sig: signal.signal(sig, lambda signum, frame: stop.set()) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    signals = [signal.SIGUSR1, signal.SIGTERM]
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signals.append(signal.SIGINT)
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop.request(signum)) for sig in signals}
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
     previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    _OWN_WAKEUP_FDS.add(write_fd)
     ended = threading.Event()
     threading.Thread(target=_watch, args=(read_fd, stop, ended, grace), name="stop-watchdog", daemon=True).start()
     try:
         yield stop
     finally:
         signal.set_wakeup_fd(previous_fd)  # before the watchdog closes its end
+        _OWN_WAKEUP_FDS.discard(write_fd)
         ended.set()  # the caller exits (trainer/main.py at once) or goes on with other work
         os.close(write_fd)  # the watchdog's read ends
         for sig, handler in previous.items():
@@ -110,24 +149,49 @@ def stop_signals(grace: float = STOP_GRACE_SECONDS) -> Iterator[StopRequest]:
 
 
 def _watch(read_fd: int, stop: StopRequest, ended: threading.Event, grace: float) -> None:
+    interrupts = 0
+
+    def take(received: bytes) -> bool:
+        """Whether ``received`` holds a stop signal; a second SIGINT ends the process here."""
+        nonlocal interrupts
+        for signum in received:
+            if signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+                stop.request(signum)
+        if signal.SIGINT in received:
+            interrupts += received.count(signal.SIGINT)
+            if interrupts >= 2:
+                exit_now(INTERRUPTED_EXIT_CODE, "interrupted again: exiting at once, the newest checkpoint stands")
+            print(
+                "interrupted: stopping at the next metric reduction with a checkpoint (Ctrl-C again to quit at once)",
+                file=sys.stderr,
+                flush=True,
+            )
+        return any(sig in received for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT))
+
     try:
         while True:
             received = os.read(read_fd, 64)
             if not received:
                 return  # the block ended
-            if signal.SIGTERM in received or signal.SIGUSR1 in received:
-                stop.set()
+            if take(received):
                 break
         signalled = time.monotonic()
         while True:  # the grace runs from the signal or from the newest progress, whichever came later
+            if ended.is_set():
+                return
             left = max(signalled, stop.last_progress) + grace - time.monotonic()
             if left <= 0:
                 break
-            if ended.wait(left):
-                return
+            # Reading on, so that a second Ctrl-C still ends the process.
+            if select.select([read_fd], [], [], min(left, 0.2))[0]:
+                received = os.read(read_fd, 64)
+                if not received:
+                    return  # the block ended
+                take(received)
+        reason = "interrupted" if stop.interrupted else "preempted"
         exit_now(
-            PREEMPTED_EXIT_CODE,
-            f"preempted: the process did not end within {grace:g} s of the stop signal or of its last progress "
+            stop.exit_code,
+            f"{reason}: the process did not end within {grace:g} s of the stop signal or of its last progress "
             "(blocked in a wait); exiting, the newest checkpoint stands",
         )
     finally:
@@ -197,8 +261,8 @@ def _main(args: argparse.Namespace, stop: StopRequest) -> int:
     try:
         run(cfg, stop, preset=args.config or "", heartbeat=stop.progressed)
     except Preempted as e:
-        print(f"preempted: {e}", file=sys.stderr, flush=True)
-        return PREEMPTED_EXIT_CODE
+        print(f"{'interrupted' if stop.interrupted else 'preempted'}: {e}", file=sys.stderr, flush=True)
+        return stop.exit_code
     return 0
 
 
