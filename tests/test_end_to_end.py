@@ -224,3 +224,28 @@ def test_each_rank_resumes_from_its_own_stream_position():
     resumed = TrainState(rank=2, world_size=4)
     resumed.load_json(state)
     assert resumed.position == StreamPosition(3, 10)
+
+
+@pytest.mark.slow
+def test_starting_over_sets_the_earlier_run_aside(tmp_path):
+    # checkpoint.resume=false in a used folder: the earlier run's later checkpoints must not outrank
+    # the new run's (the sample tool and the next resume take the newest), nor its metrics mix in.
+    run = tmp_path / "run"
+    run_trainer(tiny_overrides(tmp_path, steps=20))
+    earlier_config = (run / "config.yaml").read_text()
+    again = [o for o in tiny_overrides(tmp_path, steps=5) if not o.startswith(("checkpoint.", "model.hidden"))]
+    again += ["checkpoint.resume=false", "checkpoint.every=5", "model.hidden=[16,16]"]
+    result = run_trainer(again)
+    assert "from scratch" in result.stdout
+    assert sorted(os.listdir(run / "checkpoints")) == ["step_00000000", "step_00000005"]
+    [aside] = [p for p in run.iterdir() if p.name.startswith("previous-")]
+    assert f"moved to {aside}" in result.stderr
+    assert sorted(os.listdir(aside / "checkpoints")) == ["step_00000000", "step_00000010", "step_00000020"]
+    assert (aside / "config.yaml").read_text() == earlier_config
+    assert load_config(str(run / "config.yaml")).model.hidden == [16, 16]
+    assert (aside / "eval" / "latest.json").exists() and (aside / "metrics.jsonl").exists()
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 5
+    # The new run is the folder's run now: it resumes (finished) with its own settings.
+    resumed = run_trainer([o for o in again if o != "checkpoint.resume=false"])
+    assert "resumed from step 5" in resumed.stdout

@@ -133,3 +133,26 @@ def test_an_experiment_is_one_file_and_one_registry_line(tmp_path):
     assert trained.returncode == 0, trained.stderr[-3000:]
     record = json.loads((tmp_path / "run" / "eval" / "latest.json").read_text())
     assert record["kind"] == "mean" and record["scaled_mean"] == pytest.approx(3 * record["mean"])
+
+
+@pytest.mark.slow
+def test_the_tool_keeps_the_runs_latest_json_and_refuses_another_runs_checkpoint(tmp_path):
+    run_trainer(tiny_overrides(tmp_path, steps=10))
+    run, other = tmp_path / "run", tmp_path / "other"
+    trainers = (run / "eval" / "latest.json").read_text()
+    assert trainers == (run / "eval" / "step_00000010.json").read_text()
+    # Other settings than the run's: the tool's numbers are its own file's, the run's result stays.
+    result = _evaluate(run, "eval.num_samples=300", "eval.mala.steps=0")
+    assert result.returncode == 0, result.stderr
+    tools = json.loads((run / "eval" / "eval_step_00000010.json").read_text())
+    assert "mala_acceptance_rate" not in tools and "mala_acceptance_rate" in json.loads(trainers)
+    assert (run / "eval" / "latest.json").read_text() == trainers
+    # Another run's checkpoint: refused before anything is written into this run's eval/.
+    shutil.copytree(run, other)
+    before = sorted(p.name for p in (run / "eval").iterdir())
+    foreign = other / "checkpoints" / "step_00000010"
+    refused = _evaluate(run, "--checkpoint", str(foreign))
+    assert refused.returncode == 2, refused.stderr
+    assert f"checkpoint {foreign} is not one of {run}'s" in refused.stderr
+    assert f"--run {other}," in refused.stderr
+    assert sorted(p.name for p in (run / "eval").iterdir()) == before

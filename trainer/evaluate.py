@@ -4,7 +4,8 @@
 
 Reads the checkpoint's weights export and configuration (any engine's run), applies the overrides
 (e.g. ``eval.mala.steps=20``, ``eval.kind=fid eval.fid.reference=stats/train.npz``), and writes
-``eval/eval_<checkpoint>.json`` plus a table. What each kind measures: trainer/evaluation/.
+``eval/eval_<checkpoint>.json`` plus a table; the run's own ``eval/latest.json`` stays the trainer's.
+A --checkpoint must be one of the run's. What each kind measures: trainer/evaluation/.
 """
 
 from __future__ import annotations
@@ -13,10 +14,23 @@ import argparse
 import os
 import sys
 
-from data_pipeline.cli import add_debug_flag, run_tool
+from data_pipeline.cli import CheckpointError, add_debug_flag, run_tool
 from trainer.config import check_commands, load_config
 from trainer.evaluation import build_evaluator, check_requirements, format_table
 from trainer.run_folder import load_networks, ready_to_draw, resolve_checkpoint
+
+
+def check_in_run(run: str, checkpoint: str) -> None:
+    """Raises CheckpointError when ``checkpoint`` is not in ``run``'s checkpoints folder: its results
+    would land in another run's eval/, under that run's name."""
+    inside = os.path.realpath(os.path.join(run, "checkpoints"))
+    if os.path.dirname(os.path.realpath(checkpoint.rstrip("/"))) != inside:
+        parent = os.path.dirname(os.path.abspath(checkpoint.rstrip("/")))
+        owner = os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else "the run folder holding it"
+        raise CheckpointError(
+            f"checkpoint {checkpoint} is not one of {run}'s (in {os.path.join(run, 'checkpoints')}): "
+            f"evaluate it with --run {owner}, where its results belong"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    if args.checkpoint is not None:
+        check_in_run(args.run, args.checkpoint)
     checkpoint = resolve_checkpoint(args.run, args.checkpoint)
     # The checkpoint's own configuration is the preset; overrides adjust the evaluation.
     cfg = load_config(os.path.join(checkpoint, "config.yaml"), [f"output_dir={args.run}", *args.overrides])

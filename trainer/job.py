@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 
 import torch
@@ -160,6 +161,27 @@ def check_resumable(cfg: RunConfig, checkpoint: str, sample_shape: list[int], wo
         )
 
 
+def set_aside_earlier_run(folder: str) -> str | None:
+    """Moves an earlier run's checkpoints, evaluations, metrics (and its config.yaml and tracker logs)
+    into ``folder/previous-<UTC time>/`` and says so in one warning; returns that folder, or None when
+    there was no earlier run. Called by the main process under the run folder's lock: nothing is
+    deleted, and the newest checkpoint of ``folder/checkpoints`` is then this run's."""
+    names = ("checkpoints", "eval", "metrics.jsonl", "config.yaml", "tensorboard", "wandb")
+    present = [name for name in names if os.path.lexists(os.path.join(folder, name))]
+    if not any(name in present for name in ("checkpoints", "eval", "metrics.jsonl")):
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside, n = os.path.join(folder, f"previous-{stamp}"), 1
+    while os.path.lexists(aside):  # two restarts within a second
+        n += 1
+        aside = os.path.join(folder, f"previous-{stamp}-{n}")
+    os.mkdir(aside)
+    for name in present:
+        os.rename(os.path.join(folder, name), os.path.join(aside, name))
+    log.warning("checkpoint.resume=false: the earlier run's %s moved to %s", ", ".join(present), aside)
+    return aside
+
+
 def train(
     cfg: RunConfig, runtime: Runtime, stop: threading.Event, preset: str, heartbeat: Callable[[], None] | None = None
 ) -> dict[str, float]:
@@ -192,6 +214,8 @@ def train(
     if resume_from is not None:
         check_resumable(cfg, resume_from, info["sample_shape"], runtime.world_size)
     if runtime.is_main:
+        if not cfg.checkpoint.resume:  # starting over: the earlier run's files would mix with (and outrank) ours
+            set_aside_earlier_run(cfg.output_dir)
         with write_replacing(os.path.join(cfg.output_dir, "config.yaml")) as f:
             f.write(config_yaml)
     runtime.barrier()

@@ -1,5 +1,6 @@
 """What every evaluator shares: draw samples from G (plain and after latent MALA), score them the
-experiment's way, draw pictures, and write ``eval/<tag>.json`` and ``eval/latest.json``.
+experiment's way, draw pictures, and write ``eval/<tag>.json`` (and, for the trainer's own
+evaluations, ``eval/latest.json``).
 
 Imports no torch at module level: every evaluator module subclasses ``Evaluator``, and the registry
 imports them all whenever a configuration loads (trainer/evaluation/__init__.py says why)."""
@@ -116,11 +117,13 @@ class Evaluator:
         if refined is not None:
             results.update({f"mala_{k}": v for k, v in self.score_samples(refined).items()})
             results["mala_acceptance_rate"] = acceptance
-        tag = tag or f"step_{step:08d}"
+        own, tag = tag is None, tag or f"step_{step:08d}"
         if self.cfg.plots:
             self.plot(tag, step, energy, plain, refined, results)
         record = {"step": step, "kind": self.kind, **results}
-        for name in (f"{tag}.json", "latest.json"):
+        # latest.json is the run's own result (the trainer reports it): another tag (e.g. the evaluation
+        # tool's, under other settings) writes only its own file.
+        for name in (f"{tag}.json", "latest.json") if own else (f"{tag}.json",):
             with write_replacing(os.path.join(self.ctx.out_dir, name)) as f:
                 json.dump(record, f, indent=2)
         return results
