@@ -90,3 +90,34 @@ def run_tool(body: Callable[[], int], debug: bool, extra: tuple[type[BaseExcepti
             raise
         print(f"error: {describe(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{shown(text)} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = "positive_int" if low == 1 else "nonnegative_int"  # argparse names it in its errors
+    return parse
+
+
+# argparse types: a bad value exits 2 with the usage line and e.g. "argument --num: must be at least 1, got -5"
+positive_int = _int_at_least(1)
+nonnegative_int = _int_at_least(0)
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """Refuses, before any work, an output file path that cannot be written: an existing folder, or
+    one under an existing file. A missing parent folder is fine (the tool creates it)."""
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
+        raise UserError(f"{flag} {path} is a folder: give the path of a file in it")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"{flag} {path}: {parent} is a file, not a folder: choose another path")

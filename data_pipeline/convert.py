@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline.cli import add_debug_flag, run_tool
+from data_pipeline.cli import add_debug_flag, nonnegative_int, positive_int, run_tool
 from data_pipeline.config import MAX_IMAGE_SIZE, check_label_key
 from data_pipeline.decode import DecodeSpec
 from data_pipeline.shard_io import ALLOW_COMMANDS_ENV, load_shard
@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
         p.add_argument("--out", required=True, help="output folder: a path or any fsspec URL")
-        p.add_argument("--num-shards", type=int, default=DEFAULT_SHARDS, help="a multiple of ranks x workers")
+        p.add_argument("--num-shards", type=positive_int, default=DEFAULT_SHARDS, help="a multiple of ranks x workers")
         add_debug_flag(p)
         return p
 
@@ -346,8 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     toy = add("toy", "synthetic 2D data sets (25gaussians, 8gaussians, swissroll)")
     toy.set_defaults(num_shards=8)
     toy.add_argument("--dataset", choices=sorted(TOY_SPECS), default="25gaussians")
-    toy.add_argument("--num-samples", type=int, default=102_400)
-    toy.add_argument("--seed", type=int, default=0)
+    toy.add_argument("--num-samples", type=positive_int, default=102_400)
+    toy.add_argument("--seed", type=nonnegative_int, default=0)
     toy.add_argument("--std", type=float, default=0.0, help="per-mode std (default: the paper's)")
 
     mnist = add("mnist", "MNIST digits from IDX files and/or CSVs, into one split")
@@ -360,28 +360,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     stacked = add("stackedmnist", "StackedMNIST: n digits stacked as channels, label = mode id")
     digits(stacked)
-    stacked.add_argument("--n-stack", type=int, default=3)
-    stacked.add_argument("--num-samples", type=int, default=128_000)
-    stacked.add_argument("--seed", type=int, default=0)
+    stacked.add_argument("--n-stack", type=positive_int, default=3)
+    stacked.add_argument("--num-samples", type=positive_int, default=128_000)
+    stacked.add_argument("--seed", type=nonnegative_int, default=0)
 
     cifar = add("cifar10", "CIFAR-10 from cifar-10-python.tar.gz into OUT/train, OUT/test")
     cifar.add_argument("--archive", required=True)
 
     kdd = add("kdd", "KDD Cup 99 anomaly protocol (one-hot, min-max on train) into OUT/train, OUT/test")
     kdd.add_argument("--csv", required=True, help="kddcup.data_10_percent(.gz) or the full file")
-    kdd.add_argument("--seed", type=int, default=0)
+    kdd.add_argument("--seed", type=nonnegative_int, default=0)
     kdd.add_argument("--anomaly-share", type=float, default=0.2)
 
     anomaly = add("mnist-anomaly", "MNIST with one held-out digit (80/20) into OUT/train, OUT/test")
     digits(anomaly)
     anomaly.add_argument("--digit", type=int, required=True)
-    anomaly.add_argument("--seed", type=int, default=0)
+    anomaly.add_argument("--seed", type=nonnegative_int, default=0)
     anomaly.add_argument("--train-fraction", type=float, default=0.8)
 
     images = add("images", "a folder of images, one sub-folder per class")
     images.add_argument("--folder", required=True)
     images.add_argument("--mode", default="RGB", choices=["RGB", "L"])
-    images.add_argument("--size", type=int, default=0, help="resize to SIZE x SIZE (needed if sizes differ)")
+    images.add_argument(
+        "--size", type=nonnegative_int, default=0, help="resize to SIZE x SIZE (needed if sizes differ)"
+    )
     images.add_argument("--name", default="images")
     images.add_argument("--split", default="train")
 
@@ -398,7 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
             help="the label's member (cls), or json:FIELD for a field of a .json member ('' for unlabelled data)",
         )
         p.add_argument("--image-mode", default="rgb", choices=["rgb", "l"])
-        p.add_argument("--image-size", type=int, default=0, help="centre-crop and resize to SIZE x SIZE (0: as stored)")
+        p.add_argument(
+            "--image-size", type=nonnegative_int, default=0, help="centre-crop and resize to SIZE x SIZE (0: as stored)"
+        )
         p.add_argument("--name", default="")
         p.add_argument("--split", default="train")
         p.add_argument("--allow-pipe", action="store_true", help="allow pipe: shard URLs (they run a shell command)")
@@ -467,7 +471,25 @@ def main(argv: list[str] | None = None) -> int:
     return run_tool(lambda: _convert(args), args.debug)
 
 
+def check_empty_output(out: str) -> None:
+    """Refuses an --out that already holds files: new shards over an old data set's would leave a mix of
+    the two (fewer new shards keep the old rest)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(out)
+    if not fs.exists(path):
+        return
+    if not fs.isdir(path):
+        raise DataError(f"--out {out} is a file: give a folder for the shards")
+    held = sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+    if held:
+        names = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+        raise DataError(f"--out {out} is not empty (it holds {names}): choose a new folder or remove this one first")
+
+
 def _convert(args: argparse.Namespace) -> int:
+    if args.source != "index":  # index writes only a manifest, often next to the shards it indexes
+        check_empty_output(args.out)
     for split, m in run(args).items():
         print(f"{m.name} {split}: {m.num_samples} samples {m.sample_shape} {m.dtype} in {len(m.shards)} shards "
               f"at {m.base_url}; classes {len(m.class_counts)}")  # fmt: skip

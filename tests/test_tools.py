@@ -75,7 +75,7 @@ def test_sigusr1_checkpoints_and_exits_75_then_the_rerun_resumes(tmp_path):
 
 def test_sample_tool_on_a_finished_run(tmp_path):
     run_trainer(tiny_overrides(tmp_path, steps=10))
-    npy = tmp_path / "samples.npy"
+    npy = tmp_path / "samples.arr"  # written as named: np.save given a path would add .npy
     result = _tool("trainer.sample", "--run", str(tmp_path / "run"), "--num", "300", "--mala-steps", "3",
                    "--npy", str(npy))  # fmt: skip
     assert result.returncode == 0, result.stderr

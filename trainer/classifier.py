@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_pipeline.cli import add_debug_flag, run_tool
+from data_pipeline.cli import DataError, add_debug_flag, check_output_file, nonnegative_int, positive_int, run_tool
 from models.classifier import DigitClassifier
 from trainer.nofollow import write_replacing
 from trainer.progress import Progress
@@ -43,6 +43,11 @@ def train_classifier(
     order = torch.randperm(len(x), generator=g).to(x.device)
     n_test = int(len(x) * holdout)
     test, train = order[:n_test], order[n_test:]
+    if len(train) < batch_size:
+        raise DataError(
+            f"{len(x)} digits leave {len(train)} to train on after the {holdout:.0%} held out, fewer than one "
+            f"batch of {batch_size}: give more --data"
+        )
     torch.manual_seed(seed)
     model = DigitClassifier().to(x.device)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
@@ -88,17 +93,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--data", action="append", required=True, help="MNIST shards (repeatable)")
     parser.add_argument("--out", required=True, help="checkpoint path (.pt)")
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=positive_int, default=8)
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
     add_debug_flag(parser)
     args = parser.parse_args(argv)
     return run_tool(lambda: _train(args), args.debug)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from data_pipeline.shards import DataError, read_manifest
+    from data_pipeline.shards import read_manifest
     from data_pipeline.stream import read_split
 
+    check_output_file(args.out, "--out")
     # The folder first: a missing one (the README's classifiers/) must not cost the training.
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     splits = [read_split(read_manifest(url)) for url in args.data]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_pipeline.cli import ConfigError, DataError, add_debug_flag, run_tool
+from data_pipeline.cli import ConfigError, DataError, add_debug_flag, check_output_file, nonnegative_int, run_tool
 from trainer.progress import Progress
 from trainer.scores import feature_statistics
 
@@ -66,8 +66,13 @@ def save_statistics(path: str, features: np.ndarray) -> None:
     mu, cov = feature_statistics(features)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".partial.npz"
-    np.savez(tmp, mu=mu, cov=cov, features=features.astype(np.float32), num=len(features))
-    os.replace(tmp, path)
+    try:
+        np.savez(tmp, mu=mu, cov=cov, features=features.astype(np.float32), num=len(features))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def load_statistics(path: str) -> dict[str, np.ndarray]:
@@ -81,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--data", required=True, help="shards of the reference images (folder or manifest URL)")
     parser.add_argument("--out", required=True, help="where to cache the statistics (.npz)")
-    parser.add_argument("--num", type=int, default=0, help="use the first N images (0: all)")
+    parser.add_argument("--num", type=nonnegative_int, default=0, help="use the first N images (0: all)")
     parser.add_argument(
         "--inception",
         help="a TorchScript feature extractor of your own (it runs code when loaded; default: the packaged one)",
@@ -96,6 +101,7 @@ def _statistics(args: argparse.Namespace) -> int:
     from data_pipeline.shards import read_manifest
     from data_pipeline.stream import read_split
 
+    check_output_file(args.out, "--out")
     arrays = read_split(read_manifest(args.data), limit=args.num or None)
     features = InceptionFeatures(args.inception, args.device)(arrays["x"], "FID statistics (Inception features)")
     save_statistics(args.out, features)

@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 
-from data_pipeline.cli import ConfigError, add_debug_flag, run_tool
+from data_pipeline.cli import ConfigError, add_debug_flag, positive_int, run_tool
 from trainer.evaluation.anomaly import mean_std
 from trainer.nofollow import write_replacing
 
@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--csv", required=True, help="kddcup.data_10_percent(.gz) or the full file")
     parser.add_argument("--out", required=True, help="folder for the splits' data, runs and protocol.json")
     parser.add_argument("--config", default="kdd99", help="the preset the runs start from")
-    parser.add_argument("--splits", type=int, help="how many random splits (default: the preset's eval.kdd.splits)")
+    parser.add_argument(
+        "--splits", type=positive_int, help="how many random splits (default: the preset's eval.kdd.splits)"
+    )
     add_debug_flag(parser)
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="for every split's run")
     args = parser.parse_intermixed_args(argv)
@@ -88,7 +90,7 @@ def _protocol(args: argparse.Namespace) -> int:
     from trainer.config import load_config
 
     cfg = load_config(args.config, [*args.overrides, "eval.kdd.protocol=paper"])
-    splits = args.splits or cfg.eval.kdd.splits
+    splits = cfg.eval.kdd.splits if args.splits is None else args.splits
     per_split, runs = [], []
     for s in range(splits):
         data, run_dir = os.path.join(args.out, "data", f"split_{s}"), os.path.join(args.out, f"split_{s}")

@@ -14,13 +14,14 @@ metrics are printed too, and the MALA acceptance rate when MALA runs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 
 import numpy as np
 
-from data_pipeline.cli import add_debug_flag, run_tool
+from data_pipeline.cli import add_debug_flag, check_output_file, run_tool
 from data_pipeline.toy import mode_metrics
 from models.config import MALAConfig
 from trainer.evaluation.sampling import generate
@@ -51,7 +52,26 @@ def main(argv: list[str] | None = None) -> int:
     return run_tool(lambda: _sample(args), args.debug)
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """The flags that override the run's settings, checked against the same ranges as the config's
+    eval.num_samples, eval.seed and eval.mala.* (ConfigError naming the flag), before anything loads."""
+    from trainer.config import check_field
+    from trainer.evaluation import EvalSettings
+
+    fields = {f.name: f for f in (*dataclasses.fields(EvalSettings), *dataclasses.fields(MALAConfig))}
+    for flag, name in (("--num", "num_samples"), ("--seed", "seed"), ("--mala-steps", "steps"),
+                       ("--step-size", "step_size"), ("--temperature", "temperature")):  # fmt: skip
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            check_field(flag, value, fields[name])
+    if args.out:
+        check_output_file(args.out, "--out")
+    if args.npy:
+        check_output_file(args.npy, "--npy")
+
+
 def _sample(args: argparse.Namespace) -> int:
+    check_flags(args)
     cfg, nets, checkpoint, info = load_networks(args.run, args.checkpoint)
     run_mala = cfg.eval.mala
     mala = MALAConfig(
@@ -79,7 +99,9 @@ def _sample(args: argparse.Namespace) -> int:
         how = f"after {mala.steps} latent MALA steps" if mala.steps else "G(z)"
         image_grid(out, samples[:256], nrow=16, caption=f"{os.path.basename(checkpoint)}: {shown} samples, {how}")
     if args.npy:
-        np.save(args.npy, samples.numpy())
+        os.makedirs(os.path.dirname(os.path.abspath(args.npy)), exist_ok=True)
+        with open(args.npy, "wb") as f:  # a file object: np.save would add .npy to a path without it
+            np.save(f, samples.numpy())
     print(json.dumps(report, indent=2))
     print(f"wrote {out}")
     return 0

@@ -1,0 +1,133 @@
+"""The tools refuse a bad flag before any work: one line naming the flag and what is valid, exit 2."""
+
+import contextlib
+import io
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from data_pipeline import convert
+from data_pipeline.cli import DataError
+from data_pipeline.shards import read_manifest, write_array_shards
+from trainer import classifier, fid, kdd_protocol, sample
+
+
+def _run(main, argv: list[str]) -> tuple[int, str]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse's refusal
+            code = e.code
+    return code, err.getvalue()
+
+
+def _refused(main, argv: list[str], *says: str) -> str:
+    code, err = _run(main, argv)
+    assert code == 2 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert all(s in last for s in says), err
+    return last
+
+
+@pytest.mark.parametrize(
+    "flag, value, says",
+    [
+        ("--num", "-5", "[1, 10000000]"),
+        ("--num", "0", "[1, 10000000]"),
+        ("--mala-steps", "-1", "[0, 1000000]"),
+        ("--step-size", "-1", "(0, inf)"),
+        ("--temperature", "0", "(0, inf)"),
+        ("--temperature", "nan", "(0, inf)"),
+        ("--seed", "-1", "[0, 4294967295]"),
+    ],
+)
+def test_sample_checks_its_flags_with_the_configs_ranges_before_loading(tmp_path, flag, value, says):
+    # The run does not exist: the flag's error comes first, so nothing was loaded.
+    _refused(sample.main, ["--run", str(tmp_path / "no-run"), flag, value], f"{flag}=", says)
+
+
+@pytest.mark.parametrize("flag", ["--out", "--npy"])
+def test_sample_refuses_a_folder_as_its_output_file(tmp_path, flag):
+    _refused(sample.main, ["--run", str(tmp_path / "no-run"), flag, str(tmp_path)], f"{flag} {tmp_path} is a folder")
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["toy", "--num-samples", "0"], "--num-samples: must be at least 1, got 0"),
+        (["toy", "--num-samples", "-4"], "--num-samples: must be at least 1, got -4"),
+        (["toy", "--num-shards", "0"], "--num-shards: must be at least 1, got 0"),
+        (["toy", "--num-shards", "-1"], "--num-shards: must be at least 1, got -1"),
+        (["toy", "--seed", "-1"], "--seed: must be at least 0, got -1"),
+        (["toy", "--num-shards", "two"], "--num-shards: 'two' is not a whole number"),
+        (["stackedmnist", "--num-samples", "0"], "--num-samples: must be at least 1"),
+        (["kdd", "--csv", "k.csv", "--num-shards", "0"], "--num-shards: must be at least 1"),
+    ],
+)
+def test_convert_refuses_counts_below_their_minimum(tmp_path, argv, says):
+    _refused(convert.main, [*argv, "--out", str(tmp_path / "o")], says)
+    assert not (tmp_path / "o").exists()
+
+
+def test_convert_refuses_a_folder_that_holds_an_earlier_data_set(tmp_path):
+    out = str(tmp_path / "d")
+    assert _run(convert.main, ["toy", "--num-samples", "64", "--num-shards", "8", "--out", out]) == (0, "")
+    before = {p: os.path.getmtime(os.path.join(out, p)) for p in os.listdir(out)}
+    _refused(convert.main, ["toy", "--num-samples", "64", "--num-shards", "2", "--seed", "1", "--out", out],
+             f"--out {out} is not empty", "remove")  # fmt: skip
+    assert {p: os.path.getmtime(os.path.join(out, p)) for p in os.listdir(out)} == before
+    assert len(read_manifest(out).shards) == 8
+    os.makedirs(tmp_path / "empty")
+    assert (
+        _run(convert.main, ["toy", "--num-samples", "64", "--num-shards", "2", "--out", str(tmp_path / "empty")])[0]
+        == 0
+    )
+
+
+@pytest.mark.parametrize("argv, says", [(["--epochs", "0"], "--epochs: must be at least 1"),
+                                        (["--epochs", "-2"], "--epochs: must be at least 1"),
+                                        (["--seed", "-1"], "--seed: must be at least 0")])  # fmt: skip
+def test_classifier_refuses_bad_counts(tmp_path, argv, says):
+    _refused(classifier.main, ["--data", str(tmp_path / "none"), "--out", str(tmp_path / "c.pt"), *argv], says)
+
+
+def test_classifier_refuses_a_folder_as_out_before_reading_the_data(tmp_path):
+    _refused(
+        classifier.main, ["--data", str(tmp_path / "none"), "--out", str(tmp_path)], f"--out {tmp_path} is a folder"
+    )
+    (tmp_path / "file").write_text("")
+    _refused(classifier.main, ["--data", str(tmp_path / "none"), "--out", str(tmp_path / "file" / "c.pt")], "is a file")
+
+
+def test_classifier_refuses_a_data_set_smaller_than_one_batch(tmp_path):
+    x, y = torch.zeros(100, 1, 28, 28), torch.arange(100) % 10
+    with pytest.raises(DataError, match="85 to train on .* fewer than one batch of 128: give more --data"):
+        classifier.train_classifier(x, y, epochs=1)
+    write_array_shards(str(tmp_path / "d"), "digits", "test", np.zeros((100, 1, 28, 28), np.uint8),
+                       np.arange(100) % 10, 1)  # fmt: skip
+    _refused(classifier.main, ["--data", str(tmp_path / "d"), "--out", str(tmp_path / "c.pt")], "fewer than one batch")
+    assert not (tmp_path / "c.pt").exists()
+
+
+def test_fid_refuses_a_negative_num_and_a_folder_as_out(tmp_path):
+    _refused(fid.main, ["--data", str(tmp_path / "none"), "--out", str(tmp_path / "s.npz"), "--num", "-5"],
+             "--num: must be at least 0, got -5")  # fmt: skip
+    _refused(fid.main, ["--data", str(tmp_path / "none"), "--out", str(tmp_path)], f"--out {tmp_path} is a folder")
+
+
+def test_fid_leaves_no_partial_file_when_the_statistics_cannot_be_saved(tmp_path):
+    (tmp_path / "stats.npz").mkdir()
+    with pytest.raises(OSError):
+        fid.save_statistics(str(tmp_path / "stats.npz"), np.random.default_rng(0).normal(size=(8, 4)))
+    assert os.listdir(tmp_path) == ["stats.npz"]
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_kdd_protocol_refuses_fewer_than_one_split_and_keeps_protocol_json(tmp_path, value):
+    (tmp_path / "protocol.json").write_text('{"old": 1}')
+    _refused(kdd_protocol.main, ["--csv", "k.csv", "--out", str(tmp_path), "--splits", value],
+             f"--splits: must be at least 1, got {value}")  # fmt: skip
+    assert (tmp_path / "protocol.json").read_text() == '{"old": 1}'
