@@ -25,6 +25,7 @@ from data_pipeline import convert
 from data_pipeline.shard_io import read_shard_bytes
 from data_pipeline.shards import DataError
 from tests.conftest import REPO_ROOT, run_trainer, subprocess_env, tiny_overrides
+from tests.test_faults import _forge
 from trainer.checkpoint import CheckpointError, Checkpoints, damage, set_rng_state
 from trainer.classifier import load_classifier
 from trainer.config import ConfigError, check_commands, load_config
@@ -241,6 +242,39 @@ def test_a_damaged_latest_checkpoint_is_named_and_the_previous_one_resumes(finis
     result = run_trainer(args)
     assert f"checkpoint {latest} is damaged: {message}" in result.stderr, result.stderr
     assert "resumed from step 10" in result.stdout and "finished:" in result.stdout
+
+
+def _files(folder) -> dict[str, bytes]:
+    """Every file under ``folder`` but the run lock (which holds its last holder's PID)."""
+    files = (p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock")
+    return {str(p.relative_to(folder)): p.read_bytes() for p in files}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("found", ["listed", "loading"])
+def test_a_resume_whose_every_checkpoint_is_damaged_stops_and_changes_nothing(finished_run, tmp_path, found):
+    """Not a new run from scratch beside them: a requeued job would spend its compute again unasked."""
+    shutil.copytree(finished_run, tmp_path / "copy")
+    run = tmp_path / "copy" / "run"
+    checkpoints = sorted((run / "checkpoints").iterdir())
+    assert len(checkpoints) >= 2
+    for checkpoint in checkpoints:
+        if found == "listed":  # the file list tells
+            _damage_flip(checkpoint)
+        else:  # the file list agrees: only the parameter check after each load tells
+            _forge(str(checkpoint), lambda t: torch.full_like(t, float("nan")))
+    before = _files(run)
+    result = run_trainer(tiny_overrides(tmp_path / "copy", steps=30), check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"every checkpoint in {run / 'checkpoints'} is damaged" in errors[0], result.stderr
+    assert "checkpoint.resume=false" in errors[0] and "Traceback" not in result.stderr
+    assert _files(run) == before
+    # The fix the error names: the damaged ones set aside, a new run beside nothing.
+    result = run_trainer([*tiny_overrides(tmp_path / "copy", steps=10), "checkpoint.resume=false"])
+    assert "from scratch" in result.stdout and "finished:" in result.stdout
+    (aside,) = run.glob("previous-*")
+    assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == [p.name for p in checkpoints]
 
 
 @pytest.mark.slow

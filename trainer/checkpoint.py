@@ -458,6 +458,14 @@ class Checkpoints:
             chosen = int(runtime.sum_across_ranks(torch.tensor([chosen + 1], device=runtime.device)).item()) - 1
         return found[chosen] if chosen >= 0 else None
 
+    def none_intact(self) -> CheckpointError:
+        """The error of a resume that found checkpoints but none it could load: starting from scratch
+        beside them would spend the run's compute again unasked (a requeued job, over and over)."""
+        return CheckpointError(
+            f"every checkpoint in {self.folder} is damaged (the warnings above say what is wrong with each): "
+            "restore one, or start over with checkpoint.resume=false, which moves them to previous-<UTC time>/"
+        )
+
     def save(self, runtime, state: TrainState, extra: dict[str, dict[str, torch.Tensor]] | None = None) -> str:
         """Writes ``step_XXXXXXXX`` (a folder already there is moved aside, never overwritten), then
         prunes. ``extra``: weights the trainer keeps beside the engines' (the generator's EMA). A full

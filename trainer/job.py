@@ -211,16 +211,17 @@ def train(
     if runtime.sum_across_ranks(torch.tensor([float(busy is not None)], device=runtime.device)).item():
         raise RunFolderBusy(busy or f"{cfg.output_dir} is in use by another trainer (rank 0 says which)")
     resume_from = checkpoints.newest_intact(runtime) if cfg.checkpoint.resume else None
+    if cfg.checkpoint.resume and resume_from is None:
+        found = float(bool(checkpoints.list())) if runtime.is_main else 0.0
+        if runtime.sum_across_ranks(torch.tensor([found], device=runtime.device)).item():
+            raise checkpoints.none_intact()
     if resume_from is not None:
         check_resumable(cfg, resume_from, info["sample_shape"], runtime.world_size)
-    if runtime.is_main:
-        if not cfg.checkpoint.resume:  # starting over: the earlier run's files would mix with (and outrank) ours
-            set_aside_earlier_run(cfg.output_dir)
-        with write_replacing(os.path.join(cfg.output_dir, "config.yaml")) as f:
-            f.write(config_yaml)
+    if runtime.is_main and not cfg.checkpoint.resume:  # starting over: the earlier run's files would mix with ours
+        set_aside_earlier_run(cfg.output_dir)
     runtime.barrier()
     try:
-        return _train(cfg, runtime, stop, dataset, checkpoints, resume_from, preset, heartbeat)
+        return _train(cfg, runtime, stop, dataset, checkpoints, resume_from, config_yaml, preset, heartbeat)
     finally:
         lock.release()
 
@@ -232,6 +233,7 @@ def _train(
     dataset: Dataset,
     checkpoints: Checkpoints,
     resume_from: str | None,
+    config_yaml: str,
     preset: str,
     heartbeat: Callable[[], None] | None,
 ) -> dict[str, float]:
@@ -251,6 +253,9 @@ def _train(
     trainer = MEGTrainer(cfg, runtime, steps, stream, logger, checkpoints, evaluator, stop, heartbeat)
     resumed = trainer.resume_if_possible(resume_from)
     if runtime.is_main:
+        # Once the resume succeeded: a run that stops before (every checkpoint damaged) changes nothing.
+        with write_replacing(os.path.join(cfg.output_dir, "config.yaml")) as f:
+            f.write(config_yaml)
         where = f"resumed from step {resumed}" if resumed is not None else "from scratch"
         engine = engine_name(cfg)
         print(

@@ -115,9 +115,12 @@ class MEGTrainer:
         self.window = MetricWindow(runtime, self.guard, cfg.train.energy_steps * cfg.data.batch_size)
 
     def resume_if_possible(self, checkpoint: str | None) -> int | None:
-        """Loads ``checkpoint`` (or, found damaged, the one before it); returns the step loaded, or None."""
+        """Loads ``checkpoint`` (or, found damaged, the one before it); returns the step loaded (None: a new
+        run), and raises CheckpointError when every one left turns out damaged."""
         if checkpoint is not None:
             checkpoint = self._load(checkpoint)
+            if checkpoint is None:  # each one left was found damaged as it loaded
+                raise self.checkpoints.none_intact()
         if self.state.lr_horizon == 0:  # a new run (or one from before the horizon was kept)
             self.state.lr_horizon = self.cfg.train.steps
         self.logger.resumed_at(self.state.step)
