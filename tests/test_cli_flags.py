@@ -11,7 +11,7 @@ import torch
 from data_pipeline import convert
 from data_pipeline.cli import DataError
 from data_pipeline.shards import read_manifest, write_array_shards
-from trainer import classifier, fid, kdd_protocol, sample
+from trainer import classifier, evaluate, fid, kdd_protocol, sample
 
 
 def _run(main, argv: list[str]) -> tuple[int, str]:
@@ -131,3 +131,15 @@ def test_kdd_protocol_refuses_fewer_than_one_split_and_keeps_protocol_json(tmp_p
     _refused(kdd_protocol.main, ["--csv", "k.csv", "--out", str(tmp_path), "--splits", value],
              f"--splits: must be at least 1, got {value}")  # fmt: skip
     assert (tmp_path / "protocol.json").read_text() == '{"old": 1}'
+
+
+@pytest.mark.parametrize("override", ["train.entropy_weight=2", "model.z_dim=4", "output_dir=elsewhere"])
+def test_evaluate_refuses_an_override_the_checkpoint_fixes_before_loading(tmp_path, override):
+    key = override.split("=")[0]
+    _refused(evaluate.main, ["--run", str(tmp_path / "no-run"), "eval.seed=3", override], key, "eval.* and data.*")
+
+
+def test_evaluate_takes_eval_and_data_overrides(tmp_path):
+    # Past the override check, the missing run is the error.
+    last = _refused(evaluate.main, ["--run", str(tmp_path / "no-run"), "eval.seed=3", "data.url=elsewhere"], "no-run")
+    assert "override" not in last

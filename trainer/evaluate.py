@@ -3,7 +3,8 @@
     python -m trainer.evaluate --run runs/kdd99 [--checkpoint DIR] [eval.key=value ...]
 
 Reads the checkpoint's weights export and configuration (any engine's run), applies the overrides
-(e.g. ``eval.mala.steps=20``, ``eval.kind=fid eval.fid.reference=stats/train.npz``), and writes
+(``eval.*`` and ``data.*`` only, e.g. ``eval.mala.steps=20``,
+``eval.kind=fid eval.fid.reference=stats/train.npz``), and writes
 ``eval/eval_<checkpoint>.json`` plus a table; the run's own ``eval/latest.json`` stays the trainer's.
 A --checkpoint must be one of the run's. What each kind measures: trainer/evaluation/.
 """
@@ -14,7 +15,7 @@ import argparse
 import os
 import sys
 
-from data_pipeline.cli import CheckpointError, add_debug_flag, run_tool
+from data_pipeline.cli import CheckpointError, ConfigError, add_debug_flag, run_tool
 from trainer.config import check_commands, load_config
 from trainer.evaluation import build_evaluator, check_requirements, format_table
 from trainer.run_folder import load_networks, ready_to_draw, resolve_checkpoint
@@ -30,6 +31,22 @@ def check_in_run(run: str, checkpoint: str) -> None:
         raise CheckpointError(
             f"checkpoint {checkpoint} is not one of {run}'s (in {os.path.join(run, 'checkpoints')}): "
             f"evaluate it with --run {owner}, where its results belong"
+        )
+
+
+# What an evaluation may change: its own settings, and where the data lives now. The rest (the model,
+# the training, the entropy weight that is the target density's temperature) is the checkpoint's.
+EVALUATION_SECTIONS = ("eval.", "data.")
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Raises ConfigError, before any work, for an override outside EVALUATION_SECTIONS: the
+    evaluation would run without it, and its results would pass for the changed setting's."""
+    ignored = [o.split("=", 1)[0] for o in overrides if not o.startswith(EVALUATION_SECTIONS)]
+    if ignored:
+        raise ConfigError(
+            f"{', '.join(ignored)}: an evaluation takes only eval.* and data.* overrides; the checkpoint "
+            "fixes the model and its training (train a run with the setting to evaluate it)"
         )
 
 
@@ -51,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    check_overrides(args.overrides)
     if args.checkpoint is not None:
         check_in_run(args.run, args.checkpoint)
     checkpoint = resolve_checkpoint(args.run, args.checkpoint)
