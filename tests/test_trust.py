@@ -278,6 +278,18 @@ def test_a_resume_whose_every_checkpoint_is_damaged_stops_and_changes_nothing(fi
 
 
 @pytest.mark.slow
+def test_a_resume_past_train_steps_says_there_is_nothing_to_train(finished_run, tmp_path):
+    shutil.copytree(finished_run, tmp_path / "copy")
+    checkpoints = tmp_path / "copy" / "run" / "checkpoints"
+    before = sorted(p.name for p in checkpoints.iterdir())
+    result = run_trainer(tiny_overrides(tmp_path / "copy", steps=10))
+    assert "the run is at step 20 and train.steps=10: nothing to train (train.steps does not take a run back)" in (
+        result.stderr
+    ), result.stderr
+    assert "resumed from step 20" in result.stdout and sorted(p.name for p in checkpoints.iterdir()) == before
+
+
+@pytest.mark.slow
 def test_sample_tool_skips_a_damaged_latest_checkpoint(finished_run, tmp_path):
     shutil.copytree(finished_run, tmp_path / "copy")
     _damage_flip(tmp_path / "copy" / "run" / "checkpoints" / "step_00000020")

@@ -252,6 +252,11 @@ def _train(
     evaluator = build_evaluator(cfg, manifest.sample_shape, manifest.name)
     trainer = MEGTrainer(cfg, runtime, steps, stream, logger, checkpoints, evaluator, stop, heartbeat)
     resumed = trainer.resume_if_possible(resume_from)
+    if runtime.is_main and resumed is not None and resumed >= cfg.train.steps:
+        log.warning(
+            "the run is at step %d and train.steps=%d: nothing to train%s; raise train.steps to go on",
+            resumed, cfg.train.steps, " (train.steps does not take a run back)" if resumed > cfg.train.steps else "",
+        )  # fmt: skip
     if runtime.is_main:
         # Once the resume succeeded: a run that stops before (every checkpoint damaged) changes nothing.
         with write_replacing(os.path.join(cfg.output_dir, "config.yaml")) as f:
