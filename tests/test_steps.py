@@ -1,5 +1,7 @@
 """The training step object (trainer/steps.py) as benches and tests build it: no stream, no logger."""
 
+import time
+
 import pytest
 import torch
 
@@ -8,7 +10,7 @@ from models.ops import EAGER, FUSED, TORCH_KERNELS, use_kernels
 from trainer import steps as steps_module
 from trainer.capture import capture_blocker
 from trainer.checkpoint import Checkpoints
-from trainer.config import ConfigError, GuardConfig, load_config
+from trainer.config import ConfigError, GuardConfig, config_to_yaml, load_config
 from trainer.guard import DivergenceGuard
 from trainer.meg_trainer import MEGTrainer
 from trainer.metrics import MetricsLogger, MetricWindow
@@ -320,3 +322,30 @@ def test_generator_ema_decay_is_a_config_field_with_a_range():
     for bad in ("1", "1.5", "-0.1"):
         with pytest.raises(ConfigError, match="train.generator_ema"):
             load_config("toy_25gaussians", [f"train.generator_ema={bad}"])
+
+
+def test_a_save_keeps_the_stop_watchdogs_heartbeat_beating_all_through(tmp_path, monkeypatch):
+    """After a stop signal the watchdog ends a process that made no progress for MEG_STOP_GRACE_S:
+    a save longer than that (a large model, a slow file system) must not be cut short."""
+    cfg = _cfg()
+    runtime = DDPRuntime()
+    steps = build_steps(cfg, runtime, build_networks(cfg.model, (2,)))
+    checkpoints = Checkpoints(str(tmp_path / "ckpt"), 3, config_to_yaml(cfg), {"sample_shape": [2]})
+    beats: list[float] = []
+    trainer = MEGTrainer(
+        cfg, runtime, steps, None, MetricsLogger([]), checkpoints, heartbeat=lambda: beats.append(time.monotonic())
+    )
+    saving = {}
+    real_save = Checkpoints.save
+
+    def slow_save(self, *args, **kwargs):
+        saving["start"] = time.monotonic()
+        time.sleep(2.5)  # the heartbeat thread beats once a second
+        saving["end"] = time.monotonic()
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Checkpoints, "save", slow_save)
+    trainer._save()
+    during = [t for t in beats if saving["start"] < t < saving["end"]]
+    assert len(during) >= 2, (beats, saving)
+    assert beats[-1] >= saving["end"] and checkpoints.list()

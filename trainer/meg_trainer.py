@@ -5,7 +5,7 @@ rollback to the last checkpoint when the divergence guard trips (trainer/guard.p
 Every component is built outside and handed in (trainer/job.py does that), so the loop reads top
 to bottom and owns no signal handler: a stop request arrives as an Event that the metric reduction
 carries to every rank. The stop watchdog (trainer/main.py) ends a process that stopped making
-progress, so the loop calls ``heartbeat`` with each batch it takes for a step and as each save begins.
+progress, so the loop calls ``heartbeat`` with each batch it takes for a step and all through each save.
 """
 
 from __future__ import annotations
@@ -82,6 +82,28 @@ def evaluation_due(cfg: RunConfig, step: int, stream: ShardStream) -> bool:
     if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.steps:
         return True
     return step in extra_evaluation_steps(cfg, stream)
+
+
+@contextmanager
+def beating(heartbeat: Callable[[], None], every: float = 1.0) -> Iterator[None]:
+    """Calls ``heartbeat`` every ``every`` seconds from a thread while the block runs: a long save (a
+    large model, a slow file system) is progress, which the stop watchdog must not cut short after a
+    stop signal. A save blocked in a collective is bounded by train.collective_timeout instead."""
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(every):
+            heartbeat()
+
+    heartbeat()
+    thread = threading.Thread(target=beat, name="save-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        heartbeat()
 
 
 @contextmanager
@@ -186,9 +208,9 @@ class MEGTrainer:
 
     def _save(self) -> None:
         """A checkpoint of the current state, once the guard has seen sane weights (collective)."""
-        self.heartbeat()
-        self.guard.check_parameters(dict(zip(NETWORK_NAMES, self.steps.modules())), self.state.step)
-        self.checkpoints.save(self.runtime, self.state, self.steps.extra_weights())
+        with beating(self.heartbeat):
+            self.guard.check_parameters(dict(zip(NETWORK_NAMES, self.steps.modules())), self.state.step)
+            self.checkpoints.save(self.runtime, self.state, self.steps.extra_weights())
         self.logger.checkpointed(self.state.step)
 
     def train(self) -> dict[str, float]:
