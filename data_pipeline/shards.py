@@ -481,17 +481,22 @@ def write_array_shards(
     source_checksum: str = "",
     preprocessing: dict[str, Any] | None = None,
 ) -> Manifest:
-    """Writes ``arrays`` into ``num_shards`` shards of near-equal size (equal when it divides):
-    the same bytes as ShardWriter.write one sample at a time, about 50x faster."""
+    """Writes ``arrays`` into ``num_shards`` shards (one per sample when there are fewer samples)
+    whose sizes differ by one at most: the same bytes as ShardWriter.write one sample at a time
+    when the count divides, about 50x faster."""
     if len(arrays) == 0:
         raise ValueError("no samples were written")
     if len(labels) != len(arrays):
         raise ValueError(f"{len(arrays)} samples but {len(labels)} labels")
-    per_shard = -(-len(arrays) // num_shards)
-    writer = ShardWriter(out_url, name, split, per_shard)
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    # Ceiling-sized shards would leave fewer than asked (10 samples in 6: five of 2).
+    count = min(num_shards, len(arrays))
+    sizes = [len(arrays) // count + (i < len(arrays) % count) for i in range(count)]
+    writer = ShardWriter(out_url, name, split, sizes[0])
     writer.sample_shape, writer.dtype = list(arrays.shape[1:]), str(arrays.dtype)
-    for start in range(0, len(arrays), per_shard):
-        x, y = arrays[start : start + per_shard], np.asarray(labels[start : start + per_shard])
+    for start, size in zip(np.cumsum([0, *sizes[:-1]]).tolist(), sizes, strict=True):
+        x, y = arrays[start : start + size], np.asarray(labels[start : start + size])
         fd, tmp = tempfile.mkstemp(suffix=".tar.partial", dir=_local_dir_for(writer._shard_url()))
         with os.fdopen(fd, "wb") as f:
             for block in range(0, len(x), 4096):  # bounded memory for big samples

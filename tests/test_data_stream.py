@@ -190,6 +190,14 @@ def test_fast_parser_matches_tarfile_on_writer_output(tmp_path):
     np.testing.assert_array_equal(parsed.x, x)
 
 
+@pytest.mark.parametrize("n, asked, sizes", [(10, 6, [2, 2, 2, 2, 1, 1]), (12, 4, [3] * 4), (3, 5, [1, 1, 1])])
+def test_array_shards_are_as_many_as_asked_and_near_equal(tmp_path, n, asked, sizes):
+    m = write_array_shards(str(tmp_path), "t", "train", np.arange(n, dtype=np.float32)[:, None], np.arange(n), asked)
+    assert [s.num_samples for s in m.shards] == sizes
+    parsed = [parse_shard((tmp_path / s.url).read_bytes()) for s in m.shards]
+    assert np.concatenate([p.x[:, 0] for p in parsed]).tolist() == list(range(n))  # each sample once, in order
+
+
 def test_fast_parser_rejects_a_header_tarfile_rejects(tmp_path):
     m = write_array_shards(str(tmp_path), "t", "train", np.zeros((4, 3), np.uint8), np.arange(4), 1)
     data = bytearray((tmp_path / m.shards[0].url).read_bytes())
