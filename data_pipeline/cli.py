@@ -111,6 +111,17 @@ positive_int = _int_at_least(1)
 nonnegative_int = _int_at_least(0)
 
 
+def fraction(text: str) -> float:
+    """An argparse type: a share strictly between 0 and 1 (a split's, an anomaly rate's)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not a number") from None
+    if not 0 < value < 1:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (both excluded), got {text}")
+    return value
+
+
 def check_output_file(path: str, flag: str) -> None:
     """Refuses, before any work, an output file path that cannot be written: an existing folder, or
     one under an existing file. A missing parent folder is fine (the tool creates it)."""

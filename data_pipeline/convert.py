@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline.cli import add_debug_flag, nonnegative_int, positive_int, run_tool
+from data_pipeline.cli import add_debug_flag, fraction, nonnegative_int, positive_int, run_tool
 from data_pipeline.config import MAX_IMAGE_SIZE, check_label_key
 from data_pipeline.decode import DecodeSpec
 from data_pipeline.shard_io import ALLOW_COMMANDS_ENV, load_shard
@@ -370,13 +370,15 @@ def build_parser() -> argparse.ArgumentParser:
     kdd = add("kdd", "KDD Cup 99 anomaly protocol (one-hot, min-max on train) into OUT/train, OUT/test")
     kdd.add_argument("--csv", required=True, help="kddcup.data_10_percent(.gz) or the full file")
     kdd.add_argument("--seed", type=nonnegative_int, default=0)
-    kdd.add_argument("--anomaly-share", type=float, default=0.2)
+    kdd.add_argument("--anomaly-share", type=fraction, default=0.2, help="of the test set (default 0.2)")
 
     anomaly = add("mnist-anomaly", "MNIST with one held-out digit (80/20) into OUT/train, OUT/test")
     digits(anomaly)
-    anomaly.add_argument("--digit", type=int, required=True)
+    anomaly.add_argument("--digit", type=int, choices=range(10), required=True, metavar="0..9")
     anomaly.add_argument("--seed", type=nonnegative_int, default=0)
-    anomaly.add_argument("--train-fraction", type=float, default=0.8)
+    anomaly.add_argument(
+        "--train-fraction", type=fraction, default=0.8, help="of the other digits for training (default 0.8)"
+    )
 
     images = add("images", "a folder of images, one sub-folder per class")
     images.add_argument("--folder", required=True)

@@ -65,6 +65,10 @@ def test_sample_refuses_a_folder_as_its_output_file(tmp_path, flag):
         (["toy", "--num-shards", "two"], "--num-shards: 'two' is not a whole number"),
         (["stackedmnist", "--num-samples", "0"], "--num-samples: must be at least 1"),
         (["kdd", "--csv", "k.csv", "--num-shards", "0"], "--num-shards: must be at least 1"),
+        (["kdd", "--csv", "k.csv", "--anomaly-share", "1"], "--anomaly-share: must be between 0 and 1"),
+        (["kdd", "--csv", "k.csv", "--anomaly-share", "nan"], "--anomaly-share: must be between 0 and 1"),
+        (["mnist-anomaly", "--csv", "m.csv", "--digit", "10"], "--digit: invalid choice: 10"),
+        (["mnist-anomaly", "--csv", "m.csv", "--digit", "1", "--train-fraction", "0"], "--train-fraction: must be"),
     ],
 )
 def test_convert_refuses_counts_below_their_minimum(tmp_path, argv, says):
