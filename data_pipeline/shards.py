@@ -12,6 +12,7 @@ truncated or rewritten, and the reader skips it (or refuses the whole manifest, 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -29,7 +30,7 @@ import fsspec
 import numpy as np
 import webdataset as wds
 
-from data_pipeline.cli import DataError, shown  # DataError re-exported: its home is the CLI module
+from data_pipeline.cli import DataError, short_message, shown  # DataError re-exported: its home is the CLI module
 from data_pipeline.config import MAX_IMAGE_SIZE, DataConfig, check_label_key
 from data_pipeline.decode import DecodeSpec
 
@@ -310,8 +311,18 @@ def put_file_atomic(local_path: str, url: str) -> None:
         os.replace(local_path, path)
     else:
         # Object stores publish an object only once its upload completes.
-        fs.put_file(local_path, path)
-        os.remove(local_path)
+        try:
+            fs.put_file(local_path, path)
+        except Exception as e:  # fsspec's stores each raise their own (aiohttp's, botocore's, ...)
+            hint = (
+                ": an HTTP server takes no uploads; write the data to a folder or a writable store, then serve that"
+                if url.startswith(("http://", "https://"))
+                else ""
+            )
+            raise DataError(f"cannot write {url}: {type(e).__name__}: {short_message(e)}{hint}") from None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(local_path)
 
 
 def write_text_atomic(text: str, url: str) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import functools
 import http.server
+import os
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -248,6 +250,20 @@ def test_one_503_from_an_http_store_is_retried_and_a_403_named(policy, http_stor
     store.errors["s.tar"] = [403]
     with pytest.raises(DataError, match=rf"shard read of {url}/s.tar: HTTP 403 Forbidden"):
         read_shard_bytes(f"{url}/s.tar")
+
+
+def test_data_written_to_an_http_server_is_one_error_naming_the_url_and_the_way_out(http_store, tmp_path):
+    from data_pipeline.convert import convert_toy
+
+    url, _ = http_store
+    temp = set(os.listdir(tempfile.gettempdir()))
+    with pytest.raises(DataError) as caught:
+        convert_toy("25gaussians", f"{url}/toy", 64, 2, seed=0)
+    message = str(caught.value)
+    # 501 or a broken pipe, as the server answers before or after reading the upload
+    assert message.startswith(f"cannot write {url}/toy/25gaussians-train-000000.tar: "), message
+    assert "an HTTP server takes no uploads" in message
+    assert not {n for n in set(os.listdir(tempfile.gettempdir())) - temp if n.endswith(".partial")}  # no leftovers
 
 
 def test_a_shard_gone_from_an_http_store_is_named(policy, http_store, tmp_path):
