@@ -244,6 +244,9 @@ def test_the_pushed_step_follows_a_resume_and_a_rollback(tmp_path, monkeypatch):
         assert pushed == [600, 1000, 900]
         rolled_back_at = exp.final.get_sample_value("meg_last_rollback_timestamp_seconds", {"run": "r1"})
         assert time.time() - rolled_back_at < 60
+        assert exp.final.get_sample_value("meg_last_nonfinite_timestamp_seconds", {"run": "r1"}) == 0
+        exp.log(800, {"event": "rollback", "nonfinite": True, "to_step": 800})
+        assert time.time() - exp.final.get_sample_value("meg_last_nonfinite_timestamp_seconds", {"run": "r1"}) < 60
     finally:
         exp.close()
 

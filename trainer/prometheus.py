@@ -193,10 +193,15 @@ class PrometheusExporter(MetricSink):
         self.last_checkpoint_time = self._gauge(
             "meg_last_checkpoint_timestamp_seconds", "When the last checkpoint was saved (or the process started)"
         )
-        # A timestamp, not only the counter: increase() misses a rollback made before the first
+        # Timestamps, not only the counters: increase() misses a rollback made before the first
         # scrape, when the counter's first sample is already 1.
         self.last_rollback_time = self._gauge(
             "meg_last_rollback_timestamp_seconds", "When the last divergence rollback happened (0: none)", pushed=True
+        )
+        self.last_nonfinite_time = self._gauge(
+            "meg_last_nonfinite_timestamp_seconds",
+            "When a non-finite metric or weight last caused a rollback (0: never)",
+            pushed=True,
         )
         self.last_eval_time = self._gauge(
             "meg_last_eval_timestamp_seconds", "When the last evaluation ended", pushed=True, until_set=True
@@ -298,6 +303,7 @@ class PrometheusExporter(MetricSink):
             self.last_rollback_time.set(time.time())
             if metrics.get("nonfinite"):
                 self.nonfinite.inc()
+                self.last_nonfinite_time.set(time.time())
             self._last_step = step  # the steps redone after the rollback count again
             self.step.set(step)
             self.push()  # else the pushed pre-rollback step outranks the live one on the dashboard
