@@ -305,6 +305,68 @@ def test_a_save_to_an_existing_step_keeps_the_old_one_aside(tmp_path, config_yam
     assert (folder / "step_00000010.replaced2").is_dir() and damage(str(folder / "step_00000010")) is None
 
 
+def _save_on_two_ranks(rank: int, folder: str, port: int, results) -> None:
+    """One of two gloo ranks saving step 10, then step 20 with rank 1's share failing (a full disk
+    on its node): what each rank's save raised goes to ``results``."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from trainer.runtime.group import ProcessGroup
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+
+    class TwoRanks(ProcessGroup, FakeRuntime):
+        fail = False
+
+        def save_engine_state(self, engine_folder):  # each rank its own share, as FSDP and ZeRO write
+            os.makedirs(engine_folder, exist_ok=True)
+            path = os.path.join(engine_folder, f"shard_rank{self.rank}.pt")
+            if self.fail and self.rank == 1:
+                raise OSError(errno.ENOSPC, "No space left on device", path)
+            torch.save({"moments": torch.ones(2)}, path)
+
+    runtime = TwoRanks(torch.device("cpu"), rank, 2, "no")
+    FakeRuntime.__init__(runtime)
+    config_yaml = config_to_yaml(load_config("toy_25gaussians"))
+    checkpoints = Checkpoints(os.path.join(folder, "checkpoints"), 1, config_yaml, {})
+    checkpoints.save(runtime, TrainState(step=10))
+    runtime.fail = True
+    try:
+        checkpoints.save(runtime, TrainState(step=20))
+        results.put((rank, "saved"))
+    except CheckpointError as e:
+        results.put((rank, str(e)))
+    runtime.shutdown(meet=True)  # as trainer/job.py's run() does on the way out
+
+
+@pytest.mark.slow
+def test_a_rank_whose_share_of_a_save_fails_leaves_no_checkpoint_and_the_older_one_kept(tmp_path):
+    """The ranks agree that each wrote its files before the checkpoint is published: else the failed
+    rank's way out (a barrier) let rank 0 publish it without them and prune the older one (keep=1)."""
+    import multiprocessing
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spawn = multiprocessing.get_context("spawn")
+    results = spawn.Queue()
+    ranks = [spawn.Process(target=_save_on_two_ranks, args=(r, str(tmp_path), port, results)) for r in range(2)]
+    for p in ranks:
+        p.start()
+    said = dict(results.get(timeout=120) for _ in ranks)
+    for p in ranks:
+        p.join(60)
+    final = tmp_path / "checkpoints" / "step_00000020"
+    assert said[1].startswith(f"could not write checkpoint {final}: No space left on device"), said
+    assert said[0].startswith(f"could not write checkpoint {final}: another rank could not write its part"), said
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000010"]
+    older = tmp_path / "checkpoints" / "step_00000010"
+    assert damage(str(older)) is None
+    assert sorted(p.name for p in (older / "engine").iterdir()) == ["shard_rank0.pt", "shard_rank1.pt"]
+
+
 def _forge(checkpoint, change):
     """Changes the weights and rewrites files.json, as a tamperer (or a bug) would: only the
     parameter check after the load can tell."""

@@ -42,6 +42,7 @@ import pickle
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 
@@ -478,38 +479,35 @@ class Checkpoints:
         state.rank_positions = [{"epoch": e, "batches_done": b} for e, b in runtime.all_gather(mine).tolist()]
         state.sample_order = self._sample_order(runtime.world_size)
         weights = {**runtime.fp32_state_dicts(), **(extra or {})}  # a collective under DeepSpeed
-        try:
-            if runtime.is_main:
-                state.param_norms = parameter_norms(weights)
-                make_dir(self.folder)
-                _remove(partial)  # a killed save's leftover
-                os.mkdir(partial)
-            runtime.barrier()
+
+        def prepare() -> None:
+            state.param_norms = parameter_norms(weights)
+            make_dir(self.folder)
+            _remove(partial)  # a killed save's leftover
+            os.mkdir(partial)
+
+        def write_part() -> None:
             torch.save(rng_state(runtime.device), os.path.join(partial, f"rng_rank{runtime.rank}.pt"))
             runtime.save_engine_state(os.path.join(partial, ENGINE_DIR))
             if runtime.is_main:
                 write_export(partial, weights, self.config_yaml, {**self.info, "step": state.step})
                 with write_replacing(os.path.join(partial, STATE_FILE)) as f:
                     json.dump(state.to_json(), f, indent=2)
-            runtime.barrier()
-            if runtime.is_main:
-                write_file_list(partial)  # after every rank's files
-                self._publish(partial, final)
-        except (OSError, SafetensorError, RuntimeError) as e:
-            if runtime.is_main:
-                _remove(partial)
-            if isinstance(e, RuntimeError) and not _write_failure(e):
-                raise
-            if isinstance(e, OSError) and e.strerror:
-                cause = f"{e.strerror} ({e.filename})" if e.filename else e.strerror
-            elif isinstance(e, RuntimeError):  # torch's writer says neither which file nor why
-                cause = "torch could not write a file (a full disk, a quota or a file size limit?)"
-            else:
-                cause = short_message(e)
-            hint = "; free some space and rerun to resume" if _is_disk_full(e) else ""
-            raise CheckpointError(
-                f"could not write checkpoint {final}: {cause}; the older checkpoints are as they were{hint}"
-            ) from None
+
+        def publish() -> None:
+            write_file_list(partial)  # after every rank's files
+            self._publish(partial, final)
+
+        # Each stage ends with the ranks agreeing that every one of them succeeded (in place of a
+        # barrier): a rank whose write failed raises while the others would pass a barrier on its
+        # way out (Runtime.shutdown's), and the checkpoint would be published without its files.
+        for stage, everyone in ((prepare, False), (write_part, True), (publish, False)):
+            failure = _write_failure_of(stage) if everyone or runtime.is_main else None
+            failed = runtime.sum_across_ranks(torch.tensor([float(failure is not None)], device=runtime.device))
+            if failed.item():
+                if runtime.is_main:
+                    _remove(partial)
+                raise _save_error(final, failure)
         if runtime.is_main:
             self._prune(final)
         runtime.barrier()
@@ -621,6 +619,34 @@ def _remove(path: str) -> None:
         os.unlink(path)
     elif os.path.isdir(path):
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _write_failure_of(write: Callable[[], None]) -> BaseException | None:
+    """Runs ``write``; returns the failure of a write (an OSError, a safetensors or torch writer
+    error), None when it succeeded. Any other error is raised."""
+    try:
+        write()
+    except (OSError, SafetensorError) as e:
+        return e
+    except RuntimeError as e:
+        if not _write_failure(e):
+            raise
+        return e
+    return None
+
+
+def _save_error(final: str, error: BaseException | None) -> CheckpointError:
+    """The CheckpointError of a save that failed with ``error`` here (None: on another rank)."""
+    if error is None:
+        cause = "another rank could not write its part (its error says why)"
+    elif isinstance(error, OSError) and error.strerror:
+        cause = f"{error.strerror} ({error.filename})" if error.filename else error.strerror
+    elif isinstance(error, RuntimeError):  # torch's writer says neither which file nor why
+        cause = "torch could not write a file (a full disk, a quota or a file size limit?)"
+    else:
+        cause = short_message(error)
+    hint = "; free some space and rerun to resume" if error is not None and _is_disk_full(error) else ""
+    return CheckpointError(f"could not write checkpoint {final}: {cause}; the older checkpoints are as they were{hint}")
 
 
 def _is_disk_full(error: BaseException) -> bool:
