@@ -349,3 +349,15 @@ def test_a_save_keeps_the_stop_watchdogs_heartbeat_beating_all_through(tmp_path,
     during = [t for t in beats if saving["start"] < t < saving["end"]]
     assert len(during) >= 2, (beats, saving)
     assert beats[-1] >= saving["end"] and checkpoints.list()
+
+
+def test_a_save_beats_for_the_collective_timeout_at_most():
+    """A save still going after train.collective_timeout (a hung mount) is taken as hung: the heartbeat
+    stops, so that the stop watchdog can end the process."""
+    from trainer.meg_trainer import beating
+
+    beats: list[float] = []
+    with beating(lambda: beats.append(time.monotonic()), limit=0.35, every=0.1):
+        time.sleep(1.2)
+        during = len(beats)
+    assert 2 <= during <= 5, beats  # the first, then about three until the limit; none after it

@@ -85,14 +85,16 @@ def evaluation_due(cfg: RunConfig, step: int, stream: ShardStream) -> bool:
 
 
 @contextmanager
-def beating(heartbeat: Callable[[], None], every: float = 1.0) -> Iterator[None]:
-    """Calls ``heartbeat`` every ``every`` seconds from a thread while the block runs: a long save (a
-    large model, a slow file system) is progress, which the stop watchdog must not cut short after a
-    stop signal. A save blocked in a collective is bounded by train.collective_timeout instead."""
+def beating(heartbeat: Callable[[], None], limit: float, every: float = 1.0) -> Iterator[None]:
+    """Calls ``heartbeat`` every ``every`` seconds from a thread while the block runs, for ``limit``
+    seconds at most: a long save (a large model, a slow file system, a rank waiting for another's
+    hashing pass) is progress, which the stop watchdog must not cut short after a stop signal; one
+    still going after ``limit`` (a hung mount) is not, and the watchdog may end it then."""
     done = threading.Event()
+    until = time.monotonic() + limit
 
     def beat() -> None:
-        while not done.wait(every):
+        while not done.wait(every) and time.monotonic() < until:
             heartbeat()
 
     heartbeat()
@@ -208,7 +210,8 @@ class MEGTrainer:
 
     def _save(self) -> None:
         """A checkpoint of the current state, once the guard has seen sane weights (collective)."""
-        with beating(self.heartbeat):
+        # A save longer than the collective timeout (which bounds its collectives) is taken as hung.
+        with beating(self.heartbeat, self.cfg.train.collective_timeout):
             self.guard.check_parameters(dict(zip(NETWORK_NAMES, self.steps.modules())), self.state.step)
             self.checkpoints.save(self.runtime, self.state, self.steps.extra_weights())
         self.logger.checkpointed(self.state.step)
