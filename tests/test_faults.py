@@ -618,12 +618,11 @@ def test_the_trainer_resumed_with_other_data_settings_says_so_and_starts_the_nex
 
 def test_the_guard_goes_one_checkpoint_further_back_when_a_failure_repeats():
     guard = DivergenceGuard(GuardConfig(max_rollbacks=3, lr_factor=0.5))
-    rejected: set[str] = set()
     first = Diverged("out-of-bound energy_gap = 1e9 at step 21", step=21, term="energy_gap")
-    assert not guard.flee_repeated(first, "ckpt/step_00000020", rejected)
+    assert not guard.flee_repeated(first, "ckpt/step_00000020")
     guard.next_rollback(first, "ckpt/step_00000020")
     again = Diverged("out-of-bound energy_gap = 2e9 at step 21", step=21, term="energy_gap")
-    assert guard.flee_repeated(again, "ckpt/step_00000020", rejected) and rejected == {"ckpt/step_00000020"}
+    assert guard.flee_repeated(again, "ckpt/step_00000020") and guard.fled == ["ckpt/step_00000020"]
     guard.next_rollback(again, "ckpt/step_00000010")
     guard.rollbacks = 3
     stop = guard.give_up(again, "ckpt/step_00000010")
@@ -633,17 +632,16 @@ def test_the_guard_goes_one_checkpoint_further_back_when_a_failure_repeats():
 
 def test_the_guard_advises_lower_learning_rates_when_failures_differ():
     guard = DivergenceGuard(GuardConfig(max_rollbacks=1))
-    rejected: set[str] = set()
     for step in (21, 34):
         error = Diverged(f"non-finite penalty at step {step}", True, step, "penalty")
-        assert not guard.flee_repeated(error, "ckpt/step_00000020", rejected)
+        assert not guard.flee_repeated(error, "ckpt/step_00000020")
     assert "Lower the learning rates" in str(guard.give_up(error, "ckpt/step_00000030"))
 
 
 def test_the_guard_does_not_flee_when_the_learning_rate_is_not_lowered():
     guard = DivergenceGuard(GuardConfig(lr_factor=1.0))
     error = Diverged("x", step=21, term="energy_gap")
-    assert not guard.flee_repeated(error, "a", set()) and not guard.flee_repeated(error, "a", set())
+    assert not guard.flee_repeated(error, "a") and not guard.flee_repeated(error, "a")
 
 
 @pytest.mark.slow
@@ -674,7 +672,26 @@ def test_a_checkpoint_whose_weights_explode_is_escaped(tmp_path):
     assert "resumed from step 20" in result.stdout
     assert "rolled back to step 20" in result.stdout and "rolled back to step 10" in result.stdout, result.stdout
     assert "finished:" in result.stdout
-    assert (tmp_path / "run" / "checkpoints" / "step_00000020.replaced").is_dir()  # kept, not overwritten
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert (checkpoints / "step_00000020.fled").is_dir()  # kept, not overwritten
+    assert f"checkpoint {checkpoints / 'step_00000020'} diverges again at the next step" in result.stderr
+    assert not list(checkpoints.glob("*.replaced*"))  # set aside at once: the new step 20 took its place
+
+
+def test_a_restart_after_the_guard_fled_a_checkpoint_does_not_resume_it(tmp_path, config_yaml):
+    """The guard's flight outlives the process: the fled checkpoint stays set aside."""
+    runtime = FakeRuntime()
+    checkpoints = _checkpoints(tmp_path, config_yaml, keep=1, keep_first=True)
+    for step in (0, 2000):
+        _save(checkpoints, runtime, step)
+    guard, fled = DivergenceGuard(GuardConfig(lr_factor=0.5)), str(tmp_path / "checkpoints" / "step_00002000")
+    for _ in range(2):  # the same failure from step 2000 twice: fled, as MEGTrainer._roll_back does
+        if guard.flee_repeated(Diverged("x", step=2050, term="energy_gap"), fled):
+            checkpoints.set_aside_fled(runtime, fled)
+    _save(checkpoints, runtime, 1800)  # the lowered-rate trajectory, stopped at 1800
+    restarted = _checkpoints(tmp_path, config_yaml, keep=1, keep_first=True)
+    assert restarted.newest_intact(runtime) == str(tmp_path / "checkpoints" / "step_00001800")
+    assert (tmp_path / "checkpoints" / "step_00002000.fled").is_dir()
 
 
 def test_a_partial_save_that_is_a_link_is_unlinked_not_followed(tmp_path, victim):

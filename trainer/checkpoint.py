@@ -59,6 +59,9 @@ from trainer.nofollow import make_dir, write_replacing
 log = logging.getLogger(__name__)
 CHECKPOINT_RE = re.compile(r"^step_(\d{8})$")
 WEIGHTS_FILE = "weights.safetensors"
+# A checkpoint the divergence guard fled (trainer/guard.py) keeps its folder under this suffix: not
+# listed, so neither a rollback, a restart nor pruning takes it, and nothing of it is deleted.
+FLED_SUFFIX = ".fled"
 CONFIG_FILE = "config.yaml"
 STATE_FILE = "trainer_state.json"
 ENGINE_DIR = "engine"
@@ -420,7 +423,7 @@ def content_damage(folder: str) -> str | None:
 
 class Checkpoints:
     """The run's checkpoint folder. ``save`` and ``load`` are collective: every rank calls them.
-    ``rejected``: checkpoints this process found damaged, or that the divergence guard fled."""
+    ``rejected``: checkpoints this process found damaged."""
 
     def __init__(
         self, folder: str, keep: int, config_yaml: str, info: dict, max_norm: float = 0.0, keep_first: bool = False
@@ -512,6 +515,20 @@ class Checkpoints:
             self._prune(final)
         runtime.barrier()
         return final
+
+    def set_aside_fled(self, runtime, path: str) -> None:
+        """Renames the checkpoint ``path`` the guard fled to ``path.fled`` (``.fled2``, ... when taken)
+        on the main process, then meets the other ranks (their listings must agree after it)."""
+        if runtime.is_main:
+            aside, n = path + FLED_SUFFIX, 1
+            while os.path.lexists(aside):
+                n += 1
+                aside = f"{path}{FLED_SUFFIX}{n}"
+            os.rename(path, aside)
+            _sync_folder(self.folder)
+            self.verified.pop(path, None)
+            log.warning("checkpoint %s diverges again at the next step: kept as %s, which no resume takes", path, aside)
+        runtime.barrier()
 
     def _publish(self, partial: str, final: str) -> None:
         """``partial`` renamed to ``final``; a folder already at ``final`` (a checkpoint of another

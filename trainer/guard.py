@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from trainer.checkpoint import FLED_SUFFIX
 from trainer.config import GuardConfig
 
 
@@ -27,17 +28,17 @@ class DivergenceGuard:
         self.last_failure: tuple[int | None, str] | None = None
         self.fled: list[str] = []  # checkpoints the same failure came back from, newest first
 
-    def flee_repeated(self, error: Diverged, loaded: str | None, rejected: set[str]) -> bool:
-        """When ``error`` is the failure the last rollback met again (same step, same term) from the
-        checkpoint ``loaded``, at lowered learning rates: that checkpoint is fled (added to
-        ``rejected``, which the next rollback skips). With lr_factor 1 a repeat tells nothing."""
+    def flee_repeated(self, error: Diverged, loaded: str | None) -> bool:
+        """Whether ``error`` is the failure the last rollback met again (same step, same term) from the
+        checkpoint ``loaded``, at lowered learning rates: then that checkpoint is fled (the trainer sets
+        it aside, so that neither the next rollback nor a restart takes it). With lr_factor 1 a repeat
+        tells nothing."""
         failure = (error.step, error.term)
         again = failure == self.last_failure and error.step is not None and loaded is not None
         again = again and self.cfg.lr_factor < 1
         self.last_failure = failure
         if again:
             self.fled.append(loaded)
-            rejected.add(loaded)
         return again
 
     def rolled_back(self, step: int, lr_scale: float) -> str:
@@ -96,15 +97,16 @@ class DivergenceGuard:
         fled = ", ".join(self.fled)
         advice = (
             f"The weights diverge from checkpoint {self.fled[0]} at the next step regardless of the learning rate: "
-            "it holds weights that explode, not a learning rate too high. A restart resumes from the newest intact "
-            f"checkpoint: move {fled} out of the checkpoints folder first (or set checkpoint.resume=false)."
+            "it holds weights that explode, not a learning rate too high; it is kept as "
+            f"{self.fled[0]}{FLED_SUFFIX}, where no restart takes it. A restart resumes from the newest intact "
+            "checkpoint."
         )
         if any(path.endswith("step_00000000") for path in self.fled):
             advice = (
                 f"The same failure came back at step {error.step} from every checkpoint tried ({fled}) and at every "
                 "learning rate: its cause is the data or the model at that step, not a checkpoint or the learning "
-                "rate (check the data read there, or raise train.penalty_weight). A restart resumes from the newest "
-                "intact checkpoint."
+                "rate (check the data read there, or raise train.penalty_weight). The checkpoints are kept as "
+                f"step_N{FLED_SUFFIX}: rename them back to step_N to resume from one."
             )
         return Diverged(f"{error}; {reason}. Stopping. {advice}", error.nonfinite, error.step, error.term)
 

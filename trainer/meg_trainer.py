@@ -182,7 +182,8 @@ class MEGTrainer:
     def _roll_back(self, error: Diverged) -> None:
         """Restores the newest intact checkpoint (one further back after a repeated failure, see
         trainer/guard.py) with lowered learning rates, or gives up clearly."""
-        self.guard.flee_repeated(error, self.loaded, self.checkpoints.rejected)
+        if self.guard.flee_repeated(error, self.loaded):
+            self.checkpoints.set_aside_fled(self.runtime, self.loaded)
         newest = self.checkpoints.newest_intact(self.runtime)
         lr_scale = self.state.lr_scale * self.guard.next_rollback(error, newest)
         self.window.clear()
