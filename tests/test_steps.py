@@ -1,5 +1,7 @@
 """The training step object (trainer/steps.py) as benches and tests build it: no stream, no logger."""
 
+import os
+import threading
 import time
 
 import pytest
@@ -361,3 +363,25 @@ def test_a_save_beats_for_the_collective_timeout_at_most():
         time.sleep(1.2)
         during = len(beats)
     assert 2 <= during <= 5, beats  # the first, then about three until the limit; none after it
+
+
+@pytest.mark.parametrize("resumed", [False, True])
+def test_a_stop_before_training_leaves_one_checkpoint_of_the_state(tmp_path, resumed):
+    """A stop during start-up saves the state unless a checkpoint holds it already (just resumed, or
+    the guard's step 0): each preemption in start-up copied the resumed checkpoint aside before."""
+    from trainer.meg_trainer import Preempted
+
+    cfg = _cfg()
+    runtime = DDPRuntime()
+    steps = build_steps(cfg, runtime, build_networks(cfg.model, (2,)))
+    checkpoints = Checkpoints(str(tmp_path / "ckpt"), 3, config_to_yaml(cfg), {"sample_shape": [2]})
+    stop = threading.Event()
+    trainer = MEGTrainer(cfg, runtime, steps, None, MetricsLogger([]), checkpoints, stop=stop)
+    if resumed:
+        trainer.state.step = 30
+        trainer._save()
+        trainer.resume_if_possible(checkpoints.newest_intact(runtime))
+    stop.set()
+    with pytest.raises(Preempted, match="before training"):
+        trainer.train()
+    assert sorted(os.listdir(tmp_path / "ckpt")) == (["step_00000030"] if resumed else ["step_00000000"])

@@ -218,14 +218,18 @@ class MEGTrainer:
         self.logger.checkpointed(self.state.step)
 
     def train(self) -> dict[str, float]:
+        saved = self.loaded is not None and checkpoint_step(self.loaded) == self.state.step
         if self.cfg.train.guard.max_rollbacks > 0 and not self.checkpoints.list():
             # The initial networks are a good state to roll back to if the run diverges early.
             self._save()
+            saved = True
         # A stop requested while the run was being set up (before any metric reduction): every rank
-        # agrees on it here, and the run ends with the requeue code at once.
+        # agrees on it here, and the run ends with the requeue code at once. The state is a checkpoint's
+        # already when it was just resumed or saved: another save would only copy it (as .replaced).
         if self.runtime.sum_across_ranks(torch.tensor([float(self.stop.is_set())], device=self.runtime.device)).item():
-            self._save()
-            raise Preempted(f"stop signal received before training; checkpoint saved at step {self.state.step}")
+            if not saved:
+                self._save()
+            raise Preempted(f"stop signal received before training; the checkpoint at step {self.state.step} stands")
         while True:
             try:
                 last = self._train_until_done()
