@@ -153,10 +153,14 @@ def test_the_lock_is_not_inherited_by_a_forked_child(tmp_path):
         os.waitpid(child, 0)
 
 
-def test_a_lock_recorded_for_a_dead_process_is_taken_over(tmp_path, caplog):
+@pytest.mark.parametrize("namespace", ["", "this"], ids=["older-version", "same-namespace"])
+def test_a_lock_recorded_for_a_dead_process_is_taken_over(tmp_path, caplog, namespace):
+    from trainer.run_folder import _pid_namespace
+
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    holder_text = f"host {socket.gethostname()}, pid {dead.pid}, since then\n"
+    recorded = f", pid namespace {_pid_namespace()}" if namespace else ""
+    holder_text = f"host {socket.gethostname()}, pid {dead.pid}, since then{recorded}\n"
     code = (
         "import fcntl, os, sys, time\n"
         f"fd = os.open({str(tmp_path / '.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
@@ -177,6 +181,28 @@ def test_a_lock_recorded_for_a_dead_process_is_taken_over(tmp_path, caplog):
     finally:
         orphan.kill()
         orphan.wait()
+
+
+def test_a_lock_recorded_in_another_pid_namespace_is_not_taken_over(tmp_path):
+    """A trainer in a container with the host's name: its PID, dead here, may well run there."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    holder_text = f"host {socket.gethostname()}, pid {dead.pid}, since then, pid namespace 4026531836@another-boot\n"
+    code = (
+        "import fcntl, os, time\n"
+        f"fd = os.open({str(tmp_path / '.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+        f"fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, {holder_text.encode()!r}); print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        message = RunFolderLock(str(tmp_path)).try_acquire()
+        assert message is not None and f"pid {dead.pid}" in message and "in use by another trainer" in message
+        assert (tmp_path / ".lock").read_text() == holder_text
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_a_lock_held_by_a_live_process_is_not_taken_over(tmp_path):

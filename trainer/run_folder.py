@@ -34,8 +34,8 @@ class RunFolderLock:
     The file keeps the holder's host, PID and start time for the message a second trainer gets; the
     kernel drops the lock when the holder exits, however it exits. The descriptor is closed in every
     forked child (DataLoader workers) and is not passed to programs the trainer starts, so only the
-    trainer holds the lock. A lock whose recorded holder is a dead process of this host (held by an
-    orphan of an older version, say) is taken over with a warning. (On network filesystems without
+    trainer holds the lock. A lock whose recorded holder is a dead process of this host, PID namespace
+    and boot (held by an orphan of an older version, say) is taken over with a warning. (On network filesystems without
     flock support the lock may not hold across machines.)"""
 
     def __init__(self, folder: str):
@@ -67,7 +67,8 @@ class RunFolderLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.ftruncate(fd, 0)
             started = time.strftime("%Y-%m-%d %H:%M:%S")
-            os.write(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since {started}\n".encode())
+            namespace = f", pid namespace {_pid_namespace()}" if _pid_namespace() else ""
+            os.write(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since {started}{namespace}\n".encode())
         self.fd = fd
         _HELD.add(fd)
         return None
@@ -114,11 +115,26 @@ def _folder_locked(folder: str, timeout: float = 10.0) -> Iterator[None]:
         os.close(fd)
 
 
+def _pid_namespace() -> str:
+    """This process's PID namespace and boot ("" where /proc does not tell): a recorded PID names a
+    process only within both. A container that shares the host's name (host networking) on a shared
+    volume has PIDs of its own."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f"{os.stat('/proc/self/ns/pid').st_ino}@{f.read().strip()}"
+    except OSError:
+        return ""
+
+
 def _dead_holder(holder: str) -> bool:
-    """Whether a lock file's text names a process of this host that no longer runs."""
+    """Whether a lock file's text names a process of this host, PID namespace and boot that no longer
+    runs (a text without the namespace, an older version's, is judged by the host alone)."""
     m = re.match(r"host (\S+), pid (\d+)", holder)
     if not m or m.group(1) != socket.gethostname() or int(m.group(2)) == os.getpid():
         return False
+    recorded = re.search(r"pid namespace (\S+)", holder)
+    if recorded and recorded.group(1) != _pid_namespace():
+        return False  # its PID means another process here, or none: it may well be running
     try:
         os.kill(int(m.group(2)), 0)
     except ProcessLookupError:
