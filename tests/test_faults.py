@@ -393,6 +393,49 @@ def test_a_rank_whose_share_of_a_save_fails_leaves_no_checkpoint_and_the_older_o
     assert sorted(p.name for p in (older / "engine").iterdir()) == ["shard_rank0.pt", "shard_rank1.pt"]
 
 
+def _evaluate_on_two_ranks(rank: int, port: int, results) -> None:
+    """Rank 0 works alone for 3 s (an evaluation) twice under a 1 s collective timeout; rank 1 waits."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from trainer.runtime.group import ProcessGroup
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=1))
+    runtime = ProcessGroup(torch.device("cpu"), rank, 2, "no")
+    try:
+        for _ in range(2):  # the first wait also makes the waiting group
+            if rank == 0:
+                time.sleep(3)
+            runtime.wait_for_main(timeout=60)
+        total = runtime.sum_across_ranks(torch.ones(1)).item()  # the default group still works after it
+        results.put((rank, f"met, {total:g}"))
+    except RuntimeError as e:
+        results.put((rank, f"{type(e).__name__}: {e}"))
+    runtime.shutdown(meet=True)
+
+
+@pytest.mark.slow
+def test_the_ranks_wait_for_the_main_evaluation_past_the_collective_timeout():
+    """Rank 0 evaluates alone; the others' wait is bounded by train.evaluation_timeout, not by the
+    collective timeout meant for steps, which ended the job at every long evaluation (FID, MALA)."""
+    import multiprocessing
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spawn = multiprocessing.get_context("spawn")
+    results = spawn.Queue()
+    ranks = [spawn.Process(target=_evaluate_on_two_ranks, args=(r, port, results)) for r in range(2)]
+    for p in ranks:
+        p.start()
+    said = dict(results.get(timeout=120) for _ in ranks)
+    for p in ranks:
+        p.join(60)
+    assert said == {0: "met, 2", 1: "met, 2"}, said
+
+
 def _forge(checkpoint, change):
     """Changes the weights and rewrites files.json, as a tamperer (or a bug) would: only the
     parameter check after the load can tell."""

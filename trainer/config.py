@@ -185,13 +185,17 @@ class TrainConfig:
     # Seconds a collective (a gradient reduction, a barrier, the rendezvous) may wait for the other
     # ranks: a rank that stops answering (hung, stopped, its node gone) ends the job within this.
     collective_timeout: float = field(default=600.0, metadata={"range": "(0, inf)"})
+    # Seconds the other ranks wait for the main process's evaluation during training (it evaluates
+    # alone): an evaluation may take far longer than a collective (FID of 50,000 samples, MALA).
+    evaluation_timeout: float = field(default=14400.0, metadata={"range": "(0, inf)"})
 
     def __post_init__(self) -> None:
         for key in ("steps", "energy_steps", "penalty_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
-        if not self.collective_timeout > 0:  # NaN too
-            raise ValueError(f"train.collective_timeout must be > 0 seconds, got {self.collective_timeout}")
+        for key in ("collective_timeout", "evaluation_timeout"):
+            if not getattr(self, key) > 0:  # NaN too
+                raise ValueError(f"train.{key} must be > 0 seconds, got {getattr(self, key)}")
         if self.engine == "fsdp" and self.mixed_precision == "fp16":
             raise ValueError(
                 "train.engine=fsdp supports train.mixed_precision=no or bf16 (no fp16 loss scaler for sharded "

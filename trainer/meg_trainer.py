@@ -206,7 +206,7 @@ class MEGTrainer:
                 with self.runtime.fork_rng(seed=self.cfg.eval.seed), evaluation_mode(generator):
                     metrics = self.evaluator(step, energy, generator)
                 self.logger.log(step, {f"eval_{k}": v for k, v in metrics.items()})
-        self.runtime.barrier()
+        self.runtime.wait_for_main(self.cfg.train.evaluation_timeout)
         return metrics
 
     def _save(self) -> None:

@@ -62,6 +62,7 @@ class ProcessGroup:
         self.device, self.rank, self.world_size = device, rank, world_size
         self.is_main = rank == 0
         self.mixed_precision = mixed_precision
+        self._waiting_group = None  # wait_for_main's
 
     def seed(self, seed: int, per_rank: bool) -> None:
         """The same seed everywhere (network init), or seed + rank (noise, negatives)."""
@@ -112,6 +113,16 @@ class ProcessGroup:
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
+
+    def wait_for_main(self, timeout: float) -> None:
+        """A barrier after work the main process does alone (an evaluation), bounded by ``timeout``
+        seconds instead of train.collective_timeout: on a gloo group of its own (made by every rank at
+        the first call, at the same point of the loop), on any backend."""
+        if self.world_size == 1:
+            return
+        if self._waiting_group is None:
+            self._waiting_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+        dist.barrier(group=self._waiting_group)
 
     def ranks_in_sync(self, *modules: nn.Module) -> bool:
         """True when every rank holds bit-identical parameters and buffers (one small all-gather)."""
