@@ -141,14 +141,12 @@ class MEGTrainer:
     def resume_if_possible(self, checkpoint: str | None) -> int | None:
         """Loads ``checkpoint`` (or, found damaged, the one before it); returns the step loaded (None: a new
         run), and raises CheckpointError when every one left turns out damaged."""
-        if checkpoint is not None:
-            checkpoint = self._load(checkpoint)
-            if checkpoint is None:  # each one left was found damaged as it loaded
-                raise self.checkpoints.none_intact()
+        if checkpoint is not None and self._load(checkpoint) is None:  # each one left turned out damaged
+            raise self.checkpoints.none_intact()
         if self.state.lr_horizon == 0:  # a new run (or one from before the horizon was kept)
             self.state.lr_horizon = self.cfg.train.steps
         self.logger.resumed_at(self.state.step)
-        return checkpoint_step(checkpoint) if checkpoint is not None else None
+        return checkpoint_step(self.loaded) if checkpoint is not None else None
 
     def _load(self, path: str | None) -> str | None:
         self.loaded = self.checkpoints.load_newest(self.runtime, self.state, path, self.steps.load_extra_weights)
@@ -200,9 +198,8 @@ class MEGTrainer:
         if self.evaluator is not None:
             # The fp32 weights the checkpoint exports (every rank: DeepSpeed gathers its masters), G's EMA if kept.
             energy, generator = self.runtime.for_evaluation(self.steps.energy), self.steps.evaluation_generator()
-            if self.runtime.is_main:
-                # Its own seed on forked generators (CPU and device): training is the same with or without
-                # evaluations, and meg-evaluate on this step's checkpoint draws the same samples.
+            if self.runtime.is_main:  # alone, on forked generators (CPU and device) with its own seed:
+                # training is the same with or without it, and meg-evaluate draws the same samples.
                 with self.runtime.fork_rng(seed=self.cfg.eval.seed), evaluation_mode(generator):
                     metrics = self.evaluator(step, energy, generator)
                 self.logger.log(step, {f"eval_{k}": v for k, v in metrics.items()})
@@ -210,8 +207,8 @@ class MEGTrainer:
         return metrics
 
     def _save(self) -> None:
-        """A checkpoint of the current state, once the guard has seen sane weights (collective)."""
-        # A save longer than the collective timeout (which bounds its collectives) is taken as hung.
+        """A checkpoint of the current state, once the guard has seen sane weights (collective); one
+        longer than the collective timeout (which bounds its collectives) is taken as hung."""
         with beating(self.heartbeat, self.cfg.train.collective_timeout):
             self.guard.check_parameters(dict(zip(NETWORK_NAMES, self.steps.modules())), self.state.step)
             self.checkpoints.save(self.runtime, self.state, self.steps.extra_weights())
@@ -220,12 +217,10 @@ class MEGTrainer:
     def train(self) -> dict[str, float]:
         saved = self.loaded is not None and checkpoint_step(self.loaded) == self.state.step
         if self.cfg.train.guard.max_rollbacks > 0 and not self.checkpoints.list():
-            # The initial networks are a good state to roll back to if the run diverges early.
-            self._save()
+            self._save()  # the initial networks: a good state to roll back to if the run diverges early
             saved = True
-        # A stop requested while the run was being set up (before any metric reduction): every rank
-        # agrees on it here, and the run ends with the requeue code at once. The state is a checkpoint's
-        # already when it was just resumed or saved: another save would only copy it (as .replaced).
+        # A stop requested during the set-up: every rank agrees on it here, and the run ends with the
+        # requeue code at once, saving unless a checkpoint holds the state already (a copy, as .replaced).
         if self.runtime.sum_across_ranks(torch.tensor([float(self.stop.is_set())], device=self.runtime.device)).item():
             if not saved:
                 self._save()
