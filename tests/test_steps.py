@@ -225,6 +225,25 @@ def test_stop_signals_set_the_event_and_give_the_handlers_back():
     assert (signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)) == before
 
 
+def test_a_sigint_the_process_was_started_ignoring_stays_ignored():
+    """nohup and ``cmd &`` in a script start a process with SIGINT ignored: a Ctrl-C meant for the
+    terminal's foreground job must not stop it."""
+    import signal
+
+    from trainer.main import stop_signals
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with stop_signals() as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            signal.raise_signal(signal.SIGINT)
+            time.sleep(0.2)  # the watchdog thread would have seen it by now
+            assert not stop.is_set()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 class _MetaRuntime(DDPRuntime):
     """The DDP runtime's updates on the meta device, with no accelerate (it would move the networks to
     its own device). Meta, like CUDA, refuses any operation that mixes its tensors with CPU tensors

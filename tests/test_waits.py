@@ -373,10 +373,19 @@ def ctrl_c(proc: subprocess.Popen) -> None:
     os.killpg(proc.pid, signal.SIGINT)
 
 
+def at_a_terminal() -> None:
+    """SIGINT as a terminal's foreground job has it: a suite started in the background of a script
+    (``cmd &``, nohup) passes SIGINT on ignored, which the trainer rightly keeps ignoring."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_in_own_group(tmp_path: Path, *extra: str) -> subprocess.Popen:
     out, err = (open(tmp_path / f"train.{s}", "wb") for s in ("out", "err"))  # noqa: SIM115
     cmd = [*TRAINER, *tiny_overrides(tmp_path, 100_000), "checkpoint.every=100000", *extra]
-    return subprocess.Popen(cmd, cwd=REPO_ROOT, env=subprocess_env(), stdout=out, stderr=err, start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=REPO_ROOT, env=subprocess_env(), stdout=out, stderr=err, start_new_session=True,
+        preexec_fn=at_a_terminal,
+    )  # fmt: skip
 
 
 def test_a_ctrl_c_stops_at_the_next_reduction_with_a_checkpoint_and_no_traceback(tmp_path):
