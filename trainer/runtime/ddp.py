@@ -18,6 +18,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.amp.grad_scaler import _refresh_per_optimizer_state
 
 from data_pipeline.cli import CheckpointError
@@ -126,7 +127,9 @@ class DDPRuntime(ProcessGroup):
             )
             # GradScaler gets the torch optimizer itself: accelerate's wrapper hides that the fused
             # Adam can skip an overflowing step on the device, and GradScaler would then sync.
-            bare = {k: self.accelerator.unwrap_model(v) for k, v in nets.items()}
+            # DDP's module by hand: accelerate's unwrap_model imports DeepSpeed to look for its engine
+            # (half a second of every process's start), and this runtime never has one.
+            bare = {k: v.module if isinstance(v, DistributedDataParallel) else v for k, v in nets.items()}
             self.updates[name] = DDPUpdate(nets, bare, getattr(opt, "optimizer", opt), scaler, self.device)
         return self.updates["energy"], self.updates["generator"]
 
