@@ -102,10 +102,12 @@ def test_zero2_resume_is_exact_and_every_rank_saves(two_rank_runs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("estimator", ["dv", "nwj", "infonce", "smile", "vera"])
-def test_each_entropy_estimator_gives_zero2_the_ddp_losses_and_resumes_exactly(tmp_path, estimator):
+@pytest.mark.parametrize("estimator", ["dv", "vera"])
+def test_the_stateful_entropy_estimators_give_zero2_the_ddp_losses_and_resume_exactly(tmp_path, estimator):
     # Two ranks, the lazy penalty on: DV's moving average is averaged over the ranks and saved in
     # trainer_state.json; VERA's noise and posterior scales are T's parameters under either engine.
+    # NWJ, InfoNCE and SMILE keep nothing beyond T, whose parameters ZeRO-2 holds as under the default
+    # estimator (the parity test above); tests/test_end_to_end.py trains with each of them.
     extra = [f"train.entropy_estimator={estimator}", "train.penalty_every=2"]
     zero2 = ["train.engine=deepspeed", "deepspeed.zero_stage=2"]
     ddp, zero = _launch(tmp_path, "ddp", extra), _launch(tmp_path, "zero2", extra + zero2)
@@ -117,8 +119,6 @@ def test_each_entropy_estimator_gives_zero2_the_ddp_losses_and_resumes_exactly(t
         for key in LOSSES:
             assert abs(a[key] - b[key]) <= tol * max(abs(a[key]), 1e-3), (estimator, a["step"], key)
     assert ddp[0]["mi_estimate"] != ddp[-1]["mi_estimate"]
-    if estimator not in ("dv", "vera"):  # stateless beyond T: the resume test above covers them
-        return
     _launch(tmp_path, "split", extra + zero2, steps=3)
     _launch(tmp_path, "split", extra + zero2, steps=6)
     straight, resumed = (tmp_path / name / "run" / "checkpoints" / "step_00000006" for name in ("zero2", "split"))
