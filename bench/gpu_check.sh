@@ -122,7 +122,7 @@ if [[ $mode == dry ]]; then
     # A fixed few steps (the real run trains until its deadline): the dry run ends as soon as it can.
     smnist=(model.conv_width=4 data.batch_size=16 train.energy_steps=2 log.every=5 train.steps=30
         eval.num_samples=500 eval.mala.steps=0)
-    smnist_samples=2000 classifier_epochs=1 xdist=()
+    smnist_samples=2000 classifier_epochs=1 workers=2
 else
     if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
         echo "gpu_check.sh: no CUDA device here; run bench/gpu_check.sh --dry-run on a CPU" >&2
@@ -136,11 +136,12 @@ else
     fi
     tiny=(--repeats 10 --iterations 3)
     smnist=(log.every=50)
-    smnist_samples=26000 classifier_epochs=3
-    # The subprocess runs of the GPU tests in parallel where pytest-xdist is (the GPU machine has it).
-    xdist=()
-    "$PYTHON" -c "import xdist" 2>/dev/null && xdist=(-n 4)
+    smnist_samples=26000 classifier_epochs=3 workers=4
 fi
+# The GPU tests' subprocess runs in parallel where pytest-xdist is (a dev dependency; the GPU machine
+# has it): 4 workers share the GPU; on the dry run's CPU each run holds one core, so 2 workers.
+xdist=()
+"$PYTHON" -c "import xdist" 2>/dev/null && xdist=(-n "$workers")
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 
 "$PYTHON" - >>"$summary" 2>&1 <<'EOF'
