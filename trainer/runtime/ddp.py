@@ -18,8 +18,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.amp.grad_scaler import _refresh_per_optimizer_state
+from torch.nn.parallel import DistributedDataParallel
 
 from data_pipeline.cli import CheckpointError
 from trainer.runtime.group import FP16_INIT_SCALE, ProcessGroup, check_world_size, refuse_accelerate_deepspeed
