@@ -38,6 +38,21 @@ def test_every_installed_tool_has_a_help(script):
     assert "usage:" in result.stdout and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("module", ["trainer.main", "trainer.sample", "trainer.evaluate"])
+@pytest.mark.parametrize("flag", ["--help", "--no-such-flag"])
+def test_the_run_tools_answer_help_and_a_wrong_flag_without_importing_torch(module, flag):
+    # torch (and matplotlib) take seconds to import: the tools a user runs most answer before it.
+    code = (
+        f"import runpy, sys\nsys.argv = [{module!r}, {flag!r}]\n"
+        f"try:\n    runpy.run_module({module!r}, run_name='__main__')\nexcept SystemExit as e:\n    code = e.code\n"
+        "print('exit', code, 'torch' in sys.modules, 'matplotlib' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True
+    )
+    assert result.stdout.splitlines()[-1] == f"exit {0 if flag == '--help' else 2} False False", result.stderr[-2000:]
+
+
 def test_classifier_tool_trains_and_writes_a_checkpoint(tmp_path):
     # Ten "digits" a classifier can tell apart: a bright square in its own cell of a 2 x 5 grid.
     rng = np.random.default_rng(0)

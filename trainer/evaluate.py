@@ -18,7 +18,6 @@ import sys
 from data_pipeline.cli import CheckpointError, ConfigError, add_debug_flag, run_tool
 from trainer.config import check_commands, load_config
 from trainer.evaluation import build_evaluator, check_requirements, format_table
-from trainer.run_folder import load_networks, ready_to_draw, resolve_checkpoint
 
 
 def check_in_run(run: str, checkpoint: str) -> None:
@@ -68,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    # torch (seconds to import) only once there is work: --help and a wrong flag answer at once.
+    from trainer.run_folder import load_networks, ready_to_draw, resolve_checkpoint
+
     check_overrides(args.overrides)
     if args.checkpoint is not None:
         check_in_run(args.run, args.checkpoint)

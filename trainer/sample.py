@@ -24,10 +24,7 @@ import numpy as np
 from data_pipeline.cli import add_debug_flag, check_output_file, run_tool
 from data_pipeline.toy import mode_metrics
 from models.config import MALAConfig
-from trainer.evaluation.sampling import generate
 from trainer.evaluation.toy import toy_reference
-from trainer.plots import image_grid, scatter_2d
-from trainer.run_folder import load_networks, ready_to_draw
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +69,11 @@ def check_flags(args: argparse.Namespace) -> None:
 
 def _sample(args: argparse.Namespace) -> int:
     check_flags(args)
+    # torch and matplotlib (seconds to import) once the flags are good: --help and a wrong flag answer at once.
+    from trainer.evaluation.sampling import generate
+    from trainer.plots import image_grid, scatter_2d
+    from trainer.run_folder import load_networks, ready_to_draw
+
     cfg, nets, checkpoint, info = load_networks(args.run, args.checkpoint)
     run_mala = cfg.eval.mala
     mala = MALAConfig(
