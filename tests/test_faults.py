@@ -331,7 +331,26 @@ def test_a_save_to_an_existing_step_keeps_the_old_one_aside(tmp_path, config_yam
     assert (folder / "step_00000010.replaced2").is_dir() and damage(str(folder / "step_00000010")) is None
 
 
-def _save_on_two_ranks(rank: int, folder: str, port: int, results) -> None:
+def _on_two_ranks(target, *args) -> dict:
+    """Runs ``target(rank, port, results, *args)`` in two spawned processes that form a gloo group on
+    ``port``; returns what each rank put in ``results``, by rank."""
+    import multiprocessing
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spawn = multiprocessing.get_context("spawn")
+    results = spawn.Queue()
+    ranks = [spawn.Process(target=target, args=(r, port, results, *args)) for r in range(2)]
+    for p in ranks:
+        p.start()
+    said = dict(results.get(timeout=120) for _ in ranks)
+    for p in ranks:
+        p.join(60)
+    return said
+
+
+def _save_on_two_ranks(rank: int, port: int, results, folder: str) -> None:
     """One of two gloo ranks saving step 10, then step 20 with rank 1's share failing (a full disk
     on its node): what each rank's save raised goes to ``results``."""
     import datetime
@@ -371,19 +390,7 @@ def _save_on_two_ranks(rank: int, folder: str, port: int, results) -> None:
 def test_a_rank_whose_share_of_a_save_fails_leaves_no_checkpoint_and_the_older_one_kept(tmp_path):
     """The ranks agree that each wrote its files before the checkpoint is published: else the failed
     rank's way out (a barrier) let rank 0 publish it without them and prune the older one (keep=1)."""
-    import multiprocessing
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    spawn = multiprocessing.get_context("spawn")
-    results = spawn.Queue()
-    ranks = [spawn.Process(target=_save_on_two_ranks, args=(r, str(tmp_path), port, results)) for r in range(2)]
-    for p in ranks:
-        p.start()
-    said = dict(results.get(timeout=120) for _ in ranks)
-    for p in ranks:
-        p.join(60)
+    said = _on_two_ranks(_save_on_two_ranks, str(tmp_path))
     final = tmp_path / "checkpoints" / "step_00000020"
     assert said[1].startswith(f"could not write checkpoint {final}: No space left on device"), said
     assert said[0].startswith(f"could not write checkpoint {final}: another rank could not write its part"), said
@@ -420,19 +427,7 @@ def _evaluate_on_two_ranks(rank: int, port: int, results) -> None:
 def test_the_ranks_wait_for_the_main_evaluation_past_the_collective_timeout():
     """Rank 0 evaluates alone; the others' wait is bounded by train.evaluation_timeout, not by the
     collective timeout meant for steps, which ended the job at every long evaluation (FID, MALA)."""
-    import multiprocessing
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    spawn = multiprocessing.get_context("spawn")
-    results = spawn.Queue()
-    ranks = [spawn.Process(target=_evaluate_on_two_ranks, args=(r, port, results)) for r in range(2)]
-    for p in ranks:
-        p.start()
-    said = dict(results.get(timeout=120) for _ in ranks)
-    for p in ranks:
-        p.join(60)
+    said = _on_two_ranks(_evaluate_on_two_ranks)
     assert said == {0: "met, 2", 1: "met, 2"}, said
 
 

@@ -67,8 +67,9 @@ class RunFolderLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.ftruncate(fd, 0)
             started = time.strftime("%Y-%m-%d %H:%M:%S")
-            namespace = f", pid namespace {_pid_namespace()}" if _pid_namespace() else ""
-            os.write(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since {started}{namespace}\n".encode())
+            namespace = _pid_namespace()
+            recorded = f", pid namespace {namespace}" if namespace else ""
+            os.write(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since {started}{recorded}\n".encode())
         self.fd = fd
         _HELD.add(fd)
         return None
