@@ -400,6 +400,54 @@ def test_a_rank_whose_share_of_a_save_fails_leaves_no_checkpoint_and_the_older_o
     assert sorted(p.name for p in (older / "engine").iterdir()) == ["shard_rank0.pt", "shard_rank1.pt"]
 
 
+def _restore_on_two_ranks(rank: int, port: int, results, folder: str) -> None:
+    """One of two gloo ranks saving steps 10 and 20, then resuming the newest, which rank 1 alone
+    cannot restore (its node's copy of the engine file unreadable): which step each rank loaded, and
+    whether the two still meet after it, go to ``results``."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from trainer.runtime.group import ProcessGroup
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=20))
+
+    class TwoRanks(ProcessGroup, FakeRuntime):
+        def save_engine_state(self, engine_folder):  # one file, as DDP's main process writes
+            os.makedirs(engine_folder, exist_ok=True)
+            if self.is_main:
+                torch.save({"moments": torch.ones(2)}, os.path.join(engine_folder, "ddp_state.pt"))
+
+        def restore(self, engine_folder, weights):
+            if self.rank == 1 and "step_00000020" in engine_folder:
+                raise CheckpointError(f"{engine_folder}/ddp_state.pt is not a readable torch file: truncated")
+            super().restore(engine_folder, weights)
+
+    runtime = TwoRanks(torch.device("cpu"), rank, 2, "no")
+    FakeRuntime.__init__(runtime)
+    config_yaml = config_to_yaml(load_config("toy_25gaussians"))
+    checkpoints = Checkpoints(os.path.join(folder, "checkpoints"), 3, config_yaml, {})
+    for step in (10, 20):
+        _save(checkpoints, runtime, step)
+    state = TrainState(rank, 2)
+    try:
+        loaded = checkpoints.load_newest(runtime, state, checkpoints.newest_intact(runtime))
+        met = runtime.sum_across_ranks(torch.ones(1)).item()
+        results.put((rank, f"{os.path.basename(loaded)} at step {state.step}, met {met:g}"))
+    except RuntimeError as e:
+        results.put((rank, f"{type(e).__name__}: {e}"))
+    runtime.shutdown(meet=True)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_one_rank_cannot_restore_sends_every_rank_to_the_one_before_it(tmp_path):
+    """Without agreeing, rank 1 went back to step 10 while rank 0 trained on from step 20: two
+    trajectories, each rank waiting for the other in its next collective."""
+    said = _on_two_ranks(_restore_on_two_ranks, str(tmp_path))
+    assert said == {0: "step_00000010 at step 10, met 2", 1: "step_00000010 at step 10, met 2"}, said
+
+
 def _evaluate_on_two_ranks(rank: int, port: int, results) -> None:
     """Rank 0 works alone for 3 s (an evaluation) twice under a 1 s collective timeout; rank 1 waits."""
     import datetime

@@ -574,8 +574,10 @@ class Checkpoints:
 
     def load(self, path: str, runtime, state: TrainState, restore_extra=None) -> None:
         """Restores ``path``. Everything is read and checked first (the weights finite and as large
-        as when they were saved): a damaged checkpoint is a CheckpointError naming the file, and
-        nothing of it is restored. ``restore_extra(weights)``: restores what ``save``'s ``extra`` held."""
+        as when they were saved): a damaged checkpoint is a CheckpointError naming the file, on every
+        rank, and nothing of it is restored; an engine file that one rank cannot restore is a
+        CheckpointError on every rank too (whatever the others restored, the next load replaces).
+        ``restore_extra(weights)``: restores what ``save``'s ``extra`` held."""
         problem, rng, saved = None, None, {}
         try:
             weights, _, _ = load_export(path)
@@ -594,15 +596,18 @@ class Checkpoints:
             problem = str(e)
         except (OSError, ValueError, AttributeError) as e:
             problem = f"{STATE_FILE} is unreadable: {short_message(e)}"
-        if runtime.world_size > 1:
-            bad = torch.tensor([float(problem is not None)], device=runtime.device)
-            if runtime.sum_across_ranks(bad).item() and problem is None:
-                problem = "another rank could not read it"
-        if problem is not None:
-            raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
-        runtime.restore(os.path.join(path, ENGINE_DIR), weights)
-        if restore_extra is not None:
-            restore_extra(weights)
+        _agree_on(runtime, path, problem, "another rank could not read it")
+        # Restoring reads the engine's files (on each node, which may see another copy): a rank that
+        # fails alone would try the checkpoint before it while the others trained on, each side
+        # waiting for the other in its next collective. Every rank takes the same way instead.
+        problem = None
+        try:
+            runtime.restore(os.path.join(path, ENGINE_DIR), weights)
+            if restore_extra is not None:
+                restore_extra(weights)
+        except CheckpointError as e:
+            problem = str(e)
+        _agree_on(runtime, path, problem, "another rank could not restore it")
         if rng is not None:
             set_rng_state(rng, runtime.device)
         state.sample_order = self._sample_order(runtime.world_size)
@@ -628,6 +633,17 @@ class Checkpoints:
                 self.rejected.add(path)
                 path = self.newest_intact(runtime)
         return None
+
+
+def _agree_on(runtime, path: str, problem: str | None, elsewhere: str) -> None:
+    """Raises the CheckpointError of ``path`` on every rank when ``problem`` is not None on any
+    (``elsewhere``: what the ranks without a problem of their own say)."""
+    if runtime.world_size > 1:
+        failed = runtime.sum_across_ranks(torch.tensor([float(problem is not None)], device=runtime.device))
+        if failed.item() and problem is None:
+            problem = elsewhere
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
 
 
 def _remove(path: str) -> None:
