@@ -29,8 +29,8 @@ import numpy as np
 from data_pipeline.cli import add_debug_flag, fraction, nonnegative_int, positive_int, run_tool
 from data_pipeline.config import MAX_IMAGE_SIZE, check_label_key
 from data_pipeline.decode import DecodeSpec
-from data_pipeline.shard_io import ALLOW_COMMANDS_ENV, load_shard
 from data_pipeline.shards import (
+    ALLOW_COMMANDS_ENV,
     DataError,
     Manifest,
     is_command_url,
@@ -51,7 +51,6 @@ from data_pipeline.sources import (
     read_image_folder,
     read_kdd,
 )
-from data_pipeline.stream import manifest_from_urls, split_urls
 from data_pipeline.toy import TOY_SPECS, sample_toy, toy_spec
 
 DEFAULT_SHARDS = 16  # a multiple of every usual ranks x workers count (1, 2, 4, 8, 16)
@@ -301,6 +300,8 @@ def index_shards(out: str, shards: str, spec: DecodeSpec, name: str, split: str)
     """A manifest for existing WebDataset shards (read once, not rewritten), written to ``out``: the
     trainer then reads them with exactly-once epochs and exact resume, like converted data. Shards
     under ``out`` are recorded relative to it (the folder can move); others by absolute path or URL."""
+    from data_pipeline.stream import manifest_from_urls, split_urls  # torch: not for --help
+
     manifest = manifest_from_urls([_absolute(u) for u in split_urls(shards)], name or "shards", split, spec)
     folder = _absolute(out).rstrip("/") + "/"
     for shard in manifest.shards:
@@ -313,6 +314,9 @@ def index_shards(out: str, shards: str, spec: DecodeSpec, name: str, split: str)
 
 def convert_webdataset(out: str, shards: str, spec: DecodeSpec, name: str, split: str, num_shards: int) -> Manifest:
     """Existing WebDataset shards decoded once into this project's layout (the stream's fast path)."""
+    from data_pipeline.shard_io import load_shard  # webdataset's openers, and torch: not for --help
+    from data_pipeline.stream import manifest_from_urls, split_urls
+
     manifest = manifest_from_urls(split_urls(shards), name or "shards", split, spec)
     parts = [load_shard(url, info, manifest) for url, info in zip(manifest.shard_urls(), manifest.shards)]
     x = np.concatenate([p.x for p in parts])

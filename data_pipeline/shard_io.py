@@ -15,7 +15,7 @@ import fsspec
 from data_pipeline.config import DEFAULT_MAX_SAMPLE_BYTES
 from data_pipeline.decode import DecodeSpec, gunzip_shard, parse_webdataset_shard
 from data_pipeline.shard_reader import CorruptShard, SampleTooLarge, ShardArrays, parse_shard
-from data_pipeline.shards import COMMAND_SCHEMES, DataError, Manifest, ShardInfo, is_command_url
+from data_pipeline.shards import ALLOW_COMMANDS_ENV, COMMAND_SCHEMES, DataError, Manifest, ShardInfo, is_command_url
 from data_pipeline.storage import bounded, made_progress
 
 # webdataset's package re-exports the gopen *function* under the module's name.
@@ -34,12 +34,6 @@ def _fsspec_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **_: object):
         # request per block, which servers without range support (python -m http.server) refuse.
         return fs.open(path, mode, block_size=0)
     return fs.open(path, mode, block_size=max(bufsize, 1 << 20))
-
-
-# A preset, a saved config or a manifest must not run anything: URLs of the COMMAND_SCHEMES open only
-# when the user allowed it on the command line (--allow-pipe sets this variable, which worker
-# processes inherit).
-ALLOW_COMMANDS_ENV = "MEG_ALLOW_PIPE"
 
 
 def _command_gopen(opener):

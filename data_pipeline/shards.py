@@ -28,7 +28,6 @@ from typing import Any, get_args, get_type_hints
 
 import fsspec
 import numpy as np
-import webdataset as wds
 
 from data_pipeline.cli import DataError, short_message, shown  # DataError re-exported: its home is the CLI module
 from data_pipeline.config import MAX_IMAGE_SIZE, DataConfig, check_label_key
@@ -89,6 +88,11 @@ class Manifest:
 
 # Schemes whose webdataset opener runs a program (pipe: a shell command; the others curl or ais).
 COMMAND_SCHEMES = ("pipe", "ais", "htgs", "scp", "ftps")
+
+# A preset, a saved config or a manifest must not run anything: URLs of the COMMAND_SCHEMES open only
+# when the user allowed it on the command line (--allow-pipe sets this variable, which worker
+# processes inherit; data_pipeline/shard_io.py's openers check it).
+ALLOW_COMMANDS_ENV = "MEG_ALLOW_PIPE"
 
 
 def is_command_url(url: str) -> bool:
@@ -354,15 +358,17 @@ class ShardWriter:
         self.class_counts: dict[str, int] = {}
         self.sample_shape: list[int] | None = None
         self.dtype: str | None = None
-        self._tar: wds.TarWriter | None = None
+        self._tar = None  # a webdataset.TarWriter while a shard is open
         self._tmp_path = ""
         self._in_shard = 0
         self._index = 0
 
     def _open(self) -> None:
+        import webdataset  # it imports torch (seconds): the data tools' --help and readers need neither
+
         fd, self._tmp_path = tempfile.mkstemp(suffix=".tar.partial", dir=_local_dir_for(self._shard_url()))
         self._stream = os.fdopen(fd, "wb")
-        self._tar = wds.TarWriter(self._stream, mtime=SHARD_MTIME)
+        self._tar = webdataset.TarWriter(self._stream, mtime=SHARD_MTIME)
         # webdataset 1.0.2 accepts a ``format`` argument but never passes it on to tarfile.
         self._tar.tarstream.format = tarfile.USTAR_FORMAT
         self._in_shard = 0

@@ -38,9 +38,9 @@ def test_every_installed_tool_has_a_help(script):
     assert "usage:" in result.stdout and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("module", ["trainer.main", "trainer.sample", "trainer.evaluate"])
+@pytest.mark.parametrize("module", ["trainer.main", "trainer.sample", "trainer.evaluate", "data_pipeline.convert"])
 @pytest.mark.parametrize("flag", ["--help", "--no-such-flag"])
-def test_the_run_tools_answer_help_and_a_wrong_flag_without_importing_torch(module, flag):
+def test_the_tools_users_run_most_answer_help_and_a_wrong_flag_without_importing_torch(module, flag):
     # torch (and matplotlib) take seconds to import: the tools a user runs most answer before it.
     code = (
         f"import runpy, sys\nsys.argv = [{module!r}, {flag!r}]\n"

@@ -26,8 +26,7 @@ from PIL import Image
 from data_pipeline import convert
 from data_pipeline.config import DataConfig
 from data_pipeline.decode import DecodeSpec
-from data_pipeline.shard_io import ALLOW_COMMANDS_ENV
-from data_pipeline.shards import DataError, read_manifest
+from data_pipeline.shards import ALLOW_COMMANDS_ENV, DataError, read_manifest
 from data_pipeline.stream import ShardStream, StreamPosition, open_data
 from tests.conftest import REPO_ROOT, run_trainer, subprocess_env, tiny_overrides
 

@@ -613,8 +613,7 @@ def check_commands(cfg: RunConfig, allow_pipe: bool = False, trust_inception: bo
     """Nothing a configuration says runs a program or loads code unless the command line allowed it:
     a URL whose scheme runs a program (pipe:, ...) needs --allow-pipe, a TorchScript eval.fid.inception
     --trust-inception. Sets the process-wide permissions the openers check (and child processes inherit)."""
-    from data_pipeline.shard_io import ALLOW_COMMANDS_ENV
-    from data_pipeline.shards import is_command_url  # the loader itself reads no data code
+    from data_pipeline.shards import ALLOW_COMMANDS_ENV, is_command_url  # the loader itself reads no data code
 
     if not allow_pipe:
         for key, value in _strings(dataclasses.asdict(cfg)):
