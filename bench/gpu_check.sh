@@ -48,6 +48,8 @@ if ! [[ $budget =~ ^[0-9]+$ ]] || (( budget < 60 )); then
     exit 2
 fi
 
+T0=$(date +%s)  # the budget counts from here: installing the carried wheels is part of it
+
 if [[ $mode == fetch ]]; then
     # Python 3.12 wheels for the GPU machine, at the versions of this project's environment;
     # deepspeed has no wheel on PyPI, so one is built here (pure Python: its ops compile at first use).
@@ -84,12 +86,34 @@ if ! "$PYTHON" -c "import torch, pytest" 2>/dev/null; then
     exit 2
 fi
 
-OUT=${OUT:-$ROOT/bench/results/gpu_check}
-mkdir -p "$OUT"
+if [[ $mode == run ]] && ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu_check.sh: no CUDA device here; run bench/gpu_check.sh --dry-run on a CPU" >&2
+    exit 2
+fi
+
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
+# What the GPU machine lacks travels as wheels in .gpu/ (--fetch). A dry run whose interpreter lacks them
+# too installs them the same way, so that the install is tried before a GPU's minutes are spent on it.
+if ! "$PYTHON" -c "import webdataset, deepspeed" 2>/dev/null; then
+    if ! compgen -G "$GPU_DIR/wheels/*.whl" >/dev/null; then
+        echo "gpu_check.sh: $PYTHON lacks webdataset or deepspeed, and $GPU_DIR/wheels holds no wheels:" \
+            "run bench/gpu_check.sh --fetch where PyPI is (with the GPU machine's Python, 3.12)" >&2
+        exit 2
+    fi
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" "$GPU_DIR"/wheels/*.whl \
+        || { echo "gpu_check.sh: installing the carried wheels of $GPU_DIR/wheels failed (see above)" >&2; exit 2; }
+    export PYTHONPATH=$WORK/site${PYTHONPATH:+:$PYTHONPATH}
+    if ! why=$("$PYTHON" -c "import webdataset, deepspeed" 2>&1); then
+        echo "gpu_check.sh: webdataset or deepspeed does not import from the carried wheels ($(tail -n 1 <<<"$why"));" \
+            "run --fetch again" >&2
+        exit 2
+    fi
+fi
+
+OUT=${OUT:-$ROOT/bench/results/gpu_check}
+mkdir -p "$OUT"
 summary=$OUT/summary.md
-T0=$(date +%s)
 failed=0 not_run=0
 
 # Where each phase must end, as a share (percent) of the budget from the start. Tiny sizes make the
@@ -124,16 +148,6 @@ if [[ $mode == dry ]]; then
         eval.num_samples=500 eval.mala.steps=0)
     smnist_samples=2000 classifier_epochs=1 workers=2
 else
-    if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-        echo "gpu_check.sh: no CUDA device here; run bench/gpu_check.sh --dry-run on a CPU" >&2
-        exit 2
-    fi
-    if ! "$PYTHON" -c "import webdataset, deepspeed" 2>/dev/null; then
-        [[ -d $GPU_DIR/wheels ]] || { echo "gpu_check.sh: $GPU_DIR/wheels missing: run --fetch where PyPI is" >&2; exit 2; }
-        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" "$GPU_DIR"/wheels/*.whl \
-            || { echo "gpu_check.sh: installing the carried wheels failed" >&2; exit 2; }
-        export PYTHONPATH=$WORK/site${PYTHONPATH:+:$PYTHONPATH}
-    fi
     tiny=(--repeats 10 --iterations 3)
     smnist=(log.every=50)
     smnist_samples=26000 classifier_epochs=3 workers=4

@@ -81,6 +81,31 @@ def test_gpu_check_refuses_an_interpreter_without_torch_before_any_work(tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def test_gpu_check_without_deepspeed_or_its_wheels_stops_before_any_work(tmp_path):
+    """The GPU machine has no webdataset or deepspeed: the check installs the wheels --fetch put in .gpu/,
+    and says so when they are not there (before, the dry run went on and two GPU tests failed on the import)."""
+    blocked = tmp_path / "blocked" / "deepspeed"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ImportError('not on this machine')\n")
+    python = tmp_path / "python-without-deepspeed"
+    python.write_text(
+        f'#!/bin/sh\nPYTHONPATH={blocked.parent}${{PYTHONPATH:+:$PYTHONPATH}} exec {sys.executable} "$@"\n'
+    )
+    python.chmod(0o755)
+    env = {
+        **subprocess_env(),
+        "OUT": str(tmp_path / "out"),
+        "PYTHON": str(python),
+        "MEG_GPU_DIR": str(tmp_path / "gpu"),
+    }
+    result = subprocess.run(
+        ["bash", "bench/gpu_check.sh", "--dry-run"], cwd=REPO_ROOT, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 2, result.stderr
+    assert "lacks webdataset or deepspeed" in result.stderr and "--fetch" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_failed_bench_row_names_its_cause_in_one_line():
     # The compile row's error on the H200 (torch 2.11, triton 3.6): Inductor's message ends in advice;
     # the table's cell must show the kernel and the cause, on one line that keeps the table whole.
