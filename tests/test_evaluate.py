@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from data_pipeline.cli import UserError
 from data_pipeline.shards import write_array_shards
 from models.classifier import classify_stacked
 from tests.conftest import REPO_ROOT, run_trainer, subprocess_env, tiny_overrides
@@ -156,3 +157,42 @@ def test_the_tool_keeps_the_runs_latest_json_and_refuses_another_runs_checkpoint
     assert f"checkpoint {foreign} is not one of {run}'s" in refused.stderr
     assert f"--run {other}," in refused.stderr
     assert sorted(p.name for p in (run / "eval").iterdir()) == before
+
+
+def _stackedmnist_and_fid_files(tmp_path) -> dict[str, str]:
+    """A real digit classifier checkpoint and real FID statistics, each as the tools write them."""
+    from models.classifier import DigitClassifier
+    from trainer.fid import save_statistics
+
+    torch.save({"weights": DigitClassifier().state_dict()}, tmp_path / "classifier.pt")
+    save_statistics(str(tmp_path / "stats.npz"), np.random.default_rng(0).normal(size=(8, 4)))
+    return {"stackedmnist": f"eval.stackedmnist.classifier={tmp_path / 'classifier.pt'}",
+            "fid": f"eval.fid.reference={tmp_path / 'stats.npz'}"}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["stackedmnist", "fid"])
+def test_an_evaluation_file_that_is_not_what_it_should_be_is_refused_naming_it(tmp_path, kind):
+    """A checkpoint's rng file as the classifier, a text file as the FID statistics: each was a traceback
+    (KeyError 'weights'; numpy's advice to unpickle the file) after the whole training run."""
+    from trainer.config import load_config
+    from trainer.evaluation import check_requirements
+
+    good = _stackedmnist_and_fid_files(tmp_path)[kind]
+    check_requirements(load_config("toy_25gaussians", [f"eval.kind={kind}", good]))
+    wrong = tmp_path / "wrong"
+    torch.save({"cpu": torch.ones(3)}, wrong)  # tensors, but not a classifier's; a zip numpy reads as an .npz
+    key = good.split("=")[0]
+    says = "is not a digit classifier checkpoint|holds .*, not FID reference statistics"
+    with pytest.raises(UserError, match=f"{wrong} ({says})"):
+        check_requirements(load_config("toy_25gaussians", [f"eval.kind={kind}", f"{key}={wrong}"]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["stackedmnist", "fid"])
+def test_an_evaluation_that_cannot_score_the_data_is_refused_before_the_run_folder(tmp_path, kind):
+    """FID or digit classification of 2D points: the run trained every step, then failed to score."""
+    overrides = [*tiny_overrides(tmp_path), f"eval.kind={kind}", _stackedmnist_and_fid_files(tmp_path)[kind]]
+    result = run_trainer(overrides, check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"error: eval.kind={kind}" in result.stderr and "this data's samples are (2,)" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()

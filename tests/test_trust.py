@@ -80,7 +80,7 @@ def test_deepspeed_checkpoint_file_with_a_payload_is_refused(tmp_path, marker):
 
 def test_classifier_checkpoint_with_a_payload_is_refused(tmp_path, marker):
     _torch_payload(tmp_path / "classifier.pt", marker)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(CheckpointError, match="classifier.pt holds objects other than tensors"):
         load_classifier(str(tmp_path / "classifier.pt"))
 
 
@@ -89,7 +89,7 @@ def test_fid_statistics_holding_pickled_objects_are_refused(tmp_path, marker):
 
     np.save(tmp_path / "stats.npy", np.array([Payload(marker)], dtype=object), allow_pickle=True)
     os.replace(tmp_path / "stats.npy", tmp_path / "stats.npz")  # what np.load sees is the .npy pickle
-    with pytest.raises(ValueError):
+    with pytest.raises(DataError, match="stats.npz is not an .npz of FID reference statistics"):
         load_statistics(str(tmp_path / "stats.npz"))
 
 

@@ -18,7 +18,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_pipeline.cli import DataError, add_debug_flag, check_output_file, nonnegative_int, positive_int, run_tool
+from data_pipeline.cli import (
+    DataError,
+    add_debug_flag,
+    check_output_file,
+    nonnegative_int,
+    positive_int,
+    run_tool,
+    short_message,
+)
 from models.classifier import DigitClassifier
 from trainer.nofollow import write_replacing
 from trainer.progress import Progress
@@ -81,9 +89,19 @@ def evaluate_accuracy(model: DigitClassifier, x: torch.Tensor, y: torch.Tensor) 
 
 
 def load_classifier(path: str) -> DigitClassifier:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """The classifier ``python -m trainer.classifier`` wrote to ``path``; anything else is a DataError
+    naming the file (a file holding objects other than tensors and numbers is not unpickled)."""
+    from trainer.checkpoint import load_tensors
+
+    state = load_tensors(path, map_location="cpu")
     model = DigitClassifier()
-    model.load_state_dict(state["weights"])
+    try:
+        model.load_state_dict(state["weights"])
+    except (KeyError, TypeError, IndexError, RuntimeError) as e:
+        raise DataError(
+            f"{path} is not a digit classifier checkpoint ({type(e).__name__}: {short_message(e, 120)}); "
+            "make one with python -m trainer.classifier --data <MNIST shards> --out <path>"
+        ) from None
     return model.eval()
 
 

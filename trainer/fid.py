@@ -15,12 +15,21 @@ import argparse
 import importlib.util
 import os
 import sys
+import zipfile
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_pipeline.cli import ConfigError, DataError, add_debug_flag, check_output_file, nonnegative_int, run_tool
+from data_pipeline.cli import (
+    ConfigError,
+    DataError,
+    add_debug_flag,
+    check_output_file,
+    nonnegative_int,
+    run_tool,
+    short_message,
+)
 from trainer.progress import Progress
 from trainer.scores import feature_statistics
 
@@ -75,9 +84,31 @@ def save_statistics(path: str, features: np.ndarray) -> None:
         raise
 
 
-def load_statistics(path: str) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
+def load_statistics(path: str, features: bool = True) -> dict[str, np.ndarray]:
+    """The reference statistics ``save_statistics`` wrote to ``path`` (mu, cov, and with ``features`` the
+    features when kept); anything else is a DataError naming the file. Nothing in it is unpickled."""
+    make = f"make it with python -m trainer.fid --data <shards> --out {path}"
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # one .npy array
+            raise DataError(f"{path} holds one array {loaded.shape}, not FID reference statistics; {make}")
+        with loaded as f:
+            names = list(f.files)
+            stats = {k: f[k] for k in names if features or k in ("mu", "cov")}
+    except ValueError:  # numpy takes a file that is neither .npy nor .npz for a pickle, and loads none
+        raise DataError(
+            f"{path} is not an .npz of FID reference statistics (nothing in it was loaded); {make}"
+        ) from None
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        if isinstance(e, OSError) and e.errno:
+            raise
+        raise DataError(f"{path} is not a readable .npz ({short_message(e, 120)}); {make}") from None
+    mu, cov = stats.get("mu"), stats.get("cov")
+    if mu is None or cov is None or mu.ndim != 1 or cov.shape != (len(mu), len(mu)):
+        shown = [f"{k} {tuple(stats[k].shape)}" if k in stats else k for k in names[:4]]
+        found = ", ".join(shown + ([f"{len(names) - 4} more"] if len(names) > 4 else [])) or "no arrays"
+        raise DataError(f"{path} holds {found}, not FID reference statistics (mu (d,) and cov (d, d)); {make}")
+    return stats
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ from data_pipeline.storage import StopRequested
 from models.factory import build_networks
 from trainer.checkpoint import STATE_FILE, Checkpoints, load_export, package_version
 from trainer.config import ConfigError, RunConfig, config_from_yaml, config_to_yaml, vera_settings
-from trainer.evaluation import build_evaluator
+from trainer.evaluation import build_evaluator, check_samples
 from trainer.meg_trainer import MEGTrainer, Preempted, host_pinning
 from trainer.metrics import CurvesSink, JsonlSink, MetricsLogger, ProgressSink
 from trainer.nofollow import check_run_folder, write_replacing
@@ -191,6 +191,7 @@ def train(
         write_toy_data(cfg.data, cfg.train.seed)
     runtime.barrier()
     dataset = open_dataset(cfg.data)
+    check_samples(cfg, dataset.manifest.sample_shape)  # FID of 2D points: said before the run folder is touched
     config_yaml = config_to_yaml(cfg)
     info = {
         "sample_shape": list(dataset.manifest.sample_shape),

@@ -83,14 +83,15 @@ def requirements(cfg) -> list[tuple[str, str, str]]:
 
 
 def check_requirements(cfg) -> None:
-    """Raises ConfigError naming the first missing file and the command that makes it."""
-    EVALUATORS[cfg.eval.kind].check(cfg)
+    """Raises ConfigError naming the first missing file and the command that makes it, then what the
+    evaluation's own check finds (a file that is not what it should be is a DataError naming it)."""
     for key, path, make in requirements(cfg):
         if not path:
             raise ConfigError(f"eval.kind={cfg.eval.kind} needs {key}; {make}")
         local = "://" not in path or path.startswith("file://")
         if local and not os.path.exists(path.removeprefix("file://")):
             raise ConfigError(f"{key}={path} does not exist; {make}")
+    EVALUATORS[cfg.eval.kind].check(cfg)
 
 
 def extra_evaluation_steps(cfg, stream) -> set[int]:
@@ -110,7 +111,13 @@ def build_evaluator(cfg, sample_shape: list[int], dataset: str, out_dir: str | N
         entropy_weight=cfg.train.entropy_weight,
         data_url=cfg.data.url,
     )
+    check_samples(cfg, sample_shape)
     return EVALUATORS[cfg.eval.kind](cfg.eval, cfg.eval.section(), ctx)
+
+
+def check_samples(cfg, sample_shape: list[int]) -> None:
+    """Raises ConfigError when ``cfg.eval.kind`` cannot score the data's samples (FID on 2D points)."""
+    EVALUATORS[cfg.eval.kind].check_samples(list(sample_shape))
 
 
 def format_table(results: dict[str, float]) -> str:
@@ -135,6 +142,7 @@ __all__ = [
     "Evaluator",
     "build_evaluator",
     "check_requirements",
+    "check_samples",
     "format_table",
     "extra_evaluation_steps",
 ]

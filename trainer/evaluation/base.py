@@ -56,7 +56,13 @@ class Evaluator:
 
     @classmethod
     def check(cls, cfg) -> None:
-        """Raises ConfigError for settings this evaluation cannot work with, before any work."""
+        """Raises ConfigError for settings this evaluation cannot work with (DataError for a file it
+        reads that is not what it should be), before any work; its files exist by then."""
+
+    @classmethod
+    def check_samples(cls, sample_shape: list[int]) -> None:
+        """Raises ConfigError when this evaluation cannot score samples of ``sample_shape`` (the data's,
+        known once the data set is open: before any training)."""
 
     @classmethod
     def extra_evaluation_steps(cls, cfg, stream) -> set[int]:

@@ -32,6 +32,21 @@ class FIDEvaluator(Evaluator):
             needed.append(("eval.fid.inception", section.inception, "a TorchScript Inception of your own"))
         return needed
 
+    @classmethod
+    def check(cls, cfg) -> None:
+        from trainer.fid import load_statistics
+
+        if "://" not in cfg.eval.fid.reference:
+            load_statistics(cfg.eval.fid.reference, features=False)  # a wrong file is told before any work
+
+    @classmethod
+    def check_samples(cls, sample_shape: list[int]) -> None:
+        if len(sample_shape) != 3 or sample_shape[0] not in (1, 3):
+            raise ConfigError(
+                f"eval.kind=fid scores images, (1 or 3 channels, height, width); this data's samples are "
+                f"{tuple(sample_shape)}: choose another eval.kind"
+            )
+
     def __init__(self, eval_cfg, section: FIDEvalConfig, ctx):
         super().__init__(eval_cfg, section, ctx)
         self._inception = self._reference = None

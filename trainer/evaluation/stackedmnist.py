@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from data_pipeline.cli import ConfigError
 from trainer.evaluation.base import Evaluator
 
 CLASSIFY_CHUNK = 2000  # samples between progress lines: 26,000 take minutes on a CPU
@@ -28,6 +29,20 @@ class StackedMNISTEvaluator(Evaluator):
             "t10k-labels-idx1-ubyte.gz --out data/mnist-test)"
         )
         return [("eval.stackedmnist.classifier", path, make)]
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        from trainer.classifier import load_classifier
+
+        load_classifier(cfg.eval.stackedmnist.classifier)  # small: a wrong file is told before any work
+
+    @classmethod
+    def check_samples(cls, sample_shape: list[int]) -> None:
+        if len(sample_shape) != 3 or sample_shape[1:] != [28, 28]:
+            raise ConfigError(
+                f"eval.kind=stackedmnist classifies stacks of 28 x 28 digits, (channels, 28, 28); this data's "
+                f"samples are {tuple(sample_shape)}: choose another eval.kind (samples draws pictures of any data)"
+            )
 
     def __init__(self, eval_cfg, section: StackedMNISTEvalConfig, ctx):
         super().__init__(eval_cfg, section, ctx)
