@@ -371,3 +371,11 @@ def test_trackers_are_checked_before_any_work(tmp_path, monkeypatch):
     if importlib.util.find_spec("wandb") is None:  # the trainer refuses it at start, with the fix
         assert result.returncode == 2 and "pip install wandb" in result.stderr, result.stderr
         assert not (tmp_path / "run").exists()
+
+
+def test_an_address_that_is_not_this_nodes_is_a_config_error_naming_the_key(tmp_path):
+    """192.0.2.1 (TEST-NET-1) is no interface of this machine: binding it was an OSError traceback (and
+    the exporter then tried another port at the same address, which fails the same way)."""
+    cfg = LogConfig(prometheus_port=9556, prometheus_addr="192.0.2.1", prometheus_targets=str(tmp_path / "targets"))
+    with pytest.raises(ConfigError, match=r"log.prometheus_addr=192.0.2.1: cannot serve metrics there on port 9556 \("):
+        PrometheusExporter(cfg, "r1", 0, 0, torch.device("cpu"), 10, 1, {})

@@ -20,6 +20,7 @@ file, a pushed group or a dashboard line; a requeued run keeps its folder and so
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import ipaddress
 import json
@@ -43,7 +44,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from trainer.config import normalise_gateway
+from trainer.config import ConfigError, normalise_gateway
 from trainer.metrics import MetricSink, RankStats
 
 # The *_created series double every counter's series for a timestamp nobody graphs.
@@ -238,7 +239,12 @@ class PrometheusExporter(MetricSink):
         try:
             server, _ = start_http_server(port, addr=addr, registry=self.registry)
             moved_from = None
-        except OSError:
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:  # an address that is not this node's, a name that does not resolve
+                raise ConfigError(
+                    f"log.prometheus_addr={addr}: cannot serve metrics there on port {port} ({e.strerror or e}); "
+                    "use 127.0.0.1, 0.0.0.0 (every interface) or one of this node's addresses"
+                ) from None
             # The port is taken (another run on this node): serve on a free one; the target file
             # registers where it moved, and the start-up line says so.
             server, _ = start_http_server(0, addr=addr, registry=self.registry)
