@@ -9,8 +9,11 @@ from typing import Literal
 
 WorkerType = Literal["auto", "thread", "process"]
 WORKER_TYPES: tuple[str, ...] = WorkerType.__args__
+ToyName = Literal["", "25gaussians", "8gaussians", "swissroll"]  # data_pipeline.toy's data sets ("": none)
 MAX_IMAGE_SIZE = 8192  # data.image_size: 8192 x 8192 x 3 is 192 MiB per decoded image
 DEFAULT_MAX_SAMPLE_BYTES = 256 << 20
+# Schemes whose webdataset opener runs a program (pipe: a shell command; the others curl or ais).
+COMMAND_SCHEMES = ("pipe", "ais", "htgs", "scp", "ftps")
 
 
 @dataclass
@@ -29,7 +32,7 @@ class DataConfig:
     worker_type: WorkerType = "auto"
     shuffle_buffer: int = field(default=2000, metadata={"range": "[0, 1073741824]"})
     # Toy data sets only: when there is no manifest at ``url``, write this data set there first.
-    toy: str = ""
+    toy: ToyName = ""
     toy_std: float = field(default=0.0, metadata={"range": "[0, inf)"})  # the toy modes' std (0: the data set's own)
     toy_num_samples: int = field(default=102_400, metadata={"range": "[1, 1073741824]"})
     toy_num_shards: int = field(default=8, metadata={"range": "[1, 1048576]"})
@@ -72,6 +75,29 @@ class DataConfig:
         if self.max_sample_bytes:
             return self.max_sample_bytes
         return max(DEFAULT_MAX_SAMPLE_BYTES, 16 * 3 * self.image_size**2)
+
+
+def check_url(url: str) -> str | None:
+    """What keeps fsspec from opening ``url`` (each part of a ``::``-joined list): a scheme it does not know
+    (a typo), or one whose package is not installed; None when there is nothing. The schemes that run a
+    program (pipe:, ...) are the shard reader's, not fsspec's. Checked where the data is about to be read
+    or written (a saved run's configuration still loads where its storage's package is missing)."""
+    for part in url.split("::"):
+        scheme = part.strip().split("://", 1)[0].lower() if "://" in part else ""
+        if not scheme or scheme in COMMAND_SCHEMES:
+            continue
+        import fsspec
+
+        try:
+            fsspec.get_filesystem_class(scheme)
+        except ValueError:
+            return (
+                f"unknown scheme {scheme!r}: a local path, or a URL fsspec knows "
+                "(file://, s3://, gs://, http(s)://, memory://, ...; fsspec.available_protocols() lists them)"
+            )
+        except ImportError as e:
+            return f"{scheme}:// needs a package that is not installed: {e}"
+    return None
 
 
 def check_label_key(label_key: str) -> str | None:

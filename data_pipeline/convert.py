@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from data_pipeline.cli import add_debug_flag, fraction, nonnegative_int, positive_int, run_tool
-from data_pipeline.config import MAX_IMAGE_SIZE, check_label_key
+from data_pipeline.config import MAX_IMAGE_SIZE, check_label_key, check_url
 from data_pipeline.decode import DecodeSpec
 from data_pipeline.shards import (
     ALLOW_COMMANDS_ENV,
@@ -493,7 +493,24 @@ def check_empty_output(out: str) -> None:
         raise DataError(f"--out {out} is not empty (it holds {names}): choose a new folder or remove this one first")
 
 
+# Each flag that names a file or folder (a path or an fsspec URL), by its argparse dest.
+URL_FLAGS = {"out": "--out", "shards": "--shards", "images": "--images", "labels": "--labels", "csv": "--csv",
+             "archive": "--archive", "folder": "--folder", "dir": "--dir", "x_url": "--x",
+             "labels_url": "--y"}  # fmt: skip
+
+
+def check_urls(args: argparse.Namespace) -> None:
+    """A scheme fsspec does not know (or whose package is missing) in any path flag, named before any work."""
+    for dest, flag in URL_FLAGS.items():
+        value = getattr(args, dest, None)
+        for url in value if isinstance(value, list) else [value] if value else []:
+            problem = check_url(url)
+            if problem:
+                raise DataError(f"{flag} {url}: {problem}")
+
+
 def _convert(args: argparse.Namespace) -> int:
+    check_urls(args)
     if args.source != "index":  # index writes only a manifest, often next to the shards it indexes
         check_empty_output(args.out)
     for split, m in run(args).items():

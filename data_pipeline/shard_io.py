@@ -12,10 +12,10 @@ from functools import partial
 
 import fsspec
 
-from data_pipeline.config import DEFAULT_MAX_SAMPLE_BYTES
+from data_pipeline.config import COMMAND_SCHEMES, DEFAULT_MAX_SAMPLE_BYTES
 from data_pipeline.decode import DecodeSpec, gunzip_shard, parse_webdataset_shard
 from data_pipeline.shard_reader import CorruptShard, SampleTooLarge, ShardArrays, parse_shard
-from data_pipeline.shards import ALLOW_COMMANDS_ENV, COMMAND_SCHEMES, DataError, Manifest, ShardInfo, is_command_url
+from data_pipeline.shards import ALLOW_COMMANDS_ENV, DataError, Manifest, ShardInfo, is_command_url
 from data_pipeline.storage import bounded, made_progress
 
 # webdataset's package re-exports the gopen *function* under the module's name.

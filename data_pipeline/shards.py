@@ -30,7 +30,7 @@ import fsspec
 import numpy as np
 
 from data_pipeline.cli import DataError, short_message, shown  # DataError re-exported: its home is the CLI module
-from data_pipeline.config import MAX_IMAGE_SIZE, DataConfig, check_label_key
+from data_pipeline.config import COMMAND_SCHEMES, MAX_IMAGE_SIZE, DataConfig, check_label_key
 from data_pipeline.decode import DecodeSpec
 
 log = logging.getLogger(__name__)
@@ -85,9 +85,6 @@ class Manifest:
         d["num_samples"] = self.num_samples
         return json.dumps(d, indent=2, sort_keys=True)
 
-
-# Schemes whose webdataset opener runs a program (pipe: a shell command; the others curl or ais).
-COMMAND_SCHEMES = ("pipe", "ais", "htgs", "scp", "ftps")
 
 # A preset, a saved config or a manifest must not run anything: URLs of the COMMAND_SCHEMES open only
 # when the user allowed it on the command line (--allow-pipe sets this variable, which worker

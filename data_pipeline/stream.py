@@ -89,7 +89,12 @@ def split_urls(urls: str | list[str]) -> list[str]:
     """Shard URLs from a brace pattern (``data/x-{000000..000015}.tar``), several joined by ``::``
     (webdataset's convention), or a list."""
     if isinstance(urls, str):
-        urls = [u for part in urls.split("::") for u in braceexpand.braceexpand(part.strip()) if part.strip()]
+        try:
+            urls = [u for part in urls.split("::") for u in braceexpand.braceexpand(part.strip()) if part.strip()]
+        except braceexpand.UnbalancedBracesError:
+            raise DataError(
+                f"{urls!r} has unbalanced braces: a shard pattern looks like data/x-{{000000..000015}}.tar"
+            ) from None
     return list(urls)
 
 

@@ -3,6 +3,8 @@
 import contextlib
 import io
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import torch
 from data_pipeline import convert
 from data_pipeline.cli import DataError
 from data_pipeline.shards import read_manifest, write_array_shards
+from tests.conftest import REPO_ROOT, subprocess_env
 from trainer import classifier, evaluate, fid, kdd_protocol, sample
 
 
@@ -147,3 +150,46 @@ def test_evaluate_takes_eval_and_data_overrides(tmp_path):
     # Past the override check, the missing run is the error.
     last = _refused(evaluate.main, ["--run", str(tmp_path / "no-run"), "eval.seed=3", "data.url=elsewhere"], "no-run")
     assert "override" not in last
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["toy", "--out", "htp://bucket/toy"], ["--out htp://bucket/toy: unknown scheme 'htp'"]),
+        (["arrays", "--x", "s3://b/x.npy::htp://y.npy", "--out", "OUT"], ["--x s3://b/x.npy::htp://y.npy", "'htp'"]),
+        (["index", "--shards", "data/x-{000..003.tar", "--out", "OUT"], ["unbalanced braces", "{000000..000015}"]),
+    ],
+    ids=["out", "input", "braces"],
+)
+def test_convert_names_a_url_it_cannot_open_before_any_work(tmp_path, argv, says):
+    """Each was a traceback from fsspec (ValueError: Protocol not known) or braceexpand."""
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    _refused(convert.main, argv, *says)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_trainer_names_a_url_scheme_or_toy_data_set_it_does_not_know_before_any_work(tmp_path):
+    from data_pipeline.config import check_url
+    from trainer.config import ConfigError, load_config
+
+    assert "unknown scheme 'htp'" in check_url("htp://example.com/data")
+    assert check_url("s3://bucket/x-{000..003}.tar::pipe:cat y.tar") is None and check_url("data/x") is None
+    with pytest.raises(
+        ConfigError, match=r"data.toy='25gausians' is not valid; choose one of '' \(none\), 25gaussians,"
+    ):
+        load_config("toy_25gaussians", ["data.toy=25gausians"])
+    # The trainer's wiring: a one-line error before the run folder is made.
+    code = subprocess.run(
+        [sys.executable, "trainer/main.py", "--config", "toy_25gaussians", "data.url=htp://example.com/data",
+         f"output_dir={tmp_path / 'run'}"],
+        cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert code.returncode == 2 and "error: data.url='htp://example.com/data': unknown scheme 'htp'" in code.stderr
+    assert "Traceback" not in code.stderr and not (tmp_path / "run").exists()
+
+
+def test_the_configs_toy_names_are_the_toy_data_sets():
+    from data_pipeline.config import ToyName
+    from data_pipeline.toy import TOY_SPECS
+
+    assert set(ToyName.__args__) == {"", *TOY_SPECS}

@@ -382,7 +382,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     if origin is Literal:
         choices = typing.get_args(annotation)
         if value not in choices:
-            raise ConfigError(f"{key}={shown(value)} is not valid; choose one of {', '.join(map(str, choices))}")
+            named = ", ".join(str(c) if c != "" else "'' (none)" for c in choices)
+            raise ConfigError(f"{key}={shown(value)} is not valid; choose one of {named}")
         return value
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):

@@ -246,12 +246,16 @@ def _print_config(args: argparse.Namespace) -> int:
 
 
 def _main(args: argparse.Namespace, stop: StopRequest) -> int:
-    from trainer.config import check_commands, check_launcher_precision, load_config
+    from data_pipeline.config import check_url
+    from trainer.config import ConfigError, check_commands, check_launcher_precision, load_config
     from trainer.evaluation import check_requirements
     from trainer.meg_trainer import Preempted
     from trainer.trackers import check_trackers
 
     cfg = load_config(args.config, args.overrides)
+    url_problem = check_url(cfg.data.url)
+    if url_problem:
+        raise ConfigError(f"data.url={cfg.data.url!r}: {url_problem}")
     check_commands(cfg, allow_pipe=args.allow_pipe, trust_inception=args.trust_inception)
     check_launcher_precision(cfg)
     check_requirements(cfg)  # every file the evaluation reads, before any work
