@@ -155,7 +155,7 @@ def test_the_tool_keeps_the_runs_latest_json_and_refuses_another_runs_checkpoint
     refused = _evaluate(run, "--checkpoint", str(foreign))
     assert refused.returncode == 2, refused.stderr
     assert f"checkpoint {foreign} is not one of {run}'s" in refused.stderr
-    assert f"--run {other}," in refused.stderr
+    assert f"--run {other}, where its results belong" in refused.stderr
     assert sorted(p.name for p in (run / "eval").iterdir()) == before
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -157,3 +158,30 @@ def test_evaluation_and_the_tools_read_the_generator_ema(tmp_path):
     during = json.loads((run / "eval" / "step_00000010.json").read_text())
     after = json.loads((run / "eval" / "eval_step_00000010.json").read_text())
     assert json.dumps(during, sort_keys=True) == json.dumps(after, sort_keys=True)  # NaN alike too
+
+
+def test_a_run_folder_and_a_checkpoint_given_for_each_other_are_told_apart(tmp_path):
+    """The trainer into a checkpoint overwrote the checkpoint's config.yaml (the run then read it as
+    damaged); the tools said "no complete checkpoint yet" or "files.json is missing" for a mix-up."""
+    from trainer.checkpoint import CheckpointError
+    from trainer.run_folder import resolve_checkpoint
+
+    overrides = tiny_overrides(tmp_path, steps=10)
+    run_trainer(overrides)
+    run, data = tmp_path / "run", tmp_path / "data"
+    step = run / "checkpoints" / "step_00000010"
+    before = {p.name: p.read_bytes() for p in step.iterdir() if p.is_file()}
+    for output_dir, says in ((step, "is a checkpoint, not a run folder"), (step.parent, "holds checkpoints")):
+        moved = [o for o in overrides if not o.startswith("output_dir=")] + [f"output_dir={output_dir}"]
+        refused = run_trainer(moved, check=False)
+        assert refused.returncode == 2 and f"output_dir={output_dir} {says}" in refused.stderr, refused.stderr
+        assert f"output_dir={run}" in refused.stderr and "Traceback" not in refused.stderr
+    assert {p.name: p.read_bytes() for p in step.iterdir() if p.is_file()} == before
+    assert resolve_checkpoint(str(run), "step_00000010") == str(step)  # a bare name is one of the run's
+    for run_dir, checkpoint, says in (
+        (step, None, f"{step} is a checkpoint, not a run folder: use --run {run} --checkpoint {step}"),
+        (run, run, f"--checkpoint {run} is a run folder: give it as --run"),
+        (data, None, f"{data} is not a run folder (it has no config.yaml or checkpoints/)"),
+    ):
+        with pytest.raises(CheckpointError, match=re.escape(says)):
+            resolve_checkpoint(str(run_dir), None if checkpoint is None else str(checkpoint))

@@ -177,6 +177,17 @@ def _natural(value, key: str) -> int:
     return int(value)
 
 
+def is_checkpoint_folder(path: str) -> bool:
+    """Whether ``path`` is a checkpoint's folder (it holds a trainer state or a weights export)."""
+    return any(os.path.isfile(os.path.join(path, name)) for name in (STATE_FILE, WEIGHTS_FILE))
+
+
+def run_folder_of(checkpoint: str) -> str:
+    """The run folder a checkpoint folder lies in (``run/checkpoints/step_X``), else "the run folder holding it"."""
+    parent = os.path.dirname(os.path.abspath(checkpoint.rstrip("/")))
+    return os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else "the run folder holding it"
+
+
 def checkpoint_step(path: str) -> int:
     m = CHECKPOINT_RE.match(os.path.basename(path.rstrip("/")))
     if not m:

@@ -15,23 +15,9 @@ import argparse
 import os
 import sys
 
-from data_pipeline.cli import CheckpointError, ConfigError, add_debug_flag, run_tool
+from data_pipeline.cli import ConfigError, add_debug_flag, run_tool
 from trainer.config import check_commands, load_config
 from trainer.evaluation import build_evaluator, check_requirements, format_table
-
-
-def check_in_run(run: str, checkpoint: str) -> None:
-    """Raises CheckpointError when ``checkpoint`` is not in ``run``'s checkpoints folder: its results
-    would land in another run's eval/, under that run's name."""
-    inside = os.path.realpath(os.path.join(run, "checkpoints"))
-    if os.path.dirname(os.path.realpath(checkpoint.rstrip("/"))) != inside:
-        parent = os.path.dirname(os.path.abspath(checkpoint.rstrip("/")))
-        owner = os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else "the run folder holding it"
-        raise CheckpointError(
-            f"checkpoint {checkpoint} is not one of {run}'s (in {os.path.join(run, 'checkpoints')}): "
-            f"evaluate it with --run {owner}, where its results belong"
-        )
-
 
 # What an evaluation may change: its own settings, and where the data lives now. The rest (the model,
 # the training, the entropy weight that is the target density's temperature) is the checkpoint's.
@@ -71,8 +57,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     from trainer.run_folder import load_networks, ready_to_draw, resolve_checkpoint
 
     check_overrides(args.overrides)
-    if args.checkpoint is not None:
-        check_in_run(args.run, args.checkpoint)
     checkpoint = resolve_checkpoint(args.run, args.checkpoint)
     # The checkpoint's own configuration is the preset; overrides adjust the evaluation.
     cfg = load_config(os.path.join(checkpoint, "config.yaml"), [f"output_dir={args.run}", *args.overrides])

@@ -19,7 +19,15 @@ from data_pipeline.cli import short_message
 from data_pipeline.dataset import Dataset, open_dataset, write_toy_data
 from data_pipeline.storage import StopRequested
 from models.factory import build_networks
-from trainer.checkpoint import STATE_FILE, Checkpoints, load_export, package_version
+from trainer.checkpoint import (
+    STATE_FILE,
+    Checkpoints,
+    is_checkpoint_folder,
+    list_checkpoints,
+    load_export,
+    package_version,
+    run_folder_of,
+)
 from trainer.config import ConfigError, RunConfig, config_from_yaml, config_to_yaml, vera_settings
 from trainer.evaluation import build_evaluator, check_samples
 from trainer.meg_trainer import MEGTrainer, Preempted, host_pinning
@@ -82,6 +90,7 @@ def run(
     # Every storage call from here on is bounded by data.io_timeout and ends on a stop request.
     storage.configure(timeout=cfg.data.io_timeout, stop=stop)
     check_run_folder(cfg.output_dir)  # links where the run writes: refused before any work
+    check_not_checkpoints(cfg.output_dir)
     runtime = build_runtime(cfg)
     meet = True
     try:
@@ -113,6 +122,21 @@ def run(
         raise
     finally:
         runtime.shutdown(meet)
+
+
+def check_not_checkpoints(folder: str) -> None:
+    """Raises ConfigError when ``folder`` (output_dir) is a checkpoint, or a run's checkpoints/ folder: a run
+    there would write its config.yaml into the checkpoint and its own checkpoints beside the run's."""
+    if is_checkpoint_folder(folder):
+        raise ConfigError(
+            f"output_dir={folder} is a checkpoint, not a run folder: to resume it, train with "
+            f"output_dir={run_folder_of(folder)}; else choose a new folder"
+        )
+    if list_checkpoints(folder):
+        raise ConfigError(
+            f"output_dir={folder} holds checkpoints (step_XXXXXXXX): it is a run's checkpoints/ folder; to resume "
+            f"that run, train with output_dir={os.path.dirname(os.path.abspath(folder.rstrip('/')))}"
+        )
 
 
 def check_resumable(cfg: RunConfig, checkpoint: str, sample_shape: list[int], world_size: int) -> None:

@@ -17,7 +17,16 @@ from collections.abc import Iterator
 import torch
 
 from models.factory import MEGNetworks, build_networks
-from trainer.checkpoint import EMA_NETWORK, MISSING_FILE_LIST, CheckpointError, damage, list_checkpoints, load_export
+from trainer.checkpoint import (
+    EMA_NETWORK,
+    MISSING_FILE_LIST,
+    CheckpointError,
+    damage,
+    is_checkpoint_folder,
+    list_checkpoints,
+    load_export,
+    run_folder_of,
+)
 from trainer.config import RunConfig, config_from_yaml, vera_settings
 from trainer.nofollow import open_fd
 
@@ -146,17 +155,43 @@ def _dead_holder(holder: str) -> bool:
 
 
 def resolve_checkpoint(run_dir: str, checkpoint: str | None = None) -> str:
-    """``checkpoint`` if given (it must be intact), else the run's newest intact checkpoint (a damaged
-    newer one is named on stderr)."""
+    """``checkpoint`` if given (one of the run's, intact; a bare name counts: step_00001000), else
+    the run's newest intact checkpoint (a damaged newer one is named on stderr). One folder given for
+    the other (a checkpoint as the run, the run as a checkpoint) is refused saying which is which."""
+    if is_checkpoint_folder(run_dir):
+        raise CheckpointError(
+            f"{run_dir} is a checkpoint, not a run folder: use --run {run_folder_of(run_dir)} --checkpoint {run_dir}"
+        )
     if checkpoint is not None:
+        in_run = os.path.join(run_dir, "checkpoints", checkpoint)
+        if os.sep not in checkpoint and not os.path.isdir(checkpoint) and os.path.isdir(in_run):
+            checkpoint = in_run
+        elif os.path.isdir(os.path.join(checkpoint, "checkpoints")) and not is_checkpoint_folder(checkpoint):
+            example = os.path.join(checkpoint, "checkpoints", "step_XXXXXXXX")
+            raise CheckpointError(
+                f"--checkpoint {checkpoint} is a run folder: give it as --run (its newest checkpoint is used), "
+                f"or name one of its checkpoints, e.g. --checkpoint {example}"
+            )
         problem = damage(checkpoint) if os.path.isdir(checkpoint) else "no such folder"
         if problem:
             raise CheckpointError(f"checkpoint {checkpoint} cannot be read: {problem}")
+        # Another run's checkpoint: its samples and results would land in this run's folder, under its name.
+        inside = os.path.realpath(os.path.join(run_dir, "checkpoints"))
+        if os.path.dirname(os.path.realpath(checkpoint.rstrip("/"))) != inside:
+            raise CheckpointError(
+                f"checkpoint {checkpoint} is not one of {run_dir}'s (in {os.path.join(run_dir, 'checkpoints')}): "
+                f"use --run {run_folder_of(checkpoint)}, where its results belong"
+            )
         return checkpoint
     if not os.path.isdir(run_dir):
         raise CheckpointError(f"{run_dir} is not a run folder (no such folder)")
     found = list_checkpoints(os.path.join(run_dir, "checkpoints"))
     if not found:
+        if not os.path.isfile(os.path.join(run_dir, "config.yaml")):
+            raise CheckpointError(
+                f"{run_dir} is not a run folder (it has no config.yaml or checkpoints/): --run takes a training "
+                "run's output_dir"
+            )
         raise CheckpointError(f"{run_dir} has no complete checkpoint yet (checkpoints/step_XXXXXXXX)")
     for path in reversed(found):
         problem = damage(path)
