@@ -111,6 +111,17 @@ positive_int = _int_at_least(1)
 nonnegative_int = _int_at_least(0)
 
 
+def nonnegative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0 (a std, where 0 keeps the default)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not a number") from None
+    if not 0 <= value < float("inf"):  # NaN too
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def fraction(text: str) -> float:
     """An argparse type: a share strictly between 0 and 1 (a split's, an anomaly rate's)."""
     try:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline.cli import add_debug_flag, fraction, nonnegative_int, positive_int, run_tool
+from data_pipeline.cli import add_debug_flag, fraction, nonnegative_float, nonnegative_int, positive_int, run_tool
 from data_pipeline.config import MAX_IMAGE_SIZE, check_label_key, check_url
 from data_pipeline.decode import DecodeSpec
 from data_pipeline.shards import (
@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--dataset", choices=sorted(TOY_SPECS), default="25gaussians")
     toy.add_argument("--num-samples", type=positive_int, default=102_400)
     toy.add_argument("--seed", type=nonnegative_int, default=0)
-    toy.add_argument("--std", type=float, default=0.0, help="per-mode std (default: the paper's)")
+    toy.add_argument("--std", type=nonnegative_float, default=0.0, help="per-mode std (0: the paper's)")
 
     mnist = add("mnist", "MNIST digits from IDX files and/or CSVs, into one split")
     digits(mnist)

@@ -66,6 +66,8 @@ def test_sample_refuses_a_folder_as_its_output_file(tmp_path, flag):
         (["toy", "--num-shards", "-1"], "--num-shards: must be at least 1, got -1"),
         (["toy", "--seed", "-1"], "--seed: must be at least 0, got -1"),
         (["toy", "--num-shards", "two"], "--num-shards: 'two' is not a whole number"),
+        (["toy", "--std", "-1"], "--std: must be a finite number >= 0, got -1"),  # was ignored, and recorded
+        (["toy", "--std", "nan"], "--std: must be a finite number >= 0, got nan"),
         (["stackedmnist", "--num-samples", "0"], "--num-samples: must be at least 1"),
         (["kdd", "--csv", "k.csv", "--num-shards", "0"], "--num-shards: must be at least 1"),
         (["kdd", "--csv", "k.csv", "--anomaly-share", "1"], "--anomaly-share: must be between 0 and 1"),
@@ -123,6 +125,18 @@ def test_fid_refuses_a_negative_num_and_a_folder_as_out(tmp_path):
     _refused(fid.main, ["--data", str(tmp_path / "none"), "--out", str(tmp_path / "s.npz"), "--num", "-5"],
              "--num: must be at least 0, got -5")  # fmt: skip
     _refused(fid.main, ["--data", str(tmp_path / "none"), "--out", str(tmp_path)], f"--out {tmp_path} is a folder")
+
+
+def test_fid_names_a_wrong_device_or_feature_extractor_before_reading_data(tmp_path):
+    """Each was a traceback (torch's device parser, torch.jit.load's advice about map_location)."""
+    common = ["--data", str(tmp_path / "none"), "--out", str(tmp_path / "s.npz")]
+    _refused(fid.main, [*common, "--device", "cdua"], "--device 'cdua' is not a device: cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        _refused(fid.main, [*common, "--device", "cuda"], "--device cuda: no CUDA device here; use --device cpu")
+    _refused(fid.main, [*common, "--inception", str(tmp_path / "no.pt")], f"--inception {tmp_path / 'no.pt'} does not")
+    (tmp_path / "notes.txt").write_text("not a model")
+    _refused(fid.main, [*common, "--device", "cpu", "--inception", str(tmp_path / "notes.txt")],
+             f"{tmp_path / 'notes.txt'} is not a TorchScript feature extractor")  # fmt: skip
 
 
 def test_fid_leaves_no_partial_file_when_the_statistics_cannot_be_saved(tmp_path):

@@ -379,3 +379,12 @@ def test_an_address_that_is_not_this_nodes_is_a_config_error_naming_the_key(tmp_
     cfg = LogConfig(prometheus_port=9556, prometheus_addr="192.0.2.1", prometheus_targets=str(tmp_path / "targets"))
     with pytest.raises(ConfigError, match=r"log.prometheus_addr=192.0.2.1: cannot serve metrics there on port 9556 \("):
         PrometheusExporter(cfg, "r1", 0, 0, torch.device("cpu"), 10, 1, {})
+
+
+def test_a_targets_file_in_place_of_the_folder_is_a_config_error_naming_the_key(tmp_path):
+    (tmp_path / "targets").write_text("")  # was: "error: File exists: .../targets"
+    cfg = LogConfig(prometheus_port=0, prometheus_targets=str(tmp_path / "targets"))
+    with pytest.raises(
+        ConfigError, match=f"log.prometheus_targets={tmp_path / 'targets'} is a file: it names the folder"
+    ):
+        PrometheusExporter(cfg, "r1", 0, 0, torch.device("cpu"), 10, 1, {})

@@ -50,7 +50,11 @@ def default_inception_path() -> str:
 
 class InceptionFeatures:
     def __init__(self, path: str | None = None, device: str | torch.device = "cpu", batch_size: int = 50):
-        self.model = torch.jit.load(path or default_inception_path(), map_location=device).eval()
+        path = path or default_inception_path()
+        try:
+            self.model = torch.jit.load(path, map_location=device).eval()
+        except (RuntimeError, ValueError) as e:  # not TorchScript (a missing file is checked before)
+            raise DataError(f"{path} is not a TorchScript feature extractor: {short_message(e, 160)}") from None
         self.device, self.batch_size = torch.device(device), batch_size
 
     @torch.no_grad()
@@ -133,8 +137,17 @@ def _statistics(args: argparse.Namespace) -> int:
     from data_pipeline.stream import read_split
 
     check_output_file(args.out, "--out")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ConfigError(f"--device {args.device!r} is not a device: cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device}: no CUDA device here; use --device cpu")
+    if args.inception and not os.path.isfile(args.inception):
+        raise ConfigError(f"--inception {args.inception} does not exist (a TorchScript file)")
+    inception = InceptionFeatures(args.inception, device)  # before the data: a wrong file costs no reading
     arrays = read_split(read_manifest(args.data), limit=args.num or None)
-    features = InceptionFeatures(args.inception, args.device)(arrays["x"], "FID statistics (Inception features)")
+    features = inception(arrays["x"], "FID statistics (Inception features)")
     save_statistics(args.out, features)
     print(f"wrote statistics of {len(features)} images to {args.out}")
     return 0

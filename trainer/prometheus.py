@@ -274,6 +274,11 @@ class PrometheusExporter(MetricSink):
 
     def _write_target(self) -> str:
         folder = self.cfg.prometheus_targets
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise ConfigError(
+                f"log.prometheus_targets={folder} is a file: it names the folder Prometheus's file_sd_configs "
+                "reads target files from"
+            )
         os.makedirs(folder, exist_ok=True)
         folder_hash = hashlib.sha256(self.run_folder.encode()).hexdigest()[:8]
         path = os.path.join(folder, f"{self.run}-{folder_hash}-rank{self.rank}.json")
