@@ -129,8 +129,8 @@ def read_manifest(url: str, check_shards: bool = True) -> Manifest:
         raw = json.loads(bounded(lambda: _read_text(murl), murl, "manifest read"))
     except FileNotFoundError:
         raise DataError(
-            f"no manifest at {murl}: write the shards first, e.g. "
-            f"`python -m data_pipeline.convert toy --dataset 25gaussians --out {url}`"
+            f"no manifest at {murl}: write the data set there first, with "
+            f"`python -m data_pipeline.convert SOURCE ... --out {url}` (its --help lists the sources)"
         ) from None
     except json.JSONDecodeError as e:
         raise DataError(f"manifest {murl} is not valid JSON: {e}") from None

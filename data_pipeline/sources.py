@@ -272,7 +272,12 @@ def read_arrays(url: str, x_key: str, y_key: str, labels_url: str, sums: Checksu
             x, y = loaded, None
         if labels_url:
             y = np.load(io.BytesIO(sums.read(labels_url)), allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError) as e:
+    except ValueError as e:
+        if "pickle" not in str(e):
+            raise DataError(f"{url}: not a readable .npy/.npz file (ValueError: {e})") from None
+        # numpy takes any other file for a pickle and suggests loading it unsafely: nothing here unpickles.
+        raise DataError(f"{url} is not a .npy or .npz file of numbers (nothing of it was loaded)") from None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError) as e:
         raise DataError(f"{url}: not a readable .npy/.npz file ({type(e).__name__}: {e})") from None
     if x.ndim < 2 or not len(x):
         raise DataError(f"{url}: needs at least one sample and a sample shape, got an array of shape {x.shape}")

@@ -207,3 +207,10 @@ def test_the_configs_toy_names_are_the_toy_data_sets():
     from data_pipeline.toy import TOY_SPECS
 
     assert set(ToyName.__args__) == {"", *TOY_SPECS}
+
+
+def test_convert_refuses_a_file_that_is_not_numpy_without_advising_to_unpickle_it(tmp_path):
+    (tmp_path / "notes.npy").write_text("x,y\n1,2\n")  # numpy took it for a pickle and said to load it unsafely
+    last = _refused(convert.main, ["arrays", "--x", str(tmp_path / "notes.npy"), "--out", str(tmp_path / "o")],
+                    f"{tmp_path / 'notes.npy'} is not a .npy or .npz file of numbers")  # fmt: skip
+    assert "pickle" not in last and "unsafe" not in last and not (tmp_path / "o").exists()
