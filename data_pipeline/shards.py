@@ -137,8 +137,21 @@ def read_manifest(url: str, check_shards: bool = True) -> Manifest:
     base = posixpath.dirname(murl) if "://" in murl else os.path.dirname(murl)
     if not isinstance(raw, dict):
         raise DataError(f"manifest {murl} is malformed: it holds a JSON {type(raw).__name__}, not an object")
+    listed = raw.pop("shards", None)
+    if not isinstance(listed, list):
+        found = "it has none" if listed is None else f"got {shown(listed)}"
+        raise DataError(f"manifest {murl} is malformed: 'shards' must be a list of shard entries; {found}")
+    keys = [f.name for f in fields(ShardInfo)]
+    for i, entry in enumerate(listed):
+        if not isinstance(entry, dict):
+            problem = f"must be an object ({', '.join(keys)}), got {shown(entry)}"
+        elif set(entry) - set(keys) or not {"url", "num_samples"} <= set(entry):
+            problem = f"has keys {sorted(entry)}; a shard entry has {', '.join(keys)} (url and num_samples required)"
+        else:
+            continue
+        raise DataError(f"manifest {murl} is malformed: shards[{i}] {problem}")
     try:
-        shards = [ShardInfo(**s) for s in raw.pop("shards")]
+        shards = [ShardInfo(**s) for s in listed]
         stated_total = raw.pop("num_samples", None)
         raw.pop("max_sample_bytes", None)
         manifest = Manifest(shards=shards, **raw, base_url=base)

@@ -66,6 +66,27 @@ def test_a_manifest_that_is_not_a_json_object_is_named(manifest_file):
         read_manifest(str(manifest_file.parent))
 
 
+@pytest.mark.parametrize(
+    "shards, message",
+    [
+        (None, "'shards' must be a list of shard entries; it has none"),
+        ("abc", "'shards' must be a list of shard entries; got 'abc'"),
+        (["a.tar"], "shards[0] must be an object (url, num_samples, num_bytes), got 'a.tar'"),
+        ([{"url": "a.tar", "samples": 3}], "shards[0] has keys ['samples', 'url']; a shard entry has url, num_samples"),
+    ],
+)
+def test_a_shard_list_the_reader_cannot_use_is_named(manifest_file, shards, message):
+    """Were "is malformed: 'shards'" (a KeyError's repr) and "ShardInfo() argument after ** must be a mapping"."""
+    manifest = json.loads(manifest_file.read_text())
+    manifest.pop("shards")
+    if shards is not None:
+        manifest["shards"] = shards
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(DataError) as error:
+        read_manifest(str(manifest_file.parent))
+    assert str(error.value).startswith(f"manifest {manifest_file} is malformed: ") and message in str(error.value)
+
+
 def test_the_fields_a_webdataset_index_writes_are_accepted(manifest_file):
     manifest = json.loads(manifest_file.read_text())
     manifest.update(layout="webdataset", decode={"image_key": "png", "label_key": "json:meta.class",
