@@ -2,6 +2,7 @@
 epochs and over the splits, and the tool end to end on a small KDD-shaped file."""
 
 import gzip
+import importlib.util
 import json
 import subprocess
 import sys
@@ -77,3 +78,37 @@ def test_protocol_tool_end_to_end(tmp_path):
     assert record["summary"]["energy_auroc"]["std"] == pytest.approx(np.std(means))
     assert record["splits"][0]["epoch_mean"] != record["splits"][1]["epoch_mean"]
     assert "energy" in result.stdout and "±" in result.stdout
+
+
+def test_protocol_tool_names_what_would_stop_its_first_run_before_writing_data(tmp_path, capsys):
+    """A missing --csv and an uninstallable tracker were found after split 0's data was written (or
+    its conversion begun), and a refused setting was reported as a run to resume."""
+    from trainer import kdd_protocol
+
+    csv = tmp_path / "kdd.gz"
+    csv.write_bytes(gzip.compress(fake_kdd(500).encode()))
+    (tmp_path / "afile").write_text("")
+    cases = [
+        (["--csv", str(tmp_path / "none.gz"), "--out", str(tmp_path / "o")], "--csv"),
+        (["--csv", str(csv), "--out", str(tmp_path / "afile")], "is a file: give a folder"),
+    ]
+    if importlib.util.find_spec("wandb") is None:  # the dev environment has no wandb
+        cases.append((["--csv", str(csv), "--out", str(tmp_path / "o"), "log.trackers=[wandb]"], "has wandb"))
+    for argv, says in cases:
+        assert kdd_protocol.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and says in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_run_that_refuses_its_settings_is_not_reported_as_one_to_resume(tmp_path, monkeypatch, capsys):
+    from trainer import kdd_protocol
+
+    csv = tmp_path / "kdd.gz"
+    csv.write_bytes(gzip.compress(fake_kdd(500).encode()))
+    for status, says in ((2, "the run refused its settings (see above); fix them and rerun"),
+                         (1, "the run ended with status 1; rerun this command to resume it")):  # fmt: skip
+        ended = subprocess.CompletedProcess([], status)
+        monkeypatch.setattr(kdd_protocol.subprocess, "run", lambda *a, ended=ended, **k: ended)
+        assert kdd_protocol.main(["--csv", str(csv), "--out", str(tmp_path / "o"), "--splits", "1"]) == status
+        assert f"split 0: {says}" in capsys.readouterr().err

@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 
-from data_pipeline.cli import ConfigError, add_debug_flag, positive_int, run_tool
+from data_pipeline.cli import EXIT_USER_ERROR, ConfigError, add_debug_flag, positive_int, run_tool
 from trainer.evaluation.anomaly import mean_std
 from trainer.nofollow import write_replacing
 
@@ -88,8 +88,15 @@ def main(argv: list[str] | None = None) -> int:
 def _protocol(args: argparse.Namespace) -> int:
     from data_pipeline.convert import convert_kdd
     from trainer.config import load_config
+    from trainer.trackers import check_trackers
 
     cfg = load_config(args.config, [*args.overrides, "eval.kdd.protocol=paper"])
+    # What would stop the first split's run, said before its data is written.
+    check_trackers(cfg.log.trackers)
+    if "://" not in args.csv and not os.path.isfile(args.csv):
+        raise ConfigError(f"--csv {args.csv} is not a file (kddcup.data_10_percent.gz or the full file)")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ConfigError(f"--out {args.out} is a file: give a folder for the splits' data and runs")
     splits = cfg.eval.kdd.splits if args.splits is None else args.splits
     per_split, runs = [], []
     for s in range(splits):
@@ -109,6 +116,9 @@ def _protocol(args: argparse.Namespace) -> int:
         print(f"split {s}/{splits}: training {run_dir}", flush=True)
         cmd = [sys.executable, "-m", "trainer.main", "--config", args.config, *overrides]
         status = subprocess.run(cmd, env=_child_env()).returncode
+        if status == EXIT_USER_ERROR:  # a setting or file the run refused (its error above): rerunning would too
+            print(f"split {s}: the run refused its settings (see above); fix them and rerun", file=sys.stderr)
+            return status
         if status != 0:
             print(f"split {s}: the run ended with status {status}; rerun this command to resume it", file=sys.stderr)
             return status
