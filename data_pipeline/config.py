@@ -57,6 +57,8 @@ class DataConfig:
     io_timeout: float = field(default=60.0, metadata={"range": "(0, inf)"})
 
     def __post_init__(self) -> None:
+        if not self.url.strip():
+            raise ValueError("data.url is empty: give the data set's folder, its manifest.json, or shards")
         if self.batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
         if not 0 < self.max_corrupt_share <= 1:

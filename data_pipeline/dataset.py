@@ -78,6 +78,11 @@ def write_toy_data(cfg: DataConfig, seed: int) -> None:
     if bounded(partial(fs.exists, manifest), manifest, "lookup"):
         return
     folder = posixpath.dirname(manifest)
+    if bounded(partial(fs.isfile, folder), folder, "lookup"):
+        raise DataError(
+            f"data.url={cfg.url} is a file: point it at the data set's folder (holding manifest.json), or at "
+            "shards (a .tar, a brace pattern); a toy preset writes its data into a new folder there"
+        )
     if bounded(partial(_non_empty, fs, folder), folder, "listing"):
         raise DataError(
             f"data.url={cfg.url} holds files but no manifest.json: not writing {cfg.toy} shards over them. "

@@ -127,6 +127,11 @@ def read_manifest(url: str, check_shards: bool = True) -> Manifest:
     murl = manifest_url(url)
     try:
         raw = json.loads(bounded(lambda: _read_text(murl), murl, "manifest read"))
+    except NotADirectoryError:
+        raise DataError(
+            f"{url} is a file: a data set is a folder holding manifest.json (or that manifest's URL), or shards "
+            "(a .tar, a brace pattern)"
+        ) from None
     except FileNotFoundError:
         raise DataError(
             f"no manifest at {murl}: write the data set there first, with "

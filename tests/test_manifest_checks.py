@@ -124,3 +124,18 @@ def test_a_shard_the_store_refuses_to_look_up_is_named(unlistable_store, monkeyp
     shard = f"{unlistable_store}/img-train-000000.tar"
     with pytest.raises(DataError, match=f"shard {shard}: the store refused to look it up .*: it is missing, or"):
         shard_sizes([shard])
+
+
+def test_a_file_or_nothing_as_data_url_is_named_as_such(tmp_path):
+    """Were "holds files but no manifest.json" (the toy presets), "Not a directory: .../manifest.json"
+    (the others) and, for an empty url, the working directory's files."""
+    from data_pipeline.config import DataConfig
+    from data_pipeline.dataset import write_toy_data
+
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(DataError, match=f"data.url={tmp_path / 'afile'} is a file: point it at the data set's folder"):
+        write_toy_data(DataConfig(url=str(tmp_path / "afile"), toy="25gaussians"), seed=0)
+    with pytest.raises(DataError, match=f"{tmp_path / 'afile'} is a file: a data set is a folder holding manifest"):
+        read_manifest(str(tmp_path / "afile"))
+    with pytest.raises(ValueError, match="data.url is empty"):
+        DataConfig(url=" ")
