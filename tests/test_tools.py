@@ -185,3 +185,15 @@ def test_a_run_folder_and_a_checkpoint_given_for_each_other_are_told_apart(tmp_p
     ):
         with pytest.raises(CheckpointError, match=re.escape(says)):
             resolve_checkpoint(str(run_dir), None if checkpoint is None else str(checkpoint))
+
+
+def test_a_run_whose_checkpoints_are_all_damaged_says_so_without_promising_an_older_one(tmp_path, capsys):
+    from trainer.checkpoint import CheckpointError
+    from trainer.run_folder import resolve_checkpoint
+
+    for step in (10, 20):
+        (tmp_path / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)  # empty: damaged
+    with pytest.raises(CheckpointError, match=f"every checkpoint of {tmp_path} is damaged"):
+        resolve_checkpoint(str(tmp_path))
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == 1 and "step_00000020 is damaged" in warnings[0] and "the one before it" in warnings[0]

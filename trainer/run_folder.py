@@ -193,14 +193,15 @@ def resolve_checkpoint(run_dir: str, checkpoint: str | None = None) -> str:
                 "run's output_dir"
             )
         raise CheckpointError(f"{run_dir} has no complete checkpoint yet (checkpoints/step_XXXXXXXX)")
-    for path in reversed(found):
-        problem = damage(path)
+    for i in range(len(found) - 1, -1, -1):
+        path, problem = found[i], damage(found[i])
         if problem is None:
             return path
         if problem == MISSING_FILE_LIST:
             print(f"warning: checkpoint {path} has no files.json: using it unverified", file=sys.stderr)
             return path
-        print(f"warning: checkpoint {path} is damaged ({problem}); using the one before it", file=sys.stderr)
+        if i > 0:
+            print(f"warning: checkpoint {path} is damaged ({problem}); using the one before it", file=sys.stderr)
     raise CheckpointError(f"every checkpoint of {run_dir} is damaged; the newest: {damage(found[-1])}")
 
 
