@@ -148,6 +148,11 @@ def test_the_tool_keeps_the_runs_latest_json_and_refuses_another_runs_checkpoint
     tools = json.loads((run / "eval" / "eval_step_00000010.json").read_text())
     assert "mala_acceptance_rate" not in tools and "mala_acceptance_rate" in json.loads(trainers)
     assert (run / "eval" / "latest.json").read_text() == trainers
+    # Another kind of evaluation: files of its own (it replaced the run's kind's results).
+    result = _evaluate(run, "eval.kind=samples", "eval.num_samples=300", "eval.mala.steps=0")
+    assert result.returncode == 0, result.stderr
+    assert (run / "eval" / "eval_samples_step_00000010.json").is_file()
+    assert json.loads((run / "eval" / "eval_step_00000010.json").read_text()) == tools
     # Another run's checkpoint: refused before anything is written into this run's eval/.
     shutil.copytree(run, other)
     before = sorted(p.name for p in (run / "eval").iterdir())

@@ -5,8 +5,9 @@
 Reads the checkpoint's weights export and configuration (any engine's run), applies the overrides
 (``eval.*`` and ``data.*`` only, e.g. ``eval.mala.steps=20``,
 ``eval.kind=fid eval.fid.reference=stats/train.npz``), and writes
-``eval/eval_<checkpoint>.json`` plus a table; the run's own ``eval/latest.json`` stays the trainer's.
-A --checkpoint must be one of the run's. What each kind measures: trainer/evaluation/.
+``eval/eval_<checkpoint>.json`` (``eval_<kind>_<checkpoint>.json`` for another eval.kind than the
+run's) plus a table; the run's own ``eval/latest.json`` stays the trainer's. A --checkpoint must be
+one of the run's (a bare step_XXXXXXXX names one). What each kind measures: trainer/evaluation/.
 """
 
 from __future__ import annotations
@@ -65,7 +66,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     _, nets, _, info = load_networks(args.run, checkpoint)
     ready_to_draw(nets, cfg.eval.seed if args.seed is None else args.seed)
     evaluator = build_evaluator(cfg, info["sample_shape"], info.get("dataset", ""))
-    tag = f"eval_{os.path.basename(checkpoint.rstrip('/'))}"
+    # Another kind than the run's own gets files of its own: its results do not replace the run's kind's.
+    own_kind = load_config(os.path.join(checkpoint, "config.yaml")).eval.kind
+    kind = "" if cfg.eval.kind == own_kind else f"{cfg.eval.kind}_"
+    tag = f"eval_{kind}{os.path.basename(checkpoint.rstrip('/'))}"
     results = evaluator(int(info["step"]), nets.energy, nets.generator, tag=tag)
     print(f"{args.run} at {os.path.basename(checkpoint.rstrip('/'))} ({evaluator.kind}):")
     print(format_table(results))
