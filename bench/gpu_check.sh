@@ -104,10 +104,10 @@ if ! "$PYTHON" -c "import webdataset, deepspeed" 2>/dev/null; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" "$GPU_DIR"/wheels/*.whl \
         || { echo "gpu_check.sh: installing the carried wheels of $GPU_DIR/wheels failed (see above)" >&2; exit 2; }
     export PYTHONPATH=$WORK/site${PYTHONPATH:+:$PYTHONPATH}
+    # Not a stop: on the GPU the other phases still have their say, and the tests that need them say why.
     if ! why=$("$PYTHON" -c "import webdataset, deepspeed" 2>&1); then
-        echo "gpu_check.sh: webdataset or deepspeed does not import from the carried wheels ($(tail -n 1 <<<"$why"));" \
-            "run --fetch again" >&2
-        exit 2
+        echo "gpu_check.sh: warning: webdataset or deepspeed does not import from the carried wheels" \
+            "($(tail -n 1 <<<"$why")); the tests that need them will fail; run --fetch again" >&2
     fi
 fi
 
