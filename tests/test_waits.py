@@ -409,6 +409,9 @@ def test_a_second_ctrl_c_quits_at_once_without_a_traceback(tmp_path):
     proc = start_in_own_group(tmp_path, "log.every=100000")  # the stop's reduction is far away
     try:
         wait_for(lambda: (tmp_path / "run" / "checkpoints" / "step_00000000").is_dir(), 120, "training")
+        # The folder appears as step 0's save publishes it, just before the ranks agree whether a stop came
+        # during the set-up; a Ctrl-C in that moment rightly ends the run at once (seen once in CI).
+        time.sleep(3)
         ctrl_c(proc)
         wait_for(lambda: "Ctrl-C again" in (tmp_path / "train.err").read_text(), 20, "the first Ctrl-C's message")
         time.sleep(1)  # still training: one Ctrl-C alone does not end it
