@@ -122,6 +122,17 @@ def nonnegative_float(text: str) -> float:
     return value
 
 
+def url(text: str) -> str:
+    """An argparse type: a path or an fsspec URL whose scheme fsspec knows and can open here (a typo such as
+    htp:// or a missing backend package, named at parse time rather than as fsspec's traceback later)."""
+    from data_pipeline.config import check_url
+
+    problem = check_url(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{shown(text)}: {problem}")
+    return text
+
+
 def fraction(text: str) -> float:
     """An argparse type: a share strictly between 0 and 1 (a split's, an anomaly rate's)."""
     try:

