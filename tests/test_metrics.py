@@ -272,6 +272,8 @@ def test_a_taken_port_moves_and_the_target_file_says_where(tmp_path):
     "override, message",
     [
         ("log.pushgateway=ftp://gw:9091", r"is not an http\(s\) address"),
+        ("log.pushgateway=gw:-1", "the port must be a number in 0-65535"),  # was accepted, failing at each push
+        ("log.pushgateway=http://gw:99999", "the port must be a number in 0-65535"),
         ("log.prometheus_port=70000", "log.prometheus_port=70000 is out of range"),
     ],
 )

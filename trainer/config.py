@@ -219,6 +219,10 @@ def normalise_gateway(url: str) -> str:
     parsed = urllib.parse.urlparse(url if "://" in url else f"http://{url}")
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise ValueError(f"log.pushgateway={url!r} is not an http(s) address; use e.g. http://pushgateway:9091")
+    try:
+        parsed.port  # noqa: B018 -- urllib checks the port only when it is read (at the first push, too late)
+    except ValueError:
+        raise ValueError(f"log.pushgateway={url!r}: the port must be a number in 0-65535, e.g. :9091") from None
     return parsed.geturl()
 
 
