@@ -170,7 +170,10 @@ def test_evaluate_takes_eval_and_data_overrides(tmp_path):
     "argv, says",
     [
         (["toy", "--out", "htp://bucket/toy"], ["argument --out: 'htp://bucket/toy': unknown scheme 'htp'"]),
-        (["arrays", "--x", "s3://b/x.npy::htp://y.npy", "--out", "OUT"], ["argument --x: 's3://b/x.npy::htp://y.npy'", "'htp'"]),
+        (
+            ["arrays", "--x", "s3://b/x.npy::htp://y.npy", "--out", "OUT"],
+            ["argument --x: 's3://b/x.npy::htp://y.npy'", "'htp'"],
+        ),
         (["index", "--shards", "data/x-{000..003.tar", "--out", "OUT"], ["unbalanced braces", "{000000..000015}"]),
     ],
     ids=["out", "input", "braces"],
