@@ -144,9 +144,14 @@ def fraction(text: str) -> float:
     return value
 
 
-def check_output_file(path: str, flag: str) -> None:
+# The figure formats a user may ask for by a path's suffix (meg-sample --out); no suffix is PNG.
+FIGURE_FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg"}
+
+
+def check_output_file(path: str, flag: str, formats: dict[str, str] | None = None) -> None:
     """Refuses, before any work, an output file path that cannot be written: an existing folder, or
-    one under an existing file. A missing parent folder is fine (the tool creates it)."""
+    one under an existing file, or a suffix not in ``formats`` (when given; no suffix passes). A missing
+    parent folder is fine (the tool creates it)."""
     if os.path.isdir(path) or path.endswith(("/", os.sep)):
         raise UserError(f"{flag} {path} is a folder: give the path of a file in it")
     parent = os.path.dirname(os.path.abspath(path))
@@ -154,3 +159,6 @@ def check_output_file(path: str, flag: str) -> None:
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise UserError(f"{flag} {path}: {parent} is a file, not a folder: choose another path")
+    suffix = os.path.splitext(path)[1].lower()
+    if formats is not None and suffix and suffix not in formats:
+        raise UserError(f"{flag} {path}: {suffix} is not a format it writes; end the name in {', '.join(formats)}")

@@ -57,6 +57,12 @@ def test_sample_refuses_a_folder_as_its_output_file(tmp_path, flag):
     _refused(sample.main, ["--run", str(tmp_path / "no-run"), flag, str(tmp_path)], f"{flag} {tmp_path} is a folder")
 
 
+def test_sample_refuses_a_figure_format_it_does_not_write(tmp_path):
+    # It wrote PNG bytes under any name (a .pdf that no viewer opens), after the sampling.
+    out = str(tmp_path / "s.gif")
+    _refused(sample.main, ["--run", str(tmp_path / "no-run"), "--out", out], f"--out {out}: .gif", ".png, .pdf, .svg")
+
+
 @pytest.mark.parametrize(
     "argv, says",
     [

@@ -28,6 +28,14 @@ def test_image_grid_is_readable_and_puts_real_images_beside_the_samples(tmp_path
     assert (left < 10).mean() > 0.3  # the all-black real images are drawn on the left
 
 
+@pytest.mark.parametrize(
+    "name, magic", [("f.png", b"\x89PNG"), ("f.PDF", b"%PDF"), ("f.svg", b"<?xml"), ("f", b"\x89PNG")]
+)
+def test_a_figure_is_written_in_the_format_its_name_asks_for(tmp_path, name, magic):
+    image_grid(str(tmp_path / name), torch.zeros(4, 1, 8, 8), caption="zeros")
+    assert (tmp_path / name).read_bytes().startswith(magic)
+
+
 class Wells(torch.nn.Module):
     """Two quadratic wells on a tilt: a density with structure over several decades."""
 

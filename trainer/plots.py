@@ -1,5 +1,6 @@
-"""PNG figures people would rather look at than read: 2D scatters, energy landscapes (the density on a
-log scale), image grids of samples beside real images, and a run's loss curves from metrics.jsonl."""
+"""Figures people would rather look at than read (PNG, or PDF or SVG by the path's suffix): 2D scatters,
+energy landscapes (the density on a log scale), image grids of samples beside real images, and a run's
+loss curves from metrics.jsonl."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import matplotlib
 matplotlib.use("Agg")
 import json  # noqa: E402
 import math  # noqa: E402
+import os  # noqa: E402
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
+from data_pipeline.cli import FIGURE_FORMATS  # noqa: E402
 from trainer.nofollow import write_replacing  # noqa: E402
 
 
@@ -69,8 +72,9 @@ def energy_landscape(
 
 
 def _save(fig, path: str) -> None:
+    figure_format = FIGURE_FORMATS[os.path.splitext(path)[1].lower() or ".png"]
     with write_replacing(path, binary=True) as f:  # a link at path is replaced, not followed
-        fig.savefig(f, format="png")
+        fig.savefig(f, format=figure_format)
     plt.close(fig)
 
 

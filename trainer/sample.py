@@ -21,7 +21,7 @@ import sys
 
 import numpy as np
 
-from data_pipeline.cli import add_debug_flag, check_output_file, run_tool
+from data_pipeline.cli import FIGURE_FORMATS, add_debug_flag, check_output_file, run_tool
 from data_pipeline.toy import mode_metrics
 from models.config import MALAConfig
 from trainer.evaluation.toy import toy_reference
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step-size", type=float, help="MALA step size (default: the run's eval.mala.step_size)")
     p.add_argument("--temperature", type=float, help="MALA temperature (default: the run's eval.mala.temperature)")
     p.add_argument("--seed", type=int, help="the random draws (default: the run's eval.seed)")
-    p.add_argument("--out", help="PNG path (default: <run>/samples[_mala<N>].png)")
+    p.add_argument("--out", help="the figure: .png, .pdf or .svg (default: <run>/samples[_mala<N>].png)")
     p.add_argument("--npy", help="also save the samples as a .npy array")
     add_debug_flag(p)
     return p
@@ -62,7 +62,7 @@ def check_flags(args: argparse.Namespace) -> None:
         if value is not None:
             check_field(flag, value, fields[name])
     if args.out:
-        check_output_file(args.out, "--out")
+        check_output_file(args.out, "--out", FIGURE_FORMATS)
     if args.npy:
         check_output_file(args.npy, "--npy")
 
