@@ -198,3 +198,19 @@ def test_launch_sh_refuses_a_bad_nproc_before_any_work(tmp_path, args, got):
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr == f"launch.sh: --nproc wants a whole number >= 1 (got '{got}')\n"
     assert not venv.exists()
+
+
+@pytest.mark.parametrize("where", ["file", "under_file"])
+def test_an_output_dir_that_is_not_a_folder_is_named_before_any_work(tmp_path, where):
+    # It was "Not a directory: <path>/.lock" from the run-folder lock, after the data set was opened.
+    import threading
+
+    from trainer.job import check_output_dir, run
+
+    (tmp_path / "file").write_text("notes")
+    folder = str(tmp_path / "file") if where == "file" else str(tmp_path / "file" / "run")
+    says = f"output_dir={folder} is not a folder" if where == "file" else f"output_dir={folder}: {tmp_path / 'file'}"
+    with pytest.raises(ConfigError, match="not a folder: choose another output_dir") as refused:
+        run(load_config("toy_25gaussians", [f"output_dir={folder}"]), threading.Event())
+    assert str(refused.value).startswith(says)
+    check_output_dir(str(tmp_path / "new" / "run"))  # a folder still to be made is fine

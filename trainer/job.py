@@ -89,8 +89,8 @@ def run(
     training progresses (trainer/main.py's stop watchdog)."""
     # Every storage call from here on is bounded by data.io_timeout and ends on a stop request.
     storage.configure(timeout=cfg.data.io_timeout, stop=stop)
+    check_output_dir(cfg.output_dir)
     check_run_folder(cfg.output_dir)  # links where the run writes: refused before any work
-    check_not_checkpoints(cfg.output_dir)
     runtime = build_runtime(cfg)
     meet = True
     try:
@@ -124,9 +124,16 @@ def run(
         runtime.shutdown(meet)
 
 
-def check_not_checkpoints(folder: str) -> None:
-    """Raises ConfigError when ``folder`` (output_dir) is a checkpoint, or a run's checkpoints/ folder: a run
-    there would write its config.yaml into the checkpoint and its own checkpoints beside the run's."""
+def check_output_dir(folder: str) -> None:
+    """Raises ConfigError when ``folder`` (output_dir) cannot hold a run: not a folder (a file, or a path under one), a
+    checkpoint, or a run's checkpoints/ folder (a run there would write its config.yaml into the checkpoint
+    and its own checkpoints beside the run's)."""
+    existing = os.path.abspath(folder)
+    while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "" if existing == os.path.abspath(folder) else f": {existing}"
+        raise ConfigError(f"output_dir={folder}{where} is not a folder: choose another output_dir")
     if is_checkpoint_folder(folder):
         raise ConfigError(
             f"output_dir={folder} is a checkpoint, not a run folder: to resume it, train with "
