@@ -507,6 +507,8 @@ def check_empty_output(out: str) -> None:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    if not args.out.strip():  # "" is the working folder to fsspec: it was "--out  is not empty (it holds ...)"
+        raise DataError("--out is empty: give the folder for the shards (a path or an fsspec URL)")
     if args.source != "index":  # index writes only a manifest, often next to the shards it indexes
         check_empty_output(args.out)
     for split, m in run(args).items():

@@ -181,8 +181,9 @@ def test_evaluate_takes_eval_and_data_overrides(tmp_path):
             ["argument --x: 's3://b/x.npy::htp://y.npy'", "'htp'"],
         ),
         (["index", "--shards", "data/x-{000..003.tar", "--out", "OUT"], ["unbalanced braces", "{000000..000015}"]),
+        (["toy", "--out", " "], ["--out is empty: give the folder"]),
     ],
-    ids=["out", "input", "braces"],
+    ids=["out", "input", "braces", "empty_out"],
 )
 def test_convert_names_a_url_it_cannot_open_before_any_work(tmp_path, argv, says):
     """Each was a traceback from fsspec (ValueError: Protocol not known) or braceexpand."""
