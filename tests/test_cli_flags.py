@@ -57,6 +57,21 @@ def test_sample_refuses_a_folder_as_its_output_file(tmp_path, flag):
     _refused(sample.main, ["--run", str(tmp_path / "no-run"), flag, str(tmp_path)], f"{flag} {tmp_path} is a folder")
 
 
+def test_sample_refuses_to_write_over_the_runs_own_files_or_one_output_over_the_other(tmp_path):
+    # --npy <checkpoint>/weights.safetensors replaced the weights with the samples (exit 0).
+    run = tmp_path / "run"
+    weights = run / "checkpoints" / "step_00000020" / "weights.safetensors"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"weights")
+    for flag, path in (("--npy", weights), ("--npy", run / "metrics.jsonl"), ("--out", run / "checkpoints" / "x.png")):
+        _refused(sample.main, ["--run", str(run), flag, str(path)], f"{flag} {path} would replace the run's own")
+    other = tmp_path / "elsewhere.npy"
+    _refused(sample.main, ["--run", str(run), "--checkpoint", str(tmp_path), "--npy", str(other)], "run's own")
+    both = str(tmp_path / "s.png")
+    _refused(sample.main, ["--run", str(run), "--out", both, "--npy", both], "--out and --npy are the same file")
+    assert weights.read_bytes() == b"weights"
+
+
 def test_sample_refuses_a_figure_format_it_does_not_write(tmp_path):
     # It wrote PNG bytes under any name (a .pdf that no viewer opens), after the sampling.
     out = str(tmp_path / "s.gif")

@@ -92,13 +92,22 @@ def test_sigusr1_checkpoints_and_exits_75_then_the_rerun_resumes(tmp_path):
 def test_sample_tool_on_a_finished_run(tmp_path):
     run_trainer(tiny_overrides(tmp_path, steps=10))
     npy = tmp_path / "samples.arr"  # written as named: np.save given a path would add .npy
+    (tmp_path / "notes.txt").write_text("mine")
+    npy.symlink_to(tmp_path / "notes.txt")  # replaced, not written through (the notes were overwritten)
     result = _tool("trainer.sample", "--run", str(tmp_path / "run"), "--num", "300", "--mala-steps", "3",
                    "--npy", str(npy))  # fmt: skip
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout[: result.stdout.rindex("}") + 1])
     assert report["num_samples"] == 300 and 0 <= report["mala_acceptance_rate"] <= 1
     assert report["num_modes"] == 25 and np.load(npy).shape == (300, 2)
+    assert not npy.is_symlink() and (tmp_path / "notes.txt").read_text() == "mine"
     assert os.path.getsize(tmp_path / "run" / "samples_mala3.png") > 1000
+    # A figure into a folder still to be made (it failed after the sampling, naming a temporary file).
+    svg = tmp_path / "figures" / "new" / "s.svg"
+    drawn = _tool(
+        "trainer.sample", "--run", str(tmp_path / "run"), "--num", "50", "--mala-steps", "0", "--out", str(svg)
+    )
+    assert drawn.returncode == 0 and svg.read_bytes().startswith(b"<?xml"), drawn.stderr
 
 
 def test_sample_tool_gives_what_evaluate_gives_for_one_checkpoint_and_seed(tmp_path):

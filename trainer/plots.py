@@ -73,6 +73,7 @@ def energy_landscape(
 
 def _save(fig, path: str) -> None:
     figure_format = FIGURE_FORMATS[os.path.splitext(path)[1].lower() or ".png"]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # meg-sample --out new/folder/s.png
     with write_replacing(path, binary=True) as f:  # a link at path is replaced, not followed
         fig.savefig(f, format=figure_format)
     plt.close(fig)

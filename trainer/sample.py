@@ -21,10 +21,11 @@ import sys
 
 import numpy as np
 
-from data_pipeline.cli import FIGURE_FORMATS, add_debug_flag, check_output_file, run_tool
+from data_pipeline.cli import FIGURE_FORMATS, UserError, add_debug_flag, check_output_file, run_tool
 from data_pipeline.toy import mode_metrics
 from models.config import MALAConfig
 from trainer.evaluation.toy import toy_reference
+from trainer.nofollow import write_replacing
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +66,26 @@ def check_flags(args: argparse.Namespace) -> None:
         check_output_file(args.out, "--out", FIGURE_FORMATS)
     if args.npy:
         check_output_file(args.npy, "--npy")
+    check_outputs_spare_the_run(args)
+
+
+def check_outputs_spare_the_run(args: argparse.Namespace) -> None:
+    """Refuses an --out or --npy that would replace one of the run's own files (a checkpoint's weights,
+    config.yaml, metrics.jsonl; it went silently, and the next tool fell back to an older checkpoint)
+    or the other output."""
+    from trainer.nofollow import MANAGED
+
+    run = os.path.realpath(args.run)
+    kept = [os.path.join(run, name) for name in MANAGED if name != "eval"]
+    if args.checkpoint:
+        kept.append(os.path.realpath(args.checkpoint))
+    given = [(flag, path) for flag, path in (("--out", args.out), ("--npy", args.npy)) if path]
+    for flag, path in given:
+        real = os.path.realpath(path)
+        if any(real == k or real.startswith(k + os.sep) for k in kept):
+            raise UserError(f"{flag} {path} would replace the run's own {real}: choose a path outside it")
+    if len(given) == 2 and os.path.realpath(args.out) == os.path.realpath(args.npy):
+        raise UserError(f"--out and --npy are the same file ({args.out}): the picture and the array need two")
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -102,7 +123,7 @@ def _sample(args: argparse.Namespace) -> int:
         image_grid(out, samples[:256], nrow=16, caption=f"{os.path.basename(checkpoint)}: {shown} samples, {how}")
     if args.npy:
         os.makedirs(os.path.dirname(os.path.abspath(args.npy)), exist_ok=True)
-        with open(args.npy, "wb") as f:  # a file object: np.save would add .npy to a path without it
+        with write_replacing(args.npy, binary=True) as f:  # a file object: np.save would add .npy to a bare path
             np.save(f, samples.numpy())
     print(json.dumps(report, indent=2))
     print(f"wrote {out}")
