@@ -149,9 +149,13 @@ def test_the_tool_keeps_the_runs_latest_json_and_refuses_another_runs_checkpoint
     assert "mala_acceptance_rate" not in tools and "mala_acceptance_rate" in json.loads(trainers)
     assert (run / "eval" / "latest.json").read_text() == trainers
     # Another kind of evaluation: files of its own (it replaced the run's kind's results).
-    result = _evaluate(run, "eval.kind=samples", "eval.num_samples=300", "eval.mala.steps=0")
+    result = _evaluate(run, "eval.kind=samples", "eval.num_samples=300", "eval.mala.steps=0", "eval.plots=true")
     assert result.returncode == 0, result.stderr
     assert (run / "eval" / "eval_samples_step_00000010.json").is_file()
+    assert (run / "eval" / "samples_eval_samples_step_00000010.png").stat().st_size > 1000  # 2-D points drawn too
+    # A kind that cannot score 2-D points says so first (it asked for a classifier to be made, in vain).
+    refused = _evaluate(run, "eval.kind=stackedmnist", "eval.stackedmnist.classifier=none.pt")
+    assert refused.returncode == 2 and "this data's samples are (2,)" in refused.stderr, refused.stderr
     assert json.loads((run / "eval" / "eval_step_00000010.json").read_text()) == tools
     # Another run's checkpoint: refused before anything is written into this run's eval/.
     shutil.copytree(run, other)
@@ -190,6 +194,30 @@ def test_an_evaluation_file_that_is_not_what_it_should_be_is_refused_naming_it(t
     says = "is not a digit classifier checkpoint|holds .*, not FID reference statistics"
     with pytest.raises(UserError, match=f"{wrong} ({says})"):
         check_requirements(load_config("toy_25gaussians", [f"eval.kind={kind}", f"{key}={wrong}"]))
+
+
+def test_toy_and_anomaly_evaluations_refuse_data_they_cannot_score(tmp_path):
+    """Toy scoring of digits failed in its scatter plot, and a KDD test split of another shape in the energy
+    ("mat1 and mat2 shapes cannot be multiplied"), each after the whole training run."""
+    from data_pipeline.cli import ConfigError
+    from trainer.config import load_config
+    from trainer.evaluation import check_samples
+
+    toy = load_config("toy_25gaussians", [])
+    check_samples(toy, [2])
+    with pytest.raises(
+        ConfigError, match=r"eval.kind=toy scores and draws 2-D points; this data's samples are \(1, 28, 28\)"
+    ):
+        check_samples(toy, [1, 28, 28])
+    test = tmp_path / "test"
+    write_array_shards(str(test), "tab", "test", np.zeros((8, 6), np.float32), np.zeros(8, np.int64), 1)
+    kdd = load_config("toy_25gaussians", ["eval.kind=kdd", f"eval.kdd.test_data={test}"])
+    check_samples(kdd, [6])
+    with pytest.raises(
+        ConfigError, match=rf"eval.kdd.test_data={test} holds samples of shape \(6,\), the training data \(118,\)"
+    ):
+        check_samples(kdd, [118])
+    check_samples(load_config("toy_25gaussians", ["eval.kind=kdd", f"eval.kdd.test_data={tmp_path / 'none'}"]), [6])
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ import sys
 
 from data_pipeline.cli import ConfigError, add_debug_flag, run_tool
 from trainer.config import check_commands, load_config
-from trainer.evaluation import build_evaluator, check_requirements, format_table
+from trainer.evaluation import build_evaluator, check_requirements, check_samples, format_table
 
 # What an evaluation may change: its own settings, and where the data lives now. The rest (the model,
 # the training, the entropy weight that is the target density's temperature) is the checkpoint's.
@@ -62,8 +62,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     # The checkpoint's own configuration is the preset; overrides adjust the evaluation.
     cfg = load_config(os.path.join(checkpoint, "config.yaml"), [f"output_dir={args.run}", *args.overrides])
     check_commands(cfg, allow_pipe=args.allow_pipe, trust_inception=args.trust_inception)
-    check_requirements(cfg)
     _, nets, _, info = load_networks(args.run, checkpoint)
+    # Whether the kind can score these samples at all comes first: else it asked for a classifier
+    # (or FID statistics) to be made, and only then said that they cannot score 2-D points.
+    check_samples(cfg, info["sample_shape"])
+    check_requirements(cfg)
     ready_to_draw(nets, cfg.eval.seed if args.seed is None else args.seed)
     evaluator = build_evaluator(cfg, info["sample_shape"], info.get("dataset", ""))
     # Another kind than the run's own gets files of its own: its results do not replace the run's kind's.

@@ -117,7 +117,7 @@ def build_evaluator(cfg, sample_shape: list[int], dataset: str, out_dir: str | N
 
 def check_samples(cfg, sample_shape: list[int]) -> None:
     """Raises ConfigError when ``cfg.eval.kind`` cannot score the data's samples (FID on 2D points)."""
-    EVALUATORS[cfg.eval.kind].check_samples(list(sample_shape))
+    EVALUATORS[cfg.eval.kind].check_samples(cfg, list(sample_shape))
 
 
 def format_table(results: dict[str, float]) -> str:

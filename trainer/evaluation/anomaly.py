@@ -58,6 +58,24 @@ class _AnomalyEvaluator(Evaluator):
     def metrics(self, scores: np.ndarray, is_anomaly: np.ndarray) -> dict[str, float]:
         raise NotImplementedError
 
+    @classmethod
+    def check_samples(cls, cfg, sample_shape: list[int]) -> None:
+        """The test split's samples are the training data's shape (else the energy fails on them after the
+        training: "mat1 and mat2 shapes cannot be multiplied")."""
+        from data_pipeline.shards import DataError, read_manifest
+
+        key = f"eval.{cls.kind}.test_data"
+        test_data = getattr(cfg.eval, cls.kind).test_data
+        try:
+            tested = list(read_manifest(test_data).sample_shape)
+        except DataError:  # missing or unreadable: check_requirements, or the evaluation's read, names it
+            return
+        if tested != list(sample_shape):
+            raise ConfigError(
+                f"{key}={test_data} holds samples of shape {tuple(tested)}, the training data "
+                f"{tuple(sample_shape)}: give the test split written with data.url={cfg.data.url}"
+            )
+
     def score_energy(self, energy) -> dict[str, float]:
         from trainer.scores import anomaly_scores
 

@@ -60,9 +60,9 @@ class Evaluator:
         reads that is not what it should be), before any work; its files exist by then."""
 
     @classmethod
-    def check_samples(cls, sample_shape: list[int]) -> None:
+    def check_samples(cls, cfg, sample_shape: list[int]) -> None:
         """Raises ConfigError when this evaluation cannot score samples of ``sample_shape`` (the data's,
-        known once the data set is open: before any training)."""
+        known once the data set is open: before any training; ``cfg``: the RunConfig)."""
 
     @classmethod
     def extra_evaluation_steps(cls, cfg, stream) -> set[int]:
@@ -94,8 +94,18 @@ class Evaluator:
         return {}
 
     def plot(self, tag: str, step: int, energy, plain, refined, results: dict) -> None:
-        from trainer.plots import image_grid  # matplotlib: imported when a picture is drawn
+        """Image grids of images, scatters of 2-D points; other samples (e.g. KDD's vectors) have no picture."""
+        from trainer.plots import image_grid, scatter_2d  # matplotlib: imported when a picture is drawn
 
+        if plain.dim() == 2 and plain.shape[1] == 2:
+            lim = float(plain.abs().max() * 1.1)
+            for name, samples, how in (("samples", plain, "G(z)"), ("samples_mala", refined, "latent MALA")):
+                if samples is not None:
+                    title = f"{self.ctx.dataset}, step {step}: {how}"
+                    scatter_2d(
+                        os.path.join(self.ctx.out_dir, f"{name}_{tag}.png"), samples.cpu().numpy(), None, title, lim
+                    )
+            return
         if plain.dim() != 4:
             return
         real = self.real_images(64)

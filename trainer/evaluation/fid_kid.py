@@ -40,7 +40,7 @@ class FIDEvaluator(Evaluator):
             load_statistics(cfg.eval.fid.reference, features=False)  # a wrong file is told before any work
 
     @classmethod
-    def check_samples(cls, sample_shape: list[int]) -> None:
+    def check_samples(cls, cfg, sample_shape: list[int]) -> None:
         if len(sample_shape) != 3 or sample_shape[0] not in (1, 3):
             raise ConfigError(
                 f"eval.kind=fid scores images, (1 or 3 channels, height, width); this data's samples are "

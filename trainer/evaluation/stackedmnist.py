@@ -37,11 +37,12 @@ class StackedMNISTEvaluator(Evaluator):
         load_classifier(cfg.eval.stackedmnist.classifier)  # small: a wrong file is told before any work
 
     @classmethod
-    def check_samples(cls, sample_shape: list[int]) -> None:
+    def check_samples(cls, cfg, sample_shape: list[int]) -> None:
         if len(sample_shape) != 3 or sample_shape[1:] != [28, 28]:
             raise ConfigError(
                 f"eval.kind=stackedmnist classifies stacks of 28 x 28 digits, (channels, 28, 28); this data's "
-                f"samples are {tuple(sample_shape)}: choose another eval.kind (samples draws pictures of any data)"
+                f"samples are {tuple(sample_shape)}: choose another eval.kind (samples draws pictures of images "
+                "and 2-D points)"
             )
 
     def __init__(self, eval_cfg, section: StackedMNISTEvalConfig, ctx):

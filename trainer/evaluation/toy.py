@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from data_pipeline.cli import ConfigError
 from trainer.evaluation.base import Evaluator
 
 if TYPE_CHECKING:  # numpy, torch and the scores are imported where they are used (see REGISTRY)
@@ -121,6 +122,14 @@ class DensityReference:
 class ToyEvaluator(Evaluator):
     kind = "toy"
     config = ToyEvalConfig
+
+    @classmethod
+    def check_samples(cls, cfg, sample_shape: list[int]) -> None:
+        if list(sample_shape) != [2]:
+            raise ConfigError(
+                f"eval.kind=toy scores and draws 2-D points; this data's samples are {tuple(sample_shape)}: "
+                "choose another eval.kind (samples draws pictures of images and 2-D points)"
+            )
 
     def __init__(self, eval_cfg, section: ToyEvalConfig, ctx):
         super().__init__(eval_cfg, section, ctx)
