@@ -91,6 +91,11 @@ def test_protocol_tool_names_what_would_stop_its_first_run_before_writing_data(t
     cases = [
         (["--csv", str(tmp_path / "none.gz"), "--out", str(tmp_path / "o")], "--csv"),
         (["--csv", str(csv), "--out", str(tmp_path / "afile")], "is a file: give a folder"),
+        # A preset that scores something else trained split 0, then failed in the energy (1.1 GB written).
+        (["--csv", str(csv), "--out", str(tmp_path / "o"), "--config", "toy_25gaussians"], "eval.kind=toy; the KDD"),
+        # Overrides of what each split's run is given were dropped without a word.
+        (["--csv", str(csv), "--out", str(tmp_path / "o"), "output_dir=elsewhere"], "the protocol sets output_dir="),
+        (["--csv", str(csv), "--out", str(tmp_path / "o"), "train.seed=3"], "train.seed=N for each split N"),
     ]
     if importlib.util.find_spec("wandb") is None:  # the dev environment has no wandb
         cases.append((["--csv", str(csv), "--out", str(tmp_path / "o"), "log.trackers=[wandb]"], "has wandb"))
@@ -99,6 +104,25 @@ def test_protocol_tool_names_what_would_stop_its_first_run_before_writing_data(t
         err = capsys.readouterr().err
         assert err.startswith("error: ") and says in err and "Traceback" not in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_trainer_refuses_a_protocol_run_too_short_for_its_last_epochs_before_step_0(tmp_path):
+    """trainer/kdd_protocol.py found it after the whole run: "1 epoch evaluations, the protocol averages 10"."""
+    from data_pipeline.cli import ConfigError
+    from trainer.config import load_config
+    from trainer.evaluation import extra_evaluation_steps
+
+    class Stream:
+        def batches_per_epoch(self, epoch):
+            return 8
+
+    paper = ["eval.kdd.protocol=paper", "train.energy_steps=1", "eval.kdd.last_epochs=3"]
+    assert extra_evaluation_steps(load_config("kdd99", ["train.steps=24", *paper]), Stream()) == {8, 16, 24}
+    assert extra_evaluation_steps(load_config("kdd99", ["train.steps=17", *paper]), Stream()) == {1, 9, 17}
+    with pytest.raises(
+        ConfigError, match=r"train.steps=16 reaches 2 of them \(epochs of 8 steps\): raise train.steps to at least 17"
+    ):
+        extra_evaluation_steps(load_config("kdd99", ["train.steps=16", *paper]), Stream())
 
 
 def test_a_run_that_refuses_its_settings_is_not_reported_as_one_to_resume(tmp_path, monkeypatch, capsys):

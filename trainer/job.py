@@ -29,7 +29,7 @@ from trainer.checkpoint import (
     run_folder_of,
 )
 from trainer.config import ConfigError, RunConfig, config_from_yaml, config_to_yaml, vera_settings
-from trainer.evaluation import build_evaluator, check_samples
+from trainer.evaluation import build_evaluator, check_samples, extra_evaluation_steps
 from trainer.meg_trainer import MEGTrainer, Preempted, host_pinning
 from trainer.metrics import CurvesSink, JsonlSink, MetricsLogger, ProgressSink
 from trainer.nofollow import check_run_folder, write_replacing
@@ -280,6 +280,7 @@ def _train(
     runtime.seed(cfg.train.seed, per_rank=True)  # different noise on each rank
     steps = build_steps(cfg, runtime, nets)
     stream = dataset.stream(runtime.rank, runtime.world_size, cfg.train.seed, pin=host_pinning(runtime.device))
+    extra_evaluation_steps(cfg, stream)  # eval.kdd.protocol=paper: epochs train.steps cannot hold, before step 0
     logger, prometheus = build_logger(cfg, runtime, preset)
     evaluator = build_evaluator(cfg, manifest.sample_shape, manifest.name)
     trainer = MEGTrainer(cfg, runtime, steps, stream, logger, checkpoints, evaluator, stop, heartbeat)

@@ -61,6 +61,33 @@ def format_summary(summary: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+# What the protocol sets for each split's run (an override of these was silently dropped), and to what.
+PROTOCOL_KEYS = {
+    "data.url": "OUT/data/split_N/train",
+    "eval.kdd.test_data": "OUT/data/split_N/test",
+    "output_dir": "OUT/split_N",
+    "train.seed": "N",
+    "eval.kdd.protocol": "paper",
+    "eval.every": "0",
+}
+
+
+def check_protocol_settings(cfg, config: str, overrides: list[str]) -> None:
+    """Raises ConfigError for a preset that is not a KDD evaluation, or an override of what the protocol
+    sets per split: before the first split's data is written."""
+    if cfg.eval.kind != "kdd":
+        raise ConfigError(
+            f"--config {config} evaluates eval.kind={cfg.eval.kind}; the KDD protocol trains on KDD Cup 99 and "
+            "scores eval.kind=kdd: use --config kdd99 (the default) or a preset of your own with eval.kind=kdd"
+        )
+    for override in overrides:
+        key = override.split("=", 1)[0].strip()
+        if key in PROTOCOL_KEYS:
+            raise ConfigError(
+                f"{override}: the protocol sets {key}={PROTOCOL_KEYS[key]} for each split N (OUT: --out); drop it"
+            )
+
+
 def _child_env() -> dict[str, str]:
     """This checkout first on the trainer's import path, wherever the tool is run from."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,6 +119,7 @@ def _protocol(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, [*args.overrides, "eval.kdd.protocol=paper"])
     # What would stop the first split's run, said before its data is written.
+    check_protocol_settings(cfg, args.config, args.overrides)
     check_trackers(cfg.log.trackers)
     if "://" not in args.csv and not os.path.isfile(args.csv):
         raise ConfigError(f"--csv {args.csv} is not a file (kddcup.data_10_percent.gz or the full file)")

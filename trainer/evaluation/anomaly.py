@@ -105,7 +105,15 @@ class KDDEvaluator(_AnomalyEvaluator):
         if kdd.protocol != "paper":
             return set()
         epoch = kdd.epoch_steps or max(stream.batches_per_epoch(0) // cfg.train.energy_steps, 1)
-        return set(protocol_steps(cfg.train.steps, epoch, kdd.last_epochs))
+        steps = protocol_steps(cfg.train.steps, epoch, kdd.last_epochs)
+        if len(steps) < kdd.last_epochs:  # trainer/kdd_protocol.py found it only after the whole run
+            raise ConfigError(
+                f"eval.kdd.protocol=paper averages the last eval.kdd.last_epochs={kdd.last_epochs} epochs, and "
+                f"train.steps={cfg.train.steps} reaches {len(steps)} of them (epochs of {epoch} steps): raise "
+                f"train.steps to at least {(kdd.last_epochs - 1) * epoch + 1}, or set eval.kdd.epoch_steps or "
+                "eval.kdd.last_epochs"
+            )
+        return set(steps)
 
     def is_anomaly(self, labels):
         return labels == 1
