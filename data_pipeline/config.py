@@ -4,6 +4,7 @@ code."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -16,12 +17,23 @@ DEFAULT_MAX_SAMPLE_BYTES = 256 << 20
 COMMAND_SCHEMES = ("pipe", "ais", "htgs", "scp", "ftps")
 
 
+# The metadata of a config field that names a file or folder: a leading ~ there is the home folder, as
+# in a shell (which leaves data.url=~/x alone; fsspec expanded it where the OS did not, and a run wrote its
+# data to one place and looked for it in another).
+PATH_FIELD = {"path": True}
+
+
+def expand_home(url: str) -> str:
+    """``url`` with a leading ``~`` or ``~user`` of each ``::``-joined part made the home folder's path."""
+    return "::".join(os.path.expanduser(part) if part.startswith("~") else part for part in url.split("::"))
+
+
 @dataclass
 class DataConfig:
     # A folder holding manifest.json, or the manifest's URL; or WebDataset shards: a brace pattern
     # (data/x-{000000..000099}.tar), several joined by "::", one .tar(.gz) file, a pipe: command
     # (with --allow-pipe); any fsspec URL. Shards without a manifest are indexed at start.
-    url: str = "data/25gaussians"
+    url: str = field(default="data/25gaussians", metadata=PATH_FIELD)
     prepare: str = ""  # the command that writes this data (shown when the shards are missing)
     batch_size: int = field(default=256, metadata={"range": "[1, 16777216]"})  # global: split over the ranks
     num_workers: int = field(default=1, metadata={"range": "[0, 1024]"})

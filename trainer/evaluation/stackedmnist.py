@@ -3,9 +3,10 @@ KL(mode histogram || uniform) over 10^channels modes."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from data_pipeline.cli import ConfigError
+from data_pipeline.config import PATH_FIELD
 from trainer.evaluation.base import Evaluator
 
 CLASSIFY_CHUNK = 2000  # samples between progress lines: 26,000 take minutes on a CPU
@@ -13,7 +14,9 @@ CLASSIFY_CHUNK = 2000  # samples between progress lines: 26,000 take minutes on 
 
 @dataclass
 class StackedMNISTEvalConfig:
-    classifier: str = "classifiers/mnist.pt"  # python -m trainer.classifier --data data/mnist-test --out ...
+    classifier: str = field(
+        default="classifiers/mnist.pt", metadata=PATH_FIELD
+    )  # python -m trainer.classifier --data data/mnist-test --out ...
 
 
 class StackedMNISTEvaluator(Evaluator):
