@@ -358,3 +358,12 @@ def test_a_leading_tilde_in_a_path_setting_is_the_home_folder(monkeypatch, tmp_p
     )
     assert cfg.data.url == f"{tmp_path}/data::{tmp_path}/more" and cfg.output_dir == f"{tmp_path}/run"
     assert cfg.eval.stackedmnist.classifier == f"{tmp_path}/c.pt" and cfg.log.prometheus_targets == f"{tmp_path}/t"
+
+
+def test_a_section_given_whole_on_the_command_line_keeps_the_presets_other_settings():
+    preset = load_config("toy_25gaussians", [])
+    whole = load_config("toy_25gaussians", ["train={steps: 5, energy_optim: {lr: 0.002}}"])
+    assert whole.train.steps == 5 and whole.train.energy_optim.lr == 0.002
+    assert whole.train.energy_optim.betas == preset.train.energy_optim.betas  # the preset's (0.5, 0.9)
+    kept = dataclasses.replace(whole.train, steps=preset.train.steps, energy_optim=preset.train.energy_optim)
+    assert kept == preset.train  # entropy_weight 0.03, lr decay, ...: they fell back to the code's defaults

@@ -514,7 +514,10 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"cannot set {shown(dotted)}: {shown(part)} is not a section")
         node = child
-    node[parts[-1]] = value
+    # A section given whole (train={steps: 5}) is merged like a preset's: it replaced the section, and
+    # every other setting of the preset's fell back to the code's default without a word.
+    old = node.get(parts[-1])
+    node[parts[-1]] = _merge(old, value) if isinstance(value, dict) and isinstance(old, dict) else value
 
 
 def resolve_preset(name_or_path: str) -> str:
