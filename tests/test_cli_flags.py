@@ -181,6 +181,12 @@ def test_evaluate_refuses_an_override_the_checkpoint_fixes_before_loading(tmp_pa
     _refused(evaluate.main, ["--run", str(tmp_path / "no-run"), "eval.seed=3", override], key, "eval.* and data.*")
 
 
+@pytest.mark.parametrize("seed", ["-3", "99999999999999999999999"])
+def test_evaluate_checks_its_seed_with_the_configs_range_before_loading(tmp_path, seed):
+    # A huge one was a traceback (Overflow when unpacking long long); -3 was taken, where meg-sample refuses it.
+    _refused(evaluate.main, ["--run", str(tmp_path / "no-run"), "--seed", seed], f"--seed={seed} is out of range")
+
+
 def test_evaluate_takes_eval_and_data_overrides(tmp_path):
     # Past the override check, the missing run is the error.
     last = _refused(evaluate.main, ["--run", str(tmp_path / "no-run"), "eval.seed=3", "data.url=elsewhere"], "no-run")

@@ -13,12 +13,13 @@ one of the run's (a bare step_XXXXXXXX names one). What each kind measures: trai
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
 from data_pipeline.cli import ConfigError, add_debug_flag, run_tool
-from trainer.config import check_commands, load_config
-from trainer.evaluation import build_evaluator, check_requirements, check_samples, format_table
+from trainer.config import check_commands, check_field, load_config
+from trainer.evaluation import EvalSettings, build_evaluator, check_requirements, check_samples, format_table
 
 # What an evaluation may change: its own settings, and where the data lives now. The rest (the model,
 # the training, the entropy weight that is the target density's temperature) is the checkpoint's.
@@ -58,6 +59,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from trainer.run_folder import load_networks, ready_to_draw, resolve_checkpoint
 
     check_overrides(args.overrides)
+    if args.seed is not None:  # eval.seed's range, as meg-sample checks it (a huge one was a traceback)
+        check_field("--seed", args.seed, next(f for f in dataclasses.fields(EvalSettings) if f.name == "seed"))
     checkpoint = resolve_checkpoint(args.run, args.checkpoint)
     # The checkpoint's own configuration is the preset; overrides adjust the evaluation.
     cfg = load_config(os.path.join(checkpoint, "config.yaml"), [f"output_dir={args.run}", *args.overrides])
