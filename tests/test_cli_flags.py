@@ -142,6 +142,22 @@ def test_classifier_refuses_a_data_set_smaller_than_one_batch(tmp_path):
     assert not (tmp_path / "c.pt").exists()
 
 
+def test_classifier_and_fid_name_a_data_set_of_another_shape_before_reading_any(tmp_path, monkeypatch):
+    # Digits beside 2-D points: a traceback (torch.cat) after reading all; one wrong set was read whole first.
+    from data_pipeline import stream
+
+    write_array_shards(str(tmp_path / "digits"), "digits", "test", np.zeros((8, 1, 28, 28), np.uint8), np.arange(8), 1)
+    write_array_shards(str(tmp_path / "points"), "toy", "train", np.zeros((8, 2), np.float32), np.zeros(8, np.int64), 1)
+    monkeypatch.setattr(stream, "read_split", lambda *a, **k: pytest.fail("read before the shapes were checked"))
+    out = tmp_path / "new" / "c.pt"
+    data = ["--data", str(tmp_path / "digits"), "--data", str(tmp_path / "points")]
+    _refused(classifier.main, [*data, "--out", str(out)], f"--data {tmp_path / 'points'} holds (2,)")
+    assert not out.parent.exists()
+    points = str(tmp_path / "points")
+    _refused(fid.main, ["--data", points, "--out", str(tmp_path / "s.npz"), "--device", "cpu"],
+             f"FID needs images, (1 or 3 channels, height, width); --data {points} holds (2,)")  # fmt: skip
+
+
 def test_fid_refuses_a_negative_num_and_a_folder_as_out(tmp_path):
     _refused(fid.main, ["--data", str(tmp_path / "none"), "--out", str(tmp_path / "s.npz"), "--num", "-5"],
              "--num: must be at least 0, got -5")  # fmt: skip
@@ -152,6 +168,7 @@ def test_fid_names_a_wrong_device_or_feature_extractor_before_reading_data(tmp_p
     """Each was a traceback (torch's device parser, torch.jit.load's advice about map_location)."""
     common = ["--data", str(tmp_path / "none"), "--out", str(tmp_path / "s.npz")]
     _refused(fid.main, [*common, "--device", "cdua"], "--device 'cdua' is not a device: cpu, cuda or cuda:N")
+    _refused(fid.main, [*common, "--device", "meta"], "--device meta: the statistics are computed on cpu or cuda")
     if not torch.cuda.is_available():
         _refused(fid.main, [*common, "--device", "cuda"], "--device cuda: no CUDA device here; use --device cpu")
     _refused(fid.main, [*common, "--inception", str(tmp_path / "no.pt")], f"--inception {tmp_path / 'no.pt'} does not")

@@ -123,13 +123,17 @@ def _train(args: argparse.Namespace) -> int:
     from data_pipeline.stream import read_split
 
     check_output_file(args.out, "--out")
-    # The folder first: a missing one (the README's classifiers/) must not cost the training.
+    manifests = [read_manifest(url) for url in args.data]
+    for url, manifest in zip(args.data, manifests):  # each set's shape from its manifest, before any reading
+        if tuple(manifest.sample_shape) != (1, 28, 28):
+            raise DataError(
+                f"the classifier takes (1, 28, 28) digits; --data {url} holds {tuple(manifest.sample_shape)}"
+            )
+    # The folder next: a missing one (the README's classifiers/) must not cost the training.
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    splits = [read_split(read_manifest(url)) for url in args.data]
+    splits = [read_split(manifest) for manifest in manifests]
     x = torch.cat([s["x"] for s in splits])
     y = torch.from_numpy(np.concatenate([s["label"] for s in splits]))
-    if x.shape[1:] != (1, 28, 28):
-        raise DataError(f"the classifier takes (1, 28, 28) digits, got {tuple(x.shape[1:])} in {args.data}")
     if not len(x) or y.min() < 0 or y.max() > 9:
         raise DataError(f"the classifier needs digits labelled 0..9, got labels {y.unique().tolist()[:12]}")
     device = "cuda" if torch.cuda.is_available() else "cpu"

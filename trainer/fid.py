@@ -141,12 +141,18 @@ def _statistics(args: argparse.Namespace) -> int:
         device = torch.device(args.device)
     except RuntimeError:
         raise ConfigError(f"--device {args.device!r} is not a device: cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):  # mps, meta: the Inception file was blamed, or nothing said
+        raise ConfigError(f"--device {args.device}: the statistics are computed on cpu or cuda; use one of those")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {args.device}: no CUDA device here; use --device cpu")
     if args.inception and not os.path.isfile(args.inception):
         raise ConfigError(f"--inception {args.inception} does not exist (a TorchScript file)")
     inception = InceptionFeatures(args.inception, device)  # before the data: a wrong file costs no reading
-    arrays = read_split(read_manifest(args.data), limit=args.num or None)
+    manifest = read_manifest(args.data)
+    shape = tuple(manifest.sample_shape)
+    if len(shape) != 3 or shape[0] not in (1, 3):  # said before reading it all
+        raise DataError(f"FID needs images, (1 or 3 channels, height, width); --data {args.data} holds {shape}")
+    arrays = read_split(manifest, limit=args.num or None)
     features = inception(arrays["x"], "FID statistics (Inception features)")
     save_statistics(args.out, features)
     print(f"wrote statistics of {len(features)} images to {args.out}")
