@@ -69,6 +69,11 @@ if [[ "${1:-}" == "--slurm" ]]; then
     sbatch_args=()
     while [[ $# -gt 0 ]]; do
         case "$1" in
+            --nodes|--time|--partition|--account|--qos|--gres|--cpus-per-task|--job-name|--output|--sbatch)
+                if [[ $# -lt 2 || "$2" == --* && "$1" != --sbatch ]]; then
+                    echo "launch.sh --slurm: $1 needs a value (e.g. --nodes 2, --time=4:00:00, --sbatch=--qos=low)" >&2
+                    exit 2
+                fi ;;&
             --nodes|--time|--partition|--account|--qos|--gres|--cpus-per-task|--job-name|--output)
                 sbatch_args+=("$1=$2"); shift 2 ;;
             --nodes=*|--time=*|--partition=*|--account=*|--qos=*|--gres=*|--cpus-per-task=*|--job-name=*|--output=*)
@@ -83,6 +88,8 @@ if [[ "${1:-}" == "--slurm" ]]; then
         args=(--config toy_25gaussians "${args[@]}")
     fi
     command -v sbatch >/dev/null || { echo "launch.sh --slurm: sbatch not found" >&2; exit 1; }
+    # A mistake in the configuration, said here rather than in the job's log after its wait in the queue.
+    python trainer/main.py "${args[@]}" --check >/dev/null
     export MEG_ROOT="$ROOT" MEG_VENV="$VENV"   # sbatch passes the environment to the job
     exec sbatch "${sbatch_args[@]}" "$ROOT/deploy/slurm/meg.sbatch" "${args[@]}"
 fi
@@ -100,6 +107,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( share > 0 ? share : 1 ))}
 if [[ "$nproc_local" -le 1 ]]; then
     exec python trainer/main.py "${args[@]}"
 fi
+# A mistake in the configuration, said once here rather than by every process amid the launcher's noise.
+python trainer/main.py "${args[@]}" --check >/dev/null
 if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     # Without a GPU, accelerate forms one group only when told to use the CPU (ACCELERATE_USE_CPU=1):
     # otherwise the processes never meet.

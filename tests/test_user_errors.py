@@ -200,6 +200,32 @@ def test_launch_sh_refuses_a_bad_nproc_before_any_work(tmp_path, args, got):
     assert not venv.exists()
 
 
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        # "launch.sh: line 73: $2: unbound variable"
+        (["--slurm", "--nodes"], "launch.sh --slurm: --nodes needs a value"),
+        (["--slurm", "--time", "--nodes", "2"], "launch.sh --slurm: --time needs a value"),
+        # Submitted as it was: the job's log said it after its wait in the queue.
+        (["--slurm", "--nodes", "2", "--config", "debug", "train.stepz=1"], "error: unknown config key 'train.stepz'"),
+        # Every process said it, amid the launcher's warnings and torch-elastic's error report.
+        (["--nproc", "2", "--config", "nope"], "error: no config file or preset 'nope'"),
+    ],
+)
+def test_launch_sh_says_a_slurm_flag_without_its_value_or_a_bad_config_once_before_launching(tmp_path, args, says):
+    import sys
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f"#!/bin/sh\ntouch {tmp_path / 'submitted'}\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    env = {**os.environ, "MEG_VENV": sys.prefix, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    done = subprocess.run([str(REPO_ROOT / "launch.sh"), *args], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert len(done.stderr.strip().splitlines()) == 1 and says in done.stderr, done.stderr
+    assert not (tmp_path / "submitted").exists()
+
+
 @pytest.mark.parametrize("where", ["file", "under_file"])
 def test_an_output_dir_that_is_not_a_folder_is_named_before_any_work(tmp_path, where):
     # It was "Not a directory: <path>/.lock" from the run-folder lock, after the data set was opened.

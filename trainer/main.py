@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="a YAML preset: a path, or a name in configs/ (e.g. toy_25gaussians)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     parser.add_argument(
+        "--check",
+        action="store_true",
+        help="check the configuration and the files the run would need before starting, then exit "
+        "(launch.sh runs it before a multi-process or Slurm launch)",
+    )
+    parser.add_argument(
         "--allow-pipe", action="store_true", help="allow pipe: URLs (they run a shell command) in the data settings"
     )
     parser.add_argument(
@@ -225,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("accelerate").setLevel(logging.WARNING)  # it logs every file of every save
         if args.print_config:  # the configuration alone: its loader imports no torch, and nothing of a job
             return run_tool(lambda: _print_config(args), args.debug)
+        if args.check:  # no job: nothing of its (torch-importing) error types is needed
+            return run_tool(lambda: _check(args), args.debug)
         return run_tool(lambda: _main(args, stop), args.debug, extra=_job_errors())
 
 
@@ -245,11 +253,12 @@ def _print_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _main(args: argparse.Namespace, stop: StopRequest) -> int:
+def check_job(args: argparse.Namespace):
+    """The run's configuration (a RunConfig), with everything checked that can be before any work: the data
+    URL's scheme, commands in the config, the launcher's precision, the evaluation's files, the trackers."""
     from data_pipeline.config import check_url
     from trainer.config import ConfigError, check_commands, check_launcher_precision, load_config
     from trainer.evaluation import check_requirements
-    from trainer.meg_trainer import Preempted
     from trainer.trackers import check_trackers
 
     cfg = load_config(args.config, args.overrides)
@@ -260,7 +269,19 @@ def _main(args: argparse.Namespace, stop: StopRequest) -> int:
     check_launcher_precision(cfg)
     check_requirements(cfg)  # every file the evaluation reads, before any work
     check_trackers(cfg.log.trackers)
+    return cfg
+
+
+def _check(args: argparse.Namespace) -> int:
+    check_job(args)
+    print(f"{args.config or 'the defaults'}: the configuration and the files it names are good", flush=True)
+    return 0
+
+
+def _main(args: argparse.Namespace, stop: StopRequest) -> int:
+    cfg = check_job(args)
     from trainer.job import run
+    from trainer.meg_trainer import Preempted
 
     try:
         run(cfg, stop, preset=args.config or "", heartbeat=stop.progressed)
