@@ -367,3 +367,15 @@ def test_a_section_given_whole_on_the_command_line_keeps_the_presets_other_setti
     assert whole.train.energy_optim.betas == preset.train.energy_optim.betas  # the preset's (0.5, 0.9)
     kept = dataclasses.replace(whole.train, steps=preset.train.steps, energy_optim=preset.train.energy_optim)
     assert kept == preset.train  # entropy_weight 0.03, lr decay, ...: they fell back to the code's defaults
+
+
+def test_a_text_setting_takes_an_override_as_typed_and_a_preset_is_told_to_quote_it(tmp_path):
+    # "output_dir must be str, got 2024 (int)"; name=2024-01-01 was a datetime.date.
+    cfg = load_config("toy_25gaussians", ["output_dir=2024", "name=2024-01-01", "data.url=007"])
+    assert (cfg.output_dir, cfg.name, cfg.data.url) == ("2024", "2024-01-01", "007")
+    preset = tmp_path / "p.yaml"
+    preset.write_text("name: 2024\n")
+    with pytest.raises(
+        ConfigError, match=r"name must be str, got 2024 \(int\): quote it in the YAML file, name: '2024'"
+    ):
+        load_config(str(preset), [])

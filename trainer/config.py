@@ -419,8 +419,20 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     if annotation in (int, float, str, bool) and not (
         isinstance(value, annotation) and not (annotation is int and isinstance(value, bool))
     ):
-        raise ConfigError(f"{key} must be {annotation.__name__}, got {shown(value)} ({type(value).__name__})")
+        field_name = key.rsplit(".", 1)[-1]
+        quote = f": quote it in the YAML file, {field_name}: '{value}'" if annotation is str and "[" not in key else ""
+        raise ConfigError(f"{key} must be {annotation.__name__}, got {shown(value)} ({type(value).__name__}){quote}")
     return value
+
+
+def _annotation_of(dotted: str) -> Any:
+    """The type of the RunConfig field ``dotted`` names (None: no such field)."""
+    cls: Any = RunConfig
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(cls) or part not in {f.name for f in dataclasses.fields(cls)}:
+            return None
+        cls = typing.get_type_hints(cls)[part]
+    return cls
 
 
 # Every int and float field (and list of them) of a configuration dataclass declares its valid values
@@ -566,7 +578,9 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
             raise ConfigError(f"override {shown(item)} must look like section.key=value (e.g. train.steps=1000)")
         key, raw = item.split("=", 1)
         try:
-            value = parse_yaml(raw, f"the value of {key.strip()}") if raw != "" else ""
+            # A text setting takes the text as typed: name=2024-01-01 was a date, output_dir=2024 an int.
+            as_typed = raw == "" or _annotation_of(key.strip()) is str
+            value = raw if as_typed else parse_yaml(raw, f"the value of {key.strip()}")
         except ConfigError:
             value = raw
         _set_dotted(tree, key.strip(), value)
