@@ -240,3 +240,16 @@ def test_an_output_dir_that_is_not_a_folder_is_named_before_any_work(tmp_path, w
         run(load_config("toy_25gaussians", [f"output_dir={folder}"]), threading.Event())
     assert str(refused.value).startswith(says)
     check_output_dir(str(tmp_path / "new" / "run"))  # a folder still to be made is fine
+
+
+@pytest.mark.slow
+def test_an_architecture_that_cannot_take_the_data_is_refused_before_the_run_folder(tmp_path):
+    # It was refused once the run folder held its lock file (and the step's networks were being built).
+    from tests.conftest import run_trainer, tiny_overrides
+
+    mlp_widths = ("model.hidden", "model.generator_hidden")
+    overrides = [o for o in tiny_overrides(tmp_path) if not o.startswith(mlp_widths)]
+    result = run_trainer([*overrides, "model.arch=conv", "model.conv_width=4"], check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "error: model.arch=conv: the conv arch takes square (C, H, W) images, got shape (2,)" in result.stderr
+    assert not (tmp_path / "run").exists()

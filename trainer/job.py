@@ -213,6 +213,17 @@ def set_aside_earlier_run(folder: str) -> str | None:
     return aside
 
 
+def check_architecture(cfg: RunConfig, sample_shape: list[int]) -> None:
+    """Raises ConfigError when model.arch cannot take samples of ``sample_shape`` (conv networks of 2-D
+    points), before the run folder is touched: the networks are built on the meta device, which holds no
+    memory, and the models know no config errors."""
+    try:
+        with torch.device("meta"):
+            build_networks(cfg.model, tuple(sample_shape), vera=vera_settings(cfg))
+    except ValueError as e:
+        raise ConfigError(f"model.arch={cfg.model.arch}: {e}") from None
+
+
 def train(
     cfg: RunConfig, runtime: Runtime, stop: threading.Event, preset: str, heartbeat: Callable[[], None] | None = None
 ) -> dict[str, float]:
@@ -223,6 +234,7 @@ def train(
     runtime.barrier()
     dataset = open_dataset(cfg.data)
     check_samples(cfg, dataset.manifest.sample_shape)  # FID of 2D points: said before the run folder is touched
+    check_architecture(cfg, dataset.manifest.sample_shape)
     config_yaml = config_to_yaml(cfg)
     info = {
         "sample_shape": list(dataset.manifest.sample_shape),
@@ -271,12 +283,7 @@ def _train(
 ) -> dict[str, float]:
     manifest = dataset.manifest
     runtime.seed(cfg.train.seed, per_rank=False)  # identical initial networks on every rank
-    try:
-        nets = build_networks(
-            cfg.model, tuple(manifest.sample_shape), resolve_kernels(cfg, runtime), vera_settings(cfg)
-        )
-    except ValueError as e:  # the models know no config errors: an architecture that cannot take this data
-        raise ConfigError(f"model.arch={cfg.model.arch}: {e}") from None
+    nets = build_networks(cfg.model, tuple(manifest.sample_shape), resolve_kernels(cfg, runtime), vera_settings(cfg))
     runtime.seed(cfg.train.seed, per_rank=True)  # different noise on each rank
     steps = build_steps(cfg, runtime, nets)
     stream = dataset.stream(runtime.rank, runtime.world_size, cfg.train.seed, pin=host_pinning(runtime.device))
