@@ -310,7 +310,7 @@ def check_manifest_against_shards(manifest: Manifest, murl: str = "") -> list[st
     for u in wrong:
         nb = next(s.num_bytes for x, s in zip(urls, manifest.shards, strict=True) if x == u)
         log.warning(
-            "shard %s is %s bytes, the manifest says %d: truncated or corrupt, it will be skipped",
+            "shard %s is %s bytes, the manifest says %d: truncated or corrupt; training skips it",
             u,
             sizes[u],
             nb,

@@ -77,7 +77,10 @@ def read_split(manifest: Manifest, limit: int | None = None) -> dict:
         try:
             parts.append(load_shard(url, info, manifest))
         except CorruptShard as e:
-            raise DataError(f"shard {url} of an evaluation split is unreadable: {e}") from None
+            raise DataError(
+                f"shard {url} is unreadable ({e}): a data set read whole (an evaluation's test split, a tool's "
+                "--data) has no shard to spare, unlike training: convert the data again"
+            ) from None
         total += len(parts[-1])
     arrays = ShardArrays.concat(parts).take(slice(0, limit))
     # np.array copies: x may be a read-only view into a shard's bytes, and float32 is not converted.

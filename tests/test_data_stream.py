@@ -19,7 +19,7 @@ from data_pipeline import shard_io
 from data_pipeline.config import DataConfig
 from data_pipeline.shard_reader import CorruptShard, parse_shard, read_npy_header
 from data_pipeline.shards import DataError, ShardWriter, read_manifest, write_array_shards
-from data_pipeline.stream import ShardStream, StreamPosition, decode_samples, manifest_from_urls
+from data_pipeline.stream import ShardStream, StreamPosition, decode_samples, manifest_from_urls, read_split
 
 
 def make_images(out: str, n: int = 512, shards: int = 8, shape=(1, 8, 8)) -> np.ndarray:
@@ -107,6 +107,9 @@ def test_truncated_and_corrupt_shards_are_skipped_and_counted(tmp_path, caplog):
     assert len(keys) == len(set(keys)) == 6 * 64  # every other shard is read in full
     bad = {int(k) // 64 for k in keys}
     assert bad == {0, 1, 2, 3, 4, 5, 6, 7} - {2, 5}
+    # Read whole (a test split, a tool's --data), a set cannot spare one: said without "skipped".
+    with pytest.raises(DataError, match=f"shard {truncated} is unreadable .* has no shard to spare, unlike training"):
+        read_split(m)
 
 
 def test_corrupt_last_shard_is_counted_and_loses_no_other_sample(tmp_path):
