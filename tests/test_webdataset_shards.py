@@ -252,7 +252,11 @@ def test_a_data_set_of_unparseable_shards_stops_quickly_with_one_clear_error(tmp
     bad.mkdir()
     for i in range(6):
         (bad / f"part-{i:06d}.tar").write_bytes(os.urandom(4096))
-    args = [o for o in tiny_overrides(tmp_path) if not o.startswith("data.")] + ["data.toy=", "data.batch_size=8"]
+    args = [o for o in tiny_overrides(tmp_path) if not o.startswith("data.")] + [
+        "data.toy=",
+        "data.batch_size=8",
+        "eval.kind=samples",
+    ]
     result = run_trainer([*args, f"data.url={_pattern(bad)}"], check=False)
     assert result.returncode == 2
     assert result.stderr.count("error:") == 1 and "unreadable" in result.stderr and "Traceback" not in result.stderr
@@ -265,7 +269,11 @@ def test_an_indexed_data_set_whose_shards_all_broke_stops_at_its_first_epoch(tmp
     for i in range(6):  # damaged in place after indexing: same sizes, garbage inside
         path = tmp_path / "shards" / f"part-{i:06d}.tar"
         path.write_bytes(bytes(len(path.read_bytes())))
-    args = [o for o in tiny_overrides(tmp_path) if not o.startswith("data.")] + ["data.toy=", "data.batch_size=8"]
+    args = [o for o in tiny_overrides(tmp_path) if not o.startswith("data.")] + [
+        "data.toy=",
+        "data.batch_size=8",
+        "eval.kind=samples",
+    ]
     result = run_trainer([*args, f"data.url={tmp_path / 'index'}"], check=False)
     assert result.returncode == 2
     assert "gave rank 0 0 batch(es); 6 of its 6 shard(s) were unreadable" in result.stderr, result.stderr
@@ -283,7 +291,7 @@ def test_a_stop_request_while_waiting_for_data_checkpoints_and_exits_75(tmp_path
     manifest.write_text(manifest.read_text().replace("sleep 0", "sleep 60"))  # storage that hangs
     args = [o for o in tiny_overrides(tmp_path) if not o.startswith(("data.", "train.guard"))]
     cmd = [sys.executable, "trainer/main.py", "--config", "toy_25gaussians", "--allow-pipe", *args, "data.toy=",
-           "data.batch_size=8", f"data.url={tmp_path / 'index'}"]  # fmt: skip
+           "data.batch_size=8", "eval.kind=samples", f"data.url={tmp_path / 'index'}"]  # fmt: skip
     # Output to a file: the shard commands inherit the trainer's descriptors and would hold a pipe open.
     log = open(tmp_path / "stderr.txt", "wb")  # noqa: SIM115 (closed below, after the process)
     proc = subprocess.Popen(
@@ -326,7 +334,8 @@ def test_with_two_ranks_a_stop_while_one_waits_for_data_ends_every_rank(tmp_path
     launcher, env = accelerate_launcher(2)
     args = [o for o in tiny_overrides(tmp_path) if not o.startswith("data.")]
     cmd = [*launcher, "trainer/main.py", "--config", "toy_25gaussians", "--allow-pipe", *args, "data.toy=",
-           "data.batch_size=8", "data.num_workers=1", "train.seed=0", f"data.url={tmp_path / 'index'}"]  # fmt: skip
+           "data.batch_size=8", "data.num_workers=1", "train.seed=0", "eval.kind=samples",
+           f"data.url={tmp_path / 'index'}"]  # fmt: skip
     log = open(tmp_path / "stderr.txt", "wb")  # noqa: SIM115 (closed below, after the processes)
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
     try:
