@@ -274,12 +274,13 @@ def test_a_taken_port_moves_and_the_target_file_says_where(tmp_path):
         ("log.pushgateway=ftp://gw:9091", r"is not an http\(s\) address"),
         ("log.pushgateway=gw:-1", "the port must be a number in 0-65535"),  # was accepted, failing at each push
         ("log.pushgateway=http://gw:99999", "the port must be a number in 0-65535"),
+        ("log.pushgateway=gw:9091 log.prometheus_port=-1", "log.prometheus_port=-1 turns the exporter off"),
         ("log.prometheus_port=70000", "log.prometheus_port=70000 is out of range"),
     ],
 )
 def test_bad_monitoring_settings_are_refused_up_front(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config("toy_25gaussians", [override])
+        load_config("toy_25gaussians", override.split())
 
 
 def test_accelerate_launch_mixed_precision_is_refused_unless_it_matches_the_trainers():

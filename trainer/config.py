@@ -251,6 +251,11 @@ class LogConfig:
             raise ValueError(f"log.prometheus_port must be -1 (off), 0 (a free port) or a port, got {port}")
         if self.pushgateway:
             normalise_gateway(self.pushgateway)
+            if self.prometheus_port == -1:  # the exporter holds what is pushed: nothing was, without a word
+                raise ValueError(
+                    "log.pushgateway pushes the Prometheus exporter's numbers, and log.prometheus_port=-1 turns "
+                    "the exporter off: set log.prometheus_port=0 (any free port) or a port, or drop log.pushgateway"
+                )
         unknown = [t for t in self.trackers if t not in ("tensorboard", "wandb")]
         if unknown or len(set(self.trackers)) < len(self.trackers):
             raise ValueError(f"log.trackers takes tensorboard and wandb, each once; got {self.trackers}")
