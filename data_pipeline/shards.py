@@ -132,7 +132,12 @@ def read_manifest(url: str, check_shards: bool = True) -> Manifest:
             f"{url} is a file: a data set is a folder holding manifest.json (or that manifest's URL), or shards "
             "(a .tar, a brace pattern)"
         ) from None
-    except FileNotFoundError:
+    except FileNotFoundError as e:
+        # fsspec's http says "not found" for a server it cannot reach too: the cause tells them apart.
+        if isinstance(e.__cause__, OSError) and not isinstance(e.__cause__, FileNotFoundError):
+            raise DataError(
+                f"cannot reach {murl}: {short_message(e.__cause__)}: check the address, and that its server is up"
+            ) from None
         raise DataError(
             f"no manifest at {murl}: write the data set there first, with "
             f"`python -m data_pipeline.convert SOURCE ... --out {url}` (its --help lists the sources)"

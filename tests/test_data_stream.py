@@ -272,6 +272,10 @@ def test_http_store(tmp_path):
             read_manifest(url + "/missing")
     finally:
         server.shutdown()
+        server.server_close()
+    # The server gone: it was "no manifest at ...: write the data set there first".
+    with pytest.raises(DataError, match=f"cannot reach {url}/manifest.json: .*check the address, and that its server"):
+        read_manifest(url)
 
 
 @pytest.mark.slow
