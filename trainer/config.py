@@ -293,9 +293,8 @@ class DeepSpeedConfig:
     (optional, e.g. deploy/deepspeed/zero2.json) supplies DeepSpeed's other knobs."""
 
     zero_stage: int = field(default=1, metadata={"range": "[0, 3]"})  # 0, 1 or 2; 3 is refused (ZERO3_REFUSAL)
-    config_file: str = field(
-        default="", metadata=PATH_FIELD
-    )  # a DeepSpeed JSON; its zero_optimization.stage, if set, must equal zero_stage
+    # A DeepSpeed JSON; its zero_optimization.stage, if set, must equal zero_stage.
+    config_file: str = field(default="", metadata=PATH_FIELD)
 
     def __post_init__(self) -> None:
         if self.zero_stage == 3:

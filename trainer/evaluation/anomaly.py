@@ -18,9 +18,8 @@ if TYPE_CHECKING:  # numpy and the scores are imported where they are used (see 
 
 @dataclass
 class KDDEvalConfig:
-    test_data: str = field(
-        default="data/kdd99/test", metadata=PATH_FIELD
-    )  # the labelled test split (label 1 = anomaly)
+    # The labelled test split (label 1 = anomaly).
+    test_data: str = field(default="data/kdd99/test", metadata=PATH_FIELD)
     # Flag the scores above this percentile (the share of anomalies: 20%).
     percentile: float = field(default=80.0, metadata={"range": "[0, 100]"})
     # single: the scheduled evaluations only. paper (the paper's protocol): also one at the end of each of
