@@ -92,7 +92,7 @@ def run_tool(body: Callable[[], int], debug: bool, extra: tuple[type[BaseExcepti
         return EXIT_USER_ERROR
 
 
-def _int_at_least(low: int) -> Callable[[str], int]:
+def _int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -100,10 +100,17 @@ def _int_at_least(low: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"{shown(text)} is not a whole number") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {value}")
         return value
 
     parse.__name__ = "positive_int" if low == 1 else "nonnegative_int"  # argparse names it in its errors
     return parse
+
+
+def int_between(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number in [low, high]."""
+    return _int_at_least(low, high)
 
 
 # argparse types: a bad value exits 2 with the usage line and e.g. "argument --num: must be at least 1, got -5"

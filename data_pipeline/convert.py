@@ -29,6 +29,7 @@ import numpy as np
 from data_pipeline.cli import (
     add_debug_flag,
     fraction,
+    int_between,
     nonnegative_float,
     nonnegative_int,
     positive_int,
@@ -64,7 +65,25 @@ from data_pipeline.toy import TOY_SPECS, sample_toy, toy_spec
 DEFAULT_SHARDS = 16  # a multiple of every usual ranks x workers count (1, 2, 4, 8, 16)
 
 
+def check_split(source: str, split: str, x: np.ndarray, y: np.ndarray) -> None:
+    """Raises DataError naming ``source`` when a split cannot be written: empty, or not one label a sample."""
+    if not len(x):
+        raise DataError(f"{source}: its {split} split would be empty: give more data (or other split settings)")
+    if len(y) != len(x):
+        raise DataError(f"{source}: its {split} split has {len(x)} samples but {len(y)} labels")
+
+
+def _write_splits(out, name, splits: dict, num_shards, sums: Checksums | str, preprocessing) -> dict[str, Manifest]:
+    """Every split (``{split: (x, y)}``) under ``out/<split>``, each checked before the first is written: a
+    test split found bad after the train split was written left a data set half made, that refused a rerun."""
+    for split, (x, y) in splits.items():
+        check_split(name, split, x, y)
+    return {split: _write(join_url(out, split), name, split, x, y, num_shards, sums, preprocessing)
+            for split, (x, y) in splits.items()}  # fmt: skip
+
+
 def _write(out, name, split, x, y, num_shards, sums: Checksums | str, preprocessing) -> Manifest:
+    check_split(name, split, x, y)
     checksum = sums if isinstance(sums, str) else sums.summary()
     return write_array_shards(out, name, split, x, y, max(1, min(num_shards, len(x))), checksum, preprocessing)
 
@@ -102,23 +121,19 @@ def convert_mnist(
 def convert_fashion_mnist(out: str, folder: str = "", num_shards: int = DEFAULT_SHARDS) -> dict[str, Manifest]:
     """Fashion-MNIST's train and test IDX files (the Debian package's folder by default)."""
     folder = folder or FASHION_MNIST_DIR
-    manifests = {}
-    for split, prefix in (("train", "train"), ("test", "t10k")):
+    manifests, splits = {}, {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):  # both read before either is written
         sums = Checksums()
         x, y = read_idx_pair(
             join_url(folder, f"{prefix}-images-idx3-ubyte.gz"),
             join_url(folder, f"{prefix}-labels-idx1-ubyte.gz"),
             sums,
         )
+        check_split("fashion-mnist", split, x, y)
+        splits[split] = (x, y, sums)
+    for split, (x, y, sums) in splits.items():
         manifests[split] = _write(
-            join_url(out, split),
-            "fashion-mnist",
-            split,
-            x,
-            y,
-            num_shards,
-            sums,
-            {"format": "uint8 (1, 28, 28)"},
+            join_url(out, split), "fashion-mnist", split, x, y, num_shards, sums, {"format": "uint8 (1, 28, 28)"}
         )
     return manifests
 
@@ -151,19 +166,7 @@ def convert_stacked_mnist(
 def convert_cifar10(out: str, archive: str, num_shards: int = DEFAULT_SHARDS) -> dict[str, Manifest]:
     sums = Checksums()
     splits = read_cifar10(archive, sums)
-    return {
-        split: _write(
-            join_url(out, split),
-            "cifar10",
-            split,
-            x,
-            y,
-            num_shards,
-            sums,
-            {"format": "uint8 (3, 32, 32)"},
-        )
-        for split, (x, y) in splits.items()
-    }
+    return _write_splits(out, "cifar10", splits, num_shards, sums, {"format": "uint8 (3, 32, 32)"})
 
 
 def kdd_features(numeric: np.ndarray, categorical: np.ndarray) -> tuple[np.ndarray, list[str], dict[str, list[str]]]:
@@ -214,6 +217,10 @@ def convert_kdd(
         raise DataError(f"{csv}: {missing}; the anomaly split needs both classes")
     features, names, categories = kdd_features(numeric, categorical)
     train, test, counts = kdd_anomaly_split(labels, seed, anomaly_share)
+    if not len(train):
+        raise DataError(
+            f"{csv}: the train split would be empty (no attack record in the first half): give more records"
+        )
     lo, hi = features[train].min(axis=0), features[train].max(axis=0)
     span = np.where(hi > lo, hi - lo, 1.0)
     anomaly = (labels == "normal.").astype(np.int64)
@@ -226,11 +233,9 @@ def convert_kdd(
         "minmax": {"fitted_on": "train", "min": lo.tolist(), "max": hi.tolist(),
                    "formula": "(x - min) / (max - min), or x - min where max == min; test values not clipped"},
     }  # fmt: skip
-    manifests = {}
-    for split, idx in (("train", train), ("test", test)):
-        x = ((features[idx] - lo) / span).astype(np.float32)
-        manifests[split] = _write(join_url(out, split), "kdd", split, x, anomaly[idx], num_shards, sums, preprocessing)
-    return manifests
+    splits = {split: (((features[idx] - lo) / span).astype(np.float32), anomaly[idx])
+              for split, idx in (("train", train), ("test", test))}  # fmt: skip
+    return _write_splits(out, "kdd", splits, num_shards, sums, preprocessing)
 
 
 def mnist_anomaly_split(
@@ -256,19 +261,10 @@ def convert_mnist_anomaly(
     pre = {"protocol": "MNIST anomaly: one held-out digit", "anomaly_digit": digit, "seed": seed,
            "train_fraction": train_fraction, "label": "the digit; anomaly = label == anomaly_digit",
            "source_digits": len(x), "format": "uint8 (1, 28, 28)"}  # fmt: skip
-    return {
-        split: _write(
-            join_url(out, split),
-            f"mnist-anomaly{digit}",
-            split,
-            x[idx],
-            y[idx],
-            num_shards,
-            sums,
-            pre,
-        )
-        for split, idx in (("train", train), ("test", test))
-    }
+    if not (y == digit).any():  # a test split without one anomaly: every score would be undefined
+        raise DataError(f"the digits hold no {digit}, the held-out digit (--digit): choose one they hold")
+    splits = {split: (x[idx], y[idx]) for split, idx in (("train", train), ("test", test))}
+    return _write_splits(out, f"mnist-anomaly{digit}", splits, num_shards, sums, pre)
 
 
 def convert_images(
@@ -287,7 +283,7 @@ def convert_images(
 
 
 def convert_arrays(
-    out: str, x_url: str, labels_url: str = "", x_key: str = "x", y_key: str = "y", name: str = "arrays",
+    out: str, x_url: str, labels_url: str = "", x_key: str = "x", y_key: str = "", name: str = "arrays",
     split: str = "train", num_shards: int = DEFAULT_SHARDS,
 ) -> Manifest:  # fmt: skip
     sums = Checksums()
@@ -375,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     stacked = add("stackedmnist", "StackedMNIST: n digits stacked as channels, label = mode id")
     digits(stacked)
-    stacked.add_argument("--n-stack", type=positive_int, default=3)
+    # 10**n_stack modes as int64 mode ids: 19 digits overflowed into negative labels.
+    stacked.add_argument("--n-stack", type=int_between(1, 18), default=3, help="digits a sample stacks (1..18)")
     stacked.add_argument("--num-samples", type=positive_int, default=128_000)
     stacked.add_argument("--seed", type=nonnegative_int, default=0)
 
@@ -430,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     arrays.add_argument("--x", type=url, required=True, dest="x_url")
     arrays.add_argument("--y", type=url, default="", dest="labels_url", help="labels .npy (or y in the .npz)")
     arrays.add_argument("--x-key", default="x")
-    arrays.add_argument("--y-key", default="y")
+    arrays.add_argument("--y-key", default="", help="the labels' array of a .npz (default: y, where there is one)")
     arrays.add_argument("--name", default="arrays")
     arrays.add_argument("--split", default="train")
     return parser
@@ -490,6 +487,13 @@ def main(argv: list[str] | None = None) -> int:
     return run_tool(lambda: _convert(args), args.debug)
 
 
+def manifest_exists(out: str) -> bool:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(manifest_url(out))
+    return fs.exists(path)
+
+
 def check_empty_output(out: str) -> None:
     """Refuses an --out that already holds files: new shards over an old data set's would leave a mix of
     the two (fewer new shards keep the old rest)."""
@@ -511,6 +515,8 @@ def _convert(args: argparse.Namespace) -> int:
         raise DataError("--out is empty: give the folder for the shards (a path or an fsspec URL)")
     if args.source != "index":  # index writes only a manifest, often next to the shards it indexes
         check_empty_output(args.out)
+    elif manifest_exists(args.out):  # another data set's: replaced, its shards were left orphaned
+        raise DataError(f"--out {args.out} already holds a manifest.json: choose another folder, or remove it first")
     for split, m in run(args).items():
         print(f"{m.name} {split}: {m.num_samples} samples {m.sample_shape} {m.dtype} in {len(m.shards)} shards "
               f"at {m.base_url}; classes {len(m.class_counts)}")  # fmt: skip

@@ -184,14 +184,20 @@ def read_cifar10(url: str, sums: Checksums) -> dict[str, tuple[np.ndarray, np.nd
                 batch = _ArrayUnpickler(tar.extractfile(members[name]), encoding="bytes").load()
                 data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
                 labels = np.asarray(batch[b"labels"], dtype=np.int64)
+                if len(labels) != len(data) or not ((labels >= 0) & (labels <= 9)).all():
+                    raise DataError(f"{url}: {name} holds {len(data)} images and {len(labels)} labels, not all 0..9")
                 out["test" if name == "test_batch" else "train"].append((data, labels))
-    except (tarfile.TarError, KeyError, pickle.UnpicklingError, ValueError) as e:
+    except (tarfile.TarError, KeyError, TypeError, IndexError, pickle.UnpicklingError, ValueError) as e:
         cause = " ".join(str(e).split())  # tarfile's message lists each method it tried, one per line
         raise DataError(f"{url}: not a readable CIFAR-10 python archive: {cause}") from None
+    missing = [split for split, parts in out.items() if not parts]
+    if missing:  # the tool promises both: one alone went by without a word
+        raise DataError(
+            f"{url}: no {'test_batch' if missing == ['test'] else 'data_batch_*'} inside: CIFAR-10 has both"
+        )
     return {
         split: (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
         for split, parts in out.items()
-        if parts
     }
 
 
@@ -199,9 +205,13 @@ def read_kdd(url: str, sums: Checksums) -> tuple[np.ndarray, np.ndarray, np.ndar
     """The KDD Cup 99 CSV: numeric features (n, 38) float64, categorical ones (n, 3) str, and the
     labels (n,) str (e.g. ``normal.``)."""
     text = sums.read_text(url)
-    first = text[: text.find("\n")].strip().split(",")
-    if len(first) != len(KDD_COLUMNS) + 1:
-        raise DataError(f"{url}: the first line has {len(first)} fields, expected {len(KDD_COLUMNS) + 1}")
+    # Every line's fields counted: loadtxt reads the columns it is given and passes over extra ones, so a
+    # row with one field too many was read shifted (its label taken from another column), without a word.
+    expected = len(KDD_COLUMNS) + 1
+    for number, line in enumerate(text.splitlines(), 1):
+        fields = line.count(",") + 1
+        if line.strip() and fields != expected:
+            raise DataError(f"{url}: line {number} has {fields} fields, expected {expected} (the KDD Cup 99 layout)")
     cat_idx = [KDD_COLUMNS.index(c) for c in KDD_CATEGORICAL]
     num_idx = [i for i in range(len(KDD_COLUMNS)) if i not in cat_idx]
     try:
@@ -267,11 +277,11 @@ def read_arrays(url: str, x_key: str, y_key: str, labels_url: str, sums: Checksu
             if x_key not in loaded:
                 raise DataError(f"{url} has arrays {sorted(loaded.files)}, not {x_key!r} (use --x-key)")
             x = loaded[x_key]
-            y = loaded[y_key] if y_key in loaded else None
+            y = loaded[y_key or "y"] if (y_key or "y") in loaded else None
+            if y_key and y is None:  # asked for by name (a typo was every label 0)
+                raise DataError(f"{url} has arrays {sorted(loaded.files)}, not {y_key!r} (use --y-key)")
         else:
             x, y = loaded, None
-        if labels_url:
-            y = np.load(io.BytesIO(sums.read(labels_url)), allow_pickle=False)
     except ValueError as e:
         if "pickle" not in str(e):
             raise DataError(f"{url}: not a readable .npy/.npz file (ValueError: {e})") from None
@@ -279,13 +289,44 @@ def read_arrays(url: str, x_key: str, y_key: str, labels_url: str, sums: Checksu
         raise DataError(f"{url} is not a .npy or .npz file of numbers (nothing of it was loaded)") from None
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError) as e:
         raise DataError(f"{url}: not a readable .npy/.npz file ({type(e).__name__}: {e})") from None
-    if x.ndim < 2 or not len(x):
+    if labels_url:
+        y = _read_labels(labels_url, y_key, sums)
+    if x.ndim < 2 or not len(x) or 0 in x.shape:
         raise DataError(f"{url}: needs at least one sample and a sample shape, got an array of shape {x.shape}")
     if x.dtype.kind not in "biuf":
         raise DataError(f"{url}: samples must be numbers, got dtype {x.dtype}")
-    y = np.zeros(len(x), dtype=np.int64) if y is None else np.asarray(y).astype(np.int64).reshape(-1)
+    y = np.zeros(len(x), dtype=np.int64) if y is None else whole_labels(np.asarray(y).reshape(-1), labels_url or url)
     if len(y) != len(x):
-        raise DataError(f"{url}: {len(x)} samples but {len(y)} labels")
+        raise DataError(f"{labels_url or url}: {len(x)} samples but {len(y)} labels")
     if x.dtype != np.uint8:
-        x = x.astype(np.float32)
+        with np.errstate(over="ignore"):  # told below, naming the file
+            x = x.astype(np.float32)
+        if not np.isfinite(x).all():
+            raise DataError(f"{url}: some sample values are NaN or infinite (or beyond float32's range)")
     return x, y
+
+
+def _read_labels(url: str, y_key: str, sums: Checksums) -> np.ndarray:
+    """The labels of ``--y``: a .npy, or the array ``y_key`` (default y) of a .npz."""
+    try:
+        loaded = np.load(io.BytesIO(sums.read(url)), allow_pickle=False)
+    except ValueError:
+        raise DataError(f"{url} is not a .npy or .npz file of numbers (nothing of it was loaded)") from None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError) as e:
+        raise DataError(f"{url}: not a readable .npy/.npz file ({type(e).__name__}: {e})") from None
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        key = y_key or "y"
+        if key not in loaded:
+            raise DataError(f"{url} has arrays {sorted(loaded.files)}, not {key!r} (use --y-key)")
+        return loaded[key]
+    return loaded
+
+
+def whole_labels(y: np.ndarray, url: str) -> np.ndarray:
+    """``y`` as int64 labels, refused (naming ``url``) unless every label is a whole number: a cast
+    truncated 0.5 to 0 and made NaN -9223372036854775808, each written without a word."""
+    if y.dtype.kind not in "biuf":
+        raise DataError(f"{url}: labels must be whole numbers, got dtype {y.dtype}")
+    if y.dtype.kind == "f" and not (np.isfinite(y).all() and (y == np.round(y)).all() and (np.abs(y) < 2**53).all()):
+        raise DataError(f"{url}: labels must be whole numbers; some are fractional, NaN or infinite")
+    return y.astype(np.int64)

@@ -121,7 +121,7 @@ def test_cifar10_python_archive_layout(tmp_path):
         for name, n in [("data_batch_1", 20), ("data_batch_2", 20), ("test_batch", 10)]:
             batch = {
                 b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                b"labels": list(range(n)),
+                b"labels": [i % 10 for i in range(n)],
             }
             raw = pickle.dumps(batch)
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
@@ -292,3 +292,114 @@ def test_a_kdd_file_with_one_class_is_refused(tmp_path, keep, says):
     path.write_text("\n".join(lines) + "\n")
     err = _convert_error(["kdd", "--csv", str(path), "--out", str(tmp_path / "o")])
     assert says in err and not (tmp_path / "o").exists()
+
+
+def test_a_kdd_row_with_a_field_too_many_is_refused_naming_its_line(tmp_path):
+    # loadtxt read the columns it was given: the row was read shifted, its label another column's (exit 0).
+    lines = fake_kdd(30).splitlines()
+    cells = lines[8].split(",")
+    lines[8] = ",".join([*cells[:4], "SF", *cells[4:]])
+    path = tmp_path / "kdd.csv"
+    path.write_text("\n".join(lines) + "\n")
+    err = _convert_error(["kdd", "--csv", str(path), "--out", str(tmp_path / "o")])
+    assert f"{path}: line 9 has {len(KDD_COLUMNS) + 2} fields, expected {len(KDD_COLUMNS) + 1}" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_two_split_source_whose_second_split_is_bad_writes_neither(tmp_path):
+    # The train split was written, then the test split failed: a data set half made, refusing a rerun.
+    x, y = digits(30)
+    folder = tmp_path / "fm"
+    folder.mkdir()
+    write_idx(folder / "train-images-idx3-ubyte.gz", x, True)
+    write_idx(folder / "train-labels-idx1-ubyte.gz", y, True)
+    write_idx(folder / "t10k-images-idx3-ubyte.gz", x[:10], True)
+    (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"not an idx file"))
+    _convert_error(["fashion-mnist", "--dir", str(folder), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+    # mnist-anomaly: a held-out digit the digits do not hold (every test score undefined), and an empty train split.
+    images, labels = write_idx(tmp_path / "i", x, True), write_idx(tmp_path / "l", y % 3, True)
+    common = ["mnist-anomaly", "--images", images, "--labels", labels, "--out", str(tmp_path / "a")]
+    assert "the digits hold no 7, the held-out digit" in _convert_error([*common, "--digit", "7"])
+    only = write_idx(tmp_path / "l3", np.full(30, 3, np.uint8), True)
+    err = _convert_error(
+        ["mnist-anomaly", "--images", images, "--labels", only, "--digit", "3", "--out", str(tmp_path / "a")]
+    )
+    assert "its train split would be empty" in err and not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize(
+    "labels, says",
+    [
+        (np.linspace(0, 2, 10), "labels must be whole numbers; some are fractional"),  # written as 0, 0, 0, ..., 2
+        (np.full(10, np.nan), "labels must be whole numbers; some are fractional, NaN"),  # -9223372036854775808
+        (np.array(["cat"] * 10), "labels must be whole numbers, got dtype <U3"),  # a traceback
+    ],
+)
+def test_arrays_refuses_labels_that_are_not_whole_numbers_naming_their_file(tmp_path, labels, says):
+    np.save(tmp_path / "x.npy", np.zeros((10, 2), np.float32))
+    np.save(tmp_path / "y.npy", labels)
+    err = _convert_error(
+        ["arrays", "--x", str(tmp_path / "x.npy"), "--y", str(tmp_path / "y.npy"), "--out", str(tmp_path / "o")]
+    )
+    assert f"{tmp_path / 'y.npy'}: {says}" in err and not (tmp_path / "o").exists()
+
+
+def test_arrays_refuses_non_finite_samples_and_a_labels_key_it_lacks(tmp_path):
+    x = np.zeros((10, 2), np.float32)
+    x[3, 1] = np.nan
+    np.save(tmp_path / "nan.npy", x)
+    err = _convert_error(["arrays", "--x", str(tmp_path / "nan.npy"), "--out", str(tmp_path / "o")])
+    assert "some sample values are NaN or infinite" in err
+    np.savez(tmp_path / "xy.npz", x=np.zeros((10, 2), np.float32), labels=np.arange(10))
+    err = _convert_error(["arrays", "--x", str(tmp_path / "xy.npz"), "--y-key", "lables", "--out", str(tmp_path / "o")])
+    assert "has arrays ['labels', 'x'], not 'lables' (use --y-key)" in err  # every label was 0
+    assert not (tmp_path / "o").exists()
+    # Without --y-key an .npz's "y" is taken where there is one, and none is no labels.
+    assert convert.main(["arrays", "--x", str(tmp_path / "xy.npz"), "--out", str(tmp_path / "o")]) == 0
+
+
+def test_cifar10_labels_outside_0_to_9_or_a_missing_split_are_refused(tmp_path):
+    def archive(name, batches):
+        path = tmp_path / name
+        with tarfile.open(path, "w:gz") as tar:
+            for batch_name, labels in batches:
+                raw = pickle.dumps({b"data": np.zeros((len(labels), 3072), np.uint8), b"labels": labels})
+                info = tarfile.TarInfo(f"cifar-10-batches-py/{batch_name}")
+                info.size = len(raw)
+                tar.addfile(info, io.BytesIO(raw))
+        return str(path)
+
+    bad = archive("bad.tar.gz", [("data_batch_1", [42] * 4), ("test_batch", [1] * 4)])
+    assert "data_batch_1 holds 4 images and 4 labels, not all 0..9" in _convert_error(
+        ["cifar10", "--archive", bad, "--out", str(tmp_path / "o")]
+    )
+    train_only = archive("train.tar.gz", [("data_batch_1", [1] * 4)])
+    assert "no test_batch inside" in _convert_error(["cifar10", "--archive", train_only, "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+def test_stacked_mnist_n_stack_is_bounded_and_index_keeps_an_existing_manifest(tmp_path):
+    # 19 digits overflowed the int64 mode ids into negative labels; 5000 wrote a shard, then a traceback.
+    images, labels = write_idx(tmp_path / "i", digits(20)[0], True), write_idx(tmp_path / "l", digits(20)[1], True)
+    import contextlib
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
+        convert.main(
+            ["stackedmnist", "--images", images, "--labels", labels, "--n-stack", "19", "--out", str(tmp_path / "s")]
+        )
+    assert "argument --n-stack: must be at most 18, got 19" in err.getvalue()
+    # index over a folder that holds a data set: its manifest was replaced, its shards orphaned.
+    assert (
+        convert.main(
+            ["mnist", "--images", images, "--labels", labels, "--num-shards", "2", "--out", str(tmp_path / "m")]
+        )
+        == 0
+    )
+    before = (tmp_path / "m" / "manifest.json").read_text()
+    pattern = str(tmp_path / "m" / "mnist-train-{000000..000001}.tar")
+    assert "already holds a manifest.json" in _convert_error(
+        ["index", "--shards", pattern, "--out", str(tmp_path / "m")]
+    )
+    assert (tmp_path / "m" / "manifest.json").read_text() == before
