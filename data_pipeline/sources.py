@@ -242,12 +242,18 @@ def read_image_folder(
     from PIL import Image
 
     fs, root = fsspec.core.url_to_fs(url)
-    classes = sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(root, detail=False) if fs.isdir(p))
+    # Hidden folders (.ipynb_checkpoints, .git) are no class: one sorted first shifted every label by one.
+    found = (os.path.basename(p.rstrip("/")) for p in fs.ls(root, detail=False) if fs.isdir(p))
+    classes = sorted(name for name in found if not name.startswith("."))
     if not classes:
         raise DataError(f"{url}: no class sub-folders")
     xs, ys, digest = [], [], hashlib.sha256()
     for label, name in enumerate(classes):
         files = sorted(p for p in fs.find(f"{root.rstrip('/')}/{name}") if p.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:  # a class no sample has: its label would be one that never occurs, without a word
+            raise DataError(
+                f"{url}/{name}: a class folder with no images ({', '.join(IMAGE_EXTENSIONS)}): fill or remove it"
+            )
         for path in files:
             raw = fs.cat_file(path)
             digest.update(raw)

@@ -180,7 +180,7 @@ def test_image_folder_and_arrays(tmp_path):
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    for cls in ("cat", "dog"):
+    for cls in ("cat", "dog", ".ipynb_checkpoints"):  # a hidden folder is no class (it became class 0)
         (tmp_path / "imgs" / cls).mkdir(parents=True)
         for i in range(3):
             Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(
@@ -189,6 +189,9 @@ def test_image_folder_and_arrays(tmp_path):
     m = convert.convert_images(str(tmp_path / "o"), str(tmp_path / "imgs"), num_shards=2)
     assert m.sample_shape == [3, 12, 12] and m.class_counts == {"0": 3, "1": 3}
     assert m.preprocessing["classes"] == ["cat", "dog"]
+    (tmp_path / "imgs" / "emu").mkdir()  # a class no image has: refused, not a label that never occurs
+    err = _convert_error(["images", "--folder", str(tmp_path / "imgs"), "--out", str(tmp_path / "o2")])
+    assert f"{tmp_path / 'imgs'}/emu: a class folder with no images" in err and not (tmp_path / "o2").exists()
     np.savez(tmp_path / "a.npz", x=rng.normal(size=(10, 4)), y=np.arange(10))
     m = convert.convert_arrays(str(tmp_path / "p"), str(tmp_path / "a.npz"), num_shards=2)
     assert m.dtype == "float32" and m.num_samples == 10 and m.class_counts["9"] == 1
