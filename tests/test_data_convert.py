@@ -406,3 +406,14 @@ def test_stacked_mnist_n_stack_is_bounded_and_index_keeps_an_existing_manifest(t
         ["index", "--shards", pattern, "--out", str(tmp_path / "m")]
     )
     assert (tmp_path / "m" / "manifest.json").read_text() == before
+
+
+def test_an_mnist_csv_with_the_label_first_is_refused_not_read_as_all_zeros(tmp_path):
+    # pjreddie's layout (label, 784 pixels): the always-0 corner pixel was read as every label (exit 0).
+    x, y = digits(30)
+    x[:, 0, :] = x[:, -1, :] = 0  # MNIST's blank border rows
+    table = np.concatenate([y[:, None], x.reshape(30, -1)], axis=1)
+    csv = tmp_path / "label_first.csv"
+    csv.write_text("\n".join(",".join(map(str, r)) for r in table) + "\n")
+    err = _convert_error(["mnist", "--csv", str(csv), "--out", str(tmp_path / "o")])
+    assert f"{csv}: the label looks to be the first column" in err and not (tmp_path / "o").exists()
