@@ -510,6 +510,11 @@ def check_empty_output(out: str) -> None:
         raise DataError(f"--out {out} is not empty (it holds {names}): choose a new folder or remove this one first")
 
 
+# The decode settings as the trainer's keys name them, and as this tool's flags do.
+DECODE_FLAGS = {"data.image_key": "--image-key", "data.label_key": "--label-key", "data.image_mode": "--image-mode",
+                "data.image_size": "--image-size"}  # fmt: skip
+
+
 def _convert(args: argparse.Namespace) -> int:
     if not args.out.strip():  # "" is the working folder to fsspec: it was "--out  is not empty (it holds ...)"
         raise DataError("--out is empty: give the folder for the shards (a path or an fsspec URL)")
@@ -517,7 +522,14 @@ def _convert(args: argparse.Namespace) -> int:
         check_empty_output(args.out)
     elif manifest_exists(args.out):  # another data set's: replaced, its shards were left orphaned
         raise DataError(f"--out {args.out} already holds a manifest.json: choose another folder, or remove it first")
-    for split, m in run(args).items():
+    try:
+        written = run(args)
+    except DataError as e:  # the shard reader's hints name the trainer's keys; here they are this tool's flags
+        message = str(e)
+        for key, flag in DECODE_FLAGS.items():
+            message = message.replace(key, flag)
+        raise DataError(message) from None
+    for split, m in written.items():
         print(f"{m.name} {split}: {m.num_samples} samples {m.sample_shape} {m.dtype} in {len(m.shards)} shards "
               f"at {m.base_url}; classes {len(m.class_counts)}")  # fmt: skip
     return 0

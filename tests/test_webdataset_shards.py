@@ -446,3 +446,12 @@ def test_the_readmes_webdataset_row_trains_and_samples_as_written_with_json_labe
     )  # fmt: skip
     assert sampled.returncode == 0, sampled.stderr[-3000:]
     assert np.load(tmp_path / "s.npy").shape == (16, 1, 28, 28)
+
+
+def test_the_converters_hints_name_its_own_flags(tmp_path):
+    # "set data.image_key to ...": a trainer key, where meg-convert takes --image-key.
+    write_shards(tmp_path, "txt")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        assert convert.main(["webdataset", "--shards", _pattern(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "--image-key" in err.getvalue() and "data.image_key" not in err.getvalue(), err.getvalue()
