@@ -501,6 +501,13 @@ def check_empty_output(out: str) -> None:
 
     fs, path = fsspec.core.url_to_fs(out)
     if not fs.exists(path):
+        if "file" in fs.protocol:  # a folder that cannot be made (under a file, read-only) is said before the reading
+            existing = os.path.abspath(path)
+            while not os.path.exists(existing):
+                existing = os.path.dirname(existing)
+            if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+                why = "not a folder" if not os.path.isdir(existing) else "not writable"
+                raise DataError(f"--out {out}: cannot write there ({existing} is {why}): choose another folder")
         return
     if not fs.isdir(path):
         raise DataError(f"--out {out} is a file: give a folder for the shards")

@@ -262,3 +262,11 @@ def test_convert_refuses_a_file_that_is_not_numpy_without_advising_to_unpickle_i
     last = _refused(convert.main, ["arrays", "--x", str(tmp_path / "notes.npy"), "--out", str(tmp_path / "o")],
                     f"{tmp_path / 'notes.npy'} is not a .npy or .npz file of numbers")  # fmt: skip
     assert "pickle" not in last and "unsafe" not in last and not (tmp_path / "o").exists()
+
+
+def test_convert_names_an_out_it_cannot_write_before_reading_the_input(tmp_path):
+    # "Not a directory: ..." came from the first shard's write, after all the input was read.
+    (tmp_path / "file").write_text("")
+    missing_csv = str(tmp_path / "digits.csv")  # never read: the --out error comes first
+    _refused(convert.main, ["mnist", "--csv", missing_csv, "--out", str(tmp_path / "file" / "o")],
+             f"--out {tmp_path / 'file' / 'o'}: cannot write there ({tmp_path / 'file'} is not a folder)")  # fmt: skip
