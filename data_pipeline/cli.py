@@ -155,15 +155,22 @@ def fraction(text: str) -> float:
 FIGURE_FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg"}
 
 
+def nearest_existing(path: str) -> str:
+    """The absolute path of ``path`` or of its nearest ancestor that exists (a dangling link counts: it is
+    there, and no folder can be made through it): what decides whether a file or folder can be made there."""
+    existing = os.path.abspath(path)
+    while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    return existing
+
+
 def check_output_file(path: str, flag: str, formats: dict[str, str] | None = None) -> None:
     """Refuses, before any work, an output file path that cannot be written: an existing folder, or
     one under an existing file, or a suffix not in ``formats`` (when given; no suffix passes). A missing
     parent folder is fine (the tool creates it)."""
     if os.path.isdir(path) or path.endswith(("/", os.sep)):
         raise UserError(f"{flag} {path} is a folder: give the path of a file in it")
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
-        parent = os.path.dirname(parent)
+    parent = nearest_existing(os.path.dirname(os.path.abspath(path)))
     if not os.path.isdir(parent):
         raise UserError(f"{flag} {path}: {parent} is a file, not a folder: choose another path")
     suffix = os.path.splitext(path)[1].lower()

@@ -30,6 +30,7 @@ from data_pipeline.cli import (
     add_debug_flag,
     fraction,
     int_between,
+    nearest_existing,
     nonnegative_float,
     nonnegative_int,
     positive_int,
@@ -502,9 +503,7 @@ def check_empty_output(out: str) -> None:
     fs, path = fsspec.core.url_to_fs(out)
     if not fs.exists(path):
         if "file" in fs.protocol:  # a folder that cannot be made (under a file, read-only) is said before the reading
-            existing = os.path.abspath(path)
-            while not os.path.exists(existing):
-                existing = os.path.dirname(existing)
+            existing = nearest_existing(path)
             if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
                 why = "not a folder" if not os.path.isdir(existing) else "not writable"
                 raise DataError(f"--out {out}: cannot write there ({existing} is {why}): choose another folder")

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from data_pipeline import storage
-from data_pipeline.cli import short_message
+from data_pipeline.cli import nearest_existing, short_message
 from data_pipeline.dataset import Dataset, open_dataset, write_toy_data
 from data_pipeline.storage import StopRequested
 from models.factory import build_networks
@@ -128,9 +128,7 @@ def check_output_dir(folder: str) -> None:
     """Raises ConfigError when ``folder`` (output_dir) cannot hold a run: not a folder (a file, or a path under one), a
     checkpoint, or a run's checkpoints/ folder (a run there would write its config.yaml into the checkpoint
     and its own checkpoints beside the run's)."""
-    existing = os.path.abspath(folder)
-    while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
-        existing = os.path.dirname(existing)
+    existing = nearest_existing(folder)
     if not os.path.isdir(existing):
         where = "" if existing == os.path.abspath(folder) else f": {existing}"
         raise ConfigError(f"output_dir={folder}{where} is not a folder: choose another output_dir")
