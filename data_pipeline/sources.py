@@ -284,26 +284,9 @@ def read_image_folder(
 
 def read_arrays(url: str, x_key: str, y_key: str, labels_url: str, sums: Checksums) -> tuple[np.ndarray, np.ndarray]:
     """Samples (and labels) from a .npy file, or from the arrays ``x_key``/``y_key`` of a .npz."""
-    try:
-        loaded = np.load(io.BytesIO(sums.read(url)), allow_pickle=False)
-        if isinstance(loaded, np.lib.npyio.NpzFile):
-            if x_key not in loaded:
-                raise DataError(f"{url} has arrays {sorted(loaded.files)}, not {x_key!r} (use --x-key)")
-            x = loaded[x_key]
-            y = loaded[y_key or "y"] if (y_key or "y") in loaded else None
-            if y_key and y is None:  # asked for by name (a typo was every label 0)
-                raise DataError(f"{url} has arrays {sorted(loaded.files)}, not {y_key!r} (use --y-key)")
-        else:
-            x, y = loaded, None
-    except ValueError as e:
-        if "pickle" not in str(e):
-            raise DataError(f"{url}: not a readable .npy/.npz file (ValueError: {e})") from None
-        # numpy takes any other file for a pickle and suggests loading it unsafely: nothing here unpickles.
-        raise DataError(f"{url} is not a .npy or .npz file of numbers (nothing of it was loaded)") from None
-    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError) as e:
-        raise DataError(f"{url}: not a readable .npy/.npz file ({type(e).__name__}: {e})") from None
-    if labels_url:
-        y = _read_labels(labels_url, y_key, sums)
+    x, y = _load_numbers(url, sums, x_key, "--x-key", None if labels_url else y_key)
+    if labels_url:  # --y: a .npy, or the array y_key (default y) of a .npz
+        y, _ = _load_numbers(labels_url, sums, y_key or "y", "--y-key")
     if x.ndim < 2 or not len(x) or 0 in x.shape:
         raise DataError(f"{url}: needs at least one sample and a sample shape, got an array of shape {x.shape}")
     if x.dtype.kind not in "biuf":
@@ -319,20 +302,31 @@ def read_arrays(url: str, x_key: str, y_key: str, labels_url: str, sums: Checksu
     return x, y
 
 
-def _read_labels(url: str, y_key: str, sums: Checksums) -> np.ndarray:
-    """The labels of ``--y``: a .npy, or the array ``y_key`` (default y) of a .npz."""
+def _load_numbers(
+    url: str, sums: Checksums, key: str, key_flag: str, y_key: str | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The array of a .npy, or the array ``key`` of a .npz, with the .npz's labels unless ``y_key`` is None:
+    the array ``y_key``, or y where there is one when ``y_key`` is "" (one named and missing is refused: a typo
+    was every label 0). numpy's errors become a DataError naming ``url``; an .npz loads its arrays at the
+    lookup, so the lookups are inside."""
     try:
         loaded = np.load(io.BytesIO(sums.read(url)), allow_pickle=False)
-    except ValueError:
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            return loaded, None
+        if key not in loaded:
+            raise DataError(f"{url} has arrays {sorted(loaded.files)}, not {key!r} (use {key_flag})")
+        if y_key and y_key not in loaded:
+            raise DataError(f"{url} has arrays {sorted(loaded.files)}, not {y_key!r} (use --y-key)")
+        if y_key is None or (not y_key and "y" not in loaded):
+            return loaded[key], None
+        return loaded[key], loaded[y_key or "y"]
+    except ValueError as e:
+        if "pickle" not in str(e):
+            raise DataError(f"{url}: not a readable .npy/.npz file (ValueError: {e})") from None
+        # numpy takes any other file for a pickle and suggests loading it unsafely: nothing here unpickles.
         raise DataError(f"{url} is not a .npy or .npz file of numbers (nothing of it was loaded)") from None
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError) as e:
         raise DataError(f"{url}: not a readable .npy/.npz file ({type(e).__name__}: {e})") from None
-    if isinstance(loaded, np.lib.npyio.NpzFile):
-        key = y_key or "y"
-        if key not in loaded:
-            raise DataError(f"{url} has arrays {sorted(loaded.files)}, not {key!r} (use --y-key)")
-        return loaded[key]
-    return loaded
 
 
 def whole_labels(y: np.ndarray, url: str) -> np.ndarray:

@@ -362,6 +362,27 @@ def test_arrays_refuses_non_finite_samples_and_a_labels_key_it_lacks(tmp_path):
     assert convert.main(["arrays", "--x", str(tmp_path / "xy.npz"), "--out", str(tmp_path / "o")]) == 0
 
 
+def test_arrays_refuses_a_labels_npz_array_of_objects_without_unpickling_it(tmp_path):
+    # np.load reads an .npz lazily: its arrays load at the key's lookup, which for --y was outside the
+    # error handling (a raw ValueError traceback). Nothing is unpickled either way.
+    np.save(tmp_path / "x.npy", np.zeros((10, 2), np.float32))
+    np.savez(tmp_path / "y.npz", y=np.array([{"label": 1}] * 10, dtype=object))
+    err = _convert_error(
+        ["arrays", "--x", str(tmp_path / "x.npy"), "--y", str(tmp_path / "y.npz"), "--out", str(tmp_path / "o")]
+    )
+    assert f"{tmp_path / 'y.npz'} is not a .npy or .npz file of numbers" in err and not (tmp_path / "o").exists()
+
+
+def test_arrays_y_key_names_the_array_of_the_labels_file_when_there_is_one(tmp_path):
+    # With --y, --y-key is that file's key: looked for in the --x .npz too, it was refused there.
+    np.savez(tmp_path / "x.npz", x=np.zeros((10, 2), np.float32))
+    np.savez(tmp_path / "y.npz", lab=np.arange(10) % 2)
+    argv = ["arrays", "--x", str(tmp_path / "x.npz"), "--y", str(tmp_path / "y.npz"), "--y-key", "lab"]
+    assert convert.main([*argv, "--out", str(tmp_path / "o")]) == 0
+    err = _convert_error([*argv[:-1], "labels", "--out", str(tmp_path / "p")])
+    assert f"{tmp_path / 'y.npz'} has arrays ['lab'], not 'labels' (use --y-key)" in err
+
+
 def test_cifar10_labels_outside_0_to_9_or_a_missing_split_are_refused(tmp_path):
     def archive(name, batches):
         path = tmp_path / name
