@@ -76,12 +76,10 @@ def real_batches(
         epoch, done = epoch + 1, 0
 
 
-def evaluation_due(cfg: RunConfig, step: int, stream: ShardStream) -> bool:
-    """Every eval.every steps, at the last one, and where the evaluator asks (eval.kdd.protocol=paper: the
-    last epochs' ends)."""
-    if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.steps:
-        return True
-    return step in extra_evaluation_steps(cfg, stream)
+def evaluation_due(cfg: RunConfig, step: int, extra_steps: set[int]) -> bool:
+    """Every eval.every steps, at the last one, and at ``extra_steps`` (the evaluator's: under
+    eval.kdd.protocol=paper the last epochs' ends)."""
+    return bool(cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.steps or step in extra_steps
 
 
 @contextmanager
@@ -137,6 +135,7 @@ class MEGTrainer:
         self.guard = DivergenceGuard(cfg.train.guard)
         self.loaded: str | None = None  # the checkpoint last loaded (resume or rollback)
         self.window = MetricWindow(runtime, self.guard, cfg.train.energy_steps * cfg.data.batch_size)
+        self.extra_evaluation_steps = extra_evaluation_steps(cfg, stream)
 
     def resume_if_possible(self, checkpoint: str | None) -> int | None:
         """Loads ``checkpoint`` (or, found damaged, the one before it); returns the step loaded (None: a new
@@ -266,7 +265,7 @@ class MEGTrainer:
                 self._save()
             if stop_requested:
                 raise Preempted(f"stop signal received; checkpoint saved at step {state.step}, rerun to resume")
-            if evaluation_due(cfg, state.step, self.stream):
+            if evaluation_due(cfg, state.step, self.extra_evaluation_steps):
                 last.update({f"eval_{k}": v for k, v in self.evaluate(state.step).items()})
             if steps_since == 0:  # keep checkpoint and eval time out of the throughput figures
                 tick = time.perf_counter()
