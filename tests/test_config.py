@@ -379,3 +379,20 @@ def test_a_text_setting_takes_an_override_as_typed_and_a_preset_is_told_to_quote
         ConfigError, match=r"name must be str, got 2024 \(int\): quote it in the YAML file, name: '2024'"
     ):
         load_config(str(preset), [])
+
+
+def test_a_presets_mistake_names_the_file_that_set_it_and_an_overrides_does_not(tmp_path):
+    base, child = tmp_path / "base.yaml", tmp_path / "child.yaml"
+    base.write_text("base: kdd99\ntrain: {steps: many}\n")
+    child.write_text(f"base: {base}\nmodel: {{z_dim: 4}}\neval: {{kdd: {{percentlie: 90.0}}}}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(child))
+    assert str(caught.value) == f"{base}: train.steps must be int, got 'many' (str)"
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(child), ["train.steps=5"])
+    assert str(caught.value).startswith(f"{child}: unknown config key 'eval.kdd.percentlie'; valid keys here: ")
+    assert load_config(str(base), ["train.steps=5"]).train.steps == 5  # an override mends a preset's value
+    # The same mistake typed on the command line is the user's own: no file is blamed for it.
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(base), ["train.steps=lots"])
+    assert str(caught.value) == "train.steps must be int, got 'lots' (str)"

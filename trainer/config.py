@@ -491,17 +491,22 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     kwargs = {}
     for key, value in values.items():
         full = f"{prefix}.{key}" if prefix else key
-        if key not in fields:
-            raise ConfigError(f"unknown config key {shown(full)}; valid keys here: {', '.join(fields)}")
-        default = fields[key].default_factory
-        if isinstance(value, dict) and dataclasses.is_dataclass(hints[key]) and default is not dataclasses.MISSING:
-            # A section given in part keeps its own default for the rest: train.negatives_mala's steps
-            # are 5, not MALAConfig's 0, when only its temperature is set.
-            value = _merge(dataclasses.asdict(default()), value)
-        kwargs[key] = _coerce(full, value, hints[key])
-        if fields[key].metadata.get("path") and isinstance(kwargs[key], str):
-            kwargs[key] = expand_home(kwargs[key])
-        check_field(full, kwargs[key], fields[key])
+        try:
+            if key not in fields:
+                raise ConfigError(f"unknown config key {shown(full)}; valid keys here: {', '.join(fields)}")
+            default = fields[key].default_factory
+            if isinstance(value, dict) and dataclasses.is_dataclass(hints[key]) and default is not dataclasses.MISSING:
+                # A section given in part keeps its own default for the rest: train.negatives_mala's steps
+                # are 5, not MALAConfig's 0, when only its temperature is set.
+                value = _merge(dataclasses.asdict(default()), value)
+            kwargs[key] = _coerce(full, value, hints[key])
+            if fields[key].metadata.get("path") and isinstance(kwargs[key], str):
+                kwargs[key] = expand_home(kwargs[key])
+            check_field(full, kwargs[key], fields[key])
+        except ConfigError as e:
+            if not hasattr(e, "key"):  # the innermost setting: load_config names the preset file that set it
+                e.key = full
+            raise
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -549,8 +554,11 @@ def resolve_preset(name_or_path: str) -> str:
     raise ConfigError(f"no config file or preset {shown(name_or_path)}; presets: {', '.join(available)}")
 
 
-def _read_preset(name_or_path: str, chain: tuple[str, ...] = ()) -> dict[str, Any]:
-    """A preset's tree, with its ``base:`` presets (a name or a path) merged underneath it."""
+def _read_preset(
+    name_or_path: str, chain: tuple[str, ...] = (), origins: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """A preset's tree, with its ``base:`` presets (a name or a path) merged underneath it; ``origins``
+    (when given) gets each setting's dotted key -> the file that set it (a base's, unless overridden)."""
     path = resolve_preset(name_or_path)
     if path in chain:
         raise ConfigError(f"presets inherit in a circle: {' -> '.join([*chain, path])}")
@@ -558,11 +566,20 @@ def _read_preset(name_or_path: str, chain: tuple[str, ...] = ()) -> dict[str, An
     if not isinstance(tree, dict):
         raise ConfigError(f"{path} must hold a mapping of config sections, got {type(tree).__name__}")
     base = tree.pop("base", None)
-    if base is None:
-        return tree
-    if not isinstance(base, str):
+    if base is not None and not isinstance(base, str):
         raise ConfigError(f"{path}: base must name one preset (a name in configs/ or a path), got {shown(base)}")
-    return _merge(_read_preset(base, (*chain, path)), tree)
+    merged = tree if base is None else _merge(_read_preset(base, (*chain, path), origins), tree)
+    if origins is not None:
+        origins.update((key, path) for key in _leaf_keys(tree))
+    return merged
+
+
+def _leaf_keys(tree: dict[str, Any], prefix: str = "") -> Iterator[str]:
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            yield from _leaf_keys(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -574,7 +591,8 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    tree: dict[str, Any] = _read_preset(preset) if preset else {}
+    origins: dict[str, str] = {}  # a preset's settings -> the file that set each
+    tree: dict[str, Any] = _read_preset(preset, origins=origins) if preset else {}
     preset_model = tree.get("model") if isinstance(tree.get("model"), dict) else {}
     preset_arch, overridden = preset_model.get("arch", "mlp"), set()
     for item in overrides:
@@ -589,8 +607,16 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
             value = raw
         _set_dotted(tree, key.strip(), value)
         overridden.add(key.strip())
+        origins = {k: v for k, v in origins.items() if k != key.strip() and not k.startswith(f"{key.strip()}.")}
     _check_arch_keys(tree.get("model"), preset_arch, overridden)
-    return _build(RunConfig, tree)
+    try:
+        return _build(RunConfig, tree)
+    except ConfigError as e:
+        # A preset's mistake names its file (with bases, one of several): the key alone sent users searching.
+        source = origins.get(getattr(e, "key", ""))
+        if source is None:
+            raise
+        raise ConfigError(f"{source}: {e}") from None
 
 
 def _check_arch_keys(model: Any, preset_arch: str, overridden: set[str]) -> None:
