@@ -51,6 +51,7 @@ from data_pipeline.shards import (
 )
 from data_pipeline.sources import (
     FASHION_MNIST_DIR,
+    IMAGE_EXTENSIONS,
     KDD_CATEGORICAL,
     KDD_COLUMNS,
     Checksums,
@@ -273,12 +274,19 @@ def convert_images(
     num_shards: int = DEFAULT_SHARDS,
 ) -> Manifest:  # fmt: skip
     sums = Checksums()
-    x, y, classes = read_image_folder(folder, mode, size or None, sums)
+    x, y, classes, left_out = read_image_folder(folder, mode, size or None, sums)
+    if left_out:  # a .heic or .avif folder, or images beside the class folders, was fewer samples without a word
+        print(
+            f"warning: {folder}: left out {len(left_out)} files, as only images ({', '.join(IMAGE_EXTENSIONS)}) in "
+            f"a class sub-folder are read: {', '.join(left_out[:3])}{' ...' if len(left_out) > 3 else ''}",
+            file=sys.stderr,
+        )
     pre = {
         "mode": mode,
         "resize": size or None,
         "classes": classes,
         "format": f"uint8 {tuple(x.shape[1:])}",
+        "files_left_out": len(left_out),
     }
     return _write(out, name, split, x, y, num_shards, sums, pre)
 

@@ -244,19 +244,26 @@ def read_kdd(url: str, sums: Checksums) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 def read_image_folder(
     url: str, mode: str, size: int | None, sums: Checksums
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Images under ``url/<class>/``, as (n, C, H, W) uint8, labels by sorted class name."""
+) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """Images under ``url/<class>/``, as (n, C, H, W) uint8, labels by sorted class name; and the files
+    left out (relative to ``url``): images outside the class folders, and files in them that are not
+    images by their suffix. Hidden files and folders are neither read nor counted."""
     from PIL import Image
 
     fs, root = fsspec.core.url_to_fs(url)
+    root = root.rstrip("/")
+    listed = fs.ls(root, detail=False)
     # Hidden folders (.ipynb_checkpoints, .git) are no class: one sorted first shifted every label by one.
-    found = (os.path.basename(p.rstrip("/")) for p in fs.ls(root, detail=False) if fs.isdir(p))
+    found = (os.path.basename(p.rstrip("/")) for p in listed if fs.isdir(p))
     classes = sorted(name for name in found if not name.startswith("."))
     if not classes:
         raise DataError(f"{url}: no class sub-folders")
+    left_out = [p for p in listed if p.lower().endswith(IMAGE_EXTENSIONS) and not fs.isdir(p)]
     xs, ys, digest = [], [], hashlib.sha256()
     for label, name in enumerate(classes):
-        files = sorted(p for p in fs.find(f"{root.rstrip('/')}/{name}") if p.lower().endswith(IMAGE_EXTENSIONS))
+        found_files = [p for p in sorted(fs.find(f"{root}/{name}")) if not _hidden(p, root)]
+        files = [p for p in found_files if p.lower().endswith(IMAGE_EXTENSIONS)]
+        left_out += [p for p in found_files if not p.lower().endswith(IMAGE_EXTENSIONS)]
         if not files:  # a class no sample has: its label would be one that never occurs, without a word
             raise DataError(
                 f"{url}/{name}: a class folder with no images ({', '.join(IMAGE_EXTENSIONS)}): fill or remove it"
@@ -273,13 +280,16 @@ def read_image_folder(
             a = np.asarray(img, dtype=np.uint8)
             xs.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
             ys.append(label)
-    if not xs:
-        raise DataError(f"{url}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the class folders")
     shapes = {x.shape for x in xs}
     if len(shapes) > 1:
         raise DataError(f"{url}: images of different sizes {sorted(shapes)[:3]}...; pass --size to resize")
     sums.files[os.path.basename(url.rstrip("/")) or url] = digest.hexdigest()
-    return np.stack(xs), np.asarray(ys, dtype=np.int64), classes
+    return np.stack(xs), np.asarray(ys, dtype=np.int64), classes, [p[len(root) + 1 :] for p in left_out]
+
+
+def _hidden(path: str, root: str) -> bool:
+    """Whether a file under ``root`` is hidden, or in a hidden folder (cat/.ipynb_checkpoints/1.png)."""
+    return any(part.startswith(".") for part in path[len(root) + 1 :].split("/"))
 
 
 def read_arrays(url: str, x_key: str, y_key: str, labels_url: str, sums: Checksums) -> tuple[np.ndarray, np.ndarray]:

@@ -188,7 +188,7 @@ def test_image_folder_and_arrays(tmp_path):
             )
     m = convert.convert_images(str(tmp_path / "o"), str(tmp_path / "imgs"), num_shards=2)
     assert m.sample_shape == [3, 12, 12] and m.class_counts == {"0": 3, "1": 3}
-    assert m.preprocessing["classes"] == ["cat", "dog"]
+    assert m.preprocessing["classes"] == ["cat", "dog"] and m.preprocessing["files_left_out"] == 0
     (tmp_path / "imgs" / "emu").mkdir()  # a class no image has: refused, not a label that never occurs
     err = _convert_error(["images", "--folder", str(tmp_path / "imgs"), "--out", str(tmp_path / "o2")])
     assert f"{tmp_path / 'imgs'}/emu: a class folder with no images" in err and not (tmp_path / "o2").exists()
@@ -360,6 +360,24 @@ def test_arrays_refuses_non_finite_samples_and_a_labels_key_it_lacks(tmp_path):
     assert not (tmp_path / "o").exists()
     # Without --y-key an .npz's "y" is taken where there is one, and none is no labels.
     assert convert.main(["arrays", "--x", str(tmp_path / "xy.npz"), "--out", str(tmp_path / "o")]) == 0
+
+
+def test_images_left_out_of_an_image_folder_are_counted_and_named(tmp_path, capsys):
+    from PIL import Image
+
+    picture = Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8))
+    (tmp_path / "imgs" / "cat" / ".ipynb_checkpoints").mkdir(parents=True)
+    for name in ("cat/1.png", "cat/2.png", "cat/.ipynb_checkpoints/1.png", "stray.png"):
+        picture.save(tmp_path / "imgs" / name)
+    (tmp_path / "imgs" / "cat" / "3.heic").write_bytes(b"not read: PIL has no HEIC decoder")
+    (tmp_path / "imgs" / "cat" / ".DS_Store").write_bytes(b"")
+    assert convert.main(["images", "--folder", str(tmp_path / "imgs"), "--out", str(tmp_path / "o")]) == 0
+    # The hidden files are no one's samples; the HEIC and the image outside the classes were silently fewer.
+    warning = capsys.readouterr().err
+    assert warning.startswith(f"warning: {tmp_path / 'imgs'}: left out 2 files, as only images (.png")
+    assert warning.rstrip().endswith("are read: stray.png, cat/3.heic") and warning.count("\n") == 1
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["num_samples"] == 2 and manifest["preprocessing"]["files_left_out"] == 2
 
 
 def test_arrays_refuses_a_labels_npz_array_of_objects_without_unpickling_it(tmp_path):
