@@ -20,6 +20,7 @@ the sha256 of the source files and the preprocessing parameters.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Any
@@ -493,6 +494,8 @@ def run(args: argparse.Namespace) -> dict[str, Manifest]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # The readers' warnings (samples left out of shards), told like the errors are.
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     return run_tool(lambda: _convert(args), args.debug)
 
 

@@ -182,7 +182,7 @@ def parse_webdataset_shard(
     from webdataset.autodecode import npy_loads
     from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-    keys, xs, labels, seen = [], [], [], set()
+    keys, xs, labels, seen, left_out = [], [], [], set(), {}
     try:
         files = tar_file_iterator(io.BytesIO(bytes(gunzip_shard(data, max_sample_bytes))))
         for sample in group_by_keys({**f, "__url__": ""} for f in files):
@@ -190,6 +190,8 @@ def parse_webdataset_shard(
             seen.update(fields)
             field = next((k for k in [*spec.keys, "npy"] if k in fields), None)
             if field is None:
+                held = " ".join(f".{k}" for k in sorted(fields)) or "no members"
+                left_out[held] = left_out.get(held, 0) + 1
                 continue
             if len(fields[field]) > max_sample_bytes:
                 raise too_large(f"sample {sample['__key__']!r}'s .{field}", len(fields[field]), max_sample_bytes)
@@ -215,7 +217,7 @@ def parse_webdataset_shard(
     shapes = {x.shape for x in xs}
     if len(shapes) > 1 or len({x.dtype for x in xs}) > 1:
         raise CorruptShard(f"samples of different shapes {sorted(shapes)[:3]}; set data.image_size to resize them")
-    return ShardArrays(np.array(keys), np.stack(xs), np.asarray(labels, dtype=np.int64))
+    return ShardArrays(np.array(keys), np.stack(xs), np.asarray(labels, dtype=np.int64), left_out)
 
 
 def is_meg_layout(data: bytes | memoryview, max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES) -> bool:

@@ -13,7 +13,7 @@ import re
 import struct
 import tarfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -70,6 +70,9 @@ class ShardArrays:
     keys: np.ndarray  # str, one per sample, unique within a manifest
     x: np.ndarray  # (n, *sample_shape), as stored; may be a read-only view into the shard's bytes
     labels: np.ndarray  # int64
+    # Samples without the member the decode settings read (WebDataset shards of other tools), by the
+    # members they hold (".cls .gif" -> count): left out, and said where shards are indexed.
+    left_out: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.keys)

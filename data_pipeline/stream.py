@@ -122,7 +122,7 @@ def manifest_from_urls(
     if not urls:
         raise DataError("no shard URLs")
     spec = spec or DecodeSpec()
-    shards, shape, dtype, counts, layout = [], None, None, {}, None
+    shards, shape, dtype, counts, layout, left_out = [], None, None, {}, None, {}
     for url in urls:
         try:
             data = read_shard_bytes(url)
@@ -148,6 +148,15 @@ def manifest_from_urls(
         for label, c in zip(*np.unique(arrays.labels, return_counts=True), strict=True):
             counts[str(label)] = counts.get(str(label), 0) + int(c)
         shards.append(ShardInfo(url, len(arrays), len(data)))
+        for held, n in arrays.left_out.items():
+            left_out[held] = left_out.get(held, 0) + n
+    if left_out:  # half a data set of .png and .gif trained on the .png half without a word
+        kinds = ", ".join(f"{n} with {held}" for held, n in sorted(left_out.items(), key=lambda kv: -kv[1])[:3])
+        log.warning(
+            "%d samples of the shards are left out, as they have no %s member (%s): set data.image_key "
+            "(meg-convert: --image-key) to the member that holds their image, e.g. data.image_key='png;gif'",
+            sum(left_out.values()), " / ".join(f".{k}" for k in [*spec.keys, "npy"]), kinds,
+        )  # fmt: skip
     decode = spec.to_json() if layout == "webdataset" else {}
     layout = layout or "meg"
     return Manifest(

@@ -57,6 +57,8 @@ def write_shards(folder, kind: str = "png", n: int = N, gz: bool = False) -> np.
                 sample.update(npy=image.transpose(2, 0, 1).astype(np.float32), cls=i % 10)
             elif kind == "unlabelled":
                 sample.update(png=_png(image))
+            elif kind == "png_gif":  # a member the default decode settings do not read, in every other sample
+                sample.update(**({"png": _png(image)} if i % 2 else {"gif": _png(image, "GIF")}), cls=i % 10)
             elif kind == "txt":  # not an image data set at all
                 sample.update(txt="hello")
             sink.write(sample)
@@ -125,6 +127,25 @@ def test_index_then_exactly_once_and_resume(tmp_path):
     full = [b["key"].tolist() for b in stream.epoch_batches(StreamPosition())]
     rest = [b["key"].tolist() for b in stream.epoch_batches(StreamPosition(0, 2))]
     assert len(full) == 6 and full[:2] + rest == full
+
+
+def test_samples_without_the_image_member_are_left_out_with_a_warning_naming_the_fix(tmp_path):
+    write_shards(tmp_path / "shards", "png_gif")
+    argv = ["index", "--shards", _pattern(tmp_path / "shards")]
+    result = subprocess.run(
+        [sys.executable, "-m", "data_pipeline.convert", *argv, "--out", str(tmp_path / "half")],
+        cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == (
+        f"warning: {N // 2} samples of the shards are left out, as they have no .png / .jpg / .jpeg / .webp / .npy "
+        f"member ({N // 2} with .cls .gif): set data.image_key (meg-convert: --image-key) to the member that holds "
+        "their image, e.g. data.image_key='png;gif'\n"
+    )
+    assert read_manifest(str(tmp_path / "half")).num_samples == N // 2
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert convert.main([*argv, "--image-key", "png;gif", "--out", str(tmp_path / "all")]) == 0
+    assert read_manifest(str(tmp_path / "all")).num_samples == N
 
 
 def test_converter_writes_the_same_samples_into_the_fast_layout(tmp_path):
