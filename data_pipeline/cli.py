@@ -30,6 +30,8 @@ class ConfigError(UserError, ValueError):
     """A malformed preset or override, or a setting that cannot work: the message names the key and
     what is valid (re-exported by trainer.config)."""
 
+    key: str | None = None  # the setting it is about, where known (trainer.config names the preset that set it)
+
 
 class DataError(UserError, RuntimeError):
     """Missing, malformed or inconsistent data: raised before any training starts (re-exported by

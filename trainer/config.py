@@ -504,7 +504,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
                 kwargs[key] = expand_home(kwargs[key])
             check_field(full, kwargs[key], fields[key])
         except ConfigError as e:
-            if not hasattr(e, "key"):  # the innermost setting: load_config names the preset file that set it
+            if e.key is None:  # the innermost setting's
                 e.key = full
             raise
     try:
@@ -613,7 +613,7 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
         return _build(RunConfig, tree)
     except ConfigError as e:
         # A preset's mistake names its file (with bases, one of several): the key alone sent users searching.
-        source = origins.get(getattr(e, "key", ""))
+        source = origins.get(e.key or "")
         if source is None:
             raise
         raise ConfigError(f"{source}: {e}") from None
