@@ -142,6 +142,16 @@ def url(text: str) -> str:
     return text
 
 
+def name_part(text: str) -> str:
+    """An argparse type: a data set's name or split, part of its shard file names ({name}-{split}-000000.tar):
+    letters, digits and - _ . + only (a / or .. wrote the shards outside --out, over what was there)."""
+    if not text or text.startswith(".") or not all(c.isalnum() or c in "-_.+" for c in text):
+        raise argparse.ArgumentTypeError(
+            f"{shown(text)} cannot be part of a file name: use letters, digits, '-', '_', '.' (not first) or '+'"
+        )
+    return text
+
+
 def fraction(text: str) -> float:
     """An argparse type: a share strictly between 0 and 1 (a split's, an anomaly rate's)."""
     try:

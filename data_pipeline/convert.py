@@ -31,6 +31,7 @@ from data_pipeline.cli import (
     add_debug_flag,
     fraction,
     int_between,
+    name_part,
     nearest_existing,
     nonnegative_float,
     nonnegative_int,
@@ -371,8 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     mnist = add("mnist", "MNIST digits from IDX files and/or CSVs, into one split")
     digits(mnist)
-    mnist.add_argument("--name", default="mnist")
-    mnist.add_argument("--split", default="", help="default: test for t10k-* files, else train")
+    mnist.add_argument("--name", type=name_part, default="mnist")
+    mnist.add_argument("--split", type=name_part, help="default: test for t10k-* files, else train")
 
     fashion = add("fashion-mnist", "Fashion-MNIST train and test (IDX gz) into OUT/train, OUT/test")
     fashion.add_argument(
@@ -406,10 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument("--folder", type=url, required=True)
     images.add_argument("--mode", default="RGB", choices=["RGB", "L"])
     images.add_argument(
-        "--size", type=nonnegative_int, default=0, help="resize to SIZE x SIZE (needed if sizes differ)"
+        "--size", type=int_between(0, MAX_IMAGE_SIZE), default=0, help="resize to SIZE x SIZE (needed if sizes differ)"
     )
-    images.add_argument("--name", default="images")
-    images.add_argument("--split", default="train")
+    images.add_argument("--name", type=name_part, default="images")
+    images.add_argument("--split", type=name_part, default="train")
 
     for source, help in (
         ("index", "existing WebDataset shards: write a manifest for them (they are read once, not rewritten)"),
@@ -427,10 +428,13 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--image-mode", default="rgb", choices=["rgb", "l"])
         p.add_argument(
-            "--image-size", type=nonnegative_int, default=0, help="centre-crop and resize to SIZE x SIZE (0: as stored)"
+            "--image-size",
+            type=int_between(0, MAX_IMAGE_SIZE),
+            default=0,
+            help="centre-crop and resize to SIZE x SIZE (0: as stored)",
         )
-        p.add_argument("--name", default="")
-        p.add_argument("--split", default="train")
+        p.add_argument("--name", type=name_part, help="the data set's name (default: shards)")
+        p.add_argument("--split", type=name_part, default="train")
         p.add_argument("--allow-pipe", action="store_true", help="allow pipe: shard URLs (they run a shell command)")
 
     arrays = add("arrays", "samples from a .npy, or arrays x/y of a .npz")
@@ -438,8 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     arrays.add_argument("--y", type=url, default="", dest="labels_url", help="labels .npy (or y in the .npz)")
     arrays.add_argument("--x-key", default="x")
     arrays.add_argument("--y-key", default="", help="the labels' array of a .npz (default: y, where there is one)")
-    arrays.add_argument("--name", default="arrays")
-    arrays.add_argument("--split", default="train")
+    arrays.add_argument("--name", type=name_part, default="arrays")
+    arrays.add_argument("--split", type=name_part, default="train")
     return parser
 
 
@@ -450,7 +454,7 @@ def run(args: argparse.Namespace) -> dict[str, Manifest]:
     if args.source in ("mnist", "stackedmnist", "mnist-anomaly") and bool(args.images) != bool(args.labels):
         raise DataError("--images and --labels go together")
     if args.source == "mnist":
-        m = convert_mnist(out, args.images, args.labels, tuple(args.csv), args.name, args.split, n)
+        m = convert_mnist(out, args.images, args.labels, tuple(args.csv), args.name, args.split or "", n)
         return {m.split: m}
     if args.source == "fashion-mnist":
         return convert_fashion_mnist(out, args.dir, n)
@@ -478,15 +482,13 @@ def run(args: argparse.Namespace) -> dict[str, Manifest]:
     if args.source in ("index", "webdataset"):
         if args.allow_pipe:
             os.environ[ALLOW_COMMANDS_ENV] = "1"
-        if not 0 <= args.image_size <= MAX_IMAGE_SIZE:
-            raise DataError(f"--image-size must be in [0, {MAX_IMAGE_SIZE}], got {args.image_size}")
         label_key_problem = check_label_key(args.label_key)
         if label_key_problem:
             raise DataError(f"--label-key {args.label_key!r}: {label_key_problem}")
         spec = DecodeSpec(args.image_key, args.label_key, args.image_mode, args.image_size)
         if args.source == "index":
-            return {args.split: index_shards(out, args.shards, spec, args.name, args.split)}
-        return {args.split: convert_webdataset(out, args.shards, spec, args.name, args.split, n)}
+            return {args.split: index_shards(out, args.shards, spec, args.name or "", args.split)}
+        return {args.split: convert_webdataset(out, args.shards, spec, args.name or "", args.split, n)}
     return {
         args.split: convert_arrays(out, args.x_url, args.labels_url, args.x_key, args.y_key, args.name, args.split, n)
     }

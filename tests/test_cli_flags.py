@@ -95,6 +95,14 @@ def test_sample_refuses_a_figure_format_it_does_not_write(tmp_path):
         (["kdd", "--csv", "k.csv", "--anomaly-share", "nan"], "--anomaly-share: must be between 0 and 1"),
         (["mnist-anomaly", "--csv", "m.csv", "--digit", "10"], "--digit: invalid choice: 10"),
         (["mnist-anomaly", "--csv", "m.csv", "--digit", "1", "--train-fraction", "0"], "--train-fraction: must be"),
+        # A name or split is part of the shard file names: ../ wrote them beside --out, over any file there.
+        (["arrays", "--x", "x.npy", "--name", "../../precious"], "--name: '../../precious' cannot be part of a"),
+        (["arrays", "--x", "x.npy", "--split", "a/b"], "--split: 'a/b' cannot be part of a file name"),
+        (["images", "--folder", "f", "--name", ""], "--name: '' cannot be part of a file name"),
+        (["index", "--shards", "s.tar", "--split", ".."], "--split: '..' cannot be part of a file name"),
+        (["mnist", "--csv", "m.csv", "--split", ".hidden"], "--split: '.hidden' cannot be part of a file name"),
+        (["images", "--folder", "f", "--size", "100000"], "--size: must be at most 8192, got 100000"),  # it hung
+        (["webdataset", "--shards", "s.tar", "--image-size", "9000"], "--image-size: must be at most 8192"),
     ],
 )
 def test_convert_refuses_counts_below_their_minimum(tmp_path, argv, says):
