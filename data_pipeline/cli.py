@@ -9,6 +9,7 @@ import argparse
 import os
 import pickle
 import sys
+import tempfile
 from collections.abc import Callable
 
 EXIT_USER_ERROR = 2
@@ -176,15 +177,31 @@ def nearest_existing(path: str) -> str:
     return existing
 
 
+def cannot_write_in(folder: str) -> str | None:
+    """Why no file can be made in the existing ``folder`` (a read-only mount, /proc, no permission), or
+    None: found by making one, as permissions do not tell (root passes os.access everywhere)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as e:
+        return f"refuses new files: {e.strerror or type(e).__name__}"
+
+
 def check_output_file(path: str, flag: str, formats: dict[str, str] | None = None) -> None:
     """Refuses, before any work, an output file path that cannot be written: an existing folder, or
-    one under an existing file, or a suffix not in ``formats`` (when given; no suffix passes). A missing
-    parent folder is fine (the tool creates it)."""
+    one under an existing file or in a folder no file can be made in, a device or pipe (it was replaced
+    by a regular file), or a suffix not in ``formats`` (when given; no suffix passes). A missing parent
+    folder is fine (the tool creates it)."""
     if os.path.isdir(path) or path.endswith(("/", os.sep)):
         raise UserError(f"{flag} {path} is a folder: give the path of a file in it")
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise UserError(f"{flag} {path} is not a regular file (a device, pipe or socket): give the path of a file")
     parent = nearest_existing(os.path.dirname(os.path.abspath(path)))
     if not os.path.isdir(parent):
         raise UserError(f"{flag} {path}: {parent} is a file, not a folder: choose another path")
+    problem = cannot_write_in(parent)
+    if problem:
+        raise UserError(f"{flag} {path}: cannot write there ({parent} {problem}): choose another path")
     suffix = os.path.splitext(path)[1].lower()
     if formats is not None and suffix and suffix not in formats:
         raise UserError(f"{flag} {path}: {suffix} is not a format it writes; end the name in {', '.join(formats)}")

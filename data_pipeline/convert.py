@@ -29,6 +29,7 @@ import numpy as np
 
 from data_pipeline.cli import (
     add_debug_flag,
+    cannot_write_in,
     fraction,
     int_between,
     name_part,
@@ -517,9 +518,9 @@ def check_empty_output(out: str) -> None:
     if not fs.exists(path):
         if "file" in fs.protocol:  # a folder that cannot be made (under a file, read-only) is said before the reading
             existing = nearest_existing(path)
-            if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
-                why = "not a folder" if not os.path.isdir(existing) else "not writable"
-                raise DataError(f"--out {out}: cannot write there ({existing} is {why}): choose another folder")
+            problem = "is not a folder" if not os.path.isdir(existing) else cannot_write_in(existing)
+            if problem:
+                raise DataError(f"--out {out}: cannot write there ({existing} {problem}): choose another folder")
         return
     if not fs.isdir(path):
         raise DataError(f"--out {out} is a file: give a folder for the shards")

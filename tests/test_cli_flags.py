@@ -63,8 +63,10 @@ def test_sample_refuses_to_write_over_the_runs_own_files_or_one_output_over_the_
     weights = run / "checkpoints" / "step_00000020" / "weights.safetensors"
     weights.parent.mkdir(parents=True)
     weights.write_bytes(b"weights")
-    for flag, path in (("--npy", weights), ("--npy", run / "metrics.jsonl"), ("--out", run / "checkpoints" / "x.png")):
+    for flag, path in (("--npy", weights.parent / "x.npy"), ("--out", run / "checkpoints" / "x.png")):
         _refused(sample.main, ["--run", str(run), flag, str(path)], f"{flag} {path} would replace the run's own")
+    for path in (weights, run / "metrics.jsonl"):  # and these are no .npy either
+        _refused(sample.main, ["--run", str(run), "--npy", str(path)], f"--npy {path}")
     other = tmp_path / "elsewhere.npy"
     _refused(sample.main, ["--run", str(run), "--checkpoint", str(tmp_path), "--npy", str(other)], "run's own")
     both = str(tmp_path / "s.png")
@@ -278,3 +280,33 @@ def test_convert_names_an_out_it_cannot_write_before_reading_the_input(tmp_path)
     missing_csv = str(tmp_path / "digits.csv")  # never read: the --out error comes first
     _refused(convert.main, ["mnist", "--csv", missing_csv, "--out", str(tmp_path / "file" / "o")],
              f"--out {tmp_path / 'file' / 'o'}: cannot write there ({tmp_path / 'file'} is not a folder)")  # fmt: skip
+
+
+def test_output_paths_that_cannot_take_the_file_are_refused_before_any_work(tmp_path):
+    # /proc takes no new file: the sampling (or a classifier's training) ran first, then
+    # "No such file or directory: /proc/x.png.tmp-17294". Nothing below reads its --run or --data.
+    run, data = str(tmp_path / "no-run"), str(tmp_path / "no-data")
+    says = "cannot write there (/proc refuses new files"
+    _refused(sample.main, ["--run", run, "--out", "/proc/meg-x.png"], "--out /proc/meg-x.png: " + says)
+    _refused(sample.main, ["--run", run, "--npy", "/proc/meg-x.npy"], says)
+    _refused(classifier.main, ["--data", data, "--out", "/proc/meg-c.pt"], says)
+    _refused(fid.main, ["--data", data, "--out", "/proc/meg-f.npz"], says)
+    _refused(convert.main, ["toy", "--out", "/proc/meg-d"], "--out /proc/meg-d: " + says)
+    # A device or a pipe was replaced by a regular file (root may replace /dev/null).
+    os.mkfifo(tmp_path / "pipe.npy")
+    for path in ("/dev/null", str(tmp_path / "pipe.npy")):
+        _refused(sample.main, ["--run", run, "--npy", path], f"--npy {path} is not a regular file")
+    assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
+
+
+@pytest.mark.parametrize(
+    "main, argv, says",
+    [
+        # A data set's manifest or shard was overwritten by statistics, weights or samples.
+        (fid.main, ["--data", "{tmp}/d", "--out", "{tmp}/d/manifest.json"], "end the name in .npz"),
+        (classifier.main, ["--data", "{tmp}/d", "--out", "{tmp}/d/manifest.json"], "end the name in .pt, .pth"),
+        (sample.main, ["--run", "{tmp}/r", "--npy", "{tmp}/d/s-000000.tar"], ".tar is not a format it writes"),
+    ],
+)  # fmt: skip
+def test_an_output_file_must_end_in_its_format(tmp_path, main, argv, says):
+    _refused(main, [a.format(tmp=tmp_path) for a in argv], says)

@@ -122,7 +122,7 @@ def _train(args: argparse.Namespace) -> int:
     from data_pipeline.shards import read_manifest
     from data_pipeline.stream import read_split
 
-    check_output_file(args.out, "--out")
+    check_output_file(args.out, "--out", {".pt": "torch", ".pth": "torch"})
     manifests = [read_manifest(url) for url in args.data]
     for url, manifest in zip(args.data, manifests):  # each set's shape from its manifest, before any reading
         if tuple(manifest.sample_shape) != (1, 28, 28):

@@ -91,7 +91,8 @@ def save_statistics(path: str, features: np.ndarray) -> None:
 def load_statistics(path: str, features: bool = True) -> dict[str, np.ndarray]:
     """The reference statistics ``save_statistics`` wrote to ``path`` (mu, cov, and with ``features`` the
     features when kept); anything else is a DataError naming the file. Nothing in it is unpickled."""
-    make = f"make it with python -m trainer.fid --data <shards> --out {path}"
+    # A new path: this one may be a file of another kind, lost to the statistics if it were reused.
+    make = "make them with python -m trainer.fid --data <shards> --out <new path>.npz and point to that"
     try:
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):  # one .npy array
@@ -136,7 +137,7 @@ def _statistics(args: argparse.Namespace) -> int:
     from data_pipeline.shards import read_manifest
     from data_pipeline.stream import read_split
 
-    check_output_file(args.out, "--out")
+    check_output_file(args.out, "--out", {".npz": "npz"})
     try:
         device = torch.device(args.device)
     except RuntimeError:

@@ -65,7 +65,7 @@ def check_flags(args: argparse.Namespace) -> None:
     if args.out:
         check_output_file(args.out, "--out", FIGURE_FORMATS)
     if args.npy:
-        check_output_file(args.npy, "--npy")
+        check_output_file(args.npy, "--npy", {".npy": "npy"})
     check_outputs_spare_the_run(args)
 
 
