@@ -69,7 +69,7 @@ def test_sample_refuses_to_write_over_the_runs_own_files_or_one_output_over_the_
         _refused(sample.main, ["--run", str(run), "--npy", str(path)], f"--npy {path}")
     other = tmp_path / "elsewhere.npy"
     _refused(sample.main, ["--run", str(run), "--checkpoint", str(tmp_path), "--npy", str(other)], "run's own")
-    both = str(tmp_path / "s.png")
+    both = str(tmp_path / "samples")  # no suffix passes either check
     _refused(sample.main, ["--run", str(run), "--out", both, "--npy", both], "--out and --npy are the same file")
     assert weights.read_bytes() == b"weights"
 
