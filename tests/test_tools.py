@@ -91,7 +91,7 @@ def test_sigusr1_checkpoints_and_exits_75_then_the_rerun_resumes(tmp_path):
 
 def test_sample_tool_on_a_finished_run(tmp_path):
     run_trainer(tiny_overrides(tmp_path, steps=10))
-    npy = tmp_path / "samples.arr"  # written as named: np.save given a path would add .npy
+    npy = tmp_path / "samples"  # written as named: np.save given a path would add .npy
     (tmp_path / "notes.txt").write_text("mine")
     npy.symlink_to(tmp_path / "notes.txt")  # replaced, not written through (the notes were overwritten)
     result = _tool("trainer.sample", "--run", str(tmp_path / "run"), "--num", "300", "--mala-steps", "3",
