@@ -143,6 +143,17 @@ def url(text: str) -> str:
     return text
 
 
+def data_folder(text: str) -> str:
+    """An argparse type: meg-convert's --out, a url() without what data.url reads as shards: ``::`` (a list,
+    or fsspec's chained file systems: the manifest was written as a file named before it) or braces (a pattern)."""
+    if "::" in text or "{" in text or "}" in text:
+        raise argparse.ArgumentTypeError(
+            f"{shown(text)}: '::' and braces name shards in data.url (a list, a pattern), so the trainer could not "
+            "read a data set here: choose a folder without them"
+        )
+    return url(text)
+
+
 def name_part(text: str) -> str:
     """An argparse type: a data set's name or split, part of its shard file names ({name}-{split}-000000.tar):
     letters, digits and - _ . + only (a / or .. wrote the shards outside --out, over what was there)."""

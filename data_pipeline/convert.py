@@ -30,6 +30,7 @@ import numpy as np
 from data_pipeline.cli import (
     add_debug_flag,
     cannot_write_in,
+    data_folder,
     fraction,
     int_between,
     name_part,
@@ -348,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
-        p.add_argument("--out", type=url, required=True, help="output folder: a path or any fsspec URL")
+        p.add_argument("--out", type=data_folder, required=True, help="output folder: a path or any fsspec URL")
         p.add_argument("--num-shards", type=positive_int, default=DEFAULT_SHARDS, help="a multiple of ranks x workers")
         add_debug_flag(p)
         return p

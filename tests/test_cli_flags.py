@@ -112,6 +112,14 @@ def test_convert_refuses_counts_below_their_minimum(tmp_path, argv, says):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("folder", ["a::b/data", "a{1..2}b", "odd}"])
+def test_convert_refuses_an_out_the_trainer_would_read_as_shards(tmp_path, folder):
+    # a::b: the manifest was written as a file "a" (fsspec's chain); a{1..2}b: "shard a1b/data does not exist".
+    out = str(tmp_path / folder)
+    _refused(convert.main, ["toy", "--out", out], f"--out: '{out}': '::' and braces name shards in data.url")
+    assert os.listdir(tmp_path) == []
+
+
 def test_convert_refuses_a_folder_that_holds_an_earlier_data_set(tmp_path):
     out = str(tmp_path / "d")
     assert _run(convert.main, ["toy", "--num-samples", "64", "--num-shards", "8", "--out", out]) == (0, "")
