@@ -103,6 +103,18 @@ def test_a_preset_inherits_its_base_and_overrides_it_section_by_section(tmp_path
     assert cfg.model == base.model and cfg.data == base.data
 
 
+def test_a_base_beside_its_preset_is_found_from_any_working_folder(tmp_path, monkeypatch):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "common.yaml").write_text("base: kdd99\ntrain: {steps: 11}\n")
+    (tmp_path / "mine" / "run.yaml").write_text("base: common\nname: run\n")
+    monkeypatch.chdir(tmp_path)  # neither configs/ nor the working folder holds common.yaml
+    cfg = load_config("mine/run.yaml")
+    assert (cfg.name, cfg.train.steps, cfg.eval.kind) == ("run", 11, "kdd")
+    (tmp_path / "mine" / "lost.yaml").write_text("base: nowhere\n")
+    with pytest.raises(ConfigError, match=r"^mine/lost.yaml: base: no config file or preset 'nowhere'; presets: "):
+        load_config("mine/lost.yaml")
+
+
 def test_presets_that_inherit_in_a_circle_are_refused(tmp_path):
     (tmp_path / "a.yaml").write_text(f"base: {tmp_path / 'b.yaml'}\n")
     (tmp_path / "b.yaml").write_text(f"base: {tmp_path / 'a.yaml'}\n")

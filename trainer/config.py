@@ -557,10 +557,10 @@ def resolve_preset(name_or_path: str) -> str:
 def _read_preset(
     name_or_path: str, chain: tuple[str, ...] = (), origins: dict[str, str] | None = None
 ) -> dict[str, Any]:
-    """A preset's tree, with its ``base:`` presets (a name or a path) merged underneath it; ``origins``
-    (when given) gets each setting's dotted key -> the file that set it (a base's, unless overridden)."""
+    """A preset's tree, with its ``base:`` presets merged underneath it; ``origins`` (when given) gets each
+    setting's dotted key -> the file that set it (a base's, unless overridden)."""
     path = resolve_preset(name_or_path)
-    if path in chain:
+    if os.path.realpath(path) in map(os.path.realpath, chain):
         raise ConfigError(f"presets inherit in a circle: {' -> '.join([*chain, path])}")
     tree = read_yaml_file(path) or {}
     if not isinstance(tree, dict):
@@ -568,10 +568,23 @@ def _read_preset(
     base = tree.pop("base", None)
     if base is not None and not isinstance(base, str):
         raise ConfigError(f"{path}: base must name one preset (a name in configs/ or a path), got {shown(base)}")
-    merged = tree if base is None else _merge(_read_preset(base, (*chain, path), origins), tree)
+    merged = tree if base is None else _merge(_read_preset(_base_of(path, base), (*chain, path), origins), tree)
     if origins is not None:
         origins.update((key, path) for key in _leaf_keys(tree))
     return merged
+
+
+def _base_of(path: str, base: str) -> str:
+    """Where the preset at ``path`` inherits from: a file beside it (``base: mine`` finds mine.yaml in its
+    folder, wherever the run starts), else a path from the working folder or a preset in configs/."""
+    beside = os.path.join(os.path.dirname(path), base)
+    for candidate in (beside, beside + ".yaml"):
+        if os.path.isfile(candidate):
+            return candidate
+    try:
+        return resolve_preset(base)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: base: {e}; or a file beside it") from None
 
 
 def _leaf_keys(tree: dict[str, Any], prefix: str = "") -> Iterator[str]:
