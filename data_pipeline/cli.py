@@ -6,6 +6,7 @@ ours and keeps its traceback."""
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import pickle
 import sys
@@ -74,11 +75,23 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (or MEG_DEBUG=1)")
 
 
+# What to do about the OSErrors a user's paths cause, said after the error and its file.
+OS_ERROR_FIXES = {
+    errno.EISDIR: "a folder is where a file belongs: give a file's path, or move the folder away",
+    errno.ENOTDIR: "a file is where a folder belongs: choose another path",
+    errno.EACCES: "check its permissions, or choose another path",
+    errno.EROFS: "a read-only file system: choose another path",
+    errno.ENOSPC: "free some space and run again",
+}
+
+
 def describe(error: BaseException) -> str:
-    """One line: an OSError's cause and file, else the error's own message (a format's error, which
-    names no file, with its type)."""
+    """One line: an OSError's cause, its file and what to do, else the error's own message (a format's
+    error, which names no file, with its type)."""
     if isinstance(error, OSError) and error.strerror:
-        return f"{error.strerror}: {error.filename}"
+        # A rename's target is the user's file (config.yaml), its source a temporary one (config.yaml.tmp-18555).
+        fix = OS_ERROR_FIXES.get(error.errno)
+        return f"{error.strerror}: {error.filename2 or error.filename}" + (f" ({fix})" if fix else "")
     text = str(error).strip() or type(error).__name__
     return text if isinstance(error, UserError) else f"{type(error).__name__}: {text}"
 

@@ -41,6 +41,12 @@ def _run(error: BaseException) -> tuple[int, str]:
             "No such file or directory: /no/such",
         ),
         (OSError(errno.ENOSPC, "No space left on device", "/full/disk/f"), "No space left on device: /full/disk/f"),
+        # A folder where a file belongs; a rename names its target, not its temporary source ("config.yaml.tmp-18555").
+        (IsADirectoryError(errno.EISDIR, "Is a directory", "ref"), "Is a directory: ref (a folder is where a file"),
+        (
+            IsADirectoryError(errno.EISDIR, "Is a directory", "run/config.yaml.tmp-7", None, "run/config.yaml"),
+            "error: Is a directory: run/config.yaml (a folder is where a file belongs: give a file's path",
+        ),
         (pickle.UnpicklingError("Weights only load failed"), "error: UnpicklingError: Weights only load failed"),
     ],
 )
