@@ -144,6 +144,11 @@ def read_manifest(url: str, check_shards: bool = True) -> Manifest:
         ) from None
     except json.JSONDecodeError as e:
         raise DataError(f"manifest {murl} is not valid JSON: {e}") from None
+    except UnicodeDecodeError as e:  # binary bytes: a damaged file, or not a manifest at all
+        raise DataError(
+            f"manifest {murl} is not UTF-8 text (byte {e.start} is {e.object[e.start : e.start + 1]!r}): it is damaged "
+            "or not a manifest; convert the data set again"
+        ) from None
     base = posixpath.dirname(murl) if "://" in murl else os.path.dirname(murl)
     if not isinstance(raw, dict):
         raise DataError(f"manifest {murl} is malformed: it holds a JSON {type(raw).__name__}, not an object")

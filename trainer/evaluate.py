@@ -56,16 +56,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     # torch (seconds to import) only once there is work: --help and a wrong flag answer at once.
-    from trainer.run_folder import load_networks, ready_to_draw, resolve_checkpoint
+    from trainer.run_folder import load_networks, ready_to_draw
 
     check_overrides(args.overrides)
     if args.seed is not None:  # eval.seed's range, as meg-sample checks it (a huge one was a traceback)
         check_field("--seed", args.seed, next(f for f in dataclasses.fields(EvalSettings) if f.name == "seed"))
-    checkpoint = resolve_checkpoint(args.run, args.checkpoint)
+    # The checkpoint is resolved once (by load_networks): resolving it again checks it, and warns, twice.
+    _, nets, checkpoint, info = load_networks(args.run, args.checkpoint)
     # The checkpoint's own configuration is the preset; overrides adjust the evaluation.
     cfg = load_config(os.path.join(checkpoint, "config.yaml"), [f"output_dir={args.run}", *args.overrides])
     check_commands(cfg, allow_pipe=args.allow_pipe, trust_inception=args.trust_inception)
-    _, nets, _, info = load_networks(args.run, checkpoint)
     # Whether the kind can score these samples at all comes first: else it asked for a classifier
     # (or FID statistics) to be made, and only then said that they cannot score 2-D points.
     check_samples(cfg, info["sample_shape"])

@@ -17,6 +17,7 @@ import torch
 from data_pipeline import storage
 from data_pipeline.cli import nearest_existing, short_message
 from data_pipeline.dataset import Dataset, open_dataset, write_toy_data
+from data_pipeline.shards import MANIFEST_NAME, manifest_url
 from data_pipeline.storage import StopRequested
 from models.factory import build_networks
 from trainer.checkpoint import (
@@ -90,6 +91,7 @@ def run(
     # Every storage call from here on is bounded by data.io_timeout and ends on a stop request.
     storage.configure(timeout=cfg.data.io_timeout, stop=stop)
     check_output_dir(cfg.output_dir)
+    check_output_dir_spares_data(cfg.output_dir, cfg.data.url)
     check_run_folder(cfg.output_dir)  # links where the run writes: refused before any work
     runtime = build_runtime(cfg)
     meet = True
@@ -141,6 +143,22 @@ def check_output_dir(folder: str) -> None:
         raise ConfigError(
             f"output_dir={folder} holds checkpoints (step_XXXXXXXX): it is a run's checkpoints/ folder; to resume "
             f"that run, train with output_dir={os.path.dirname(os.path.abspath(folder.rstrip('/')))}"
+        )
+
+
+def check_output_dir_spares_data(folder: str, data_url: str) -> None:
+    """Raises ConfigError when ``folder`` (output_dir) is a data set's folder (it holds manifest.json) or
+    data.url's folder: the run's checkpoints and metrics would land among the data's shards (and a toy
+    preset would write its shards among the run's files)."""
+    if os.path.isfile(os.path.join(folder, MANIFEST_NAME)):
+        raise ConfigError(
+            f"output_dir={folder} holds a data set ({MANIFEST_NAME}): the run's files would mix with its shards; "
+            "choose another output_dir"
+        )
+    if "://" not in data_url and os.path.realpath(os.path.dirname(manifest_url(data_url))) == os.path.realpath(folder):
+        raise ConfigError(
+            f"output_dir={folder} is data.url's folder ({data_url}): the run's files would mix with the data's "
+            "shards; choose another output_dir"
         )
 
 

@@ -4,7 +4,8 @@
 Files are opened with ``O_NOFOLLOW`` (a link is refused, not followed) and, where a file is written
 whole, written to a fresh name and renamed over the old entry (a rename replaces a link or a hard
 link itself, never its target). Folders are created with ``mkdir`` and checked with ``lstat``.
-``check_run_folder`` refuses, before any work, a run folder whose managed entries are links.
+``check_run_folder`` refuses, before any work, a run folder whose managed entries are links, or files
+where the trainer keeps folders (or the reverse).
 """
 
 from __future__ import annotations
@@ -20,11 +21,16 @@ from data_pipeline.cli import UserError
 
 # What the trainer writes at the top of a run folder (trainer/job.py, trainer/run_folder.py).
 MANAGED = (".lock", "config.yaml", "metrics.jsonl", "checkpoints", "eval")
+MANAGED_FOLDERS = ("checkpoints", "eval")
 _CREATE = os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class LinkedRunFolder(UserError, ValueError):
     """A run folder's managed files or folders are links: the trainer would write through them."""
+
+
+class WrongKindOfEntry(UserError, ValueError):
+    """A run folder's managed entry is a file where the trainer keeps a folder, or the reverse."""
 
 
 def _is_link(path: str) -> bool:
@@ -52,7 +58,9 @@ def linked_entries(folder: str) -> list[str]:
 
 
 def check_run_folder(folder: str) -> None:
-    """Raises LinkedRunFolder naming every managed entry of ``folder`` that is a link."""
+    """Raises LinkedRunFolder naming every managed entry of ``folder`` that is a link, and
+    WrongKindOfEntry naming one that is a file where the trainer keeps a folder, or the reverse:
+    found only when the trainer first writes there, after hours of training for eval/."""
     links = linked_entries(folder)
     if links:
         shown = ", ".join(f"{name} -> {os.readlink(os.path.join(folder, name))}" for name in links)
@@ -60,6 +68,14 @@ def check_run_folder(folder: str) -> None:
             f"{folder}: refusing a run folder whose files are links (the trainer would write through them): "
             f"{shown}. Remove the links, or train into another output_dir."
         )
+    for name in MANAGED:
+        path = os.path.join(folder, name)
+        if os.path.exists(path) and os.path.isdir(path) != (name in MANAGED_FOLDERS):
+            found, wanted = ("a folder", "file") if os.path.isdir(path) else ("not a folder", "folder")
+            raise WrongKindOfEntry(
+                f"{path} is {found}, where the trainer keeps its {name} {wanted}: move it out of the run folder "
+                "(it is not the trainer's), or train into another output_dir."
+            )
 
 
 def make_dir(path: str) -> str:

@@ -134,14 +134,16 @@ def loss_curves(path: str, metrics_path: str, title: str = "") -> None:
     """A run's curves from its metrics.jsonl: losses, energy gap, penalty (log), MI estimate, sample
     spread, and the evaluations' shares (0-1) against the step."""
     rows = []
-    with open(metrics_path) as f:
+    with open(metrics_path, "rb") as f:  # bytes: a line that is not UTF-8 spoils that line alone
         for line in f:
             line = line.strip()
             if line:
                 try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:  # a line being written by another process
+                    row = json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError):  # a line being written, or a damaged one
                     continue
+                if isinstance(row, dict) and _finite(row.get("step")):  # a damaged line may still parse: 42
+                    rows.append(row)
     fig, axes = plt.subplots(2, 3, figsize=(14, 7.5), dpi=100)
     for ax, (name, keys, log) in zip(axes.flat, CURVES):
         for key in keys:

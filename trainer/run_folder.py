@@ -156,7 +156,8 @@ def _dead_holder(holder: str) -> bool:
 
 def resolve_checkpoint(run_dir: str, checkpoint: str | None = None) -> str:
     """``checkpoint`` if given (one of the run's, intact; a bare name counts: step_00001000), else
-    the run's newest intact checkpoint (a damaged newer one is named on stderr). One folder given for
+    the run's newest intact checkpoint (a damaged newer one is named on stderr). Either way, one without
+    files.json that otherwise loads is used with a warning that it is unverified. One folder given for
     the other (a checkpoint as the run, the run as a checkpoint) is refused saying which is which."""
     if is_checkpoint_folder(run_dir):
         raise CheckpointError(
@@ -173,7 +174,7 @@ def resolve_checkpoint(run_dir: str, checkpoint: str | None = None) -> str:
                 f"or name one of its checkpoints, e.g. --checkpoint {example}"
             )
         problem = damage(checkpoint) if os.path.isdir(checkpoint) else "no such folder"
-        if problem:
+        if problem not in (None, MISSING_FILE_LIST):
             raise CheckpointError(f"checkpoint {checkpoint} cannot be read: {problem}")
         # Another run's checkpoint: its samples and results would land in this run's folder, under its name.
         inside = os.path.realpath(os.path.join(run_dir, "checkpoints"))
@@ -182,6 +183,8 @@ def resolve_checkpoint(run_dir: str, checkpoint: str | None = None) -> str:
                 f"checkpoint {checkpoint} is not one of {run_dir}'s (in {os.path.join(run_dir, 'checkpoints')}): "
                 f"use --run {run_folder_of(checkpoint)}, where its results belong"
             )
+        if problem == MISSING_FILE_LIST:
+            _warn_unverified(checkpoint)
         return checkpoint
     if not os.path.isdir(run_dir):
         raise CheckpointError(f"{run_dir} is not a run folder (no such folder)")
@@ -198,11 +201,17 @@ def resolve_checkpoint(run_dir: str, checkpoint: str | None = None) -> str:
         if problem is None:
             return path
         if problem == MISSING_FILE_LIST:
-            print(f"warning: checkpoint {path} has no files.json: using it unverified", file=sys.stderr)
+            _warn_unverified(path)
             return path
         if i > 0:
             print(f"warning: checkpoint {path} is damaged ({problem}); using the one before it", file=sys.stderr)
     raise CheckpointError(f"every checkpoint of {run_dir} is damaged; the newest: {damage(found[-1])}")
+
+
+def _warn_unverified(checkpoint: str) -> None:
+    """A checkpoint without files.json that otherwise loads is used, as a resume uses it
+    (trainer/checkpoint.py), with this warning: given or found, the same checkpoint is read alike."""
+    print(f"warning: checkpoint {checkpoint} has no files.json: using it unverified", file=sys.stderr)
 
 
 def load_networks(run_dir: str, checkpoint: str | None = None) -> tuple[RunConfig, MEGNetworks, str, dict]:

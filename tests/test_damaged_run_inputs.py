@@ -1,0 +1,129 @@
+"""Damaged inputs (binary manifest or metrics, odd run-folder entries, data as output_dir) are named up front."""
+
+import json
+import re
+import threading
+
+import numpy as np
+import pytest
+
+from data_pipeline.cli import UserError
+from data_pipeline.shards import DataError, read_manifest, write_array_shards
+from tests.conftest import run_trainer, tiny_overrides
+from trainer.config import ConfigError, load_config
+
+BINARY = b"\xff\xfe\x80 not text \x00\x9c"
+
+
+def _listing(folder) -> dict[str, bytes | None]:
+    """Each entry's bytes (None for a folder)."""
+    return {p.name: None if p.is_dir() else p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_manifest_that_is_not_utf8_is_a_data_error_naming_it(tmp_path):
+    # It was a UnicodeDecodeError traceback from the trainer and the classifier.
+    (tmp_path / "manifest.json").write_bytes(BINARY)
+    with pytest.raises(
+        DataError, match=re.escape(f"manifest {tmp_path / 'manifest.json'} is not UTF-8 text")
+    ) as refused:
+        read_manifest(str(tmp_path))
+    assert "convert the data set again" in str(refused.value)
+
+
+def test_lines_of_metrics_jsonl_that_are_not_utf8_are_left_out_of_the_curves(tmp_path):
+    # It was a UnicodeDecodeError at the run's first evaluation, after the steps and the save.
+    from trainer.plots import loss_curves
+
+    metrics = tmp_path / "metrics.jsonl"
+    good = [json.dumps({"step": step, "energy_loss": 1.0 / step}).encode() for step in (1, 2)]
+    metrics.write_bytes(
+        b"\n".join(
+            [good[0], BINARY, b'{"step": 3, "energy_loss": "\xe9"}', b"{half", b"42", b'{"energy_loss": 1}', good[1]]
+        )
+        + b"\n"
+    )
+    loss_curves(str(tmp_path / "curves.png"), str(metrics))
+    assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_evaluate_uses_a_newest_checkpoint_without_files_json_with_one_warning(tmp_path, capsys):
+    # It warned "using it unverified", then refused the same checkpoint: "files.json is missing".
+    from trainer.evaluate import main
+
+    run_trainer([*tiny_overrides(tmp_path, steps=4), "checkpoint.every=2"])
+    newest = tmp_path / "run" / "checkpoints" / "step_00000004"
+    (newest / "files.json").unlink()
+    assert main(["--run", str(tmp_path / "run"), "eval.num_samples=200", "eval.mala.steps=0"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: checkpoint {newest} has no files.json: using it unverified"]
+    assert (tmp_path / "run" / "eval" / "eval_step_00000004.json").is_file()
+
+
+@pytest.mark.parametrize("tool", ["trainer.sample", "trainer.evaluate"])
+def test_a_given_checkpoint_without_files_json_is_used_with_a_warning(tmp_path, capsys, tool):
+    # It was refused ("files.json is missing"), where the newest checkpoint and a resume use it.
+    import importlib
+
+    run_trainer([*tiny_overrides(tmp_path, steps=4), "checkpoint.every=2"])
+    given = tmp_path / "run" / "checkpoints" / "step_00000002"
+    (given / "files.json").unlink()
+    small = (
+        ["--num", "100", "--mala-steps", "0"]
+        if tool == "trainer.sample"
+        else ["eval.num_samples=200", "eval.mala.steps=0"]
+    )
+    main = importlib.import_module(tool).main
+    assert main(["--run", str(tmp_path / "run"), "--checkpoint", str(given), *small]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: checkpoint {given} has no files.json: using it unverified"]
+
+
+@pytest.mark.parametrize(
+    "name, says",
+    [
+        ("checkpoints", "is not a folder, where the trainer keeps its checkpoints folder"),
+        ("eval", "is not a folder, where the trainer keeps its eval folder"),
+        ("metrics.jsonl", "is a folder, where the trainer keeps its metrics.jsonl file"),
+        ("config.yaml", "is a folder, where the trainer keeps its config.yaml file"),
+        (".lock", "is a folder, where the trainer keeps its .lock file"),
+    ],
+)
+def test_a_run_folder_entry_of_the_wrong_kind_is_refused_before_any_work(tmp_path, name, says):
+    # A file as eval/ was refused at the first evaluation (after the steps and a save), a file as
+    # checkpoints/ at the first save (after "from scratch" and a new config.yaml).
+    from trainer.job import run
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    if name in ("checkpoints", "eval"):
+        (folder / name).write_text("a file of the user's")
+    else:
+        (folder / name).mkdir()
+    before = _listing(folder)
+    with pytest.raises(UserError, match=re.escape(f"{folder / name} {says}: move it out of the run folder")) as refused:
+        run(load_config("toy_25gaussians", tiny_overrides(tmp_path)), threading.Event())
+    assert str(refused.value).endswith("or train into another output_dir.")
+    assert _listing(folder) == before and not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("data_there", [True, False])
+def test_an_output_dir_that_is_the_data_folder_is_refused_before_any_work(tmp_path, data_there):
+    # The run's config.yaml, checkpoints and metrics were written among the data set's shards.
+    from trainer.job import run
+
+    data = tmp_path / "data"
+    if data_there:
+        points = np.zeros((64, 2), np.float32)
+        write_array_shards(str(data), "points", "train", points, np.zeros(64, np.int64), 2)
+        says = f"output_dir={data} holds a data set (manifest.json)"
+    else:
+        says = f"output_dir={data} is data.url's folder ({data})"
+    before = _listing(data) if data_there else {}
+    overrides = [*tiny_overrides(tmp_path), f"output_dir={data}"]
+    with pytest.raises(ConfigError, match=re.escape(f"{says}: the run's files would mix")) as refused:
+        run(load_config("toy_25gaussians", overrides), threading.Event())
+    assert str(refused.value).endswith("choose another output_dir")
+    if data_there:
+        assert _listing(data) == before
+    else:
+        assert not data.exists()
