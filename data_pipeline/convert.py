@@ -23,6 +23,7 @@ import argparse
 import logging
 import os
 import sys
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -506,8 +507,11 @@ def main(argv: list[str] | None = None) -> int:
 def manifest_exists(out: str) -> bool:
     import fsspec
 
-    fs, path = fsspec.core.url_to_fs(manifest_url(out))
-    return fs.exists(path)
+    from data_pipeline.storage import bounded  # a store that cannot be reached is named, not a traceback
+
+    murl = manifest_url(out)
+    fs, path = bounded(partial(fsspec.core.url_to_fs, murl), murl, "connection")
+    return bounded(partial(fs.exists, path), murl, "lookup")
 
 
 def check_empty_output(out: str) -> None:
@@ -515,8 +519,10 @@ def check_empty_output(out: str) -> None:
     the two (fewer new shards keep the old rest)."""
     import fsspec
 
-    fs, path = fsspec.core.url_to_fs(out)
-    if not fs.exists(path):
+    from data_pipeline.storage import bounded  # a store that cannot be reached is named, not a traceback
+
+    fs, path = bounded(partial(fsspec.core.url_to_fs, out), out, "connection")
+    if not bounded(partial(fs.exists, path), out, "lookup"):
         if "file" in fs.protocol:  # a folder that cannot be made (under a file, read-only) is said before the reading
             existing = nearest_existing(path)
             problem = "is not a folder" if not os.path.isdir(existing) else cannot_write_in(existing)

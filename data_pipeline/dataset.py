@@ -74,8 +74,10 @@ def write_toy_data(cfg: DataConfig, seed: int) -> None:
     One process writes (the trainer's rank 0); the others wait for it."""
     if not cfg.toy or looks_like_shards(cfg.url):
         return
-    fs, manifest = fsspec.core.url_to_fs(manifest_url(cfg.url))
-    if bounded(partial(fs.exists, manifest), manifest, "lookup"):
+    murl = manifest_url(cfg.url)
+    # Bounded too: a store's file system connects when made (ftp://, sftp://), and a failure names the URL.
+    fs, manifest = bounded(partial(fsspec.core.url_to_fs, murl), murl, "connection")
+    if bounded(partial(fs.exists, manifest), murl, "lookup"):
         return
     folder = posixpath.dirname(manifest)
     if bounded(partial(fs.isfile, folder), folder, "lookup"):

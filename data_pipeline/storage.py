@@ -7,6 +7,7 @@ never blocks its caller, and a stop request ends the wait at once."""
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -154,10 +155,26 @@ def _transient(error: BaseException) -> bool:
     return isinstance(error, aiohttp.ClientConnectionError | aiohttp.ServerTimeoutError)
 
 
+def unreachable(error: BaseException, url: str) -> DataError | None:
+    """A DataError for a store that cannot be found or will not let this process in (a host name that does
+    not resolve, no credentials), naming ``url`` and the fix; None for any other error."""
+    if isinstance(error, socket.gaierror):
+        return DataError(f"cannot reach {url}: its host name does not resolve ({error.strerror}): check the address")
+    if type(error).__name__.endswith("CredentialsError"):  # botocore's, google.auth's: by name, neither is needed
+        return DataError(
+            f"no credentials to reach {url} ({type(error).__name__}: {error}): set the store's (AWS_PROFILE or "
+            "AWS_ACCESS_KEY_ID for s3://, GOOGLE_APPLICATION_CREDENTIALS for gs://), or use a URL open to all"
+        )
+    return None
+
+
 def _raise_final(error: BaseException, url: str, what: str) -> NoReturn:
     """Raises a failure that is not tried again: an HTTP "not found" as FileNotFoundError (what callers
-    report as a missing file, as for the other stores), any other HTTP error status as a DataError
-    naming the URL and the status, anything else unchanged."""
+    report as a missing file, as for the other stores), any other HTTP error status, an unknown host or
+    missing credentials as a DataError naming the URL and the fix, anything else unchanged."""
+    found = unreachable(error, url)
+    if found is not None:
+        raise found from error
     status = http_status(error)
     if status is None or (status in MISSING_HTTP_STATUSES and isinstance(error, FileNotFoundError)):
         raise error

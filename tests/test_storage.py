@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import http.server
 import os
+import re
 import tempfile
 import threading
 import time
@@ -374,3 +375,42 @@ def test_the_wait_bounds_are_positive_in_the_configuration(override):
 
     with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
         load_config("toy_25gaussians", [override])
+
+
+class NoCredentialsError(Exception):
+    """Named as botocore's is (the check goes by the name, so that neither botocore nor google.auth is needed)."""
+
+
+@pytest.mark.parametrize(
+    "error, says",
+    [
+        (OSError(-2, "Name or service not known"), "cannot reach ftp://x/y: its host name does not resolve"),
+        (NoCredentialsError("Unable to locate credentials"), "no credentials to reach ftp://x/y (NoCredentialsError"),
+    ],
+)
+def test_an_unknown_host_or_missing_credentials_is_named_with_the_fix_not_retried(policy, error, says):
+    import socket
+
+    if isinstance(error, OSError):
+        error = socket.gaierror(*error.args)  # what getaddrinfo raises: a raw traceback before
+    calls = []
+
+    def fail():
+        calls.append(1)
+        raise error
+
+    with pytest.raises(DataError, match=re.escape(says)):
+        bounded(fail, "ftp://x/y")
+    assert len(calls) == 1
+
+
+def test_an_s3_data_set_without_credentials_is_a_data_error_naming_the_url(monkeypatch, tmp_path):
+    pytest.importorskip("s3fs", reason="s3fs (an optional storage backend) is not installed")
+    for name in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance metadata to wait for
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.aws
+    from data_pipeline.shards import read_manifest
+
+    with pytest.raises(DataError, match=re.escape("no credentials to reach s3://meg-no-bucket/d/manifest.json")):
+        read_manifest("s3://meg-no-bucket/d")
