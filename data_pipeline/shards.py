@@ -207,6 +207,10 @@ def _field_problems(manifest: Manifest, stated_total: object) -> Iterator[str]:
     """What is wrong with each field of a manifest that the reader relies on (a hand-edited or
     foreign manifest), so that it fails here naming the key, not later with a traceback."""
     count = "a non-negative integer"
+    version = manifest.format_version
+    if not (_is_count(version) and 1 <= version <= FORMAT_VERSION):  # a newer layout read as this one
+        yield _wrong("format_version", version, f"1 to {FORMAT_VERSION}, the formats this version reads (a newer "
+                     "one is a newer meg-ebm's: upgrade it)")  # fmt: skip
     for i, shard in enumerate(manifest.shards):
         if not isinstance(shard.url, str) or not shard.url:
             yield _wrong(f"shards[{i}].url", shard.url, "the shard's path or URL, a string")

@@ -37,6 +37,8 @@ def top(key, value):
         (shard("num_bytes", "10240"), "shards[1].num_bytes is '10240', it should be a non-negative integer"),
         (shard("url", 5), "shards[1].url is 5, it should be the shard's path or URL"),
         (top("num_samples", "8"), "num_samples is '8'"),
+        (top("format_version", 99), "format_version is 99, it should be 1 to 2, the formats this version reads"),
+        (top("format_version", "2"), "format_version is '2'"),
         (top("sample_shape", "ab"), "sample_shape is 'ab', it should be a list of positive integers"),
         (top("sample_shape", [2, -1]), "sample_shape is [2, -1]"),
         (top("dtype", "complex999"), "dtype is 'complex999', it should be a numpy dtype's name"),
