@@ -173,7 +173,7 @@ def resolve_checkpoint(run_dir: str, checkpoint: str | None = None) -> str:
                 f"--checkpoint {checkpoint} is a run folder: give it as --run (its newest checkpoint is used), "
                 f"or name one of its checkpoints, e.g. --checkpoint {example}"
             )
-        problem = damage(checkpoint) if os.path.isdir(checkpoint) else "no such folder"
+        problem = damage(checkpoint) if os.path.isdir(checkpoint) else _not_a_folder(checkpoint)
         if problem not in (None, MISSING_FILE_LIST):
             raise CheckpointError(f"checkpoint {checkpoint} cannot be read: {problem}")
         # Another run's checkpoint: its samples and results would land in this run's folder, under its name.
@@ -187,7 +187,9 @@ def resolve_checkpoint(run_dir: str, checkpoint: str | None = None) -> str:
             _warn_unverified(checkpoint)
         return checkpoint
     if not os.path.isdir(run_dir):
-        raise CheckpointError(f"{run_dir} is not a run folder (no such folder)")
+        raise CheckpointError(
+            f"{run_dir} is not a run folder ({_not_a_folder(run_dir)}): --run takes a training run's output_dir"
+        )
     found = list_checkpoints(os.path.join(run_dir, "checkpoints"))
     if not found:
         if not os.path.isfile(os.path.join(run_dir, "config.yaml")):
@@ -206,6 +208,10 @@ def resolve_checkpoint(run_dir: str, checkpoint: str | None = None) -> str:
         if i > 0:
             print(f"warning: checkpoint {path} is damaged ({problem}); using the one before it", file=sys.stderr)
     raise CheckpointError(f"every checkpoint of {run_dir} is damaged; the newest: {damage(found[-1])}")
+
+
+def _not_a_folder(path: str) -> str:
+    return "a file, not a folder" if os.path.exists(path) else "no such folder"
 
 
 def _warn_unverified(checkpoint: str) -> None:
