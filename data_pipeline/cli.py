@@ -161,7 +161,7 @@ def data_folder(text: str) -> str:
     or fsspec's chained file systems: the manifest was written as a file named before it) or braces (a pattern)."""
     if "::" in text or "{" in text or "}" in text:
         raise argparse.ArgumentTypeError(
-            f"{shown(text)}: '::' and braces name shards in data.url (a list, a pattern), so the trainer could not "
+            f"{text}: '::' and braces name shards in data.url (a list, a pattern), so the trainer could not "
             "read a data set here: choose a folder without them"
         )
     return url(text)

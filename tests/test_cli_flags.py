@@ -116,7 +116,7 @@ def test_convert_refuses_counts_below_their_minimum(tmp_path, argv, says):
 def test_convert_refuses_an_out_the_trainer_would_read_as_shards(tmp_path, folder):
     # a::b: the manifest was written as a file "a" (fsspec's chain); a{1..2}b: "shard a1b/data does not exist".
     out = str(tmp_path / folder)
-    _refused(convert.main, ["toy", "--out", out], f"--out: '{out}': '::' and braces name shards in data.url")
+    _refused(convert.main, ["toy", "--out", out], f"--out: {out}: '::' and braces name shards in data.url")
     assert os.listdir(tmp_path) == []
 
 
