@@ -193,6 +193,7 @@ def test_a_run_folder_and_a_checkpoint_given_for_each_other_are_told_apart(tmp_p
         (data, None, f"{data} is not a run folder (it has no config.yaml or checkpoints/)"),
         (data / "manifest.json", None, f"{data / 'manifest.json'} is not a run folder (a file, not a folder): --run"),
         (run, data / "manifest.json", f"checkpoint {data / 'manifest.json'} cannot be read: a file, not a folder"),
+        (run, "", "--checkpoint is empty: name one (step_XXXXXXXX or its path), or leave it out for the newest"),
     ):
         with pytest.raises(CheckpointError, match=re.escape(says)):
             resolve_checkpoint(str(run_dir), None if checkpoint is None else str(checkpoint))

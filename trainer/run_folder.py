@@ -164,6 +164,10 @@ def resolve_checkpoint(run_dir: str, checkpoint: str | None = None) -> str:
             f"{run_dir} is a checkpoint, not a run folder: use --run {run_folder_of(run_dir)} --checkpoint {run_dir}"
         )
     if checkpoint is not None:
+        if not checkpoint.strip():  # it was the run's checkpoints/ folder: "files.json is missing"
+            raise CheckpointError(
+                "--checkpoint is empty: name one (step_XXXXXXXX or its path), or leave it out for the newest"
+            )
         in_run = os.path.join(run_dir, "checkpoints", checkpoint)
         if os.sep not in checkpoint and not os.path.isdir(checkpoint) and os.path.isdir(in_run):
             checkpoint = in_run
