@@ -311,6 +311,14 @@ def check_manifest_against_shards(manifest: Manifest, murl: str = "") -> list[st
     missing = [u for u in sizes if sizes[u] is None]
     if missing:
         raise DataError(f"manifest {murl} lists {len(missing)} missing shard(s), first: {missing[0]}")
+    # A folder in a shard's place: warned of as a wrong size ("training skips it"), then its read ended the run.
+    local = [u.removeprefix("file://") for u in sizes if "://" not in u or u.startswith("file://")]
+    folders = [u for u in local if os.path.isdir(u)]
+    if folders:
+        raise DataError(
+            f"manifest {murl} lists {len(folders)} folder(s) where shard files belong, first: {folders[0]}: move "
+            "them away, or convert the data set again"
+        )
     recorded = zip(urls, manifest.shards, strict=True)
     known = [(u, s.num_bytes) for u, s in recorded if s.num_bytes > 0 and sizes.get(u) is not None]
     wrong = [u for u, nb in known if sizes[u] != nb]

@@ -62,6 +62,20 @@ def test_a_field_the_reader_cannot_use_is_named(manifest_file, spoil, message):
     assert message in str(error.value)
 
 
+def test_a_folder_in_a_shards_place_is_named_before_any_reading(manifest_file):
+    # It was warned of as a shard of the wrong size that training skips, then its read ended the run.
+    listed = json.loads(manifest_file.read_text())["shards"][1]["url"]
+    shard_path = manifest_file.parent / listed
+    shard_path.unlink()
+    shard_path.mkdir()
+    with pytest.raises(DataError) as error:
+        read_manifest(str(manifest_file.parent))
+    assert str(error.value) == (
+        f"manifest {manifest_file} lists 1 folder(s) where shard files belong, first: {shard_path}: move them "
+        "away, or convert the data set again"
+    )
+
+
 def test_a_manifest_that_is_not_a_json_object_is_named(manifest_file):
     manifest_file.write_text("[]")
     with pytest.raises(DataError, match="is malformed: it holds a JSON list, not an object"):
