@@ -19,6 +19,7 @@ from data_pipeline.cli import DataError
 from data_pipeline.config import DataConfig
 from data_pipeline.convert import convert_toy
 from data_pipeline.decode import DecodeSpec
+from data_pipeline.shard_io import check_first_sample
 from data_pipeline.shards import Manifest, manifest_url
 from data_pipeline.storage import bounded
 from data_pipeline.stream import ShardStream, looks_like_shards, open_data
@@ -105,4 +106,5 @@ def open_dataset(cfg: DataConfig) -> Dataset:
         manifest = open_data(cfg.url, DecodeSpec.of(cfg), cfg.sample_bytes_bound())
     except DataError as e:
         raise DataError(f"{e}\nthis preset's data is written by: {cfg.prepare}" if cfg.prepare else str(e)) from None
+    check_first_sample(manifest)
     return Dataset(cfg, manifest)

@@ -7,10 +7,13 @@ the tools read shards here.
 from __future__ import annotations
 
 import importlib
+import io
 import os
+import tarfile
 from functools import partial
 
 import fsspec
+import numpy as np
 
 from data_pipeline.config import COMMAND_SCHEMES, DEFAULT_MAX_SAMPLE_BYTES
 from data_pipeline.decode import DecodeSpec, gunzip_shard, parse_webdataset_shard
@@ -77,6 +80,45 @@ def _gopen_read(url: str) -> bytes:
             if not made_progress():
                 return b""  # given up (timed out, or a stop): nobody waits for it, and leaving closes the handle
     return b"".join(blocks)
+
+
+HEAD_BYTES = 4096  # a tar member's header (512) and an .npy header (at most a few hundred bytes)
+
+
+def check_first_sample(manifest: Manifest) -> None:
+    """Raises DataError when the first shard's first sample is not of the manifest's shape and dtype:
+    read from the shard's first few KB, before any work (found at the first batch, a run had written its
+    step-0 checkpoint for the wrong shape). This project's layout only, uncompressed and not from a
+    command; whatever cannot be read so is left to the full check when the shard is read."""
+    if manifest.layout != "meg" or not manifest.shards:
+        return
+    url = manifest.shard_urls()[0]
+    if is_command_url(url):
+        return
+    try:
+        head = bounded(partial(_read_head, url), url, "shard header read")
+        with tarfile.open(fileobj=io.BytesIO(head), mode="r|") as tar:
+            member = next((m for m in tar if m.name.endswith(".x.npy")), None)  # after its .cls
+            if member is None:
+                return
+            npy = tar.extractfile(member)
+            version = np.lib.format.read_magic(npy)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
+            shape, _, dtype = read_header(npy)
+    except (OSError, tarfile.TarError, ValueError, EOFError):
+        return
+    if list(shape) != list(manifest.sample_shape) or str(dtype) != manifest.dtype:
+        raise DataError(
+            f"shard {url} holds samples of shape {list(shape)} {dtype}, its manifest says {manifest.sample_shape} "
+            f"{manifest.dtype}: the manifest is not these shards'; convert the data set again"
+        )
+
+
+def _read_head(url: str) -> bytes:
+    with fsspec.open(url, "rb") as f:
+        return f.read(HEAD_BYTES)
 
 
 def read_shard_bytes(url: str) -> bytes:

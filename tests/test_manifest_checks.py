@@ -4,6 +4,7 @@ and checks its shards on a store that refuses listing (data_pipeline/shards.py).
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -155,3 +156,20 @@ def test_a_file_or_nothing_as_data_url_is_named_as_such(tmp_path):
         read_manifest(str(tmp_path / "afile"))
     with pytest.raises(ValueError, match="data.url is empty"):
         DataConfig(url=" ")
+
+
+@pytest.mark.parametrize("key, value, held", [("sample_shape", [3], "[2] float32"), ("dtype", "uint8", "[2] float32")])
+def test_a_manifest_whose_sample_shape_is_not_its_shards_is_named_when_the_data_set_opens(
+    manifest_file, key, value, held
+):
+    # Found at the first batch, after a run had written its step-0 checkpoint for the wrong shape.
+    from data_pipeline.config import DataConfig
+    from data_pipeline.dataset import open_dataset
+
+    data = DataConfig(url=str(manifest_file.parent))
+    assert open_dataset(data).manifest.sample_shape == [2]
+    manifest = json.loads(manifest_file.read_text())
+    manifest[key] = value
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=re.escape(f"-000000.tar holds samples of shape {held}, its manifest says")):
+        open_dataset(data)
