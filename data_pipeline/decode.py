@@ -17,6 +17,7 @@ import json
 import tarfile
 import warnings
 import zlib
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -182,7 +183,7 @@ def parse_webdataset_shard(
     from webdataset.autodecode import npy_loads
     from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-    keys, xs, labels, seen, left_out = [], [], [], set(), {}
+    keys, xs, labels, seen, left_out = [], [], [], set(), Counter()
     try:
         files = tar_file_iterator(io.BytesIO(bytes(gunzip_shard(data, max_sample_bytes))))
         for sample in group_by_keys({**f, "__url__": ""} for f in files):
@@ -191,7 +192,7 @@ def parse_webdataset_shard(
             field = next((k for k in [*spec.keys, "npy"] if k in fields), None)
             if field is None:
                 held = " ".join(f".{k}" for k in sorted(fields)) or "no members"
-                left_out[held] = left_out.get(held, 0) + 1
+                left_out[held] += 1
                 continue
             if len(fields[field]) > max_sample_bytes:
                 raise too_large(f"sample {sample['__key__']!r}'s .{field}", len(fields[field]), max_sample_bytes)

@@ -13,6 +13,7 @@ import re
 import struct
 import tarfile
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -72,7 +73,7 @@ class ShardArrays:
     labels: np.ndarray  # int64
     # Samples without the member the decode settings read (WebDataset shards of other tools), by the
     # members they hold (".cls .gif" -> count): left out, and said where shards are indexed.
-    left_out: dict[str, int] = field(default_factory=dict)
+    left_out: Counter[str] = field(default_factory=Counter)
 
     def __len__(self) -> int:
         return len(self.keys)

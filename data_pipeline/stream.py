@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import Counter
 from collections.abc import Callable, Iterator
 
 import braceexpand
@@ -122,7 +123,7 @@ def manifest_from_urls(
     if not urls:
         raise DataError("no shard URLs")
     spec = spec or DecodeSpec()
-    shards, shape, dtype, counts, layout, left_out = [], None, None, {}, None, {}
+    shards, shape, dtype, counts, layout, left_out = [], None, None, Counter(), None, Counter()
     for url in urls:
         try:
             data = read_shard_bytes(url)
@@ -146,21 +147,20 @@ def manifest_from_urls(
                 + ("; set data.image_size to give every image one size" if layout == "webdataset" else "")
             )
         for label, c in zip(*np.unique(arrays.labels, return_counts=True), strict=True):
-            counts[str(label)] = counts.get(str(label), 0) + int(c)
+            counts[str(label)] += int(c)
         shards.append(ShardInfo(url, len(arrays), len(data)))
-        for held, n in arrays.left_out.items():
-            left_out[held] = left_out.get(held, 0) + n
+        left_out += arrays.left_out
     if left_out:  # half a data set of .png and .gif trained on the .png half without a word
-        kinds = ", ".join(f"{n} with {held}" for held, n in sorted(left_out.items(), key=lambda kv: -kv[1])[:3])
+        kinds = ", ".join(f"{n} with {held}" for held, n in left_out.most_common(3))
         log.warning(
             "%d samples of the shards are left out, as they have no %s member (%s): set data.image_key "
             "(meg-convert: --image-key) to the member that holds their image, e.g. data.image_key='png;gif'",
-            sum(left_out.values()), " / ".join(f".{k}" for k in [*spec.keys, "npy"]), kinds,
+            left_out.total(), " / ".join(f".{k}" for k in [*spec.keys, "npy"]), kinds,
         )  # fmt: skip
     decode = spec.to_json() if layout == "webdataset" else {}
     layout = layout or "meg"
     return Manifest(
-        name or "shards", split, shape or [], dtype or "", shards, counts, layout=layout, decode=decode,
+        name or "shards", split, shape or [], dtype or "", shards, dict(counts), layout=layout, decode=decode,
         max_sample_bytes=max_sample_bytes,
     )  # fmt: skip
 
