@@ -257,23 +257,24 @@ def _read_text(url: str) -> str:
         return f.read()
 
 
-def shard_sizes(urls: list[str]) -> dict[str, int | None]:
-    """Byte size of each URL (None when it does not exist): one listing per folder where the
-    store lists, one metadata request per file otherwise (http, a store that refuses listing). Each
-    call is bounded by data.io_timeout (data_pipeline/storage.py)."""
+def shard_sizes(urls: list[str]) -> tuple[dict[str, int | None], list[str]]:
+    """Byte size of each URL (None when it does not exist), and the URLs where a folder stands: one
+    listing per folder where the store lists, one metadata request per file otherwise (http, a store
+    that refuses listing). Each call is bounded by data.io_timeout (data_pipeline/storage.py)."""
     from data_pipeline.storage import bounded
 
-    def listing(fs, fpath: str) -> dict[str, int]:
+    def listing(fs, fpath: str) -> dict[str, dict]:
         fs.invalidate_cache(fpath)  # a fresh look: object stores' listings are cached
-        return {fs._strip_protocol(e["name"]).rstrip("/"): e.get("size") for e in fs.ls(fpath, detail=True)}
+        return {fs._strip_protocol(e["name"]).rstrip("/"): e for e in fs.ls(fpath, detail=True)}
 
     sizes: dict[str, int | None] = {}
+    folders: list[str] = []
     by_dir: dict[str, list[str]] = {}
     for u in urls:
         by_dir.setdefault(posixpath.dirname(u) if "://" in u else os.path.dirname(u), []).append(u)
     for folder, members in by_dir.items():
         fs, fpath = fsspec.core.url_to_fs(folder or ".")
-        listed: dict[str, int] = {}
+        listed: dict[str, dict] = {}
         if "http" not in fs.protocol and "https" not in fs.protocol:
             try:
                 listed = bounded(partial(listing, fs, fpath), folder or ".", "shard listing")
@@ -285,20 +286,21 @@ def shard_sizes(urls: list[str]) -> dict[str, int | None]:
                     log.info("listing %s failed (%s): looking its %d shard(s) up one by one", folder, e, len(members))
         for u in members:
             path = fsspec.core.url_to_fs(u)[1]
-            if path in listed:
-                sizes[u] = listed[path]
-                continue
             try:
-                sizes[u] = bounded(partial(fs.info, path), u, "size lookup").get("size")
+                entry = listed.get(path) or bounded(partial(fs.info, path), u, "size lookup")
             except FileNotFoundError:
                 sizes[u] = None
+                continue
             except PermissionError as e:
                 # S3 answers so for a missing object too when the credentials may not list the bucket.
                 raise DataError(
                     f"shard {u}: the store refused to look it up ({e}): it is missing, or these credentials "
                     "may not read it"
                 ) from None
-    return sizes
+            sizes[u] = entry.get("size")
+            if entry.get("type") == "directory":
+                folders.append(u)
+    return sizes, folders
 
 
 def check_manifest_against_shards(manifest: Manifest, murl: str = "") -> list[str]:
@@ -307,13 +309,11 @@ def check_manifest_against_shards(manifest: Manifest, murl: str = "") -> list[st
     murl = murl or manifest_url(manifest.base_url)
     urls = manifest.shard_urls()
     # A command's output has no size to look up without running it: such shards are checked as read.
-    sizes = shard_sizes([u for u in urls if not is_command_url(u)])
+    sizes, folders = shard_sizes([u for u in urls if not is_command_url(u)])
     missing = [u for u in sizes if sizes[u] is None]
     if missing:
         raise DataError(f"manifest {murl} lists {len(missing)} missing shard(s), first: {missing[0]}")
     # A folder in a shard's place: warned of as a wrong size ("training skips it"), then its read ended the run.
-    local = [u.removeprefix("file://") for u in sizes if "://" not in u or u.startswith("file://")]
-    folders = [u for u in local if os.path.isdir(u)]
     if folders:
         raise DataError(
             f"manifest {murl} lists {len(folders)} folder(s) where shard files belong, first: {folders[0]}: move "

@@ -133,6 +133,28 @@ def test_shards_are_looked_up_one_by_one_where_the_store_refuses_listing(unlista
     assert manifest.num_samples == 8
 
 
+@pytest.mark.parametrize("listable", [True, False])
+def test_a_folder_in_a_shards_place_on_a_store_is_named(tmp_path, monkeypatch, listable):
+    # Found in the store's listing, or in its answer for the one object where it refuses to list.
+    url = f"memory://{tmp_path.name}/img"
+    write_array_shards(url, "img", "train", np.zeros((8, 2), np.float32), np.zeros(8), 2)
+    store, shard = MemoryFileSystem(), f"{url}/img-train-000001.tar"
+    store.rm(shard)
+    store.pipe(f"{shard}/inside", b"x")
+    if not listable:
+
+        def refuse(self, path, detail=True, **kwargs):
+            raise PermissionError(13, "Access Denied (ListObjectsV2)")
+
+        monkeypatch.setattr(MemoryFileSystem, "ls", refuse)
+    try:
+        with pytest.raises(DataError, match=f"lists 1 folder\\(s\\) where shard files belong, first: {shard}: move"):
+            read_manifest(url)
+    finally:
+        monkeypatch.undo()
+        store.rm(f"/{tmp_path.name}", recursive=True)
+
+
 def test_a_shard_the_store_refuses_to_look_up_is_named(unlistable_store, monkeypatch):
     def refuse(self, path, **kwargs):
         raise PermissionError(13, "Access Denied (HeadObject)")  # S3's answer for a missing key, too
