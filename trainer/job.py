@@ -90,8 +90,7 @@ def run(
     training progresses (trainer/main.py's stop watchdog)."""
     # Every storage call from here on is bounded by data.io_timeout and ends on a stop request.
     storage.configure(timeout=cfg.data.io_timeout, stop=stop)
-    check_output_dir(cfg.output_dir)
-    check_output_dir_spares_data(cfg.output_dir, cfg.data.url)
+    check_output_dir(cfg.output_dir, cfg.data.url)
     check_run_folder(cfg.output_dir)  # links where the run writes: refused before any work
     runtime = build_runtime(cfg)
     meet = True
@@ -126,10 +125,12 @@ def run(
         runtime.shutdown(meet)
 
 
-def check_output_dir(folder: str) -> None:
+def check_output_dir(folder: str, data_url: str) -> None:
     """Raises ConfigError when ``folder`` (output_dir) cannot hold a run: not a folder (a file, or a path under one), a
     checkpoint, or a run's checkpoints/ folder (a run there would write its config.yaml into the checkpoint
-    and its own checkpoints beside the run's)."""
+    and its own checkpoints beside the run's), a data set's folder (it holds manifest.json) or data.url's
+    folder (the run's checkpoints and metrics would land among the data's shards, and a toy preset would
+    write its shards among the run's files)."""
     existing = nearest_existing(folder)
     if not os.path.isdir(existing):
         where = "" if existing == os.path.abspath(folder) else f": {existing}"
@@ -144,12 +145,6 @@ def check_output_dir(folder: str) -> None:
             f"output_dir={folder} holds checkpoints (step_XXXXXXXX): it is a run's checkpoints/ folder; to resume "
             f"that run, train with output_dir={os.path.dirname(os.path.abspath(folder.rstrip('/')))}"
         )
-
-
-def check_output_dir_spares_data(folder: str, data_url: str) -> None:
-    """Raises ConfigError when ``folder`` (output_dir) is a data set's folder (it holds manifest.json) or
-    data.url's folder: the run's checkpoints and metrics would land among the data's shards (and a toy
-    preset would write its shards among the run's files)."""
     if os.path.isfile(os.path.join(folder, MANIFEST_NAME)):
         raise ConfigError(
             f"output_dir={folder} holds a data set ({MANIFEST_NAME}): the run's files would mix with its shards; "
