@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -249,6 +250,35 @@ def test_the_pushed_step_follows_a_resume_and_a_rollback(tmp_path, monkeypatch):
         assert time.time() - exp.final.get_sample_value("meg_last_nonfinite_timestamp_seconds", {"run": "r1"}) < 60
     finally:
         exp.close()
+
+
+def test_a_gateway_that_answers_garbage_never_stops_training(tmp_path, capsys):
+    # A gateway address where another service answers (an SSH port): http.client's BadStatusLine is no
+    # OSError; it escaped push(), ended the run at its start, and in close() turned a requeue stop
+    # (exit 75) into a crash (exit 1).
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+
+    def answer_garbage():
+        for _ in range(3):
+            conn, _ = server.accept()
+            conn.recv(65536)
+            conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+            conn.close()
+
+    answering = threading.Thread(target=answer_garbage, daemon=True)
+    answering.start()
+    exp = exporter(tmp_path, pushgateway=f"http://127.0.0.1:{server.getsockname()[1]}")
+    try:
+        exp.resumed_at(0)
+        exp.log(10, {"eval_fid": 12.5})
+    finally:
+        exp.close()
+        server.close()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "could not push" in line]
+    assert len(warnings) == 1 and "BadStatusLine" in warnings[0]  # once per distinct error
+    assert target_names(tmp_path) == []  # close() went on to remove the target file
 
 
 def test_a_taken_port_moves_and_the_target_file_says_where(tmp_path):

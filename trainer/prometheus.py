@@ -360,10 +360,11 @@ class PrometheusExporter(MetricSink):
         try:
             push_to_gateway(self.gateway, job=PUSH_JOB, grouping_key=self.grouping_key, registry=self.final, timeout=5)
             self._push_error = ""
-        except OSError as e:
-            if str(e) != self._push_error:
-                self._push_error = str(e)
-                print(f"warning: could not push metrics to {self.gateway}: {e}", file=sys.stderr, flush=True)
+        except Exception as e:  # noqa: BLE001 (a gateway that answers garbage raises http.client's errors, not OSError)
+            said = f"{type(e).__name__}: {e}" if not isinstance(e, OSError) else str(e)
+            if said != self._push_error:
+                self._push_error = said
+                print(f"warning: could not push metrics to {self.gateway}: {said}", file=sys.stderr, flush=True)
 
     def close(self, clean: bool = True) -> None:
         """Pushes the final numbers and stops serving. ``clean``: the process finished or stopped to
