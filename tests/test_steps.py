@@ -372,6 +372,32 @@ def test_a_save_keeps_the_stop_watchdogs_heartbeat_beating_all_through(tmp_path,
     assert beats[-1] >= saving["end"] and checkpoints.list()
 
 
+def test_a_stop_during_an_evaluation_is_honoured_after_it_with_a_checkpoint_of_its_step(tmp_path, monkeypatch):
+    """The watchdog took a running evaluation for a blocked wait: it ended the process MEG_STOP_GRACE_S
+    after the signal, losing every step since the newest periodic checkpoint."""
+    from tests.conftest import tiny_overrides
+    from trainer.evaluation.base import Evaluator
+    from trainer.job import run
+    from trainer.meg_trainer import Preempted
+
+    stop, beats, evaluating = threading.Event(), [], {}
+
+    def slow_evaluation_signalled_midway(self, step, energy, generator, tag=None):
+        evaluating["start"] = time.monotonic()
+        stop.set()
+        time.sleep(2.5)  # the heartbeat thread beats once a second
+        evaluating["end"] = time.monotonic()
+        return {"score": 1.0}
+
+    monkeypatch.setattr(Evaluator, "__call__", slow_evaluation_signalled_midway)
+    overrides = [*tiny_overrides(tmp_path, steps=40), "checkpoint.every=20", "eval.every=15"]
+    with pytest.raises(Preempted, match="during the evaluation; checkpoint saved at step 15"):
+        run(load_config("toy_25gaussians", overrides), stop, heartbeat=lambda: beats.append(time.monotonic()))
+    during = [t for t in beats if evaluating["start"] < t < evaluating["end"]]
+    assert len(during) >= 2, (beats, evaluating)
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["step_00000000", "step_00000015"]
+
+
 def test_a_save_beats_for_the_collective_timeout_at_most():
     """A save still going after train.collective_timeout (a hung mount) is taken as hung: the heartbeat
     stops, so that the stop watchdog can end the process."""

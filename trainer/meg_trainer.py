@@ -5,7 +5,8 @@ rollback to the last checkpoint when the divergence guard trips (trainer/guard.p
 Every component is built outside and handed in (trainer/job.py does that), so the loop reads top
 to bottom and owns no signal handler: a stop request arrives as an Event that the metric reduction
 carries to every rank. The stop watchdog (trainer/main.py) ends a process that stopped making
-progress, so the loop calls ``heartbeat`` with each batch it takes for a step and all through each save.
+progress, so the loop calls ``heartbeat`` with each batch it takes for a step and all through each save
+and evaluation.
 """
 
 from __future__ import annotations
@@ -194,16 +195,31 @@ class MEGTrainer:
 
     def evaluate(self, step: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
-        if self.evaluator is not None:
-            # The fp32 weights the checkpoint exports (every rank: DeepSpeed gathers its masters), G's EMA if kept.
-            energy, generator = self.runtime.for_evaluation(self.steps.energy), self.steps.evaluation_generator()
-            if self.runtime.is_main:  # alone, on forked generators (CPU and device) with its own seed:
-                # training is the same with or without it, and meg-evaluate draws the same samples.
-                with self.runtime.fork_rng(seed=self.cfg.eval.seed), evaluation_mode(generator):
-                    metrics = self.evaluator(step, energy, generator)
-                self.logger.log(step, {f"eval_{k}": v for k, v in metrics.items()})
-        self.runtime.wait_for_main(self.cfg.train.evaluation_timeout)
+        # An evaluation is progress on every rank (the others wait for the main process's), which the
+        # stop watchdog must not cut short: a stop signal during it is honoured when it ends.
+        with beating(self.heartbeat, self.cfg.train.evaluation_timeout):
+            if self.evaluator is not None:
+                # The fp32 weights the checkpoint exports (every rank: DeepSpeed gathers its masters), G's EMA if kept.
+                energy, generator = self.runtime.for_evaluation(self.steps.energy), self.steps.evaluation_generator()
+                if self.runtime.is_main:  # alone, on forked generators (CPU and device) with its own seed:
+                    # training is the same with or without it, and meg-evaluate draws the same samples.
+                    with self.runtime.fork_rng(seed=self.cfg.eval.seed), evaluation_mode(generator):
+                        metrics = self.evaluator(step, energy, generator)
+                    self.logger.log(step, {f"eval_{k}": v for k, v in metrics.items()})
+            self.runtime.wait_for_main(self.cfg.train.evaluation_timeout)
         return metrics
+
+    def _stop_if_requested_during_evaluation(self, saved: bool) -> None:
+        """A stop signal that came during an evaluation (which changes no training state): every rank
+        agrees on it here, and the run ends with a checkpoint of this step (``saved``: one holds it)."""
+        stop = torch.tensor([float(self.stop.is_set())], device=self.runtime.device)
+        if not self.runtime.sum_across_ranks(stop).item():
+            return
+        if not saved:
+            self._save()
+        raise Preempted(
+            f"stop signal received during the evaluation; checkpoint saved at step {self.state.step}, rerun to resume"
+        )
 
     def _save(self) -> None:
         """A checkpoint of the current state, once the guard has seen sane weights (collective); one
@@ -267,6 +283,8 @@ class MEGTrainer:
                 raise Preempted(f"stop signal received; checkpoint saved at step {state.step}, rerun to resume")
             if evaluation_due(cfg, state.step, self.extra_evaluation_steps):
                 last.update({f"eval_{k}": v for k, v in self.evaluate(state.step).items()})
+                if state.step < cfg.train.steps:  # else the run has ended anyway
+                    self._stop_if_requested_during_evaluation(saved=checkpoint_due)
             if steps_since == 0:  # keep checkpoint and eval time out of the throughput figures
                 tick = time.perf_counter()
         return last
