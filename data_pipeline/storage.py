@@ -30,6 +30,24 @@ class StopRequested(Exception):
     """The trainer was asked to stop (SIGTERM, SIGUSR1) while it waited for data."""
 
 
+class PatientStop:
+    """A stop request that data waits see ``seconds`` after it is first looked at: the data of slow
+    storage may still come. (A rank of several that waits for data when a stop comes should reach the
+    metric reduction where every rank saves together; giving up at once ends the job at the newest
+    checkpoint.)"""
+
+    def __init__(self, stop: threading.Event, seconds: float):
+        self.stop, self.seconds = stop, seconds
+        self._seen: float | None = None
+
+    def is_set(self) -> bool:
+        if not self.stop.is_set():
+            return False
+        if self._seen is None:
+            self._seen = time.monotonic()
+        return time.monotonic() - self._seen >= self.seconds
+
+
 class StorageTimeout(DataError):
     """A storage call that failed on every attempt: no answer within data.io_timeout, a dropped
     connection, or a store that kept asking to come back later (HTTP 503)."""
@@ -40,7 +58,7 @@ class IOPolicy:
     timeout: float = 60.0  # seconds per attempt (data.io_timeout)
     retries: int = 2  # attempts after the first
     backoff: float = 1.0  # seconds before the first retry; doubles after each
-    stop: threading.Event | None = None  # the process's stop request (set by the signal handlers)
+    stop: threading.Event | PatientStop | None = None  # the process's stop request (set by the signal handlers)
 
 
 _policy = IOPolicy()

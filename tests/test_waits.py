@@ -47,16 +47,25 @@ class SilentServer:
             c.close()
 
 
+SLOW_SECONDS = 5.0  # slow storage: within the data wait's patience after a stop (DATA_STOP_PATIENCE_SECONDS)
+
+
 class HangingFiles(SimpleHTTPRequestHandler):
     """Serves a folder until ``hang`` is set; then accepts requests and never answers them."""
 
     hang = threading.Event()
     release = threading.Event()
+    slow_next = threading.Event()  # the next request is answered after SLOW_SECONDS
+    slowed = threading.Event()  # ... and it has come
 
     def handle_one_request(self):
         if self.hang.is_set():
             self.release.wait()
             return
+        if self.slow_next.is_set():
+            self.slow_next.clear()
+            self.slowed.set()
+            time.sleep(SLOW_SECONDS)
         super().handle_one_request()
 
     def log_message(self, *args):
@@ -76,7 +85,8 @@ def http_data(tmp_path):
     from data_pipeline.convert import convert_toy
 
     convert_toy("25gaussians", str(tmp_path / "data"), 4096, 4, seed=0)
-    handler = type("Handler", (HangingFiles,), {"hang": threading.Event(), "release": threading.Event()})
+    events = ("hang", "release", "slow_next", "slowed")
+    handler = type("Handler", (HangingFiles,), {name: threading.Event() for name in events})
     server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(tmp_path / "data")))
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -282,6 +292,27 @@ def test_the_launcher_waits_through_repeated_signals_for_ranks_on_their_way_to_t
         assert proc.returncode == 75 and "did not end within" not in err and "Traceback" not in err, err[-3000:]
         assert err.count(f"checkpoint saved at step {2 * every}") == 2, err[-3000:]
         assert (tmp_path / "run" / "checkpoints" / f"step_{2 * every:08d}").is_dir()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_ranks_stopped_while_one_waits_for_slow_storage_save_together_at_their_reduction(tmp_path, http_data):
+    # The waiting rank gave up at once: the job exited 75 at the newest checkpoint, losing every step since.
+    url, handler = http_data
+    every = 200  # the stop lands in a wait for data: several epochs of reads before the next reduction
+    launcher, env = accelerate_launcher(2)
+    args = [*no_data_overrides(tmp_path, 100_000), f"data.url={url}", f"log.every={every}", "checkpoint.every=100000"]
+    proc = start([*launcher, *TRAINER[1:], *args], tmp_path, "job", env)
+    try:
+        wait_for(lambda: first_reduction(tmp_path / "run"), 180, f"the reduction at step {every}")
+        handler.slow_next.set()
+        wait_for(handler.slowed.is_set, 60, "a shard read from the slow store")
+        took = stop_and_time(proc)
+        err = (tmp_path / "job.err").read_text()
+        assert proc.returncode == 75 and "Traceback" not in err, (took, err[-3000:])
+        assert err.count("checkpoint saved at step") == 2 and "the newest checkpoint stands" not in err, err[-3000:]
+        assert len(list((tmp_path / "run" / "checkpoints").iterdir())) == 2
     finally:
         proc.kill()
         proc.wait()

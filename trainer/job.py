@@ -83,21 +83,29 @@ def build_logger(cfg: RunConfig, runtime: Runtime, preset: str) -> tuple[Metrics
     return MetricsLogger(sinks), prometheus
 
 
+# How long a rank of several waits on for data after a stop request (see run): below the stop
+# watchdog's grace, which ends a rank whose storage hangs with its own message.
+DATA_STOP_PATIENCE_SECONDS = 15.0
+
+
 def run(
     cfg: RunConfig, stop: threading.Event, preset: str = "", heartbeat: Callable[[], None] | None = None
 ) -> dict[str, float]:
     """``preset``: the --config it came from, for the metrics' run info; ``heartbeat``: called as the
     training progresses (trainer/main.py's stop watchdog)."""
-    # Every storage call from here on is bounded by data.io_timeout and ends on a stop request.
-    storage.configure(timeout=cfg.data.io_timeout, stop=stop)
     check_output_dir(cfg.output_dir, cfg.data.url)
     check_run_folder(cfg.output_dir)  # links where the run writes: refused before any work
     runtime = build_runtime(cfg)
+    # Every storage call from here on is bounded by data.io_timeout and ends on a stop request: one rank
+    # saves at once; several save together at their next metric reduction, which the data of slow
+    # storage may still let them reach (within the stop watchdog's 20 s, trainer/main.py).
+    data_stop = stop if runtime.world_size == 1 else storage.PatientStop(stop, DATA_STOP_PATIENCE_SECONDS)
+    storage.configure(timeout=cfg.data.io_timeout, stop=data_stop)
     meet = True
     try:
         # Everything that holds the process group (DDP wrappers, engines) lives in train() and is
         # released when it returns, before the group is destroyed.
-        return train(cfg, runtime, stop, preset, heartbeat)
+        return train(cfg, runtime, stop, preset, heartbeat, data_stop)
     except Preempted as e:
         meet = e.checkpointed
         raise
@@ -236,7 +244,12 @@ def check_architecture(cfg: RunConfig, sample_shape: list[int]) -> None:
 
 
 def train(
-    cfg: RunConfig, runtime: Runtime, stop: threading.Event, preset: str, heartbeat: Callable[[], None] | None = None
+    cfg: RunConfig,
+    runtime: Runtime,
+    stop: threading.Event,
+    preset: str,
+    heartbeat: Callable[[], None] | None = None,
+    data_stop: threading.Event | storage.PatientStop | None = None,
 ) -> dict[str, float]:
     if cfg.data.batch_size % runtime.world_size:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {runtime.world_size} ranks")
@@ -276,7 +289,7 @@ def train(
         set_aside_earlier_run(cfg.output_dir)
     runtime.barrier()
     try:
-        return _train(cfg, runtime, stop, dataset, checkpoints, resume_from, config_yaml, preset, heartbeat)
+        return _train(cfg, runtime, stop, dataset, checkpoints, resume_from, config_yaml, preset, heartbeat, data_stop)
     finally:
         lock.release()
 
@@ -291,6 +304,7 @@ def _train(
     config_yaml: str,
     preset: str,
     heartbeat: Callable[[], None] | None,
+    data_stop: threading.Event | storage.PatientStop | None,
 ) -> dict[str, float]:
     manifest = dataset.manifest
     runtime.seed(cfg.train.seed, per_rank=False)  # identical initial networks on every rank
@@ -301,7 +315,7 @@ def _train(
     extra_evaluation_steps(cfg, stream)  # eval.kdd.protocol=paper: epochs train.steps cannot hold, before step 0
     logger, prometheus = build_logger(cfg, runtime, preset)
     evaluator = build_evaluator(cfg, manifest.sample_shape, manifest.name)
-    trainer = MEGTrainer(cfg, runtime, steps, stream, logger, checkpoints, evaluator, stop, heartbeat)
+    trainer = MEGTrainer(cfg, runtime, steps, stream, logger, checkpoints, evaluator, stop, heartbeat, data_stop)
     resumed = trainer.resume_if_possible(resume_from)
     if runtime.is_main and resumed is not None and resumed >= cfg.train.steps:
         log.warning(

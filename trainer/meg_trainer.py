@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from data_pipeline.config import StreamPosition
-from data_pipeline.storage import StopRequested
+from data_pipeline.storage import PatientStop, StopRequested
 from data_pipeline.stream import ShardStream, decode_samples
 from trainer.checkpoint import Checkpoints, TrainState, checkpoint_step
 from trainer.config import RunConfig
@@ -56,14 +56,15 @@ def real_batches(
     position: StreamPosition,
     window: MetricWindow,
     device: torch.device,
-    stop: threading.Event,
+    should_stop: Callable[[], bool],
     heartbeat: Callable[[], None],
 ) -> Iterator[tuple[torch.Tensor, int, int]]:
     """Real batches forever, each with the stream position after it (epoch, batches done): the loop
-    keeps a position once the batch's iteration is done, so a stop while waiting loses nothing."""
+    keeps a position once the batch's iteration is done, so a stop while waiting loses nothing.
+    ``should_stop``: when a wait for data gives up (StopRequested)."""
     epoch, done = position.epoch, position.batches_done
     while True:
-        batches = iter(stream.epoch_batches(StreamPosition(epoch, done), stop.is_set))
+        batches = iter(stream.epoch_batches(StreamPosition(epoch, done), should_stop))
         while True:
             wait_start = time.perf_counter()  # the data-wait share of a step, in the metrics
             batch = next(batches, None)
@@ -128,10 +129,13 @@ class MEGTrainer:
         evaluator: Evaluator | None = None,
         stop: threading.Event | None = None,
         heartbeat: Callable[[], None] | None = None,
+        data_stop: threading.Event | PatientStop | None = None,
     ):
+        """``data_stop``: the stop request as a wait for data sees it (default ``stop``; job.py's)."""
         self.cfg, self.runtime, self.steps, self.stream = cfg, runtime, steps, stream
         self.logger, self.checkpoints, self.evaluator = logger, checkpoints, evaluator
         self.stop, self.heartbeat = stop or threading.Event(), heartbeat or (lambda: None)
+        self.data_stop = data_stop or self.stop
         self.state = TrainState(runtime.rank, runtime.world_size, entropy_state=steps.entropy_state)
         self.guard = DivergenceGuard(cfg.train.guard)
         self.loaded: str | None = None  # the checkpoint last loaded (resume or rollback)
@@ -159,7 +163,8 @@ class MEGTrainer:
             return [next(batches) for _ in range(self.cfg.train.energy_steps)]
         if self.runtime.world_size > 1:
             # A checkpoint is collective, and the other ranks may be inside this step's gradient
-            # reduction, waiting for this rank: the newest checkpoint stands.
+            # reduction, waiting for this rank (whose data did not come within job.py's patience):
+            # the newest checkpoint stands.
             raise Preempted("stop signal received while waiting for data; the newest checkpoint stands", False)
         self._save()
         raise Preempted(f"stop signal received while waiting for data; checkpoint saved at step {self.state.step}")
@@ -253,7 +258,8 @@ class MEGTrainer:
 
     def _train_until_done(self) -> dict[str, float]:
         cfg, state = self.cfg, self.state
-        batches = real_batches(self.stream, state.position, self.window, self.runtime.device, self.stop, self.heartbeat)
+        device = self.runtime.device
+        batches = real_batches(self.stream, state.position, self.window, device, self.data_stop.is_set, self.heartbeat)
         last: dict[str, float] = {}
         tick, steps_since = time.perf_counter(), 0
         if state.step >= cfg.train.steps and self.evaluator is not None and not self.evaluator.has_result(state.step):
