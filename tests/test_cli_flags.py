@@ -318,3 +318,25 @@ def test_output_paths_that_cannot_take_the_file_are_refused_before_any_work(tmp_
 )  # fmt: skip
 def test_an_output_file_must_end_in_its_format(tmp_path, main, argv, says):
     _refused(main, [a.format(tmp=tmp_path) for a in argv], says)
+
+
+@pytest.mark.parametrize("where", ["a file", "a checkpoints folder", "a data set", "a linked eval folder"])
+def test_check_refuses_a_run_folder_the_run_would_refuse(tmp_path, where):
+    # --check (which ./launch.sh --nproc N and --slurm run first) said "good" for all of these; the job
+    # then failed on every rank, or after the queue wait.
+    from trainer import main as trainer_main
+
+    (tmp_path / "afile").write_text("notes")
+    (tmp_path / "run" / "checkpoints" / "step_00000010").mkdir(parents=True)
+    write_array_shards(str(tmp_path / "data"), "d", "train", np.zeros((8, 2), np.float32), np.zeros(8), 2)
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "eval").symlink_to(tmp_path / "afile")
+    output_dir, says = {
+        "a file": (tmp_path / "afile", "is not a folder: choose another output_dir"),
+        "a checkpoints folder": (tmp_path / "run" / "checkpoints", "it is a run's checkpoints/ folder"),
+        "a data set": (tmp_path / "data", "holds a data set (manifest.json)"),
+        "a linked eval folder": (tmp_path / "linked", "refusing a run folder whose files are links"),
+    }[where]
+    _refused(trainer_main.main, ["--config", "debug", f"output_dir={output_dir}", "--check"], says)
+    code, err = _run(trainer_main.main, ["--config", "debug", f"output_dir={tmp_path / 'new'}", "--check"])
+    assert code == 0 and not err, err

@@ -255,16 +255,21 @@ def _print_config(args: argparse.Namespace) -> int:
 
 def check_job(args: argparse.Namespace):
     """The run's configuration (a RunConfig), with everything checked that can be before any work: the data
-    URL's scheme, commands in the config, the launcher's precision, the evaluation's files, the trackers."""
+    URL's scheme, the run folder, commands in the config, the launcher's precision, the evaluation's files,
+    the trackers. (Not the data itself: a Slurm job's data may be on its nodes' storage only.)"""
     from data_pipeline.config import check_url
     from trainer.config import ConfigError, check_commands, check_launcher_precision, load_config
     from trainer.evaluation import check_requirements
+    from trainer.job import check_output_dir
+    from trainer.nofollow import check_run_folder
     from trainer.trackers import check_trackers
 
     cfg = load_config(args.config, args.overrides)
     url_problem = check_url(cfg.data.url)
     if url_problem:
         raise ConfigError(f"data.url={cfg.data.url!r}: {url_problem}")
+    check_output_dir(cfg.output_dir, cfg.data.url)
+    check_run_folder(cfg.output_dir)  # links where the run writes
     check_commands(cfg, allow_pipe=args.allow_pipe, trust_inception=args.trust_inception)
     check_launcher_precision(cfg)
     check_requirements(cfg)  # every file the evaluation reads, before any work
