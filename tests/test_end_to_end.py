@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -15,7 +16,7 @@ from safetensors.torch import load_file
 from data_pipeline.stream import StreamPosition
 from tests.conftest import REPO_ROOT, run_trainer, subprocess_env, tiny_overrides
 from trainer.checkpoint import TrainState
-from trainer.config import load_config
+from trainer.config import ConfigError, load_config
 
 
 def _final_weights(run_dir, step, ema=False):
@@ -249,3 +250,22 @@ def test_starting_over_sets_the_earlier_run_aside(tmp_path):
     # The new run is the folder's run now: it resumes (finished) with its own settings.
     resumed = run_trainer([o for o in again if o != "checkpoint.resume=false"])
     assert "resumed from step 5" in resumed.stdout
+
+
+def test_starting_over_with_settings_the_run_refuses_leaves_the_earlier_run_in_place(tmp_path, monkeypatch):
+    # The earlier run was moved aside, then an evaluation setting refused the new one (eval.kdd.protocol=paper
+    # with too few steps): the folder was left with previous-*/ alone.
+    from trainer import job
+
+    run = tmp_path / "run"
+    job.run(load_config("toy_25gaussians", tiny_overrides(tmp_path, steps=5)), threading.Event())
+    before = sorted(os.listdir(run))
+
+    def refused(*args, **kwargs):
+        raise ConfigError("eval.kdd.protocol=paper averages the last 10 epochs, and train.steps=5 reaches 1")
+
+    monkeypatch.setattr(job, "build_evaluator", refused)
+    again = load_config("toy_25gaussians", [*tiny_overrides(tmp_path, steps=5), "checkpoint.resume=false"])
+    with pytest.raises(ConfigError, match="reaches 1"):
+        job.run(again, threading.Event())
+    assert sorted(os.listdir(run)) == before and "checkpoints" in before

@@ -285,9 +285,6 @@ def train(
             raise checkpoints.none_intact()
     if resume_from is not None:
         check_resumable(cfg, resume_from, info["sample_shape"], runtime.world_size)
-    if runtime.is_main and not cfg.checkpoint.resume:  # starting over: the earlier run's files would mix with ours
-        set_aside_earlier_run(cfg.output_dir)
-    runtime.barrier()
     try:
         return _train(cfg, runtime, stop, dataset, checkpoints, resume_from, config_yaml, preset, heartbeat, data_stop)
     finally:
@@ -313,8 +310,13 @@ def _train(
     steps = build_steps(cfg, runtime, nets)
     stream = dataset.stream(runtime.rank, runtime.world_size, cfg.train.seed, pin=host_pinning(runtime.device))
     extra_evaluation_steps(cfg, stream)  # eval.kdd.protocol=paper: epochs train.steps cannot hold, before step 0
-    logger, prometheus = build_logger(cfg, runtime, preset)
     evaluator = build_evaluator(cfg, manifest.sample_shape, manifest.name)
+    # Starting over: the earlier run's files would mix with ours. Moved once nothing above refused the
+    # settings (they stayed moved aside when it did), and before the metrics file opens.
+    if runtime.is_main and not cfg.checkpoint.resume:
+        set_aside_earlier_run(cfg.output_dir)
+    runtime.barrier()
+    logger, prometheus = build_logger(cfg, runtime, preset)
     trainer = MEGTrainer(cfg, runtime, steps, stream, logger, checkpoints, evaluator, stop, heartbeat, data_stop)
     resumed = trainer.resume_if_possible(resume_from)
     if runtime.is_main and resumed is not None and resumed >= cfg.train.steps:
