@@ -2,10 +2,12 @@
 epochs and over the splits, and the tool end to end on a small KDD-shaped file."""
 
 import gzip
+import hashlib
 import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,6 +80,16 @@ def test_protocol_tool_end_to_end(tmp_path):
     assert record["summary"]["energy_auroc"]["std"] == pytest.approx(np.std(means))
     assert record["splits"][0]["epoch_mean"] != record["splits"][1]["epoch_mean"]
     assert "energy" in result.stdout and "±" in result.stdout
+    # Rerun with another penalty weight, the finished splits trained nothing and were reported under it, and
+    # their config.yaml said the new weight.
+    trained_with = (out / "split_0" / "config.yaml").read_text()
+    rerun = subprocess.run(
+        cmd + overrides + ["train.penalty_weight=1"], cwd=REPO_ROOT, env=subprocess_env(), capture_output=True,
+        text=True, timeout=600,
+    )  # fmt: skip
+    assert rerun.returncode == 2 and "train.penalty_weight was 100.0, now 1.0" in rerun.stderr, rerun.stderr[-3000:]
+    assert (out / "split_0" / "config.yaml").read_text() == trained_with
+    assert json.loads((out / "protocol.json").read_text()) == record
 
 
 def test_protocol_tool_names_what_would_stop_its_first_run_before_writing_data(tmp_path, capsys):
@@ -136,3 +148,111 @@ def test_a_run_that_refuses_its_settings_is_not_reported_as_one_to_resume(tmp_pa
         monkeypatch.setattr(kdd_protocol.subprocess, "run", lambda *a, ended=ended, **k: ended)
         assert kdd_protocol.main(["--csv", str(csv), "--out", str(tmp_path / "o"), "--splits", "1"]) == status
         assert f"split 0: {says}" in capsys.readouterr().err
+
+
+def finished_runs(trained: list[str], status: int = 0):
+    """Stands in for trainer/main.py (subprocess.run): each run it is given finishes at once, with a checkpoint
+    and two epoch evaluations (the last two epochs), and its folder's name is added to ``trained``."""
+
+    def run(cmd, **kwargs):
+        run_dir = Path(dict(arg.split("=", 1) for arg in cmd if "=" in arg)["output_dir"])
+        trained.append(run_dir.name)
+        if status == 0:
+            (run_dir / "checkpoints" / "step_00000020").mkdir(parents=True, exist_ok=True)
+            (run_dir / "eval").mkdir(exist_ok=True)
+            for step in (10, 20):
+                record = {"step": step, "kind": "kdd", "energy_f1": 0.5}
+                (run_dir / "eval" / f"step_{step:08d}.json").write_text(json.dumps(record))
+        return subprocess.CompletedProcess(cmd, status)
+
+    return run
+
+
+def files_under(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_rerun_with_another_csv_or_other_settings_is_refused_before_it_reuses_the_splits(
+    tmp_path, monkeypatch, capsys
+):
+    """A rerun into an existing --out reused its split data (never reading the new --csv) and resumed its
+    finished runs, which trained nothing: the table was the old runs' under the new settings."""
+    from trainer import kdd_protocol
+
+    csv = tmp_path / "kdd.gz"
+    csv.write_bytes(gzip.compress(fake_kdd(500).encode()))
+    garbage = tmp_path / "x.gz"
+    garbage.write_text("hello")
+    out = tmp_path / "o"
+    trained = []
+    monkeypatch.setattr(kdd_protocol.subprocess, "run", finished_runs(trained))
+    settings = ["--splits", "1", "eval.kdd.last_epochs=2"]
+    assert kdd_protocol.main(["--csv", str(csv), "--out", str(out), *settings]) == 0
+    record = json.loads((out / "protocol.json").read_text())
+    assert record["csv"] == {"path": str(csv), "sha256": hashlib.sha256(csv.read_bytes()).hexdigest()}
+    made = files_under(out)
+    capsys.readouterr()
+    cases = [
+        (["--csv", str(csv), "--out", str(out), *settings, "train.penalty_weight=1", "train.energy_optim.lr=0.01"],
+         "train.penalty_weight was 100.0, now 1.0; train.energy_optim.lr was 0.0001, now 0.01."),
+        (["--csv", str(garbage), "--out", str(out), *settings],
+         f"--csv {garbage} is not the file its splits were made from ({csv}, sha256 "),
+    ]  # fmt: skip
+    for argv, says in cases:
+        assert kdd_protocol.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and says in err, err
+        assert f"rerun with --csv {csv} --config kdd99 eval.kdd.last_epochs=2; for these, give a new --out" in err
+        assert trained == ["split_0"] and files_under(out) == made
+    # The same file elsewhere and the same settings resume; more splits add runs beside the finished one.
+    copy = tmp_path / "copy.gz"
+    copy.write_bytes(csv.read_bytes())
+    assert kdd_protocol.main(["--csv", str(copy), "--out", str(out), *settings, "eval.kdd.splits=2"]) == 0
+    assert kdd_protocol.main(["--csv", str(copy), "--out", str(out), "--splits", "2", "eval.kdd.last_epochs=2"]) == 0
+    assert trained == ["split_0", "split_0", "split_0", "split_1"]
+    assert len(json.loads((out / "protocol.json").read_text())["splits"]) == 2
+
+
+def test_the_settings_may_change_until_a_split_has_trained_and_the_csv_until_its_data_is_written(
+    tmp_path, monkeypatch, capsys
+):
+    """A run that refused its settings is fixed and rerun into the same --out, as the protocol tells."""
+    from trainer import kdd_protocol
+
+    csv = tmp_path / "kdd.gz"
+    csv.write_bytes(gzip.compress(fake_kdd(500).encode()))
+    other = tmp_path / "other.gz"
+    other.write_bytes(gzip.compress(fake_kdd(500, seed=1).encode()))
+    out = tmp_path / "o"
+    trained = []
+    monkeypatch.setattr(kdd_protocol.subprocess, "run", finished_runs(trained, status=2))
+    assert kdd_protocol.main(["--csv", str(csv), "--out", str(out), "--splits", "1", "train.steps=5"]) == 2
+    monkeypatch.setattr(kdd_protocol.subprocess, "run", finished_runs(trained))
+    assert kdd_protocol.main(["--csv", str(other), "--out", str(out), "--splits", "1", "eval.kdd.last_epochs=2"]) == 2
+    assert "is not the file its splits were made from" in capsys.readouterr().err
+    assert kdd_protocol.main(["--csv", str(csv), "--out", str(out), "--splits", "1", "eval.kdd.last_epochs=2"]) == 0
+    assert trained == ["split_0", "split_0"]
+
+
+def test_an_out_begun_before_the_inputs_were_recorded_is_refused(tmp_path, monkeypatch, capsys):
+    """Its CSV and settings are unknown; each split's config.yaml is rewritten by any rerun, so it is no witness."""
+    from trainer import kdd_protocol
+
+    csv = tmp_path / "kdd.gz"
+    csv.write_bytes(gzip.compress(fake_kdd(500).encode()))
+    out = tmp_path / "o"
+    argv = ["--csv", str(csv), "--out", str(out), "--splits", "1", "eval.kdd.last_epochs=2"]
+    trained = []
+    monkeypatch.setattr(kdd_protocol.subprocess, "run", finished_runs(trained))
+    assert kdd_protocol.main(argv) == 0
+    (out / "protocol_inputs.json").unlink(missing_ok=True)
+    made = files_under(out)
+    capsys.readouterr()
+    assert kdd_protocol.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "holds splits made before the protocol recorded its CSV and settings" in err
+    assert f"give a new --out, or move {out} aside to start over" in err
+    assert trained == ["split_0"] and files_under(out) == made
+    # An empty folder holds nothing made: it is taken as --out.
+    (tmp_path / "empty").mkdir()
+    assert kdd_protocol.main(["--csv", str(csv), "--out", str(tmp_path / "empty"), *argv[4:]]) == 0

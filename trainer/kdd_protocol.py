@@ -7,15 +7,19 @@ epochs; the table is mean ± std (numpy's, ddof=0) over the splits of those per-
 
 Split S: its data in OUT/data/split_S (``convert kdd --seed S``, written once), its run in OUT/split_S,
 trained by trainer/main.py in a process of its own with ``eval.kdd.protocol=paper eval.every=0`` (a
-finished split resumes, finds nothing to do and is only read). Writes OUT/protocol.json and a table.
+finished split resumes, finds nothing to do and is only read). OUT/protocol_inputs.json records the CSV
+(its sha256) and the settings OUT is made with: a rerun with another CSV or other settings (but for the
+number of splits) is refused, since it would reuse those splits. Writes OUT/protocol.json and a table.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -88,6 +92,97 @@ def check_protocol_settings(cfg, config: str, overrides: list[str]) -> None:
             )
 
 
+INPUTS_NAME = "protocol_inputs.json"
+# What in a split's run folder means it has trained (the trainer's own test for an earlier run there).
+TRAINED_NAMES = ("checkpoints", "eval", "metrics.jsonl")
+
+
+def file_sha256(url: str) -> str:
+    """The sha256 of the file's bytes as stored (compressed or not): its data sets' ``source_checksum``."""
+    import fsspec
+
+    digest = hashlib.sha256()
+    try:
+        with fsspec.open(url, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    except FileNotFoundError:
+        raise ConfigError(f"--csv {url}: no such file (kddcup.data_10_percent.gz or the full file)") from None
+    return digest.hexdigest()
+
+
+def protocol_inputs(cfg, config: str, overrides: list[str], csv: str) -> dict:
+    """What OUT's splits are made from: the CSV and every setting of the runs (the number of splits aside:
+    split S is the same whatever their number)."""
+    import yaml
+
+    from trainer.config import config_to_yaml
+
+    settings = yaml.safe_load(config_to_yaml(cfg))
+    del settings["eval"]["kdd"]["splits"]
+    return {
+        "csv": {"path": csv if "://" in csv else os.path.abspath(csv), "sha256": file_sha256(csv)},
+        "config": config,
+        "overrides": overrides,
+        "settings": settings,
+    }
+
+
+def _dotted(tree: dict, prefix: str = "") -> dict[str, str]:
+    """Each setting as dotted key -> its value in JSON (so that values compare as they are recorded)."""
+    leaves = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            leaves.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            leaves[f"{prefix}{key}"] = json.dumps(value)
+    return leaves
+
+
+def check_inputs_match(out: str, inputs: dict) -> None:
+    """Raises ConfigError when OUT holds split data made from another CSV, or split runs trained with other
+    settings, than ``inputs``: a rerun reuses the data and resumes the runs (a finished one is only read),
+    so it would report their numbers under its own. Until a split has trained the settings are free to
+    change (a run that refused its settings is fixed and rerun), and the CSV until split data is written."""
+    data_made = bool(glob.glob(os.path.join(glob.escape(out), "data", "split_*")))
+    trained = any(
+        os.path.lexists(os.path.join(run_dir, name))
+        for run_dir in glob.glob(os.path.join(glob.escape(out), "split_*"))
+        for name in TRAINED_NAMES
+    )
+    if not data_made and not trained:
+        return
+    path = os.path.join(out, INPUTS_NAME)
+    if not os.path.isfile(path):
+        # A protocol begun before the inputs were recorded: its CSV and settings cannot be checked, and
+        # each split's config.yaml is no witness (a rerun that trains nothing rewrites it with its own).
+        raise ConfigError(
+            f"--out {out} holds splits made before the protocol recorded its CSV and settings ({INPUTS_NAME}), "
+            f"so a rerun cannot tell whether they match: give a new --out, or move {out} aside to start over"
+        )
+    with open(path) as f:
+        recorded = json.load(f)
+    differences = []
+    if recorded["csv"]["sha256"] != inputs["csv"]["sha256"]:
+        differences.append(
+            f"--csv {inputs['csv']['path']} is not the file its splits were made from ({recorded['csv']['path']}, "
+            f"sha256 {recorded['csv']['sha256'][:12]}...)"
+        )
+    if trained:
+        was, now = _dotted(recorded["settings"]), _dotted(inputs["settings"])
+        for key in [*now, *(k for k in was if k not in now)]:
+            if was.get(key) != now.get(key):
+                differences.append(f"{key} was {was.get(key, 'unset')}, now {now.get(key, 'unset')}")
+    if differences:
+        made_with = shlex.join(
+            ["--csv", recorded["csv"]["path"], "--config", recorded["config"], *recorded["overrides"]]
+        )
+        raise ConfigError(
+            f"--out {out} was made with other inputs: {'; '.join(differences)}. To resume or reread it, rerun with "
+            f"{made_with}; for these, give a new --out (or move {out} aside)"
+        )
+
+
 def _child_env() -> dict[str, str]:
     """This checkout first on the trainer's import path, wherever the tool is run from."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,6 +220,11 @@ def _protocol(args: argparse.Namespace) -> int:
         raise ConfigError(f"--csv {args.csv} is not a file (kddcup.data_10_percent.gz or the full file)")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ConfigError(f"--out {args.out} is a file: give a folder for the splits' data and runs")
+    inputs = protocol_inputs(cfg, args.config, args.overrides, args.csv)
+    check_inputs_match(args.out, inputs)
+    os.makedirs(args.out, exist_ok=True)
+    with write_replacing(os.path.join(args.out, INPUTS_NAME)) as f:
+        json.dump(inputs, f, indent=2)
     splits = cfg.eval.kdd.splits if args.splits is None else args.splits
     per_split, runs = [], []
     for s in range(splits):
@@ -157,6 +257,7 @@ def _protocol(args: argparse.Namespace) -> int:
     record = {
         "protocol": f"{splits} random 50/50 splits x the mean of the last {cfg.eval.kdd.last_epochs} epochs' "
         "evaluations; mean and std (ddof=0) over the splits",
+        "csv": inputs["csv"],
         "config": args.config,
         "overrides": args.overrides,
         "splits": [{**r, "epoch_mean": m} for r, m in zip(runs, per_split, strict=True)],
