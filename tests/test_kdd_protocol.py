@@ -253,6 +253,11 @@ def test_an_out_begun_before_the_inputs_were_recorded_is_refused(tmp_path, monke
     assert err.startswith("error: ") and "holds splits made before the protocol recorded its CSV and settings" in err
     assert f"give a new --out, or move {out} aside to start over" in err
     assert trained == ["split_0"] and files_under(out) == made
+    for damaged in ("{not json", '{"csv": "kdd.gz"}'):  # a damaged record is said as such, not a traceback
+        (out / "protocol_inputs.json").write_text(damaged)
+        assert kdd_protocol.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {out / 'protocol_inputs.json'} is damaged (") and err.count("\n") == 1, err
     # An empty folder holds nothing made: it is taken as --out.
     (tmp_path / "empty").mkdir()
     assert kdd_protocol.main(["--csv", str(csv), "--out", str(tmp_path / "empty"), *argv[4:]]) == 0

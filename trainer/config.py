@@ -570,7 +570,7 @@ def _read_preset(
         raise ConfigError(f"{path}: base must name one preset (a name in configs/ or a path), got {shown(base)}")
     merged = tree if base is None else _merge(_read_preset(_base_of(path, base), (*chain, path), origins), tree)
     if origins is not None:
-        origins.update((key, path) for key, _ in _leaves(tree))
+        origins.update((key, path) for key, _ in leaves(tree))
     return merged
 
 
@@ -587,11 +587,11 @@ def _base_of(path: str, base: str) -> str:
         raise ConfigError(f"{path}: base: {e}; or a file beside it") from None
 
 
-def _leaves(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+def leaves(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
     """Each setting of a nested tree as (dotted key, value); an empty section is a setting of its own."""
     for key, value in tree.items():
         if isinstance(value, dict) and value:
-            yield from _leaves(value, f"{prefix}{key}.")
+            yield from leaves(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
 
@@ -659,7 +659,7 @@ def vera_settings(cfg: RunConfig):
 
 
 def _strings(tree: dict[str, Any]) -> Iterator[tuple[str, str]]:
-    return ((key, value) for key, value in _leaves(tree) if isinstance(value, str))
+    return ((key, value) for key, value in leaves(tree) if isinstance(value, str))
 
 
 def check_launcher_precision(cfg: RunConfig, environ: dict[str, str] | None = None) -> None:

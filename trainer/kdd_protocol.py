@@ -128,22 +128,13 @@ def protocol_inputs(cfg, config: str, overrides: list[str], csv: str) -> dict:
     }
 
 
-def _dotted(tree: dict, prefix: str = "") -> dict[str, str]:
-    """Each setting as dotted key -> its value in JSON (so that values compare as they are recorded)."""
-    leaves = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            leaves.update(_dotted(value, f"{prefix}{key}."))
-        else:
-            leaves[f"{prefix}{key}"] = json.dumps(value)
-    return leaves
-
-
 def check_inputs_match(out: str, inputs: dict) -> None:
     """Raises ConfigError when OUT holds split data made from another CSV, or split runs trained with other
     settings, than ``inputs``: a rerun reuses the data and resumes the runs (a finished one is only read),
     so it would report their numbers under its own. Until a split has trained the settings are free to
     change (a run that refused its settings is fixed and rerun), and the CSV until split data is written."""
+    from trainer.config import leaves
+
     data_made = bool(glob.glob(os.path.join(glob.escape(out), "data", "split_*")))
     trained = any(
         os.path.lexists(os.path.join(run_dir, name))
@@ -160,23 +151,29 @@ def check_inputs_match(out: str, inputs: dict) -> None:
             f"--out {out} holds splits made before the protocol recorded its CSV and settings ({INPUTS_NAME}), "
             f"so a rerun cannot tell whether they match: give a new --out, or move {out} aside to start over"
         )
-    with open(path) as f:
-        recorded = json.load(f)
+    try:
+        with open(path) as f:
+            recorded = json.load(f)
+        recorded_csv, recorded_settings = recorded["csv"], recorded["settings"]
+        made_with = shlex.join(["--csv", recorded_csv["path"], "--config", recorded["config"], *recorded["overrides"]])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(
+            f"{path} is damaged ({type(e).__name__}: {e}): its splits cannot be checked against this rerun; give a "
+            f"new --out, or move {out} aside to start over"
+        ) from None
     differences = []
-    if recorded["csv"]["sha256"] != inputs["csv"]["sha256"]:
+    if recorded_csv.get("sha256") != inputs["csv"]["sha256"]:
         differences.append(
-            f"--csv {inputs['csv']['path']} is not the file its splits were made from ({recorded['csv']['path']}, "
-            f"sha256 {recorded['csv']['sha256'][:12]}...)"
+            f"--csv {inputs['csv']['path']} is not the file its splits were made from ({recorded_csv['path']}, "
+            f"sha256 {str(recorded_csv.get('sha256'))[:12]}...)"
         )
     if trained:
-        was, now = _dotted(recorded["settings"]), _dotted(inputs["settings"])
+        # Values as JSON, so that they compare as they are recorded.
+        was, now = ({k: json.dumps(v) for k, v in leaves(tree)} for tree in (recorded_settings, inputs["settings"]))
         for key in [*now, *(k for k in was if k not in now)]:
             if was.get(key) != now.get(key):
                 differences.append(f"{key} was {was.get(key, 'unset')}, now {now.get(key, 'unset')}")
     if differences:
-        made_with = shlex.join(
-            ["--csv", recorded["csv"]["path"], "--config", recorded["config"], *recorded["overrides"]]
-        )
         raise ConfigError(
             f"--out {out} was made with other inputs: {'; '.join(differences)}. To resume or reread it, rerun with "
             f"{made_with}; for these, give a new --out (or move {out} aside)"
