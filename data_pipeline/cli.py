@@ -51,10 +51,15 @@ def shown(value: object, limit: int = MAX_SHOWN) -> str:
     return text if len(text) <= limit else f"{text[: limit - 3]}... ({len(text)} characters)"
 
 
+# A full disk or quota, whatever the file: the machine's state, never a bug (a write through a file
+# object names no file).
+STORAGE_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
 def _is_user_os_error(error: BaseException) -> bool:
-    """An OSError about a file the user named (a missing path, permissions, a full disk): it has an
-    errno and a file name. Other OSErrors (a socket's, a library's bare ``OSError("...")``) are not."""
-    return isinstance(error, OSError) and bool(error.errno) and bool(error.filename)
+    """An OSError about a file the user named (a missing path, permissions): it has an errno and a file
+    name; or a full disk. Other OSErrors (a socket's, a library's bare ``OSError("...")``) are not."""
+    return isinstance(error, OSError) and bool(error.errno) and (bool(error.filename) or error.errno in STORAGE_FULL)
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
@@ -82,6 +87,7 @@ OS_ERROR_FIXES = {
     errno.EACCES: "check its permissions, or choose another path",
     errno.EROFS: "a read-only file system: choose another path",
     errno.ENOSPC: "free some space and run again",
+    errno.EDQUOT: "the disk quota is used up: free some space, or choose another path",
 }
 
 
@@ -90,8 +96,8 @@ def describe(error: BaseException) -> str:
     error, which names no file, with its type)."""
     if isinstance(error, OSError) and error.strerror:
         # A rename's target is the user's file (config.yaml), its source a temporary one (config.yaml.tmp-18555).
-        fix = OS_ERROR_FIXES.get(error.errno)
-        return f"{error.strerror}: {error.filename2 or error.filename}" + (f" ({fix})" if fix else "")
+        fix, where = OS_ERROR_FIXES.get(error.errno), error.filename2 or error.filename
+        return error.strerror + (f": {where}" if where else "") + (f" ({fix})" if fix else "")
     text = str(error).strip() or type(error).__name__
     return text if isinstance(error, UserError) else f"{type(error).__name__}: {text}"
 

@@ -41,6 +41,9 @@ def _run(error: BaseException) -> tuple[int, str]:
             "No such file or directory: /no/such",
         ),
         (OSError(errno.ENOSPC, "No space left on device", "/full/disk/f"), "No space left on device: /full/disk/f"),
+        # A write through a file object names no file: a full disk was a traceback (the lock file, a plot).
+        (OSError(errno.ENOSPC, "No space left on device"), "error: No space left on device (free some space and"),
+        (OSError(errno.EDQUOT, "Disk quota exceeded"), "error: Disk quota exceeded (the disk quota is used up"),
         # A folder where a file belongs; a rename names its target, not its temporary source ("config.yaml.tmp-18555").
         (IsADirectoryError(errno.EISDIR, "Is a directory", "ref"), "Is a directory: ref (a folder is where a file"),
         (
@@ -259,3 +262,23 @@ def test_an_architecture_that_cannot_take_the_data_is_refused_before_the_run_fol
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "error: model.arch=conv: the conv arch takes square (C, H, W) images, got shape (2,)" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_full_disk_while_writing_a_file_names_the_file(tmp_path, monkeypatch):
+    # meg-evaluate's JSON, meg-sample's .npy and the plots go through write_replacing: a full disk
+    # surfaced as a bare "[Errno 28] No space left on device" traceback after the whole evaluation.
+    from trainer.nofollow import write_replacing
+
+    target = tmp_path / "eval.json"
+    target.write_text("the earlier result")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError) as error, write_replacing(str(target)) as f:
+        monkeypatch.setattr(f, "write", full_disk)
+        f.write("{}")
+    code, err = _run(error.value)
+    assert code == EXIT_USER_ERROR
+    assert err == f"error: No space left on device: {target} (free some space and run again)\n"
+    assert target.read_text() == "the earlier result" and os.listdir(tmp_path) == ["eval.json"]

@@ -17,7 +17,7 @@ import stat
 from collections.abc import Iterator
 from typing import IO
 
-from data_pipeline.cli import UserError
+from data_pipeline.cli import STORAGE_FULL, UserError
 
 # What the trainer writes at the top of a run folder (trainer/job.py, trainer/run_folder.py).
 MANAGED = (".lock", "config.yaml", "metrics.jsonl", "checkpoints", "eval")
@@ -118,9 +118,11 @@ def write_replacing(path: str, binary: bool = False, sync: bool = False) -> Iter
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in STORAGE_FULL and not e.filename:
+            e.filename = path  # a write through the file object names no file: the message names the user's
         raise
 
 
