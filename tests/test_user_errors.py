@@ -219,6 +219,8 @@ def test_launch_sh_refuses_a_bad_nproc_before_any_work(tmp_path, args, got):
         (["--slurm", "--nodes", "2", "--config", "debug", "train.stepz=1"], "error: unknown config key 'train.stepz'"),
         # Every process said it, amid the launcher's warnings and torch-elastic's error report.
         (["--nproc", "2", "--config", "nope"], "error: no config file or preset 'nope'"),
+        # The check did not know the number of processes: each of the 3 said it after its start-up.
+        (["--nproc", "3", "--config", "debug"], "error: data.batch_size=64 must be divisible by the 3 ranks"),
     ],
 )
 def test_launch_sh_says_a_slurm_flag_without_its_value_or_a_bad_config_once_before_launching(tmp_path, args, says):
@@ -233,6 +235,35 @@ def test_launch_sh_says_a_slurm_flag_without_its_value_or_a_bad_config_once_befo
     assert done.returncode == 2, done.stderr[-2000:]
     assert len(done.stderr.strip().splitlines()) == 1 and says in done.stderr, done.stderr
     assert not (tmp_path / "submitted").exists()
+
+
+@pytest.mark.parametrize("launch", [["--slurm", "--nodes", "2"], ["--nproc", "2"]])
+@pytest.mark.parametrize("asks", ["--help", "--check", "--print-config"])
+def test_launch_sh_answers_a_question_to_the_trainer_without_launching_anything(tmp_path, launch, asks):
+    # --slurm submitted a job for each of these; --nproc started N processes, each answering.
+    import sys
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f"#!/bin/sh\ntouch {tmp_path / 'submitted'}\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    env = {**os.environ, "MEG_VENV": sys.prefix, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    cmd = [str(REPO_ROOT / "launch.sh"), *launch, "--config", "debug", f"output_dir={tmp_path / 'run'}", asks]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and not done.stderr, done.stderr[-2000:]
+    answer = {"--help": "usage: trainer/main.py", "--check": "debug: the configuration and the files it names are good",
+              "--print-config": "output_dir: "}[asks]  # fmt: skip
+    assert answer in done.stdout and not (tmp_path / "submitted").exists() and not (tmp_path / "run").exists()
+
+
+def test_launch_sh_help_is_its_own_and_the_trainers(tmp_path):
+    import sys
+
+    done = subprocess.run([str(REPO_ROOT / "launch.sh"), "--help"], env={**os.environ, "MEG_VENV": sys.prefix},
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.startswith("MEG: set up and run.\n"), done.stderr
+    assert "./launch.sh --slurm --nodes 2" in done.stdout and "usage: trainer/main.py" in done.stdout
+    assert "set -euo" not in done.stdout  # the usage ends where the script begins
 
 
 @pytest.mark.parametrize("where", ["file", "under_file"])

@@ -133,6 +133,12 @@ def run(
         runtime.shutdown(meet)
 
 
+def check_batch_split(cfg: RunConfig, world_size: int) -> None:
+    """Raises ConfigError when data.batch_size cannot be split evenly over ``world_size`` ranks."""
+    if cfg.data.batch_size % world_size:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {world_size} ranks")
+
+
 def check_output_dir(folder: str, data_url: str) -> None:
     """Raises ConfigError when ``folder`` (output_dir) cannot hold a run: not a folder (a file, or a path under one), a
     checkpoint, or a run's checkpoints/ folder (a run there would write its config.yaml into the checkpoint
@@ -251,8 +257,7 @@ def train(
     heartbeat: Callable[[], None] | None = None,
     data_stop: threading.Event | storage.PatientStop | None = None,
 ) -> dict[str, float]:
-    if cfg.data.batch_size % runtime.world_size:
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {runtime.world_size} ranks")
+    check_batch_split(cfg, runtime.world_size)
     if runtime.is_main:
         write_toy_data(cfg.data, cfg.train.seed)
     runtime.barrier()

@@ -39,7 +39,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from data_pipeline.cli import add_debug_flag, run_tool
+from data_pipeline.cli import add_debug_flag, positive_int, run_tool
 
 log = logging.getLogger("meg")
 
@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="check the configuration and the files the run would need before starting, then exit "
         "(launch.sh runs it before a multi-process or Slurm launch)",
+    )
+    parser.add_argument(
+        "--processes",
+        type=positive_int,
+        metavar="N",
+        help="with --check: check the job as N processes would run it (./launch.sh --nproc N passes it)",
     )
     parser.add_argument(
         "--allow-pipe", action="store_true", help="allow pipe: URLs (they run a shell command) in the data settings"
@@ -226,7 +232,10 @@ def exit_now(code: int, message: str = "") -> None:
 
 def main(argv: list[str] | None = None) -> int:
     with stop_signals() as stop:  # first: from here on a stop request ends with the requeue code
-        args = build_parser().parse_intermixed_args(argv)  # overrides may come before and after flags
+        parser = build_parser()
+        args = parser.parse_intermixed_args(argv)  # overrides may come before and after flags
+        if args.processes and not args.check:
+            parser.error("--processes goes with --check; to train in N processes: ./launch.sh --nproc N")
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         logging.getLogger("accelerate").setLevel(logging.WARNING)  # it logs every file of every save
         if args.print_config:  # the configuration alone: its loader imports no torch, and nothing of a job
@@ -260,7 +269,7 @@ def check_job(args: argparse.Namespace):
     from data_pipeline.config import check_url
     from trainer.config import ConfigError, check_commands, check_launcher_precision, load_config
     from trainer.evaluation import check_requirements
-    from trainer.job import check_output_dir
+    from trainer.job import check_batch_split, check_output_dir
     from trainer.nofollow import check_run_folder
     from trainer.trackers import check_trackers
 
@@ -270,6 +279,8 @@ def check_job(args: argparse.Namespace):
         raise ConfigError(f"data.url={cfg.data.url!r}: {url_problem}")
     check_output_dir(cfg.output_dir, cfg.data.url)
     check_run_folder(cfg.output_dir)  # links where the run writes
+    if args.processes:
+        check_batch_split(cfg, args.processes)
     check_commands(cfg, allow_pipe=args.allow_pipe, trust_inception=args.trust_inception)
     check_launcher_precision(cfg)
     check_requirements(cfg)  # every file the evaluation reads, before any work
