@@ -23,6 +23,7 @@ from data_pipeline.shard_io import check_first_sample
 from data_pipeline.shards import Manifest, manifest_url
 from data_pipeline.storage import bounded
 from data_pipeline.stream import ShardStream, looks_like_shards, open_data
+from data_pipeline.toy import same_std, toy_spec
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,9 @@ class Dataset:
 
 def write_toy_data(cfg: DataConfig, seed: int) -> None:
     """A toy preset writes its shards on first use, so the default job needs no download: only into a
-    folder that does not exist yet or is empty. Anything else (a manifest that is there but wrong, a
-    missing shard, other files) is the user's data and is reported by open_dataset, not overwritten.
+    folder that does not exist yet or is empty. Anything else (a manifest that is there but wrong or
+    written with other data.toy settings, a missing shard, other files) is the user's data and is
+    reported by open_dataset, not overwritten.
     One process writes (the trainer's rank 0); the others wait for it."""
     if not cfg.toy or looks_like_shards(cfg.url):
         return
@@ -106,5 +108,38 @@ def open_dataset(cfg: DataConfig) -> Dataset:
         manifest = open_data(cfg.url, DecodeSpec.of(cfg), cfg.sample_bytes_bound())
     except DataError as e:
         raise DataError(f"{e}\nthis preset's data is written by: {cfg.prepare}" if cfg.prepare else str(e)) from None
+    check_toy_settings(cfg, manifest)
     check_first_sample(manifest)
     return Dataset(cfg, manifest)
+
+
+def check_toy_settings(cfg: DataConfig, manifest: Manifest) -> None:
+    """Raises DataError when data.url already holds other data than the toy settings ask for: another
+    data set, or one written with another data.toy_std, data.toy_num_samples or data.toy_num_shards.
+    write_toy_data writes only where there is nothing, so the run would train on that data as if it
+    were what it asked for. train.seed is not compared: runs of several seeds share one draw."""
+    if not cfg.toy or looks_like_shards(cfg.url):
+        return
+    differences = []
+    if manifest.name != cfg.toy:
+        differences.append(f"data.toy={cfg.toy} (the data: {manifest.name})")
+    # Only this project's toy writer records the std, and the swiss roll has none. Another data set asked
+    # for with its own std (0) is one difference, said above.
+    recorded_std = manifest.preprocessing.get("std")
+    spec = toy_spec(cfg.toy)
+    asked_std = cfg.toy_std or spec.std
+    std_comparable = spec.centres is not None and (manifest.name == cfg.toy or cfg.toy_std > 0)
+    if std_comparable and isinstance(recorded_std, (int, float)) and not same_std(asked_std, recorded_std):
+        asked = f"{cfg.toy_std:g}" if cfg.toy_std else f"0, the published {asked_std:g}"
+        differences.append(f"data.toy_std={asked} (the data: {recorded_std:g})")
+    if manifest.num_samples != cfg.toy_num_samples:
+        differences.append(f"data.toy_num_samples={cfg.toy_num_samples} (the data: {manifest.num_samples})")
+    if len(manifest.shards) != min(cfg.toy_num_shards, cfg.toy_num_samples):
+        differences.append(f"data.toy_num_shards={cfg.toy_num_shards} (the data: {len(manifest.shards)})")
+    if differences:
+        folder = posixpath.dirname(manifest_url(cfg.url))
+        raise DataError(
+            f"data.url={cfg.url} holds data written with other settings than this run's: {'; '.join(differences)}. "
+            f"Give a new data.url to have the run's data written there, or delete {folder} to have it rewritten "
+            "(or give the data's values to train on it as it is)"
+        )

@@ -33,6 +33,14 @@ def _ring8() -> ToySpec:
     return ToySpec("8gaussians", ring / scale, 0.02 / scale)
 
 
+# Presets round a data set's std to six digits (0.017680 for 0.05 / 2.828): stds this close are one std.
+STD_TOLERANCE = 1e-3
+
+
+def same_std(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=STD_TOLERANCE)
+
+
 TOY_SPECS = {"25gaussians": _grid25(), "8gaussians": _ring8(), "swissroll": ToySpec("swissroll", None, 0.0)}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import http.server
 import io
@@ -397,6 +398,54 @@ def test_open_dataset_writes_a_toy_set_once_and_streams_it_split_over_ranks(tmp_
         assert {len(b["x"]) for b in batches} == {32}  # data.batch_size split over the ranks
         keys += [k for b in batches for k in b["key"].tolist()]
     assert len(keys) == len(set(keys)) == 1024
+
+
+def test_toy_data_written_with_other_settings_is_refused_naming_each_difference(tmp_path):
+    """Were ignored: the run trained on whatever data.url held (25 Gaussians for data.toy=8gaussians)."""
+    import data_pipeline
+
+    folder = tmp_path / "toy"
+    written = DataConfig(url=str(folder), toy="25gaussians", toy_std=0.01768, toy_num_samples=256, toy_num_shards=2)
+    data_pipeline.write_toy_data(written, seed=0)
+    # The same data: its published std given as 0 or rounded as the presets do, and another train.seed.
+    for same in (written, dataclasses.replace(written, toy_std=0.0)):
+        data_pipeline.write_toy_data(same, seed=1)
+        assert data_pipeline.open_dataset(same).manifest.num_samples == 256
+    asked = dataclasses.replace(written, toy="8gaussians", toy_std=0.3, toy_num_samples=512, toy_num_shards=4)
+    data_pipeline.write_toy_data(asked, seed=0)  # there already: left as it is
+    with pytest.raises(DataError) as caught:
+        data_pipeline.open_dataset(asked)
+    assert str(caught.value) == (
+        f"data.url={folder} holds data written with other settings than this run's: data.toy=8gaussians (the data: "
+        "25gaussians); data.toy_std=0.3 (the data: 0.01768); data.toy_num_samples=512 (the data: 256); "
+        f"data.toy_num_shards=4 (the data: 2). Give a new data.url to have the run's data written there, or delete "
+        f"{folder} to have it rewritten (or give the data's values to train on it as it is)"
+    )
+    wide = dataclasses.replace(written, url=str(tmp_path / "wide"), toy_std=0.3)
+    data_pipeline.write_toy_data(wide, seed=0)
+    with pytest.raises(
+        DataError, match=r"this run's: data.toy_std=0, the published 0.0176803 \(the data: 0.3\)\. Give"
+    ):
+        data_pipeline.open_dataset(dataclasses.replace(wide, toy_std=0.0))
+    # Another data set asked for with its own std (0): the std is its, not a difference of its own.
+    with pytest.raises(DataError, match=r"this run's: data.toy=8gaussians \(the data: 25gaussians\)\. Give"):
+        data_pipeline.open_dataset(dataclasses.replace(written, toy="8gaussians", toy_std=0.0))
+    assert (folder / "manifest.json").exists()  # refused, never rewritten
+
+
+def test_toy_settings_are_checked_against_what_a_manifest_without_their_record_shows(tmp_path):
+    """Data that data.toy did not write (another tool's, named like a toy set) records no std: its name
+    and counts are still compared, its std cannot be."""
+    import data_pipeline
+
+    points = np.zeros((64, 2), np.float32)
+    write_array_shards(str(tmp_path / "own"), "25gaussians", "train", points, np.zeros(64, np.int64), 2)
+    own = DataConfig(url=str(tmp_path / "own"), toy="25gaussians", toy_std=0.3, toy_num_samples=64, toy_num_shards=2)
+    assert data_pipeline.open_dataset(own).manifest.num_samples == 64
+    with pytest.raises(DataError, match=r"this run's: data.toy_num_samples=65 \(the data: 64\)\. Give"):
+        data_pipeline.open_dataset(dataclasses.replace(own, toy_num_samples=65))
+    # data.toy unset: the data is taken as it is.
+    assert data_pipeline.open_dataset(dataclasses.replace(own, toy="", toy_num_samples=65)).manifest.num_samples == 64
 
 
 def test_open_dataset_names_the_command_that_writes_a_presets_missing_data(tmp_path):

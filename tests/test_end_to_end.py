@@ -177,6 +177,18 @@ def test_missing_data_fails_before_training(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
+def test_toy_data_of_other_settings_fails_before_training(tmp_path):
+    from data_pipeline.convert import convert_toy
+
+    convert_toy("25gaussians", str(tmp_path / "data"), 4096, 4, seed=0)  # tiny_overrides' data, published std
+    result = run_trainer(tiny_overrides(tmp_path) + ["data.toy_std=0.3"], check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    expected = f"error: data.url={tmp_path / 'data'} holds data written with other settings than this run's: "
+    assert result.stderr.splitlines()[-1].startswith(expected + "data.toy_std=0.3 (the data: 0.0176803). Give")
+    assert not (tmp_path / "run").exists()
+
+
 DIVERGING = ["train.energy_optim.lr=3.0", "train.guard.max_abs_energy_gap=50"]
 
 
