@@ -1,6 +1,7 @@
 """The evaluation tool on real (tiny) runs: KDD-style anomaly detection and toy mode metrics."""
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -70,6 +71,19 @@ def test_toy_evaluation_reports_plain_and_mala(tmp_path):
     assert header.split(" | ")[0].strip() == "metric" and "latent MALA" in header
     assert any(r.startswith("high_quality_share") for r in rows)
     assert "MALA acceptance rate" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_toy_run_and_the_tool_score_against_the_std_of_the_data_it_trained_on(tmp_path):
+    """Were the preset's eval.toy.std: the true mixture's NLL of 25 Gaussians of std 0.0177 (-2.02 nats)."""
+    run_trainer(tiny_overrides(tmp_path, steps=10) + ["data.toy_std=0.05", "eval.mala.steps=0"])
+    true_nll = math.log(25) + math.log(2 * math.pi * 0.05**2) + 1  # far-apart modes: a 2-D Gaussian's entropy
+    latest = json.loads((tmp_path / "run" / "eval" / "latest.json").read_text())
+    assert latest["density_nll_true"] == pytest.approx(true_nll, abs=0.1)
+    result = _evaluate(tmp_path / "run", "eval.num_samples=300")
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "run" / "eval" / "eval_step_00000010.json").read_text())
+    assert record["density_nll_true"] == latest["density_nll_true"]
 
 
 @pytest.mark.slow

@@ -10,12 +10,13 @@ data, so mass an energy puts outside the box is not counted; the box's uniform d
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from data_pipeline.cli import ConfigError
+from data_pipeline.cli import ConfigError, DataError, short_message
 from trainer.evaluation.base import Evaluator
 
 if TYPE_CHECKING:  # numpy, torch and the scores are imported where they are used (see REGISTRY)
@@ -27,10 +28,12 @@ if TYPE_CHECKING:  # numpy, torch and the scores are imported where they are use
 TEMPERATURE_SEARCH = (1e-3, 10.0, 81)
 TEST_SEED, VALIDATION_SEED = 2024, 2025  # fresh draws, neither the plots' (12345) nor the training data's
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class ToyEvalConfig:
-    # The modes' std for the 3-sigma quality rule (0: the data set's own).
+    # The modes' std for the 3-sigma quality rule (0: the training data's, as its manifest records).
     std: float = field(default=0.0, metadata={"range": "[0, inf)"})
     density: bool = True  # score the energy as a density (adds about a second per evaluation on a CPU)
     density_points: int = field(default=20000, metadata={"range": "[100, 10000000]"})  # each of test and validation
@@ -39,7 +42,8 @@ class ToyEvalConfig:
 
 
 def toy_reference(dataset: str, std: float) -> tuple[ToySpec | None, np.ndarray | None]:
-    """The data set's modes (None when it has none, e.g. the swiss roll) and 2,000 points of it."""
+    """The data set's modes (None when it has none, e.g. the swiss roll) and 2,000 points of it;
+    ``std``: the modes' std the data was drawn with (0: the data set's published one)."""
     from data_pipeline.toy import TOY_SPECS, ToySpec, sample_toy
 
     if dataset not in TOY_SPECS:
@@ -50,9 +54,57 @@ def toy_reference(dataset: str, std: float) -> tuple[ToySpec | None, np.ndarray 
     return (spec if spec.centres is not None else None), data
 
 
+def training_data_std(data_url: str, dataset: str) -> float:
+    """The modes' std the training data at ``data_url`` was drawn with, as its manifest records; 0 (the
+    data set's published std), with a warning, where it records none or cannot be read (shards given
+    without a manifest, or data moved since the run: meg-evaluate's data.url=... says where it is now)."""
+    from data_pipeline.shards import read_manifest
+    from data_pipeline.toy import toy_spec
+
+    try:
+        manifest = read_manifest(data_url, check_shards=False)
+    except (DataError, OSError, ValueError) as e:
+        problem = f"its manifest cannot be read: {short_message(e, 200)}"
+    else:
+        std = manifest.preprocessing.get("std")
+        if manifest.name == dataset and isinstance(std, (int, float)) and std > 0:
+            return float(std)
+        problem = f"it holds {manifest.name}" if manifest.name != dataset else "its manifest records no std"
+    log.warning(
+        "the toy evaluation scores against the published std of %s, %g: data.url=%s does not tell the std of the data "
+        "the run trained on (%s); meg-evaluate takes data.url=... where that data has moved",
+        dataset, toy_spec(dataset).std, data_url, problem,
+    )  # fmt: skip
+    return 0.0
+
+
+def toy_references(
+    dataset: str, data_url: str, rule_std: float
+) -> tuple[ToySpec | None, ToySpec | None, np.ndarray | None]:
+    """What a toy evaluation scores against: the modes as the training data at ``data_url`` was drawn,
+    the modes with the 3-sigma quality rule's std (``rule_std``, eval.toy.std; 0: the data's), both
+    None for data without modes, and 2,000 points drawn like the data (None for an unknown data set)."""
+    from data_pipeline.toy import TOY_SPECS, ToySpec, same_std
+
+    if dataset not in TOY_SPECS:
+        return None, None, None
+    data_std = training_data_std(data_url, dataset) if TOY_SPECS[dataset].centres is not None else 0.0
+    spec, data = toy_reference(dataset, data_std)
+    if spec is None:
+        return None, None, data
+    if rule_std and not same_std(rule_std, spec.std):
+        log.warning(
+            "eval.toy.std=%g is not the std the training data was drawn with (%g): samples count as high quality "
+            "within 3 x %g of a mode centre, not within the data's 3 sigma; eval.toy.std=0 takes the data's",
+            rule_std, spec.std, rule_std,
+        )  # fmt: skip
+    return spec, ToySpec(spec.name, spec.centres, rule_std or spec.std), data
+
+
 class DensityReference:
     """What scoring an energy as a density needs, made once per run: the box and its grid, a test
-    and a validation draw, each grid cell's nearest mode, and the true mixture's NLL."""
+    and a validation draw, each grid cell's nearest mode, and the true mixture's NLL (``spec``: the
+    modes with the training data's std; ``section.std``, where set, is only the 3-sigma rule's)."""
 
     def __init__(self, dataset: str, spec: ToySpec | None, data: np.ndarray, section: ToyEvalConfig):
         import torch
@@ -77,7 +129,7 @@ class DensityReference:
             centres = torch.from_numpy(spec.centres).float()
             distance = torch.cdist(self.grid, centres)
             self.grid_mode = distance.argmin(dim=1).numpy()
-            self.within_3sigma = (distance.min(dim=1).values <= 3 * spec.std).numpy()
+            self.within_3sigma = (distance.min(dim=1).values <= 3 * (section.std or spec.std)).numpy()
 
     def score(self, energy, entropy_weight: float, grid_e: np.ndarray | None = None) -> dict[str, float]:
         """``grid_e``: the energy on ``self.grid`` when the caller has it already (else computed)."""
@@ -133,7 +185,8 @@ class ToyEvaluator(Evaluator):
 
     def __init__(self, eval_cfg, section: ToyEvalConfig, ctx):
         super().__init__(eval_cfg, section, ctx)
-        self.spec, self.data = toy_reference(ctx.dataset, section.std)
+        # spec: the modes as the data was drawn (the density's yardsticks); rule: the 3-sigma rule's std.
+        self.spec, self.rule, self.data = toy_references(ctx.dataset, ctx.data_url, section.std)
         self._density: DensityReference | None = None
 
     def score_energy(self, energy) -> dict[str, float]:
@@ -146,7 +199,7 @@ class ToyEvaluator(Evaluator):
     def score_samples(self, samples) -> dict[str, float]:
         from data_pipeline.toy import mode_metrics
 
-        return mode_metrics(samples.cpu().numpy(), self.spec) if self.spec is not None else {}
+        return mode_metrics(samples.cpu().numpy(), self.rule) if self.rule is not None else {}
 
     def plot(self, tag, step, energy, plain, refined, results) -> None:
         from trainer.plots import energy_landscape, scatter_2d  # matplotlib: imported when a picture is drawn
