@@ -11,19 +11,11 @@ import torch
 from data_pipeline.convert import convert_toy
 from data_pipeline.shards import write_array_shards
 from data_pipeline.toy import TOY_SPECS, sample_toy
+from tests.test_density import ConstantEnergy
 from trainer.config import load_config
 from trainer.evaluation import build_evaluator
 
 WIDE = 0.05  # about three times the published std 0.0177: the modes stay apart (spacing 0.707)
-
-
-class ConstantEnergy(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.zero = torch.nn.Parameter(torch.zeros(()))
-
-    def forward(self, x):
-        return self.zero.expand(len(x))
 
 
 def _evaluator(tmp_path, *overrides):

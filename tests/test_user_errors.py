@@ -209,6 +209,17 @@ def test_launch_sh_refuses_a_bad_nproc_before_any_work(tmp_path, args, got):
     assert not venv.exists()
 
 
+def fake_sbatch(tmp_path) -> dict[str, str]:
+    """An environment for launch.sh with this venv set up and an sbatch that marks tmp_path/submitted."""
+    import sys
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f"#!/bin/sh\ntouch {tmp_path / 'submitted'}\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    return {**os.environ, "MEG_VENV": sys.prefix, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
 @pytest.mark.parametrize(
     "args, says",
     [
@@ -224,13 +235,7 @@ def test_launch_sh_refuses_a_bad_nproc_before_any_work(tmp_path, args, got):
     ],
 )
 def test_launch_sh_says_a_slurm_flag_without_its_value_or_a_bad_config_once_before_launching(tmp_path, args, says):
-    import sys
-
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "sbatch").write_text(f"#!/bin/sh\ntouch {tmp_path / 'submitted'}\n")
-    (bin_dir / "sbatch").chmod(0o755)
-    env = {**os.environ, "MEG_VENV": sys.prefix, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env = fake_sbatch(tmp_path)
     done = subprocess.run([str(REPO_ROOT / "launch.sh"), *args], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr[-2000:]
     assert len(done.stderr.strip().splitlines()) == 1 and says in done.stderr, done.stderr
@@ -241,13 +246,7 @@ def test_launch_sh_says_a_slurm_flag_without_its_value_or_a_bad_config_once_befo
 @pytest.mark.parametrize("asks", ["--help", "--check", "--print-config"])
 def test_launch_sh_answers_a_question_to_the_trainer_without_launching_anything(tmp_path, launch, asks):
     # --slurm submitted a job for each of these; --nproc started N processes, each answering.
-    import sys
-
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "sbatch").write_text(f"#!/bin/sh\ntouch {tmp_path / 'submitted'}\n")
-    (bin_dir / "sbatch").chmod(0o755)
-    env = {**os.environ, "MEG_VENV": sys.prefix, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env = fake_sbatch(tmp_path)
     cmd = [str(REPO_ROOT / "launch.sh"), *launch, "--config", "debug", f"output_dir={tmp_path / 'run'}", asks]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and not done.stderr, done.stderr[-2000:]
