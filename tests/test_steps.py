@@ -391,7 +391,7 @@ def test_a_stop_during_an_evaluation_is_honoured_after_it_with_a_checkpoint_of_i
 
     monkeypatch.setattr(Evaluator, "__call__", slow_evaluation_signalled_midway)
     overrides = [*tiny_overrides(tmp_path, steps=40), "checkpoint.every=20", "eval.every=15"]
-    with pytest.raises(Preempted, match="during the evaluation; checkpoint saved at step 15"):
+    with pytest.raises(Preempted, match="during the evaluation; checkpoint at step 15, rerun to resume"):
         run(load_config("toy_25gaussians", overrides), stop, heartbeat=lambda: beats.append(time.monotonic()))
     during = [t for t in beats if evaluating["start"] < t < evaluating["end"]]
     assert len(during) >= 2, (beats, evaluating)

@@ -117,6 +117,49 @@ def evaluation_mode(module: nn.Module) -> Iterator[None]:
         module.train()
 
 
+class TrainingEvaluation:
+    """The evaluations during a run: at the steps ``evaluation_due`` names, by ``evaluator`` (None: none)
+    on the main process alone while the other ranks wait for it."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        runtime: Runtime,
+        steps: MEGSteps,
+        stream: ShardStream,
+        evaluator: Evaluator | None,
+        logger: MetricsLogger,
+        heartbeat: Callable[[], None],
+    ):
+        self.cfg, self.runtime, self.steps, self.evaluator = cfg, runtime, steps, evaluator
+        self.logger, self.heartbeat = logger, heartbeat
+        self.extra_steps = extra_evaluation_steps(cfg, stream)
+
+    def due(self, step: int) -> bool:
+        return evaluation_due(self.cfg, step, self.extra_steps)
+
+    def missing(self, step: int) -> bool:
+        """Whether the evaluation at ``step`` never completed (the run was killed during it)."""
+        return self.evaluator is not None and not self.evaluator.has_result(step)
+
+    def __call__(self, step: int) -> dict[str, float]:
+        """The evaluation's results as the run's metrics (eval_<name>); collective."""
+        metrics: dict[str, float] = {}
+        # An evaluation is progress on every rank (the others wait for the main process's), which the
+        # stop watchdog must not cut short: a stop signal during it is honoured when it ends.
+        with beating(self.heartbeat, self.cfg.train.evaluation_timeout):
+            if self.evaluator is not None:
+                # The fp32 weights the checkpoint exports (every rank: DeepSpeed gathers its masters), G's EMA if kept.
+                energy, generator = self.runtime.for_evaluation(self.steps.energy), self.steps.evaluation_generator()
+                if self.runtime.is_main:  # alone, on forked generators (CPU and device) with its own seed:
+                    # training is the same with or without it, and meg-evaluate draws the same samples.
+                    with self.runtime.fork_rng(seed=self.cfg.eval.seed), evaluation_mode(generator):
+                        metrics = {f"eval_{k}": v for k, v in self.evaluator(step, energy, generator).items()}
+                    self.logger.log(step, metrics)
+            self.runtime.wait_for_main(self.cfg.train.evaluation_timeout)
+        return metrics
+
+
 class MEGTrainer:
     def __init__(
         self,
@@ -133,14 +176,14 @@ class MEGTrainer:
     ):
         """``data_stop``: the stop request as a wait for data sees it (default ``stop``; job.py's)."""
         self.cfg, self.runtime, self.steps, self.stream = cfg, runtime, steps, stream
-        self.logger, self.checkpoints, self.evaluator = logger, checkpoints, evaluator
+        self.logger, self.checkpoints = logger, checkpoints
         self.stop, self.heartbeat = stop or threading.Event(), heartbeat or (lambda: None)
         self.data_stop = data_stop or self.stop
         self.state = TrainState(runtime.rank, runtime.world_size, entropy_state=steps.entropy_state)
         self.guard = DivergenceGuard(cfg.train.guard)
         self.loaded: str | None = None  # the checkpoint last loaded (resume or rollback)
         self.window = MetricWindow(runtime, self.guard, cfg.train.energy_steps * cfg.data.batch_size)
-        self.extra_evaluation_steps = extra_evaluation_steps(cfg, stream)
+        self.evaluation = TrainingEvaluation(cfg, runtime, steps, stream, evaluator, logger, self.heartbeat)
 
     def resume_if_possible(self, checkpoint: str | None) -> int | None:
         """Loads ``checkpoint`` (or, found damaged, the one before it); returns the step loaded (None: a new
@@ -198,33 +241,14 @@ class MEGTrainer:
         if self.runtime.is_main:
             print(f"\ndivergence: {error}; {self.guard.rolled_back(self.state.step, lr_scale)}", flush=True)
 
-    def evaluate(self, step: int) -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        # An evaluation is progress on every rank (the others wait for the main process's), which the
-        # stop watchdog must not cut short: a stop signal during it is honoured when it ends.
-        with beating(self.heartbeat, self.cfg.train.evaluation_timeout):
-            if self.evaluator is not None:
-                # The fp32 weights the checkpoint exports (every rank: DeepSpeed gathers its masters), G's EMA if kept.
-                energy, generator = self.runtime.for_evaluation(self.steps.energy), self.steps.evaluation_generator()
-                if self.runtime.is_main:  # alone, on forked generators (CPU and device) with its own seed:
-                    # training is the same with or without it, and meg-evaluate draws the same samples.
-                    with self.runtime.fork_rng(seed=self.cfg.eval.seed), evaluation_mode(generator):
-                        metrics = self.evaluator(step, energy, generator)
-                    self.logger.log(step, {f"eval_{k}": v for k, v in metrics.items()})
-            self.runtime.wait_for_main(self.cfg.train.evaluation_timeout)
-        return metrics
-
-    def _stop_if_requested_during_evaluation(self, saved: bool) -> None:
-        """A stop signal that came during an evaluation (which changes no training state): every rank
-        agrees on it here, and the run ends with a checkpoint of this step (``saved``: one holds it)."""
-        stop = torch.tensor([float(self.stop.is_set())], device=self.runtime.device)
-        if not self.runtime.sum_across_ranks(stop).item():
-            return
-        if not saved:
-            self._save()
-        raise Preempted(
-            f"stop signal received during the evaluation; checkpoint saved at step {self.state.step}, rerun to resume"
-        )
+    def _stop_if_asked(self, saved: bool, during: str) -> None:
+        """A stop request that came where no metric reduction carries it (the set-up, an evaluation: neither
+        changes the training state): every rank agrees on it here, and the run ends with the requeue code,
+        saving unless a checkpoint holds the state already (``saved``)."""
+        if self.runtime.sum_across_ranks(torch.tensor([float(self.stop.is_set())], device=self.runtime.device)).item():
+            if not saved:
+                self._save()
+            raise Preempted(f"stop signal received {during}; checkpoint at step {self.state.step}, rerun to resume")
 
     def _save(self) -> None:
         """A checkpoint of the current state, once the guard has seen sane weights (collective); one
@@ -239,12 +263,7 @@ class MEGTrainer:
         if self.cfg.train.guard.max_rollbacks > 0 and not self.checkpoints.list():
             self._save()  # the initial networks: a good state to roll back to if the run diverges early
             saved = True
-        # A stop requested during the set-up: every rank agrees on it here, and the run ends with the
-        # requeue code at once, saving unless a checkpoint holds the state already (a copy, as .replaced).
-        if self.runtime.sum_across_ranks(torch.tensor([float(self.stop.is_set())], device=self.runtime.device)).item():
-            if not saved:
-                self._save()
-            raise Preempted(f"stop signal received before training; the checkpoint at step {self.state.step} stands")
+        self._stop_if_asked(saved, "before training")  # (saving again would make a copy, as .replaced)
         while True:
             try:
                 last = self._train_until_done()
@@ -262,9 +281,8 @@ class MEGTrainer:
         batches = real_batches(self.stream, state.position, self.window, device, self.data_stop.is_set, self.heartbeat)
         last: dict[str, float] = {}
         tick, steps_since = time.perf_counter(), 0
-        if state.step >= cfg.train.steps and self.evaluator is not None and not self.evaluator.has_result(state.step):
-            # A finished run whose final evaluation never completed (killed during it): run it now.
-            last.update({f"eval_{k}": v for k, v in self.evaluate(state.step).items()})
+        if state.step >= cfg.train.steps and self.evaluation.missing(state.step):
+            last.update(self.evaluation(state.step))  # a finished run's final evaluation, killed during it
         while state.step < cfg.train.steps:
             self._set_lr(state.step)
             started = time.perf_counter()
@@ -287,10 +305,10 @@ class MEGTrainer:
                 self._save()
             if stop_requested:
                 raise Preempted(f"stop signal received; checkpoint saved at step {state.step}, rerun to resume")
-            if evaluation_due(cfg, state.step, self.extra_evaluation_steps):
-                last.update({f"eval_{k}": v for k, v in self.evaluate(state.step).items()})
+            if self.evaluation.due(state.step):
+                last.update(self.evaluation(state.step))
                 if state.step < cfg.train.steps:  # else the run has ended anyway
-                    self._stop_if_requested_during_evaluation(saved=checkpoint_due)
+                    self._stop_if_asked(checkpoint_due, "during the evaluation")
             if steps_since == 0:  # keep checkpoint and eval time out of the throughput figures
                 tick = time.perf_counter()
         return last
