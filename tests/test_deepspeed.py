@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -219,3 +220,62 @@ def test_sample_and_evaluate_give_a_zero2_run_the_numbers_of_its_ddp_twin(two_ra
         # NaN: no sample near a mode yet, so no mode histogram (mode_kl_reverse), in both runs alike.
         expected = pytest.approx(value, rel=1e-3, abs=1e-4, nan_ok=True) if isinstance(value, float) else value
         assert evaluations["zero2"][key] == expected, key
+
+
+def _zero2_save_failing_on_rank_1(rank: int, port: int, results, folder: str) -> None:
+    """One rank of a 2-rank ZeRO-2 run whose rank 1 cannot write its optimizer shard at step 20 (its node's
+    disk full): what the run raised goes to ``results``."""
+    import errno
+    import os
+    import threading
+
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from trainer.job import run
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    os.environ.update(MASTER_PORT=str(port), ACCELERATE_USE_CPU="1")
+    write = TorchCheckpointEngine.save
+
+    def full_disk_on_rank_1(self, state_dict, path):
+        if rank == 1 and "step_00000020" in path and "zero_pp_rank_1" in path:
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return write(self, state_dict, path)
+
+    TorchCheckpointEngine.save = full_disk_on_rank_1
+    overrides = [
+        *tiny_overrides(Path(folder), steps=30), "checkpoint.keep=1", "train.collective_timeout=60",
+        "train.engine=deepspeed", "deepspeed.zero_stage=2",
+        f"deepspeed.config_file={REPO_ROOT / 'deploy' / 'deepspeed' / 'zero2.json'}",
+    ]  # fmt: skip
+    try:
+        run(load_config("toy_25gaussians", overrides), threading.Event())
+        results.put((rank, "finished"))
+    except Exception as e:  # noqa: BLE001 (what each rank raised is the result)
+        results.put((rank, f"{type(e).__name__}: {e}"))
+
+
+@pytest.mark.slow
+def test_a_zero_shard_one_rank_cannot_write_is_said_as_such_and_the_older_checkpoint_kept(tmp_path):
+    # Rank 1 raised from inside DeepSpeed's save, into the ranks' agreement on it, while rank 0 waited in
+    # DeepSpeed's own barrier: both hung for train.collective_timeout, then named a lost rank, not the disk.
+    import multiprocessing
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spawn = multiprocessing.get_context("spawn")
+    results = spawn.Queue()
+    ranks = [
+        spawn.Process(target=_zero2_save_failing_on_rank_1, args=(r, port, results, str(tmp_path))) for r in (0, 1)
+    ]
+    for p in ranks:
+        p.start()
+    said = dict(results.get(timeout=300) for _ in ranks)
+    for p in ranks:
+        p.join(60)
+    final = tmp_path / "run" / "checkpoints" / "step_00000020"
+    assert said[1].startswith(f"CheckpointError: could not write checkpoint {final}: No space left on device")
+    assert said[0].startswith(f"CheckpointError: could not write checkpoint {final}: another rank could not")
+    assert sorted(p.name for p in final.parent.iterdir()) == ["step_00000000", "step_00000010"]  # 0: the guard's

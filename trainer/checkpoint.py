@@ -501,8 +501,10 @@ class Checkpoints:
             os.mkdir(partial)
 
         def write_part() -> None:
-            torch.save(rng_state(runtime.device), os.path.join(partial, f"rng_rank{runtime.rank}.pt"))
+            # The engine's first: DeepSpeed's save is collective, and every rank must reach it (see
+            # DeepSpeedRuntime.save_engine_state); a failure of this rank's own files is agreed on after.
             runtime.save_engine_state(os.path.join(partial, ENGINE_DIR))
+            torch.save(rng_state(runtime.device), os.path.join(partial, f"rng_rank{runtime.rank}.pt"))
             if runtime.is_main:
                 write_export(partial, weights, self.config_yaml, {**self.info, "step": state.step})
                 with write_replacing(os.path.join(partial, STATE_FILE)) as f:

@@ -9,8 +9,10 @@ under the penalty's double backward and is refused. Every rank saves (each owns 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -175,8 +177,17 @@ class DeepSpeedRuntime(ProcessGroup):
         return out
 
     def save_engine_state(self, folder: str) -> None:
+        # DeepSpeed's save meets the other ranks in barriers of its own, after each write: a rank whose write
+        # failed and raised at once would wait in the ranks' agreement on the save (trainer/checkpoint.py)
+        # while the others waited in such a barrier, until train.collective_timeout, its failure unsaid
+        # (and under NCCL, where a barrier is an all-reduce, the two could even pair up). So every write's
+        # failure is held until all engines are saved, all ranks through every barrier, then raised.
+        failures: list[Exception] = []
         for name, eng in self.engines.items():
-            eng.save_checkpoint(folder, tag=name, save_latest=False)  # collective: every rank writes its shards
+            with _writes_failing_later(eng.checkpoint_engine, failures):
+                eng.save_checkpoint(folder, tag=name, save_latest=False)  # collective: every rank writes its shards
+        if failures:
+            raise failures[0]
 
     def restore(self, folder: str, weights: dict[str, dict[str, torch.Tensor]]) -> None:
         """The engines (weights, fp32 masters, optimizer shards) from DeepSpeed's own files."""
@@ -188,6 +199,29 @@ class DeepSpeedRuntime(ProcessGroup):
     def shutdown(self, meet: bool = True) -> None:
         self.engines.clear()  # the engines hold the process group
         super().shutdown(meet)
+
+
+@contextlib.contextmanager
+def _writes_failing_later(checkpoint_engine, failures: list[Exception]) -> Iterator[None]:
+    """DeepSpeed's checkpoint engine with its file operations (makedirs, save) recording their failures in
+    ``failures`` instead of raising them, for as long as the block runs."""
+
+    def held(operation):
+        def run(*args, **kwargs):
+            try:
+                return operation(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 (raised after the barriers: see save_engine_state)
+                failures.append(e)
+
+        return run
+
+    for name in ("makedirs", "save"):
+        setattr(checkpoint_engine, name, held(getattr(checkpoint_engine, name)))
+    try:
+        yield
+    finally:
+        for name in ("makedirs", "save"):
+            delattr(checkpoint_engine, name)  # the class's own again
 
 
 def _fp32_state(net: nn.Module) -> dict[str, torch.Tensor]:
