@@ -742,6 +742,30 @@ def test_the_guard_goes_one_checkpoint_further_back_when_a_failure_repeats():
     assert "Lower the learning rates" not in str(stop)
 
 
+def test_the_guard_never_flees_step_0_and_advises_lower_learning_rates_when_the_first_steps_fail():
+    # train.energy_optim.lr=100: step 1 failed again from step 0 at half the rate; step 0 was fled and the
+    # run stopped with 2 rollbacks unused, blaming "the data or the model at that step".
+    guard = DivergenceGuard(GuardConfig(max_rollbacks=3, lr_factor=0.5))
+    start = "ckpt/step_00000000"
+    for _ in range(4):
+        error = Diverged("non-finite energy_gap = nan at step 1", True, 1, "energy_gap")
+        assert not guard.flee_repeated(error, start)
+        if guard.rollbacks < 3:
+            guard.next_rollback(error, start)
+    assert guard.fled == [] and guard.rollbacks == 3
+    stop = str(guard.give_up(error, start))
+    assert "3 rollback(s) did not help" in stop and "Lower the learning rates" in stop and "the data" not in stop
+
+
+def test_the_guard_blames_the_data_when_a_failure_comes_back_from_a_fled_checkpoint_and_from_step_0():
+    guard = DivergenceGuard(GuardConfig(max_rollbacks=3, lr_factor=0.5))
+    for loaded in ("ckpt/step_00000020", "ckpt/step_00000020", "ckpt/step_00000000", "ckpt/step_00000000"):
+        guard.flee_repeated(Diverged("non-finite penalty at step 25", True, 25, "penalty"), loaded)
+    assert guard.fled == ["ckpt/step_00000020"] and guard.repeated_from_start
+    stop = str(guard.give_up(Diverged("non-finite penalty at step 25", True, 25, "penalty"), "ckpt/step_00000000"))
+    assert "from every checkpoint tried (ckpt/step_00000020, and step 0)" in stop and "the data" in stop
+
+
 def test_the_guard_advises_lower_learning_rates_when_failures_differ():
     guard = DivergenceGuard(GuardConfig(max_rollbacks=1))
     for step in (21, 34):

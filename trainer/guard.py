@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from trainer.checkpoint import FLED_SUFFIX
+from trainer.checkpoint import FLED_SUFFIX, checkpoint_step
 from trainer.config import GuardConfig
 
 
@@ -27,16 +27,21 @@ class DivergenceGuard:
         self.rollbacks = 0
         self.last_failure: tuple[int | None, str] | None = None
         self.fled: list[str] = []  # checkpoints the same failure came back from, newest first
+        self.repeated_from_start = False  # ... and from step 0 too (never fled: see flee_repeated)
 
     def flee_repeated(self, error: Diverged, loaded: str | None) -> bool:
         """Whether ``error`` is the failure the last rollback met again (same step, same term) from the
         checkpoint ``loaded``, at lowered learning rates: then that checkpoint is fled (the trainer sets
         it aside, so that neither the next rollback nor a restart takes it). With lr_factor 1 a repeat
-        tells nothing."""
+        tells nothing. Step 0 is never fled: the initial networks hold no exploding weights (a failure at
+        their first steps comes back at a learning rate still too high), and they are the last way back."""
         failure = (error.step, error.term)
         again = failure == self.last_failure and error.step is not None and loaded is not None
         again = again and self.cfg.lr_factor < 1
         self.last_failure = failure
+        if again and checkpoint_step(loaded) == 0:
+            self.repeated_from_start = True
+            return False
         if again:
             self.fled.append(loaded)
         return again
@@ -101,12 +106,12 @@ class DivergenceGuard:
             f"{self.fled[0]}{FLED_SUFFIX}, where no restart takes it. A restart resumes from the newest intact "
             "checkpoint."
         )
-        if any(path.endswith("step_00000000") for path in self.fled):
+        if self.repeated_from_start:
             advice = (
-                f"The same failure came back at step {error.step} from every checkpoint tried ({fled}) and at every "
-                "learning rate: its cause is the data or the model at that step, not a checkpoint or the learning "
-                "rate (check the data read there, or raise train.penalty_weight). The checkpoints are kept as "
-                f"step_N{FLED_SUFFIX}: rename them back to step_N to resume from one."
+                f"The same failure came back at step {error.step} from every checkpoint tried ({fled}, and step 0) "
+                "at lowered learning rates: its cause is likely the data or the model at that step, not a "
+                "checkpoint (check the data read there, or raise train.penalty_weight). The checkpoints are kept "
+                f"as step_N{FLED_SUFFIX}: rename them back to step_N to resume from one."
             )
         return Diverged(f"{error}; {reason}. Stopping. {advice}", error.nonfinite, error.step, error.term)
 
