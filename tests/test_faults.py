@@ -45,6 +45,7 @@ from trainer.checkpoint import (
 )
 from trainer.config import GuardConfig, config_to_yaml, load_config
 from trainer.guard import Diverged, DivergenceGuard
+from trainer.main import descendants
 from trainer.metrics import JsonlSink
 from trainer.nofollow import LinkedRunFolder, check_run_folder, open_append, write_replacing
 from trainer.run_folder import RunFolderLock
@@ -848,16 +849,33 @@ def test_a_config_that_does_not_parse_is_a_damaged_checkpoint(tmp_path, config_y
     assert "config.yaml is unreadable" in damage(written)
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry))
-        except (OSError, IndexError, ValueError):
-            continue
-    return found
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="the process tree is read from /proc")
+def test_a_trainer_that_exits_at_once_ends_the_commands_it_started_and_theirs(tmp_path):
+    # A pipe: shard's command (and the sleep it ran) outlived a trainer the stop watchdog ended.
+    code = (
+        "import os, subprocess, time\n"
+        "from trainer.main import descendants, exit_now\n"
+        "subprocess.Popen(['sh', '-c', 'sleep 1000 & sleep 1000 & wait'], stdout=subprocess.DEVNULL)\n"
+        "time.sleep(1)\n"
+        "print(*descendants(os.getpid()), flush=True)\n"
+        "exit_now(75)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    started = [int(pid) for pid in done.stdout.split()]
+    assert done.returncode == 75 and len(started) == 3, (done.stdout, done.stderr[-2000:])  # sh and its two sleeps
+    deadline = time.time() + 10
+    while time.time() < deadline and any(map(_alive, started)):
+        time.sleep(0.1)
+    assert not any(map(_alive, started)), started
 
 
 @pytest.mark.slow
@@ -870,7 +888,7 @@ def test_process_workers_end_with_a_killed_trainer_and_a_restart_gets_the_lock(t
         deadline, workers = time.time() + 120, []
         while time.time() < deadline and not workers:  # an epoch's DataLoader workers
             time.sleep(0.2)
-            workers = _children(first.pid)
+            workers = descendants(first.pid)
         assert workers, "no worker processes"
         time.sleep(0.5)  # past their start-up (worker_init_fn)
     finally:

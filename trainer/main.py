@@ -213,9 +213,28 @@ def _watch(read_fd: int, stop: StopRequest, ended: threading.Event, grace: float
         os.close(read_fd)
 
 
+def descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (its children, theirs, ...), read from /proc ([] without it)."""
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else []):
+        try:
+            with open(f"/proc/{entry}/stat") as f:  # "pid (name) state ppid ...": the name may hold spaces
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):  # not a process, or one that just ended
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, below = [], [pid]
+    while below:
+        for child in children.get(below.pop(), []):
+            found.append(child)
+            below.append(child)
+    return found
+
+
 def exit_now(code: int, message: str = "") -> None:
-    """Ends the process at once: the output flushed, worker processes killed, and no wait for threads
-    still blocked in a read (an interpreter exit may wait on them, or on their locks)."""
+    """Ends the process at once: the output flushed, every process it started killed (DataLoader workers,
+    a pipe: shard's command and what that runs), and no wait for threads still blocked in a read (an
+    interpreter exit may wait on them, or on their locks)."""
     if message:
         print(message, file=sys.stderr, flush=True)
     for stream in (sys.stdout, sys.stderr):
@@ -224,7 +243,11 @@ def exit_now(code: int, message: str = "") -> None:
     for handler in logging.getLogger().handlers:
         with contextlib.suppress(Exception):
             handler.flush()
-    for child in multiprocessing.active_children():  # DataLoader workers
+    # All of them found before any is killed: a killed shell's own children would be orphaned, out of reach.
+    for pid in descendants(os.getpid()):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    for child in multiprocessing.active_children():  # where there is no /proc
         with contextlib.suppress(Exception):
             child.kill()
     os._exit(code)
