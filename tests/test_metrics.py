@@ -421,3 +421,22 @@ def test_a_targets_file_in_place_of_the_folder_is_a_config_error_naming_the_key(
         ConfigError, match=f"log.prometheus_targets={tmp_path / 'targets'} is a file: it names the folder"
     ):
         PrometheusExporter(cfg, "r1", 0, 0, torch.device("cpu"), 10, 1, {})
+
+
+@pytest.mark.parametrize("code, withdrawn", [(75, True), (130, True), (1, False)])
+def test_a_process_that_exits_at_once_withdraws_its_target_file_when_stopped_on_request(tmp_path, code, withdrawn):
+    # The stop watchdog's exit (a rank blocked in a wait) skipped the exporter's close: the target file
+    # stayed and MEGTargetDown fired for a run that was only requeued. A crash keeps it, as close() does.
+    script = (
+        "import sys, torch\n"
+        "from trainer.config import LogConfig\n"
+        "from trainer.main import exit_now\n"
+        "from trainer.prometheus import PrometheusExporter\n"
+        f"cfg = LogConfig(prometheus_port=0, prometheus_targets={str(tmp_path / 'targets')!r})\n"
+        "PrometheusExporter(cfg, 'r1', 0, 0, torch.device('cpu'), 10, 1, {})\n"
+        f"exit_now({code})\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == code, done.stderr[-2000:]
+    assert len(target_names(tmp_path)) == (0 if withdrawn else 1)

@@ -357,7 +357,7 @@ def _train(
     try:
         final = trainer.train()
         clean = True
-    except (Preempted, KeyboardInterrupt):
+    except (Preempted, StopRequested, KeyboardInterrupt):
         clean = True  # stopped on request (to be requeued): not a crash for the alerts
         raise
     finally:

@@ -243,6 +243,8 @@ def exit_now(code: int, message: str = "") -> None:
     for handler in logging.getLogger().handlers:
         with contextlib.suppress(Exception):
             handler.flush()
+    if code in (PREEMPTED_EXIT_CODE, INTERRUPTED_EXIT_CODE) and "trainer.prometheus" in sys.modules:
+        sys.modules["trainer.prometheus"].withdraw_target_files()  # stopped on request: not down for the alerts
     # All of them found before any is killed: a killed shell's own children would be orphaned, out of reach.
     for pid in descendants(os.getpid()):
         with contextlib.suppress(OSError):

@@ -20,6 +20,7 @@ file, a pushed group or a dashboard line; a requeued run keeps its folder and so
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import ipaddress
@@ -130,6 +131,19 @@ class ProcessCollector:
                 yield gauge
 
 
+# The target files of this process's exporters, until closed: a process that stops to be requeued
+# without closing them (trainer/main.py's exit_now) withdraws them, or the alerts take it for down.
+_open_target_files: set[str] = set()
+
+
+def withdraw_target_files() -> None:
+    """Removes the target files of the exporters not closed (the process stops to be requeued)."""
+    for path in list(_open_target_files):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        _open_target_files.discard(path)
+
+
 class PrometheusExporter(MetricSink):
     """A metrics sink (see trainer/metrics.py) serving this rank's ``/metrics``; on rank 0 it also
     holds the run-wide metrics and pushes the final numbers to ``log.pushgateway``."""
@@ -170,6 +184,8 @@ class PrometheusExporter(MetricSink):
         if local_rank == 0:  # once per node: every rank there advertises the same name
             self._warn_if_advertised_host_is_loopback()
         self.target_file = self._write_target() if cfg.prometheus_targets else ""
+        if self.target_file:
+            _open_target_files.add(self.target_file)
 
     def _counter(self, name: str, help: str) -> Counter:
         return Counter(name, help, ["run"], registry=self.registry).labels(self.run)
@@ -373,11 +389,10 @@ class PrometheusExporter(MetricSink):
         self.server.shutdown()
         self.server.server_close()
         if self.target_file:
+            _open_target_files.discard(self.target_file)
             if clean:
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     os.remove(self.target_file)
-                except FileNotFoundError:
-                    pass
             else:
                 print(
                     f"left {self.target_file} so that Prometheus reports rank {self.rank} down "
