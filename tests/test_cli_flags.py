@@ -150,6 +150,14 @@ def test_classifier_refuses_a_folder_as_out_before_reading_the_data(tmp_path):
     _refused(classifier.main, ["--data", str(tmp_path / "none"), "--out", str(tmp_path / "file" / "c.pt")], "is a file")
 
 
+def test_classifier_refuses_one_data_set_given_twice_before_reading_it(tmp_path):
+    # Its digits landed in both the training and the held-out part: 0.61 held-out accuracy read as 0.92.
+    data = str(tmp_path / "d")
+    for twice in ([data, data], [data, data + "/"], [data, str(tmp_path / "." / "d")]):
+        argv = [arg for url in twice for arg in ("--data", url)]
+        _refused(classifier.main, [*argv, "--out", str(tmp_path / "c.pt")], "are one data set: give each once")
+
+
 def test_classifier_refuses_a_data_set_smaller_than_one_batch(tmp_path):
     x, y = torch.zeros(100, 1, 28, 28), torch.arange(100) % 10
     with pytest.raises(DataError, match="85 to train on .* fewer than one batch of 128: give more --data"):

@@ -123,6 +123,11 @@ def _train(args: argparse.Namespace) -> int:
     from data_pipeline.stream import read_split
 
     check_output_file(args.out, "--out", {".pt": "torch", ".pth": "torch"})
+    given: dict[str, str] = {}
+    for url in args.data:  # one set twice lands in both parts: the held-out accuracy would flatter
+        first = given.setdefault(url.rstrip("/") if "://" in url else os.path.realpath(url), url)
+        if first != url or args.data.count(url) > 1:
+            raise DataError(f"--data {first} and --data {url} are one data set: give each once")
     manifests = [read_manifest(url) for url in args.data]
     for url, manifest in zip(args.data, manifests):  # each set's shape from its manifest, before any reading
         if tuple(manifest.sample_shape) != (1, 28, 28):
