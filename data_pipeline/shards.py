@@ -138,6 +138,11 @@ def read_manifest(url: str, check_shards: bool = True) -> Manifest:
             raise DataError(
                 f"cannot reach {murl}: {short_message(e.__cause__)}: check the address, and that its server is up"
             ) from None
+        within = _data_sets_within(url)
+        if within:  # convert writes a split per folder (mnist: train/, test/)
+            raise DataError(
+                f"no manifest at {murl}: {url} holds the data sets {', '.join(within)}: give one of them"
+            ) from None
         raise DataError(
             f"no manifest at {murl}: write the data set there first, with "
             f"`python -m data_pipeline.convert SOURCE ... --out {url}` (its --help lists the sources)"
@@ -301,6 +306,13 @@ def shard_sizes(urls: list[str]) -> tuple[dict[str, int | None], list[str]]:
             if entry.get("type") == "directory":
                 folders.append(u)
     return sizes, folders
+
+
+def _data_sets_within(url: str) -> list[str]:
+    """The local folder ``url``'s subfolders that hold a manifest (at most five), else []."""
+    if "://" in url or not os.path.isdir(url):
+        return []
+    return sorted(e.path for e in os.scandir(url) if os.path.isfile(os.path.join(e.path, MANIFEST_NAME)))[:5]
 
 
 def check_manifest_against_shards(manifest: Manifest, murl: str = "") -> list[str]:

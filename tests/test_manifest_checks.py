@@ -195,3 +195,15 @@ def test_a_manifest_whose_sample_shape_is_not_its_shards_is_named_when_the_data_
     manifest_file.write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=re.escape(f"-000000.tar holds samples of shape {held}, its manifest says")):
         open_dataset(data)
+
+
+def test_a_folder_of_data_sets_given_as_one_names_them(tmp_path):
+    # meg-convert mnist writes train/ and test/: given their folder, the advice was to convert the data there.
+    for split in ("train", "test"):
+        write_array_shards(str(tmp_path / split), "img", split, np.zeros((8, 2), np.float32), np.zeros(8), 2)
+    with pytest.raises(DataError) as error:
+        read_manifest(str(tmp_path))
+    assert str(error.value) == (
+        f"no manifest at {tmp_path / 'manifest.json'}: {tmp_path} holds the data sets {tmp_path / 'test'}, "
+        f"{tmp_path / 'train'}: give one of them"
+    )
