@@ -219,6 +219,12 @@ def read_kdd(url: str, sums: Checksums) -> tuple[np.ndarray, np.ndarray, np.ndar
         fields = line.count(",") + 1
         if line.strip() and fields != expected:
             raise DataError(f"{url}: line {number} has {fields} fields, expected {expected} (the KDD Cup 99 layout)")
+        if line.strip() and (line.startswith(",") or line.rstrip().endswith(",") or ",," in line):
+            empty = next(i for i, field in enumerate(line.split(",")) if not field.strip())
+            what = KDD_COLUMNS[empty] if empty < len(KDD_COLUMNS) else "label"
+            raise DataError(f"{url}: line {number} has an empty field {empty + 1} ({what})")
+    if not text.strip():
+        raise DataError(f"{url} holds no records (an empty file): give kddcup.data_10_percent.gz or the full file")
     cat_idx = [KDD_COLUMNS.index(c) for c in KDD_CATEGORICAL]
     num_idx = [i for i in range(len(KDD_COLUMNS)) if i not in cat_idx]
     try:

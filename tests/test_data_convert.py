@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pickle
+import re
 import tarfile
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from data_pipeline import convert
+from data_pipeline.cli import DataError
 from data_pipeline.shards import read_manifest
 from data_pipeline.sources import FASHION_MNIST_DIR, KDD_COLUMNS
 from data_pipeline.stream import ShardStream, StreamPosition, decode_samples
@@ -456,3 +458,20 @@ def test_an_mnist_csv_with_the_label_first_is_refused_not_read_as_all_zeros(tmp_
     csv.write_text("\n".join(",".join(map(str, r)) for r in table) + "\n")
     err = _convert_error(["mnist", "--csv", str(csv), "--out", str(tmp_path / "o")])
     assert f"{csv}: the label looks to be the first column" in err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "spoil, says",
+    [
+        (lambda rows: "", "holds no records (an empty file)"),
+        (lambda rows: rows.replace(",tcp,", ",,", 1), "has an empty field 2 (protocol_type)"),
+        (lambda rows: rows.replace("normal.", "", 1), "has an empty field 42 (label)"),
+    ],
+)
+def test_an_empty_kdd_file_or_field_is_named(tmp_path, spoil, says):
+    # An empty file leaked numpy's "input contained no data" warning, then said "no normal. records";
+    # an empty protocol_type was read as a category of its own.
+    path = tmp_path / "kdd.gz"
+    path.write_bytes(gzip.compress(spoil(fake_kdd(200)).encode()))
+    with pytest.raises(DataError, match=re.escape(says)):
+        convert.convert_kdd(str(tmp_path / "o"), str(path), seed=1, num_shards=2)
