@@ -149,7 +149,7 @@ def _checkpoint_of(tmp_path, overrides: list[str], ranks: int) -> str:
     folder.mkdir()
     cfg = load_config("toy_25gaussians", overrides)
     weights = {net: {"w": torch.zeros(1)} for net in NETWORKS}
-    write_export(str(folder), weights, config_to_yaml(cfg), {"sample_shape": [2], "step": 10})
+    write_export(str(folder), weights, config_to_yaml(cfg), {"sample_shape": [2], "dataset": "25gaussians", "step": 10})
     positions = [{"epoch": 0, "batches_done": 5}] * ranks
     (folder / STATE_FILE).write_text(json.dumps({"step": 10, "rank_positions": positions}))
     return str(folder)
@@ -181,11 +181,24 @@ def test_a_resume_the_engine_cannot_do_is_refused_before_any_work(tmp_path, save
     checkpoint = _checkpoint_of(tmp_path, saved, ranks=2)
     cfg = load_config("toy_25gaussians", now)
     if refused is None:
-        check_resumable(cfg, checkpoint, [2], ranks)
+        check_resumable(cfg, checkpoint, TOY_DATA, ranks)
         return
     with pytest.raises(ConfigError, match="cannot resume") as caught:
-        check_resumable(cfg, checkpoint, [2], ranks)
+        check_resumable(cfg, checkpoint, TOY_DATA, ranks)
     assert refused in str(caught.value)
+
+
+TOY_DATA = {"sample_shape": [2], "dataset": "25gaussians"}  # the run's data, as trainer/job.py's train() has it
+
+
+def test_a_resume_on_another_data_set_of_the_same_shape_is_refused(tmp_path):
+    # --config toy_8gaussians output_dir=<a 25 Gaussians run> resumed it on the 8 Gaussians without a word.
+    checkpoint = _checkpoint_of(tmp_path, [], ranks=1)
+    cfg = load_config("toy_8gaussians")
+    with pytest.raises(ConfigError) as caught:
+        check_resumable(cfg, checkpoint, {"sample_shape": [2], "dataset": "8gaussians"}, 1)
+    assert "data set: '25gaussians' in the checkpoint, '8gaussians' in data.url now" in str(caught.value)
+    check_resumable(load_config("toy_25gaussians"), checkpoint, TOY_DATA, 1)
 
 
 @pytest.mark.parametrize(

@@ -171,12 +171,12 @@ def check_output_dir(folder: str, data_url: str) -> None:
         )
 
 
-def check_resumable(cfg: RunConfig, checkpoint: str, sample_shape: list[int], world_size: int) -> None:
-    """Raises ConfigError when the run asks for another model, engine or data shape than the
-    checkpoint it would resume holds, or for what its engine cannot resume into (FSDP's and ZeRO's
-    optimizer shards on another number of ranks, DeepSpeed's loss scaler in another precision):
-    before anything of the run folder is overwritten, and before a mismatch found while loading
-    could pass for damage."""
+def check_resumable(cfg: RunConfig, checkpoint: str, data: dict, world_size: int) -> None:
+    """Raises ConfigError when the run asks for another model, engine, data set or data shape (``data``:
+    the run's ``dataset`` and ``sample_shape``) than the checkpoint it would resume holds, or for what
+    its engine cannot resume into (FSDP's and ZeRO's optimizer shards on another number of ranks,
+    DeepSpeed's loss scaler in another precision): before anything of the run folder is overwritten,
+    and before a mismatch found while loading could pass for damage."""
     _, info, saved_yaml = load_export(checkpoint)
     saved = config_from_yaml(saved_yaml, os.path.join(checkpoint, "config.yaml"))
     differences = [
@@ -208,8 +208,14 @@ def check_resumable(cfg: RunConfig, checkpoint: str, sample_shape: list[int], wo
                 f"ranks: {ranks} wrote the checkpoint, {world_size} now "
                 f"({sharded[saved.train.engine]} optimizer shards are per rank)"
             )
-    if list(info["sample_shape"]) != list(sample_shape):
-        differences.append(f"sample shape: {info['sample_shape']} in the checkpoint, {sample_shape} in data.url now")
+    if list(info["sample_shape"]) != list(data["sample_shape"]):
+        differences.append(
+            f"sample shape: {info['sample_shape']} in the checkpoint, {data['sample_shape']} in data.url now"
+        )
+    # Another data set of the same shape (a preset's toy data for another's) trained on silently, its
+    # stream position applied to the new data.
+    if info.get("dataset", data["dataset"]) != data["dataset"]:
+        differences.append(f"data set: {info['dataset']!r} in the checkpoint, {data['dataset']!r} in data.url now")
     if differences:
         raise ConfigError(
             f"cannot resume {checkpoint}: " + "; ".join(differences) + ". Resume with the run's own settings, "
@@ -289,7 +295,7 @@ def train(
         if runtime.sum_across_ranks(torch.tensor([found], device=runtime.device)).item():
             raise checkpoints.none_intact()
     if resume_from is not None:
-        check_resumable(cfg, resume_from, info["sample_shape"], runtime.world_size)
+        check_resumable(cfg, resume_from, info, runtime.world_size)
     try:
         return _train(cfg, runtime, stop, dataset, checkpoints, resume_from, config_yaml, preset, heartbeat, data_stop)
     finally:
