@@ -222,27 +222,36 @@ def test_sample_and_evaluate_give_a_zero2_run_the_numbers_of_its_ddp_twin(two_ra
         assert evaluations["zero2"][key] == expected, key
 
 
-def _zero2_save_failing_on_rank_1(rank: int, port: int, results, folder: str) -> None:
-    """One rank of a 2-rank ZeRO-2 run whose rank 1 cannot write its optimizer shard at step 20 (its node's
-    disk full): what the run raised goes to ``results``."""
+def _zero2_save_with_a_full_disk(rank: int, port: int, results, folder: str, full: int) -> None:
+    """One rank of a 2-rank ZeRO-2 run whose rank ``full`` finds its disk full at step 20: its optimizer
+    shard and every file after it fail (rank 0's recovery scripts, copied outside DeepSpeed's checkpoint
+    engine, too). What the run raised goes to ``results``."""
     import errno
     import os
     import threading
 
+    import deepspeed.runtime.engine
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     from trainer.job import run
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
     os.environ.update(MASTER_PORT=str(port), ACCELERATE_USE_CPU="1")
-    write = TorchCheckpointEngine.save
+    write, copy = TorchCheckpointEngine.save, deepspeed.runtime.engine.copyfile
 
-    def full_disk_on_rank_1(self, state_dict, path):
-        if rank == 1 and "step_00000020" in path and "zero_pp_rank_1" in path:
+    def full_disk(path):
+        if rank == full and "step_00000020" in path:
             raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    def save(self, state_dict, path):
+        full_disk(path)
         return write(self, state_dict, path)
 
-    TorchCheckpointEngine.save = full_disk_on_rank_1
+    def copyfile(src, dst):
+        full_disk(dst)
+        return copy(src, dst)
+
+    TorchCheckpointEngine.save, deepspeed.runtime.engine.copyfile = save, copyfile
     overrides = [
         *tiny_overrides(Path(folder), steps=30), "checkpoint.keep=1", "train.collective_timeout=60",
         "train.engine=deepspeed", "deepspeed.zero_stage=2",
@@ -256,9 +265,10 @@ def _zero2_save_failing_on_rank_1(rank: int, port: int, results, folder: str) ->
 
 
 @pytest.mark.slow
-def test_a_zero_shard_one_rank_cannot_write_is_said_as_such_and_the_older_checkpoint_kept(tmp_path):
-    # Rank 1 raised from inside DeepSpeed's save, into the ranks' agreement on it, while rank 0 waited in
-    # DeepSpeed's own barrier: both hung for train.collective_timeout, then named a lost rank, not the disk.
+@pytest.mark.parametrize("full", [0, 1])
+def test_a_zero_shard_one_rank_cannot_write_is_said_as_such_and_the_older_checkpoint_kept(tmp_path, full):
+    # The rank raised from inside DeepSpeed's save, into the ranks' agreement on it, while the other waited
+    # in DeepSpeed's own barrier: both hung for train.collective_timeout, then named a lost rank, not the disk.
     import multiprocessing
     import socket
 
@@ -268,7 +278,7 @@ def test_a_zero_shard_one_rank_cannot_write_is_said_as_such_and_the_older_checkp
     spawn = multiprocessing.get_context("spawn")
     results = spawn.Queue()
     ranks = [
-        spawn.Process(target=_zero2_save_failing_on_rank_1, args=(r, port, results, str(tmp_path))) for r in (0, 1)
+        spawn.Process(target=_zero2_save_with_a_full_disk, args=(r, port, results, str(tmp_path), full)) for r in (0, 1)
     ]
     for p in ranks:
         p.start()
@@ -276,6 +286,6 @@ def test_a_zero_shard_one_rank_cannot_write_is_said_as_such_and_the_older_checkp
     for p in ranks:
         p.join(60)
     final = tmp_path / "run" / "checkpoints" / "step_00000020"
-    assert said[1].startswith(f"CheckpointError: could not write checkpoint {final}: No space left on device")
-    assert said[0].startswith(f"CheckpointError: could not write checkpoint {final}: another rank could not")
+    assert said[full].startswith(f"CheckpointError: could not write checkpoint {final}: No space left on device")
+    assert said[1 - full].startswith(f"CheckpointError: could not write checkpoint {final}: another rank could not")
     assert sorted(p.name for p in final.parent.iterdir()) == ["step_00000000", "step_00000010"]  # 0: the guard's

@@ -184,7 +184,7 @@ class DeepSpeedRuntime(ProcessGroup):
         # failure is held until all engines are saved, all ranks through every barrier, then raised.
         failures: list[Exception] = []
         for name, eng in self.engines.items():
-            with _writes_failing_later(eng.checkpoint_engine, failures):
+            with _writes_failing_later(eng, failures):
                 eng.save_checkpoint(folder, tag=name, save_latest=False)  # collective: every rank writes its shards
         if failures:
             raise failures[0]
@@ -201,10 +201,15 @@ class DeepSpeedRuntime(ProcessGroup):
         super().shutdown(meet)
 
 
+# Where DeepSpeed's save touches the file system: its checkpoint engine's writes, and the recovery
+# scripts rank 0 copies beside its shard (shutil.copyfile, outside the checkpoint engine).
+WRITES = (("checkpoint_engine", "makedirs"), ("checkpoint_engine", "save"), (None, "_copy_recovery_script"))
+
+
 @contextlib.contextmanager
-def _writes_failing_later(checkpoint_engine, failures: list[Exception]) -> Iterator[None]:
-    """DeepSpeed's checkpoint engine with its file operations (makedirs, save) recording their failures in
-    ``failures`` instead of raising them, for as long as the block runs."""
+def _writes_failing_later(engine, failures: list[Exception]) -> Iterator[None]:
+    """The DeepSpeed engine with its file operations (WRITES) recording their failures in ``failures``
+    instead of raising them, for as long as the block runs."""
 
     def held(operation):
         def run(*args, **kwargs):
@@ -215,13 +220,14 @@ def _writes_failing_later(checkpoint_engine, failures: list[Exception]) -> Itera
 
         return run
 
-    for name in ("makedirs", "save"):
-        setattr(checkpoint_engine, name, held(getattr(checkpoint_engine, name)))
+    owners = [(getattr(engine, owner) if owner else engine, name) for owner, name in WRITES]
+    for obj, name in owners:
+        setattr(obj, name, held(getattr(obj, name)))
     try:
         yield
     finally:
-        for name in ("makedirs", "save"):
-            delattr(checkpoint_engine, name)  # the class's own again
+        for obj, name in owners:
+            delattr(obj, name)  # the class's own again
 
 
 def _fp32_state(net: nn.Module) -> dict[str, torch.Tensor]:
