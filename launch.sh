@@ -35,7 +35,7 @@ setup() {
 }
 
 if [[ "${1:-}" == "--help" || "${1:-}" == "-h" ]]; then
-    sed -n '2,/^# Set-up/p' "$0" | sed '$d; s/^# \{0,1\}//'
+    sed -n '2,/^# Set-up/p' "$ROOT/$(basename "$0")" | sed '$d; s/^# \{0,1\}//'
     if [[ -x "$VENV/bin/python" ]]; then
         printf '\nThe trainer'"'"'s flags (args above pass through to it):\n\n'
         exec "$VENV/bin/python" trainer/main.py --help
@@ -132,6 +132,9 @@ cores=$(nproc)
 share=$(( cores / (2 * nproc_local) ))
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( share > 0 ? share : 1 ))}
 if [[ "$nproc_local" -le 1 ]] || asks_only "${args[@]}"; then
+    if [[ " ${args[*]} " == *" --check "* && "$nproc_local" -gt 1 ]]; then
+        args+=(--processes "$nproc_local")  # checked as N ranks run it
+    fi
     exec python trainer/main.py "${args[@]}"
 fi
 # A mistake in the configuration, said once here rather than by every process amid the launcher's noise.

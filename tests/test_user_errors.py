@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -245,6 +246,7 @@ def fake_sbatch(tmp_path) -> dict[str, str]:
         (["--nproc", "2", "--config", "nope"], "error: no config file or preset 'nope'"),
         # The check did not know the number of processes: each of the 3 said it after its start-up.
         (["--nproc", "3", "--config", "debug"], "error: data.batch_size=64 must be divisible by the 3 ranks"),
+        (["--nproc", "3", "--config", "debug", "--check"], "error: data.batch_size=64 must be divisible by the 3"),
     ],
 )
 def test_launch_sh_says_a_slurm_flag_without_its_value_or_a_bad_config_once_before_launching(tmp_path, args, says):
@@ -271,8 +273,10 @@ def test_launch_sh_answers_a_question_to_the_trainer_without_launching_anything(
 def test_launch_sh_help_is_its_own_and_the_trainers(tmp_path):
     import sys
 
-    done = subprocess.run([str(REPO_ROOT / "launch.sh"), "--help"], env={**os.environ, "MEG_VENV": sys.prefix},
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    # By a relative path from another folder: the script reads itself after its cd to the checkout.
+    where = Path(REPO_ROOT).name + "/launch.sh"  # from the checkout's parent folder
+    done = subprocess.run(["bash", where, "--help"], env={**os.environ, "MEG_VENV": sys.prefix},
+                          cwd=Path(REPO_ROOT).parent, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert done.returncode == 0 and done.stdout.startswith("MEG: set up and run.\n"), done.stderr
     assert "./launch.sh --slurm --nodes 2" in done.stdout and "usage: trainer/main.py" in done.stdout
     assert "set -euo" not in done.stdout  # the usage ends where the script begins
