@@ -253,7 +253,9 @@ def test_an_out_begun_before_the_inputs_were_recorded_is_refused(tmp_path, monke
     assert err.startswith("error: ") and "holds splits made before the protocol recorded its CSV and settings" in err
     assert f"give a new --out, or move {out} aside to start over" in err
     assert trained == ["split_0"] and files_under(out) == made
-    for damaged in ("{not json", '{"csv": "kdd.gz"}'):  # a damaged record is said as such, not a traceback
+    # A damaged record is said as such, not a traceback: not JSON, a key missing, a value of the wrong type.
+    wrong_type = '{"csv": {"path": "k"}, "settings": null, "config": "kdd99", "overrides": []}'
+    for damaged in ("{not json", '{"csv": "kdd.gz"}', wrong_type):
         (out / "protocol_inputs.json").write_text(damaged)
         assert kdd_protocol.main(argv) == 2
         err = capsys.readouterr().err

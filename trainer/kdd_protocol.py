@@ -155,6 +155,8 @@ def check_inputs_match(out: str, inputs: dict) -> None:
         with open(path) as f:
             recorded = json.load(f)
         recorded_csv, recorded_settings = recorded["csv"], recorded["settings"]
+        if not isinstance(recorded_settings, dict) or not isinstance(recorded_csv, dict):
+            raise TypeError("its csv and settings must be objects")
         made_with = shlex.join(["--csv", recorded_csv["path"], "--config", recorded["config"], *recorded["overrides"]])
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(
