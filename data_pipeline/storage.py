@@ -31,21 +31,25 @@ class StopRequested(Exception):
 
 
 class PatientStop:
-    """A stop request that data waits see ``seconds`` after it is first looked at: the data of slow
-    storage may still come. (A rank of several that waits for data when a stop comes should reach the
-    metric reduction where every rank saves together; giving up at once ends the job at the newest
-    checkpoint.)"""
+    """A stop request that data waits see ``seconds`` after it came or after the process's latest
+    progress (``progressed``), whichever is later: the data of slow storage may still come. (A rank of
+    several that waits for data when a stop comes should reach the metric reduction where every rank
+    saves together; giving up at once ends the job at the newest checkpoint.)"""
 
     def __init__(self, stop: threading.Event, seconds: float):
         self.stop, self.seconds = stop, seconds
         self._seen: float | None = None
+        self._progress = time.monotonic()
+
+    def progressed(self) -> None:
+        self._progress = time.monotonic()
 
     def is_set(self) -> bool:
         if not self.stop.is_set():
             return False
         if self._seen is None:
             self._seen = time.monotonic()
-        return time.monotonic() - self._seen >= self.seconds
+        return time.monotonic() - max(self._seen, self._progress) >= self.seconds
 
 
 class StorageTimeout(DataError):

@@ -414,3 +414,21 @@ def test_an_s3_data_set_without_credentials_is_a_data_error_naming_the_url(monke
 
     with pytest.raises(DataError, match=re.escape("no credentials to reach s3://meg-no-bucket/d/manifest.json")):
         read_manifest("s3://meg-no-bucket/d")
+
+
+def test_a_patient_stop_counts_its_patience_from_the_latest_progress():
+    # Its patience ran from the first look at the stop: a rank that trained on for longer than it after
+    # the signal gave a slow read no patience at all, and the job ended at the newest checkpoint.
+    from data_pipeline.storage import PatientStop
+
+    stop = threading.Event()
+    patient = PatientStop(stop, 0.3)
+    assert not patient.is_set()
+    stop.set()
+    assert not patient.is_set()  # seen now: 0.3 s from here
+    time.sleep(0.4)
+    assert patient.is_set()
+    patient.progressed()  # the rank took a batch: a new wait for data gets the whole patience again
+    assert not patient.is_set()
+    time.sleep(0.4)
+    assert patient.is_set()

@@ -100,6 +100,8 @@ def run(
     # saves at once; several save together at their next metric reduction, which the data of slow
     # storage may still let them reach (within the stop watchdog's 20 s, trainer/main.py).
     data_stop = stop if runtime.world_size == 1 else storage.PatientStop(stop, DATA_STOP_PATIENCE_SECONDS)
+    if isinstance(data_stop, storage.PatientStop):  # its patience counts from the latest progress, as the watchdog's
+        heartbeat = _beating_both(heartbeat, data_stop)
     storage.configure(timeout=cfg.data.io_timeout, stop=data_stop)
     meet = True
     try:
@@ -131,6 +133,15 @@ def run(
         raise
     finally:
         runtime.shutdown(meet)
+
+
+def _beating_both(heartbeat: Callable[[], None] | None, data_stop: storage.PatientStop) -> Callable[[], None]:
+    def beat() -> None:
+        if heartbeat is not None:
+            heartbeat()
+        data_stop.progressed()
+
+    return beat
 
 
 def check_batch_split(cfg: RunConfig, world_size: int) -> None:
