@@ -21,7 +21,7 @@ from functools import partial
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from data_pipeline.storage import StopRequested, stop_on
+from data_pipeline.storage import StopRequested, stop_on, stop_signalled
 
 # e.g. Tensor.pin_memory for a CUDA trainer: each chunk's samples are copied into page-locked
 # memory on the thread that reads them, so the trainer's copies to the device run asynchronously.
@@ -169,7 +169,7 @@ class ChunkReaders:
                 if item is _DONE:
                     active.remove(worker)
                 elif isinstance(item, BaseException):
-                    if should_stop():  # e.g. Slurm's SIGTERM to the whole job step also ended a pipe: command
+                    if should_stop() or stop_signalled():  # e.g. Slurm's SIGTERM to the job step ended a pipe:
                         raise StopRequested from item
                     raise item
                 else:

@@ -101,6 +101,13 @@ def stop_on(event: threading.Event) -> Iterator[None]:
         _local.stop = previous
 
 
+def stop_signalled() -> bool:
+    """Whether the process was asked to stop, whatever the patience: a data source that fails after
+    that failed of it (Slurm's SIGTERM to the whole job step ends pipe: commands and DataLoader workers)."""
+    stop = _policy.stop
+    return stop is not None and (stop.stop if isinstance(stop, PatientStop) else stop).is_set()
+
+
 def stop_requested() -> bool:
     own = getattr(_local, "stop", None)
     return bool((_policy.stop is not None and _policy.stop.is_set()) or (own is not None and own.is_set()))
