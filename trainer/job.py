@@ -99,8 +99,9 @@ def run(
     # Every storage call from here on is bounded by data.io_timeout and ends on a stop request: one rank
     # saves at once; several save together at their next metric reduction, which the data of slow
     # storage may still let them reach (within the stop watchdog's 20 s, trainer/main.py).
-    data_stop = stop if runtime.world_size == 1 else storage.PatientStop(stop, DATA_STOP_PATIENCE_SECONDS)
-    if isinstance(data_stop, storage.PatientStop):  # its patience counts from the latest progress, as the watchdog's
+    data_stop: threading.Event | storage.PatientStop = stop
+    if runtime.world_size > 1:
+        data_stop = storage.PatientStop(stop, DATA_STOP_PATIENCE_SECONDS)
         heartbeat = _beating_both(heartbeat, data_stop)
     storage.configure(timeout=cfg.data.io_timeout, stop=data_stop)
     meet = True
@@ -136,6 +137,9 @@ def run(
 
 
 def _beating_both(heartbeat: Callable[[], None] | None, data_stop: storage.PatientStop) -> Callable[[], None]:
+    """``heartbeat`` that also tells ``data_stop`` of the progress: its patience counts from there, as the
+    stop watchdog's grace does."""
+
     def beat() -> None:
         if heartbeat is not None:
             heartbeat()
