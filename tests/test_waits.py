@@ -338,16 +338,20 @@ class _TwoRanks:
             "did not answer within",
         ),
         ("NCCL error in: ProcessGroupNCCL.cpp:2010, unhandled system error", "unhandled system error"),
+        # As DDP's backward hooks raise it: a plain RuntimeError, no gloo prefix (it was a raw traceback).
+        ("Application timeout caused pair closure", "did not answer within"),
     ],
 )
-def test_a_failed_collective_says_what_failed(error, says):
+@pytest.mark.parametrize("kind", ["DistBackendError", "RuntimeError"])
+def test_a_failed_collective_says_what_failed(error, says, kind):
     # Every NCCL failure is a DistBackendError: a rank's own (a system or CUDA error) used to be told
     # as "another rank ended", the cause dropped.
     import torch.distributed as dist
 
     from trainer.runtime import collective_failure
 
-    message = str(collective_failure(dist.DistBackendError(error), _TwoRanks(), 600))
+    raised = dist.DistBackendError(error) if kind == "DistBackendError" else RuntimeError(error)
+    message = str(collective_failure(raised, _TwoRanks(), 600))
     assert "rank 1 of 2: a collective failed" in message and says in message, message
     assert ("another rank ended" in message) == ("closed by peer" in error), message
 
@@ -372,6 +376,44 @@ def test_a_failure_of_one_rank_is_said_before_it_meets_the_others(monkeypatch, t
     with caplog.at_level(logging.ERROR), pytest.raises(RuntimeError, match="out of memory"):
         job.run(cfg, threading.Event())
     assert "rank 1 of 2 stops: RuntimeError: CUDA out of memory" in caplog.text and runtime.met is True
+
+
+class _MissedMeeting(_TwoRanks):
+    def shutdown(self, meet=True):
+        super().shutdown(meet)
+        if meet:
+            raise RuntimeError("Application timeout caused pair closure")
+
+
+@pytest.mark.parametrize("trained", [True, False])
+def test_a_meeting_the_other_ranks_miss_at_the_end_is_one_line_not_a_traceback(monkeypatch, tmp_path, caplog, trained):
+    # A rank that failed alone meets the others before it leaves; when they are hung, that meeting's
+    # timeout was raised from job.run's finally and replaced the rank's own error with a traceback.
+    import logging
+    import threading
+
+    from trainer import job
+    from trainer.config import load_config
+    from trainer.runtime import CollectiveError
+
+    runtime = _MissedMeeting()
+    monkeypatch.setattr(job, "build_runtime", lambda cfg: runtime)
+
+    def train(*args):
+        if not trained:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return {}
+
+    monkeypatch.setattr(job, "train", train)
+    cfg = load_config("toy_25gaussians", [f"output_dir={tmp_path / 'run'}", "train.collective_timeout=10"])
+    with caplog.at_level(logging.ERROR), pytest.raises(RuntimeError) as caught:
+        job.run(cfg, threading.Event())
+    if trained:
+        assert type(caught.value) is CollectiveError and "collective_timeout=10" in str(caught.value)
+    else:
+        assert "out of memory" in str(caught.value), caught.value
+        assert "rank 1 of 2: a collective failed: another rank did not answer" in caplog.text
+    assert runtime.met is True
 
 
 def test_a_collective_that_fails_after_a_stop_signal_is_a_preemption(monkeypatch, tmp_path):

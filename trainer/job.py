@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -133,7 +134,22 @@ def run(
             )  # fmt: skip
         raise
     finally:
+        _leave(runtime, meet, cfg.train.collective_timeout, failing=sys.exc_info()[1] is not None)
+
+
+def _leave(runtime: Runtime, meet: bool, collective_timeout: float, failing: bool) -> None:
+    """``runtime.shutdown(meet)``. A meeting the other ranks miss (hung, stopped or lost) is a
+    CollectiveError's one line, or, when this rank is already ``failing``, a logged line beside its own
+    error, which stays the one the user reads (raised from a finally, it replaced it as a traceback)."""
+    try:
         runtime.shutdown(meet)
+    except RuntimeError as e:
+        failed = collective_failure(e, runtime, collective_timeout)
+        if failed is None:
+            raise
+        if not failing:
+            raise failed from None
+        log.error("%s", failed)
 
 
 def _beating_both(heartbeat: Callable[[], None] | None, data_stop: storage.PatientStop) -> Callable[[], None]:

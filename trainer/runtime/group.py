@@ -38,12 +38,14 @@ def collective_failure(error: BaseException, runtime, timeout: float) -> Collect
     """The one-line error for ``error`` when it is a failed collective of a multi-rank job (gloo's
     or NCCL's timeout, a peer's closed connection), else None."""
     text = str(error)
-    markers = ("Timed out", "timed out", "closed by peer", "reset by peer", "Broken pipe", "gloo", "NCCL")
+    # gloo names its own timeout on a pair "Application timeout caused pair closure", at times with no
+    # "[gloo/...]" prefix and raised as a plain RuntimeError (from inside DDP's backward hooks).
+    timeouts = ("Timed out", "timed out", "timeout caused pair closure")
+    markers = (*timeouts, "closed by peer", "reset by peer", "Broken pipe", "gloo", "NCCL")
     is_dist_error = isinstance(error, getattr(dist, "DistError", ()))
     if runtime.world_size < 2 or not (is_dist_error or any(m in text for m in markers)):
         return None
-    # gloo names its own timeout on a pair "Application timeout caused pair closure".
-    if "imed out" in text or "timeout caused pair closure" in text:
+    if any(m in text for m in timeouts):
         why = f"another rank did not answer within train.collective_timeout={timeout:g} s (hung, stopped or lost)"
     elif any(m in text for m in ("closed by peer", "reset by peer", "Broken pipe", "Connection closed")):
         why = "another rank ended (its connection closed)"
