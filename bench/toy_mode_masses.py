@@ -109,12 +109,12 @@ def report(a: dict) -> str:
 def anatomy(args: argparse.Namespace) -> int:
     import torch
 
-    from trainer.evaluation.toy import DensityReference, toy_references
+    from trainer.evaluation.toy import DensityReference, toy_references, written_std
     from trainer.run_folder import load_networks
 
     cfg, nets, checkpoint, info = load_networks(args.run, args.checkpoint)
     dataset = info.get("dataset", "")
-    spec, _, data = toy_references(dataset, cfg.data.url, cfg.eval.toy.std)
+    spec, _, data = toy_references(dataset, cfg.data.url, cfg.eval.toy.std, written_std(cfg.data, dataset))
     if spec is None:
         raise ConfigError(
             f"{args.run} trained on {dataset or 'data'} without modes: this compares modes (25gaussians, 8gaussians)"

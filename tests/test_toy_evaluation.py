@@ -83,8 +83,19 @@ def test_data_that_records_no_std_is_scored_against_the_published_one_with_a_war
 
 def test_data_gone_since_the_run_is_said_and_scored_against_the_published_std(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="trainer.evaluation.toy"):
-        evaluator = _evaluator(tmp_path, "eval.toy.std=0")
+        evaluator = _evaluator(tmp_path, "eval.toy.std=0", "data.toy=")  # data the run did not write
     assert evaluator.spec.std == TOY_SPECS["25gaussians"].std
     (message,) = [r.getMessage() for r in caplog.records]
     assert "(its manifest cannot be read: no manifest at" in message
     assert message.endswith("meg-evaluate takes data.url=... where that data has moved")
+
+
+def test_data_the_run_wrote_and_that_is_gone_since_is_scored_against_the_std_the_run_wrote_it_with(tmp_path, caplog):
+    # A relative data.url (every preset's) read from another folder, or data moved: its config.yaml tells
+    # the std, which the trainer held the data to. meg-sample, with no data.url to give, scored the
+    # published one (a 3-sigma share 40x too low).
+    with caplog.at_level(logging.WARNING, logger="trainer.evaluation.toy"):
+        evaluator = _evaluator(tmp_path, "eval.toy.std=0", "data.toy=25gaussians", f"data.toy_std={WIDE}")
+    assert evaluator.spec.std == evaluator.rule.std == WIDE and not caplog.records
+    shards = _evaluator(tmp_path, "data.toy=25gaussians", f"data.toy_std={WIDE}", f"data.url={tmp_path}/d-{{0..1}}.tar")
+    assert shards.spec.std == TOY_SPECS["25gaussians"].std  # shards: data the run read, did not write

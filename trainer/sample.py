@@ -24,7 +24,7 @@ import numpy as np
 from data_pipeline.cli import FIGURE_FORMATS, UserError, add_debug_flag, check_output_file, run_tool
 from data_pipeline.toy import mode_metrics
 from models.config import MALAConfig
-from trainer.evaluation.toy import toy_references
+from trainer.evaluation.toy import toy_references, written_std
 from trainer.nofollow import write_replacing
 
 
@@ -112,7 +112,8 @@ def _sample(args: argparse.Namespace) -> int:
     if mala.steps:
         report.update(mala_step_size=mala.step_size, mala_temperature=mala.temperature, mala_acceptance_rate=acceptance)
     if samples.dim() == 2 and samples.shape[1] == 2:
-        _, rule, data = toy_references(info.get("dataset", ""), cfg.data.url, cfg.eval.toy.std)
+        dataset = info.get("dataset", "")
+        _, rule, data = toy_references(dataset, cfg.data.url, cfg.eval.toy.std, written_std(cfg.data, dataset))
         if rule is not None:
             report.update(mode_metrics(samples.numpy(), rule))
         lim = float(np.abs(data).max() * 1.25) if data is not None else float(samples.abs().max() * 1.1)

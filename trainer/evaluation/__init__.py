@@ -103,6 +103,8 @@ def extra_evaluation_steps(cfg, stream) -> set[int]:
 def build_evaluator(cfg, sample_shape: list[int], dataset: str, out_dir: str | None = None) -> Evaluator:
     """The evaluator ``cfg.eval.kind`` names (``cfg``: a RunConfig), writing to ``out_dir``
     (default: the run folder's eval/)."""
+    from trainer.evaluation.toy import written_std
+
     ctx = EvalContext(
         sample_shape=list(sample_shape),
         z_dim=cfg.model.z_dim,
@@ -110,6 +112,7 @@ def build_evaluator(cfg, sample_shape: list[int], dataset: str, out_dir: str | N
         out_dir=out_dir or os.path.join(cfg.output_dir, "eval"),
         entropy_weight=cfg.train.entropy_weight,
         data_url=cfg.data.url,
+        toy_std=written_std(cfg.data, dataset),
     )
     check_samples(cfg, sample_shape)
     return EVALUATORS[cfg.eval.kind](cfg.eval, cfg.eval.section(), ctx)

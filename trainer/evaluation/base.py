@@ -28,6 +28,7 @@ class EvalContext:
     out_dir: str  # where the JSON and pictures go
     entropy_weight: float = 1.0  # the generator targets p ∝ exp(-E / entropy_weight)
     data_url: str = ""  # the training data: real images beside the samples in the pictures
+    toy_std: float = 0.0  # the std the run drew its own toy data with (toy.written_std; 0: not known)
 
 
 def written_with_the_data(cfg) -> str:

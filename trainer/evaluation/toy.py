@@ -54,16 +54,32 @@ def toy_reference(dataset: str, std: float) -> tuple[ToySpec | None, np.ndarray 
     return (spec if spec.centres is not None else None), data
 
 
-def training_data_std(data_url: str, dataset: str) -> float:
-    """The modes' std the training data at ``data_url`` was drawn with, as its manifest records; 0 (the
-    data set's published std), with a warning, where it records none or cannot be read (shards given
-    without a manifest, or data moved since the run: meg-evaluate's data.url=... says where it is now)."""
+def written_std(data_cfg, dataset: str) -> float:
+    """The modes' std a run drew its own toy data with (``data_cfg``: its data section; data.toy_std, 0:
+    the published one), which the trainer held the data at data.url to (data_pipeline.dataset's
+    check_toy_settings); 0 where the run read data it did not write (shards, data.toy unset or another
+    data set) or the data set has no modes."""
+    from data_pipeline.stream import looks_like_shards
+    from data_pipeline.toy import TOY_SPECS
+
+    if data_cfg.toy != dataset or dataset not in TOY_SPECS or looks_like_shards(data_cfg.url):
+        return 0.0
+    return 0.0 if TOY_SPECS[dataset].centres is None else data_cfg.toy_std or TOY_SPECS[dataset].std
+
+
+def training_data_std(data_url: str, dataset: str, written: float = 0.0) -> float:
+    """The modes' std the training data at ``data_url`` was drawn with, as its manifest records; where it
+    cannot be read (data moved since the run, or a relative data.url, as every preset's, from another
+    folder), ``written`` (written_std: the run wrote that data itself, with the std its config records);
+    else 0 (the data set's published std), with a warning, as for data that records none."""
     from data_pipeline.shards import read_manifest
     from data_pipeline.toy import toy_spec
 
     try:
         manifest = read_manifest(data_url, check_shards=False)
     except (DataError, OSError, ValueError) as e:
+        if written:
+            return written
         problem = f"its manifest cannot be read: {short_message(e, 200)}"
     else:
         std = manifest.preprocessing.get("std")
@@ -79,16 +95,17 @@ def training_data_std(data_url: str, dataset: str) -> float:
 
 
 def toy_references(
-    dataset: str, data_url: str, rule_std: float
+    dataset: str, data_url: str, rule_std: float, written: float = 0.0
 ) -> tuple[ToySpec | None, ToySpec | None, np.ndarray | None]:
-    """What a toy evaluation scores against: the modes as the training data at ``data_url`` was drawn,
+    """What a toy evaluation scores against: the modes as the training data at ``data_url`` was drawn
+    (with ``written``, where the run wrote it: training_data_std),
     the modes with the 3-sigma quality rule's std (``rule_std``, eval.toy.std; 0: the data's), both
     None for data without modes, and 2,000 points drawn like the data (None for an unknown data set)."""
     from data_pipeline.toy import TOY_SPECS, ToySpec, same_std
 
     if dataset not in TOY_SPECS:
         return None, None, None
-    data_std = training_data_std(data_url, dataset) if TOY_SPECS[dataset].centres is not None else 0.0
+    data_std = training_data_std(data_url, dataset, written) if TOY_SPECS[dataset].centres is not None else 0.0
     spec, data = toy_reference(dataset, data_std)
     if spec is None:
         return None, None, data
@@ -186,7 +203,7 @@ class ToyEvaluator(Evaluator):
     def __init__(self, eval_cfg, section: ToyEvalConfig, ctx):
         super().__init__(eval_cfg, section, ctx)
         # spec: the modes as the data was drawn (the density's yardsticks); rule: the 3-sigma rule's std.
-        self.spec, self.rule, self.data = toy_references(ctx.dataset, ctx.data_url, section.std)
+        self.spec, self.rule, self.data = toy_references(ctx.dataset, ctx.data_url, section.std, ctx.toy_std)
         self._density: DensityReference | None = None
 
     def score_energy(self, energy) -> dict[str, float]:
