@@ -110,6 +110,32 @@ def test_sample_tool_on_a_finished_run(tmp_path):
     assert drawn.returncode == 0 and svg.read_bytes().startswith(b"<?xml"), drawn.stderr
 
 
+def test_sample_tool_on_records_with_no_picture_saves_them_and_claims_no_figure(tmp_path):
+    # It printed "wrote <run>/samples.png" for KDD's records and wrote nothing, --out alike.
+    from data_pipeline.convert import convert_kdd
+    from tests.test_data_convert import fake_kdd
+
+    (tmp_path / "kdd.csv").write_text(fake_kdd(600))
+    convert_kdd(str(tmp_path / "kdd"), str(tmp_path / "kdd.csv"), seed=0, num_shards=2)
+    run_trainer(
+        [f"output_dir={tmp_path / 'run'}", f"data.url={tmp_path / 'kdd' / 'train'}",
+         f"eval.kdd.test_data={tmp_path / 'kdd' / 'test'}", "train.steps=2", "data.batch_size=32",
+         "data.num_workers=1", "model.hidden=[16,16]", "model.generator_hidden=[16,16]", "model.z_dim=4",
+         "log.prometheus_port=-1", "eval.every=0", "eval.plots=false"],
+        preset="kdd99",
+    )  # fmt: skip
+    run = str(tmp_path / "run")
+    refused = _tool("trainer.sample", "--run", run, "--num", "20", "--out", str(tmp_path / "k.svg"))
+    assert refused.returncode == 2 and refused.stderr.splitlines()[-1] == (
+        f"error: --out {tmp_path / 'k.svg'}: samples of shape (44,) have no picture (2-D points and images have): "
+        "give --npy to save them"
+    ), refused.stderr
+    saved = _tool("trainer.sample", "--run", run, "--num", "20", "--npy", str(tmp_path / "k.npy"))
+    assert saved.returncode == 0, saved.stderr
+    assert saved.stdout.splitlines()[-1] == f"wrote {tmp_path / 'k.npy'}" and "samples.png" not in saved.stdout
+    assert np.load(tmp_path / "k.npy").shape == (20, 44) and not list((tmp_path / "run").glob("samples*"))
+
+
 def test_sample_tool_gives_what_evaluate_gives_for_one_checkpoint_and_seed(tmp_path):
     # No flags: both take the run's eval.mala, eval.seed and eval.num_samples (the sample tool used to
     # take its own step size 0.01 and temperature 1, and gave other numbers than the evaluation).

@@ -7,8 +7,9 @@ a picture.
 
 The number of samples, the seed and the MALA settings default to the run's own (eval.num_samples,
 eval.seed, eval.mala): the same checkpoint gives the same samples and numbers as trainer.evaluate.
-2D data gives a scatter over the data; images give a PNG grid. For toy data sets the mode
-metrics are printed too, and the MALA acceptance rate when MALA runs.
+2D data gives a scatter over the data; images give a PNG grid; other data (KDD's records) no
+picture: --npy saves the samples. For toy data sets the mode metrics are printed too, and the MALA
+acceptance rate when MALA runs.
 """
 
 from __future__ import annotations
@@ -96,6 +97,13 @@ def _sample(args: argparse.Namespace) -> int:
     from trainer.run_folder import load_networks, ready_to_draw
 
     cfg, nets, checkpoint, info = load_networks(args.run, args.checkpoint)
+    shape = list(info["sample_shape"])
+    pictured = shape == [2] or len(shape) == 3  # a scatter over the data, or an image grid
+    if args.out and not pictured:
+        raise UserError(
+            f"--out {args.out}: samples of shape {tuple(shape)} have no picture (2-D points and images have): "
+            "give --npy to save them"
+        )
     run_mala = cfg.eval.mala
     mala = MALAConfig(
         steps=run_mala.steps if args.mala_steps is None else args.mala_steps,
@@ -107,18 +115,18 @@ def _sample(args: argparse.Namespace) -> int:
     plain, refined, acceptance = generate(nets.energy, nets.generator, num, cfg.model.z_dim, mala)
     samples = (refined if refined is not None else plain).cpu()
     suffix = f"_mala{mala.steps}" if mala.steps else ""
-    out = args.out or os.path.join(args.run, f"samples{suffix}.png")
+    out = (args.out or os.path.join(args.run, f"samples{suffix}.png")) if pictured else None
     report: dict[str, float | str] = {"checkpoint": checkpoint, "num_samples": num, "mala_steps": mala.steps}
     if mala.steps:
         report.update(mala_step_size=mala.step_size, mala_temperature=mala.temperature, mala_acceptance_rate=acceptance)
-    if samples.dim() == 2 and samples.shape[1] == 2:
+    if shape == [2]:
         dataset = info.get("dataset", "")
         _, rule, data = toy_references(dataset, cfg.data.url, cfg.eval.toy.std, written_std(cfg.data, dataset))
         if rule is not None:
             report.update(mode_metrics(samples.numpy(), rule))
         lim = float(np.abs(data).max() * 1.25) if data is not None else float(samples.abs().max() * 1.1)
         scatter_2d(out, samples.numpy(), data, f"{os.path.basename(checkpoint)}, MALA steps {mala.steps}", lim)
-    elif samples.dim() == 4:
+    elif pictured:
         shown = min(len(samples), 256)
         how = f"after {mala.steps} latent MALA steps" if mala.steps else "G(z)"
         image_grid(out, samples[:256], nrow=16, caption=f"{os.path.basename(checkpoint)}: {shown} samples, {how}")
@@ -127,7 +135,9 @@ def _sample(args: argparse.Namespace) -> int:
         with write_replacing(args.npy, binary=True) as f:  # a file object: np.save would add .npy to a bare path
             np.save(f, samples.numpy())
     print(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    for path in (out, args.npy):
+        if path:
+            print(f"wrote {path}")
     return 0
 
 
