@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import subprocess
@@ -82,6 +83,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu"):
             item.add_marker(skip)
+
+
+def set_up_venv(tmp_path: Path) -> str:
+    """A MEG_VENV for launch.sh that is the environment running the suite, marked set up: given that
+    environment itself, launch.sh's set-up pip-installed the pinned torch into it wherever it was not
+    made by ./launch.sh (a developer's own environment, or one of the GPU machine's torch)."""
+    venv = tmp_path / "set-up-venv"
+    (venv / "bin").mkdir(parents=True)
+    for tool in Path(sys.prefix, "bin").iterdir():
+        if tool.name not in ("python", "python3") and tool.is_file() and os.access(tool, os.X_OK):
+            (venv / "bin" / tool.name).symlink_to(tool)
+    for name in ("python", "python3"):  # a venv's python finds its packages from its own path: run it by that
+        (venv / "bin" / name).write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+        (venv / "bin" / name).chmod(0o755)
+    stamp = hashlib.sha256((REPO_ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    (venv / ".meg-setup").write_text(stamp + "\n")
+    return str(venv)
 
 
 def tiny_overrides(tmp_path: Path, steps: int = 20) -> list[str]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import tiny_overrides
+from tests.conftest import set_up_venv, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH_SCRIPT = ROOT / "deploy" / "slurm" / "meg.sbatch"
@@ -255,7 +255,7 @@ def _submit(cluster: SlurmCluster, tmp: Path, steps: int, via_launch_sh: bool = 
     trainer = _trainer_args(tmp, steps)
     # The job runs with this interpreter's venv. launch.sh's set-up step finds it set up already
     # when the suite runs through ./launch.sh test (as .ci/run does).
-    cluster.env.update({"MEG_ROOT": str(ROOT), "MEG_VENV": sys.prefix})
+    cluster.env.update({"MEG_ROOT": str(ROOT), "MEG_VENV": set_up_venv(tmp)})
     if via_launch_sh:
         argv = [
             str(ROOT / "launch.sh"),

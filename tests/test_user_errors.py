@@ -15,7 +15,7 @@ import torch
 
 from data_pipeline.cli import EXIT_USER_ERROR, CheckpointError, ConfigError, UserError, run_tool
 from data_pipeline.shards import DataError, is_command_url
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, set_up_venv
 from trainer.checkpoint import NETWORKS, STATE_FILE, write_export
 from trainer.config import check_commands, config_to_yaml, load_config
 from trainer.job import check_resumable
@@ -225,13 +225,12 @@ def test_launch_sh_refuses_a_bad_nproc_before_any_work(tmp_path, args, got):
 
 def fake_sbatch(tmp_path) -> dict[str, str]:
     """An environment for launch.sh with this venv set up and an sbatch that marks tmp_path/submitted."""
-    import sys
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "sbatch").write_text(f"#!/bin/sh\ntouch {tmp_path / 'submitted'}\n")
     (bin_dir / "sbatch").chmod(0o755)
-    return {**os.environ, "MEG_VENV": sys.prefix, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    return {**os.environ, "MEG_VENV": set_up_venv(tmp_path), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
 
 
 @pytest.mark.parametrize(
@@ -271,11 +270,10 @@ def test_launch_sh_answers_a_question_to_the_trainer_without_launching_anything(
 
 
 def test_launch_sh_help_is_its_own_and_the_trainers(tmp_path):
-    import sys
 
     # By a relative path from another folder: the script reads itself after its cd to the checkout.
     where = Path(REPO_ROOT).name + "/launch.sh"  # from the checkout's parent folder
-    done = subprocess.run(["bash", where, "--help"], env={**os.environ, "MEG_VENV": sys.prefix},
+    done = subprocess.run(["bash", where, "--help"], env={**os.environ, "MEG_VENV": set_up_venv(tmp_path)},
                           cwd=Path(REPO_ROOT).parent, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert done.returncode == 0 and done.stdout.startswith("MEG: set up and run.\n"), done.stderr
     assert "./launch.sh --slurm --nodes 2" in done.stdout and "usage: trainer/main.py" in done.stdout
