@@ -71,6 +71,14 @@ def test_toy_evaluation_reports_plain_and_mala(tmp_path):
     assert header.split(" | ")[0].strip() == "metric" and "latent MALA" in header
     assert any(r.startswith("high_quality_share") for r in rows)
     assert "MALA acceptance rate" in result.stdout
+    # data.url (where the training data is now) holding another data set: it was put beside the samples.
+    images = tmp_path / "images"
+    write_array_shards(str(images), "digits", "train", np.zeros((4, 1, 8, 8), np.float32), np.zeros(4, np.int64), 1)
+    refused = _evaluate(tmp_path / "run", f"data.url={images}", "eval.kind=samples")
+    assert refused.returncode == 2 and refused.stderr.splitlines()[-1] == (
+        f"error: data.url={images} holds samples of shape (1, 8, 8), this checkpoint's are (2,): give data.url "
+        "where the run's training data is now (or leave it out)"
+    ), refused.stderr
 
 
 @pytest.mark.slow

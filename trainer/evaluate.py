@@ -17,7 +17,7 @@ import dataclasses
 import os
 import sys
 
-from data_pipeline.cli import ConfigError, add_debug_flag, run_tool
+from data_pipeline.cli import ConfigError, DataError, add_debug_flag, run_tool
 from trainer.config import check_commands, check_field, load_config
 from trainer.evaluation import EvalSettings, build_evaluator, check_requirements, check_samples, format_table
 
@@ -34,6 +34,23 @@ def check_overrides(overrides: list[str]) -> None:
         raise ConfigError(
             f"{', '.join(ignored)}: an evaluation takes only eval.* and data.* overrides; the checkpoint "
             "fixes the model and its training (train a run with the setting to evaluate it)"
+        )
+
+
+def check_data_shape(cfg, sample_shape: list[int]) -> None:
+    """Raises ConfigError when data.url (given to evaluate the run on data that has moved) holds samples
+    of another shape than the checkpoint's: the pictures put them beside its samples as the training
+    data (a traceback after the whole evaluation for records, another data set's images captioned so)."""
+    from data_pipeline.shards import read_manifest
+
+    try:
+        shape = list(read_manifest(cfg.data.url, check_shards=False).sample_shape)
+    except (DataError, OSError, ValueError):  # data gone: the evaluation goes without it, as its parts say
+        return
+    if shape != list(sample_shape):
+        raise ConfigError(
+            f"data.url={cfg.data.url} holds samples of shape {tuple(shape)}, this checkpoint's are "
+            f"{tuple(sample_shape)}: give data.url where the run's training data is now (or leave it out)"
         )
 
 
@@ -69,6 +86,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     # Whether the kind can score these samples at all comes first: else it asked for a classifier
     # (or FID statistics) to be made, and only then said that they cannot score 2-D points.
     check_samples(cfg, info["sample_shape"])
+    check_data_shape(cfg, info["sample_shape"])
     check_requirements(cfg)
     ready_to_draw(nets, cfg.eval.seed if args.seed is None else args.seed)
     evaluator = build_evaluator(cfg, info["sample_shape"], info.get("dataset", ""))
