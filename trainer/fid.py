@@ -77,6 +77,11 @@ class InceptionFeatures:
 
 def save_statistics(path: str, features: np.ndarray) -> None:
     mu, cov = feature_statistics(features)
+    if not (np.isfinite(mu).all() and np.isfinite(cov).all()):  # every FID against them would fail
+        raise DataError(
+            f"the statistics of {len(features)} images are not finite (NaN or inf features: check the images and "
+            f"--inception); nothing was written to {path}"
+        )
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".partial.npz"
     try:
@@ -113,7 +118,17 @@ def load_statistics(path: str, features: bool = True) -> dict[str, np.ndarray]:
         shown = [f"{k} {tuple(stats[k].shape)}" if k in stats else k for k in names[:4]]
         found = ", ".join(shown + ([f"{len(names) - 4} more"] if len(names) > 4 else [])) or "no arrays"
         raise DataError(f"{path} holds {found}, not FID reference statistics (mu (d,) and cov (d, d)); {make}")
+    if not (np.isfinite(mu).all() and np.isfinite(cov).all()):  # each evaluation died in a LinAlgError
+        raise DataError(f"{path} holds statistics that are not finite (NaN or inf; made of one image?); {make}")
     return stats
+
+
+def image_count(text: str) -> int:
+    """An argparse type: --num, 0 (all the images) or at least 2, as a covariance needs two."""
+    value = nonnegative_int(text)
+    if value == 1:
+        raise argparse.ArgumentTypeError("must be 0 (all the images) or at least 2 (a covariance needs two), got 1")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--data", required=True, help="shards of the reference images (folder or manifest URL)")
     parser.add_argument("--out", required=True, help="where to cache the statistics (.npz)")
-    parser.add_argument("--num", type=nonnegative_int, default=0, help="use the first N images (0: all)")
+    parser.add_argument("--num", type=image_count, default=0, help="use the first N images (0: all; else 2 or more)")
     parser.add_argument(
         "--inception",
         help="a TorchScript feature extractor of your own (it runs code when loaded; default: the packaged one)",
@@ -153,6 +168,11 @@ def _statistics(args: argparse.Namespace) -> int:
     shape = tuple(manifest.sample_shape)
     if len(shape) != 3 or shape[0] not in (1, 3):  # said before reading it all
         raise DataError(f"FID needs images, (1 or 3 channels, height, width); --data {args.data} holds {shape}")
+    if manifest.num_samples < 2:
+        raise DataError(
+            f"--data {args.data} holds {manifest.num_samples} image(s), and a covariance needs at least 2: "
+            "give a larger data set"
+        )
     arrays = read_split(manifest, limit=args.num or None)
     features = inception(arrays["x"], "FID statistics (Inception features)")
     save_statistics(args.out, features)

@@ -113,6 +113,9 @@ def mode_coverage(mode_ids: np.ndarray, num_modes: int) -> dict[str, float]:
 
 
 def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The mean and covariance of (N, d) features; N >= 2, as one image's covariance is all NaN."""
+    if len(features) < 2:
+        raise DataError(f"FID statistics need at least 2 images (a covariance), got {len(features)}")
     features = features.astype(np.float64)
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
