@@ -105,6 +105,24 @@ def load_classifier(path: str) -> DigitClassifier:
     return model.eval()
 
 
+DIGITS = [str(digit) for digit in range(10)]
+
+
+def check_digits(labels: set[str], data: list[str]) -> None:
+    """Refuses data whose labels (as strings) are not the digits 0..9, every one of them: a digit missing
+    from the training is one the classifier never predicts, and StackedMNIST's modes hit would miss it."""
+    sets = f"--data {data[0]} holds" if len(data) == 1 else f"the {len(data)} --data sets hold"
+    others = sorted(labels - set(DIGITS), key=lambda label: (len(label), label))
+    if others:
+        raise DataError(f"the classifier needs digits labelled 0..9; {sets} labels {', '.join(others[:12])}")
+    missing = [digit for digit in DIGITS if digit not in labels]
+    if missing:
+        raise DataError(
+            f"{sets} no {', '.join(missing)}: the classifier would never predict "
+            f"{'it' if len(missing) == 1 else 'them'}; add --data with every digit 0..9 (e.g. MNIST's test set)"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m trainer.classifier", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -119,13 +137,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from data_pipeline.shards import read_manifest
+    from data_pipeline.shards import manifest_url, read_manifest
     from data_pipeline.stream import read_split
 
     check_output_file(args.out, "--out", {".pt": "torch", ".pth": "torch"})
     given: dict[str, str] = {}
     for url in args.data:  # one set twice lands in both parts: the held-out accuracy would flatter
-        first = given.setdefault(url.rstrip("/") if "://" in url else os.path.realpath(url), url)
+        murl = manifest_url(url)  # by the manifest each names: a folder and its manifest.json are one set
+        first = given.setdefault(murl if "://" in murl else os.path.realpath(murl), url)
         if first != url or args.data.count(url) > 1:
             raise DataError(f"--data {first} and --data {url} are one data set: give each once")
     manifests = [read_manifest(url) for url in args.data]
@@ -134,13 +153,16 @@ def _train(args: argparse.Namespace) -> int:
             raise DataError(
                 f"the classifier takes (1, 28, 28) digits; --data {url} holds {tuple(manifest.sample_shape)}"
             )
+    # The digits each set holds, as its manifest records them (every converter does): said before any reading.
+    if all(isinstance(manifest.class_counts, dict) and manifest.class_counts for manifest in manifests):
+        held = {label for manifest in manifests for label, count in manifest.class_counts.items() if count}
+        check_digits(held, args.data)
     # The folder next: a missing one (the README's classifiers/) must not cost the training.
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     splits = [read_split(manifest) for manifest in manifests]
     x = torch.cat([s["x"] for s in splits])
     y = torch.from_numpy(np.concatenate([s["label"] for s in splits]))
-    if not len(x) or y.min() < 0 or y.max() > 9:
-        raise DataError(f"the classifier needs digits labelled 0..9, got labels {y.unique().tolist()[:12]}")
+    check_digits({str(label) for label in y.unique().tolist()}, args.data)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, accuracy = train_classifier(x.to(device), y.to(device), args.epochs, args.seed)
     weights = {k: v.cpu() for k, v in model.state_dict().items()}
