@@ -102,13 +102,29 @@ def describe(error: BaseException) -> str:
     return text if isinstance(error, UserError) else f"{type(error).__name__}: {text}"
 
 
-def run_tool(body: Callable[[], int], debug: bool, extra: tuple[type[BaseException], ...] = ()) -> int:
-    """``body()``'s exit status; a user's mistake (or one of ``extra``) becomes ``error: ...``, status 2.
-    Anything else propagates with its traceback: it is a bug, not the user's fault."""
+# What to do about a MemoryError, where the tool has nothing more precise to say (run_tool's memory_advice).
+LOWER_THE_SIZES = "ask for less (a smaller count or data set), or run where more memory is free"
+
+
+def run_tool(
+    body: Callable[[], int],
+    debug: bool,
+    extra: tuple[type[BaseException], ...] = (),
+    memory_advice: str = LOWER_THE_SIZES,
+) -> int:
+    """``body()``'s exit status; a user's mistake (or one of ``extra``) becomes ``error: ...``, status 2, and
+    so does running out of memory (a size the user asked for), followed by ``memory_advice``. Anything else
+    propagates with its traceback: it is a bug, not the user's fault."""
+    debug = debug or os.environ.get("MEG_DEBUG") == "1"
     try:
         return body()
+    except MemoryError as e:  # numpy's names the size: "Unable to allocate 745. GiB for an array with shape ..."
+        if debug:
+            raise
+        print(f"error: out of memory ({short_message(e, 160)}): {memory_advice}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except Exception as e:
-        if not is_user_error(e, extra) or debug or os.environ.get("MEG_DEBUG") == "1":
+        if not is_user_error(e, extra) or debug:
             raise
         print(f"error: {describe(e)}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from data_pipeline.cli import (
+    LOWER_THE_SIZES,
     add_debug_flag,
     cannot_write_in,
     data_folder,
@@ -70,6 +71,12 @@ from data_pipeline.sources import (
 from data_pipeline.toy import TOY_SPECS, sample_toy, toy_spec
 
 DEFAULT_SHARDS = 16  # a multiple of every usual ranks x workers count (1, 2, 4, 8, 16)
+# Bounds on what one conversion holds in memory, said at parsing rather than met as a MemoryError (or the
+# kernel's OOM kill) later. A toy point costs about 40 bytes (and 2 KB of shards): 10,000,000 is 100 times
+# the presets' 102,400. A stacked digit costs about 790 bytes: 3,000,000 digits (2.4 GB) are 1,000,000
+# samples of StackedMNIST's 3 digits, nearly 8 times the paper's 128,000.
+MAX_TOY_SAMPLES = 10_000_000
+MAX_STACKED_DIGITS = 3_000_000
 
 
 def check_split(source: str, split: str, x: np.ndarray, y: np.ndarray) -> None:
@@ -369,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     toy = add("toy", "synthetic 2D data sets (25gaussians, 8gaussians, swissroll)")
     toy.set_defaults(num_shards=8)
     toy.add_argument("--dataset", choices=sorted(TOY_SPECS), default="25gaussians")
-    toy.add_argument("--num-samples", type=positive_int, default=102_400)
+    toy.add_argument("--num-samples", type=int_between(1, MAX_TOY_SAMPLES), default=102_400)
     toy.add_argument("--seed", type=nonnegative_int, default=0)
     toy.add_argument("--std", type=nonnegative_float, default=0.0, help="per-mode std (0: the paper's)")
 
@@ -387,7 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
     digits(stacked)
     # 10**n_stack modes as int64 mode ids: 19 digits overflowed into negative labels.
     stacked.add_argument("--n-stack", type=int_between(1, 18), default=3, help="digits a sample stacks (1..18)")
-    stacked.add_argument("--num-samples", type=positive_int, default=128_000)
+    stacked.add_argument(
+        "--num-samples",
+        type=int_between(1, MAX_STACKED_DIGITS),
+        default=128_000,
+        help=f"at most {MAX_STACKED_DIGITS:,} digits in all (--num-samples x --n-stack)",
+    )
     stacked.add_argument("--seed", type=nonnegative_int, default=0)
 
     cifar = add("cifar10", "CIFAR-10 from cifar-10-python.tar.gz into OUT/train, OUT/test")
@@ -497,11 +509,21 @@ def run(args: argparse.Namespace) -> dict[str, Manifest]:
     }
 
 
+# What to lower when a conversion runs out of memory anyway (the machine's memory is taken by others).
+MEMORY_ADVICE = {"toy": "lower --num-samples", "stackedmnist": "lower --num-samples or --n-stack"}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.source == "stackedmnist" and args.num_samples * args.n_stack > MAX_STACKED_DIGITS:
+        parser.error(
+            f"argument --num-samples: {args.num_samples:,} samples of {args.n_stack} digits are more than the "
+            f"{MAX_STACKED_DIGITS:,} digits one conversion holds in memory: lower --num-samples or --n-stack"
+        )
     # The readers' warnings (samples left out of shards), told like the errors are.
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
-    return run_tool(lambda: _convert(args), args.debug)
+    return run_tool(lambda: _convert(args), args.debug, memory_advice=MEMORY_ADVICE.get(args.source, LOWER_THE_SIZES))
 
 
 def manifest_exists(out: str) -> bool:
@@ -514,23 +536,33 @@ def manifest_exists(out: str) -> bool:
     return bounded(partial(fs.exists, path), murl, "lookup")
 
 
-def check_empty_output(out: str) -> None:
-    """Refuses an --out that already holds files: new shards over an old data set's would leave a mix of
-    the two (fewer new shards keep the old rest)."""
+def check_output_folder(out: str) -> tuple[Any, str] | None:
+    """Refuses, before any reading, an --out that no data set can be written to: a file, or on this machine
+    a folder that cannot be made or written in (under a file, in /proc, read-only). Returns its file system
+    and path where it exists already, else None."""
     import fsspec
 
     from data_pipeline.storage import bounded  # a store that cannot be reached is named, not a traceback
 
     fs, path = bounded(partial(fsspec.core.url_to_fs, out), out, "connection")
-    if not bounded(partial(fs.exists, path), out, "lookup"):
-        if "file" in fs.protocol:  # a folder that cannot be made (under a file, read-only) is said before the reading
-            existing = nearest_existing(path)
-            problem = "is not a folder" if not os.path.isdir(existing) else cannot_write_in(existing)
-            if problem:
-                raise DataError(f"--out {out}: cannot write there ({existing} {problem}): choose another folder")
+    exists = bounded(partial(fs.exists, path), out, "lookup")
+    if exists and not fs.isdir(path):
+        raise DataError(f"--out {out} is a file: give a folder for the data set")
+    if "file" in fs.protocol:
+        existing = nearest_existing(path)
+        problem = "is not a folder" if not os.path.isdir(existing) else cannot_write_in(existing)
+        if problem:
+            raise DataError(f"--out {out}: cannot write there ({existing} {problem}): choose another folder")
+    return (fs, path) if exists else None
+
+
+def check_empty_output(out: str) -> None:
+    """Refuses an --out that already holds files (or cannot be written to): new shards over an old data
+    set's would leave a mix of the two (fewer new shards keep the old rest)."""
+    found = check_output_folder(out)
+    if found is None:
         return
-    if not fs.isdir(path):
-        raise DataError(f"--out {out} is a file: give a folder for the shards")
+    fs, path = found
     held = sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
     if held:
         names = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
@@ -547,7 +579,7 @@ def _convert(args: argparse.Namespace) -> int:
         raise DataError("--out is empty: give the folder for the shards (a path or an fsspec URL)")
     if args.source != "index":  # index writes only a manifest, often next to the shards it indexes
         check_empty_output(args.out)
-    elif manifest_exists(args.out):  # another data set's: replaced, its shards were left orphaned
+    elif check_output_folder(args.out) and manifest_exists(args.out):  # another data set's: its shards orphaned
         raise DataError(f"--out {args.out} already holds a manifest.json: choose another folder, or remove it first")
     try:
         written = run(args)
