@@ -286,7 +286,7 @@ if train:
 if evals:
     e = json.load(open(evals[-1]))
     print("  stackedmnist evaluation: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                                    for k, v in e.items()))
+                                                    for k, v in e.items() if k != "settings"))
 EOF
 else
     for key in smnist_data smnist_run smnist_eval; do

@@ -71,6 +71,14 @@ def test_toy_evaluation_reports_plain_and_mala(tmp_path):
     assert header.split(" | ")[0].strip() == "metric" and "latent MALA" in header
     assert any(r.startswith("high_quality_share") for r in rows)
     assert "MALA acceptance rate" in result.stdout
+    # The record says what gave it: rewritten under other settings, it used to look the same.
+    written = tmp_path / "run" / "eval" / f"eval_{checkpoint.name}.json"
+    settings = json.loads(written.read_text())["settings"]
+    assert settings["num_samples"] == 300 and settings["mala"]["steps"] == 3 and "density_points" in settings["toy"]
+    reseeded = _evaluate(tmp_path / "run", "--seed", "5", "eval.num_samples=300", "eval.mala.steps=0")
+    assert reseeded.returncode == 0, reseeded.stderr
+    settings = json.loads(written.read_text())["settings"]
+    assert settings["seed"] == 5 and settings["mala"]["steps"] == 0
     # data.url (where the training data is now) holding another data set: it was put beside the samples.
     images = tmp_path / "images"
     write_array_shards(str(images), "digits", "train", np.zeros((4, 1, 8, 8), np.float32), np.zeros(4, np.int64), 1)

@@ -88,7 +88,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     check_samples(cfg, info["sample_shape"])
     check_data_shape(cfg, info["sample_shape"])
     check_requirements(cfg)
-    ready_to_draw(nets, cfg.eval.seed if args.seed is None else args.seed)
+    if args.seed is not None:  # the evaluation's records say the seed that drew them
+        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, seed=args.seed))
+    ready_to_draw(nets, cfg.eval.seed)
     evaluator = build_evaluator(cfg, info["sample_shape"], info.get("dataset", ""))
     # Another kind than the run's own gets files of its own: its results do not replace the run's kind's.
     own_kind = load_config(os.path.join(checkpoint, "config.yaml")).eval.kind

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from typing import TYPE_CHECKING
 
 from trainer.nofollow import make_dir, write_replacing
@@ -120,6 +120,14 @@ class Evaluator:
             caption += f"\n{shown}" if shown and name == "samples" else ""
             image_grid(os.path.join(self.ctx.out_dir, f"{name}_{tag}.png"), samples[:64], real=real, caption=caption)
 
+    def settings(self) -> dict:
+        """What the numbers depend on besides the checkpoint: the draws' seed, their count, MALA's settings
+        and this kind's section (a file rewritten under other settings tells which gave it)."""
+        settings = {"seed": self.cfg.seed, "num_samples": self.cfg.num_samples, "mala": asdict(self.cfg.mala)}
+        if is_dataclass(self.section):  # as the configuration has it: eval.<kind>
+            settings[self.kind] = asdict(self.section)
+        return settings
+
     def has_result(self, step: int) -> bool:
         """Whether the evaluation at ``step`` finished (its JSON was written)."""
         return os.path.exists(os.path.join(self.ctx.out_dir, f"step_{step:08d}.json"))
@@ -137,7 +145,7 @@ class Evaluator:
         own, tag = tag is None, tag or f"step_{step:08d}"
         if self.cfg.plots:
             self.plot(tag, step, energy, plain, refined, results)
-        record = {"step": step, "kind": self.kind, **results}
+        record = {"step": step, "kind": self.kind, **results, "settings": self.settings()}
         # latest.json is the run's own result (the trainer reports it): another tag (e.g. the evaluation
         # tool's, under other settings) writes only its own file.
         for name in (f"{tag}.json", "latest.json") if own else (f"{tag}.json",):
