@@ -20,9 +20,9 @@ from data_pipeline.config import DataConfig
 from data_pipeline.convert import convert_toy
 from data_pipeline.decode import DecodeSpec
 from data_pipeline.shard_io import check_first_sample
-from data_pipeline.shards import Manifest, manifest_url
+from data_pipeline.shards import Manifest, looks_like_shards, manifest_url
 from data_pipeline.storage import bounded
-from data_pipeline.stream import ShardStream, looks_like_shards, open_data
+from data_pipeline.stream import ShardStream, open_data
 from data_pipeline.toy import same_std, toy_spec
 
 log = logging.getLogger(__name__)

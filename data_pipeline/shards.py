@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import posixpath
+import shlex
 import tarfile
 import tempfile
 import urllib.parse
@@ -102,6 +103,13 @@ def is_command_url(url: str) -> bool:
     return scheme in COMMAND_SCHEMES
 
 
+def looks_like_shards(url: str) -> bool:
+    """Whether ``data.url`` names shards (a pattern, a list, a tar file, a command) rather than a data
+    set folder or its manifest.json."""
+    name = url.split("?")[0]
+    return "::" in url or "{" in url or is_command_url(url) or name.endswith((".tar", ".tar.gz", ".tgz"))
+
+
 def join_url(base: str, name: str) -> str:
     if "://" in name or name.startswith("/") or is_command_url(name):
         return name
@@ -111,6 +119,14 @@ def join_url(base: str, name: str) -> str:
 def manifest_url(url: str) -> str:
     """Accepts a folder or the manifest file itself."""
     return url if url.endswith(".json") else join_url(url, MANIFEST_NAME)
+
+
+def index_shards_first(shards: str) -> str:
+    """How to read ``shards`` (a pattern, a .tar) with a tool that reads data sets: index them first."""
+    return (
+        f"index them into a data set with `python -m data_pipeline.convert index --shards {shlex.quote(shards)} "
+        "--out FOLDER` (it writes only a manifest) and give FOLDER"
+    )
 
 
 def read_manifest(url: str, check_shards: bool = True) -> Manifest:
@@ -124,13 +140,14 @@ def read_manifest(url: str, check_shards: bool = True) -> Manifest:
     """
     from data_pipeline.storage import bounded
 
+    if looks_like_shards(url):  # read as a folder: "no manifest at d-{0..9}.tar/manifest.json: write it there"
+        raise DataError(f"{url} names shards, not a data set: {index_shards_first(url)}")
     murl = manifest_url(url)
     try:
         raw = json.loads(bounded(lambda: _read_text(murl), murl, "manifest read"))
     except NotADirectoryError:
         raise DataError(
-            f"{url} is a file: a data set is a folder holding manifest.json (or that manifest's URL), or shards "
-            "(a .tar, a brace pattern)"
+            f"{url} is a file: a data set is a folder holding manifest.json (or that manifest's URL)"
         ) from None
     except FileNotFoundError as e:
         # fsspec's http says "not found" for a server it cannot reach too: the cause tells them apart.

@@ -54,7 +54,7 @@ from data_pipeline.shard_io import (
     read_shard_bytes,
 )
 from data_pipeline.shard_reader import CorruptShard, SampleTooLarge, ShardArrays
-from data_pipeline.shards import DataError, Manifest, ShardInfo, is_command_url, read_manifest
+from data_pipeline.shards import DataError, Manifest, ShardInfo, looks_like_shards, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +100,6 @@ def split_urls(urls: str | list[str]) -> list[str]:
                 f"{urls!r} has unbalanced braces: a shard pattern looks like data/x-{{000000..000015}}.tar"
             ) from None
     return list(urls)
-
-
-def looks_like_shards(url: str) -> bool:
-    """Whether ``data.url`` names shards (a pattern, a list, a tar file, a command) rather than a data
-    set folder or its manifest.json."""
-    name = url.split("?")[0]
-    return "::" in url or "{" in url or is_command_url(url) or name.endswith((".tar", ".tar.gz", ".tgz"))
 
 
 def manifest_from_urls(

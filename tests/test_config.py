@@ -134,6 +134,20 @@ def test_a_missing_evaluation_file_stops_the_run_before_any_work(tmp_path):
     assert "eval.fid.reference=stats/fashion_train.npz does not exist" in result.stderr
     assert "python -m trainer.fid --data data/fashion-mnist/train --out stats/fashion_train.npz" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+    # Training shards: the command as given (unquoted, the shell expanded the braces into two arguments;
+    # quoted, meg-fid wanted a manifest in "wds/d-{0..1}.tar/") did not work.
+    shards = "wds/d-{000000..000001}.tar"
+    result = subprocess.run(
+        [sys.executable, "trainer/main.py", "--config", "fashion_mnist_mlp", f"output_dir={tmp_path / 'run'}",
+         f"data.url={shards}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert (
+        f"make it from the training shards: index them into a data set with `python -m data_pipeline.convert index "
+        f"--shards '{shards}' --out FOLDER` (it writes only a manifest) and give FOLDER to `python -m trainer.fid "
+        "--data FOLDER --out stats/fashion_train.npz`"
+    ) in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.yaml")))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 
 import numpy as np
 import pytest
@@ -176,6 +177,15 @@ def test_a_file_or_nothing_as_data_url_is_named_as_such(tmp_path):
         write_toy_data(DataConfig(url=str(tmp_path / "afile"), toy="25gaussians"), seed=0)
     with pytest.raises(DataError, match=f"{tmp_path / 'afile'} is a file: a data set is a folder holding manifest"):
         read_manifest(str(tmp_path / "afile"))
+    # Shards given to a tool that reads data sets (meg-fid, meg-classifier): was "no manifest at
+    # d-{0..1}.tar/manifest.json: write the data set there", a folder no converter writes.
+    for shards in (f"{tmp_path}/d-{{0..1}}.tar", str(tmp_path / "d.tar")):
+        with pytest.raises(DataError) as caught:
+            read_manifest(shards)
+        assert str(caught.value) == (
+            f"{shards} names shards, not a data set: index them into a data set with `python -m data_pipeline.convert "
+            f"index --shards {shlex.quote(shards)} --out FOLDER` (it writes only a manifest) and give FOLDER"
+        )
     with pytest.raises(ValueError, match="data.url is empty"):
         DataConfig(url=" ")
 

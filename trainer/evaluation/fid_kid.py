@@ -4,6 +4,7 @@ reference statistics cached by ``python -m trainer.fid``."""
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import dataclass, field
 
 from data_pipeline.cli import ConfigError
@@ -28,8 +29,15 @@ class FIDEvaluator(Evaluator):
 
     @classmethod
     def requirements(cls, cfg) -> list[tuple[str, str, str]]:
+        from data_pipeline.shards import index_shards_first, looks_like_shards
+
         section = cfg.eval.fid
-        make = f"make it with: python -m trainer.fid --data {cfg.data.url} --out {section.reference or 'PATH'}"
+        out = shlex.quote(section.reference or "PATH")
+        if looks_like_shards(cfg.data.url):  # meg-fid reads a data set: shards have none until indexed
+            make = f"make it from the training shards: {index_shards_first(cfg.data.url)} to "
+            make += f"`python -m trainer.fid --data FOLDER --out {out}`"
+        else:
+            make = f"make it with: python -m trainer.fid --data {shlex.quote(cfg.data.url)} --out {out}"
         needed = [("eval.fid.reference", section.reference, make)]
         if section.inception:
             needed.append(("eval.fid.inception", section.inception, "a TorchScript Inception of your own"))

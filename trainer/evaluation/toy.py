@@ -59,7 +59,7 @@ def written_std(data_cfg, dataset: str) -> float:
     the published one), which the trainer held the data at data.url to (data_pipeline.dataset's
     check_toy_settings); 0 where the run read data it did not write (shards, data.toy unset or another
     data set) or the data set has no modes."""
-    from data_pipeline.stream import looks_like_shards
+    from data_pipeline.shards import looks_like_shards
     from data_pipeline.toy import TOY_SPECS
 
     if data_cfg.toy != dataset or dataset not in TOY_SPECS or looks_like_shards(data_cfg.url):
