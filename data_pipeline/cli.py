@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Callable
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a job Ctrl-C ended
 MAX_SHOWN = 80  # characters of a user's value quoted in a message
 
 
@@ -118,6 +119,11 @@ def run_tool(
     debug = debug or os.environ.get("MEG_DEBUG") == "1"
     try:
         return body()
+    except KeyboardInterrupt:  # Ctrl-C: what the tool was writing it removes on the way out (write_replacing)
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except MemoryError as e:  # numpy's names the size: "Unable to allocate 745. GiB for an array with shape ..."
         if debug:
             raise

@@ -11,6 +11,9 @@ from typing import Literal
 WorkerType = Literal["auto", "thread", "process"]
 WORKER_TYPES: tuple[str, ...] = WorkerType.__args__
 ToyName = Literal["", "25gaussians", "8gaussians", "swissroll"]  # data_pipeline.toy's data sets ("": none)
+# A toy data set is drawn in memory: a point costs about 40 bytes there (and 2 KB of shards), so 10,000,000
+# (100 times the presets' 102,400) stays far from a MemoryError or the kernel's OOM kill.
+MAX_TOY_SAMPLES = 10_000_000
 MAX_IMAGE_SIZE = 8192  # data.image_size: 8192 x 8192 x 3 is 192 MiB per decoded image
 DEFAULT_MAX_SAMPLE_BYTES = 256 << 20
 # Schemes whose webdataset opener runs a program (pipe: a shell command; the others curl or ais).
@@ -46,7 +49,7 @@ class DataConfig:
     # Toy data sets only: when there is no manifest at ``url``, write this data set there first.
     toy: ToyName = ""
     toy_std: float = field(default=0.0, metadata={"range": "[0, inf)"})  # the toy modes' std (0: the data set's own)
-    toy_num_samples: int = field(default=102_400, metadata={"range": "[1, 1073741824]"})
+    toy_num_samples: int = field(default=102_400, metadata={"range": f"[1, {MAX_TOY_SAMPLES}]"})
     toy_num_shards: int = field(default=8, metadata={"range": "[1, 1048576]"})
     # Shards written by other tools (webdataset's ShardWriter, tarp, img2dataset): the sample's field
     # (the first of these it has; or .npy), its label (.cls; json:label for a field of a .json member,

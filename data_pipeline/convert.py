@@ -43,7 +43,7 @@ from data_pipeline.cli import (
     run_tool,
     url,
 )
-from data_pipeline.config import MAX_IMAGE_SIZE, check_label_key
+from data_pipeline.config import MAX_IMAGE_SIZE, MAX_TOY_SAMPLES, check_label_key
 from data_pipeline.decode import DecodeSpec
 from data_pipeline.shards import (
     ALLOW_COMMANDS_ENV,
@@ -71,11 +71,10 @@ from data_pipeline.sources import (
 from data_pipeline.toy import TOY_SPECS, sample_toy, toy_spec
 
 DEFAULT_SHARDS = 16  # a multiple of every usual ranks x workers count (1, 2, 4, 8, 16)
-# Bounds on what one conversion holds in memory, said at parsing rather than met as a MemoryError (or the
-# kernel's OOM kill) later. A toy point costs about 40 bytes (and 2 KB of shards): 10,000,000 is 100 times
-# the presets' 102,400. A stacked digit costs about 790 bytes: 3,000,000 digits (2.4 GB) are 1,000,000
-# samples of StackedMNIST's 3 digits, nearly 8 times the paper's 128,000.
-MAX_TOY_SAMPLES = 10_000_000
+# A bound on what one conversion holds in memory, said at parsing rather than met as a MemoryError (or the
+# kernel's OOM kill) later (the toy's: data_pipeline.config.MAX_TOY_SAMPLES). A stacked digit costs about
+# 790 bytes: 3,000,000 digits (2.4 GB) are 1,000,000 samples of StackedMNIST's 3 digits, nearly 8 times the
+# paper's 128,000.
 MAX_STACKED_DIGITS = 3_000_000
 
 
@@ -134,6 +133,11 @@ def convert_mnist(
 
 def convert_fashion_mnist(out: str, folder: str = "", num_shards: int = DEFAULT_SHARDS) -> dict[str, Manifest]:
     """Fashion-MNIST's train and test IDX files (the Debian package's folder by default)."""
+    if not folder and not os.path.isdir(FASHION_MNIST_DIR):  # "no file at /usr/share/..." named no way out
+        raise DataError(
+            f"no Fashion-MNIST at {FASHION_MNIST_DIR} (Debian's dataset-fashion-mnist package puts it there): "
+            "install that package, or give --dir with the folder of its four IDX .gz files"
+        )
     folder = folder or FASHION_MNIST_DIR
     manifests, splits = {}, {}
     for split, prefix in (("train", "train"), ("test", "t10k")):  # both read before either is written
@@ -358,7 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
         p.add_argument("--out", type=data_folder, required=True, help="output folder: a path or any fsspec URL")
-        p.add_argument("--num-shards", type=positive_int, default=DEFAULT_SHARDS, help="a multiple of ranks x workers")
+        p.add_argument(
+            "--num-shards",
+            type=positive_int,
+            default=DEFAULT_SHARDS,
+            help="a multiple of ranks x workers (default: %(default)s)",
+        )
         add_debug_flag(p)
         return p
 

@@ -207,3 +207,57 @@ def test_running_out_of_memory_is_one_line_naming_what_to_lower(tmp_path, monkey
     assert err.getvalue().count("\n") == 1 and "ask for less" in err.getvalue()
     with pytest.raises(MemoryError):
         run_tool(too_big, debug=True)
+
+
+def test_ctrl_c_in_a_tool_is_one_line_and_the_shells_status():
+    # A KeyboardInterrupt traceback (meg-fid's Inception features, a conversion) read as a crash.
+    def interrupted():
+        raise KeyboardInterrupt
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert run_tool(interrupted, debug=False) == 130
+    assert err.getvalue() == "interrupted\n"
+    with pytest.raises(KeyboardInterrupt):
+        run_tool(interrupted, debug=True)
+
+
+def test_the_toy_data_a_run_writes_is_bounded_as_the_converters(tmp_path):
+    from trainer.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"data.toy_num_samples=10000001 is out of range: .* \[1, 10000000\]"):
+        load_config("debug", ["data.toy_num_samples=10000001"])
+
+
+@pytest.mark.parametrize(
+    "main, argv, says",
+    [
+        (fid.main, [], "--device DEVICE where the Inception network runs (default: "),
+        (classifier.main, [], "passes over the data (default: 8)"),
+        (convert.main, ["toy"], "a multiple of ranks x workers (default: 8)"),
+        (convert.main, ["mnist"], "a multiple of ranks x workers (default: 16)"),
+    ],
+)
+def test_help_says_the_defaults_a_user_gets(capsys, main, argv, says):
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    assert says in " ".join(capsys.readouterr().out.split()), says
+
+
+def test_fashion_mnist_missing_from_its_default_folder_names_the_package_and_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(convert, "FASHION_MNIST_DIR", str(tmp_path / "none"))  # as on a machine without it
+    _refused(
+        convert.main,
+        ["fashion-mnist", "--out", str(tmp_path / "f")],
+        f"no Fashion-MNIST at {tmp_path / 'none'}",
+        "install that package, or give --dir",
+    )
+    assert not (tmp_path / "f").exists()
+
+
+def test_fid_names_an_inception_folder_as_a_folder(tmp_path):
+    _refused(
+        fid.main,
+        ["--data", str(tmp_path), "--out", str(tmp_path / "s.npz"), "--inception", str(tmp_path)],
+        f"--inception {tmp_path} is a folder: give a TorchScript file",
+    )

@@ -129,8 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--data", action="append", required=True, help="MNIST shards (repeatable)")
     parser.add_argument("--out", required=True, help="checkpoint path (.pt)")
-    parser.add_argument("--epochs", type=positive_int, default=8)
-    parser.add_argument("--seed", type=nonnegative_int, default=0)
+    parser.add_argument("--epochs", type=positive_int, default=8, help="passes over the data (default: %(default)s)")
+    parser.add_argument(
+        "--seed", type=nonnegative_int, default=0, help="initialisation, split and batch order (default: %(default)s)"
+    )
     add_debug_flag(parser)
     args = parser.parse_args(argv)
     return run_tool(lambda: _train(args), args.debug)

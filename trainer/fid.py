@@ -142,7 +142,11 @@ def main(argv: list[str] | None = None) -> int:
         "--inception",
         help="a TorchScript feature extractor of your own (it runs code when loaded; default: the packaged one)",
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where the Inception network runs (default: %(default)s)",
+    )
     add_debug_flag(parser)
     args = parser.parse_args(argv)
     return run_tool(lambda: _statistics(args), args.debug)
@@ -162,7 +166,8 @@ def _statistics(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {args.device}: no CUDA device here; use --device cpu")
     if args.inception and not os.path.isfile(args.inception):
-        raise ConfigError(f"--inception {args.inception} does not exist (a TorchScript file)")
+        problem = "is a folder" if os.path.isdir(args.inception) else "does not exist"
+        raise ConfigError(f"--inception {args.inception} {problem}: give a TorchScript file")
     inception = InceptionFeatures(args.inception, device)  # before the data: a wrong file costs no reading
     manifest = read_manifest(args.data)
     shape = tuple(manifest.sample_shape)
