@@ -5,7 +5,8 @@ code."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+import shlex
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 WorkerType = Literal["auto", "thread", "process"]
@@ -49,7 +50,8 @@ class DataConfig:
     # Toy data sets only: when there is no manifest at ``url``, write this data set there first.
     toy: ToyName = ""
     toy_std: float = field(default=0.0, metadata={"range": "[0, inf)"})  # the toy modes' std (0: the data set's own)
-    toy_num_samples: int = field(default=102_400, metadata={"range": f"[1, {MAX_TOY_SAMPLES}]"})
+    # at most MAX_TOY_SAMPLES where the run writes them (write_toy_data): a saved run's larger count still loads
+    toy_num_samples: int = field(default=102_400, metadata={"range": "[1, 1073741824]"})
     toy_num_shards: int = field(default=8, metadata={"range": "[1, 1048576]"})
     # Shards written by other tools (webdataset's ShardWriter, tarp, img2dataset): the sample's field
     # (the first of these it has; or .npy), its label (.cls; json:label for a field of a .json member,
@@ -115,6 +117,23 @@ def check_url(url: str) -> str | None:
         except ImportError as e:
             return f"{scheme}:// needs a package that is not installed: {e}"
     return None
+
+
+# How shards' samples are decoded: the data section's keys and meg-convert index's flags for them.
+DECODE_FLAGS = {"data.image_key": "--image-key", "data.label_key": "--label-key", "data.image_mode": "--image-mode",
+                "data.image_size": "--image-size"}  # fmt: skip
+
+
+def decode_flags(cfg: DataConfig) -> str:
+    """meg-convert index's flags for ``cfg``'s decoding where it differs from the defaults (shell-quoted): an
+    index of a run's shards decodes them as the run did (mode and size)."""
+    defaults = {f.name: f.default for f in fields(DataConfig)}
+    parts = []
+    for key, flag in DECODE_FLAGS.items():
+        name = key.removeprefix("data.")
+        if getattr(cfg, name) != defaults[name]:
+            parts.append(f" {flag} {shlex.quote(str(getattr(cfg, name)))}")
+    return "".join(parts)
 
 
 def check_label_key(label_key: str) -> str | None:

@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 
 from data_pipeline.cli import (
-    LOWER_THE_SIZES,
     add_debug_flag,
     cannot_write_in,
     data_folder,
@@ -43,7 +42,7 @@ from data_pipeline.cli import (
     run_tool,
     url,
 )
-from data_pipeline.config import MAX_IMAGE_SIZE, MAX_TOY_SAMPLES, check_label_key
+from data_pipeline.config import DECODE_FLAGS, MAX_IMAGE_SIZE, MAX_TOY_SAMPLES, check_label_key
 from data_pipeline.decode import DecodeSpec
 from data_pipeline.shards import (
     ALLOW_COMMANDS_ENV,
@@ -520,6 +519,7 @@ def run(args: argparse.Namespace) -> dict[str, Manifest]:
 
 # What to lower when a conversion runs out of memory anyway (the machine's memory is taken by others).
 MEMORY_ADVICE = {"toy": "lower --num-samples", "stackedmnist": "lower --num-samples or --n-stack"}
+LOWER_THE_SIZES = "convert fewer or smaller files, or run where more memory is free"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -579,10 +579,6 @@ def check_empty_output(out: str) -> None:
 
 
 # The decode settings as the trainer's keys name them, and as this tool's flags do.
-DECODE_FLAGS = {"data.image_key": "--image-key", "data.label_key": "--label-key", "data.image_mode": "--image-mode",
-                "data.image_size": "--image-size"}  # fmt: skip
-
-
 def _convert(args: argparse.Namespace) -> int:
     if not args.out.strip():  # "" is the working folder to fsspec: it was "--out  is not empty (it holds ...)"
         raise DataError("--out is empty: give the folder for the shards (a path or an fsspec URL)")

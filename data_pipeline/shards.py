@@ -121,11 +121,12 @@ def manifest_url(url: str) -> str:
     return url if url.endswith(".json") else join_url(url, MANIFEST_NAME)
 
 
-def index_shards_first(shards: str) -> str:
-    """How to read ``shards`` (a pattern, a .tar) with a tool that reads data sets: index them first."""
+def index_shards_first(shards: str, flags: str = "") -> str:
+    """How to read ``shards`` (a pattern, a .tar) with a tool that reads data sets: index them first
+    (``flags``: how to decode them, data_pipeline.config.decode_flags)."""
     return (
-        f"index them into a data set with `python -m data_pipeline.convert index --shards {shlex.quote(shards)} "
-        "--out FOLDER` (it writes only a manifest) and give FOLDER"
+        f"index them into a data set with `python -m data_pipeline.convert index --shards {shlex.quote(shards)}"
+        f"{flags} --out FOLDER` (it writes only a manifest) and give FOLDER"
     )
 
 

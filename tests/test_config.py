@@ -135,17 +135,19 @@ def test_a_missing_evaluation_file_stops_the_run_before_any_work(tmp_path):
     assert "python -m trainer.fid --data data/fashion-mnist/train --out stats/fashion_train.npz" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
     # Training shards: the command as given (unquoted, the shell expanded the braces into two arguments;
-    # quoted, meg-fid wanted a manifest in "wds/d-{0..1}.tar/") did not work.
+    # quoted, meg-fid wanted a manifest in "wds/d-{0..1}.tar/") did not work. Their index decodes the images
+    # as the run does (else RGB at their stored size: statistics of other images).
     shards = "wds/d-{000000..000001}.tar"
     result = subprocess.run(
         [sys.executable, "trainer/main.py", "--config", "fashion_mnist_mlp", f"output_dir={tmp_path / 'run'}",
-         f"data.url={shards}"],
+         f"data.url={shards}", "data.image_mode=l", "data.image_size=28"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert (
         f"make it from the training shards: index them into a data set with `python -m data_pipeline.convert index "
-        f"--shards '{shards}' --out FOLDER` (it writes only a manifest) and give FOLDER to `python -m trainer.fid "
+        f"--shards '{shards}' --image-mode l --image-size 28 --out FOLDER` (it writes only a manifest) and give "
+        "FOLDER to `python -m trainer.fid "
         "--data FOLDER --out stats/fashion_train.npz`"
     ) in result.stderr, result.stderr
 

@@ -100,7 +100,7 @@ def load_classifier(path: str) -> DigitClassifier:
     except (KeyError, TypeError, IndexError, RuntimeError) as e:
         raise DataError(
             f"{path} is not a digit classifier checkpoint ({type(e).__name__}: {short_message(e, 120)}); "
-            "make one with python -m trainer.classifier --data <MNIST shards> --out <path>"
+            "make one with python -m trainer.classifier --data <MNIST data set folder> --out <path>"
         ) from None
     return model.eval()
 
@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m trainer.classifier", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data", action="append", required=True, help="MNIST shards (repeatable)")
+    parser.add_argument(
+        "--data", action="append", required=True, help="an MNIST data set, its folder or manifest URL (repeatable)"
+    )
     parser.add_argument("--out", required=True, help="checkpoint path (.pt)")
     parser.add_argument("--epochs", type=positive_int, default=8, help="passes over the data (default: %(default)s)")
     parser.add_argument(

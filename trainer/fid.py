@@ -97,7 +97,7 @@ def load_statistics(path: str, features: bool = True) -> dict[str, np.ndarray]:
     """The reference statistics ``save_statistics`` wrote to ``path`` (mu, cov, and with ``features`` the
     features when kept); anything else is a DataError naming the file. Nothing in it is unpickled."""
     # A new path: this one may be a file of another kind, lost to the statistics if it were reused.
-    make = "make them with python -m trainer.fid --data <shards> --out <new path>.npz and point to that"
+    make = "make them with python -m trainer.fid --data <data set folder> --out <new path>.npz and point to that"
     try:
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):  # one .npy array
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m trainer.fid", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data", required=True, help="shards of the reference images (folder or manifest URL)")
+    parser.add_argument("--data", required=True, help="the reference images: a data set (its folder or manifest URL)")
     parser.add_argument("--out", required=True, help="where to cache the statistics (.npz)")
     parser.add_argument("--num", type=image_count, default=0, help="use the first N images (0: all; else 2 or more)")
     parser.add_argument(

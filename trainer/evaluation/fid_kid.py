@@ -29,12 +29,13 @@ class FIDEvaluator(Evaluator):
 
     @classmethod
     def requirements(cls, cfg) -> list[tuple[str, str, str]]:
+        from data_pipeline.config import decode_flags
         from data_pipeline.shards import index_shards_first, looks_like_shards
 
         section = cfg.eval.fid
         out = shlex.quote(section.reference or "PATH")
         if looks_like_shards(cfg.data.url):  # meg-fid reads a data set: shards have none until indexed
-            make = f"make it from the training shards: {index_shards_first(cfg.data.url)} to "
+            make = f"make it from the training shards: {index_shards_first(cfg.data.url, decode_flags(cfg.data))} to "
             make += f"`python -m trainer.fid --data FOLDER --out {out}`"
         else:
             make = f"make it with: python -m trainer.fid --data {shlex.quote(cfg.data.url)} --out {out}"
