@@ -103,19 +103,16 @@ def describe(error: BaseException) -> str:
     return text if isinstance(error, UserError) else f"{type(error).__name__}: {text}"
 
 
-# What to do about a MemoryError, where the tool has nothing more precise to say (run_tool's memory_advice).
-LOWER_THE_SIZES = "ask for less (a smaller count or data set), or run where more memory is free"
-
-
 def run_tool(
     body: Callable[[], int],
     debug: bool,
     extra: tuple[type[BaseException], ...] = (),
-    memory_advice: str = LOWER_THE_SIZES,
+    memory_advice: str | None = None,
 ) -> int:
     """``body()``'s exit status; a user's mistake (or one of ``extra``) becomes ``error: ...``, status 2, and
-    so does running out of memory (a size the user asked for), followed by ``memory_advice``. Anything else
-    propagates with its traceback: it is a bug, not the user's fault."""
+    so does running out of memory where the tool says what size the user asked for to lower (``memory_advice``);
+    Ctrl-C is ``interrupted``, status 130. Anything else propagates with its traceback: it is a bug, not the
+    user's fault."""
     debug = debug or os.environ.get("MEG_DEBUG") == "1"
     try:
         return body()
@@ -125,7 +122,7 @@ def run_tool(
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except MemoryError as e:  # numpy's names the size: "Unable to allocate 745. GiB for an array with shape ..."
-        if debug:
+        if debug or memory_advice is None:
             raise
         print(f"error: out of memory ({short_message(e, 160)}): {memory_advice}", file=sys.stderr)
         return EXIT_USER_ERROR

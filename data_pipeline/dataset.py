@@ -16,7 +16,7 @@ import fsspec
 import torch
 
 from data_pipeline.cli import DataError
-from data_pipeline.config import DataConfig
+from data_pipeline.config import MAX_TOY_SAMPLES, DataConfig
 from data_pipeline.convert import convert_toy
 from data_pipeline.decode import DecodeSpec
 from data_pipeline.shard_io import check_first_sample
@@ -92,6 +92,11 @@ def write_toy_data(cfg: DataConfig, seed: int) -> None:
         raise DataError(
             f"data.url={cfg.url} holds files but no manifest.json: not writing {cfg.toy} shards over them. "
             "Point data.url at an empty or new folder (or at the data's manifest)."
+        )
+    if cfg.toy_num_samples > MAX_TOY_SAMPLES:  # drawn in memory: said here, not met as a MemoryError
+        raise DataError(
+            f"data.toy_num_samples={cfg.toy_num_samples} is more than the {MAX_TOY_SAMPLES:,} points a toy data "
+            "set is drawn with in memory: lower it"
         )
     log.info("writing %s shards to %s", cfg.toy, cfg.url)
     convert_toy(cfg.toy, cfg.url, cfg.toy_num_samples, cfg.toy_num_shards, seed=seed, std=cfg.toy_std)

@@ -201,12 +201,15 @@ def test_running_out_of_memory_is_one_line_naming_what_to_lower(tmp_path, monkey
         convert.main, ["toy", "--out", str(tmp_path / "d")], "error: out of memory (Unable to allocate 745."
     )
     assert last.endswith(": lower --num-samples")
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        assert run_tool(too_big, debug=False) == 2  # any tool: the generic advice
-    assert err.getvalue().count("\n") == 1 and "ask for less" in err.getvalue()
+    monkeypatch.setattr(convert, "read_digits", too_big)  # any other source: the generic advice
+    last = _refused(convert.main, ["mnist", "--csv", str(tmp_path / "x.csv"), "--out", str(tmp_path / "m")])
+    assert last.endswith(": convert fewer or smaller files, or run where more memory is free"), last
     with pytest.raises(MemoryError):
-        run_tool(too_big, debug=True)
+        run_tool(too_big, debug=True, memory_advice="lower --num-samples")
+    # A tool that cannot say which size to lower (the trainer: its batch, its buffers) keeps the traceback,
+    # and its exit status 1 (meg-kdd-protocol reads 2 as settings refused, 1 as a run to resume).
+    with pytest.raises(MemoryError):
+        run_tool(too_big, debug=False)
 
 
 def test_ctrl_c_in_a_tool_is_one_line_and_the_shells_status():
@@ -223,10 +226,14 @@ def test_ctrl_c_in_a_tool_is_one_line_and_the_shells_status():
 
 
 def test_the_toy_data_a_run_writes_is_bounded_as_the_converters(tmp_path):
-    from trainer.config import ConfigError, load_config
+    # 2^30 points were allowed: about 40 GB in memory. A saved run's configuration with more still loads.
+    from data_pipeline.config import DataConfig
+    from data_pipeline.dataset import write_toy_data
 
-    with pytest.raises(ConfigError, match=r"data.toy_num_samples=10000001 is out of range: .* \[1, 10000000\]"):
-        load_config("debug", ["data.toy_num_samples=10000001"])
+    cfg = DataConfig(url=str(tmp_path / "toy"), toy="25gaussians", toy_num_samples=10_000_001)
+    with pytest.raises(DataError, match=r"^data.toy_num_samples=10000001 is more than the 10,000,000 points a toy"):
+        write_toy_data(cfg, seed=0)
+    assert not (tmp_path / "toy").exists()
 
 
 @pytest.mark.parametrize(

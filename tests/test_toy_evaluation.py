@@ -21,7 +21,14 @@ WIDE = 0.05  # about three times the published std 0.0177: the modes stay apart 
 def _evaluator(tmp_path, *overrides):
     cfg = load_config(
         "debug",
-        [f"output_dir={tmp_path / 'run'}", f"data.url={tmp_path / 'data'}", "eval.toy.density_points=1000", *overrides],
+        # data.toy= : data the run read, written by another tool (the debug preset's run writes its own)
+        [
+            f"output_dir={tmp_path / 'run'}",
+            f"data.url={tmp_path / 'data'}",
+            "data.toy=",
+            "eval.toy.density_points=1000",
+            *overrides,
+        ],
     )
     return build_evaluator(cfg, [2], "25gaussians")
 
@@ -83,7 +90,7 @@ def test_data_that_records_no_std_is_scored_against_the_published_one_with_a_war
 
 def test_data_gone_since_the_run_is_said_and_scored_against_the_published_std(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="trainer.evaluation.toy"):
-        evaluator = _evaluator(tmp_path, "eval.toy.std=0", "data.toy=")  # data the run did not write
+        evaluator = _evaluator(tmp_path, "eval.toy.std=0")
     assert evaluator.spec.std == TOY_SPECS["25gaussians"].std
     (message,) = [r.getMessage() for r in caplog.records]
     assert "(its manifest cannot be read: no manifest at" in message
@@ -99,3 +106,6 @@ def test_data_the_run_wrote_and_that_is_gone_since_is_scored_against_the_std_the
     assert evaluator.spec.std == evaluator.rule.std == WIDE and not caplog.records
     shards = _evaluator(tmp_path, "data.toy=25gaussians", f"data.toy_std={WIDE}", f"data.url={tmp_path}/d-{{0..1}}.tar")
     assert shards.spec.std == TOY_SPECS["25gaussians"].std  # shards: data the run read, did not write
+    # Other data there now (from another folder, or replaced): the run's own std, which the trainer held its data to.
+    convert_toy("25gaussians", str(tmp_path / "data"), 256, 1, seed=0, std=0.3)
+    assert _evaluator(tmp_path, "data.toy=25gaussians", f"data.toy_std={WIDE}").spec.std == WIDE

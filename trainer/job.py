@@ -8,7 +8,6 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -105,11 +104,13 @@ def run(
         data_stop = storage.PatientStop(stop, DATA_STOP_PATIENCE_SECONDS)
         heartbeat = _beating_both(heartbeat, data_stop)
     storage.configure(timeout=cfg.data.io_timeout, stop=data_stop)
-    meet = True
+    meet, failing = True, True  # failing until train() returns: sys.exc_info() would see a caller's handled error too
     try:
         # Everything that holds the process group (DDP wrappers, engines) lives in train() and is
         # released when it returns, before the group is destroyed.
-        return train(cfg, runtime, stop, preset, heartbeat, data_stop)
+        result = train(cfg, runtime, stop, preset, heartbeat, data_stop)
+        failing = False
+        return result
     except Preempted as e:
         meet = e.checkpointed
         raise
@@ -134,7 +135,7 @@ def run(
             )  # fmt: skip
         raise
     finally:
-        _leave(runtime, meet, cfg.train.collective_timeout, failing=sys.exc_info()[1] is not None)
+        _leave(runtime, meet, cfg.train.collective_timeout, failing)
 
 
 def _leave(runtime: Runtime, meet: bool, collective_timeout: float, failing: bool) -> None:
@@ -408,6 +409,6 @@ def _train(
         if resumed == cfg.train.steps and os.path.isfile(latest):
             # Nothing left to train: show the finished run's last evaluation.
             with open(latest) as f:
-                summary.update({f"eval_{k}": v for k, v in json.load(f).items()})
+                summary.update({f"eval_{k}": v for k, v in json.load(f).items() if k != "settings"})
         print(f"\nfinished: {cfg.output_dir}\n{json.dumps(summary, indent=2)}", flush=True)
     return final

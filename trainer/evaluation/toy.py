@@ -68,18 +68,18 @@ def written_std(data_cfg, dataset: str) -> float:
 
 
 def training_data_std(data_url: str, dataset: str, written: float = 0.0) -> float:
-    """The modes' std the training data at ``data_url`` was drawn with, as its manifest records; where it
-    cannot be read (data moved since the run, or a relative data.url, as every preset's, from another
-    folder), ``written`` (written_std: the run wrote that data itself, with the std its config records);
-    else 0 (the data set's published std), with a warning, as for data that records none."""
+    """The modes' std the training data at ``data_url`` was drawn with: ``written`` where the run wrote that
+    data itself (written_std: the trainer held the data to it, and a relative data.url, as every preset's,
+    read from another folder, or data moved or replaced since, may hold other data now); else as its
+    manifest records; else 0 (the data set's published std), with a warning."""
     from data_pipeline.shards import read_manifest
     from data_pipeline.toy import toy_spec
 
+    if written:
+        return written
     try:
         manifest = read_manifest(data_url, check_shards=False)
     except (DataError, OSError, ValueError) as e:
-        if written:
-            return written
         problem = f"its manifest cannot be read: {short_message(e, 200)}"
     else:
         std = manifest.preprocessing.get("std")
