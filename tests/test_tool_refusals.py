@@ -15,25 +15,8 @@ import torch
 from data_pipeline import convert
 from data_pipeline.cli import DataError, run_tool
 from data_pipeline.shards import write_array_shards
+from tests.test_cli_flags import _refused, _run
 from trainer import classifier, fid
-
-
-def _run(main, argv: list[str]) -> tuple[int, str]:
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            code = main(argv)
-        except SystemExit as e:  # argparse's refusal
-            code = e.code
-    return code, err.getvalue()
-
-
-def _refused(main, argv: list[str], *says: str) -> str:
-    code, err = _run(main, argv)
-    assert code == 2 and "Traceback" not in err, err
-    last = err.strip().splitlines()[-1]
-    assert all(s in last for s in says), err
-    return last
 
 
 def _digits(folder, labels) -> str:
