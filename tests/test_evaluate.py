@@ -264,6 +264,11 @@ def test_toy_and_anomaly_evaluations_refuse_data_they_cannot_score(tmp_path):
     ):
         check_samples(kdd, [118])
     check_samples(load_config("toy_25gaussians", ["eval.kind=kdd", f"eval.kdd.test_data={tmp_path / 'none'}"]), [6])
+    # A shard for a test split: no data set, which the first evaluation said, after the training.
+    (tmp_path / "test.tar").write_bytes(b"")
+    shard = load_config("toy_25gaussians", ["eval.kind=kdd", f"eval.kdd.test_data={tmp_path / 'test.tar'}"])
+    with pytest.raises(ConfigError, match=r"^eval.kdd.test_data: .*test.tar names shards, not a data set: index them"):
+        check_samples(shard, [6])
 
 
 @pytest.mark.slow

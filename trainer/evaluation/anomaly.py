@@ -64,14 +64,16 @@ class _AnomalyEvaluator(Evaluator):
     def check_samples(cls, cfg, sample_shape: list[int]) -> None:
         """The test split's samples are the training data's shape (else the energy fails on them after the
         training: "mat1 and mat2 shapes cannot be multiplied")."""
-        from data_pipeline.shards import DataError, read_manifest
+        from data_pipeline.shards import DataError, looks_like_shards, read_manifest
 
         key = f"eval.{cls.kind}.test_data"
         test_data = getattr(cfg.eval, cls.kind).test_data
         try:
             tested = list(read_manifest(test_data).sample_shape)
-        except DataError:  # missing or unreadable: check_requirements, or the evaluation's read, names it
-            return
+        except DataError as e:
+            if looks_like_shards(test_data):  # an existing .tar: the evaluation's read refused it after the training
+                raise ConfigError(f"{key}: {e}") from None
+            return  # missing or unreadable: check_requirements, or the evaluation's read, names it
         if tested != list(sample_shape):
             raise ConfigError(
                 f"{key}={test_data} holds samples of shape {tuple(tested)}, the training data "
