@@ -1,6 +1,7 @@
 """The pictures a run writes: files that exist, at a readable size, with what they promise drawn."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -68,7 +69,7 @@ def test_loss_curves_from_metrics_jsonl(tmp_path):
     assert w >= 1200 and h >= 700
 
 
-def test_evaluator_grid_reads_real_images_from_the_training_data(tmp_path):
+def test_evaluator_grid_reads_real_images_from_the_training_data(tmp_path, caplog):
     from data_pipeline.shards import write_array_shards
 
     digits = np.zeros((80, 1, 28, 28), np.uint8)
@@ -82,6 +83,11 @@ def test_evaluator_grid_reads_real_images_from_the_training_data(tmp_path):
     assert _size(tmp_path / "eval" / "samples_t.png")[0] >= 1200
     missing = Evaluator(None, None, EvalContext([1, 28, 28], 4, "x", str(tmp_path), data_url=str(tmp_path / "none")))
     assert missing.real_images(64) is None
+    # Another data set there (a relative data.url from another folder): its images were shown as the training data's.
+    other = Evaluator(None, None, EvalContext([3, 32, 32], 4, "x", str(tmp_path), data_url=str(tmp_path / "data")))
+    with caplog.at_level(logging.WARNING, logger="trainer.evaluation.base"):
+        assert other.real_images(64) is None
+    assert "holds samples of shape (1, 28, 28), not the run's (3, 32, 32)" in caplog.text
 
 
 @pytest.mark.parametrize("n", [3, 256])

@@ -8,11 +8,14 @@ imports them all whenever a configuration loads (trainer/evaluation/__init__.py 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, is_dataclass
 from typing import TYPE_CHECKING
 
 from trainer.nofollow import make_dir, write_replacing
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import torch
@@ -75,17 +78,27 @@ class Evaluator:
         self._real: torch.Tensor | None = None
 
     def real_images(self, num: int) -> torch.Tensor | None:
-        """The first ``num`` images of the training data (read once), or None when it cannot be read."""
+        """The first ``num`` images of the training data (read once), or None when it cannot be read or
+        holds other samples than the run's (a relative data.url read from another folder)."""
         if self._real is None and self.ctx.data_url:
+            import torch
+
             from data_pipeline.shards import DataError, read_manifest
             from data_pipeline.stream import read_split
 
+            self._real = torch.empty(0)
             try:
-                self._real = read_split(read_manifest(self.ctx.data_url), limit=num)["x"]
+                manifest = read_manifest(self.ctx.data_url)
+                if list(manifest.sample_shape) == list(self.ctx.sample_shape):
+                    self._real = read_split(manifest, limit=num)["x"]
+                else:
+                    log.warning(
+                        "data.url=%s holds samples of shape %s, not the run's %s: the pictures show no real images "
+                        "(meg-evaluate takes data.url=... where the training data is now)",
+                        self.ctx.data_url, tuple(manifest.sample_shape), tuple(self.ctx.sample_shape),
+                    )  # fmt: skip
             except (DataError, OSError, ValueError):  # e.g. a list of shard URLs: the pictures go without
-                import torch
-
-                self._real = torch.empty(0)
+                pass
         return self._real[:num] if self._real is not None and len(self._real) else None
 
     def score_energy(self, energy) -> dict[str, float]:
