@@ -578,7 +578,6 @@ def check_empty_output(out: str) -> None:
         raise DataError(f"--out {out} is not empty (it holds {names}): choose a new folder or remove this one first")
 
 
-# The decode settings as the trainer's keys name them, and as this tool's flags do.
 def _convert(args: argparse.Namespace) -> int:
     if not args.out.strip():  # "" is the working folder to fsspec: it was "--out  is not empty (it holds ...)"
         raise DataError("--out is empty: give the folder for the shards (a path or an fsspec URL)")
