@@ -75,9 +75,14 @@ class InceptionFeatures:
         return torch.cat(feats).double().cpu().numpy()
 
 
+def finite(mu: np.ndarray, cov: np.ndarray) -> bool:
+    """Whether FID statistics hold no NaN or inf (features that were, or a covariance of one image)."""
+    return bool(np.isfinite(mu).all() and np.isfinite(cov).all())
+
+
 def save_statistics(path: str, features: np.ndarray) -> None:
     mu, cov = feature_statistics(features)
-    if not (np.isfinite(mu).all() and np.isfinite(cov).all()):  # every FID against them would fail
+    if not finite(mu, cov):  # every FID against them would fail
         raise DataError(
             f"the statistics of {len(features)} images are not finite (NaN or inf features: check the images and "
             f"--inception); nothing was written to {path}"
@@ -118,7 +123,7 @@ def load_statistics(path: str, features: bool = True) -> dict[str, np.ndarray]:
         shown = [f"{k} {tuple(stats[k].shape)}" if k in stats else k for k in names[:4]]
         found = ", ".join(shown + ([f"{len(names) - 4} more"] if len(names) > 4 else [])) or "no arrays"
         raise DataError(f"{path} holds {found}, not FID reference statistics (mu (d,) and cov (d, d)); {make}")
-    if not (np.isfinite(mu).all() and np.isfinite(cov).all()):  # each evaluation died in a LinAlgError
+    if not finite(mu, cov):  # each evaluation died in a LinAlgError
         raise DataError(f"{path} holds statistics that are not finite (NaN or inf; made of one image?); {make}")
     return stats
 
