@@ -22,7 +22,7 @@ from prometheus_client import generate_latest
 from tests.conftest import REPO_ROOT, run_trainer, subprocess_env, tiny_overrides
 from trainer import prometheus, trackers
 from trainer.config import ConfigError, LogConfig, load_config
-from trainer.metrics import ProgressSink, RankStats
+from trainer.metrics import MetricsLogger, ProgressSink, RankStats
 from trainer.prometheus import PrometheusExporter
 
 EXPECTED = [
@@ -100,13 +100,50 @@ def test_counters_count_from_the_resumed_step_so_a_restart_shows_no_spike(tmp_pa
         assert got['meg_corrupt_shards_total{rank="0",run="r1"}'] == 3
         assert got['meg_rollbacks_total{run="r1"}'] == 2 and got['meg_nonfinite_events_total{run="r1"}'] == 1
         assert got['meg_step{run="r1"}'] == 600
-        assert not any(k.startswith("meg_eval") or k.startswith("meg_last_eval") for k in got)  # none yet
+        assert not any(k.startswith(("meg_eval_", "meg_last_eval")) for k in got)  # none yet
         exp.log(1000, {"eval_high_quality_share": 0.9, "eval_modes": 25.0})
         got = samples(exp)
         assert got['meg_eval_result{metric="high_quality_share",run="r1"}'] == 0.9
         assert got['meg_eval_step{run="r1"}'] == 1000
     finally:
         exp.close()
+
+
+def test_an_evaluation_holds_the_stall_alert_and_restarts_its_clock_when_it_ends(tmp_path):
+    # MEGTrainingStalled paged during every evaluation longer than 15 minutes (FID of 50k samples).
+    main, other = exporter(tmp_path, rank=0), exporter(tmp_path, rank=1)
+    try:
+        assert samples(main)['meg_evaluating{run="r1"}'] == 0
+        main.evaluating(True)
+        other.evaluating(True)
+        assert samples(main)['meg_evaluating{run="r1"}'] == 1
+        assert not any(k.startswith("meg_evaluating") for k in samples(other))  # run-wide: rank 0's alone
+        before = time.time()
+        main.evaluating(False)
+        got = samples(main)
+        assert got['meg_evaluating{run="r1"}'] == 0 and got['meg_last_step_timestamp_seconds{run="r1"}'] >= before
+    finally:
+        main.close()
+        other.close()
+
+
+def test_the_trainer_says_when_an_evaluation_starts_and_ends_even_when_it_fails(tmp_path, monkeypatch):
+    from trainer.evaluation.base import Evaluator
+    from trainer.job import run
+
+    said: list = []
+    monkeypatch.setattr(MetricsLogger, "evaluating", lambda self, running: said.append(running))
+
+    def evaluation(self, step, energy, generator, tag=None):
+        said.append(step)
+        if step == 10:
+            raise RuntimeError("the evaluation failed")
+        return {"score": 1.0}
+
+    monkeypatch.setattr(Evaluator, "__call__", evaluation)
+    with pytest.raises(RuntimeError, match="the evaluation failed"):
+        run(load_config("toy_25gaussians", [*tiny_overrides(tmp_path, steps=20), "eval.every=5"]), threading.Event())
+    assert said == [True, 5, False, True, 10, False]
 
 
 def test_run_wide_values_come_from_rank_zero_only_and_per_rank_ones_carry_the_rank(tmp_path):

@@ -173,10 +173,13 @@ def scrape_once_trained(url: str) -> bytes | None:
 
 
 def alert_inner_queries() -> list[str]:
-    """Each alert's expression without its final comparison: the series it watches."""
+    """Each alert's expression without its final comparison: the series it watches; one query per side
+    of an ``unless`` (the stall alert's, held while an evaluation runs)."""
     rules = yaml.safe_load((REPO_ROOT / "deploy/prometheus/alerts.yml").read_text())["groups"][0]["rules"]
-    inner = [re.sub(r"\s*(==|!=|>=|<=|>|<)\s*[0-9.e+-]+\s*$", "", r["expr"]) for r in rules]
-    assert all(q != r["expr"] for q, r in zip(inner, rules)), inner
+    sides = [side.strip() for r in rules for side in re.split(r"\bunless\s+on\s*\([^)]*\)", r["expr"])]
+    sides = [side[1:-1] if side.startswith("(") and side.endswith(")") else side for side in sides]
+    inner = [re.sub(r"\s*(==|!=|>=|<=|>|<)\s*[0-9.e+-]+\s*$", "", side) for side in sides]
+    assert len(inner) > len(rules) and all(q != side for q, side in zip(inner, sides)), inner
     return inner
 
 

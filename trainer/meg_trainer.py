@@ -153,8 +153,12 @@ class TrainingEvaluation:
                 energy, generator = self.runtime.for_evaluation(self.steps.energy), self.steps.evaluation_generator()
                 if self.runtime.is_main:  # alone, on forked generators (CPU and device) with its own seed:
                     # training is the same with or without it, and meg-evaluate draws the same samples.
-                    with self.runtime.fork_rng(seed=self.cfg.eval.seed), evaluation_mode(generator):
-                        metrics = {f"eval_{k}": v for k, v in self.evaluator(step, energy, generator).items()}
+                    self.logger.evaluating(True)
+                    try:
+                        with self.runtime.fork_rng(seed=self.cfg.eval.seed), evaluation_mode(generator):
+                            metrics = {f"eval_{k}": v for k, v in self.evaluator(step, energy, generator).items()}
+                    finally:
+                        self.logger.evaluating(False)
                     self.logger.log(step, metrics)
             self.runtime.wait_for_main(self.cfg.train.evaluation_timeout)
         return metrics

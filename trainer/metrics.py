@@ -107,6 +107,9 @@ class MetricSink:
     def checkpointed(self, step: int) -> None:
         """A checkpoint of ``step`` was saved."""
 
+    def evaluating(self, running: bool) -> None:
+        """The main process starts (``running``) or ends an evaluation, which pauses training."""
+
     def close(self, clean: bool = True) -> None:
         """The process ends; ``clean`` is False after a crash."""
 
@@ -182,6 +185,10 @@ class MetricsLogger(MetricSink):
     def checkpointed(self, step: int) -> None:
         for sink in self.sinks:
             sink.checkpointed(step)
+
+    def evaluating(self, running: bool) -> None:
+        for sink in self.sinks:
+            sink.evaluating(running)
 
     def close(self, clean: bool = True) -> None:
         for sink in self.sinks:

@@ -206,7 +206,12 @@ class PrometheusExporter(MetricSink):
         self.step = self._gauge("meg_step", "Current training step of the run (kept across restarts)", pushed=True)
         self.target = self._gauge("meg_target_steps", "The run's train.steps", pushed=True)
         self.target.set(target_steps)
-        self.last_step_time = self._gauge("meg_last_step_timestamp_seconds", "When the last log window ended")
+        self.last_step_time = self._gauge(
+            "meg_last_step_timestamp_seconds", "When the last log window (or evaluation, which pauses training) ended"
+        )
+        # The stall alert holds its fire while it is 1: an evaluation (FID of 50k samples, MALA) may take
+        # longer than its 15 minutes, and train.evaluation_timeout ends one that hangs.
+        self.evaluating_now = self._gauge("meg_evaluating", "1 while the main process evaluates, else 0")
         self.last_checkpoint_time = self._gauge(
             "meg_last_checkpoint_timestamp_seconds", "When the last checkpoint was saved (or the process started)"
         )
@@ -367,6 +372,12 @@ class PrometheusExporter(MetricSink):
     def checkpointed(self, step: int) -> None:
         if self.main:
             self.last_checkpoint_time.set(time.time())
+
+    def evaluating(self, running: bool) -> None:
+        if self.main:
+            self.evaluating_now.set(int(running))
+            if not running:  # training goes on from now: the stall clock starts again
+                self.last_step_time.set(time.time())
 
     def push(self) -> None:
         """The final numbers to the Pushgateway (rank 0), replacing the run's group; a failure is
