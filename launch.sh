@@ -115,8 +115,45 @@ if [[ "${1:-}" == "--slurm" ]]; then
         exec python trainer/main.py "${args[@]}"  # --help, --check, --print-config: not a job to submit
     fi
     command -v sbatch >/dev/null || { echo "launch.sh --slurm: sbatch not found" >&2; exit 1; }
+    # The job's ranks, for the check: nodes x processes per node, as meg.sbatch's own #SBATCH lines
+    # and the options above ask (MEG_PROCS_PER_NODE, else the GPUs --gres asks for, else 1).
+    procs_per_node=${MEG_PROCS_PER_NODE:-}
+    if [[ -n $procs_per_node && ! $procs_per_node =~ ^[1-9][0-9]{0,3}$ ]]; then
+        echo "launch.sh --slurm: MEG_PROCS_PER_NODE wants a whole number from 1 to 9999 (got '$procs_per_node')" >&2
+        exit 2
+    fi
+    nodes=$(sed -n 's/^#SBATCH --nodes=//p' deploy/slurm/meg.sbatch)
+    gres=$(sed -n 's/^#SBATCH --gres=//p' deploy/slurm/meg.sbatch)
+    unclear=""
+    for a in "${sbatch_args[@]}"; do
+        case "$a" in
+            --nodes=*) nodes=${a#*=} ;;
+            --gres=*) gres=${a#*=} ;;
+            -N*|--ntasks*|--gpus*|-G*) unclear=$a ;;
+            # The warning's lead time, which the launchers on the nodes must know too (meg.sbatch).
+            --signal=*@*) [[ -z ${MEG_WARNING_S:-} && ${a##*@} =~ ^[0-9]+$ ]] && export MEG_WARNING_S=${a##*@} ;;
+        esac
+    done
+    if [[ -z $procs_per_node ]]; then
+        procs_per_node=1  # no GPU: one process per node (meg-node.sh)
+        IFS=, read -ra gres_items <<<"$gres"
+        for item in "${gres_items[@]}"; do
+            case "$item" in
+                gpu) procs_per_node=1 ;;
+                gpu:*) procs_per_node=${item##*:}; [[ $procs_per_node =~ ^[0-9]+$ ]] || procs_per_node=1 ;;  # gpu:TYPE: 1
+            esac
+        done
+    fi
+    (( 10#$procs_per_node > 0 )) || procs_per_node=1  # gpu:0
+    [[ $nodes =~ ^[1-9][0-9]{0,5}$ ]] || unclear=${unclear:---nodes=$nodes}
+    if [[ -n $unclear ]]; then
+        echo "launch.sh --slurm: the configuration is checked as for one rank ($unclear leaves the job's rank count open)" >&2
+        ranks=()
+    else
+        ranks=(--processes $(( 10#$nodes * 10#$procs_per_node )))
+    fi
     # A mistake in the configuration, said here rather than in the job's log after its wait in the queue.
-    python trainer/main.py "${args[@]}" --check >/dev/null
+    python trainer/main.py "${args[@]}" --check "${ranks[@]}" >/dev/null
     export MEG_ROOT="$ROOT" MEG_VENV="$VENV"   # sbatch passes the environment to the job
     exec sbatch "${sbatch_args[@]}" "$ROOT/deploy/slurm/meg.sbatch" "${args[@]}"
 fi

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 
 import pytest
 import torch
@@ -229,13 +230,18 @@ def test_a_node_starts_one_process_per_gpu_granted_not_per_gpu_listed(tmp_path, 
     assert ("ACCELERATE_USE_CPU=1" in out) == (env.get("CUDA_VISIBLE_DEVICES") == "NoDevFiles"), out
 
 
-def _batch_script_launch(tmp_path, env: dict) -> str:
+def _batch_script(tmp_path, env: dict, srun_exit: int = 0, requeue: str = "") -> subprocess.CompletedProcess:
     """deploy/slurm/meg.sbatch on a stand-in Slurm: the srun it starts prints its arguments and the
-    launchers' shutdown timeout."""
+    launchers' shutdown timeout, then exits ``srun_exit``; ``scontrol requeue`` (each call logged in
+    tmp_path/requeues) succeeds unless ``requeue`` is the controller's refusal."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(parents=True)
-    (bin_dir / "scontrol").write_text('#!/bin/sh\n[ "$2" = hostnames ] && echo node1 || echo "NodeAddr=10.0.0.1"\n')
-    (bin_dir / "srun").write_text('#!/bin/sh\necho "srun: $* TIMEOUT=$TORCH_ELASTIC_SHUTDOWN_TIMEOUT"\n')
+    refuse = f'echo "{requeue}" >&2; exit 1' if requeue else "exit 0"
+    (bin_dir / "scontrol").write_text(
+        f'#!/bin/sh\nif [ "$1" = requeue ]; then echo "$2" >>{tmp_path / "requeues"}; {refuse}; fi\n'
+        '[ "$2" = hostnames ] && echo node1 || echo "NodeAddr=10.0.0.1"\n'
+    )
+    (bin_dir / "srun").write_text(f'#!/bin/sh\necho "srun: $* TIMEOUT=$TORCH_ELASTIC_SHUTDOWN_TIMEOUT"\nexit {srun_exit}\n')
     (bin_dir / "accelerate").write_text("#!/bin/sh\n")
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
@@ -243,13 +249,59 @@ def _batch_script_launch(tmp_path, env: dict) -> str:
         "PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "node1", "SLURM_NTASKS": "1",
         "MEG_ROOT": str(REPO_ROOT), "MEG_VENV": str(tmp_path / "no-venv"), **env,
     }  # fmt: skip
-    result = subprocess.run(
+    return subprocess.run(
         ["bash", "deploy/slurm/meg.sbatch", "--config", "toy_25gaussians"],
-        cwd=REPO_ROOT, env=run_env, capture_output=True, text=True, timeout=30,
+        cwd=REPO_ROOT, env=run_env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
+
+
+def _batch_script_launch(tmp_path, env: dict) -> str:
+    """The srun line of a batch script that ran to its end."""
+    result = _batch_script(tmp_path, env)
     assert result.returncode == 0, result.stdout + result.stderr
     (srun,) = [line for line in result.stdout.splitlines() if line.startswith("srun: ")]
     return srun
+
+
+def test_a_preempted_job_that_slurm_requeues_ends_0_and_one_it_cannot_requeue_fails(tmp_path):
+    # A refused requeue (a job submitted with --no-requeue, a controller restarting) ended 0: Slurm
+    # showed a run that had stopped halfway as COMPLETED, and nothing resumed it.
+    requeued = _batch_script(tmp_path / "ok", {}, srun_exit=75)
+    assert requeued.returncode == 0 and (tmp_path / "ok" / "requeues").read_text() == "7\n", requeued.stderr
+    disabled = "Requested operation is presently disabled for job 7"
+    refused = _batch_script(tmp_path / "refused", {}, srun_exit=75, requeue=disabled)
+    assert refused.returncode == 75, refused.stdout + refused.stderr
+    assert (tmp_path / "refused" / "requeues").read_text() == "7\n" * 3  # tried again: the controller may be back
+    assert refused.stderr.splitlines()[-1] == (
+        "meg.sbatch: requeue FAILED (above): the run stopped at its checkpoint; submit the same command again "
+        "to resume from it"
+    )
+
+
+@pytest.mark.parametrize("job_id", ["7", "19547", "31999", "4000000"])
+def test_the_rendezvous_port_from_the_job_id_stays_below_the_ephemeral_ports(tmp_path, job_id):
+    # 20000 + id % 20000 reached 39999: an outgoing connection on the head node (32768-60999 on
+    # Linux) could hold it, and the requeued job retried the same port.
+    result = _batch_script(tmp_path, {"SLURM_JOB_ID": job_id})
+    port = int(re.search(r" main 10\.0\.0\.1:(\d+);", result.stdout).group(1))
+    assert 20000 <= port < 32768
+
+
+@pytest.mark.parametrize("procs", ["0", "four", "1+1"])
+def test_a_node_refuses_a_bad_processes_per_node_in_one_line_and_starts_nothing(tmp_path, procs):
+    # "division by 0 (error token is ...)", then the launcher started with --num_processes 0 after the script ended.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(f"#!/bin/sh\ntouch {tmp_path / 'launched'}\n")
+    (bin_dir / "python").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_PROCID": "0", "MEG_NUM_MACHINES": "1",
+           "MEG_MAIN_ADDR": "127.0.0.1", "MEG_MAIN_PORT": "29500", "MEG_PROCS_PER_NODE": procs}  # fmt: skip
+    done = subprocess.run(["bash", "deploy/slurm/meg-node.sh", "--config", "toy_25gaussians"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr == f"meg-node.sh: MEG_PROCS_PER_NODE wants a whole number from 1 to 9999 (got '{procs}')\n"
+    time.sleep(0.5)
+    assert not (tmp_path / "launched").exists()
 
 
 @pytest.mark.parametrize("cpus_per_task", ["32", None])

@@ -228,7 +228,7 @@ def fake_sbatch(tmp_path) -> dict[str, str]:
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "sbatch").write_text(f"#!/bin/sh\ntouch {tmp_path / 'submitted'}\n")
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\necho "$* MEG_WARNING_S=$MEG_WARNING_S" >{tmp_path / "submitted"}\n')
     (bin_dir / "sbatch").chmod(0o755)
     return {**os.environ, "MEG_VENV": set_up_venv(tmp_path), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
 
@@ -254,6 +254,48 @@ def test_launch_sh_says_a_slurm_flag_without_its_value_or_a_bad_config_once_befo
     assert done.returncode == 2, done.stderr[-2000:]
     assert len(done.stderr.strip().splitlines()) == 1 and says in done.stderr, done.stderr
     assert not (tmp_path / "submitted").exists()
+
+
+@pytest.mark.parametrize(
+    "options, env, ranks",
+    [
+        (["--nodes", "3"], {}, 12),  # meg.sbatch's own --gres=gpu:4
+        (["--nodes", "1", "--gres", "gpu:a100:3"], {}, 3),
+        (["--nodes=5", "--gres=none"], {}, 5),  # CPU nodes: one process each
+        (["--nodes", "3", "--gres", "none"], {"MEG_PROCS_PER_NODE": "2"}, 6),
+    ],
+)
+def test_launch_sh_slurm_checks_the_configuration_as_the_jobs_ranks_before_submitting(tmp_path, options, env, ranks):
+    # It checked as one rank: a batch the ranks cannot split was said in the job's log, after the queue.
+    env = {**fake_sbatch(tmp_path), **env}
+    done = subprocess.run([str(REPO_ROOT / "launch.sh"), "--slurm", *options, "--config", "debug"],
+                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr == f"error: data.batch_size=64 must be divisible by the {ranks} ranks\n"
+    assert not (tmp_path / "submitted").exists()
+
+
+@pytest.mark.parametrize("procs", ["0", "four", "2*3"])
+def test_launch_sh_slurm_refuses_a_bad_processes_per_node_before_submitting(tmp_path, procs):
+    env = {**fake_sbatch(tmp_path), "MEG_PROCS_PER_NODE": procs}
+    done = subprocess.run([str(REPO_ROOT / "launch.sh"), "--slurm", "--config", "debug"],
+                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr == f"launch.sh --slurm: MEG_PROCS_PER_NODE wants a whole number from 1 to 9999 (got '{procs}')\n"
+    assert not (tmp_path / "submitted").exists()
+
+
+def test_launch_sh_slurm_says_when_it_cannot_tell_the_ranks_and_passes_the_warning_lead_time_on(tmp_path):
+    env = fake_sbatch(tmp_path)
+    env.pop("MEG_WARNING_S", None)
+    launch = [str(REPO_ROOT / "launch.sh"), "--slurm", "--nodes", "2-4", "--sbatch=--signal=B:USR1@600"]
+    done = subprocess.run([*launch, "--config", "debug"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr == (
+        "launch.sh --slurm: the configuration is checked as for one rank (--nodes=2-4 leaves the job's rank count open)\n"
+    )
+    submitted = (tmp_path / "submitted").read_text()
+    assert submitted.startswith("--nodes=2-4 --signal=B:USR1@600 ") and submitted.endswith(" MEG_WARNING_S=600\n")
 
 
 @pytest.mark.parametrize("launch", [["--slurm", "--nodes", "2"], ["--nproc", "2"]])

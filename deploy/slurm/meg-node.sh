@@ -40,6 +40,10 @@ elif [[ -n ${CUDA_VISIBLE_DEVICES+set} ]]; then
     esac
 fi
 procs=${MEG_PROCS_PER_NODE:-$(( gpus > 0 ? gpus : 1 ))}
+if [[ ! $procs =~ ^[1-9][0-9]{0,3}$ ]]; then  # bash would evaluate anything else as an expression
+    echo "meg-node.sh: MEG_PROCS_PER_NODE wants a whole number from 1 to 9999 (got '$procs')" >&2
+    exit 2
+fi
 if [[ $gpus -eq 0 ]]; then
     # Without a GPU, accelerate forms one group only when told to use the CPU (ACCELERATE_USE_CPU=1):
     # otherwise the processes never meet.
