@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import torch
 
 from data_pipeline.cli import EXIT_USER_ERROR, CheckpointError, ConfigError, UserError, run_tool
 from data_pipeline.shards import DataError, is_command_url
-from tests.conftest import REPO_ROOT, set_up_venv
+from tests.conftest import REPO_ROOT, set_up_venv, subprocess_env
 from trainer.checkpoint import NETWORKS, STATE_FILE, write_export
 from trainer.config import check_commands, config_to_yaml, load_config
 from trainer.job import check_resumable
@@ -190,6 +191,33 @@ def test_a_resume_the_engine_cannot_do_is_refused_before_any_work(tmp_path, save
 
 
 TOY_DATA = {"sample_shape": [2], "dataset": "25gaussians"}  # the run's data, as trainer/job.py's train() has it
+
+
+@pytest.mark.parametrize(
+    "saved, now, processes, refused",
+    [
+        ([], ["model.hidden=[16,16]"], [], "model.hidden: [128, 128, 128] in the checkpoint, [16, 16] now"),
+        ([], ["model.hidden=[16,16]", "checkpoint.resume=false"], [], None),  # starts over: nothing to resume
+        (["train.engine=fsdp"], ["train.engine=fsdp"], ["--processes", "2"], "ranks: 1 wrote the checkpoint, 2 now"),
+        (["train.engine=fsdp"], ["train.engine=fsdp"], [], None),  # the ranks are not known
+    ],
+)  # fmt: skip
+def test_check_says_when_the_run_folders_checkpoint_cannot_resume_into_the_settings(
+    tmp_path, saved, now, processes, refused
+):
+    # --check said "good" (and ./launch.sh --slurm submitted the job) for a run folder whose checkpoint the
+    # job then refused on its nodes, after the queue and after writing its toy data.
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    checkpoint = _checkpoint_of(tmp_path / "run" / "checkpoints", saved, ranks=1)
+    cmd = [sys.executable, "trainer/main.py", "--config", "toy_25gaussians", f"output_dir={tmp_path / 'run'}",
+           f"data.url={tmp_path / 'data'}", *now, "--check", *processes]  # fmt: skip
+    done = subprocess.run(cmd, cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    if refused is None:
+        assert done.returncode == 0 and "the configuration and the files it names are good" in done.stdout, done.stderr
+        return
+    assert done.returncode == 2 and done.stderr.startswith(f"error: cannot resume {checkpoint}: "), done.stderr
+    assert refused in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "data").exists()
 
 
 def test_a_resume_on_another_data_set_of_the_same_shape_is_refused(tmp_path):

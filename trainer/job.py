@@ -21,6 +21,7 @@ from data_pipeline.shards import MANIFEST_NAME, manifest_url
 from data_pipeline.storage import StopRequested
 from models.factory import build_networks
 from trainer.checkpoint import (
+    CONFIG_FILE,
     STATE_FILE,
     Checkpoints,
     is_checkpoint_folder,
@@ -203,14 +204,10 @@ def check_output_dir(folder: str, data_url: str) -> None:
         )
 
 
-def check_resumable(cfg: RunConfig, checkpoint: str, data: dict, world_size: int) -> None:
-    """Raises ConfigError when the run asks for another model, engine, data set or data shape (``data``:
-    the run's ``dataset`` and ``sample_shape``) than the checkpoint it would resume holds, or for what
-    its engine cannot resume into (FSDP's and ZeRO's optimizer shards on another number of ranks,
-    DeepSpeed's loss scaler in another precision): before anything of the run folder is overwritten,
-    and before a mismatch found while loading could pass for damage."""
-    _, info, saved_yaml = load_export(checkpoint)
-    saved = config_from_yaml(saved_yaml, os.path.join(checkpoint, "config.yaml"))
+def settings_differences(cfg: RunConfig, saved: RunConfig, checkpoint: str, world_size: int | None) -> list[str]:
+    """What of the model, entropy estimator and engine differs between the run (``cfg``) and the
+    checkpoint's configuration (``saved``) that the checkpoint cannot resume into; with ``world_size``
+    (None: not known) also FSDP's and ZeRO's optimizer shards on another number of ranks."""
     differences = [
         f"model.{key}: {getattr(saved.model, key)!r} in the checkpoint, {getattr(cfg.model, key)!r} now"
         for key in vars(cfg.model)
@@ -232,7 +229,7 @@ def check_resumable(cfg: RunConfig, checkpoint: str, data: dict, world_size: int
             if was != now:
                 differences.append(f"{key}: {was!r} in the checkpoint, {now!r} now (DeepSpeed cannot switch it)")
     sharded = {"fsdp": "FSDP's", "deepspeed": "ZeRO's" if saved.deepspeed.zero_stage > 0 else None}
-    if sharded.get(saved.train.engine) and saved.train.engine == cfg.train.engine:
+    if world_size is not None and sharded.get(saved.train.engine) and saved.train.engine == cfg.train.engine:
         with open(os.path.join(checkpoint, STATE_FILE)) as f:
             ranks = len(json.load(f)["rank_positions"])
         if ranks != world_size:
@@ -240,6 +237,26 @@ def check_resumable(cfg: RunConfig, checkpoint: str, data: dict, world_size: int
                 f"ranks: {ranks} wrote the checkpoint, {world_size} now "
                 f"({sharded[saved.train.engine]} optimizer shards are per rank)"
             )
+    return differences
+
+
+def refuse_resume(checkpoint: str, differences: list[str]) -> None:
+    if differences:
+        raise ConfigError(
+            f"cannot resume {checkpoint}: " + "; ".join(differences) + ". Resume with the run's own settings, "
+            "or train into another output_dir (or set checkpoint.resume=false to start over in this one)."
+        )
+
+
+def check_resumable(cfg: RunConfig, checkpoint: str, data: dict, world_size: int) -> None:
+    """Raises ConfigError when the run asks for another model, engine, data set or data shape (``data``:
+    the run's ``dataset`` and ``sample_shape``) than the checkpoint it would resume holds, or for what
+    its engine cannot resume into (FSDP's and ZeRO's optimizer shards on another number of ranks,
+    DeepSpeed's loss scaler in another precision): before anything of the run folder is overwritten,
+    and before a mismatch found while loading could pass for damage."""
+    _, info, saved_yaml = load_export(checkpoint)
+    saved = config_from_yaml(saved_yaml, os.path.join(checkpoint, "config.yaml"))
+    differences = settings_differences(cfg, saved, checkpoint, world_size)
     if list(info["sample_shape"]) != list(data["sample_shape"]):
         differences.append(
             f"sample shape: {info['sample_shape']} in the checkpoint, {data['sample_shape']} in data.url now"
@@ -248,11 +265,23 @@ def check_resumable(cfg: RunConfig, checkpoint: str, data: dict, world_size: int
     # stream position applied to the new data.
     if info.get("dataset", data["dataset"]) != data["dataset"]:
         differences.append(f"data set: {info['dataset']!r} in the checkpoint, {data['dataset']!r} in data.url now")
-    if differences:
-        raise ConfigError(
-            f"cannot resume {checkpoint}: " + "; ".join(differences) + ". Resume with the run's own settings, "
-            "or train into another output_dir (or set checkpoint.resume=false to start over in this one)."
-        )
+    refuse_resume(checkpoint, differences)
+
+
+def check_resume_settings(cfg: RunConfig, world_size: int | None) -> None:
+    """--check's share of check_resumable, without the data (which --check does not read): the settings
+    against the newest checkpoint in the run folder, which the run would resume (a damaged one is
+    the run's to name, as it then tries the one before)."""
+    found = list_checkpoints(os.path.join(cfg.output_dir, "checkpoints")) if cfg.checkpoint.resume else []
+    if not found:
+        return
+    try:
+        with open(os.path.join(found[-1], CONFIG_FILE)) as f:
+            saved = config_from_yaml(f.read(), os.path.join(found[-1], CONFIG_FILE))
+        differences = settings_differences(cfg, saved, found[-1], world_size)
+    except (ConfigError, OSError, ValueError, KeyError, TypeError):
+        return
+    refuse_resume(found[-1], differences)
 
 
 def set_aside_earlier_run(folder: str) -> str | None:

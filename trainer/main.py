@@ -289,12 +289,13 @@ def _print_config(args: argparse.Namespace) -> int:
 
 def check_job(args: argparse.Namespace):
     """The run's configuration (a RunConfig), with everything checked that can be before any work: the data
-    URL's scheme, the run folder, commands in the config, the launcher's precision, the evaluation's files,
-    the trackers. (Not the data itself: a Slurm job's data may be on its nodes' storage only.)"""
+    URL's scheme, the run folder (and that its newest checkpoint resumes into these settings), commands in
+    the config, the launcher's precision, the evaluation's files, the trackers. (Not the data itself: a
+    Slurm job's data may be on its nodes' storage only.)"""
     from data_pipeline.config import check_url
     from trainer.config import ConfigError, check_commands, check_launcher_precision, load_config
     from trainer.evaluation import check_requirements
-    from trainer.job import check_batch_split, check_output_dir
+    from trainer.job import check_batch_split, check_output_dir, check_resume_settings
     from trainer.nofollow import check_run_folder
     from trainer.trackers import check_trackers
 
@@ -306,6 +307,7 @@ def check_job(args: argparse.Namespace):
     check_run_folder(cfg.output_dir)  # links where the run writes
     if args.processes:
         check_batch_split(cfg, args.processes)
+    check_resume_settings(cfg, args.processes or None)  # the run folder's newest checkpoint takes these settings
     check_commands(cfg, allow_pipe=args.allow_pipe, trust_inception=args.trust_inception)
     check_launcher_precision(cfg)
     check_requirements(cfg)  # every file the evaluation reads, before any work
