@@ -241,7 +241,8 @@ def _batch_script(tmp_path, env: dict, srun_exit: int = 0, requeue: str = "") ->
         f'#!/bin/sh\nif [ "$1" = requeue ]; then echo "$2" >>{tmp_path / "requeues"}; {refuse}; fi\n'
         '[ "$2" = hostnames ] && echo node1 || echo "NodeAddr=10.0.0.1"\n'
     )
-    (bin_dir / "srun").write_text(f'#!/bin/sh\necho "srun: $* TIMEOUT=$TORCH_ELASTIC_SHUTDOWN_TIMEOUT"\nexit {srun_exit}\n')
+    srun = f'#!/bin/sh\necho "srun: $* TIMEOUT=$TORCH_ELASTIC_SHUTDOWN_TIMEOUT"\nexit {srun_exit}\n'
+    (bin_dir / "srun").write_text(srun)
     (bin_dir / "accelerate").write_text("#!/bin/sh\n")
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)

@@ -320,7 +320,8 @@ def test_launch_sh_slurm_says_when_it_cannot_tell_the_ranks_and_passes_the_warni
     done = subprocess.run([*launch, "--config", "debug"], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stderr == (
-        "launch.sh --slurm: the configuration is checked as for one rank (--nodes=2-4 leaves the job's rank count open)\n"
+        "launch.sh --slurm: the configuration is checked as for one rank "
+        "(--nodes=2-4 leaves the job's rank count open)\n"
     )
     submitted = (tmp_path / "submitted").read_text()
     assert submitted.startswith("--nodes=2-4 --signal=B:USR1@600 ") and submitted.endswith(" MEG_WARNING_S=600\n")
