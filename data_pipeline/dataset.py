@@ -6,9 +6,13 @@ use, reading or indexing the manifest, and the rank's stream over it. The traine
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
 import posixpath
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 
@@ -26,6 +30,8 @@ from data_pipeline.stream import ShardStream, open_data
 from data_pipeline.toy import same_std, toy_spec
 
 log = logging.getLogger(__name__)
+
+WRITING_LOCK = ".writing.lock"  # in a toy data set's folder while write_toy_data writes it
 
 
 @dataclass
@@ -71,10 +77,12 @@ class Dataset:
 
 def write_toy_data(cfg: DataConfig, seed: int) -> None:
     """A toy preset writes its shards on first use, so the default job needs no download: only into a
-    folder that does not exist yet or is empty. Anything else (a manifest that is there but wrong or
-    written with other data.toy settings, a missing shard, other files) is the user's data and is
-    reported by open_dataset, not overwritten.
-    One process writes (the trainer's rank 0); the others wait for it."""
+    folder that does not exist yet or is empty, or that holds only what an interrupted write of the same
+    data set left (its shards, no manifest), which is written again. Anything else (a manifest that is
+    there but wrong or written with other data.toy settings, a missing shard, other files) is the user's
+    data and is reported by open_dataset, not overwritten.
+    One process writes (the trainer's rank 0; in a local folder a lock keeps other jobs out meanwhile);
+    the others wait for it."""
     if not cfg.toy or looks_like_shards(cfg.url):
         return
     murl = manifest_url(cfg.url)
@@ -88,22 +96,64 @@ def write_toy_data(cfg: DataConfig, seed: int) -> None:
             f"data.url={cfg.url} is a file: point it at the data set's folder (holding manifest.json), or at "
             "shards (a .tar, a brace pattern); a toy preset writes its data into a new folder there"
         )
-    if bounded(partial(_non_empty, fs, folder), folder, "listing"):
-        raise DataError(
-            f"data.url={cfg.url} holds files but no manifest.json: not writing {cfg.toy} shards over them. "
-            "Point data.url at an empty or new folder (or at the data's manifest)."
-        )
     if cfg.toy_num_samples > MAX_TOY_SAMPLES:  # drawn in memory: said here, not met as a MemoryError
         raise DataError(
             f"data.toy_num_samples={cfg.toy_num_samples} is more than the {MAX_TOY_SAMPLES:,} points a toy data "
             "set is drawn with in memory: lower it"
         )
-    log.info("writing %s shards to %s", cfg.toy, cfg.url)
-    convert_toy(cfg.toy, cfg.url, cfg.toy_num_samples, cfg.toy_num_shards, seed=seed, std=cfg.toy_std)
+    with _writing_lock(fs, folder, cfg.url):
+        if bounded(partial(fs.exists, manifest), murl, "lookup"):  # another job wrote it meanwhile
+            return
+        present = bounded(partial(_listing, fs, folder), folder, "listing")
+        if present and not all(_from_interrupted_write(name, cfg.toy) for name in present):
+            raise DataError(
+                f"data.url={cfg.url} holds files but no manifest.json: not writing {cfg.toy} shards over them. "
+                "Point data.url at an empty or new folder (or at the data's manifest)."
+            )
+        if present:
+            log.warning("data.url=%s holds %d file(s) of a %s write that was interrupted: writing it again",
+                        cfg.url, len(present), cfg.toy)  # fmt: skip
+            for name in present:
+                bounded(partial(fs.rm_file, posixpath.join(folder, name)), folder, "removal")
+        log.info("writing %s shards to %s", cfg.toy, cfg.url)
+        convert_toy(cfg.toy, cfg.url, cfg.toy_num_samples, cfg.toy_num_shards, seed=seed, std=cfg.toy_std)
 
 
-def _non_empty(fs, folder: str) -> bool:
-    return fs.exists(folder) and bool(fs.ls(folder))
+@contextlib.contextmanager
+def _writing_lock(fs, folder: str, url: str) -> Iterator[None]:
+    """Held while a toy data set is written into a local ``folder``: another job asking for it then is
+    told so, instead of taking the shards being written for an interrupted write's. (Stores: no lock.)"""
+    if not ("file" in fs.protocol or "local" in fs.protocol):
+        yield
+        return
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, WRITING_LOCK)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataError(
+                f"data.url={url} is being written by another process now: rerun once it has finished"
+            ) from None
+        try:
+            yield
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+
+
+def _listing(fs, folder: str) -> list[str]:
+    """The names in ``folder`` but the writing lock ([] where there is no folder)."""
+    if not fs.exists(folder):
+        return []
+    names = (posixpath.basename(p.rstrip("/")) for p in fs.ls(folder, detail=False))
+    return [name for name in names if name != WRITING_LOCK]
+
+
+def _from_interrupted_write(name: str, dataset: str) -> bool:
+    """Whether ``name`` is what write_toy_data leaves of ``dataset`` when stopped before its manifest: its
+    shards (write_array_shards' names) and a shard still being written (mkstemp's .tar.partial)."""
+    return bool(re.fullmatch(rf"{re.escape(dataset)}-train-\d{{6}}\.tar|tmp[\w-]+\.tar\.partial", name))
 
 
 def open_dataset(cfg: DataConfig) -> Dataset:

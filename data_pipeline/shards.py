@@ -33,6 +33,7 @@ import numpy as np
 from data_pipeline.cli import DataError, short_message, shown  # DataError re-exported: its home is the CLI module
 from data_pipeline.config import COMMAND_SCHEMES, MAX_IMAGE_SIZE, DataConfig, check_label_key
 from data_pipeline.decode import DecodeSpec
+from data_pipeline.storage import StopRequested, stop_requested
 
 log = logging.getLogger(__name__)
 
@@ -580,6 +581,8 @@ def write_array_shards(
     writer = ShardWriter(out_url, name, split, sizes[0])
     writer.sample_shape, writer.dtype = list(arrays.shape[1:]), str(arrays.dtype)
     for start, size in zip(np.cumsum([0, *sizes[:-1]]).tolist(), sizes, strict=True):
+        if stop_requested():  # the trainer's stop signal (Ctrl-C): a large toy data set is minutes of writing
+            raise StopRequested(f"{out_url} has no manifest yet")
         x, y = arrays[start : start + size], np.asarray(labels[start : start + size])
         fd, tmp = tempfile.mkstemp(suffix=".tar.partial", dir=_local_dir_for(writer._shard_url()))
         with os.fdopen(fd, "wb") as f:

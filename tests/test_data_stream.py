@@ -400,6 +400,53 @@ def test_open_dataset_writes_a_toy_set_once_and_streams_it_split_over_ranks(tmp_
     assert len(keys) == len(set(keys)) == 1024
 
 
+def test_a_stopped_toy_write_is_written_again_by_the_next_run_and_a_write_under_way_is_left_alone(tmp_path, caplog):
+    # Ctrl-C while a large toy set was written: the writer went on until the watchdog ended it, and the
+    # next run refused the folder ("holds files but no manifest.json ... Point data.url at an empty or new
+    # folder"), the user's to find and delete.
+    import fcntl
+
+    import data_pipeline
+    from data_pipeline import storage
+    from data_pipeline.dataset import WRITING_LOCK
+
+    folder = tmp_path / "toy"
+    cfg = DataConfig(url=str(folder), toy="25gaussians", toy_num_samples=512, toy_num_shards=4)
+    saved = storage.IOPolicy(**vars(storage.policy()))
+    stop = threading.Event()
+    storage.configure(stop=stop)
+    try:
+        stop.set()  # the trainer's stop signal, before the first shard
+        with pytest.raises(storage.StopRequested, match=f"^{folder} has no manifest yet$"):
+            data_pipeline.write_toy_data(cfg, seed=0)
+    finally:
+        for key, value in vars(saved).items():
+            setattr(storage.policy(), key, value)
+    assert not (folder / "manifest.json").exists() and not list(folder.glob("*.tar"))
+    data_pipeline.write_toy_data(cfg, seed=0)
+    (folder / "manifest.json").unlink()  # as a write stopped after its shards leaves them
+    (folder / "tmpq8x_1zk2.tar.partial").write_bytes(b"half a shard")
+    with caplog.at_level(logging.WARNING, logger="data_pipeline.dataset"):
+        data_pipeline.write_toy_data(cfg, seed=0)
+    assert "holds 5 file(s) of a 25gaussians write that was interrupted: writing it again" in caplog.text
+    assert sorted(p.name for p in folder.iterdir()) == [f"25gaussians-train-00000{i}.tar" for i in range(4)] + [
+        "manifest.json"
+    ]
+    assert data_pipeline.open_dataset(cfg).manifest.num_samples == 512
+    (folder / "manifest.json").unlink()
+    (folder / "notes.txt").write_text("mine")  # not the writer's: the user's to sort out
+    with pytest.raises(DataError, match="holds files but no manifest.json: not writing 25gaussians shards over them"):
+        data_pipeline.write_toy_data(cfg, seed=0)
+    other = DataConfig(url=str(tmp_path / "busy"), toy="25gaussians", toy_num_samples=512, toy_num_shards=4)
+    (tmp_path / "busy").mkdir()
+    with open(tmp_path / "busy" / WRITING_LOCK, "a") as held:  # another job writing it now
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(DataError, match="is being written by another process now: rerun once it has finished"):
+            data_pipeline.write_toy_data(other, seed=0)
+    data_pipeline.write_toy_data(other, seed=0)
+    assert not (tmp_path / "busy" / WRITING_LOCK).exists()
+
+
 def test_toy_data_written_with_other_settings_is_refused_naming_each_difference(tmp_path):
     """Were ignored: the run trained on whatever data.url held (25 Gaussians for data.toy=8gaussians)."""
     import data_pipeline

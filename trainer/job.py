@@ -115,9 +115,12 @@ def run(
     except Preempted as e:
         meet = e.checkpointed
         raise
-    except StopRequested:  # while waiting on storage outside the training loop (start-up, evaluation)
+    except StopRequested as e:  # while waiting on storage outside the training loop (start-up, evaluation)
         meet = False
-        raise Preempted("stop signal received while waiting for storage; the newest checkpoint stands", False) from None
+        doing = (
+            f"while writing the toy data ({e}: the next run writes it again)" if str(e) else "while waiting for storage"
+        )
+        raise Preempted(f"stop signal received {doing}; the newest checkpoint stands", False) from None
     except Exception as e:
         failed = collective_failure(e, runtime, cfg.train.collective_timeout) if isinstance(e, RuntimeError) else None
         if failed is not None:
