@@ -424,3 +424,19 @@ def test_a_presets_mistake_names_the_file_that_set_it_and_an_overrides_does_not(
     with pytest.raises(ConfigError) as caught:
         load_config(str(base), ["train.steps=lots"])
     assert str(caught.value) == "train.steps must be int, got 'lots' (str)"
+
+
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("trian: {steps: 3}\n", "unknown config key 'trian'; "),  # a misspelt section: its keys are the origins
+        ("model: {conv_width: 16}\n", "model.conv_width: not read by model.arch=mlp"),  # the other architecture's
+    ],
+)
+def test_a_presets_misspelt_section_or_other_architectures_key_names_the_file(tmp_path, text, says):
+    # Both came without the file: origins are leaves (trian.steps), and the architecture check ran outside.
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("base: toy_25gaussians\n" + text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(preset))
+    assert str(caught.value).startswith(f"{preset}: {says}")

@@ -622,12 +622,14 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
         _set_dotted(tree, key.strip(), value)
         overridden.add(key.strip())
         origins = {k: v for k, v in origins.items() if k != key.strip() and not k.startswith(f"{key.strip()}.")}
-    _check_arch_keys(tree.get("model"), preset_arch, overridden)
     try:
+        _check_arch_keys(tree.get("model"), preset_arch, overridden)
         return _build(RunConfig, tree)
     except ConfigError as e:
         # A preset's mistake names its file (with bases, one of several): the key alone sent users searching.
-        source = origins.get(e.key or "")
+        # Origins are leaves: a misspelt section (trian:) is named by the first key the file set under it.
+        key = e.key or ""
+        source = origins.get(key) or next((v for k, v in origins.items() if key and k.startswith(f"{key}.")), None)
         if source is None:
             raise
         raise ConfigError(f"{source}: {e}") from None
@@ -646,11 +648,13 @@ def _check_arch_keys(model: Any, preset_arch: str, overridden: set[str]) -> None
         unread = [k for k in unread if f"model.{k}" in overridden]
     if unread:
         keys = ", ".join(f"model.{k}" for k in unread)
-        raise ConfigError(
+        error = ConfigError(
             f"{keys}: not read by model.arch={arch}, only by the other architecture; remove "
             f"{'them' if len(unread) > 1 else 'it'} (from the overrides, or the preset and its base), "
             "or pick the architecture that reads it"
         )
+        error.key = f"model.{unread[0]}"
+        raise error
 
 
 def vera_settings(cfg: RunConfig):
