@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from data_pipeline import storage
-from data_pipeline.shards import DataError
+from data_pipeline.shards import DataError, write_array_shards
 from data_pipeline.storage import StopRequested, StorageTimeout, bounded, made_progress
 
 
@@ -432,3 +432,22 @@ def test_a_patient_stop_counts_its_patience_from_the_latest_progress():
     assert not patient.is_set()
     time.sleep(0.4)
     assert patient.is_set()
+
+
+def test_a_stopped_run_leaves_the_processes_storage_policy_as_it_found_it(tmp_path):
+    # The stopped run's request stayed the process's: the next write of shards in it (a test, a KDD split)
+    # was refused as stopped.
+    from tests.conftest import tiny_overrides
+    from trainer.config import load_config
+    from trainer.job import run
+    from trainer.meg_trainer import Preempted
+
+    earlier = storage.policy()
+    earlier_stop, earlier_timeout = earlier.stop, earlier.timeout
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Preempted):
+        run(load_config("toy_25gaussians", [*tiny_overrides(tmp_path, steps=20), "data.io_timeout=7"]), stop)
+    assert storage.policy().stop is earlier_stop and storage.policy().timeout == earlier_timeout
+    write_array_shards(str(tmp_path / "after"), "pts", "train", np.zeros((4, 2), np.float32), np.zeros(4), 2)
+    assert (tmp_path / "after" / "manifest.json").exists()

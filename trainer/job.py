@@ -104,6 +104,7 @@ def run(
     if runtime.world_size > 1:
         data_stop = storage.PatientStop(stop, DATA_STOP_PATIENCE_SECONDS)
         heartbeat = _beating_both(heartbeat, data_stop)
+    earlier_policy = dataclasses.replace(storage.policy())
     storage.configure(timeout=cfg.data.io_timeout, stop=data_stop)
     meet, failing = True, True  # failing until train() returns: sys.exc_info() would see a caller's handled error too
     try:
@@ -140,6 +141,9 @@ def run(
         raise
     finally:
         _leave(runtime, meet, cfg.train.collective_timeout, failing)
+        # This run's stop request ends this run's storage waits and writes only: a next run in this process
+        # (the KDD protocol's splits, tests) starts without it.
+        storage.policy().stop, storage.policy().timeout = earlier_policy.stop, earlier_policy.timeout
 
 
 def _leave(runtime: Runtime, meet: bool, collective_timeout: float, failing: bool) -> None:
