@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 
-from data_pipeline.cli import ConfigError, add_debug_flag, run_tool
+from data_pipeline.cli import ConfigError, add_debug_flag, nonnegative_int, run_tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--config", default="toy_25gaussians", help="a toy preset with modes (default: %(default)s)")
     parser.add_argument("--seeds", type=int, default=10, help="seeds 0 .. N-1 (default: %(default)s)")
-    parser.add_argument("--first-seed", type=int, default=0, help="the first seed (default: %(default)s)")
+    parser.add_argument("--first-seed", type=nonnegative_int, default=0, help="the first seed (default: %(default)s)")
     parser.add_argument("--jobs", type=int, default=1, help="trainer processes at once (default: %(default)s)")
     parser.add_argument("--samples", type=int, default=2500, help="generated samples per evaluation (PacGAN: 2500)")
     parser.add_argument("--out", help="the protocol's folder (default: runs/protocol/<preset>)")
@@ -142,7 +142,8 @@ def protocol(args: argparse.Namespace) -> int:
     _prepare_data(args)
     pending, running, rows, failed = list(seeds), {}, {}, []
     start = time.monotonic()
-    while pending or running:
+    # After a failure no seed starts; the loop ends once the running ones have finished.
+    while running or (pending and not failed):
         while pending and len(running) < args.jobs and not failed:
             seed = pending.pop(0)
             folder = os.path.join(out, f"seed_{seed}")

@@ -76,3 +76,39 @@ def test_mistakes_are_refused_before_any_training(tmp_path, capsys, args, messag
 def test_overrides_may_come_before_and_after_flags():
     args = toy_protocol.parse_args(["train.steps=5", "--seeds", "2", "train.energy_steps=3", "--jobs", "1"])
     assert args.overrides == ["train.steps=5", "train.energy_steps=3"] and (args.seeds, args.jobs) == (2, 1)
+
+
+# The tool with its first seed's trainer replaced by one that exits at once: a failure without training.
+_FAILING_FIRST_SEED = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("toy_protocol", "bench/toy_protocol.py")
+tool = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tool)
+commands = tool.run_seed_commands
+
+def failing_first(args, seed, folder):
+    train, evaluate = commands(args, seed, folder)
+    if seed == args.first_seed:
+        train = [sys.executable, "-c", "raise SystemExit('error: this seed is refused')"]
+    return train, evaluate
+
+tool.run_seed_commands = failing_first
+sys.exit(tool.main(sys.argv[1:]))
+"""
+
+
+def test_a_failed_seed_ends_the_protocol_while_others_are_pending(tmp_path):
+    out = tmp_path / "protocol"
+    tiny = [o for o in tiny_overrides(tmp_path) if not o.startswith("output_dir=")]
+    cmd = [sys.executable, "-c", _FAILING_FIRST_SEED, "--seeds", "3", "--jobs", "1", "--out", str(out), *tiny]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "error: seeds [0] failed" in result.stderr and "this seed is refused" in result.stdout
+    assert "seed 1: started" not in result.stdout and not (out / "seed_1").exists()  # none starts after a failure
+
+
+@pytest.mark.parametrize("value", ["-1", "x"])
+def test_a_negative_first_seed_is_refused_by_the_parser(capsys, value):
+    with pytest.raises(SystemExit) as exit_info:
+        toy_protocol.parse_args(["--first-seed", value])
+    assert exit_info.value.code == 2 and "argument --first-seed" in capsys.readouterr().err
