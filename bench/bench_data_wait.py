@@ -20,14 +20,36 @@ import time
 
 import numpy as np
 
+from data_pipeline.cli import UserError, add_debug_flag, int_between, nonnegative_int, run_tool
 from data_pipeline.shards import write_array_shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MIN_STEPS = 3  # log.every = steps // 3 must be >= 1
+STDERR_TAIL = 20  # lines of a failed trainer's stderr shown
 
 
-def run_case(name: str, overrides: list[str], steps: int, workers: int, kind: str, tmp: str) -> dict:
-    out = os.path.join(tmp, f"{name}-w{workers}-{kind}")
-    cmd = [
+class TrainerFailed(UserError):
+    """A trainer run of a case failed: the message is its last stderr line, then the lines before it."""
+
+
+def cases(tmp: str) -> dict[str, list[str]]:
+    """Each case's overrides of the toy_25gaussians preset (the data under ``tmp``)."""
+    return {
+        "toy": [f"data.url={os.path.join(tmp, 'toy')}", "data.toy_num_samples=65536"],
+        "conv28": [
+            f"data.url={os.path.join(tmp, 'digits')}",
+            "data.toy=",
+            "eval.kind=samples",  # the preset's toy evaluation scores 2-D points only
+            "model.arch=conv",
+            "model.z_dim=128",
+            "data.batch_size=64",
+            "train.energy_steps=5",
+        ],
+    }
+
+
+def trainer_command(overrides: list[str], steps: int, workers: int, kind: str, out: str) -> list[str]:
+    return [
         sys.executable,
         "trainer/main.py",
         "--config",
@@ -47,7 +69,22 @@ def run_case(name: str, overrides: list[str], steps: int, workers: int, kind: st
         "checkpoint.every=100000",
         "train.guard.max_rollbacks=0",
     ]
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def run_trainer(cmd: list[str], what: str) -> None:
+    """Runs the trainer quietly; its failure is a TrainerFailed that shows the end of its stderr."""
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines() or ["(nothing on stderr)"]
+        tail = "\n".join("    " + line for line in lines[-STDERR_TAIL:-1])
+        last = lines[-1].removeprefix("error: ")
+        message = f"the trainer failed on {what} (exit {result.returncode}): {last}"
+        raise TrainerFailed(message + (f"\nthe end of its stderr:\n{tail}" if tail else ""))
+
+
+def run_case(name: str, overrides: list[str], steps: int, workers: int, kind: str, tmp: str) -> dict:
+    out = os.path.join(tmp, f"{name}-w{workers}-{kind}")
+    run_trainer(trainer_command(overrides, steps, workers, kind, out), f"case {name}")
     records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"data_wait_share"' in line]
     steady = records[1:] or records  # the first interval includes starting the workers
     return {
@@ -60,29 +97,25 @@ def run_case(name: str, overrides: list[str], steps: int, workers: int, kind: st
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--steps", type=int_between(MIN_STEPS, 10**7), default=60, help="toy steps (conv28: a sixth, at least 9)"
+    )
+    parser.add_argument("--workers", type=nonnegative_int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--worker-types", nargs="+", default=["thread", "process"], choices=["thread", "process"])
-    args = parser.parse_args()
+    add_debug_flag(parser)
+    args = parser.parse_args(argv)
+    return run_tool(lambda: bench(args), args.debug)
+
+
+def bench(args: argparse.Namespace) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)
         digits = rng.integers(0, 256, (4096, 1, 28, 28), dtype=np.uint8)
         write_array_shards(os.path.join(tmp, "digits"), "digits", "train", digits, np.zeros(4096, np.int64), 8)
-        cases = {
-            "toy": [f"data.url={os.path.join(tmp, 'toy')}", "data.toy_num_samples=65536"],
-            "conv28": [
-                f"data.url={os.path.join(tmp, 'digits')}",
-                "data.toy=",
-                "model.arch=conv",
-                "model.z_dim=128",
-                "data.batch_size=64",
-                "train.energy_steps=5",
-            ],
-        }
-        for name, overrides in cases.items():
+        for name, overrides in cases(tmp).items():
             steps = args.steps if name == "toy" else max(args.steps // 6, 9)
             for workers in args.workers:
                 for kind in args.worker_types[: 1 if workers == 0 else None]:  # 0 workers: no kind
@@ -97,7 +130,8 @@ def main() -> None:
     with open(os.path.join(ROOT, "bench", "results", "data_wait.jsonl"), "a") as f:
         for r in rows:
             f.write(json.dumps({**r, "time": time.time()}) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

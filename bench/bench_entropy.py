@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from data_pipeline.cli import UserError, add_debug_flag, nonnegative_int, positive_int, run_tool
 from models.entropy import ESTIMATORS
 from models.factory import build_networks
 from trainer.config import load_config, vera_settings
@@ -32,6 +33,8 @@ from trainer.steps import build_steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+RESULTS = os.path.join(REPO, "bench", "results", "entropy.jsonl")
+STDERR_TAIL = 20  # lines of a failed trainer's stderr shown
 KEYS = ("high_quality_share", "modes_with_20", "mode_kl_reverse", "density_nll_best", "density_nll_tw")
 
 
@@ -73,11 +76,25 @@ def train(estimator: str, seed: int, steps: int, out: str) -> dict:
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     start = time.perf_counter()
-    subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, text=True)
+    run_trainer(cmd, env, f"{estimator}, seed {seed}")
     wall = time.perf_counter() - start
     with open(os.path.join(run, "eval", "latest.json")) as f:
         evals = json.load(f)
     return {"wall_s": wall, **{k: evals[k] for k in KEYS}}
+
+
+class TrainerFailed(UserError):
+    """A trainer run failed: the message is its last stderr line, then the lines before it."""
+
+
+def run_trainer(cmd: list[str], env: dict[str, str], what: str) -> None:
+    """Runs the trainer quietly; its failure is a TrainerFailed that shows the end of its stderr."""
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines() or ["(nothing on stderr)"]
+        tail = "\n".join("    " + line for line in lines[-STDERR_TAIL:-1])
+        message = f"the trainer failed on {what} (exit {result.returncode}): {lines[-1].removeprefix('error: ')}"
+        raise TrainerFailed(message + (f"\nthe end of its stderr:\n{tail}" if tail else ""))
 
 
 def _cell(values: list[float], fmt: str) -> str:
@@ -86,19 +103,25 @@ def _cell(values: list[float], fmt: str) -> str:
     return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--estimators", nargs="+", choices=ESTIMATORS, default=list(ESTIMATORS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=5000, help="generator steps per run")
-    parser.add_argument("--repeats", type=int, default=50, help="timed calls per block of a step cost")
+    parser.add_argument("--seeds", nargs="+", type=nonnegative_int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=positive_int, default=5000, help="generator steps per run")
+    parser.add_argument("--repeats", type=positive_int, default=50, help="timed calls per block of a step cost")
     parser.add_argument("--out", default=os.path.join(REPO, "runs", "bench_entropy"))
     parser.add_argument(
         "--from-results", action="store_true", help="no training: the table from bench/results/entropy.jsonl's runs"
     )
-    args = parser.parse_args()
+    add_debug_flag(parser)
+    args = parser.parse_args(argv)
+    if args.from_results and not os.path.isfile(RESULTS):
+        parser.error(f"--from-results: there is no {RESULTS} yet (run the bench without --from-results first)")
+    return run_tool(lambda: bench(args, RESULTS), args.debug)
+
+
+def bench(args: argparse.Namespace, results: str) -> int:
     torch.set_num_threads(1)
-    results = os.path.join(REPO, "bench", "results", "entropy.jsonl")
     os.makedirs(os.path.dirname(results), exist_ok=True)
     if not args.from_results:
         for estimator in args.estimators:
@@ -132,7 +155,8 @@ def main() -> None:
             f"| {_cell(col['density_nll_best'], '.3f')} | {_cell(col['density_nll_tw'], '.2f')} "
             f"| {gen_ms:.1f} | {iter_ms:.1f} | {_cell(col['wall_s'], '.0f')} |"
         )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
