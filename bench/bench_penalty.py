@@ -7,7 +7,7 @@
 Rows, each adding to the one above it (the real step code of trainer/steps.py, built the way the
 trainer builds it, except where a row takes a piece away):
   before issue 10      E on cat(real, fake), gradient into the data batch too, unfused Adam (the old step)
-  no penalty           the energy step without the penalty: the floor
+  no penalty           "+ inputs/fused Adam" without the penalty: the eager floor
   eager penalty        E on real and fake separately; gradient into the data batch; unfused Adam
   + inputs/fused Adam  backward(inputs=E's parameters) and Adam(fused=True): model.kernels=eager
   + K1 bias_act        fused bias + LeakyReLU (Triton on CUDA; its PyTorch reference on a CPU)
@@ -16,7 +16,7 @@ trainer builds it, except where a row takes a piece away):
   + capture            the step replayed as a CUDA graph (train.capture=auto; CUDA only)
   no penalty + capture the captured step without the penalty: the captured floor
   lazy k=4, k=16       train.penalty_every=k with the device's defaults (auto kernels and capture):
-                       the mean energy step over whole cycles of k
+                       the mean energy step over whole cycles of k (and iteration over whole cycles)
   compile (--compile)  torch.compile of loss and parameter gradients, trace_autograd_ops=True (eager kernels)
 
 Columns: energy-step time (median of --repeats on a CPU; mean of CUDA events on a GPU), speed-up
@@ -25,9 +25,10 @@ its networks (Adam's state, the step's activations; a captured row's graph pools
 gradient error of the row's step against an fp64 eager reference and the row's loss (same weights,
 same batch: equal losses are the same numbers; a captured row's are its kernels' run eagerly, replay
 against eager is tests/test_gpu.py's), and a full iteration's samples/s with the row's
-kernels and capture (the preset's energy steps, with its penalty in every row, + one generator step).
-Prints a table,
-appends JSON lines to bench/results/penalty.jsonl, and writes the table to --out (markdown).
+kernels and capture (the preset's energy steps, with its penalty in every row, + one generator step;
+a lazy row's over whole cycles of its penalty). Under the table, each network's penalty overhead: a
+row ÷ the same row without the penalty, the pairs named there. Prints the table, appends JSON lines
+to bench/results/penalty.jsonl, and writes the table to --out (markdown).
 """
 
 from __future__ import annotations
@@ -213,6 +214,16 @@ def time_calls(fn, calls: int, device: torch.device) -> list[float]:
     return times
 
 
+def time_cycles(fn, cycle: int, done: int, calls: int, device: torch.device) -> float:
+    """Seconds per call of ``fn``, whose calls repeat every ``cycle`` calls and which has made ``done``
+    calls: brought to the start of a cycle (a lazy row's penalty step), then timed over whole cycles,
+    at least ``calls`` calls. The mean per call where a cycle's calls differ, else the median."""
+    for _ in range(-done % cycle):
+        fn()
+    times = time_calls(fn, cycle * math.ceil(calls / cycle), device)
+    return statistics.mean(times) if cycle > 1 else statistics.median(times)
+
+
 def gradient_error(network: str, row: Row, runtime: DDPRuntime, precision: str) -> tuple[float, float]:
     """Largest relative error of the row's energy-loss gradients against fp64 eager ones, per tensor
     (|g - g64|max / |g64|max), with the same weights and batch (lazy rows: the weight k * lambda),
@@ -266,12 +277,7 @@ def measure(network: str, row: Row, runtime: DDPRuntime, precision: str, repeats
     warmup = 2 + ((WARMUP_CALLS + 1) * k if steps.capture else 0) + (2 if row.compile else 0)
     for _ in range(warmup):
         step(x, steps.sample_z())
-    # A lazy row's step time is the mean over whole cycles of k steps, starting with a penalty step.
-    calls = k * math.ceil(repeats / k)
-    for _ in range(-warmup % k):
-        step(x, steps.sample_z())
-    times = time_calls(lambda: step(x, steps.sample_z()), calls, device)
-    out = {"energy_ms": 1e3 * (statistics.mean(times) if k > 1 else statistics.median(times))}
+    out = {"energy_ms": 1e3 * time_cycles(lambda: step(x, steps.sample_z()), k, warmup, repeats, device)}
     if device.type == "cuda":
         out["reserved_mib"] = (torch.cuda.max_memory_reserved() - base) / 2**20
     if not row.before and not row.compile:
@@ -280,9 +286,12 @@ def measure(network: str, row: Row, runtime: DDPRuntime, precision: str, repeats
         iteration = lambda: steps.iteration(next(counter), lambda: x)  # noqa: E731
         # Captured rows: the generator step's warm-up and capture (and the penalty step's, in a
         # "no penalty" row, whose iterations have the preset's penalty) before the clock starts.
-        for _ in range(WARMUP_CALLS + 2 if steps.capture else 1):
+        warmup = WARMUP_CALLS + 2 if steps.capture else 1
+        for _ in range(warmup):
             iteration()
-        per_iteration = statistics.median(time_calls(iteration, iterations, device))
+        # A lazy row's penalty falls on every k-th energy step: its iterations repeat every lcm(k, n) energy steps.
+        cycle = math.lcm(k, n) // n
+        per_iteration = time_cycles(iteration, cycle, warmup, iterations, device)
         out["iteration_samples_per_s"] = n * batch / per_iteration
     elif row.before:
         n = cfg.train.energy_steps
@@ -328,14 +337,16 @@ def format_table(results: list[dict], device: torch.device, threads: int, precis
             lines.append(f"| {network} | {name} | " + " | ".join(cells) + " |")
     overheads = [f"{network}: {text}" for network, rows in by_net.items() if (text := penalty_overheads(rows))]
     if overheads:
-        lines += ["", "penalty overhead (step with the penalty ÷ the same step without it):", *overheads]
+        pairs = "; ".join(f"{what}: {num} ÷ {den}" for what, num, den in OVERHEADS)
+        lines += ["", f"penalty overhead, a row ÷ the same row without the penalty ({pairs}):", *overheads]
     return "\n".join(lines)
 
 
-# (what it says, the step with the penalty, the step without it): eager, captured, then the lazy
-# rows (default kernels and capture) over the captured floor.
+# (what it says, the step with the penalty, the same step without it): eager, captured, then the lazy
+# rows (default kernels and capture) over the captured floor. "eager penalty" is no pair for "no
+# penalty": it also takes backward(inputs=...) and the fused Adam away.
 OVERHEADS = [
-    ("eager", "eager penalty", "no penalty"),
+    ("eager", "+ inputs/fused Adam", "no penalty"),
     ("captured", "+ capture", "no penalty + capture"),
     ("lazy k=4", "lazy k=4", "no penalty + capture"),
     ("lazy k=16", "lazy k=16", "no penalty + capture"),
