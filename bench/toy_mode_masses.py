@@ -6,8 +6,10 @@ neighbouring centres (E at the midpoint minus the mean of the two centres).
 
     python bench/toy_mode_masses.py --run runs/toy_25gaussians [--checkpoint DIR] [--samples 2500] [--json OUT]
 
-If G sampled exp(-E/w), its shares would follow the masses at T = w (correlation near 1). Each sample
-and each grid cell is counted for its nearest centre.
+If G sampled exp(-E/w), its shares would follow the masses at T = w: their total variation distance
+near 0 and the correlation of log share with log mass near 1 (both floored at half a sample, 0.5 /
+--samples: a share below that is not measured). Each sample and each grid cell is counted for its
+nearest centre.
 """
 
 from __future__ import annotations
@@ -28,6 +30,22 @@ def neighbour_pairs(centres):
     nearest = d[d > 0].min()
     i, j = np.nonzero(np.triu(np.isclose(d, nearest, rtol=1e-6), k=1))
     return list(zip(i.tolist(), j.tolist(), strict=True))
+
+
+def share_mass_agreement(share, mass, samples: int) -> tuple[float, float]:
+    """How far G's mode shares are from the masses: (total variation distance, 0 when they are equal and
+    1 when disjoint; Pearson correlation of log share with log mass, 1 when they are equal, NaN when
+    either side is constant). Both are floored at half a sample (a share of 0 has no log; masses span
+    many decades, so the correlation of linear shares with log masses is far from 1 even when equal)."""
+    import numpy as np
+
+    share, mass = np.asarray(share, dtype=float), np.asarray(mass, dtype=float)
+    tv = 0.5 * float(np.abs(share - mass).sum())
+    floor = 0.5 / samples
+    log_share, log_mass = np.log(np.maximum(share, floor)), np.log(np.maximum(mass, floor))
+    if np.std(log_share) == 0 or np.std(log_mass) == 0:
+        return tv, math.nan
+    return tv, float(np.corrcoef(log_share, log_mass)[0, 1])
 
 
 def mode_anatomy(energy, generator, density, z_dim: int, entropy_weight: float, samples: int) -> dict:
@@ -53,12 +71,12 @@ def mode_anatomy(energy, generator, density, z_dim: int, entropy_weight: float, 
     pairs = neighbour_pairs(spec.centres)
     midpoints = torch.from_numpy(np.array([(spec.centres[i] + spec.centres[j]) / 2 for i, j in pairs])).float()
     barrier = energy_values(energy, midpoints) - np.array([(e_centre[i] + e_centre[j]) / 2 for i, j in pairs])
-    # The correlation is undefined when either side is constant (e.g. G's shares exactly equal).
-    spread = np.std(np.log(mass_w)) > 0 and np.std(share) > 0
+    tv, log_correlation = share_mass_agreement(share, mass_w, samples)
     return {
         "entropy_weight": entropy_weight,
         "best_t": best_t,
-        "share_mass_correlation": float(np.corrcoef(np.log(mass_w), share)[0, 1]) if spread else math.nan,
+        "share_mass_tv": tv,
+        "share_mass_log_correlation": log_correlation,
         "mass_ratio_tw": float(mass_w.max() / mass_w.min()) if mass_w.min() > 0 else math.inf,
         "mass_ratio_best": float(mass_best.max() / mass_best.min()) if mass_best.min() > 0 else math.inf,
         "share_ratio": float(share.max() / share.min()) if share.min() > 0 else math.inf,
@@ -84,8 +102,8 @@ def mode_anatomy(energy, generator, density, z_dim: int, entropy_weight: float, 
 def report(a: dict) -> str:
     w = a["entropy_weight"]
     lines = [
-        f"G's shares vs exp(-E/w)'s masses (w = {w:g}): correlation of share with log mass "
-        f"{a['share_mass_correlation']:.2f}",
+        f"G's shares vs exp(-E/w)'s masses (w = {w:g}): total variation {a['share_mass_tv']:.3f} (0: equal), "
+        f"correlation of log share with log mass {a['share_mass_log_correlation']:.2f} (1: equal)",
         f"largest / smallest: G's share {a['share_ratio']:.3g}, mass at T = w {a['mass_ratio_tw']:.3g}, "
         f"at the best T ({a['best_t']:.3g}) {a['mass_ratio_best']:.3g}",
         f"E at the centres spans {a['centre_energy_range']:.3f} ({a['centre_energy_range'] / w:.1f} w); "

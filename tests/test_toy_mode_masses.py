@@ -67,15 +67,28 @@ def test_the_tilt_barriers_and_mode_masses_of_a_known_energy():
     assert math.isclose(a["mass_ratio_tw"], math.exp(span / W), rel_tol=0.05)
     assert math.isclose(sum(m["mass_tw"] for m in a["modes"]), 1.0, rel_tol=1e-6)
     # A G that spreads evenly does not follow the masses; its shares are all near 1/25.
-    assert a["share_ratio"] < 2 and abs(a["share_mass_correlation"]) < 0.5
+    assert a["share_ratio"] < 2 and abs(a["share_mass_log_correlation"]) < 0.5
+    assert a["share_mass_tv"] > 0.2
 
 
 def test_a_generator_that_samples_the_energys_masses_correlates_with_them():
     spec = toy_reference("25gaussians", STD)[0]
     boltzmann = np.exp(-(spec.centres @ np.array(TILT)) / W)
     _, a = _anatomy(boltzmann)
-    assert a["share_mass_correlation"] > 0.9
+    assert a["share_mass_log_correlation"] > 0.9 and a["share_mass_tv"] < 0.05
     assert math.isclose(a["share_ratio"], a["mass_ratio_tw"], rel_tol=0.5)
+
+
+def test_shares_equal_to_the_masses_agree_perfectly_however_many_decades_the_masses_span():
+    spec = toy_reference("25gaussians", STD)[0]
+    mass = np.exp(-(spec.centres @ np.array([0.1, -0.06])) / W)
+    mass /= mass.sum()
+    assert mass.max() / mass.min() > 1e4
+    tv, log_correlation = toy_mode_masses.share_mass_agreement(mass, mass, 2500)
+    assert tv == 0 and log_correlation == pytest.approx(1.0, abs=1e-12)
+    assert np.corrcoef(np.log(mass), mass)[0, 1] < 0.9  # the old measure, share against log mass
+    disjoint = np.eye(25)[0]
+    assert toy_mode_masses.share_mass_agreement(disjoint, np.eye(25)[1], 2500)[0] == 1.0
 
 
 @pytest.mark.slow
