@@ -21,7 +21,7 @@ Two cache states, each row beside its own raw read:
   fastest any reader could possibly go;
 - cold: every shard is evicted from the page cache (posix_fadvise DONTNEED) before each pass, so
   every row reads from the storage device, as a data set larger than memory is read. Local
-  files only.
+  files only: with a --url that has a scheme (s3://...) the default is warm only, and cold is refused.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import torch
 import webdataset as wds
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from data_pipeline.cli import nonnegative_int, positive_int  # noqa: E402
 from data_pipeline.decode import DecodeSpec  # noqa: E402
 from data_pipeline.shard_io import wds_gopen  # noqa: E402
 from data_pipeline.shards import read_manifest, write_array_shards  # noqa: E402
@@ -200,23 +201,37 @@ def bench_general(shape: tuple[int, ...], fmt: str, args, folder: str) -> list[d
     return rows
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=256_000)
-    parser.add_argument("--shards", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--shuffle-buffer", type=int, default=2000)
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--repeats", type=int, default=3, help="best of N timed passes")
-    parser.add_argument("--cache", nargs="+", default=["warm", "cold"], choices=["warm", "cold"])
+    parser.add_argument("--samples", type=positive_int, default=256_000)
+    parser.add_argument("--shards", type=positive_int, default=64)
+    parser.add_argument("--batch", type=positive_int, default=256)
+    parser.add_argument("--shuffle-buffer", type=nonnegative_int, default=2000)
+    parser.add_argument("--workers", type=nonnegative_int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--repeats", type=positive_int, default=3, help="best of N timed passes")
+    parser.add_argument(
+        "--cache", nargs="+", choices=["warm", "cold"], help="page-cache states (default: warm cold; a --url's: warm)"
+    )
     parser.add_argument("--url", default="", help="where to write the shards (default: a temp folder)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--formats", nargs="*", default=["png", "jpg"], choices=["png", "jpg"],
                         help="image formats for the general-path rows (none: fast path only)")  # fmt: skip
-    parser.add_argument("--general-samples", type=int, default=32_000)
-    parser.add_argument("--general-shards", type=int, default=16)
+    parser.add_argument("--general-samples", type=positive_int, default=32_000)
+    parser.add_argument("--general-shards", type=positive_int, default=16)
     parser.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True, help="the fast-path rows")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    remote = "://" in args.url  # the cold pass evicts local files from the page cache (os.open)
+    if args.cache is None:
+        args.cache = ["warm"] if remote else ["warm", "cold"]
+    elif remote and "cold" in args.cache:
+        parser.error(f"--cache cold: evicting from the page cache needs local files, not --url {args.url}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"--out {args.out} is a file: give the folder the results file goes in")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(1)
     shapes = [(1, 28, 28), (3, 32, 32)]
     rows, general = [], []
