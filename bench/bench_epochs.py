@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from bench.bench_stream import image_like, write_encoded_shards  # noqa: E402
+from data_pipeline.cli import int_between, nonnegative_float, nonnegative_int, positive_int  # noqa: E402
 from data_pipeline.decode import DecodeSpec  # noqa: E402
 from data_pipeline.shards import read_manifest, write_array_shards  # noqa: E402
 from data_pipeline.stream import ShardStream, StreamPosition, manifest_from_urls  # noqa: E402
@@ -47,18 +48,20 @@ def run_epochs(manifest, args, read_ahead: bool) -> tuple[float, list[float]]:
     return time.perf_counter() - start, first_waits
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--format", choices=["png", "jpg", "npy"], default="png", help="npy: this project's layout")
-    parser.add_argument("--samples", type=int, default=24_000)
-    parser.add_argument("--shards", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--samples", type=positive_int, default=24_000)
+    parser.add_argument("--shards", type=positive_int, default=8)
+    parser.add_argument("--batch", type=positive_int, default=256)
+    parser.add_argument("--workers", type=nonnegative_int, default=2)
     parser.add_argument("--kind", choices=["auto", "thread", "process"], default="auto")
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--step-ms", type=float, default=20.0, help="the consumer's time per batch")
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    parser.add_argument("--epochs", type=int_between(2, 10**6), default=4, help="at least 2: epoch 0, then later ones")
+    parser.add_argument("--step-ms", type=nonnegative_float, default=20.0, help="the consumer's time per batch")
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    args = parser.parse_args(argv)
+    if args.shards > args.samples:
+        parser.error(f"--shards {args.shards}: more shards than --samples {args.samples}")
     torch.set_num_threads(1)
     images = image_like(args.samples, (1, 28, 28))
     with tempfile.TemporaryDirectory() as folder:

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 
 import torch
 
+from data_pipeline.cli import UserError, check_output_file, positive_int
 from models.factory import build_networks
 from models.objectives import energy_loss
 from models.ops import EAGER, FUSED, TORCH_KERNELS, FusedOps, use_kernels
@@ -55,6 +56,8 @@ from trainer.capture import WARMUP_CALLS
 from trainer.config import load_config
 from trainer.runtime import DDPRuntime, frozen
 from trainer.steps import build_steps, resolve_kernels
+
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "results")
 
 # name: (preset, sample shape, overrides) — the paper's networks at the paper's widths, batch sizes
 # and energy steps per generator step.
@@ -380,14 +383,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=sorted(NETWORKS), action="append", help="networks (default: all four)")
     parser.add_argument("--rows", help="comma-separated row names to run (default: all)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed energy steps per row")
-    parser.add_argument("--iterations", type=int, default=2, help="timed full iterations per row")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed energy steps per row")
+    parser.add_argument("--iterations", type=positive_int, default=2, help="timed full iterations per row")
     parser.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"])
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads on a CPU (default 1)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="intra-op threads on a CPU (default 1)")
     parser.add_argument("--compile", action="store_true", help="add the torch.compile row")
     parser.add_argument("--tiny", action="store_true", help="tiny widths and batches (a smoke run of every row)")
     parser.add_argument("--out", help="also write the table (markdown) to this file")
     args = parser.parse_args(argv)
+    if args.out:
+        try:
+            check_output_file(args.out, "--out")
+        except UserError as e:
+            parser.error(str(e))
     torch.set_num_threads(args.threads)
     if args.tiny:
         tiny_networks()
@@ -402,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     # On a CPU the fused rows run the PyTorch reference kernels: Triton needs CUDA (or its interpreter).
     kernels = use_kernels(TORCH_KERNELS) if runtime.device.type != "cuda" else contextlib.nullcontext()
     results = []
-    os.makedirs("bench/results", exist_ok=True)
+    os.makedirs(RESULTS, exist_ok=True)
     meta = {"device": str(runtime.device), "threads": torch.get_num_threads(), "precision": args.precision}
     with kernels:
         for network in args.only or list(NETWORKS):
@@ -415,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.append({"network": network, "row": row.name, **r})
                 print(f"  {network:13} {row.name:20} {json.dumps(r)}", flush=True)
                 # Row by row: a run stopped at its time limit (bench/gpu_check.sh) keeps what it measured.
-                with open("bench/results/penalty.jsonl", "a") as f:
+                with open(os.path.join(RESULTS, "penalty.jsonl"), "a") as f:
                     f.write(json.dumps({**results[-1], **meta, "host": platform.node(), "time": time.time()}) + "\n")
                 if args.out:
                     with open(args.out, "w") as f:

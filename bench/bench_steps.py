@@ -18,12 +18,14 @@ import time
 
 import torch
 
+from data_pipeline.cli import positive_int
 from models.factory import build_networks
 from trainer.capture import WARMUP_CALLS
 from trainer.config import load_config
 from trainer.runtime import DDPRuntime
 from trainer.steps import build_steps, resolve_kernels
 
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "results", "steps.jsonl")
 CONV = ["model.arch=conv", "model.z_dim=128", "data.batch_size=64"]
 CASES = {
     "toy": ("toy_25gaussians", (2,), ["data.batch_size=256"]),
@@ -48,12 +50,12 @@ def _time(fn, repeats: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=positive_int, default=10)
     parser.add_argument("--only", choices=sorted(CASES), action="append")
     parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     runtime = DDPRuntime(args.mixed_precision)
     rows = []
     for name in args.only or list(CASES):
@@ -85,8 +87,8 @@ def main() -> None:
             f"{r['energy_samples_per_s']:>14.0f} {r['generator_samples_per_s']:>11.0f} "
             f"{r['energy_ms'] / r['generator_ms']:>5.2f}"
         )
-    os.makedirs("bench/results", exist_ok=True)
-    with open("bench/results/steps.jsonl", "a") as f:
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    with open(RESULTS, "a") as f:
         for r in rows:
             f.write(
                 json.dumps(

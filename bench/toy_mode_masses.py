@@ -19,7 +19,9 @@ import json
 import math
 import sys
 
-from data_pipeline.cli import ConfigError, add_debug_flag, run_tool
+from data_pipeline.cli import ConfigError, add_debug_flag, check_output_file, int_between, run_tool
+
+MAX_SAMPLES = 1_000_000  # G's samples are drawn and held at once
 
 
 def neighbour_pairs(centres):
@@ -130,6 +132,8 @@ def anatomy(args: argparse.Namespace) -> int:
     from trainer.evaluation.toy import DensityReference, toy_references, written_std
     from trainer.run_folder import load_networks
 
+    if args.json:
+        check_output_file(args.json, "--json")  # before loading and sampling, not after
     cfg, nets, checkpoint, info = load_networks(args.run, args.checkpoint)
     dataset = info.get("dataset", "")
     spec, _, data = toy_references(dataset, cfg.data.url, cfg.eval.toy.std, written_std(cfg.data, dataset))
@@ -157,13 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--run", required=True, help="a toy run's folder")
     parser.add_argument("--checkpoint", help="a checkpoint folder of that run (default: the newest intact one)")
-    parser.add_argument("--samples", type=int, default=2500, help="samples of G (default: 2500, PacGAN's)")
+    parser.add_argument(
+        "--samples", type=int_between(1, MAX_SAMPLES), default=2500, help="samples of G (default: 2500, PacGAN's)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of G's latents (default: 0)")
     parser.add_argument("--json", help="also write the numbers here")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
-    if args.samples < 1:
-        parser.error(f"--samples must be at least 1, got {args.samples}")
     return run_tool(lambda: anatomy(args), args.debug)
 
 
