@@ -13,23 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
 
-from data_pipeline.cli import UserError, add_debug_flag, int_between, nonnegative_int, run_tool
+from data_pipeline.cli import add_debug_flag, int_between, nonnegative_int, run_quietly, run_tool
 from data_pipeline.shards import write_array_shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIN_STEPS = 3  # log.every = steps // 3 must be >= 1
-STDERR_TAIL = 20  # lines of a failed trainer's stderr shown
-
-
-class TrainerFailed(UserError):
-    """A trainer run of a case failed: the message is its last stderr line, then the lines before it."""
 
 
 def cases(tmp: str) -> dict[str, list[str]]:
@@ -71,20 +65,10 @@ def trainer_command(overrides: list[str], steps: int, workers: int, kind: str, o
     ]
 
 
-def run_trainer(cmd: list[str], what: str) -> None:
-    """Runs the trainer quietly; its failure is a TrainerFailed that shows the end of its stderr."""
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if result.returncode != 0:
-        lines = result.stderr.strip().splitlines() or ["(nothing on stderr)"]
-        tail = "\n".join("    " + line for line in lines[-STDERR_TAIL:-1])
-        last = lines[-1].removeprefix("error: ")
-        message = f"the trainer failed on {what} (exit {result.returncode}): {last}"
-        raise TrainerFailed(message + (f"\nthe end of its stderr:\n{tail}" if tail else ""))
-
-
 def run_case(name: str, overrides: list[str], steps: int, workers: int, kind: str, tmp: str) -> dict:
     out = os.path.join(tmp, f"{name}-w{workers}-{kind}")
-    run_trainer(trainer_command(overrides, steps, workers, kind, out), f"case {name}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run_quietly(trainer_command(overrides, steps, workers, kind, out), f"the trainer on case {name}", cwd=ROOT, env=env)
     records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"data_wait_share"' in line]
     steady = records[1:] or records  # the first interval includes starting the workers
     return {

@@ -18,13 +18,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
-from data_pipeline.cli import UserError, add_debug_flag, nonnegative_int, positive_int, run_tool
+from data_pipeline.cli import add_debug_flag, nonnegative_int, positive_int, run_quietly, run_tool
 from models.entropy import ESTIMATORS
 from models.factory import build_networks
 from trainer.config import load_config, vera_settings
@@ -34,7 +33,6 @@ from trainer.steps import build_steps
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 RESULTS = os.path.join(REPO, "bench", "results", "entropy.jsonl")
-STDERR_TAIL = 20  # lines of a failed trainer's stderr shown
 KEYS = ("high_quality_share", "modes_with_20", "mode_kl_reverse", "density_nll_best", "density_nll_tw")
 
 
@@ -76,25 +74,11 @@ def train(estimator: str, seed: int, steps: int, out: str) -> dict:
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     start = time.perf_counter()
-    run_trainer(cmd, env, f"{estimator}, seed {seed}")
+    run_quietly(cmd, f"the trainer on {estimator}, seed {seed}", cwd=REPO, env=env)
     wall = time.perf_counter() - start
     with open(os.path.join(run, "eval", "latest.json")) as f:
         evals = json.load(f)
     return {"wall_s": wall, **{k: evals[k] for k in KEYS}}
-
-
-class TrainerFailed(UserError):
-    """A trainer run failed: the message is its last stderr line, then the lines before it."""
-
-
-def run_trainer(cmd: list[str], env: dict[str, str], what: str) -> None:
-    """Runs the trainer quietly; its failure is a TrainerFailed that shows the end of its stderr."""
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        lines = result.stderr.strip().splitlines() or ["(nothing on stderr)"]
-        tail = "\n".join("    " + line for line in lines[-STDERR_TAIL:-1])
-        message = f"the trainer failed on {what} (exit {result.returncode}): {lines[-1].removeprefix('error: ')}"
-        raise TrainerFailed(message + (f"\nthe end of its stderr:\n{tail}" if tail else ""))
 
 
 def _cell(values: list[float], fmt: str) -> str:

@@ -9,6 +9,7 @@ import argparse
 import errno
 import os
 import pickle
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
@@ -75,6 +76,25 @@ def is_user_error(error: BaseException, extra: tuple[type[BaseException], ...] =
     if isinstance(error, OSError):
         return _is_user_os_error(error)
     return isinstance(error, (*user_error_types(), *extra))
+
+
+class ChildFailed(UserError):
+    """A process a tool ran failed: the message is its last stderr line, then the lines before it."""
+
+
+CHILD_STDERR_TAIL = 20  # lines of a failed child's stderr shown
+
+
+def run_quietly(cmd: list[str], what: str, **kwargs) -> subprocess.CompletedProcess:
+    """Runs ``cmd`` with its output captured (``kwargs``: subprocess.run's); a failure is a ChildFailed that
+    names ``what`` and shows the end of its stderr, where the user's mistake is said."""
+    result = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines() or ["(nothing on stderr)"]
+        tail = "\n".join("    " + line for line in lines[-CHILD_STDERR_TAIL:-1])
+        message = f"{what} failed (exit {result.returncode}): {lines[-1].removeprefix('error: ')}"
+        raise ChildFailed(message + (f"\nthe end of its stderr:\n{tail}" if tail else ""))
+    return result
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:

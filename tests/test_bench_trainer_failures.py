@@ -38,7 +38,7 @@ def test_a_failed_trainer_run_is_one_error_line_with_the_trainers_message(tmp_pa
     assert run_tool(lambda: run(tmp_path), debug=False) == 2
     err = capsys.readouterr().err
     first = err.splitlines()[0]
-    assert first.startswith("error: the trainer failed on ") and "(exit 2): " in first and "train.steps" in first
+    assert first.startswith("error: the trainer on ") and " failed (exit 2): " in first and "train.steps" in first
     assert "Traceback" not in err and "CalledProcessError" not in err
 
 
