@@ -21,7 +21,11 @@ from functools import partial
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from data_pipeline.cli import UserError
 from data_pipeline.storage import StopRequested, stop_on, stop_signalled
+
+# A chunk that carries a worker process's UserError instead of samples (see passing_on_user_errors).
+WORKER_ERROR = "worker_error"
 
 # e.g. Tensor.pin_memory for a CUDA trainer: each chunk's samples are copied into page-locked
 # memory on the thread that reads them, so the trainer's copies to the device run asynchronously.
@@ -109,6 +113,16 @@ def end_with_parent(parent: int, worker: int = 0) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def passing_on_user_errors(chunks: Iterator[dict]) -> Iterator[dict]:
+    """A worker process's ``chunks``, a UserError among them handed on as a chunk (WORKER_ERROR), raised
+    as it was by _loader_chunks: the DataLoader re-raises a worker's error with its traceback in the
+    message, which reached the user as a traceback for a mistake of theirs (a shard gone, too large)."""
+    try:
+        yield from chunks
+    except UserError as e:
+        yield {WORKER_ERROR: e}
+
+
 def _loader_chunks(loader: DataLoader) -> Iterator[dict]:
     """A DataLoader's chunks; its worker processes are shut down when this ends (exhausted, failed
     or stopped). Left to the garbage collector (an error's traceback keeps the iterator in a
@@ -116,7 +130,10 @@ def _loader_chunks(loader: DataLoader) -> Iterator[dict]:
     epoch's reader, which then missed its own stop deadline."""
     iterator = iter(loader)
     try:
-        yield from iterator
+        for chunk in iterator:
+            if WORKER_ERROR in chunk:
+                raise chunk[WORKER_ERROR]
+            yield chunk
     finally:
         iterator._shutdown_workers()  # what its __del__ does; torch offers no public close
 

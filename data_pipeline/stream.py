@@ -44,7 +44,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from data_pipeline.cli import ConfigError
 from data_pipeline.config import DEFAULT_MAX_SAMPLE_BYTES, WORKER_TYPES, StreamPosition
 from data_pipeline.decode import DecodeSpec, is_meg_layout
-from data_pipeline.reader_pool import ChunkReaders, Pin, pinned, start_readers
+from data_pipeline.reader_pool import ChunkReaders, Pin, passing_on_user_errors, pinned, start_readers
 from data_pipeline.shard_io import (
     ReadBuffer,
     expected_samples,
@@ -383,7 +383,9 @@ class _EpochDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:  # in a DataLoader process, or in the consumer (0 workers)
         info = get_worker_info()
-        return self.worker_chunks(info.id if info is not None else 0, in_process_worker=info is not None)
+        if info is None:
+            return self.worker_chunks(0)
+        return passing_on_user_errors(self.worker_chunks(info.id, in_process_worker=True))
 
     def worker_chunks(self, worker: int, in_process_worker: bool = False) -> Iterator[dict]:
         """Worker ``worker``'s chunks of this epoch, in order."""
