@@ -94,6 +94,17 @@ def _write_splits(out, name, splits: dict, num_shards, sums: Checksums | str, pr
             for split, (x, y) in splits.items()}  # fmt: skip
 
 
+ORDER_SEED = 0  # the shuffle of convert images and arrays: the same input gives the same shards
+
+
+def _shuffled(x: np.ndarray, y: np.ndarray, preprocessing: dict) -> tuple[np.ndarray, np.ndarray, dict]:
+    """``x`` and ``y`` in one seeded random order, recorded in the manifest's preprocessing. A folder is
+    read class by class (and arrays are often stored sorted): in that order each shard held one class or
+    two, and the stream's shuffle (of shards, through a buffer) mixed them into batches of a few classes."""
+    order = np.random.default_rng(ORDER_SEED).permutation(len(x))
+    return x[order], y[order], {**preprocessing, "order": f"shuffled: numpy default_rng({ORDER_SEED}).permutation"}
+
+
 def _write(out, name, split, x, y, num_shards, sums: Checksums | str, preprocessing) -> Manifest:
     check_split(name, split, x, y)
     checksum = sums if isinstance(sums, str) else sums.summary()
@@ -303,6 +314,7 @@ def convert_images(
         "format": f"uint8 {tuple(x.shape[1:])}",
         "files_left_out": len(left_out),
     }
+    x, y, pre = _shuffled(x, y, pre)
     return _write(out, name, split, x, y, num_shards, sums, pre)
 
 
@@ -316,6 +328,7 @@ def convert_arrays(
         "stored_dtype": str(x.dtype),
         "note": "uint8 is read back in [-1, 1]; other dtypes as float32",
     }
+    x, y, pre = _shuffled(x, y, pre)
     return _write(out, name, split, x, y, num_shards, sums, pre)
 
 
@@ -426,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--train-fraction", type=fraction, default=0.8, help="of the other digits for training (default 0.8)"
     )
 
-    images = add("images", "a folder of images, one sub-folder per class")
+    images = add("images", "a folder of images, one sub-folder per class (written in a seeded random order)")
     images.add_argument("--folder", type=url, required=True)
     images.add_argument("--mode", default="RGB", choices=["RGB", "L"])
     images.add_argument(
@@ -460,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--split", type=name_part, default="train")
         p.add_argument("--allow-pipe", action="store_true", help="allow pipe: shard URLs (they run a shell command)")
 
-    arrays = add("arrays", "samples from a .npy, or arrays x/y of a .npz")
+    arrays = add("arrays", "samples from a .npy, or arrays x/y of a .npz (written in a seeded random order)")
     arrays.add_argument("--x", type=url, required=True, dest="x_url")
     arrays.add_argument("--y", type=url, default="", dest="labels_url", help="labels .npy (or y in the .npz)")
     arrays.add_argument("--x-key", default="x")

@@ -199,6 +199,31 @@ def test_image_folder_and_arrays(tmp_path):
     assert m.dtype == "float32" and m.num_samples == 10 and m.class_counts["9"] == 1
 
 
+@pytest.mark.parametrize("source", ["images", "arrays"])
+def test_sorted_classes_are_shuffled_into_every_shard_each_sample_with_its_label(tmp_path, source):
+    # A folder is read class by class: each shard held one class, and batches held a few classes (one
+    # class in 11% of them on 2 ranks x 2 workers), however the stream shuffled.
+    from PIL import Image
+
+    x = np.repeat(np.arange(4, dtype=np.uint8) * 60, 25)[:, None, None, None] + np.zeros((1, 1, 6, 6), np.uint8)
+    x[:, 0, 0, 0] = np.tile(np.arange(25, dtype=np.uint8), 4)  # each image its own
+    y = np.repeat(np.arange(4), 25)  # sorted by class, as a folder is read
+    if source == "images":
+        for i, (image, label) in enumerate(zip(x, y, strict=True)):
+            (tmp_path / "imgs" / f"c{label}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image[0]).save(tmp_path / "imgs" / f"c{label}" / f"{i:03d}.png")
+        m = convert.convert_images(str(tmp_path / "o"), str(tmp_path / "imgs"), mode="L", num_shards=4)
+    else:
+        np.savez(tmp_path / "a.npz", x=x, y=y)
+        m = convert.convert_arrays(str(tmp_path / "o"), str(tmp_path / "a.npz"), num_shards=4)
+    assert m.preprocessing["order"] == "shuffled: numpy default_rng(0).permutation"
+    _, got, labels = all_samples(str(tmp_path / "o"))
+    raw = np.rint((got + 1) * 127.5).astype(np.uint8)  # what the model sees, back in uint8
+    assert sorted(map(bytes, raw)) == sorted(map(bytes, x)) and (raw[:, 0, 1, 1] // 60 == labels).all()
+    per_shard = [set(labels[i : i + 25]) for i in range(0, 100, 25)]  # 4 shards of 25, in key order
+    assert all(len(classes) >= 3 for classes in per_shard), per_shard
+
+
 # -- the real files (../shared/data, the Debian Fashion-MNIST package) -----------------------
 
 
