@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from data_pipeline.cli import DataError
 from data_pipeline.config import DEFAULT_MAX_SAMPLE_BYTES
 from data_pipeline.shard_reader import BLOCK, NUMPY_AST_LOCK, CorruptShard, SampleTooLarge, ShardArrays, check_label
 
@@ -122,6 +123,17 @@ def gunzip_shard(data: bytes | memoryview, max_member: int = DEFAULT_MAX_SAMPLE_
         raise CorruptShard(f"a damaged gzip stream ({e})") from None
 
 
+def check_eight_bit(mode: str, what: str) -> None:
+    """Raises DataError for a PIL image ``mode`` of more than 8 bits a channel (16-bit, 32-bit integer,
+    float): converted to 8 bits as every image here is, its values would be clipped (a 16-bit scan went
+    to 0 and 255) or zeroed (floats in 0..1), without a word."""
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        raise DataError(
+            f"{what} is a {mode} image (more than 8 bits a channel), which 8-bit conversion would clip: save "
+            "it as 8-bit PNG or JPEG, or its values as a .npy (python -m data_pipeline.convert arrays)"
+        )
+
+
 def _image(data: bytes, spec: DecodeSpec, max_bytes: int, key: str) -> np.ndarray:
     from PIL import Image
     from webdataset.autodecode import imagehandler
@@ -131,6 +143,7 @@ def _image(data: bytes, spec: DecodeSpec, max_bytes: int, key: str) -> np.ndarra
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         probe = Image.open(io.BytesIO(data))
     with probe:
+        check_eight_bit(probe.mode, f"sample {key!r}")
         decoded = probe.width * probe.height * max(len(probe.getbands()), 3 if spec.image_mode == "rgb" else 1)
     if decoded > max_bytes:
         raise too_large(f"sample {key!r}'s image ({probe.width}x{probe.height}, decoded)", decoded, max_bytes)

@@ -19,6 +19,7 @@ import zlib
 import fsspec
 import numpy as np
 
+from data_pipeline.decode import check_eight_bit
 from data_pipeline.shards import DataError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
@@ -278,7 +279,9 @@ def read_image_folder(
             raw = fs.cat_file(path)
             digest.update(raw)
             try:
-                img = Image.open(io.BytesIO(raw)).convert(mode)
+                img = Image.open(io.BytesIO(raw))
+                check_eight_bit(img.mode, path)
+                img = img.convert(mode)
                 if size:
                     img = img.resize((size, size), Image.BICUBIC)
             except (OSError, ValueError, Image.DecompressionBombError) as e:

@@ -10,6 +10,7 @@ import contextlib
 import gzip
 import io
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -197,6 +198,24 @@ def test_a_label_that_is_not_an_integer_is_a_clear_error(tmp_path):
     shard.write_bytes(_tar({"s0.png": _png(np.zeros((4, 4, 3), np.uint8)), "s0.cls": b"cat"}))
     with pytest.raises(DataError, match=r"s0'?'s \.cls label is 'cat', not an integer; set data\.label_key"):
         open_data(str(shard), DecodeSpec())
+
+
+@pytest.mark.parametrize(
+    "pixels", [np.arange(16, dtype=np.uint16).reshape(4, 4) * 4000, np.full((4, 4), 0.5, np.float32)]
+)
+def test_an_image_of_more_than_8_bits_a_channel_is_refused_not_clipped(tmp_path, pixels):
+    # A 16-bit scan decoded to 0 and 255 only, a float image in 0..1 to all 0, without a word.
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="TIFF")
+    (tmp_path / "wide.tar").write_bytes(_tar({"s0.tiff": buf.getvalue(), "s0.cls": b"1"}))
+    mode = Image.open(io.BytesIO(buf.getvalue())).mode
+    with pytest.raises(DataError, match=rf"sample 's0' is a {re.escape(mode)} image \(more than 8 bits a channel\)"):
+        open_data(str(tmp_path / "wide.tar"), DecodeSpec(image_key="tiff", image_mode="l"))
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    Image.fromarray(pixels).save(tmp_path / "imgs" / "a" / "0.tif")
+    with pytest.raises(DataError, match=rf"0\.tif is a {re.escape(mode)} image \(more than 8 bits a channel\)"):
+        convert.convert_images(str(tmp_path / "o"), str(tmp_path / "imgs"), mode="L")
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("label_key", ["txt:label", "json:", "json:a..b"])
