@@ -192,13 +192,14 @@ def nonnegative_float(text: str) -> float:
 
 def url(text: str) -> str:
     """An argparse type: a path or an fsspec URL whose scheme fsspec knows and can open here (a typo such as
-    htp:// or a missing backend package, named at parse time rather than as fsspec's traceback later)."""
-    from data_pipeline.config import check_url
+    htp:// or a missing backend package, named at parse time rather than as fsspec's traceback later); a
+    leading ~ (quoted past the shell, as a brace pattern is) is the home folder, as in data.url."""
+    from data_pipeline.config import check_url, expand_home
 
     problem = check_url(text)
     if problem:
         raise argparse.ArgumentTypeError(f"{shown(text)}: {problem}")
-    return text
+    return expand_home(text)
 
 
 def data_folder(text: str) -> str:

@@ -149,6 +149,15 @@ def test_samples_without_the_image_member_are_left_out_with_a_warning_naming_the
     assert read_manifest(str(tmp_path / "all")).num_samples == N
 
 
+def test_a_tool_takes_a_quoted_leading_tilde_as_the_home_folder_as_data_url_does(tmp_path, monkeypatch):
+    # index --shards '~/wds/part-{...}.tar' looked for ./~/wds (while --out '~/idx' went to $HOME/idx).
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_shards(tmp_path / "wds")
+    argv = ["index", "--shards", "~/wds/part-{000000..000005}.tar", "--out", "~/idx"]
+    assert convert.main(argv) == 0
+    assert read_manifest(str(tmp_path / "idx")).num_samples == N
+
+
 def test_converter_writes_the_same_samples_into_the_fast_layout(tmp_path):
     images = write_shards(tmp_path / "shards", "png")
     out = tmp_path / "fast"
