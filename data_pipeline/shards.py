@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import posixpath
+import re
 import shlex
 import tarfile
 import tempfile
@@ -162,9 +163,16 @@ def read_manifest(url: str, check_shards: bool = True) -> Manifest:
             raise DataError(
                 f"no manifest at {murl}: {url} holds the data sets {', '.join(within)}: give one of them"
             ) from None
+        count, pattern = _shards_within(url)
+        if count:  # convert would refuse to write into it: it is not empty
+            shards = os.path.join(url, pattern or "PATTERN")
+            raise DataError(
+                f"no manifest at {murl}: {url} holds {count} .tar file(s), WebDataset shards?: give them as "
+                f"data.url ({shlex.quote(shards)}), or " + index_shards_first(shards)
+            ) from None
         raise DataError(
             f"no manifest at {murl}: write the data set there first, with "
-            f"`python -m data_pipeline.convert SOURCE ... --out {url}` (its --help lists the sources)"
+            f"`python -m data_pipeline.convert SOURCE ... --out {shlex.quote(url)}` (its --help lists the sources)"
         ) from None
     except json.JSONDecodeError as e:
         raise DataError(f"manifest {murl} is not valid JSON: {e}") from None
@@ -332,6 +340,23 @@ def _data_sets_within(url: str) -> list[str]:
     if "://" in url or not os.path.isdir(url):
         return []
     return sorted(e.path for e in os.scandir(url) if os.path.isfile(os.path.join(e.path, MANIFEST_NAME)))[:5]
+
+
+def _shards_within(url: str) -> tuple[int, str]:
+    """How many .tar(.gz) files the local folder ``url`` holds, and a name for all of them: one brace
+    pattern where they are numbered alike (x-000.tar .. x-009.tar: x-{000..009}.tar), the name of the
+    only one, else ""."""
+    if "://" in url or not os.path.isdir(url):
+        return 0, ""
+    names = sorted(e.name for e in os.scandir(url) if e.name.endswith((".tar", ".tar.gz")) and e.is_file())
+    if len(names) == 1:
+        return 1, names[0]
+    parts = [re.fullmatch(r"(.*?)(\d+)(\.tar(?:\.gz)?)", name) for name in names]
+    if names and all(parts) and len({(m[1], len(m[2]), m[3]) for m in parts}) == 1:
+        numbers = [int(m[2]) for m in parts]
+        if numbers == list(range(numbers[0], numbers[0] + len(numbers))):
+            return len(names), f"{parts[0][1]}{{{parts[0][2]}..{parts[-1][2]}}}{parts[0][3]}"
+    return len(names), ""
 
 
 def check_manifest_against_shards(manifest: Manifest, murl: str = "") -> list[str]:

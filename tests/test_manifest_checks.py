@@ -207,6 +207,24 @@ def test_a_manifest_whose_sample_shape_is_not_its_shards_is_named_when_the_data_
         open_dataset(data)
 
 
+def test_a_folder_of_shards_without_a_manifest_is_told_how_to_read_them(tmp_path):
+    # It was told to convert data there (--out an unquoted folder), which convert refuses: it is not empty.
+    folder = tmp_path / "with space"
+    write_array_shards(str(folder), "p", "train", np.zeros((8, 2), np.float32), np.zeros(8), 4)
+    (folder / "manifest.json").unlink()
+    with pytest.raises(DataError) as error:
+        read_manifest(str(folder))
+    pattern = shlex.quote(f"{folder}/p-train-{{000000..000003}}.tar")
+    assert str(error.value) == (
+        f"no manifest at {folder / 'manifest.json'}: {folder} holds 4 .tar file(s), WebDataset shards?: give them as "
+        f"data.url ({pattern}), or index them into a data set with `python -m data_pipeline.convert index --shards "
+        f"{pattern} --out FOLDER` (it writes only a manifest) and give FOLDER"
+    )
+    (folder / "p-train-000002.tar").unlink()  # numbered with a gap: no one pattern names them
+    with pytest.raises(DataError, match=re.escape("holds 3 .tar file(s), WebDataset shards?: give them as data.url")):
+        read_manifest(str(folder))
+
+
 def test_a_folder_of_data_sets_given_as_one_names_them(tmp_path):
     # meg-convert mnist writes train/ and test/: given their folder, the advice was to convert the data there.
     for split in ("train", "test"):
