@@ -121,7 +121,7 @@ def check_url(url: str) -> str | None:
 
 # How shards' samples are decoded: the data section's keys and meg-convert index's flags for them.
 DECODE_FLAGS = {"data.image_key": "--image-key", "data.label_key": "--label-key", "data.image_mode": "--image-mode",
-                "data.image_size": "--image-size"}  # fmt: skip
+                "data.image_size": "--image-size", "data.max_sample_bytes": "--max-sample-bytes"}  # fmt: skip
 
 
 def decode_flags(cfg: DataConfig) -> str:

@@ -42,7 +42,7 @@ from data_pipeline.cli import (
     run_tool,
     url,
 )
-from data_pipeline.config import DECODE_FLAGS, MAX_IMAGE_SIZE, MAX_TOY_SAMPLES, check_label_key
+from data_pipeline.config import DECODE_FLAGS, MAX_IMAGE_SIZE, MAX_TOY_SAMPLES, DataConfig, check_label_key
 from data_pipeline.decode import DecodeSpec
 from data_pipeline.shards import (
     ALLOW_COMMANDS_ENV,
@@ -337,13 +337,14 @@ def _absolute(url: str) -> str:
     return url if "://" in url or is_command_url(url) else os.path.abspath(url)
 
 
-def index_shards(out: str, shards: str, spec: DecodeSpec, name: str, split: str) -> Manifest:
+def index_shards(out: str, shards: str, spec: DecodeSpec, name: str, split: str, max_sample_bytes: int = 0) -> Manifest:
     """A manifest for existing WebDataset shards (read once, not rewritten), written to ``out``: the
     trainer then reads them with exactly-once epochs and exact resume, like converted data. Shards
     under ``out`` are recorded relative to it (the folder can move); others by absolute path or URL."""
     from data_pipeline.stream import manifest_from_urls, split_urls  # torch: not for --help
 
-    manifest = manifest_from_urls([_absolute(u) for u in split_urls(shards)], name or "shards", split, spec)
+    urls = [_absolute(u) for u in split_urls(shards)]
+    manifest = manifest_from_urls(urls, name or "shards", split, spec, max_sample_bytes)
     folder = _absolute(out).rstrip("/") + "/"
     for shard in manifest.shards:
         if shard.url.startswith(folder):
@@ -353,12 +354,15 @@ def index_shards(out: str, shards: str, spec: DecodeSpec, name: str, split: str)
     return manifest
 
 
-def convert_webdataset(out: str, shards: str, spec: DecodeSpec, name: str, split: str, num_shards: int) -> Manifest:
+def convert_webdataset(
+    out: str, shards: str, spec: DecodeSpec, name: str, split: str, num_shards: int, max_sample_bytes: int = 0
+) -> Manifest:
     """Existing WebDataset shards decoded once into this project's layout (the stream's fast path)."""
     from data_pipeline.shard_io import load_shard  # webdataset's openers, and torch: not for --help
     from data_pipeline.stream import manifest_from_urls, split_urls
 
-    manifest = manifest_from_urls(split_urls(shards), name or "shards", split, spec)
+    manifest = manifest_from_urls(split_urls(shards), name or "shards", split, spec, max_sample_bytes)
+    manifest.max_sample_bytes = max_sample_bytes
     parts = [load_shard(url, info, manifest) for url, info in zip(manifest.shard_urls(), manifest.shards)]
     x = np.concatenate([p.x for p in parts])
     labels = np.concatenate([p.labels for p in parts])
@@ -469,6 +473,13 @@ def build_parser() -> argparse.ArgumentParser:
             default=0,
             help="centre-crop and resize to SIZE x SIZE (0: as stored)",
         )
+        p.add_argument(
+            "--max-sample-bytes",
+            type=int_between(0, 1 << 40),
+            default=0,
+            help="the most bytes a shard member or decoded image may have (0: 256 MiB, or 16 decoded images of "
+            "--image-size if more)",
+        )
         p.add_argument("--name", type=name_part, help="the data set's name (default: shards)")
         p.add_argument("--split", type=name_part, default="train")
         p.add_argument("--allow-pipe", action="store_true", help="allow pipe: shard URLs (they run a shell command)")
@@ -522,9 +533,10 @@ def run(args: argparse.Namespace) -> dict[str, Manifest]:
         if label_key_problem:
             raise DataError(f"--label-key {args.label_key!r}: {label_key_problem}")
         spec = DecodeSpec(args.image_key, args.label_key, args.image_mode, args.image_size)
+        bound = args.max_sample_bytes or DataConfig(image_size=args.image_size).sample_bytes_bound()  # as a run's
         if args.source == "index":
-            return {args.split: index_shards(out, args.shards, spec, args.name or "", args.split)}
-        return {args.split: convert_webdataset(out, args.shards, spec, args.name or "", args.split, n)}
+            return {args.split: index_shards(out, args.shards, spec, args.name or "", args.split, bound)}
+        return {args.split: convert_webdataset(out, args.shards, spec, args.name or "", args.split, n, bound)}
     return {
         args.split: convert_arrays(out, args.x_url, args.labels_url, args.x_key, args.y_key, args.name, args.split, n)
     }

@@ -25,6 +25,7 @@ import webdataset as wds
 from PIL import Image
 
 from data_pipeline import convert
+from data_pipeline.cli import run_tool
 from data_pipeline.config import DataConfig
 from data_pipeline.decode import DecodeSpec
 from data_pipeline.shards import ALLOW_COMMANDS_ENV, DataError, read_manifest
@@ -156,6 +157,19 @@ def test_a_tool_takes_a_quoted_leading_tilde_as_the_home_folder_as_data_url_does
     argv = ["index", "--shards", "~/wds/part-{000000..000005}.tar", "--out", "~/idx"]
     assert convert.main(argv) == 0
     assert read_manifest(str(tmp_path / "idx")).num_samples == N
+
+
+@pytest.mark.parametrize("source", ["index", "webdataset"])
+def test_the_sample_bound_a_converter_names_is_one_of_its_flags(tmp_path, capsys, source):
+    # It said "raise --max-sample-bytes" (data.max_sample_bytes, renamed to a flag), which neither took.
+    write_shards(tmp_path / "wds")
+    argv = [source, "--shards", _pattern(tmp_path / "wds"), "--max-sample-bytes", "100"]
+    assert run_tool(lambda: convert.main([*argv, "--out", str(tmp_path / "small")]), debug=False) == 2
+    err = capsys.readouterr().err
+    assert "more than --max-sample-bytes=100 allows; raise --max-sample-bytes" in err, err
+    argv[-1] = "1000000"
+    assert convert.main([*argv, "--out", str(tmp_path / "large")]) == 0
+    assert read_manifest(str(tmp_path / "large")).num_samples == N
 
 
 def test_converter_writes_the_same_samples_into_the_fast_layout(tmp_path):
