@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import random
+import shlex
 from collections import Counter
 from collections.abc import Callable, Iterator
 
@@ -164,11 +165,35 @@ def open_data(url: str, spec: DecodeSpec, max_sample_bytes: int = 0) -> Manifest
     if not looks_like_shards(url):
         manifest = read_manifest(url)
         manifest.max_sample_bytes = max_sample_bytes
+        if manifest.layout == "webdataset":
+            check_decode_settings(manifest, spec, url)
         return manifest
     urls = split_urls(url)
     log.info("indexing %d shard(s) of %s: every shard is read once before training "
              "(python -m data_pipeline.convert index writes a manifest to skip this)", len(urls), url)  # fmt: skip
     return manifest_from_urls(urls, spec=spec, max_sample_bytes=max_sample_bytes)
+
+
+def check_decode_settings(manifest: Manifest, spec: DecodeSpec, url: str) -> None:
+    """Raises DataError where a run asks to decode indexed shards otherwise than their manifest does (the
+    manifest's way is the one read: the run's data.image_mode=l came out as RGB, without a word). Only the
+    settings the run changed from the defaults are its own request."""
+    from data_pipeline.config import DECODE_FLAGS
+
+    recorded, default = DecodeSpec(**manifest.decode), DecodeSpec()
+    differ = [
+        name
+        for name in ("image_key", "label_key", "image_mode", "image_size")
+        if getattr(spec, name) != getattr(default, name) and getattr(spec, name) != getattr(recorded, name)
+    ]
+    if differ:
+        asked = ", ".join(f"data.{n}={getattr(spec, n)!r}" for n in differ)
+        indexed = ", ".join(f"{n}={getattr(recorded, n)!r}" for n in differ)
+        flags = " ".join(f"{DECODE_FLAGS['data.' + n]} {shlex.quote(str(getattr(spec, n)))}" for n in differ)
+        raise DataError(
+            f"{asked}, but the manifest at {url} decodes its shards with {indexed}, as they were indexed: index them "
+            f"again with those settings (python -m data_pipeline.convert index ... {flags}), or drop the override"
+        )
 
 
 # What a worker hands over is a chunk of several consecutive batches: one message per batch cost

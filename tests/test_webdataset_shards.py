@@ -172,6 +172,23 @@ def test_the_sample_bound_a_converter_names_is_one_of_its_flags(tmp_path, capsys
     assert read_manifest(str(tmp_path / "large")).num_samples == N
 
 
+def test_a_run_that_decodes_indexed_shards_otherwise_than_their_manifest_is_refused(tmp_path):
+    # data.image_mode=l on an index made in RGB trained on 3-channel images, without a word.
+    write_shards(tmp_path / "wds")
+    assert convert.main(["index", "--shards", _pattern(tmp_path / "wds"), "--out", str(tmp_path / "idx")]) == 0
+    assert open_data(str(tmp_path / "idx"), DecodeSpec()).sample_shape == [3, 8, 8]  # the run asks nothing else
+    with pytest.raises(DataError) as refused:
+        open_data(str(tmp_path / "idx"), DecodeSpec(image_mode="l", image_size=4))
+    assert str(refused.value) == (
+        f"data.image_mode='l', data.image_size=4, but the manifest at {tmp_path / 'idx'} decodes its shards with "
+        "image_mode='rgb', image_size=0, as they were indexed: index them again with those settings (python -m "
+        "data_pipeline.convert index ... --image-mode l --image-size 4), or drop the override"
+    )
+    argv = ["index", "--shards", _pattern(tmp_path / "wds"), "--image-mode", "l", "--image-size", "4"]
+    assert convert.main([*argv, "--out", str(tmp_path / "idx_l")]) == 0
+    assert open_data(str(tmp_path / "idx_l"), DecodeSpec(image_mode="l", image_size=4)).sample_shape == [1, 4, 4]
+
+
 def test_converter_writes_the_same_samples_into_the_fast_layout(tmp_path):
     images = write_shards(tmp_path / "shards", "png")
     out = tmp_path / "fast"
