@@ -324,6 +324,12 @@ def convert_arrays(
 ) -> Manifest:  # fmt: skip
     sums = Checksums()
     x, y = read_arrays(x_url, x_key, y_key, labels_url, sums)
+    if x.dtype == np.uint8 and x.size and int(x.max()) <= 1:  # binarised digits: 0/1, read back as -1/-0.992
+        print(
+            f"warning: {x_url} holds uint8 values 0 and 1 only: uint8 samples are images to the trainer, read back "
+            "in [-1, 1] as v / 127.5 - 1 (1 is -0.992); save them as float32 to train on them as they are",
+            file=sys.stderr,
+        )
     pre = {
         "stored_dtype": str(x.dtype),
         "note": "uint8 is read back in [-1, 1]; other dtypes as float32",

@@ -199,6 +199,15 @@ def test_image_folder_and_arrays(tmp_path):
     assert m.dtype == "float32" and m.num_samples == 10 and m.class_counts["9"] == 1
 
 
+@pytest.mark.parametrize("values, warned", [(np.array([0, 1], np.uint8), True), (np.array([0, 255], np.uint8), False),
+                                            (np.array([0.0, 1.0], np.float32), False)])  # fmt: skip
+def test_binary_uint8_arrays_are_warned_of_the_image_scaling(tmp_path, capsys, values, warned):
+    # Binarised digits (uint8 0/1) became -1 and -0.992 for the model, without a word.
+    np.save(tmp_path / "x.npy", np.resize(values, (8, 4)))
+    assert convert.main(["arrays", "--x", str(tmp_path / "x.npy"), "--out", str(tmp_path / "o")]) == 0
+    assert ("holds uint8 values 0 and 1 only" in capsys.readouterr().err) == warned
+
+
 @pytest.mark.parametrize("source", ["images", "arrays"])
 def test_sorted_classes_are_shuffled_into_every_shard_each_sample_with_its_label(tmp_path, source):
     # A folder is read class by class: each shard held one class, and batches held a few classes (one
