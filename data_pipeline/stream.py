@@ -34,6 +34,8 @@ from __future__ import annotations
 import logging
 import random
 import shlex
+import urllib.parse
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 
@@ -100,7 +102,16 @@ def split_urls(urls: str | list[str]) -> list[str]:
             raise DataError(
                 f"{urls!r} has unbalanced braces: a shard pattern looks like data/x-{{000000..000015}}.tar"
             ) from None
-    return list(urls)
+    return [local_file_path(u) for u in urls]
+
+
+def local_file_path(url: str) -> str:
+    """A ``file:`` URL as the path it names (percent-decoded, as pathlib's as_uri() encodes a space), so
+    that every reader opens one file: webdataset's decoded it, the size check and the fast reader
+    took ``%20`` literally. Other URLs unchanged."""
+    if not url.startswith("file:"):
+        return url
+    return urllib.request.url2pathname(urllib.parse.urlparse(url).path)
 
 
 def manifest_from_urls(

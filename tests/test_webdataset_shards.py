@@ -189,6 +189,17 @@ def test_a_run_that_decodes_indexed_shards_otherwise_than_their_manifest_is_refu
     assert open_data(str(tmp_path / "idx_l"), DecodeSpec(image_mode="l", image_size=4)).sample_shape == [1, 4, 4]
 
 
+def test_a_percent_encoded_file_url_names_the_same_shards_to_every_reader(tmp_path):
+    # pathlib's as_uri() writes a space as %20: the index succeeded (webdataset decoded it), then the run
+    # found its 6 shards "missing", and given as data.url they had "disappeared since start-up".
+    write_shards(tmp_path / "with space")
+    pattern = (tmp_path / "with space").as_uri() + "/part-{000000..000005}.tar"
+    assert "%20" in pattern
+    assert convert.main(["index", "--shards", pattern, "--out", str(tmp_path / "idx")]) == 0
+    for url in (str(tmp_path / "idx"), pattern):
+        assert len({k for b in _epoch(open_data(url, DecodeSpec())) for k in b["key"]}) == N
+
+
 def test_converter_writes_the_same_samples_into_the_fast_layout(tmp_path):
     images = write_shards(tmp_path / "shards", "png")
     out = tmp_path / "fast"
