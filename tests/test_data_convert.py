@@ -509,3 +509,20 @@ def test_an_empty_kdd_file_or_field_is_named(tmp_path, spoil, says):
     path.write_bytes(gzip.compress(spoil(fake_kdd(200)).encode()))
     with pytest.raises(DataError, match=re.escape(says)):
         convert.convert_kdd(str(tmp_path / "o"), str(path), seed=1, num_shards=2)
+
+
+def test_a_held_out_digit_other_than_the_datas_is_refused_before_training(tmp_path):
+    # eval.mnist_anomaly.digit=4 on data written without 1s trained on 4s and scored them as the anomaly.
+    from trainer.config import ConfigError, load_config
+    from trainer.evaluation import check_samples
+
+    x, y = digits(500)
+    images, labels = write_idx(tmp_path / "i", x, False), write_idx(tmp_path / "l", y, False)
+    convert.convert_mnist_anomaly(str(tmp_path / "a1"), 1, images, labels, num_shards=2)
+    data = [f"data.url={tmp_path / 'a1' / 'train'}", f"eval.mnist_anomaly.test_data={tmp_path / 'a1' / 'test'}"]
+    check_samples(load_config("mnist_anomaly_mlp", [*data, "eval.mnist_anomaly.digit=1"]), [1, 28, 28])
+    with pytest.raises(ConfigError) as refused:
+        check_samples(load_config("mnist_anomaly_mlp", [*data, "eval.mnist_anomaly.digit=4"]), [1, 28, 28])
+    assert str(refused.value).startswith(
+        f"eval.mnist_anomaly.digit=4, but data.url={tmp_path / 'a1' / 'train'} was written with digit 1 held out"
+    )

@@ -42,6 +42,20 @@ class MNISTAnomalyEvalConfig:
             raise ValueError(f"eval.mnist_anomaly.digit must be 0..9, got {self.digit}")
 
 
+def _anomaly_digit(url: str) -> int | None:
+    """The digit a `convert mnist-anomaly` data set at ``url`` was written without (its manifest says);
+    None for other data, shards without a manifest, or one that cannot be read (its reader names that)."""
+    from data_pipeline.shards import DataError, looks_like_shards, read_manifest
+
+    if not url or looks_like_shards(url):
+        return None
+    try:
+        digit = read_manifest(url, check_shards=False).preprocessing.get("anomaly_digit")
+    except (DataError, OSError, ValueError):
+        return None
+    return digit if isinstance(digit, int) and not isinstance(digit, bool) else None
+
+
 def _test_split(url: str) -> dict:
     from data_pipeline.shards import read_manifest
     from data_pipeline.stream import read_split
@@ -144,6 +158,25 @@ class MNISTAnomalyEvaluator(_AnomalyEvaluator):
     def check(cls, cfg) -> None:
         if cfg.eval.mnist_anomaly.digit == -1:
             raise ConfigError("eval.kind=mnist_anomaly needs eval.mnist_anomaly.digit (the held-out digit, 0..9)")
+
+    @classmethod
+    def check_samples(cls, cfg, sample_shape: list[int]) -> None:
+        """As the other anomaly evaluations, and the digit is the one the data was written without: another
+        one trained on data holding it and scored it as the anomaly, a wrong AUPRC without a word."""
+        super().check_samples(cfg, sample_shape)
+        digit = cfg.eval.mnist_anomaly.digit
+        for key, url in (
+            ("data.url", cfg.data.url),
+            ("eval.mnist_anomaly.test_data", cfg.eval.mnist_anomaly.test_data),
+        ):
+            held = _anomaly_digit(url)
+            if held is not None and held != digit:
+                raise ConfigError(
+                    f"eval.mnist_anomaly.digit={digit}, but {key}={url} was written with digit {held} held out (its "
+                    f"manifest's anomaly_digit): give data.url and eval.mnist_anomaly.test_data written for digit "
+                    f"{digit} (python -m data_pipeline.convert mnist-anomaly ... --digit {digit}), or set the digit "
+                    f"to {held}"
+                )
 
     def is_anomaly(self, labels):
         return labels == self.section.digit
