@@ -368,7 +368,6 @@ def convert_webdataset(
     from data_pipeline.stream import manifest_from_urls, split_urls
 
     manifest = manifest_from_urls(split_urls(shards), name or "shards", split, spec, max_sample_bytes)
-    manifest.max_sample_bytes = max_sample_bytes
     parts = [load_shard(url, info, manifest) for url, info in zip(manifest.shard_urls(), manifest.shards)]
     x = np.concatenate([p.x for p in parts])
     labels = np.concatenate([p.labels for p in parts])

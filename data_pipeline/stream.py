@@ -31,6 +31,7 @@ DataError: the manifest does not describe the data.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import shlex
@@ -45,7 +46,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from data_pipeline.cli import ConfigError
-from data_pipeline.config import DEFAULT_MAX_SAMPLE_BYTES, WORKER_TYPES, StreamPosition
+from data_pipeline.config import DECODE_FLAGS, DEFAULT_MAX_SAMPLE_BYTES, WORKER_TYPES, StreamPosition
 from data_pipeline.decode import DecodeSpec, is_meg_layout
 from data_pipeline.reader_pool import ChunkReaders, Pin, passing_on_user_errors, pinned, start_readers
 from data_pipeline.shard_io import (
@@ -189,13 +190,11 @@ def check_decode_settings(manifest: Manifest, spec: DecodeSpec, url: str) -> Non
     """Raises DataError where a run asks to decode indexed shards otherwise than their manifest does (the
     manifest's way is the one read: the run's data.image_mode=l came out as RGB, without a word). Only the
     settings the run changed from the defaults are its own request."""
-    from data_pipeline.config import DECODE_FLAGS
-
     recorded, default = DecodeSpec(**manifest.decode), DecodeSpec()
     differ = [
-        name
-        for name in ("image_key", "label_key", "image_mode", "image_size")
-        if getattr(spec, name) != getattr(default, name) and getattr(spec, name) != getattr(recorded, name)
+        f.name
+        for f in dataclasses.fields(DecodeSpec)
+        if getattr(spec, f.name) != getattr(default, f.name) and getattr(spec, f.name) != getattr(recorded, f.name)
     ]
     if differ:
         asked = ", ".join(f"data.{n}={getattr(spec, n)!r}" for n in differ)
