@@ -18,7 +18,8 @@
 #   bench bf16/fp32  bench/bench_penalty.py: fused + captured vs eager per network, the penalty's overhead
 #   stackedmnist     data + digit classifier, a bf16 run of the paper's conv nets (width 64), its modes and KL
 #   compile          bench/bench_penalty.py --compile: torch.compile against capture
-# Tests must all pass with none skipped or deselected; a failed phase does not stop the others.
+# Tests must all pass with none skipped or deselected; a failed phase does not stop the others; a test
+# phase stopped at its deadline names in the summary the tests that had not finished (a hang's suspects).
 # Expects torch, triton and accelerate installed (the GPU machine has torch 2.11); no network.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,7 +38,7 @@ while [[ $# -gt 0 ]]; do
         --dry-run) mode=dry ;;
         --budget) budget=${2:-}; shift ;;
         --budget=*) budget=${1#*=} ;;
-        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
         *) echo "gpu_check.sh: unknown option $1 (use --fetch, --dry-run, --budget SECONDS)" >&2; exit 2 ;;
     esac
     shift
@@ -205,15 +206,37 @@ phase() {  # phase KEY LOGFILE COMMAND...: runs it until the phase's deadline, r
     fi
 }
 
+unfinished_tests() {  # unfinished_tests TESTFILE < LOG: the file's tests with no outcome in LOG (a hang's suspects)
+    local collected
+    collected=$(timeout 120 "$PYTHON" -m pytest --collect-only -q -m "" -p no:cacheprovider "$1" 2>/dev/null \
+        | grep '::')
+    "$PYTHON" -c '
+import re, sys
+log = sys.stdin.read()
+ended = set(re.findall(r"(\S+::\S+)(?= (?:PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b)", log))
+ended |= set(re.findall(r"(?:PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (\S+::\S+)", log))
+if not sys.argv[1].split():
+    print(f"  {sys.argv[2]}: which tests did not finish is unknown (pytest --collect-only failed)")
+    sys.exit()
+left = [t.split("::", 1)[1] for t in sys.argv[1].split() if t not in ended]
+shown = ", ".join(left[:12]) + (f" and {len(left) - 12} more" if len(left) > 12 else "")
+print(f"  {sys.argv[2]}: {len(left)} tests did not finish: {shown}" if left else f"  {sys.argv[2]}: every test ended")
+' "$collected" "$1"
+}
+
 pytest_phase() {  # pytest_phase KEY TESTFILE: every test of the file runs and passes, none skipped or deselected
     local key=$1 file=$2 log=$OUT/tests.log before line
     before=$(cat "$log" 2>/dev/null | wc -l)
-    # -m "": pyproject's default filter would deselect the gpu tests; -rfEs lists failures and skips.
+    # -m "": pyproject's default filter would deselect the gpu tests; -rfEs lists failures and skips;
+    # -v logs each test's outcome as it ends, so a phase stopped at its deadline can name what was left.
     # Deterministic cuBLAS: the tests that compare captured with eager steps warm up on a side stream.
-    CUBLAS_WORKSPACE_CONFIG=:4096:8 phase "$key" "$log" "$PYTHON" -m pytest -m "" -q -rfEs -p no:cacheprovider "${xdist[@]}" "$file"
+    CUBLAS_WORKSPACE_CONFIG=:4096:8 phase "$key" "$log" "$PYTHON" -m pytest -m "" -v -rfEs -p no:cacheprovider "${xdist[@]}" "$file"
     line=$(tail -n "+$(( before + 1 ))" "$log" | grep -E '^=*\s*[0-9]+ (passed|failed|error)' | tail -n 1 \
         | sed -E 's/^=+ //; s/ =+$//')
     echo "  $file: ${line:-no pytest summary line}" >>"$summary"
+    if [[ $PHASE_RC -eq 124 || $PHASE_RC -eq 137 ]]; then
+        tail -n "+$(( before + 1 ))" "$log" | unfinished_tests "$file" >>"$summary"
+    fi
     if [[ $PHASE_RC -eq 0 && ( -z $line || $line =~ (skipped|deselected|failed|error|xfail) ) ]]; then
         report "$key" "FAILED" "every test must run and pass"
         failed=1

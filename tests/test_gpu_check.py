@@ -55,6 +55,26 @@ def test_gpu_check_dry_run_runs_every_test_and_phase(tmp_path):
     assert len(list((tmp_path / "out").iterdir())) <= 8
 
 
+@pytest.mark.slow
+def test_a_tests_phase_stopped_at_its_deadline_names_the_tests_that_did_not_finish(tmp_path):
+    """On the GPU machine one attempt is all there is: a hang must name its suspects in the summary."""
+    env = {**subprocess_env(), "OUT": str(tmp_path / "out"), "PYTHON": sys.executable}
+    result = subprocess.run(
+        ["bash", "bench/gpu_check.sh", "--dry-run", "--budget", "60"], cwd=REPO_ROOT, env=env,
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert result.returncode == 1 and "- gpu tests: FAILED (stopped at its deadline" in summary, summary
+    left = re.search(r"^  tests/test_gpu.py: (\d+) tests did not finish: (.*)$", summary, re.M)
+    assert left, summary
+    log = (tmp_path / "out" / "tests.log").read_text().split("## fused-op tests")[0]
+    ended = set(re.findall(r"PASSED tests/test_gpu.py::(\S+)", log))
+    named = [name for name in left.group(2).split(", ") if " more" not in name]
+    dry_env = {**subprocess_env(), "MEG_GPU_DRY_RUN": "1"}
+    assert int(left.group(1)) == _collected("tests/test_gpu.py", dry_env) - len(ended) > 0
+    assert named and not ended & set(named)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [(["--budget", "10"], "at least 60"), (["--budget", "soon"], "whole seconds"), (["--fast"], "unknown option")],
