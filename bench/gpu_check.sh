@@ -38,7 +38,7 @@ while [[ $# -gt 0 ]]; do
         --dry-run) mode=dry ;;
         --budget) budget=${2:-}; shift ;;
         --budget=*) budget=${1#*=} ;;
-        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^# Expects/p' "$0"; exit 0 ;;
         *) echo "gpu_check.sh: unknown option $1 (use --fetch, --dry-run, --budget SECONDS)" >&2; exit 2 ;;
     esac
     shift
