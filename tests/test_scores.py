@@ -23,6 +23,15 @@ def test_percentile_threshold_precision_recall_f1():
     assert m["precision"] == pytest.approx(0.5) and m["recall"] == pytest.approx(0.5) and m["f1"] == pytest.approx(0.5)
 
 
+def test_scores_tied_at_the_percentile_are_flagged_as_in_the_published_protocol():
+    # KDD's duplicated records tie: Zenati et al.'s `scores >= per` flags the whole tied group at the threshold.
+    scores = np.array([1.0] * 7 + [2.0] * 2 + [3.0])  # 80th percentile: 2.0, held by two records
+    truth = np.array([0] * 7 + [1, 0, 1])
+    m = precision_recall_f1_at_percentile(scores, truth, 80)
+    assert m["threshold"] == 2.0
+    assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(1.0)
+
+
 def test_auprc_perfect_random_and_hand_computed():
     truth = np.array([1, 0, 1, 0, 0])
     assert auprc(np.array([5, 1, 4, 2, 3.0]), truth) == pytest.approx(1.0)
