@@ -109,3 +109,33 @@ def test_sample_spread_is_zero_for_a_collapsed_generator():
     _, diverse_metrics = generator_loss(energy, statistics, diverse, z)
     assert collapsed_metrics["sample_spread"].item() == 0.0
     assert abs(diverse_metrics["sample_spread"].item() - 0.5) < 0.05
+
+
+def test_fused_penalty_unscales_the_fp16_loss_scale_as_the_eager_one_does():
+    # Under fp16 the inner gradient is taken of scale * E; both penalties divide the scale back out, so
+    # the penalty and its gradient into E's parameters are those of the unscaled run.
+    torch.manual_seed(0)
+    energy = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 1)).double()
+    fn = lambda v: energy(v).squeeze(1)  # noqa: E731
+    x = torch.randn(8, 3, dtype=torch.float64)
+    weights = list(energy.parameters())[:-1]  # the output bias takes no part in grad_x E
+    _, reference = gradient_penalty(fn, x)
+    expected = torch.autograd.grad(reference, weights)
+    for fused in (False, True):
+        _, penalty = gradient_penalty(fn, x, scale=1024.0, fused=fused)
+        torch.testing.assert_close(penalty, reference, rtol=1e-12, atol=0)
+        for got, want in zip(torch.autograd.grad(penalty, weights), expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_generator_loss_weighs_the_mi_bound_by_the_entropy_weight():
+    torch.manual_seed(0)
+    t = nn.Linear(4, 1)
+    statistics = lambda x, z: t(torch.cat([x, z], 1)).squeeze(1)  # noqa: E731
+    energy = lambda x: x.pow(2).sum(1)  # noqa: E731
+    x, z, perm = torch.randn(16, 2), torch.randn(16, 2), torch.randperm(16)
+    mi = jsd_mutual_information(statistics, x, z, perm)
+    for weight in (1.0, 0.03):
+        loss, m = generator_loss(energy, statistics, x, z, entropy_weight=weight, perm=perm)
+        torch.testing.assert_close(m["mi_estimate"], mi.detach())
+        torch.testing.assert_close(loss, energy(x).mean() - weight * mi)
