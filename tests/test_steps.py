@@ -1,5 +1,6 @@
 """The training step object (trainer/steps.py) as benches and tests build it: no stream, no logger."""
 
+import copy
 import os
 import threading
 import time
@@ -8,11 +9,13 @@ import pytest
 import torch
 
 from models.factory import build_networks
+from models.objectives import energy_loss, generator_loss
 from models.ops import EAGER, FUSED, TORCH_KERNELS, use_kernels
 from trainer import steps as steps_module
 from trainer.capture import capture_blocker
 from trainer.checkpoint import Checkpoints
 from trainer.config import ConfigError, GuardConfig, config_to_yaml, load_config
+from trainer.ema import GeneratorEMA
 from trainer.guard import DivergenceGuard
 from trainer.meg_trainer import MEGTrainer
 from trainer.metrics import MetricsLogger, MetricWindow
@@ -99,6 +102,56 @@ def test_lazy_penalty_runs_every_kth_energy_step_with_k_times_the_weight():
                 assert m["penalty"] == 0
                 torch.testing.assert_close(m["energy_loss"], gap)
     assert seen == [1, 0, 0, 0, 1, 0, 0, 0]
+
+
+def test_an_iteration_runs_the_lazy_penalty_on_every_kth_energy_step_of_the_run():
+    # Energy steps are counted across iterations: with 2 per iteration and the penalty every 4th,
+    # iterations 0 and 2 compute it on their first step, iterations 1 and 3 not at all.
+    steps = _steps("train.penalty_every=4", "train.energy_steps=2")
+    x = torch.randn(32, 2)
+    counts = [int(steps.iteration(step, lambda: x)["penalty_steps"]) for step in range(4)]
+    assert counts == [1, 0, 1, 0]
+
+
+def test_an_iterations_penalty_is_the_mean_over_the_energy_steps_that_computed_it():
+    x = torch.randn(32, 2)
+    lazy = ("train.penalty_every=2", "train.energy_steps=2")
+    a, b = _steps(*lazy), _steps(*lazy)
+    torch.manual_seed(1)
+    averaged = a.iteration(0, lambda: x)
+    torch.manual_seed(1)
+    energy = [b.energy_step(x, b.sample_z(), penalty) for penalty in (True, False)]
+    assert averaged["penalty_steps"] == 1 and energy[0]["penalty"] > 0
+    torch.testing.assert_close(averaged["penalty"], energy[0]["penalty"])  # not halved by the step without it
+    torch.testing.assert_close(averaged["energy_loss"], (energy[0]["energy_loss"] + energy[1]["energy_loss"]) / 2)
+
+
+def test_each_update_applies_its_own_steps_gradient_only():
+    # A step's gradients are this step's loss's, not summed with the previous step's (each update
+    # zeroes them first): checked against autograd on copies of the networks taken before the step.
+    steps = _steps()
+    x = torch.randn(32, 2)
+    weight = steps.train_cfg.penalty_weight * steps.train_cfg.penalty_every
+    for _ in range(2):
+        z = steps.sample_z()
+        energy = copy.deepcopy(steps.energy)
+        with torch.no_grad():
+            x_fake = steps.generator(z)
+        loss, _ = energy_loss(energy, x, x_fake, weight)
+        expected = torch.autograd.grad(loss, list(energy.parameters()))
+        steps.energy_step(x, z)
+        for p, g in zip(steps.energy.parameters(), expected, strict=True):
+            torch.testing.assert_close(p.grad, g)
+    for _ in range(2):
+        z, perm = steps.sample_z(), steps.sample_perm()
+        generator, statistics = copy.deepcopy(steps.generator), copy.deepcopy(steps.statistics)
+        energy = copy.deepcopy(steps.energy).requires_grad_(False)
+        loss, _ = generator_loss(energy, statistics, generator(z), z, steps.train_cfg.entropy_weight, perm)
+        trained = [*generator.parameters(), *statistics.parameters()]
+        expected = torch.autograd.grad(loss, trained)
+        steps.generator_step(z, perm)
+        for p, g in zip([*steps.generator.parameters(), *steps.statistics.parameters()], expected, strict=True):
+            torch.testing.assert_close(p.grad, g)
 
 
 def test_metric_window_averages_the_penalty_over_the_steps_that_computed_it():
@@ -335,6 +388,19 @@ def test_generator_ema_follows_the_generator_by_its_decay_and_leaves_training_al
     warning = fresh.load_extra_weights({"generator": on.generator.state_dict()})
     assert "no generator EMA" in warning
     assert all(torch.equal(fresh.ema.state_dict()[k], v) for k, v in on.generator.state_dict().items())
+
+
+def test_generator_ema_keeps_decay_of_the_average_and_takes_one_minus_decay_of_the_new_weights():
+    # With decay 0.9 an update moves the average a tenth of the way to G (decay 0.5 cannot tell the two apart).
+    generator = torch.nn.Linear(3, 2)
+    ema = GeneratorEMA(generator, 0.9)
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    with torch.no_grad():
+        for p in generator.parameters():
+            p.add_(1.0)
+    ema.update(generator)
+    for key, value in generator.state_dict().items():
+        torch.testing.assert_close(ema.state_dict()[key], 0.9 * before[key] + 0.1 * value)
 
 
 def test_generator_ema_decay_is_a_config_field_with_a_range():
