@@ -19,6 +19,7 @@ import errno
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import socket
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -279,6 +281,27 @@ def _save(checkpoints, runtime, step):
 
 def _snapshot(folder) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_load_restores_the_random_generators_and_the_trainer_state_as_saved(tmp_path, config_yaml):
+    # An exact resume draws the same numbers the straight run drew after the save (z, permutations,
+    # MALA's noise, shuffles), and keeps the rollback-lowered learning rate, the schedule's length and
+    # DV's moving average.
+    runtime = FakeRuntime()
+    saved = TrainState(step=10, lr_scale=0.25, lr_horizon=500)
+    saved.entropy_state = {"log_ma": torch.tensor(1.5), "count": torch.tensor(7.0)}
+    written = _checkpoints(tmp_path, config_yaml).save(runtime, saved)
+    after_save = (random.random(), np.random.rand(), torch.rand(3))
+    random.seed(99)  # the process that resumes starts from other generators
+    np.random.seed(99)
+    torch.manual_seed(99)
+    state = TrainState()
+    state.entropy_state = {"log_ma": torch.zeros(()), "count": torch.zeros(())}
+    _checkpoints(tmp_path, config_yaml).load(written, runtime, state)
+    assert (random.random(), np.random.rand()) == after_save[:2]
+    assert torch.equal(torch.rand(3), after_save[2])
+    assert state.step == 10 and state.lr_scale == 0.25 and state.lr_horizon == 500
+    assert {k: float(v) for k, v in state.entropy_state.items()} == {"log_ma": 1.5, "count": 7.0}
 
 
 def test_a_checkpoint_without_files_json_is_used_unverified_and_never_overwritten(tmp_path, config_yaml, caplog):
