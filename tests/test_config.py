@@ -440,3 +440,16 @@ def test_a_presets_misspelt_section_or_other_architectures_key_names_the_file(tm
     with pytest.raises(ConfigError) as caught:
         load_config(str(preset))
     assert str(caught.value).startswith(f"{preset}: {says}")
+
+
+def test_an_override_splits_at_its_first_equals_sign_only():
+    cfg = load_config("toy_25gaussians", ["output_dir=runs/lr=1e-3,beta=0.5"])
+    assert cfg.output_dir == "runs/lr=1e-3,beta=0.5"
+
+
+@pytest.mark.parametrize("override", ["train.steps=true", "data.batch_size=false", "train.energy_steps=yes"])
+def test_a_boolean_is_not_taken_for_an_integer(override):
+    # YAML reads true/false/yes as booleans, and bool is a subclass of int in Python: train.steps=true
+    # would otherwise be a 1-step run.
+    with pytest.raises(ConfigError, match=re.escape(f"{override.split('=')[0]} must be int")):
+        load_config("toy_25gaussians", [override])
