@@ -73,6 +73,21 @@ def test_ranks_get_equal_batch_counts_with_uneven_shards(tmp_path):
     assert per_rank[0] == per_rank[1] == ShardStream(m, 0, 2, 16, 1).batches_per_epoch(0)
 
 
+def test_each_epoch_deals_the_shards_to_the_ranks_anew(tmp_path):
+    # The shard list is shuffled with (seed, epoch): a rank does not see the same samples every epoch
+    # (with a small shuffle buffer its batches would otherwise mix the same few shards each time).
+    make_images(str(tmp_path))
+    m = read_manifest(str(tmp_path))
+
+    def rank_zero_keys(epoch):
+        stream = ShardStream(m, 0, 2, 16, 1, shuffle_buffer=64, seed=0)
+        return frozenset(k for b in stream.epoch_batches(StreamPosition(epoch=epoch)) for k in b["key"].tolist())
+
+    seen = [rank_zero_keys(epoch) for epoch in range(4)]
+    assert all(len(keys) == 256 for keys in seen)
+    assert len(set(seen)) > 1
+
+
 @pytest.mark.parametrize(("chunk", "kind"), [(None, "thread"), (3, "thread"), (3, "process")])
 @pytest.mark.parametrize("done", [0, 1, 5, 6, 7, 13])
 def test_resume_neither_repeats_nor_skips(tmp_path, done, chunk, kind):
