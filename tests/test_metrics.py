@@ -109,6 +109,22 @@ def test_counters_count_from_the_resumed_step_so_a_restart_shows_no_spike(tmp_pa
         exp.close()
 
 
+def test_the_steps_redone_after_a_rollback_count_again(tmp_path):
+    # meg_steps_total is the work done: 100 steps, a rollback to step 50, 50 steps again to 100 make 150
+    # (rate() would otherwise show the run idle while it redoes them).
+    exp = exporter(tmp_path)
+    try:
+        exp.resumed_at(0)
+        exp.log(100, WINDOW)
+        exp.log(50, {"event": "rollback", "nonfinite": False, "to_step": 50})
+        exp.log(100, WINDOW)
+        got = samples(exp)
+        assert got['meg_steps_total{run="r1"}'] == 150 and got['meg_samples_total{run="r1"}'] == 150 * 64
+        assert got['meg_step{run="r1"}'] == 100
+    finally:
+        exp.close()
+
+
 def test_an_evaluation_holds_the_stall_alert_and_restarts_its_clock_when_it_ends(tmp_path):
     # MEGTrainingStalled paged during every evaluation longer than 15 minutes (FID of 50k samples).
     main, other = exporter(tmp_path, rank=0), exporter(tmp_path, rank=1)
