@@ -223,3 +223,12 @@ def test_smile_reports_the_clipped_dv_and_trains_with_the_js_gradient():
         torch.autograd.grad(objective, list(t.parameters())), torch.autograd.grad(js, list(t.parameters()))
     ):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("critic", [-3.0, 3.0])
+def test_smile_clips_the_density_ratio_on_both_sides(critic):
+    # A critic constant at c, |c| > tau: E_P[T] - log E_Q[clip(e^T, e^-tau, e^tau)] = c - sign(c) tau.
+    x, z = _pairs(16)
+    statistics = lambda x, z: torch.full((len(x),), critic)  # noqa: E731
+    _, estimate = smile_bound(statistics, x, z, torch.randperm(16), clip=1.0)
+    assert estimate.item() == pytest.approx(critic - math.copysign(1.0, critic), abs=1e-6)
