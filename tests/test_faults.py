@@ -872,6 +872,18 @@ def test_a_config_that_does_not_parse_is_a_damaged_checkpoint(tmp_path, config_y
     assert "config.yaml is unreadable" in damage(written)
 
 
+@pytest.mark.parametrize("text", ["", "# nothing but a comment\n", "- model\n", "just words\n"])
+def test_a_config_that_is_not_a_mapping_is_a_damaged_checkpoint(tmp_path, config_yaml, text):
+    # An empty config.yaml (or a list) in a checkpoint whose files.json agrees with it (an older
+    # version's, a copy) was an AttributeError traceback from the resume and the sample/evaluate tools.
+    written = _save(_checkpoints(tmp_path, config_yaml), FakeRuntime(), 10)
+    with open(os.path.join(written, "config.yaml"), "w") as f:
+        f.write(text)
+    os.remove(os.path.join(written, "files.json"))
+    write_file_list(written)
+    assert "config.yaml is unreadable: config.yaml must hold a mapping of config sections" in damage(written)
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:

@@ -53,7 +53,7 @@ from safetensors.torch import save_file
 
 from data_pipeline.cli import CheckpointError, short_message
 from data_pipeline.config import StreamPosition
-from trainer.config import RunConfig, _build, config_from_yaml, parse_yaml
+from trainer.config import RunConfig, config_from_yaml
 from trainer.nofollow import make_dir, write_replacing
 
 log = logging.getLogger(__name__)
@@ -410,7 +410,7 @@ def content_damage(folder: str) -> str | None:
         return f"{STATE_FILE} is unreadable: {short_message(e)}"
     try:
         with open(os.path.join(folder, CONFIG_FILE)) as f:
-            _build(RunConfig, parse_yaml(f.read()))
+            config_from_yaml(f.read(), CONFIG_FILE)  # a mapping: an empty file or a list was a traceback
     except FileNotFoundError:
         return f"{CONFIG_FILE} is missing"
     except (OSError, ValueError, TypeError, RecursionError, yaml.YAMLError) as e:
