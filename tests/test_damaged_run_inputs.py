@@ -127,3 +127,28 @@ def test_an_output_dir_that_is_the_data_folder_is_refused_before_any_work(tmp_pa
         assert _listing(data) == before
     else:
         assert not data.exists()
+
+
+@pytest.mark.parametrize("tool", ["trainer.sample", "trainer.evaluate"])
+def test_an_unverified_checkpoint_whose_config_names_another_arch_is_one_error_line(tmp_path, capsys, tool):
+    # An edited config.yaml in a checkpoint without files.json: model.arch=conv for 2-D points was
+    # models.factory's ValueError traceback; other hidden sizes were a dozen lines of load_state_dict's.
+    import importlib
+
+    run_trainer([*tiny_overrides(tmp_path, steps=2), "checkpoint.every=2"])
+    given = tmp_path / "run" / "checkpoints" / "step_00000002"
+    (given / "files.json").unlink()
+    config = (given / "config.yaml").read_text()
+    main = importlib.import_module(tool).main
+    small = ["--num", "10", "--mala-steps", "0"] if tool == "trainer.sample" else ["eval.num_samples=10"]
+    for edited, says in (
+        (config.replace("arch: mlp", "arch: conv", 1), "the conv arch takes square (C, H, W) images"),
+        (config.replace("  - 32\n", "  - 16\n", 1), "size mismatch for"),
+    ):
+        assert edited != config
+        (given / "config.yaml").write_text(edited)
+        assert main(["--run", str(tmp_path / "run"), "--checkpoint", str(given), *small]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and says in err
+        error = [line for line in err.splitlines() if not line.startswith("warning:")]
+        assert len(error) == 1 and error[0].startswith(f"error: {given}: its config.yaml does not describe")

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import torch
 
+from data_pipeline.cli import short_message
 from models.factory import MEGNetworks, build_networks
 from trainer.checkpoint import (
     EMA_NETWORK,
@@ -233,13 +234,22 @@ def load_networks(run_dir: str, checkpoint: str | None = None) -> tuple[RunConfi
     if EMA_NETWORK in weights:
         weights["generator"] = weights[EMA_NETWORK]
     cfg = config_from_yaml(config_yaml, os.path.join(checkpoint, "config.yaml"))
-    nets = build_networks(cfg.model, tuple(info["sample_shape"]), vera=vera_settings(cfg))
+    # A config.yaml that does not describe these weights (edited, in a checkpoint without files.json):
+    # one line, where it was models.factory's traceback (another arch) or load_state_dict's dozen lines.
+    fix = "restore the checkpoint's config.yaml, or give another --checkpoint"
+    try:
+        nets = build_networks(cfg.model, tuple(info["sample_shape"]), vera=vera_settings(cfg))
+    except ValueError as e:
+        raise CheckpointError(f"{checkpoint}: its config.yaml does not describe its weights: {e}; {fix}") from None
     for name in ("energy", "generator", "statistics"):
         module = getattr(nets, name)
         try:
             module.load_state_dict(weights[name])
-        except RuntimeError as e:  # a config.yaml that does not describe these weights
-            raise CheckpointError(f"{checkpoint}: its weights do not fit its config.yaml ({name}): {e}") from None
+        except RuntimeError as e:
+            raise CheckpointError(
+                f"{checkpoint}: its config.yaml does not describe its weights ({name}): "
+                f"{short_message(' '.join(str(e).split()), 240)}; {fix}"
+            ) from None
         module.eval()
     return cfg, nets, checkpoint, info
 
