@@ -398,3 +398,19 @@ def test_a_full_disk_while_writing_a_file_names_the_file(tmp_path, monkeypatch):
     assert code == EXIT_USER_ERROR
     assert err == f"error: No space left on device: {target} (free some space and run again)\n"
     assert target.read_text() == "the earlier result" and os.listdir(tmp_path) == ["eval.json"]
+
+
+@pytest.mark.parametrize("garbage", [b"hi\n", b"e", b"\x80\x02K\x01K\x02s."])
+def test_a_torch_file_that_is_garbage_is_a_checkpoint_error_naming_it(tmp_path, garbage):
+    # A text file or a few stray bytes given as eval.stackedmnist.classifier (or a damaged rng or
+    # engine file of a checkpoint without files.json): torch's weights-only unpickler raised KeyError
+    # or IndexError, and the evaluation (or the resume) ended in a traceback.
+    from trainer.checkpoint import load_tensors
+    from trainer.classifier import load_classifier
+
+    path = tmp_path / "classifier.pt"
+    path.write_bytes(garbage)
+    with pytest.raises(CheckpointError, match=f"{path} is not a readable torch file"):
+        load_tensors(str(path))
+    with pytest.raises(CheckpointError, match=f"{path} is not a readable torch file.*python -m trainer.classifier"):
+        load_classifier(str(path))

@@ -42,6 +42,7 @@ import pickle
 import random
 import re
 import shutil
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -297,6 +298,9 @@ def load_tensors(path: str, map_location=None):
         ) from None
     except (RuntimeError, EOFError, ValueError) as e:
         raise CheckpointError(f"{path} is not a readable torch file: {short_message(e)}") from None
+    except (KeyError, IndexError, AssertionError, TypeError, AttributeError, OverflowError, struct.error) as e:
+        # What the weights-only unpickler raises on stray bytes (a text file, a damaged legacy file)
+        raise CheckpointError(f"{path} is not a readable torch file ({type(e).__name__}: {short_message(e)})") from None
 
 
 def parameter_norms(weights: dict[str, dict[str, torch.Tensor]]) -> dict[str, float]:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.cli import (
+    CheckpointError,
     DataError,
     add_debug_flag,
     check_output_file,
@@ -93,14 +94,18 @@ def load_classifier(path: str) -> DigitClassifier:
     naming the file (a file holding objects other than tensors and numbers is not unpickled)."""
     from trainer.checkpoint import load_tensors
 
-    state = load_tensors(path, map_location="cpu")
+    make = "make one with python -m trainer.classifier --data <MNIST data set folder> --out <path>"
+    try:
+        state = load_tensors(path, map_location="cpu")
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; {make}") from None
     model = DigitClassifier()
     try:
         model.load_state_dict(state["weights"])
     except (KeyError, TypeError, IndexError, RuntimeError) as e:
         raise DataError(
-            f"{path} is not a digit classifier checkpoint ({type(e).__name__}: {short_message(e, 120)}); "
-            "make one with python -m trainer.classifier --data <MNIST data set folder> --out <path>"
+            f"{path} is not a digit classifier checkpoint ({type(e).__name__}: "
+            f"{short_message(' '.join(str(e).split()), 120)}); {make}"
         ) from None
     return model.eval()
 
