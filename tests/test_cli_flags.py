@@ -224,6 +224,15 @@ def test_evaluate_refuses_an_override_the_checkpoint_fixes_before_loading(tmp_pa
     _refused(evaluate.main, ["--run", str(tmp_path / "no-run"), "eval.seed=3", override], key, "eval.* and data.*")
 
 
+@pytest.mark.parametrize("argv", [["eval.num_samples", "5"], ["eval"], ["eval.num_samples:5"]])
+def test_evaluate_names_an_override_without_a_value_before_loading(tmp_path, argv):
+    # "eval.num_samples 5" (a space for the "=") was "5: an evaluation takes only eval.* and data.*
+    # overrides", and "eval" alone was told that it was not under eval.
+    last = _refused(evaluate.main, ["--run", str(tmp_path / "no-run"), *argv],
+                    f"override '{argv[0]}' must look like section.key=value")  # fmt: skip
+    assert "eval.* and data.*" not in last
+
+
 @pytest.mark.parametrize("seed", ["-3", "99999999999999999999999"])
 def test_evaluate_checks_its_seed_with_the_configs_range_before_loading(tmp_path, seed):
     # A huge one was a traceback (Overflow when unpacking long long); -3 was taken, where meg-sample refuses it.

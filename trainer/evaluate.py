@@ -18,7 +18,7 @@ import os
 import sys
 
 from data_pipeline.cli import ConfigError, DataError, add_debug_flag, run_tool
-from trainer.config import check_commands, check_field, load_config
+from trainer.config import check_commands, check_field, load_config, shown
 from trainer.evaluation import EvalSettings, build_evaluator, check_requirements, check_samples, format_table
 
 # What an evaluation may change: its own settings, and where the data lives now. The rest (the model,
@@ -28,7 +28,13 @@ EVALUATION_SECTIONS = ("eval.", "data.")
 
 def check_overrides(overrides: list[str]) -> None:
     """Raises ConfigError, before any work, for an override outside EVALUATION_SECTIONS: the
-    evaluation would run without it, and its results would pass for the changed setting's."""
+    evaluation would run without it, and its results would pass for the changed setting's. One
+    without a value ("eval.num_samples 5") is named as such, not as outside those sections."""
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(
+                f"override {shown(override)} must look like section.key=value (e.g. eval.num_samples=1000)"
+            )
     ignored = [o.split("=", 1)[0] for o in overrides if not o.startswith(EVALUATION_SECTIONS)]
     if ignored:
         raise ConfigError(
