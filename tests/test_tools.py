@@ -110,6 +110,24 @@ def test_sample_tool_on_a_finished_run(tmp_path):
     assert drawn.returncode == 0 and svg.read_bytes().startswith(b"<?xml"), drawn.stderr
 
 
+def test_sample_tool_names_a_checkpoint_given_with_a_trailing_slash(tmp_path, monkeypatch, capsys):
+    # --checkpoint .../step_00000010/ (a shell's completion adds the slash) titled the figure
+    # ", MALA steps 0": the checkpoint's name was the empty basename after the slash.
+    from trainer import plots, sample
+
+    run_trainer(tiny_overrides(tmp_path, steps=10))
+    titles = []
+    monkeypatch.setattr(plots, "scatter_2d", lambda path, samples, data, title, lim: titles.append(title))
+    given = str(tmp_path / "run" / "checkpoints" / "step_00000010") + "/"
+    small = ["--run", str(tmp_path / "run"), "--num", "20", "--mala-steps", "0"]
+    assert sample.main([*small, "--checkpoint", given]) == 0
+    assert titles == ["step_00000010, MALA steps 0"]
+    report = json.loads(capsys.readouterr().out.split("\nwrote ")[0])
+    assert report["checkpoint"] == given.rstrip("/")
+    assert sample.main([*small, "--checkpoint", "step_00000010/"]) == 0  # a bare name too: "no such folder"
+    assert titles[1:] == ["step_00000010, MALA steps 0"]
+
+
 def test_sample_tool_on_records_with_no_picture_saves_them_and_claims_no_figure(tmp_path):
     # It printed "wrote <run>/samples.png" for KDD's records and wrote nothing, --out alike.
     from data_pipeline.convert import convert_kdd

@@ -169,6 +169,9 @@ def resolve_checkpoint(run_dir: str, checkpoint: str | None = None) -> str:
             raise CheckpointError(
                 "--checkpoint is empty: name one (step_XXXXXXXX or its path), or leave it out for the newest"
             )
+        # A trailing slash (a shell's completion adds one) named no step: the figure was titled ", MALA steps 0"
+        # and a bare step_XXXXXXXX/ was "no such folder".
+        checkpoint = checkpoint.rstrip(os.sep) or checkpoint
         in_run = os.path.join(run_dir, "checkpoints", checkpoint)
         if os.sep not in checkpoint and not os.path.isdir(checkpoint) and os.path.isdir(in_run):
             checkpoint = in_run
