@@ -251,3 +251,26 @@ def test_fid_names_an_inception_folder_as_a_folder(tmp_path):
         ["--data", str(tmp_path), "--out", str(tmp_path / "s.npz"), "--inception", str(tmp_path)],
         f"--inception {tmp_path} is a folder: give a TorchScript file",
     )
+
+
+# --- a missing test split: the command that writes it, not the run's own data's ------------------------
+
+
+@pytest.mark.parametrize(
+    "kind, source", [("kdd", "convert kdd"), ("mnist_anomaly", "convert mnist-anomaly")]
+)  # fmt: skip
+def test_a_missing_test_split_names_the_converter_of_its_kind(tmp_path, kind, source):
+    # evaluate eval.kind=kdd on a fashion_mnist run said "it is written with the training data by:
+    # python -m data_pipeline.convert fashion-mnist ...", which writes no KDD records.
+    from trainer.config import ConfigError, load_config
+    from trainer.evaluation import check_requirements
+
+    missing = str(tmp_path / "none")
+    cfg = load_config("fashion_mnist", [f"eval.kind={kind}", f"eval.{kind}.test_data={missing}",
+                                        "eval.mnist_anomaly.digit=1"])  # fmt: skip
+    with pytest.raises(ConfigError, match=f"test_data={missing} does not exist") as refusal:
+        check_requirements(cfg)
+    assert source in str(refusal.value) and "fashion-mnist" not in str(refusal.value)
+    own = load_config("kdd99" if kind == "kdd" else "mnist_anomaly", [f"eval.{kind}.test_data={missing}"])
+    with pytest.raises(ConfigError, match="it is written with the training data by: python -m data_pipeline"):
+        check_requirements(own)  # the preset's own data.prepare writes it

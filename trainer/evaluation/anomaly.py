@@ -114,7 +114,7 @@ class KDDEvaluator(_AnomalyEvaluator):
 
     @classmethod
     def requirements(cls, cfg) -> list[tuple[str, str, str]]:
-        return [("eval.kdd.test_data", cfg.eval.kdd.test_data, written_with_the_data(cfg))]
+        return [("eval.kdd.test_data", cfg.eval.kdd.test_data, written_with_the_data(cfg, "kdd"))]
 
     @classmethod
     def extra_evaluation_steps(cls, cfg, stream) -> set[int]:
@@ -152,7 +152,13 @@ class MNISTAnomalyEvaluator(_AnomalyEvaluator):
 
     @classmethod
     def requirements(cls, cfg) -> list[tuple[str, str, str]]:
-        return [("eval.mnist_anomaly.test_data", cfg.eval.mnist_anomaly.test_data, written_with_the_data(cfg))]
+        return [
+            (
+                "eval.mnist_anomaly.test_data",
+                cfg.eval.mnist_anomaly.test_data,
+                written_with_the_data(cfg, "mnist-anomaly"),
+            )
+        ]
 
     @classmethod
     def check(cls, cfg) -> None:

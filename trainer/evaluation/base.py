@@ -34,11 +34,16 @@ class EvalContext:
     toy_std: float = 0.0  # the std the run drew its own toy data with (toy.written_std; 0: not known)
 
 
-def written_with_the_data(cfg) -> str:
-    """How a test split that the data converter writes is made (for a missing file's message)."""
-    if cfg.data.prepare:
+def written_with_the_data(cfg, source: str) -> str:
+    """How a test split that ``python -m data_pipeline.convert SOURCE`` writes is made (for a missing
+    file's message): the run's data.prepare where that is the command (another kind's, e.g. eval.kind=kdd
+    on a fashion_mnist run, named a command that writes no such split)."""
+    if f"data_pipeline.convert {source} " in f"{cfg.data.prepare} ":
         return f"it is written with the training data by: {cfg.data.prepare}"
-    return "write it with python -m data_pipeline.convert (--help lists the sources)"
+    return (
+        f"write it with python -m data_pipeline.convert {source} ... --out FOLDER, which writes FOLDER/train and "
+        "FOLDER/test (its --help says what it reads)"
+    )
 
 
 # Results named in the image grids' captions, where an evaluation has them.
