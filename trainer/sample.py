@@ -22,7 +22,15 @@ import sys
 
 import numpy as np
 
-from data_pipeline.cli import FIGURE_FORMATS, UserError, add_debug_flag, check_output_file, run_tool
+from data_pipeline.cli import (
+    FIGURE_FORMATS,
+    UserError,
+    add_debug_flag,
+    cannot_write_in,
+    check_output_file,
+    nearest_existing,
+    run_tool,
+)
 from data_pipeline.toy import mode_metrics
 from models.config import MALAConfig
 from trainer.evaluation.toy import toy_references, written_std
@@ -111,11 +119,16 @@ def _sample(args: argparse.Namespace) -> int:
         temperature=run_mala.temperature if args.temperature is None else args.temperature,
     )
     num = cfg.eval.num_samples if args.num is None else args.num
+    suffix = f"_mala{mala.steps}" if mala.steps else ""
+    out = (args.out or os.path.join(args.run, f"samples{suffix}.png")) if pictured else None
+    if out and not args.out:  # the picture's default place, in the run folder: said before the sampling
+        folder = nearest_existing(os.path.dirname(os.path.abspath(out)))
+        problem = cannot_write_in(folder)
+        if problem:
+            raise UserError(f"{folder} {problem}: the picture goes to {out} unless --out says where; give --out")
     ready_to_draw(nets, cfg.eval.seed if args.seed is None else args.seed)
     plain, refined, acceptance = generate(nets.energy, nets.generator, num, cfg.model.z_dim, mala)
     samples = (refined if refined is not None else plain).cpu()
-    suffix = f"_mala{mala.steps}" if mala.steps else ""
-    out = (args.out or os.path.join(args.run, f"samples{suffix}.png")) if pictured else None
     report: dict[str, float | str] = {"checkpoint": checkpoint, "num_samples": num, "mala_steps": mala.steps}
     if mala.steps:
         report.update(mala_step_size=mala.step_size, mala_temperature=mala.temperature, mala_acceptance_rate=acceptance)
