@@ -274,3 +274,20 @@ def test_a_missing_test_split_names_the_converter_of_its_kind(tmp_path, kind, so
     own = load_config("kdd99" if kind == "kdd" else "mnist_anomaly", [f"eval.{kind}.test_data={missing}"])
     with pytest.raises(ConfigError, match="it is written with the training data by: python -m data_pipeline"):
         check_requirements(own)  # the preset's own data.prepare writes it
+
+
+def test_fid_evaluation_of_one_sample_is_refused_before_any_work(tmp_path):
+    # eval.kind=fid with eval.num_samples=1 passed --check; the run trained up to its first evaluation and
+    # stopped there ("FID statistics need at least 2 images"), and meg-evaluate sampled first.
+    from trainer.config import ConfigError, load_config
+    from trainer.evaluation import check_requirements
+
+    stats = str(tmp_path / "stats.npz")
+    np.savez(stats, mu=np.zeros(4), cov=np.eye(4))
+    for num in (1, 2):
+        cfg = load_config("fashion_mnist_mlp", [f"eval.fid.reference={stats}", f"eval.num_samples={num}"])
+        if num == 1:
+            with pytest.raises(ConfigError, match="eval.kind=fid needs eval.num_samples of at least 2 .*got 1"):
+                check_requirements(cfg)
+        else:
+            check_requirements(cfg)

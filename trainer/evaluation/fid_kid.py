@@ -48,6 +48,11 @@ class FIDEvaluator(Evaluator):
     def check(cls, cfg) -> None:
         from trainer.fid import load_statistics
 
+        if cfg.eval.num_samples < 2:  # it trained up to the first evaluation, then stopped the run there
+            raise ConfigError(
+                f"eval.kind=fid needs eval.num_samples of at least 2 (the samples' covariance), got "
+                f"{cfg.eval.num_samples}: set eval.num_samples=10000 or more for FIDs that compare"
+            )
         if "://" not in cfg.eval.fid.reference:
             load_statistics(cfg.eval.fid.reference, features=False)  # a wrong file is told before any work
 
