@@ -26,6 +26,7 @@ import torch
 from data_pipeline.cli import add_debug_flag, nonnegative_int, positive_int, run_quietly, run_tool
 from models.entropy import ESTIMATORS
 from models.factory import build_networks
+from trainer import strict_json
 from trainer.config import load_config, vera_settings
 from trainer.runtime import DDPRuntime
 from trainer.steps import build_steps
@@ -77,7 +78,7 @@ def train(estimator: str, seed: int, steps: int, out: str) -> dict:
     run_quietly(cmd, f"the trainer on {estimator}, seed {seed}", cwd=REPO, env=env)
     wall = time.perf_counter() - start
     with open(os.path.join(run, "eval", "latest.json")) as f:
-        evals = json.load(f)
+        evals = strict_json.nan_for_null(json.load(f))
     return {"wall_s": wall, **{k: evals[k] for k in KEYS}}
 
 
@@ -113,12 +114,12 @@ def bench(args: argparse.Namespace, results: str) -> int:
                 record = {"estimator": estimator, "seed": seed, "steps": args.steps,
                           **train(estimator, seed, args.steps, args.out), "torch": torch.__version__}  # fmt: skip
                 with open(results, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                print(json.dumps(record), file=sys.stderr, flush=True)
+                    f.write(strict_json.dumps(record) + "\n")
+                print(strict_json.dumps(record), file=sys.stderr, flush=True)
     runs: dict[tuple[str, int], dict] = {}
     with open(results) as f:
         for line in f:  # the newest record of each (estimator, seed) at these steps
-            r = json.loads(line)
+            r = strict_json.nan_for_null(json.loads(line))
             if r["steps"] == args.steps and r["estimator"] in args.estimators and r["seed"] in args.seeds:
                 runs[(r["estimator"], r["seed"])] = r
     costs = step_costs(args.estimators, args.repeats)

@@ -15,11 +15,11 @@ nearest centre.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 
 from data_pipeline.cli import ConfigError, add_debug_flag, check_output_file, int_between, run_tool
+from trainer import strict_json
 
 MAX_SAMPLES = 1_000_000  # G's samples are drawn and held at once
 
@@ -148,7 +148,7 @@ def anatomy(args: argparse.Namespace) -> int:
     print(report(result))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"checkpoint": checkpoint, **result}, f, indent=2)
+            strict_json.dump({"checkpoint": checkpoint, **result}, f, indent=2)
         print(f"wrote {args.json}")
     return 0
 

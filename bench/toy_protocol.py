@@ -24,6 +24,7 @@ import sys
 import time
 
 from data_pipeline.cli import ConfigError, add_debug_flag, nonnegative_int, run_tool
+from trainer import strict_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -183,9 +184,11 @@ def protocol(args: argparse.Namespace) -> int:
     ordered = [rows[s] for s in seeds]
     summary = summarize(ordered)
     with open(os.path.join(out, "rows.json"), "w") as f:
-        json.dump(ordered, f, indent=1)
+        strict_json.dump(ordered, f, indent=1)
     with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump({"label": label, "config": args.config, "overrides": args.overrides, "seeds": seeds, **summary}, f)
+        strict_json.dump(
+            {"label": label, "config": args.config, "overrides": args.overrides, "seeds": seeds, **summary}, f
+        )
     text = table([(label, len(ordered), summary)]) + "\n" + _references(summary)
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(text + "\n")
@@ -200,7 +203,7 @@ def read_row(folder: str, seed: int) -> dict:
     checkpoint = resolve_checkpoint(folder)
     path = os.path.join(folder, "eval", f"eval_{os.path.basename(checkpoint.rstrip('/'))}.json")
     with open(path) as f:
-        results = json.load(f)
+        results = strict_json.nan_for_null(json.load(f))
     missing = [k for k, _, _ in COLUMNS if k not in results]
     if missing:
         raise ConfigError(f"{path} lacks {missing}: eval.toy.density=false, or not a toy run with modes?")

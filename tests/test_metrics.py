@@ -493,3 +493,21 @@ def test_a_process_that_exits_at_once_withdraws_its_target_file_when_stopped_on_
                           text=True, timeout=120)  # fmt: skip
     assert done.returncode == code, done.stderr[-2000:]
     assert len(target_names(tmp_path)) == (0 if withdrawn else 1)
+
+
+def test_metrics_jsonl_writes_a_nan_as_null_and_the_protocol_readers_average_it_as_nan(tmp_path):
+    import math
+
+    from trainer import strict_json
+    from trainer.evaluation.anomaly import mean_std
+    from trainer.metrics import JsonlSink
+
+    sink = JsonlSink(str(tmp_path / "metrics.jsonl"))
+    sink.log(5, {"eval_mode_kl_reverse": float("nan"), "loss": float("inf"), "nested": [1.5, float("-inf")]})
+    sink.close()
+    line = (tmp_path / "metrics.jsonl").read_text()
+    row = json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in {line}"))
+    assert row["eval_mode_kl_reverse"] is None and row["loss"] is None and row["nested"] == [1.5, None]
+    records = [strict_json.nan_for_null({"f1": 0.5, "kl": None}), {"f1": 0.7, "kl": 0.1}]
+    averaged = mean_std(records)
+    assert averaged["f1"]["mean"] == pytest.approx(0.6) and math.isnan(averaged["kl"]["mean"])

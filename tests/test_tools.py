@@ -162,14 +162,15 @@ def test_sample_tool_gives_what_evaluate_gives_for_one_checkpoint_and_seed(tmp_p
     run_trainer(tiny_overrides(tmp_path, steps=10) + run)
     evaluated = _tool("trainer.evaluate", "--run", str(tmp_path / "run"))
     assert evaluated.returncode == 0, evaluated.stderr
-    record = json.loads((tmp_path / "run" / "eval" / "eval_step_00000010.json").read_text())
+    strict = {"parse_constant": lambda c: pytest.fail(f"{c}: not JSON (a NaN is written as null)")}
+    record = json.loads((tmp_path / "run" / "eval" / "eval_step_00000010.json").read_text(), **strict)
     sampled = _tool("trainer.sample", "--run", str(tmp_path / "run"), "--npy", str(tmp_path / "seed7.npy"))
     assert sampled.returncode == 0, sampled.stderr
-    report = json.loads(sampled.stdout[: sampled.stdout.rindex("}") + 1])
+    report = json.loads(sampled.stdout[: sampled.stdout.rindex("}") + 1], **strict)
     assert report["num_samples"] == 400 and report["mala_steps"] == 4 and report["mala_temperature"] == 0.2
     for key in ("high_quality_share", "modes_hit", "modes_with_20", "mode_kl_reverse", "acceptance_rate"):
         sampled_value = report[f"mala_{key}" if key == "acceptance_rate" else key]
-        assert json.dumps(sampled_value) == json.dumps(record[f"mala_{key}"]), key  # NaN (no mode yet) too
+        assert json.dumps(sampled_value) == json.dumps(record[f"mala_{key}"]), key  # null (NaN: no mode yet) too
     _tool("trainer.sample", "--run", str(tmp_path / "run"), "--seed", "8", "--npy", str(tmp_path / "seed8.npy"))
     assert not np.allclose(np.load(tmp_path / "seed7.npy"), np.load(tmp_path / "seed8.npy"))  # --seed is used
 

@@ -2,6 +2,7 @@
 the published one (nor a preset's eval.toy.std), through the evaluator that the trainer and
 meg-evaluate build alike."""
 
+import json
 import logging
 import math
 
@@ -109,3 +110,29 @@ def test_data_the_run_wrote_and_that_is_gone_since_is_scored_against_the_std_the
     # Other data there now (from another folder, or replaced): the run's own std, which the trainer held its data to.
     convert_toy("25gaussians", str(tmp_path / "data"), 256, 1, seed=0, std=0.3)
     assert _evaluator(tmp_path, "data.toy=25gaussians", f"data.toy_std={WIDE}").spec.std == WIDE
+
+
+class FarAway(torch.nn.Module):
+    """A generator whose samples all land far from every mode: no mode histogram, so a NaN reverse KL."""
+
+    def __init__(self):
+        super().__init__()
+        self.offset = torch.nn.Parameter(torch.full((2,), 10.0))
+
+    def forward(self, z):
+        return self.offset.expand(len(z), 2)
+
+
+def test_a_nan_score_is_written_as_null_in_strict_json(tmp_path):
+    # Python writes a NaN as a bare NaN, which JavaScript (Grafana's JSON sources), jq and strict parsers refuse.
+    convert_toy("25gaussians", str(tmp_path / "data"), 256, 1, seed=0, std=WIDE)
+    evaluator = _evaluator(tmp_path, "eval.num_samples=50", "eval.mala.steps=0", "eval.plots=false")
+    results = evaluator(3, ConstantEnergy(), FarAway())
+    assert math.isnan(results["mode_kl_reverse"])
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    for name in ("step_00000003.json", "latest.json"):
+        record = json.loads((tmp_path / "run" / "eval" / name).read_text(), parse_constant=refuse)
+        assert record["mode_kl_reverse"] is None and record["high_quality_share"] == 0.0

@@ -20,6 +20,7 @@ from data_pipeline.dataset import Dataset, open_dataset, write_toy_data
 from data_pipeline.shards import MANIFEST_NAME, manifest_url
 from data_pipeline.storage import StopRequested
 from models.factory import build_networks
+from trainer import strict_json
 from trainer.checkpoint import (
     CONFIG_FILE,
     STATE_FILE,
@@ -446,5 +447,5 @@ def _train(
             # Nothing left to train: show the finished run's last evaluation.
             with open(latest) as f:
                 summary.update({f"eval_{k}": v for k, v in json.load(f).items() if k != "settings"})
-        print(f"\nfinished: {cfg.output_dir}\n{json.dumps(summary, indent=2)}", flush=True)
+        print(f"\nfinished: {cfg.output_dir}\n{strict_json.dumps(summary, indent=2)}", flush=True)
     return final

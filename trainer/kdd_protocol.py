@@ -24,6 +24,7 @@ import subprocess
 import sys
 
 from data_pipeline.cli import EXIT_USER_ERROR, ConfigError, add_debug_flag, positive_int, run_tool
+from trainer import strict_json
 from trainer.evaluation.anomaly import mean_std
 from trainer.nofollow import write_replacing
 
@@ -35,7 +36,7 @@ def epoch_evaluations(run_dir: str) -> list[dict]:
     records = []
     for path in sorted(glob.glob(os.path.join(run_dir, "eval", "step_*.json"))):
         with open(path) as f:
-            records.append(json.load(f))
+            records.append(strict_json.nan_for_null(json.load(f)))
     return sorted(records, key=lambda r: r["step"])
 
 
@@ -223,7 +224,7 @@ def _protocol(args: argparse.Namespace) -> int:
     check_inputs_match(args.out, inputs)
     os.makedirs(args.out, exist_ok=True)
     with write_replacing(os.path.join(args.out, INPUTS_NAME)) as f:
-        json.dump(inputs, f, indent=2)
+        strict_json.dump(inputs, f, indent=2)
     splits = cfg.eval.kdd.splits if args.splits is None else args.splits
     per_split, runs = [], []
     for s in range(splits):
@@ -264,7 +265,7 @@ def _protocol(args: argparse.Namespace) -> int:
     }
     path = os.path.join(args.out, "protocol.json")
     with write_replacing(path) as f:
-        json.dump(record, f, indent=2)
+        strict_json.dump(record, f, indent=2)
     print(f"\nKDD Cup 99, {splits} splits x last {cfg.eval.kdd.last_epochs} epochs (mean ± std over splits):")
     print(format_summary(summary))
     print(f"wrote {path}")

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any
 
 import torch
 
+from trainer import strict_json
 from trainer.guard import Diverged, DivergenceGuard
 from trainer.nofollow import open_append
 from trainer.progress import format_duration
@@ -119,7 +119,7 @@ class JsonlSink(MetricSink):
         self.file = open_append(path)  # a link is refused, not followed (trainer/nofollow.py)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        self.file.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+        self.file.write(strict_json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
 
     def close(self, clean: bool = True) -> None:
         self.file.close()

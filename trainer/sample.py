@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 
@@ -33,6 +32,7 @@ from data_pipeline.cli import (
 )
 from data_pipeline.toy import mode_metrics
 from models.config import MALAConfig
+from trainer import strict_json
 from trainer.evaluation.toy import toy_references, written_std
 from trainer.nofollow import write_replacing
 
@@ -147,7 +147,7 @@ def _sample(args: argparse.Namespace) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.npy)), exist_ok=True)
         with write_replacing(args.npy, binary=True) as f:  # a file object: np.save would add .npy to a bare path
             np.save(f, samples.numpy())
-    print(json.dumps(report, indent=2))
+    print(strict_json.dumps(report, indent=2))
     for path in (out, args.npy):
         if path:
             print(f"wrote {path}")

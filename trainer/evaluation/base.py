@@ -7,12 +7,12 @@ imports them all whenever a configuration loads (trainer/evaluation/__init__.py 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import asdict, dataclass, is_dataclass
 from typing import TYPE_CHECKING
 
+from trainer import strict_json
 from trainer.nofollow import make_dir, write_replacing
 
 log = logging.getLogger(__name__)
@@ -168,5 +168,5 @@ class Evaluator:
         # tool's, under other settings) writes only its own file.
         for name in (f"{tag}.json", "latest.json") if own else (f"{tag}.json",):
             with write_replacing(os.path.join(self.ctx.out_dir, name)) as f:
-                json.dump(record, f, indent=2)
+                strict_json.dump(record, f, indent=2)
         return results
