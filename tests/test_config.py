@@ -61,6 +61,11 @@ def test_missing_and_malformed_presets(tmp_path):
     scalar.write_text("42\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_config(str(scalar))
+    for text in ("", "# train:\n#   steps: 10\n", "null\n"):  # a truncated preset trained every default
+        empty = tmp_path / "empty.yaml"
+        empty.write_text(text)
+        with pytest.raises(ConfigError, match="empty.yaml holds no settings"):
+            load_config(str(empty))
 
 
 def test_cli_reports_config_errors_without_traceback():

@@ -562,7 +562,11 @@ def _read_preset(
     path = resolve_preset(name_or_path)
     if os.path.realpath(path) in map(os.path.realpath, chain):
         raise ConfigError(f"presets inherit in a circle: {' -> '.join([*chain, path])}")
-    tree = read_yaml_file(path) or {}
+    tree = read_yaml_file(path)
+    if tree is None:  # empty, comments only, or `null`: a truncated preset would train every default unsaid
+        raise ConfigError(
+            f"{path} holds no settings (an empty file): fill it, or start it from a preset (base: toy_25gaussians)"
+        )
     if not isinstance(tree, dict):
         raise ConfigError(f"{path} must hold a mapping of config sections, got {type(tree).__name__}")
     base = tree.pop("base", None)
