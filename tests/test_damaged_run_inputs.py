@@ -59,6 +59,25 @@ def test_evaluate_uses_a_newest_checkpoint_without_files_json_with_one_warning(t
     assert (tmp_path / "run" / "eval" / "eval_step_00000004.json").is_file()
 
 
+def test_a_fled_checkpoint_is_read_with_a_warning_and_an_unfinished_save_is_refused(tmp_path, capsys):
+    # Both were read without a word: a .fled checkpoint no resume takes, and a .partial save's leftover.
+    import shutil
+
+    from trainer.sample import main
+
+    run_trainer([*tiny_overrides(tmp_path, steps=4), "checkpoint.every=2"])
+    checkpoints = tmp_path / "run" / "checkpoints"
+    fled = checkpoints / "step_00000002.fled"
+    (checkpoints / "step_00000002").rename(fled)
+    shutil.copytree(checkpoints / "step_00000004", checkpoints / "step_00000006.partial")
+    small = ["--num", "50", "--mala-steps", "0", "--npy", str(tmp_path / "s.npy")]
+    assert main(["--run", str(tmp_path / "run"), "--checkpoint", "step_00000002.fled", *small]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: checkpoint {fled} is one the divergence guard fled" in err
+    assert main(["--run", str(tmp_path / "run"), "--checkpoint", "step_00000006.partial", *small]) == 2
+    assert "is a save that did not finish (.partial), never a checkpoint" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("tool", ["trainer.sample", "trainer.evaluate"])
 def test_a_given_checkpoint_without_files_json_is_used_with_a_warning(tmp_path, capsys, tool):
     # It was refused ("files.json is missing"), where the newest checkpoint and a resume use it.

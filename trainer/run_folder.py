@@ -20,6 +20,7 @@ from data_pipeline.cli import short_message
 from models.factory import MEGNetworks, build_networks
 from trainer.checkpoint import (
     EMA_NETWORK,
+    FLED_SUFFIX,
     MISSING_FILE_LIST,
     CheckpointError,
     damage,
@@ -190,6 +191,18 @@ def resolve_checkpoint(run_dir: str, checkpoint: str | None = None) -> str:
             raise CheckpointError(
                 f"checkpoint {checkpoint} is not one of {run_dir}'s (in {os.path.join(run_dir, 'checkpoints')}): "
                 f"use --run {run_folder_of(checkpoint)}, where its results belong"
+            )
+        name = os.path.basename(checkpoint)
+        if name.endswith(".partial"):  # a save that never finished: its ranks' files may be half there
+            raise CheckpointError(
+                f"checkpoint {checkpoint} is a save that did not finish (.partial), never a checkpoint: "
+                f"name one of {os.path.join(run_dir, 'checkpoints')}'s step_XXXXXXXX folders"
+            )
+        if name.endswith(FLED_SUFFIX):
+            print(
+                f"warning: checkpoint {checkpoint} is one the divergence guard fled (its next steps diverged "
+                "at every learning rate tried): no resume takes it; read here as asked",
+                file=sys.stderr,
             )
         if problem == MISSING_FILE_LIST:
             _warn_unverified(checkpoint)
