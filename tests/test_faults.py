@@ -503,6 +503,50 @@ def test_the_ranks_wait_for_the_main_evaluation_past_the_collective_timeout():
     assert said == {0: "met, 2", 1: "met, 2"}, said
 
 
+def _failing_evaluation_on_two_ranks(rank: int, port: int, results) -> None:
+    """Rank 0's evaluation at step 10 raises; rank 1 waits for it (collective timeout 30 s, evaluation
+    timeout 60 s): what each rank's TrainingEvaluation raised goes to ``results``."""
+    import datetime
+    import types
+
+    import torch.distributed as dist
+
+    from trainer.meg_trainer import TrainingEvaluation
+    from trainer.metrics import MetricsLogger
+    from trainer.runtime.group import ProcessGroup
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=30))
+
+    class TwoRanks(ProcessGroup):
+        def for_evaluation(self, module):
+            return module
+
+    def evaluator(step, energy, generator):
+        raise ValueError("the evaluation's own error")
+
+    runtime = TwoRanks(torch.device("cpu"), rank, 2, "no")
+    cfg = load_config("toy_25gaussians", ["train.collective_timeout=30", "train.evaluation_timeout=60"])
+    steps = types.SimpleNamespace(energy=nn.Linear(2, 1), evaluation_generator=lambda: nn.Linear(2, 2))
+    evaluation = TrainingEvaluation(cfg, runtime, steps, None, evaluator, MetricsLogger([]), lambda: None)
+    try:
+        evaluation(10)
+        results.put((rank, "evaluated"))
+    except Exception as e:
+        results.put((rank, f"{type(e).__name__}: {e}"))
+    runtime.shutdown(meet=True)  # as trainer/job.py's run() does on the way out
+
+
+@pytest.mark.slow
+def test_an_evaluation_that_fails_on_the_main_process_stops_every_rank_at_once():
+    """The main process's failed evaluation used to leave it meeting the others on its way out while they
+    waited for its evaluation in another collective: each side waited out its own timeout (the others
+    train.evaluation_timeout, 4 h by default). Now every rank learns of it where they wait."""
+    said = _on_two_ranks(_failing_evaluation_on_two_ranks)
+    assert said[0] == "ValueError: the evaluation's own error", said
+    assert said[1].startswith("CollectiveError: rank 1 of 2: the main process's evaluation at step 10 failed"), said
+
+
 def _forge(checkpoint, change):
     """Changes the weights and rewrites files.json, as a tamperer (or a bug) would: only the
     parameter check after the load can tell."""

@@ -28,7 +28,7 @@ from trainer.config import RunConfig
 from trainer.evaluation import extra_evaluation_steps
 from trainer.guard import Diverged, DivergenceGuard
 from trainer.metrics import MetricsLogger, MetricWindow
-from trainer.runtime import Runtime
+from trainer.runtime import CollectiveError, Runtime
 from trainer.steps import MEGSteps, lr_schedule
 
 Evaluator = Callable[[int, nn.Module, nn.Module], dict[str, float]]
@@ -145,6 +145,7 @@ class TrainingEvaluation:
     def __call__(self, step: int) -> dict[str, float]:
         """The evaluation's results as the run's metrics (eval_<name>); collective."""
         metrics: dict[str, float] = {}
+        failure: Exception | None = None
         # An evaluation is progress on every rank (the others wait for the main process's), which the
         # stop watchdog must not cut short: a stop signal during it is honoured when it ends.
         with beating(self.heartbeat, self.cfg.train.evaluation_timeout):
@@ -157,10 +158,24 @@ class TrainingEvaluation:
                     try:
                         with self.runtime.fork_rng(seed=self.cfg.eval.seed), evaluation_mode(generator):
                             metrics = {f"eval_{k}": v for k, v in self.evaluator(step, energy, generator).items()}
+                    except StopRequested:  # a stop while waiting on storage: job.run's, as before
+                        raise
+                    except Exception as e:  # raised below, once the other ranks know
+                        failure = e
                     finally:
                         self.logger.evaluating(False)
-                    self.logger.log(step, metrics)
-            self.runtime.wait_for_main(self.cfg.train.evaluation_timeout)
+                    if failure is None:
+                        self.logger.log(step, metrics)
+            # The other ranks wait here for the main process: told of its failure, each stops at once
+            # too (else they waited on for train.evaluation_timeout while it waited for them elsewhere).
+            failed = self.runtime.wait_for_main(self.cfg.train.evaluation_timeout, failure is not None)
+        if failure is not None:
+            raise failure
+        if failed:
+            raise CollectiveError(
+                f"rank {self.runtime.rank} of {self.runtime.world_size}: the main process's evaluation at step "
+                f"{step} failed (its error says why); this rank stops too, the newest checkpoint stands"
+            )
         return metrics
 
 

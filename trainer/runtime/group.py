@@ -116,15 +116,19 @@ class ProcessGroup:
         if self.world_size > 1:
             dist.barrier()
 
-    def wait_for_main(self, timeout: float) -> None:
+    def wait_for_main(self, timeout: float, failed: bool = False) -> bool:
         """A barrier after work the main process does alone (an evaluation), bounded by ``timeout``
         seconds instead of train.collective_timeout: on a gloo group of its own (made by every rank at
-        the first call, at the same point of the loop), on any backend."""
+        the first call, at the same point of the loop), on any backend. ``failed``: that work failed on
+        this rank; returns whether it failed on any, so that every rank stops together (a main process
+        that left with its error met the others in another collective, each side waiting out its timeout)."""
         if self.world_size == 1:
-            return
+            return failed
         if self._waiting_group is None:
             self._waiting_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
-        dist.barrier(group=self._waiting_group)
+        flag = torch.tensor([float(failed)])  # on the CPU: the waiting group is gloo's
+        dist.all_reduce(flag, group=self._waiting_group)
+        return bool(flag.item())
 
     def ranks_in_sync(self, *modules: nn.Module) -> bool:
         """True when every rank holds bit-identical parameters and buffers (one small all-gather)."""
