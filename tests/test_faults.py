@@ -335,6 +335,30 @@ def test_pruning_counts_only_intact_checkpoints(tmp_path, config_yaml):
     assert sorted(p.name for p in folder.iterdir()) == ["step_00000020", "step_00000090", "step_00000099"]
 
 
+def test_a_prune_cut_short_leaves_no_half_deleted_checkpoint(tmp_path, config_yaml, monkeypatch):
+    """A process killed while pruning left the checkpoint it was deleting half there, under its own
+    name: damaged, so never pruned again (one more left behind at each such kill), and listed among
+    the checkpoints a restart tries."""
+    runtime = FakeRuntime()
+    checkpoints = _checkpoints(tmp_path, config_yaml, keep=1)
+    _save(checkpoints, runtime, 10)
+
+    def killed_midway(path, ignore_errors=False):
+        os.remove(os.path.join(path, "files.json"))
+        os.remove(os.path.join(path, "engine", "ddp_state.pt"))
+        raise KeyboardInterrupt  # as a SIGKILL would stop it, the rest left on disk
+
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "rmtree", killed_midway)
+        with pytest.raises(KeyboardInterrupt):
+            _save(checkpoints, runtime, 20)
+    folder = tmp_path / "checkpoints"
+    fresh = _checkpoints(tmp_path, config_yaml, keep=1)  # the restarted process
+    assert [damage(p) for p in fresh.list()] == [None], sorted(p.name for p in folder.iterdir())
+    _save(fresh, runtime, 30)
+    assert sorted(p.name for p in folder.iterdir()) == ["step_00000030"]
+
+
 def test_pruning_keeps_step_0_for_the_guard(tmp_path, config_yaml):
     runtime = FakeRuntime()
     checkpoints = _checkpoints(tmp_path, config_yaml, keep=1, keep_first=True)
@@ -709,7 +733,9 @@ def test_a_save_is_on_disk_before_any_older_checkpoint_is_deleted(tmp_path, conf
     monkeypatch.setattr(shutil, "rmtree", recorded_rmtree)
     written = _save(checkpoints, runtime, 20)
     partial = os.path.realpath(written) + ".partial"
-    renamed, deleted = events.index(("rename", written + ".partial")), events.index(("delete", older))
+    # The older one leaves the listing when it is renamed to be pruned, and is deleted after it.
+    renamed, deleted = events.index(("rename", written + ".partial")), events.index(("rename", older))
+    assert events.index(("delete", older + ".pruning")) > deleted
     synced_before_rename = {path for kind, path in events[:renamed] if kind == "sync"}
     for root, _, names in os.walk(written):  # every file and folder, under the name they were synced by
         inside = os.path.join(partial, os.path.relpath(root, written)).removesuffix("/.")

@@ -63,6 +63,8 @@ WEIGHTS_FILE = "weights.safetensors"
 # A checkpoint the divergence guard fled (trainer/guard.py) keeps its folder under this suffix: not
 # listed, so neither a rollback, a restart nor pruning takes it, and nothing of it is deleted.
 FLED_SUFFIX = ".fled"
+# A checkpoint being pruned is renamed to this first, out of the listing (see Checkpoints._prune).
+PRUNING_SUFFIX = ".pruning"
 CONFIG_FILE = "config.yaml"
 STATE_FILE = "trainer_state.json"
 ENGINE_DIR = "engine"
@@ -570,15 +572,25 @@ class Checkpoints:
 
     def _prune(self, written: str) -> None:
         """Keeps the newest ``keep`` of the checkpoints found intact (files.json and all), the one just
-        written and, with ``keep_first``, step 0; deletes only the other intact ones."""
+        written and, with ``keep_first``, step 0; deletes only the other intact ones. Each is renamed to
+        ``step_N.pruning`` before it is deleted: a prune cut short (the process killed) leaves no
+        half-deleted checkpoint among the listed ones (damaged, it was never pruned again, and a restart
+        could take it for an older version's); the next prune deletes what is left of it."""
+        for name in os.listdir(self.folder):  # a killed prune's leftovers: this module's own
+            if name.endswith(PRUNING_SUFFIX) and CHECKPOINT_RE.match(name.removesuffix(PRUNING_SUFFIX)):
+                _remove(os.path.join(self.folder, name))
         intact = [p for p in self.list() if p not in self.rejected and self._intact(p)]
         keep = set(intact[-self.keep :]) | {written}
         if self.keep_first and intact and checkpoint_step(intact[0]) == 0:
             keep.add(intact[0])
         for old in intact:
             if old not in keep:
-                shutil.rmtree(old, ignore_errors=True)
+                try:
+                    os.rename(old, old + PRUNING_SUFFIX)
+                except OSError:  # kept: pruning frees space, it is never the reason a run stops
+                    continue
                 self.verified.pop(old, None)
+                shutil.rmtree(old + PRUNING_SUFFIX, ignore_errors=True)
 
     def _sample_order(self, world_size: int) -> dict[str, int]:
         """This run's sample_order, from the configuration it writes into its checkpoints."""
