@@ -571,6 +571,68 @@ def test_an_evaluation_that_fails_on_the_main_process_stops_every_rank_at_once()
     assert said[1].startswith("CollectiveError: rank 1 of 2: the main process's evaluation at step 10 failed"), said
 
 
+def _main_killed_in_the_first_evaluation(rank: int, port: int, results) -> None:
+    """Rank 0 ends (killed, out of memory) during the run's first evaluation while rank 1 waits for it;
+    the store is the launcher's (torchrun's agent), which outlives rank 0: what rank 1 raised goes to
+    ``results``."""
+    import datetime
+    import types
+
+    import torch.distributed as dist
+
+    from trainer.meg_trainer import TrainingEvaluation
+    from trainer.metrics import MetricsLogger
+    from trainer.runtime.group import ProcessGroup
+
+    store = dist.TCPStore("127.0.0.1", port, 2, is_master=False, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=2, timeout=datetime.timedelta(seconds=30))
+
+    class TwoRanks(ProcessGroup):
+        def for_evaluation(self, module):
+            return module
+
+    def evaluator(step, energy, generator):
+        os._exit(9)
+
+    runtime = TwoRanks(torch.device("cpu"), rank, 2, "no")
+    cfg = load_config("toy_25gaussians", ["train.collective_timeout=30", "train.evaluation_timeout=60"])
+    steps = types.SimpleNamespace(energy=nn.Linear(2, 1), evaluation_generator=lambda: nn.Linear(2, 2))
+    evaluation = TrainingEvaluation(cfg, runtime, steps, None, evaluator, MetricsLogger([]), lambda: None)
+    try:
+        evaluation(10)
+        results.put((rank, "evaluated"))
+    except Exception as e:
+        results.put((rank, f"{type(e).__name__}: {e}"))
+
+
+@pytest.mark.slow
+def test_a_main_process_killed_during_the_first_evaluation_ends_the_others_wait():
+    """The waiting group was made at the first evaluation: a main process that ended during it left the
+    others waiting in the store for it to join, which no closed connection ends (the launcher's store
+    lives on), up to train.evaluation_timeout, 4 h by default, with SIGTERM not honoured meanwhile (the
+    evaluation's heartbeat). Made as the trainer starts, the wait is on a connection rank 0's end closes."""
+    import multiprocessing
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = dist.TCPStore("127.0.0.1", port, 2, is_master=True, wait_for_workers=False)  # noqa: F841
+    spawn = multiprocessing.get_context("spawn")
+    results = spawn.Queue()
+    ranks = [spawn.Process(target=_main_killed_in_the_first_evaluation, args=(r, port, results)) for r in range(2)]
+    for p in ranks:
+        p.start()
+    try:
+        rank, said = results.get(timeout=120)
+    finally:
+        for p in ranks:
+            p.kill()
+            p.join(10)
+    assert rank == 1 and "by peer" in said and "imed out" not in said, said  # closed, or reset, by rank 0
+
+
 def _forge(checkpoint, change):
     """Changes the weights and rewrites files.json, as a tamperer (or a bug) would: only the
     parameter check after the load can tell."""
