@@ -109,3 +109,36 @@ def test_the_curve_figure_is_redrawn_at_each_evaluation(tmp_path):
     logger.log(100, {"eval_high_quality_share": 0.7})
     assert figure.stat().st_mtime_ns > first and _size(figure)[0] >= 1200
     logger.close()
+
+
+def test_the_curves_leave_out_steps_a_restart_logged_again(tmp_path, monkeypatch):
+    """A process killed past its last checkpoint had logged steps its restart logs again (and a rollback
+    too): each was drawn twice, the curve running back to the checkpoint's step and on once more."""
+    import matplotlib.axes
+
+    from trainer.metrics import JsonlSink
+
+    jsonl = tmp_path / "metrics.jsonl"
+    killed = JsonlSink(str(jsonl))
+    killed.resumed_at(0)
+    for step in (5, 10, 15):  # checkpoint at 10; killed after logging step 15
+        killed.log(step, {"energy_loss": 1.0})
+    killed.close()
+    restarted = JsonlSink(str(jsonl))
+    restarted.resumed_at(10)
+    for step in (15, 20, 25):
+        restarted.log(step, {"energy_loss": 2.0})
+    restarted.log(20, {"event": "rollback", "to_step": 20})  # diverged at 25, back to the checkpoint of 20
+    restarted.log(25, {"energy_loss": 3.0})
+    restarted.close()
+    drawn = {}
+    plot = matplotlib.axes.Axes.plot
+
+    def recorded(self, *args, label=None, **kwargs):
+        if label == "energy_loss":
+            drawn["steps"], drawn["values"] = list(args[0]), list(args[1])
+        return plot(self, *args, label=label, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", recorded)
+    loss_curves(str(tmp_path / "curves.png"), str(jsonl))
+    assert drawn == {"steps": [5, 10, 15, 20, 25], "values": [1.0, 1.0, 2.0, 2.0, 3.0]}, drawn

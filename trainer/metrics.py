@@ -121,6 +121,12 @@ class JsonlSink(MetricSink):
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         self.file.write(strict_json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
 
+    def resumed_at(self, step: int) -> None:
+        """A line saying where this process starts: the lines before it of later steps are those of a
+        process that ended past its last checkpoint, and this one logs those steps again (the curves
+        leave the earlier ones out: trainer/plots.py)."""
+        self.log(step, {"event": "start"})
+
     def close(self, clean: bool = True) -> None:
         self.file.close()
 

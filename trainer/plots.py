@@ -130,9 +130,15 @@ CURVES = (
 EVAL_SHARES = ("high_quality_share", "energy_f1", "energy_auroc", "energy_auprc", "auprc", "auroc")
 
 
-def loss_curves(path: str, metrics_path: str, title: str = "") -> None:
-    """A run's curves from its metrics.jsonl: losses, energy gap, penalty (log), MI estimate, sample
-    spread, and the evaluations' shares (0-1) against the step."""
+# Lines of metrics.jsonl after which training goes on from their step: a process's start (or resume)
+# and a divergence rollback's. Lines logged before them at a later step are of training that no
+# checkpoint kept (a process killed past its last checkpoint, a diverged stretch), logged again after.
+RESTARTS = ("start", "rollback")
+
+
+def curve_rows(metrics_path: str) -> list[dict]:
+    """The rows of a run's metrics.jsonl that its curves show: each that parses and has a step, less
+    those a later restart (RESTARTS) took back."""
     rows = []
     with open(metrics_path, "rb") as f:  # bytes: a line that is not UTF-8 spoils that line alone
         for line in f:
@@ -143,7 +149,16 @@ def loss_curves(path: str, metrics_path: str, title: str = "") -> None:
                 except (json.JSONDecodeError, UnicodeDecodeError):  # a line being written, or a damaged one
                     continue
                 if isinstance(row, dict) and _finite(row.get("step")):  # a damaged line may still parse: 42
+                    if row.get("event") in RESTARTS:
+                        rows = [r for r in rows if r["step"] <= row["step"]]
                     rows.append(row)
+    return rows
+
+
+def loss_curves(path: str, metrics_path: str, title: str = "") -> None:
+    """A run's curves from its metrics.jsonl: losses, energy gap, penalty (log), MI estimate, sample
+    spread, and the evaluations' shares (0-1) against the step."""
+    rows = curve_rows(metrics_path)
     fig, axes = plt.subplots(2, 3, figsize=(14, 7.5), dpi=100)
     for ax, (name, keys, log) in zip(axes.flat, CURVES):
         for key in keys:
