@@ -458,3 +458,13 @@ def test_a_boolean_is_not_taken_for_an_integer(override):
     # would otherwise be a 1-step run.
     with pytest.raises(ConfigError, match=re.escape(f"{override.split('=')[0]} must be int")):
         load_config("toy_25gaussians", [override])
+
+
+@pytest.mark.parametrize(
+    "override, says",
+    [("log.trackers=tensorboard", "(a list: log.trackers=[tensorboard])"), ("model.hidden=64", "model.hidden=[64]")],
+)
+def test_a_single_item_where_a_list_belongs_is_shown_the_list_it_would_be(override, says):
+    with pytest.raises(ConfigError, match="must be a list of") as refused:
+        load_config("toy_25gaussians", [override])
+    assert says in str(refused.value)

@@ -402,7 +402,10 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     if origin is list:
         (item,) = typing.get_args(annotation)
         if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list of {item.__name__}, got {shown(value)}")
+            # A single item is the usual slip (log.trackers=tensorboard): show the list it would be.
+            single = isinstance(value, (str, int, float)) and not isinstance(value, bool) and value != ""
+            hint = f" (a list: {key}=[{value}])" if single else ""
+            raise ConfigError(f"{key} must be a list of {item.__name__}, got {shown(value)}{hint}")
         return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(annotation):
