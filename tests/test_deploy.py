@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import REPO_ROOT
 from trainer.config import LogConfig
@@ -96,6 +97,73 @@ def test_dashboard_and_alerts_only_query_metrics_the_trainer_exports(tmp_path):
         names = set(re.findall(r"\b(meg_[a-z_]+|up)\b(?=\s*[{\[)]|\s*$)", query))
         assert names, query
         assert names <= exported, (query, names - exported)
+
+
+def exported_series(tmp_path) -> tuple[dict[str, str], set[str]]:
+    """Every series name a scrape of ranks 0 and 1 can hold, with its family's type, and every label
+    a series can carry: the exporter's own, the target file's and Prometheus's (instance, job)."""
+    types = {f"meg_gpu_memory_{name}_bytes": "gauge" for name in GPU_MEMORY} | {"up": "gauge"}
+    labels = {"instance", "job", "le"}
+    for rank in (0, 1):
+        cfg = LogConfig(prometheus_port=0, prometheus_targets=str(tmp_path / "targets"))
+        exp = PrometheusExporter(cfg, "r", rank, rank, torch.device("cpu"), 10, 1, {"preset": "p"})
+        exp.log(5, {"energy_loss": 1.0, "samples_per_s": 1.0, "eval_fid": 3.0, "lr_energy": 0.1})
+        for name in ("energy_gap", "penalty", "mi_estimate", "sample_spread", "generator_loss"):
+            exp.log(5, {name: 1.0})
+        (entry,) = json.loads(open(exp.target_file).read())
+        labels |= set(entry["labels"]) | {"slurm_job_id"}
+        for family in text_string_to_metric_families(generate_latest(exp.registry).decode()):
+            # A family with no series yet (a window gauge before its first value) is listed all the same.
+            suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(family.type, [""])
+            types |= {family.name + suffix: family.type for suffix in suffixes}
+            for sample in family.samples:
+                types[sample.name] = family.type
+                labels |= set(sample.labels)
+        exp.close()
+    return types, labels
+
+
+PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool", "offset"}
+
+
+def _promql_names(expr: str) -> tuple[list[str], set[str]]:
+    """The series names and the label names an expression refers to (strings, durations and function
+    names left out); enough PromQL for the shipped queries, digits and bare names included."""
+    bare = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    labels = set(re.findall(r"\b([a-zA-Z_]\w*)\s*(?:=~|!~|!=|=)\s*\"\"", bare))
+    for group in re.findall(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)", bare):
+        labels |= {name.strip() for name in group.split(",") if name.strip()}
+    bare = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", bare)
+    bare = re.sub(r"\{[^}]*\}|\[[^\]]*\]", " ", bare)
+    names = [n for n in re.findall(r"\b([a-zA-Z_:][\w:]*)\b(?!\s*\()", bare) if n not in PROMQL_WORDS]
+    return names, labels
+
+
+def _queries_and_texts() -> list[tuple[str, str, str]]:
+    """(where, expression, the text that shows its labels: legend or annotations)."""
+    dash = json.loads(DASHBOARD.read_text())
+    rules = yaml.safe_load((REPO_ROOT / "deploy/prometheus/alerts.yml").read_text())["groups"][0]["rules"]
+    out = [(p["title"], t["expr"], t.get("legendFormat", "")) for p in dash["panels"] for t in p["targets"]]
+    return out + [(r["alert"], r["expr"], " ".join(r.get("annotations", {}).values())) for r in rules]
+
+
+def test_dashboard_and_alerts_use_each_metric_as_its_type_with_labels_it_carries(tmp_path):
+    types, labels = exported_series(tmp_path)
+    for where, expr, text in _queries_and_texts():
+        names, used = _promql_names(expr)
+        assert names and set(names) <= set(types), (where, expr, set(names) - set(types))
+        # rate() and its kin only on counters (the *_total series) and histograms' *_bucket/_sum/_count.
+        for name in re.findall(r"\b(?:rate|irate|increase)\s*\(\s*([a-zA-Z_:][\w:]*)", expr):
+            assert types[name] in ("counter", "histogram"), (where, expr, name, types[name])
+        for name in re.findall(r"histogram_quantile\s*\([^,]*,.*?\b(meg_\w+)", expr):
+            assert types[name] == "histogram" and name.endswith("_bucket"), (where, expr, name)
+        for name in re.findall(r"\b(?:deriv|delta|idelta|predict_linear)\s*\(\s*([a-zA-Z_:][\w:]*)", expr):
+            assert types[name] == "gauge", (where, expr, name)
+        used |= set(re.findall(r"\{\{\s*([a-zA-Z_]\w*)\s*\}\}", text)) | set(re.findall(r"\$labels\.(\w+)", text))
+        assert used <= labels, (where, expr, used - labels)
+    run_variable = next(v for v in json.loads(DASHBOARD.read_text())["templating"]["list"] if v["name"] == "run")
+    metric, label = re.fullmatch(r"label_values\((\w+), (\w+)\)", run_variable["query"]).groups()
+    assert metric in types and label in labels
 
 
 def test_dashboard_follows_the_conventions():
