@@ -190,6 +190,14 @@ def test_dashboard_follows_the_conventions():
     assert run_variable["query"] == "label_values(meg_run_info, run)" and run_variable["multi"]
 
 
+def test_the_step_stat_shows_the_step_not_thousands_of_steps():
+    # Grafana's "short" unit scales by 1000 (K, Mil): step 123456 of 150000 would read "123 K / 150 K".
+    dash = json.loads(DASHBOARD.read_text())
+    (panel,) = [p for p in dash["panels"] if p["title"] == "Step / target"]
+    defaults = panel["fieldConfig"]["defaults"]
+    assert defaults["unit"] == "none" and defaults.get("decimals") == 0, defaults
+
+
 def test_grafana_provisioning_loads_the_dashboard_from_prometheus():
     source = yaml.safe_load((REPO_ROOT / "deploy/grafana/provisioning/datasources/meg-prometheus.yml").read_text())
     (datasource,) = source["datasources"]
