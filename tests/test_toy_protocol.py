@@ -112,3 +112,16 @@ def test_a_negative_first_seed_is_refused_by_the_parser(capsys, value):
     with pytest.raises(SystemExit) as exit_info:
         toy_protocol.parse_args(["--first-seed", value])
     assert exit_info.value.code == 2 and "argument --first-seed" in capsys.readouterr().err
+
+
+def test_collect_reads_back_a_summary_whose_nan_mean_was_written_as_null(tmp_path, capsys):
+    # A NaN reverse KL (a seed with no sample near a mode) is written as null in summary.json: --collect
+    # formatted that None and stopped with a TypeError, where the protocol's own table said nan.
+    from trainer import strict_json
+
+    rows = [{key: 1.0 for key, _, _ in toy_protocol.COLUMNS} for _ in range(2)]
+    rows[0]["mode_kl_reverse"] = math.nan
+    summary = toy_protocol.summarize(rows)
+    (tmp_path / "summary.json").write_text(strict_json.dumps({"label": "nan", "seeds": [0, 1], **summary}))
+    assert toy_protocol.collect([str(tmp_path)]) == 0
+    assert capsys.readouterr().out == toy_protocol.table([("nan", 2, summary)]) + "\n\n"
