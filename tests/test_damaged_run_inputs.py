@@ -78,6 +78,18 @@ def test_a_fled_checkpoint_is_read_with_a_warning_and_an_unfinished_save_is_refu
     assert "is a save that did not finish (.partial), never a checkpoint" in capsys.readouterr().err
 
 
+def test_a_checkpoint_fled_again_under_its_numbered_name_is_read_with_the_warning_too(tmp_path, capsys):
+    # The guard sets a second checkpoint fled at one step aside as step_N.fled2 (.fled3, ...): it is no
+    # more a resume's than step_N.fled, and was read without the warning.
+    from trainer.run_folder import resolve_checkpoint
+
+    run_trainer([*tiny_overrides(tmp_path, steps=2), "checkpoint.every=2"])
+    checkpoints = tmp_path / "run" / "checkpoints"
+    (checkpoints / "step_00000002").rename(checkpoints / "step_00000002.fled2")
+    assert resolve_checkpoint(str(tmp_path / "run"), "step_00000002.fled2") == str(checkpoints / "step_00000002.fled2")
+    assert "is one the divergence guard fled" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("tool", ["trainer.sample", "trainer.evaluate"])
 def test_a_given_checkpoint_without_files_json_is_used_with_a_warning(tmp_path, capsys, tool):
     # It was refused ("files.json is missing"), where the newest checkpoint and a resume use it.

@@ -198,7 +198,7 @@ def resolve_checkpoint(run_dir: str, checkpoint: str | None = None) -> str:
                 f"checkpoint {checkpoint} is a save that did not finish (.partial), never a checkpoint: "
                 f"name one of {os.path.join(run_dir, 'checkpoints')}'s step_XXXXXXXX folders"
             )
-        if name.endswith(FLED_SUFFIX):
+        if name.rstrip("0123456789").endswith(FLED_SUFFIX):  # .fled, or .fled2, ... (Checkpoints.set_aside_fled)
             print(
                 f"warning: checkpoint {checkpoint} is one the divergence guard fled (its next steps diverged "
                 "at every learning rate tried): no resume takes it; read here as asked",
