@@ -179,8 +179,8 @@ report() {  # report KEY STATUS DETAIL: one line in the summary and on stderr
     echo "${NAME[$1]}: $2${3:+ ($3)}" >&2
 }
 
-PHASE_RC=0
-phase() {  # phase KEY LOGFILE COMMAND...: runs it until the phase's deadline, reports it, sets PHASE_RC
+PHASE_RC=0 PHASE_RAN=0
+phase() {  # phase KEY LOGFILE COMMAND...: runs it until the phase's deadline, reports it, sets PHASE_RC and PHASE_RAN
     local key=$1 log=$2 start limit took
     shift 2
     start=$(date +%s)
@@ -188,9 +188,10 @@ phase() {  # phase KEY LOGFILE COMMAND...: runs it until the phase's deadline, r
     if (( limit < 5 )); then
         report "$key" "NOT RUN" "the budget was spent before it"
         not_run=$(( not_run + 1 ))
-        PHASE_RC=124
+        PHASE_RC=124 PHASE_RAN=0
         return
     fi
+    PHASE_RAN=1
     echo "## ${NAME[$key]} (limit ${limit} s)" >>"$log"
     timeout -k 20 -s TERM "$limit" "$@" >>"$log" 2>&1
     PHASE_RC=$?
@@ -234,7 +235,8 @@ pytest_phase() {  # pytest_phase KEY TESTFILE: every test of the file runs and p
     line=$(tail -n "+$(( before + 1 ))" "$log" | grep -E '^=*\s*[0-9]+ (passed|failed|error)' | tail -n 1 \
         | sed -E 's/^=+ //; s/ =+$//')
     echo "  $file: ${line:-no pytest summary line}" >>"$summary"
-    if [[ $PHASE_RC -eq 124 || $PHASE_RC -eq 137 ]]; then
+    # A phase that never started (NOT RUN) left no test unfinished.
+    if [[ $PHASE_RAN -eq 1 && ( $PHASE_RC -eq 124 || $PHASE_RC -eq 137 ) ]]; then
         tail -n "+$(( before + 1 ))" "$log" | unfinished_tests "$file" >>"$summary"
     fi
     if [[ $PHASE_RC -eq 0 && ( -z $line || $line =~ (skipped|deselected|failed|error|xfail) ) ]]; then

@@ -75,6 +75,26 @@ def test_a_tests_phase_stopped_at_its_deadline_names_the_tests_that_did_not_fini
     assert named and not ended & set(named)
 
 
+def test_a_tests_phase_never_started_names_no_unfinished_tests(tmp_path):
+    """A phase whose deadline had passed before it began (NOT RUN) was listed as every one of its tests
+    not finished (a hang's suspects, of a phase that never ran), after a pytest --collect-only run past
+    that deadline. gpu_check.sh's own functions, run with a deadline already spent."""
+    script = (REPO_ROOT / "bench" / "gpu_check.sh").read_text()
+    functions = [re.search(rf"(?ms)^{name}\(\) {{.*?^}}$", script).group(0)
+                 for name in ("report", "phase", "unfinished_tests", "pytest_phase")]  # fmt: skip
+    summary = tmp_path / "summary.md"
+    harness = "\n".join([
+        f"OUT={tmp_path}; summary={summary}; PYTHON={sys.executable}; xdist=(); failed=0; not_run=0",
+        'declare -A NAME=([tests]="gpu tests")',
+        "deadline() { echo $(( $(date +%s) + 2 )); }",  # under the 5 s a phase needs to start
+        *functions,
+        "pytest_phase tests tests/test_gpu.py",
+    ])  # fmt: skip
+    subprocess.run(["bash", "-c", harness], cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, timeout=300)
+    text = summary.read_text()
+    assert "- gpu tests: NOT RUN" in text and "did not finish" not in text, text
+
+
 @pytest.mark.parametrize(
     "args, message",
     [(["--budget", "10"], "at least 60"), (["--budget", "soon"], "whole seconds"), (["--fast"], "unknown option")],
