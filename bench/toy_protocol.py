@@ -45,7 +45,8 @@ FIXED = ("train.seed", "output_dir")  # the tool sets these per seed
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample std (ddof=1; 0 for one value). NaN or inf in any seed shows in the mean."""
+    """Mean and sample std (ddof=1; 0 for one value). NaN in any seed shows in the mean (an inf too, but
+    the seeds' eval JSON, strict, holds it as null: read back as NaN)."""
     n = len(values)
     mean = sum(values) / n
     if n < 2 or not math.isfinite(mean):
