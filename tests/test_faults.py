@@ -633,6 +633,41 @@ def test_a_main_process_killed_during_the_first_evaluation_ends_the_others_wait(
     assert rank == 1 and "by peer" in said and "imed out" not in said, said  # closed, or reset, by rank 0
 
 
+def test_the_evaluations_waiting_group_is_made_before_any_work_of_the_main_process_alone(tmp_path):
+    """Made by TrainingEvaluation, after the main process's own work (the toy data, the run folder, the
+    metrics sinks): a main process that failed there left the others in the store's wait to make the
+    group, which no closed connection ends, for train.evaluation_timeout (4 h by default), where the next
+    collective of the default group they used to reach ends at once."""
+    import threading
+
+    from trainer import job
+
+    calls = []
+
+    class Made(Exception):
+        pass
+
+    class MainOfTwo:
+        world_size, rank, device = 2, 0, torch.device("cpu")
+
+        @property
+        def is_main(self):
+            calls.append("is_main")
+            return True
+
+        def barrier(self):
+            calls.append("barrier")
+
+        def wait_for_main(self, timeout, failed=False):
+            calls.append(f"wait_for_main({timeout:g})")
+            raise Made
+
+    cfg = load_config("toy_25gaussians", [*tiny_overrides(tmp_path, steps=2), "train.evaluation_timeout=77"])
+    with pytest.raises(Made):
+        job.train(cfg, MainOfTwo(), threading.Event(), "toy_25gaussians")
+    assert calls == ["wait_for_main(77)"], calls
+
+
 def _forge(checkpoint, change):
     """Changes the weights and rewrites files.json, as a tamperer (or a bug) would: only the
     parameter check after the load can tell."""

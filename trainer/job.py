@@ -333,6 +333,11 @@ def train(
     data_stop: threading.Event | storage.PatientStop | None = None,
 ) -> dict[str, float]:
     check_batch_split(cfg, runtime.world_size)
+    if runtime.world_size > 1:
+        # The evaluations' waiting group (Runtime.wait_for_main), made while the ranks are in step: made
+        # after the main process's own work below, a failure there left the others in the store's wait to
+        # make it, which no closed connection ends, for train.evaluation_timeout.
+        runtime.wait_for_main(cfg.train.evaluation_timeout)
     if runtime.is_main:
         write_toy_data(cfg.data, cfg.train.seed)
     runtime.barrier()

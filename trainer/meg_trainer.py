@@ -135,9 +135,10 @@ class TrainingEvaluation:
         self.logger, self.heartbeat = logger, heartbeat
         self.extra_steps = extra_evaluation_steps(cfg, stream)
         if runtime.world_size > 1:
-            # The ranks meet once on the waiting group now, which makes it: made at the first evaluation
-            # instead, a main process that ended during it (killed, out of memory) left the others
-            # waiting for it to join the group, a wait no closed connection ends, up to the timeout.
+            # The ranks meet once on the waiting group now, which makes it where job.train has not: made
+            # at the first evaluation instead, a main process that ended during it (killed, out of memory)
+            # left the others waiting for it to join the group, a wait no closed connection ends, up to
+            # the timeout.
             runtime.wait_for_main(cfg.train.evaluation_timeout)
 
     def due(self, step: int) -> bool:

@@ -119,7 +119,7 @@ class ProcessGroup:
     def wait_for_main(self, timeout: float, failed: bool = False) -> bool:
         """A barrier after work the main process does alone (an evaluation), bounded by ``timeout``
         seconds instead of train.collective_timeout: on a gloo group of its own (made by every rank at
-        the first call: TrainingEvaluation's, as the trainer starts), on any backend. ``failed``: that work failed on
+        the first call: job.train's, as the run starts), on any backend. ``failed``: that work failed on
         this rank; returns whether it failed on any, so that every rank stops together (a main process
         that left with its error met the others in another collective, each side waiting out its timeout)."""
         if self.world_size == 1:
