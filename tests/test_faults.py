@@ -527,16 +527,17 @@ def test_the_ranks_wait_for_the_main_evaluation_past_the_collective_timeout():
     assert said == {0: "met, 2", 1: "met, 2"}, said
 
 
-def _failing_evaluation_on_two_ranks(rank: int, port: int, results) -> None:
-    """Rank 0's evaluation at step 10 raises; rank 1 waits for it (collective timeout 30 s, evaluation
-    timeout 60 s): what each rank's TrainingEvaluation raised goes to ``results``."""
+def _failing_evaluation_on_two_ranks(rank: int, port: int, results, where: str = "evaluator") -> None:
+    """Rank 0's evaluation at step 10 raises (``where``: in the evaluator, or in logging its results);
+    rank 1 waits for it (collective timeout 30 s, evaluation timeout 60 s): what each rank's
+    TrainingEvaluation raised goes to ``results``."""
     import datetime
     import types
 
     import torch.distributed as dist
 
     from trainer.meg_trainer import TrainingEvaluation
-    from trainer.metrics import MetricsLogger
+    from trainer.metrics import MetricSink, MetricsLogger
     from trainer.runtime.group import ProcessGroup
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -547,12 +548,19 @@ def _failing_evaluation_on_two_ranks(rank: int, port: int, results) -> None:
             return module
 
     def evaluator(step, energy, generator):
-        raise ValueError("the evaluation's own error")
+        if where == "evaluator":
+            raise ValueError("the evaluation's own error")
+        return {"high_quality_share": 0.5}
+
+    class FullDisk(MetricSink):  # the curves' figure, a tracker: the results' sinks
+        def log(self, step, metrics):
+            raise OSError(errno.ENOSPC, "No space left on device")
 
     runtime = TwoRanks(torch.device("cpu"), rank, 2, "no")
     cfg = load_config("toy_25gaussians", ["train.collective_timeout=30", "train.evaluation_timeout=60"])
     steps = types.SimpleNamespace(energy=nn.Linear(2, 1), evaluation_generator=lambda: nn.Linear(2, 2))
-    evaluation = TrainingEvaluation(cfg, runtime, steps, None, evaluator, MetricsLogger([]), lambda: None)
+    logger = MetricsLogger([FullDisk()] if where == "logger" and rank == 0 else [])
+    evaluation = TrainingEvaluation(cfg, runtime, steps, None, evaluator, logger, lambda: None)
     try:
         evaluation(10)
         results.put((rank, "evaluated"))
@@ -569,6 +577,17 @@ def test_an_evaluation_that_fails_on_the_main_process_stops_every_rank_at_once()
     said = _on_two_ranks(_failing_evaluation_on_two_ranks)
     assert said[0] == "ValueError: the evaluation's own error", said
     assert said[1].startswith("CollectiveError: rank 1 of 2: the main process's evaluation at step 10 failed"), said
+
+
+@pytest.mark.slow
+def test_an_evaluation_whose_results_fail_to_log_on_the_main_process_stops_every_rank_at_once():
+    """Logging the results (metrics.jsonl, the curves' figure, a tracker) is the main process's work
+    alone too: one that failed (a full disk) left the others waiting for it, as its evaluator's error did."""
+    start = time.monotonic()
+    said = _on_two_ranks(_failing_evaluation_on_two_ranks, "logger")
+    assert said[0].startswith("OSError: [Errno 28] No space left on device"), said
+    assert said[1].startswith("CollectiveError: rank 1 of 2: the main process's evaluation at step 10 failed"), said
+    assert time.monotonic() - start < 25  # not the main process's meeting of 30 s on its way out
 
 
 def _main_killed_in_the_first_evaluation(rank: int, port: int, results) -> None:

@@ -171,7 +171,10 @@ class TrainingEvaluation:
                     finally:
                         self.logger.evaluating(False)
                     if failure is None:
-                        self.logger.log(step, metrics)
+                        try:
+                            self.logger.log(step, metrics)
+                        except Exception as e:  # its sinks (the curves' figure, a tracker) fail on it alone too
+                            failure = e
             # The other ranks wait here for the main process: told of its failure, each stops at once
             # too (else they waited on for train.evaluation_timeout while it waited for them elsewhere).
             failed = self.runtime.wait_for_main(self.cfg.train.evaluation_timeout, failure is not None)
