@@ -359,6 +359,27 @@ def test_a_prune_cut_short_leaves_no_half_deleted_checkpoint(tmp_path, config_ya
     assert sorted(p.name for p in folder.iterdir()) == ["step_00000030"]
 
 
+def test_a_killed_prunes_leftover_is_freed_before_the_next_save_writes(tmp_path, config_yaml, monkeypatch):
+    """A prune killed midway leaves step_N.pruning, as much as a checkpoint on disk: freed by the next
+    prune only, after the next save had written hers beside it (on a full disk: the save that fails)."""
+    runtime = FakeRuntime()
+    folder = tmp_path / "checkpoints"
+    _save(_checkpoints(tmp_path, config_yaml, keep=1), runtime, 10)
+    shutil.copytree(folder / "step_00000010", folder / "step_00000005.pruning")  # the killed prune's
+    leftovers_at_write = []
+    mkdir = os.mkdir
+
+    def recorded_mkdir(path, *args, **kwargs):
+        if str(path).endswith(".partial"):
+            leftovers_at_write.append(sorted(p.name for p in folder.iterdir() if p.name.endswith(".pruning")))
+        return mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", recorded_mkdir)
+    _save(_checkpoints(tmp_path, config_yaml, keep=1), runtime, 20)
+    assert leftovers_at_write == [[]]
+    assert sorted(p.name for p in folder.iterdir()) == ["step_00000020"]
+
+
 def test_pruning_keeps_step_0_for_the_guard(tmp_path, config_yaml):
     runtime = FakeRuntime()
     checkpoints = _checkpoints(tmp_path, config_yaml, keep=1, keep_first=True)

@@ -504,6 +504,9 @@ class Checkpoints:
             state.param_norms = parameter_norms(weights)
             make_dir(self.folder)
             _remove(partial)  # a killed save's leftover
+            for name in os.listdir(self.folder):  # a killed prune's (see _prune): its space, before ours is taken
+                if name.endswith(PRUNING_SUFFIX) and CHECKPOINT_RE.match(name.removesuffix(PRUNING_SUFFIX)):
+                    _remove(os.path.join(self.folder, name))
             os.mkdir(partial)
 
         def write_part() -> None:
@@ -575,10 +578,7 @@ class Checkpoints:
         written and, with ``keep_first``, step 0; deletes only the other intact ones. Each is renamed to
         ``step_N.pruning`` before it is deleted: a prune cut short (the process killed) leaves no
         half-deleted checkpoint among the listed ones (damaged, it was never pruned again, and a restart
-        could take it for an older version's); the next prune deletes what is left of it."""
-        for name in os.listdir(self.folder):  # a killed prune's leftovers: this module's own
-            if name.endswith(PRUNING_SUFFIX) and CHECKPOINT_RE.match(name.removesuffix(PRUNING_SUFFIX)):
-                _remove(os.path.join(self.folder, name))
+        could take it for an older version's); the next save deletes what is left of it before it writes."""
         intact = [p for p in self.list() if p not in self.rejected and self._intact(p)]
         keep = set(intact[-self.keep :]) | {written}
         if self.keep_first and intact and checkpoint_step(intact[0]) == 0:
