@@ -257,6 +257,15 @@ def cannot_write_in(folder: str) -> str | None:
         return f"refuses new files: {e.strerror or type(e).__name__}"
 
 
+def unwritable(path: str) -> str | None:
+    """Why nothing can be made at ``path`` (a file or folder still to be made), naming the nearest existing
+    folder that refuses it ("FOLDER refuses new files: ..."), or None. A file in the way is left to
+    the caller's own check."""
+    folder = nearest_existing(path)
+    problem = cannot_write_in(folder) if os.path.isdir(folder) else None
+    return f"{folder} {problem}" if problem else None
+
+
 def check_output_file(path: str, flag: str, formats: dict[str, str] | None = None) -> None:
     """Refuses, before any work, an output file path that cannot be written: an existing folder, or
     one under an existing file or in a folder no file can be made in, a device or pipe (it was replaced

@@ -188,14 +188,14 @@ def test_an_unverified_checkpoint_whose_config_names_another_arch_is_one_error_l
 def test_a_run_folder_no_file_can_be_made_in_is_refused_before_the_sampling(tmp_path, monkeypatch, capsys):
     # A colleague's run or a read-only mount: evaluate ran the whole evaluation (FID, MALA: hours), and
     # sample drew its samples, then each failed naming a temporary file ("eval_step_....json.tmp-3894").
+    from data_pipeline import cli
     from trainer import evaluate, sample
     from trainer.evaluation import sampling
 
     run_trainer([*tiny_overrides(tmp_path, steps=2), "checkpoint.every=2"])
     run = str(tmp_path / "run")
     refuses = lambda folder: "refuses new files: Read-only file system" if folder.startswith(run) else None  # noqa: E731
-    for tool in (evaluate, sample):
-        monkeypatch.setattr(tool, "cannot_write_in", refuses, raising=False)
+    monkeypatch.setattr(cli, "cannot_write_in", refuses)
     monkeypatch.setattr(sampling, "generate", lambda *a, **k: pytest.fail("sampled before the refusal"))
     assert evaluate.main(["--run", run, "eval.num_samples=10"]) == 2
     err = capsys.readouterr().err.strip()

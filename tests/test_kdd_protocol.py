@@ -34,6 +34,22 @@ def test_split_summary_averages_only_the_last_epochs_and_refuses_too_few():
         split_summary(records, 5)
 
 
+def test_a_split_whose_evaluation_wrote_a_nan_as_null_averages_to_nan_not_a_dropped_metric(tmp_path):
+    # Strict JSON writes a NaN score as null: read back as a value mean_std skips, the split's mean of that
+    # metric vanished from protocol.json without a word.
+    import math
+
+    from trainer import strict_json
+    from trainer.kdd_protocol import epoch_evaluations
+
+    (tmp_path / "eval").mkdir()
+    for step, auprc in ((10, 0.5), (20, float("nan"))):
+        record = {"step": step, "energy_f1": 0.9, "energy_auprc": auprc, "settings": {"seed": 0}}
+        (tmp_path / "eval" / f"step_{step:08d}.json").write_text(strict_json.dumps(record))
+    summary = split_summary(epoch_evaluations(str(tmp_path)), 2)
+    assert summary["energy_f1"] == pytest.approx(0.9) and math.isnan(summary["energy_auprc"])
+
+
 def test_aggregate_is_mean_and_population_std_over_splits():
     per_split = [
         {"energy_f1": 0.9, "energy_auroc": 0.95},

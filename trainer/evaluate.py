@@ -17,7 +17,7 @@ import dataclasses
 import os
 import sys
 
-from data_pipeline.cli import ConfigError, DataError, add_debug_flag, cannot_write_in, nearest_existing, run_tool
+from data_pipeline.cli import ConfigError, DataError, add_debug_flag, run_tool, unwritable
 from trainer.config import check_commands, check_field, load_config, shown
 from trainer.evaluation import EvalSettings, build_evaluator, check_requirements, check_samples, format_table
 
@@ -63,11 +63,10 @@ def check_data_shape(cfg, sample_shape: list[int]) -> None:
 def check_writable(out_dir: str) -> None:
     """Raises ConfigError when no file can be made in the run's eval/ folder (a colleague's run, a read-only
     mount): the evaluation ran whole (FID, MALA: hours), then failed naming its temporary file."""
-    folder = nearest_existing(out_dir)
-    problem = cannot_write_in(folder) if os.path.isdir(folder) else None  # a file there: the run folder check's
+    problem = unwritable(out_dir)  # a file there: the run folder check's
     if problem:
         raise ConfigError(
-            f"{folder} {problem}: evaluate writes its results into the run's eval/ folder; make it writable, "
+            f"{problem}: evaluate writes its results into the run's eval/ folder; make it writable, "
             "or evaluate a copy of the run folder"
         )
 

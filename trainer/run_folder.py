@@ -187,7 +187,7 @@ def resolve_checkpoint(run_dir: str, checkpoint: str | None = None) -> str:
             raise CheckpointError(f"checkpoint {checkpoint} cannot be read: {problem}")
         # Another run's checkpoint: its samples and results would land in this run's folder, under its name.
         inside = os.path.realpath(os.path.join(run_dir, "checkpoints"))
-        if os.path.dirname(os.path.realpath(checkpoint.rstrip("/"))) != inside:
+        if os.path.dirname(os.path.realpath(checkpoint)) != inside:
             raise CheckpointError(
                 f"checkpoint {checkpoint} is not one of {run_dir}'s (in {os.path.join(run_dir, 'checkpoints')}): "
                 f"use --run {run_folder_of(checkpoint)}, where its results belong"

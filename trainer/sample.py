@@ -25,10 +25,9 @@ from data_pipeline.cli import (
     FIGURE_FORMATS,
     UserError,
     add_debug_flag,
-    cannot_write_in,
     check_output_file,
-    nearest_existing,
     run_tool,
+    unwritable,
 )
 from data_pipeline.toy import mode_metrics
 from models.config import MALAConfig
@@ -122,10 +121,9 @@ def _sample(args: argparse.Namespace) -> int:
     suffix = f"_mala{mala.steps}" if mala.steps else ""
     out = (args.out or os.path.join(args.run, f"samples{suffix}.png")) if pictured else None
     if out and not args.out:  # the picture's default place, in the run folder: said before the sampling
-        folder = nearest_existing(os.path.dirname(os.path.abspath(out)))
-        problem = cannot_write_in(folder)
+        problem = unwritable(os.path.dirname(os.path.abspath(out)))
         if problem:
-            raise UserError(f"{folder} {problem}: the picture goes to {out} unless --out says where; give --out")
+            raise UserError(f"{problem}: the picture goes to {out} unless --out says where; give --out")
     ready_to_draw(nets, cfg.eval.seed if args.seed is None else args.seed)
     plain, refined, acceptance = generate(nets.energy, nets.generator, num, cfg.model.z_dim, mala)
     samples = (refined if refined is not None else plain).cpu()

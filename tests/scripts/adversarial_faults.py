@@ -276,9 +276,10 @@ def killed_with_process_workers(c: Case):
            f"data.url={c.tmp / 'w' / 'data'}", "train.steps=100000", *TINY, "data.worker_type=process",
            "data.num_workers=2"]  # fmt: skip
     first = subprocess.Popen(cmd, cwd=c.repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Killed once the process workers deliver batches: a step's line (the start line comes before them).
     metrics, deadline = c.run_dir / "metrics.jsonl", time.time() + 60
-    size = metrics.stat().st_size
-    while time.time() < deadline and metrics.stat().st_size == size:
+    lines = metrics.read_text().count('"samples_per_s"')
+    while time.time() < deadline and metrics.read_text().count('"samples_per_s"') == lines:
         time.sleep(0.2)
     first.kill()
     first.wait()
