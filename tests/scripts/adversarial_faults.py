@@ -76,8 +76,10 @@ class Case:
             rc, out, err, hang = None, str(e.stdout or ""), str(e.stderr or ""), True
         hole = folder_digest(self.outside) != before
         survivors = set()
-        if self.ckpts.is_dir() and not self.ckpts.is_symlink():
-            survivors = {folder_digest(p) for p in self.ckpts.iterdir() if p.is_dir() and not p.is_symlink()}
+        # checkpoint.resume=false moves an earlier run's checkpoints to previous-<time>/: kept, not lost.
+        for folder in [self.ckpts, *self.run_dir.glob("previous-*/checkpoints")]:
+            if folder.is_dir() and not folder.is_symlink():
+                survivors |= {folder_digest(p) for p in folder.iterdir() if p.is_dir() and not p.is_symlink()}
         lost = [n for n, d in self.preserve.items() if d not in survivors]
         return {"rc": rc, "hang": hang, "hole": hole, "lost": lost, "traceback": "Traceback" in err,
                 "seconds": round(time.time() - start, 1), "err": err.strip().splitlines()[-1:] if err.strip() else [],
