@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -261,6 +262,34 @@ def test_a_stopped_rank_ends_the_job_within_the_collective_timeout_with_one_line
         proc.wait()
 
 
+def test_a_rank_that_fails_alone_stops_every_rank_at_once_and_they_name_it(tmp_path):
+    # The failing rank met the others on its way out (job.run's shutdown barrier) while they waited for it
+    # in the metric reduction: both waited out train.collective_timeout (600 s by default), the others then
+    # saying that a rank "did not answer (hung, stopped or lost)". Now it leaves without meeting them, its
+    # one line in the launcher's store, and they stop as its connections close, naming it.
+    from trainer.checkpoint import damage, list_checkpoints
+
+    proc, _ = two_ranks(tmp_path, "train.collective_timeout=300")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    try:
+        wait_for(lambda: (checkpoints / "step_00000020").exists(), 120, "training to go on")
+        next((tmp_path / "data").glob("*.tar")).unlink()  # read by one rank only, at its next epoch: a DataError
+        try:
+            proc.wait(timeout=120)  # far below the 300 s collective timeout
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the job outlived the failed rank by 120 s: the others wait it out") from None
+        err = (tmp_path / "job.err").read_text()
+        failed = re.search(r"rank (\d) of 2 stops: DataError: shard \S+ has disappeared", err)
+        named = re.search(r"error: CollectiveError: rank (\d) of 2: rank (\d) failed \(DataError: shard \S+ has", err)
+        assert proc.returncode not in (0, 75) and failed and named, err[-3000:]
+        assert named[2] == failed[1] != named[1], err[-3000:]  # the other rank names the failed one
+        assert "did not answer" not in err and "Traceback" not in err, err[-3000:]
+        assert damage(list_checkpoints(str(checkpoints))[-1]) is None
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_the_launcher_passes_sigterm_on_and_exits_with_the_requeue_code(tmp_path):
     proc, _ = two_ranks(tmp_path, "checkpoint.every=100000")
     try:
@@ -356,16 +385,19 @@ def test_a_failed_collective_says_what_failed(error, says, kind):
     assert ("another rank ended" in message) == ("closed by peer" in error), message
 
 
-def test_a_failure_of_one_rank_is_said_before_it_meets_the_others(monkeypatch, tmp_path, caplog):
-    # Such a rank waits for the others in shutdown's barrier while they wait in another collective:
-    # under NCCL until the watchdog aborts it, before the error would be printed.
+def test_a_failure_of_one_rank_is_said_and_left_in_the_store_and_it_leaves_without_meeting_the_others(
+    monkeypatch, tmp_path, caplog
+):
+    # Such a rank met the others in shutdown's barrier while they waited in another collective: each side
+    # waited out train.collective_timeout (under NCCL the watchdog aborted it before the error was printed).
     import logging
     import threading
 
     from trainer import job
     from trainer.config import load_config
 
-    runtime = _TwoRanks()
+    runtime, reported = _TwoRanks(), []
+    monkeypatch.setattr(job, "report_failure", lambda *args: reported.append(args))
     monkeypatch.setattr(job, "build_runtime", lambda cfg: runtime)
 
     def train(*args):
@@ -375,7 +407,10 @@ def test_a_failure_of_one_rank_is_said_before_it_meets_the_others(monkeypatch, t
     cfg = load_config("toy_25gaussians", [f"output_dir={tmp_path / 'run'}"])
     with caplog.at_level(logging.ERROR), pytest.raises(RuntimeError, match="out of memory"):
         job.run(cfg, threading.Event())
-    assert "rank 1 of 2 stops: RuntimeError: CUDA out of memory" in caplog.text and runtime.met is True
+    assert "rank 1 of 2 stops: RuntimeError: CUDA out of memory" in caplog.text and runtime.met is False
+    assert [(rank, world_size, str(error)) for rank, world_size, error in reported] == [
+        (1, 2, "CUDA out of memory. Tried to allocate 2.00 GiB")
+    ]
 
 
 class _MissedMeeting(_TwoRanks):
@@ -387,13 +422,13 @@ class _MissedMeeting(_TwoRanks):
 
 @pytest.mark.parametrize("trained", [True, False])
 def test_a_meeting_the_other_ranks_miss_at_the_end_is_one_line_not_a_traceback(monkeypatch, tmp_path, caplog, trained):
-    # A rank that failed alone meets the others before it leaves; when they are hung, that meeting's
-    # timeout was raised from job.run's finally and replaced the rank's own error with a traceback.
+    # Ranks that failed together (a configuration) meet before they leave; when another is hung, that
+    # meeting's timeout was raised from job.run's finally and replaced the rank's own error with a traceback.
     import logging
     import threading
 
     from trainer import job
-    from trainer.config import load_config
+    from trainer.config import ConfigError, load_config
     from trainer.runtime import CollectiveError
 
     runtime = _MissedMeeting()
@@ -401,12 +436,12 @@ def test_a_meeting_the_other_ranks_miss_at_the_end_is_one_line_not_a_traceback(m
 
     def train(*args):
         if not trained:
-            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise ConfigError("data.batch_size=100 must be divisible by the 3 ranks")
         return {}
 
     monkeypatch.setattr(job, "train", train)
     cfg = load_config("toy_25gaussians", [f"output_dir={tmp_path / 'run'}", "train.collective_timeout=10"])
-    with caplog.at_level(logging.ERROR), pytest.raises(RuntimeError) as caught:
+    with caplog.at_level(logging.ERROR), pytest.raises((RuntimeError, ConfigError)) as caught:
         try:  # a caller handling an error of its own: sys.exc_info() in a finally sees it too
             raise ValueError("the caller's")
         except ValueError:
@@ -414,7 +449,7 @@ def test_a_meeting_the_other_ranks_miss_at_the_end_is_one_line_not_a_traceback(m
     if trained:
         assert type(caught.value) is CollectiveError and "collective_timeout=10" in str(caught.value)
     else:
-        assert "out of memory" in str(caught.value), caught.value
+        assert "divisible by the 3 ranks" in str(caught.value), caught.value
         assert "rank 1 of 2: a collective failed: another rank did not answer" in caplog.text
     assert runtime.met is True
 
@@ -442,6 +477,35 @@ def test_a_collective_that_fails_after_a_stop_signal_is_a_preemption(monkeypatch
     with pytest.raises(Preempted) as caught:
         job.run(cfg, stop)
     assert not caught.value.checkpointed and runtime.met is False
+
+
+def test_a_collective_that_fails_after_another_rank_said_it_failed_names_that_rank(monkeypatch, tmp_path):
+    # The launcher stops the others once one failed, often before their collective fails as it leaves:
+    # that was told as a preemption ("stop signal received as the other ranks stopped", exit 75).
+    import threading
+
+    import torch.distributed as dist
+
+    from trainer import job
+    from trainer.config import load_config
+    from trainer.runtime import CollectiveError, group
+
+    runtime, stop = _TwoRanks(), threading.Event()
+    monkeypatch.setattr(job, "build_runtime", lambda cfg: runtime)
+    monkeypatch.setattr(group, "reported_failure", lambda: (0, "DataError: shard s.tar has disappeared"))
+
+    def train(*args):
+        stop.set()
+        raise dist.DistBackendError("Connection closed by peer [127.0.0.1]:29500")
+
+    monkeypatch.setattr(job, "train", train)
+    cfg = load_config("toy_25gaussians", [f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(CollectiveError) as caught:
+        job.run(cfg, stop)
+    assert str(caught.value).startswith(
+        "rank 1 of 2: rank 0 failed (DataError: shard s.tar has disappeared); this rank stops too"
+    ), caught.value
+    assert caught.value.failed_rank == 0 and runtime.met is False
 
 
 def ctrl_c(proc: subprocess.Popen) -> None:

@@ -38,7 +38,7 @@ from trainer.metrics import CurvesSink, JsonlSink, MetricsLogger, ProgressSink
 from trainer.nofollow import check_run_folder, write_replacing
 from trainer.prometheus import PrometheusExporter
 from trainer.run_folder import RunFolderBusy, RunFolderLock
-from trainer.runtime import Runtime, build_runtime, collective_failure
+from trainer.runtime import Runtime, build_runtime, collective_failure, report_failure
 from trainer.steps import build_steps, resolve_kernels
 from trainer.trackers import TrackerSink
 
@@ -127,17 +127,23 @@ def run(
         failed = collective_failure(e, runtime, cfg.train.collective_timeout) if isinstance(e, RuntimeError) else None
         if failed is not None:
             meet = False  # the other ranks are gone or stopped: meeting them would wait for the timeout again
-            if stop.is_set():  # the launcher stops the other ranks once one failed: not this rank's error
+            # The launcher stops the other ranks once one failed: not this rank's error, unless a rank
+            # said in the store that it failed (then that is the error to tell, not a preemption).
+            if stop.is_set() and failed.failed_rank is None:
                 message = "stop signal received as the other ranks stopped; the newest checkpoint stands"
                 raise Preempted(message, False) from None
             raise failed from None
         if runtime.world_size > 1 and not isinstance(e, ConfigError):  # a configuration fails on every rank
             # A failure of this rank alone (out of memory, a CUDA error, a full disk, a bad shard): the
-            # others wait in another collective, so the meeting below lasts until the timeout, and under
-            # NCCL its watchdog then aborts the process before the error is printed. Said now, it is not lost.
+            # others wait in another collective, which a meeting here would never match (each side then
+            # waited out train.collective_timeout, the others saying that this rank hung). This rank leaves
+            # without meeting them: its exit closes its connections, which ends their collective at once,
+            # and its line in the store tells them which rank failed and why.
+            meet = False
+            report_failure(runtime.rank, runtime.world_size, e)
             log.error(
-                "rank %d of %d stops: %s: %s; meeting the other ranks first (at most train.collective_timeout=%g s)",
-                runtime.rank, runtime.world_size, type(e).__name__, short_message(e), cfg.train.collective_timeout,
+                "rank %d of %d stops: %s: %s; the other ranks stop as it leaves",
+                runtime.rank, runtime.world_size, type(e).__name__, short_message(e),
             )  # fmt: skip
         raise
     finally:

@@ -28,7 +28,7 @@ from trainer.config import RunConfig
 from trainer.evaluation import extra_evaluation_steps
 from trainer.guard import Diverged, DivergenceGuard
 from trainer.metrics import MetricsLogger, MetricWindow
-from trainer.runtime import CollectiveError, Runtime
+from trainer.runtime import CollectiveError, Runtime, reported_failure
 from trainer.steps import MEGSteps, lr_schedule
 
 Evaluator = Callable[[int, nn.Module, nn.Module], dict[str, float]]
@@ -245,6 +245,8 @@ class MEGTrainer:
             self.window.record(self.steps.iteration(self.state.step, iter([x for x, _, _ in data]).__next__))
         except RuntimeError as e:  # a collective failed: did a rank waiting for data stop (see above)?
             if isinstance(e, Diverged) or not (self.stop.is_set() and self.runtime.world_size > 1):
+                raise
+            if reported_failure() is not None:  # a rank failed (the launcher then stops the others): job.run says so
                 raise
             message = "stop signal received; another rank stopped while waiting for data, the newest checkpoint stands"
             raise Preempted(message, checkpointed=False) from None

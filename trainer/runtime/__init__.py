@@ -27,6 +27,8 @@ from trainer.runtime.group import (
     ProcessGroup,
     collective_failure,
     frozen,
+    report_failure,
+    reported_failure,
 )
 
 
@@ -107,4 +109,6 @@ __all__ = [
     "build_runtime",
     "collective_failure",
     "frozen",
+    "report_failure",
+    "reported_failure",
 ]

@@ -31,7 +31,55 @@ class LaunchError(RuntimeError):
 
 
 class CollectiveError(RuntimeError):
-    """A collective failed: another rank stopped answering within train.collective_timeout, or ended."""
+    """A collective failed: another rank stopped answering within train.collective_timeout, or ended.
+    ``failed_rank``: the rank that said in the store it failed with an error of its own (None: none did)."""
+
+    def __init__(self, message: str, failed_rank: int | None = None):
+        super().__init__(message)
+        self.failed_rank = failed_rank
+
+
+# The key under which the first rank to fail with an error of its own leaves its one line in the default
+# group's store (the launcher's rendezvous store: it outlives the rank), for the others to name it.
+FAILURE_KEY = "meg/failed_rank"
+FAILURE_LOOKUP_SECONDS = 5.0  # the others' read of it, once their collective failed
+
+
+def report_failure(rank: int, world_size: int, error: BaseException) -> None:
+    """Leaves ``error``'s one line in the store as this rank's failure (the first rank's to fail stays),
+    so that the others, whose collectives fail as this rank leaves, say which rank failed and why."""
+    if world_size < 2 or not (dist.is_available() and dist.is_initialized()):
+        return
+    line = f"{rank}\n{type(error).__name__}: {short_message(error, 300)}"
+    with contextlib.suppress(Exception), _default_store() as store:  # a store gone or hung: the others say less
+        store.compare_set(FAILURE_KEY, "", line)
+
+
+def reported_failure() -> tuple[int, str] | None:
+    """(rank, its one-line error) of a rank that failed with an error of its own (report_failure), if any."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    try:
+        with _default_store() as store:
+            if not store.check([FAILURE_KEY]):
+                return None
+            rank, line = store.get(FAILURE_KEY).decode(errors="replace").split("\n", 1)
+        return int(rank), line
+    except Exception:  # the store ended with the rank that hosted it (no launcher), or hangs
+        return None
+
+
+@contextmanager
+def _default_store() -> Iterator[dist.Store]:
+    """The default group's store, its waits bounded by FAILURE_LOOKUP_SECONDS meanwhile (a store that
+    hangs must not hold up a rank on its way out by train.collective_timeout)."""
+    store = dist.distributed_c10d._get_default_store()
+    timeout = store.timeout
+    store.set_timeout(timedelta(seconds=FAILURE_LOOKUP_SECONDS))
+    try:
+        yield store
+    finally:
+        store.set_timeout(timeout)
 
 
 def collective_failure(error: BaseException, runtime, timeout: float) -> CollectiveError | None:
@@ -45,6 +93,13 @@ def collective_failure(error: BaseException, runtime, timeout: float) -> Collect
     is_dist_error = isinstance(error, getattr(dist, "DistError", ()))
     if runtime.world_size < 2 or not (is_dist_error or any(m in text for m in markers)):
         return None
+    reported = reported_failure()
+    if reported is not None and reported[0] != runtime.rank:
+        return CollectiveError(
+            f"rank {runtime.rank} of {runtime.world_size}: rank {reported[0]} failed ({reported[1]}); this rank "
+            "stops too, the newest checkpoint stands",
+            failed_rank=reported[0],
+        )
     if any(m in text for m in timeouts):
         why = f"another rank did not answer within train.collective_timeout={timeout:g} s (hung, stopped or lost)"
     elif any(m in text for m in ("closed by peer", "reset by peer", "Broken pipe", "Connection closed")):
