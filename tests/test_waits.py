@@ -290,6 +290,51 @@ def test_a_rank_that_fails_alone_stops_every_rank_at_once_and_they_name_it(tmp_p
         proc.wait()
 
 
+FAILING_STEP = """
+import os, runpy, sys
+if os.environ["RANK"] == "0":  # rank 0's 26th step raises (an error of its own: a bug, out of memory)
+    from trainer import steps
+    iteration, calls = steps.MEGSteps.iteration, []
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 25:
+            raise RuntimeError("this rank's own step failed")
+        return iteration(self, *args, **kwargs)
+    steps.MEGSteps.iteration = failing
+sys.argv[0] = "trainer/main.py"
+runpy.run_path("trainer/main.py", run_name="__main__")
+"""
+
+
+def test_a_rank_whose_step_raises_ends_at_once_with_its_traceback_and_the_others_name_it(tmp_path):
+    # Such an error (not the user's) leaves main() with its traceback: the interpreter's exit then tore
+    # down the group the rank had left without meeting the others, and ended only with the launcher's
+    # SIGTERM (exit -15, the launcher naming the other rank first).
+    from trainer.checkpoint import damage, list_checkpoints
+
+    script = tmp_path / "failing_main.py"
+    script.write_text(FAILING_STEP)
+    launcher, env = accelerate_launcher(2)
+    cmd = [*launcher, str(script), "--config", "toy_25gaussians", *tiny_overrides(tmp_path, 100_000)]
+    proc = start([*cmd, "train.collective_timeout=300"], tmp_path, "job", env)
+    try:
+        try:
+            proc.wait(timeout=120)  # far below the 300 s collective timeout
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the job outlived the failed rank by 120 s: the others wait it out") from None
+        err = (tmp_path / "job.err").read_text()
+        assert "rank 0 of 2 stops: RuntimeError: this rank's own step failed" in err and "Traceback" in err, err[-3000:]
+        assert (
+            "error: CollectiveError: rank 1 of 2: rank 0 failed (RuntimeError: this rank's own step failed)" in err
+        ), err[-3000:]
+        assert "launcher: a process failed (rank 0: exit 1, rank 1: exit 2; rank 0 first); exit 1" in err, err[-3000:]
+        assert proc.returncode == 1 and "did not answer" not in err, err[-3000:]
+        assert damage(list_checkpoints(str(tmp_path / "run" / "checkpoints"))[-1]) is None
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_the_launcher_passes_sigterm_on_and_exits_with_the_requeue_code(tmp_path):
     proc, _ = two_ranks(tmp_path, "checkpoint.every=100000")
     try:

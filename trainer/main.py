@@ -36,6 +36,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -335,7 +336,14 @@ def _main(args: argparse.Namespace, stop: StopRequest) -> int:
 
 
 if __name__ == "__main__":
-    status = main()
+    try:
+        status = main()
+    except Exception:
+        # A bug's traceback, as the interpreter prints it, and its status 1; then the same exit as any failure:
+        # a rank that failed alone left its process group without meeting the others (trainer/job.py), and
+        # the interpreter's exit would tear it down while they still talk to it (or wait on its threads).
+        traceback.print_exc()
+        exit_now(1)
     if status != 0:
         # Stopped, failed or preempted: nothing is left to do, and reader threads blocked in storage,
         # or a process group another rank left, must not hold the exit up.
