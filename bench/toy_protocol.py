@@ -216,12 +216,9 @@ def collect(folders: list[str]) -> int:
     for folder in folders:
         try:
             with open(os.path.join(folder, "summary.json")) as f:
-                summary = json.load(f)
+                summary = strict_json.nan_for_null(json.load(f))  # a NaN mean or std is written as null
         except FileNotFoundError:
             raise ConfigError(f"{folder} has no summary.json: not a finished protocol folder") from None
-        for key in [k for k, _, _ in COLUMNS] + list(REFERENCES):  # a NaN mean or std is written as null
-            if key in summary:
-                summary[key] = [math.nan if v is None else v for v in summary[key]]
         entries.append((summary["label"], len(summary["seeds"]), summary))
     print(table(entries) + "\n" + _references(entries[0][2]))
     return 0

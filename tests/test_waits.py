@@ -499,54 +499,50 @@ def test_a_meeting_the_other_ranks_miss_at_the_end_is_one_line_not_a_traceback(m
     assert runtime.met is True
 
 
-def test_a_collective_that_fails_after_a_stop_signal_is_a_preemption(monkeypatch, tmp_path):
-    # Once one rank fails, the launcher stops the others: their collectives then fail too, and each
-    # such rank used to print its own "error:" line beside the one that says what happened.
+def _run_stopped_as_a_collective_fails(monkeypatch, tmp_path, error: str, raises: type):
+    """job.run on rank 1 of 2 whose training gets a stop signal (the launcher's, once a rank failed) and
+    then the collective error ``error``; returns the runtime and what ``raises`` caught."""
     import threading
 
     import torch.distributed as dist
 
     from trainer import job
     from trainer.config import load_config
-    from trainer.meg_trainer import Preempted
 
     runtime, stop = _TwoRanks(), threading.Event()
     monkeypatch.setattr(job, "build_runtime", lambda cfg: runtime)
 
     def train(*args):
         stop.set()
-        raise dist.DistBackendError("Timed out waiting 10000ms for recv operation to complete")
+        raise dist.DistBackendError(error)
 
     monkeypatch.setattr(job, "train", train)
     cfg = load_config("toy_25gaussians", [f"output_dir={tmp_path / 'run'}"])
-    with pytest.raises(Preempted) as caught:
+    with pytest.raises(raises) as caught:
         job.run(cfg, stop)
+    return runtime, caught
+
+
+def test_a_collective_that_fails_after_a_stop_signal_is_a_preemption(monkeypatch, tmp_path):
+    # Once one rank fails, the launcher stops the others: their collectives then fail too, and each
+    # such rank used to print its own "error:" line beside the one that says what happened.
+    from trainer.meg_trainer import Preempted
+
+    runtime, caught = _run_stopped_as_a_collective_fails(
+        monkeypatch, tmp_path, "Timed out waiting 10000ms for recv operation to complete", Preempted
+    )
     assert not caught.value.checkpointed and runtime.met is False
 
 
 def test_a_collective_that_fails_after_another_rank_said_it_failed_names_that_rank(monkeypatch, tmp_path):
     # The launcher stops the others once one failed, often before their collective fails as it leaves:
     # that was told as a preemption ("stop signal received as the other ranks stopped", exit 75).
-    import threading
-
-    import torch.distributed as dist
-
-    from trainer import job
-    from trainer.config import load_config
     from trainer.runtime import CollectiveError, group
 
-    runtime, stop = _TwoRanks(), threading.Event()
-    monkeypatch.setattr(job, "build_runtime", lambda cfg: runtime)
     monkeypatch.setattr(group, "reported_failure", lambda: (0, "DataError: shard s.tar has disappeared"))
-
-    def train(*args):
-        stop.set()
-        raise dist.DistBackendError("Connection closed by peer [127.0.0.1]:29500")
-
-    monkeypatch.setattr(job, "train", train)
-    cfg = load_config("toy_25gaussians", [f"output_dir={tmp_path / 'run'}"])
-    with pytest.raises(CollectiveError) as caught:
-        job.run(cfg, stop)
+    runtime, caught = _run_stopped_as_a_collective_fails(
+        monkeypatch, tmp_path, "Connection closed by peer [127.0.0.1]:29500", CollectiveError
+    )
     assert str(caught.value).startswith(
         "rank 1 of 2: rank 0 failed (DataError: shard s.tar has disappeared); this rank stops too"
     ), caught.value

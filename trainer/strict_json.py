@@ -30,5 +30,10 @@ def dump(value: Any, f: IO[str], **kwargs: Any) -> None:
 
 
 def nan_for_null(record: dict[str, Any]) -> dict[str, Any]:
-    """A record read back, its null numbers NaN again (a mean over records then says NaN, not a TypeError)."""
-    return {k: math.nan if v is None else v for k, v in record.items()}
+    """A record read back, its null numbers NaN again, also inside lists such as [mean, std] (a mean over
+    records then says NaN, not a TypeError)."""
+
+    def number(v: Any) -> Any:
+        return math.nan if v is None else v
+
+    return {k: [number(x) for x in v] if isinstance(v, list) else number(v) for k, v in record.items()}
